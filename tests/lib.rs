@@ -1,1 +1,1181 @@
+//! Harness for the integration tests that drive a real `mcp-guard` daemon against the real
+//! kernel: unique per-test bpffs/cgroup/socket locations, the daemon process and its JSON log,
+//! loopback listeners that record what reached them, and the `egress-probe` run inside guarded
+//! cgroups through `mcp-guard egress exec`.
+//!
+//! Every test gets its own pin directory, cgroup subtree and control socket, so tests run in
+//! parallel; [`TestEnv`]'s `Drop` kills whatever is left in the subtree and tears everything
+//! down even when the test failed. The tests need root and a kernel that loads the programs:
+//! they fail (never skip) otherwise.
 
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Generous safety net for anything the tests wait on; never a performance threshold.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Prefix of every directory the tests create, so stale ones from a killed run can be found.
+const PREFIX: &str = "mcp-guard-test-";
+
+/// The parent under which per-test pin directories live.
+const BPFFS_PARENT: &str = "/sys/fs/bpf";
+
+// ---------------------------------------------------------------------------------------------
+// Environment checks and the daemon binary
+// ---------------------------------------------------------------------------------------------
+
+/// The kernel tests must fail, not skip, when they cannot do their job.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the egress tests load eBPF programs and create cgroups: run them as root \
+         (e.g. `sudo -E cargo test -p mcp-guard-tests`)"
+    );
+}
+
+/// `target/<profile>`: the directory holding the test binary's `deps/` and the package binaries.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test binary has a parent directory");
+    if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        deps.to_path_buf()
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The `mcp-guard` binary, built once per test process (`cargo build` is quick when up to
+/// date). `MCP_GUARD_BIN` overrides it, for a runner that has already built it.
+pub fn daemon_binary() -> PathBuf {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(build_daemon)
+        .clone()
+        .unwrap_or_else(|err| panic!("{err}"))
+}
+
+fn build_daemon() -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("MCP_GUARD_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir.parent().expect("profile dir has a parent");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .args([
+            "build",
+            "-p",
+            "mcp-guard",
+            "--bin",
+            "mcp-guard",
+            "--target-dir",
+        ])
+        .arg(target_dir);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(other) => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    // Cargo describes the test package to the test process; none of that concerns this build.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+            || key == "CARGO_PRIMARY_PACKAGE"
+            || key == "CARGO_TARGET_TMPDIR"
+        {
+            cmd.env_remove(&*key);
+        }
+    }
+    let output = cmd
+        .output()
+        .map_err(|err| format!("cannot run cargo to build mcp-guard: {err}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "`cargo build -p mcp-guard` failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let bin = profile_dir.join("mcp-guard");
+    if !bin.exists() {
+        return Err(format!(
+            "cargo built mcp-guard but {} is missing",
+            bin.display()
+        ));
+    }
+    Ok(bin)
+}
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on
+/// unified ones).
+pub fn cgroup2_mount() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            Some(PathBuf::from(left.split_whitespace().nth(4)?))
+        })
+        .expect("the egress tests need a cgroup v2 mount (none in /proc/self/mountinfo)")
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into a zeroed struct we own.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Once per test process: make sure bpffs is mounted at /sys/fs/bpf (tests run daemons in
+/// parallel, and two of them mounting it at once would stack two filesystems there), and remove
+/// what killed earlier runs left behind.
+fn prepare_host() {
+    static PREPARED: OnceLock<()> = OnceLock::new();
+    PREPARED.get_or_init(|| {
+        let parent = Path::new(BPFFS_PARENT);
+        if !is_bpffs(parent) {
+            let _ = std::fs::create_dir_all(parent);
+            let c_path = CString::new(BPFFS_PARENT).unwrap();
+            let fstype = CString::new("bpf").unwrap();
+            // SAFETY: valid NUL-terminated strings; no mount data.
+            let rc = unsafe {
+                libc::mount(
+                    fstype.as_ptr(),
+                    c_path.as_ptr(),
+                    fstype.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 && !is_bpffs(parent) {
+                panic!(
+                    "cannot mount bpffs at {BPFFS_PARENT}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        remove_stale(parent);
+        remove_stale(&cgroup2_mount());
+    });
+}
+
+/// Removes `mcp-guard-test-*` entries whose creating test process is gone.
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        // `<tag>-<pid>-<n>`
+        let mut parts = rest.rsplit('-');
+        let _n = parts.next();
+        let Some(pid) = parts.next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        if is_cgroup_dir(&path) {
+            kill_cgroup_tree(&path);
+            remove_cgroup_tree(&path);
+        } else {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-test environment
+// ---------------------------------------------------------------------------------------------
+
+/// One test's private locations: pin directory, cgroup subtree, control socket, policy file.
+pub struct TestEnv {
+    pub name: String,
+    pub bpffs: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub control_socket: PathBuf,
+    pub policy_path: PathBuf,
+    pub probe: PathBuf,
+    pub daemon_bin: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    /// `tag` names the test in the directories it creates; `probe` is
+    /// `env!("CARGO_BIN_EXE_egress-probe")` of the calling test.
+    pub fn new(tag: &str, probe: &str) -> TestEnv {
+        require_root();
+        let daemon_bin = daemon_binary();
+        prepare_host();
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}{tag}-{}-{n}", std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix("mcp-guard-test.")
+            .tempdir()
+            .expect("tempdir");
+        TestEnv {
+            bpffs: Path::new(BPFFS_PARENT).join(&name),
+            cgroup_root: cgroup2_mount().join(&name),
+            control_socket: dir.path().join("control.sock"),
+            policy_path: dir.path().join("policy.json"),
+            probe: PathBuf::from(probe),
+            daemon_bin,
+            name,
+            dir,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The whole policy document for `servers` (a JSON object `name → {"egress": [...]}`),
+    /// with this environment's locations in the `daemon` section.
+    pub fn policy(&self, servers: Value) -> Value {
+        json!({
+            "version": 1,
+            "daemon": {
+                "bpffs": self.bpffs,
+                "cgroup_root": self.cgroup_root,
+                "control_socket": self.control_socket,
+                "metrics_listen": null,
+            },
+            "servers": servers,
+        })
+    }
+
+    /// Writes the policy atomically (a reload never reads half a file).
+    pub fn write_policy(&self, servers: Value) {
+        let text = serde_json::to_string_pretty(&self.policy(servers)).unwrap();
+        let tmp = self.policy_path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).expect("write policy");
+        std::fs::rename(&tmp, &self.policy_path).expect("rename policy");
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.daemon_bin);
+        cmd.env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Starts `mcp-guard run` on the policy written with [`TestEnv::write_policy`] and waits
+    /// until it logs "ready". Fails the test if it exits first (e.g. cannot load the programs).
+    pub fn start_daemon(&self) -> Daemon {
+        let daemon = self.spawn_daemon();
+        daemon.wait_for_message("ready", TIMEOUT);
+        daemon
+    }
+
+    /// Starts `mcp-guard run` without waiting for anything.
+    pub fn spawn_daemon(&self) -> Daemon {
+        assert!(
+            self.policy_path.exists(),
+            "write_policy before starting the daemon"
+        );
+        let mut cmd = self.command();
+        cmd.arg("run")
+            .arg("--policy")
+            .arg(&self.policy_path)
+            .args(["--log-format", "json"])
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--cgroup-root")
+            .arg(&self.cgroup_root)
+            .arg("--control-socket")
+            .arg(&self.control_socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn {}: {err}", self.daemon_bin.display()));
+        let log = Log::collect(child.stderr.take().unwrap());
+        Daemon {
+            child: Mutex::new(Some(child)),
+            log,
+        }
+    }
+
+    /// `mcp-guard egress status --bpffs DIR`, parsed.
+    pub fn status(&self) -> Value {
+        let output = self
+            .command()
+            .args(["egress", "status", "--bpffs"])
+            .arg(&self.bpffs)
+            .output()
+            .expect("run mcp-guard egress status");
+        assert!(
+            output.status.success(),
+            "mcp-guard egress status failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+            panic!(
+                "egress status printed no JSON ({err}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    }
+
+    /// `mcp-guard egress teardown --bpffs DIR --cgroup-root DIR`.
+    pub fn teardown(&self) -> Output {
+        self.teardown_command()
+            .output()
+            .expect("run mcp-guard egress teardown")
+    }
+
+    fn teardown_command(&self) -> Command {
+        let mut cmd = self.command();
+        cmd.args(["egress", "teardown", "--bpffs"])
+            .arg(&self.bpffs)
+            .arg("--cgroup-root")
+            .arg(&self.cgroup_root);
+        cmd
+    }
+
+    fn exec_command(&self, server: &str, session: Option<&str>, probe_args: &[&str]) -> Command {
+        let mut cmd = self.command();
+        cmd.args(["egress", "exec", "--control-socket"])
+            .arg(&self.control_socket)
+            .args(["--server", server]);
+        if let Some(session) = session {
+            cmd.args(["--session", session]);
+        }
+        cmd.arg("--").arg(&self.probe).args(probe_args);
+        cmd
+    }
+
+    /// Runs `mcp-guard egress exec ... -- egress-probe ARGS` to completion and parses its lines.
+    pub fn exec_probe(&self, server: &str, session: Option<&str>, probe_args: &[&str]) -> ProbeRun {
+        let mut cmd = self.exec_command(server, session, probe_args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        run_to_completion(cmd, &format!("egress exec -- egress-probe {probe_args:?}"))
+    }
+
+    /// Runs the probe directly, outside any guarded cgroup.
+    pub fn unguarded_probe(&self, probe_args: &[&str]) -> ProbeRun {
+        let mut cmd = Command::new(&self.probe);
+        cmd.args(probe_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        run_to_completion(cmd, &format!("egress-probe {probe_args:?}"))
+    }
+
+    /// Starts `mcp-guard egress exec ... -- egress-probe --interactive` and waits for its
+    /// "ready" line (so the probe is running inside its guarded cgroup).
+    pub fn interactive_probe(&self, server: &str, session: Option<&str>) -> InteractiveProbe {
+        let mut cmd = self.exec_command(server, session, &["--interactive"]);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        InteractiveProbe::spawn(cmd)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        // Whatever still runs in the subtree (probes, exec wrappers' children) goes first:
+        // a populated cgroup cannot be removed.
+        if self.cgroup_root.exists() {
+            kill_cgroup_tree(&self.cgroup_root);
+        }
+        if self.cgroup_root.exists() || self.bpffs.exists() {
+            match self.teardown_command().output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => eprintln!(
+                    "[harness] mcp-guard egress teardown failed for {} ({}): {}",
+                    self.name,
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                Err(err) => eprintln!("[harness] cannot run mcp-guard egress teardown: {err}"),
+            }
+        }
+        // Belt and braces, so a broken teardown does not leak into later runs.
+        if self.cgroup_root.exists() {
+            remove_cgroup_tree(&self.cgroup_root);
+        }
+        if self.bpffs.exists() {
+            if let Err(err) = std::fs::remove_dir_all(&self.bpffs) {
+                eprintln!("[harness] cannot remove {}: {err}", self.bpffs.display());
+            }
+        }
+    }
+}
+
+fn is_cgroup_dir(path: &Path) -> bool {
+    path.join("cgroup.procs").exists()
+}
+
+/// Kills every process in the cgroup subtree and waits (bounded) until it is empty.
+fn kill_cgroup_tree(root: &Path) {
+    let kill_file = root.join("cgroup.kill");
+    if std::fs::write(&kill_file, "1").is_err() {
+        for dir in cgroup_dirs(root) {
+            for pid in read_pids(&dir.join("cgroup.procs")) {
+                // SAFETY: plain signal delivery.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let populated = std::fs::read_to_string(root.join("cgroup.events"))
+            .map(|events| events.lines().any(|l| l == "populated 1"))
+            .unwrap_or(false);
+        if !populated {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("[harness] {} still populated after kill", root.display());
+}
+
+/// The cgroup directories of a subtree, deepest first.
+fn cgroup_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+        out.push(dir);
+    }
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out
+}
+
+fn remove_cgroup_tree(root: &Path) {
+    for dir in cgroup_dirs(root) {
+        if let Err(err) = std::fs::remove_dir(&dir) {
+            eprintln!("[harness] cannot remove cgroup {}: {err}", dir.display());
+        }
+    }
+}
+
+fn read_pids(path: &Path) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy helpers
+// ---------------------------------------------------------------------------------------------
+
+/// One egress rule: `{"id", "cidr", "ports", "protocols"}`.
+pub fn rule(id: &str, cidr: &str, ports: &[u16], protocols: &[&str]) -> Value {
+    json!({ "id": id, "cidr": cidr, "ports": ports, "protocols": protocols })
+}
+
+/// `{"<server>": {"egress": rules}}`.
+pub fn server(name: &str, rules: Vec<Value>) -> Value {
+    json!({ name: { "egress": rules } })
+}
+
+/// `kind:addr` as the probe understands it: `tcp:127.0.0.1:80`, `udp:[::1]:53`.
+pub fn attempt(kind: &str, addr: SocketAddr) -> String {
+    format!("{kind}:{addr}")
+}
+
+/// The IPv4-mapped IPv6 form of a v4 socket address (`[::ffff:a.b.c.d]:port`).
+pub fn v4_mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        SocketAddr::V6(_) => panic!("{addr} is not an IPv4 address"),
+    }
+}
+
+pub const LOCALHOST_V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+pub const LOCALHOST_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+
+// ---------------------------------------------------------------------------------------------
+// The daemon and its JSON log
+// ---------------------------------------------------------------------------------------------
+
+/// `fields.<name>` of a tracing-subscriber JSON line (or a top-level key, if flattened).
+pub fn field<'a>(line: &'a Value, name: &str) -> &'a Value {
+    line.get("fields")
+        .and_then(|f| f.get(name))
+        .or_else(|| line.get(name))
+        .unwrap_or(&Value::Null)
+}
+
+pub fn message(line: &Value) -> Option<&str> {
+    field(line, "message").as_str()
+}
+
+/// A number, or a string holding one (loggers differ on how they render u64).
+pub fn as_u64(value: &Value) -> Option<u64> {
+    value
+        .as_u64()
+        .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+}
+
+pub fn as_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<Value>,
+    closed: bool,
+}
+
+/// The daemon's stderr, one parsed JSON object per line (non-JSON lines as `{"raw": line}`),
+/// collected by a background thread.
+#[derive(Clone)]
+pub struct Log {
+    state: Arc<(Mutex<LogState>, Condvar)>,
+}
+
+impl Log {
+    fn collect(stderr: impl Read + Send + 'static) -> Log {
+        let log = Log {
+            state: Arc::default(),
+        };
+        let writer = log.clone();
+        let echo = std::env::var_os("MCP_GUARD_TEST_ECHO").is_some();
+        thread::spawn(move || {
+            let reader = BufReader::new(stderr);
+            for line in reader.split(b'\n') {
+                let Ok(line) = line else { break };
+                let text = String::from_utf8_lossy(&line).into_owned();
+                if echo {
+                    eprintln!("[daemon] {text}");
+                }
+                if text.trim().is_empty() {
+                    continue;
+                }
+                let value = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }));
+                let (lock, cvar) = &*writer.state;
+                lock.lock().unwrap().lines.push(value);
+                cvar.notify_all();
+            }
+            let (lock, cvar) = &*writer.state;
+            lock.lock().unwrap().closed = true;
+            cvar.notify_all();
+        });
+        log
+    }
+
+    pub fn lines(&self) -> Vec<Value> {
+        self.state.0.lock().unwrap().lines.clone()
+    }
+
+    /// How many lines have arrived; pass to [`Log::wait_for_since`] to look only at later ones.
+    pub fn mark(&self) -> usize {
+        self.state.0.lock().unwrap().lines.len()
+    }
+
+    /// The first line at index >= `since` matching `pred`, waiting up to `timeout`.
+    /// `None` if the timeout passes or the daemon's stderr closes without one.
+    pub fn wait_for_since(
+        &self,
+        since: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cvar) = &*self.state;
+        let mut state = lock.lock().unwrap();
+        loop {
+            if let Some(found) = state.lines.iter().skip(since).find(|l| pred(l)) {
+                return Some(found.clone());
+            }
+            let now = Instant::now();
+            if state.closed || now >= deadline {
+                return None;
+            }
+            state = cvar.wait_timeout(state, deadline - now).unwrap().0;
+        }
+    }
+
+    /// The last `n` lines, rendered for a failure message.
+    pub fn tail(&self, n: usize) -> String {
+        let lines = self.lines();
+        let start = lines.len().saturating_sub(n);
+        lines[start..]
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// A running `mcp-guard run`. Dropping it stops the daemon (SIGTERM, then SIGKILL); the pins
+/// and cgroups are [`TestEnv`]'s to remove.
+pub struct Daemon {
+    child: Mutex<Option<Child>>,
+    pub log: Log,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        let child = self.child.lock().unwrap();
+        child.as_ref().expect("daemon already reaped").id() as i32
+    }
+
+    /// Waits for a line with `fields.message == msg`; fails the test with the log otherwise.
+    pub fn wait_for_message(&self, msg: &str, timeout: Duration) -> Value {
+        self.wait_for_since(0, timeout, &format!("message {msg:?}"), |l| {
+            message(l) == Some(msg)
+        })
+    }
+
+    /// Like [`Log::wait_for_since`], but fails the test (with the daemon's log) on a miss.
+    pub fn wait_for_since(
+        &self,
+        since: usize,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        if let Some(found) = self.log.wait_for_since(since, timeout, pred) {
+            return found;
+        }
+        let state = match self.child_status() {
+            Some(status) => format!("the daemon exited ({status})"),
+            None => format!("still running after {timeout:?}"),
+        };
+        panic!(
+            "mcp-guard never logged {what}: {state}. Its log (last 60 lines):\n{}",
+            self.log.tail(60)
+        );
+    }
+
+    fn child_status(&self) -> Option<ExitStatus> {
+        let mut child = self.child.lock().unwrap();
+        child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Every `egress` event logged so far.
+    pub fn egress_events(&self) -> Vec<Value> {
+        self.log
+            .lines()
+            .into_iter()
+            .filter(|l| message(l) == Some("egress"))
+            .collect()
+    }
+
+    /// Waits for the egress event `pred` picks out; fails with every event seen otherwise.
+    pub fn wait_for_event(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(found) = self
+            .log
+            .wait_for_since(0, TIMEOUT, |l| message(l) == Some("egress") && pred(l))
+        {
+            return found;
+        }
+        let events: Vec<String> = self.egress_events().iter().map(|e| e.to_string()).collect();
+        panic!(
+            "no egress event for {what}. Events logged ({}):\n{}\nLog tail:\n{}",
+            events.len(),
+            events.join("\n"),
+            self.log.tail(30)
+        );
+    }
+
+    /// SIGHUP (policy reload).
+    pub fn sighup(&self) {
+        // SAFETY: plain signal delivery to our own child.
+        let rc = unsafe { libc::kill(self.pid(), libc::SIGHUP) };
+        assert_eq!(rc, 0, "kill -HUP: {}", std::io::Error::last_os_error());
+    }
+
+    /// SIGKILL and reap: the daemon gets no chance to clean anything up.
+    pub fn kill9(&mut self) -> ExitStatus {
+        let mut child = self
+            .child
+            .get_mut()
+            .unwrap()
+            .take()
+            .expect("daemon already reaped");
+        let _ = child.kill();
+        child.wait().expect("wait for killed daemon")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.get_mut().ok().and_then(Option::take) else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        // SAFETY: plain signal delivery to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Probe runs
+// ---------------------------------------------------------------------------------------------
+
+/// A finished probe run: exit status, raw output and the parsed JSON lines.
+pub struct ProbeRun {
+    pub what: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub lines: Vec<Value>,
+}
+
+impl ProbeRun {
+    fn describe(&self) -> String {
+        format!(
+            "{} exited {}\nstdout:\n{}\nstderr:\n{}",
+            self.what, self.status, self.stdout, self.stderr
+        )
+    }
+
+    pub fn assert_success(&self) -> &Self {
+        assert!(self.status.success(), "{}", self.describe());
+        self
+    }
+
+    /// The line answering `attempt` (the first, if it was made more than once).
+    pub fn line(&self, attempt: &str) -> &Value {
+        self.lines
+            .iter()
+            .find(|l| l["attempt"] == attempt)
+            .unwrap_or_else(|| panic!("no line for attempt {attempt:?}: {}", self.describe()))
+    }
+
+    pub fn result(&self, attempt: &str) -> &str {
+        self.line(attempt)["result"]
+            .as_str()
+            .unwrap_or("<no result>")
+    }
+
+    /// The line with `"role": role` (`parent` in --fork-exec mode).
+    pub fn role(&self, role: &str) -> &Value {
+        self.lines
+            .iter()
+            .find(|l| l["role"] == role)
+            .unwrap_or_else(|| panic!("no {role:?} line: {}", self.describe()))
+    }
+
+    /// Asserts each attempt got the expected result, reporting all mismatches at once.
+    pub fn assert_results(&self, expected: &[(&str, &str)]) {
+        let wrong: Vec<String> = expected
+            .iter()
+            .filter(|(attempt, want)| self.result(attempt) != *want)
+            .map(|(attempt, want)| {
+                format!("  {attempt}: expected {want}, got {}", self.line(attempt))
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "unexpected results:\n{}\n{}",
+            wrong.join("\n"),
+            self.describe()
+        );
+    }
+
+    /// `(pid, cgroup_id)` of the process that wrote the first line.
+    pub fn identity(&self) -> (u64, u64) {
+        let first = self
+            .lines
+            .first()
+            .unwrap_or_else(|| panic!("the probe printed nothing: {}", self.describe()));
+        identity(first)
+    }
+}
+
+/// `(pid, cgroup_id)` of a probe line.
+pub fn identity(line: &Value) -> (u64, u64) {
+    let pid = line["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let cgroup_id = line["cgroup_id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no cgroup_id in {line}"));
+    (pid, cgroup_id)
+}
+
+fn parse_lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| json!({ "raw": l })))
+        .collect()
+}
+
+fn run_to_completion(mut cmd: Command, what: &str) -> ProbeRun {
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|err| panic!("spawn {what}: {err}"));
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = match rx.recv_timeout(TIMEOUT) {
+        Ok(output) => output.expect("wait for probe"),
+        Err(_) => {
+            // SAFETY: plain signal delivery to our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{what} did not finish within {TIMEOUT:?}; killed it");
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    ProbeRun {
+        what: what.to_string(),
+        status: output.status,
+        lines: parse_lines(&stdout),
+        stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A long-lived `egress-probe --interactive` inside a guarded cgroup: each
+/// [`InteractiveProbe::attempt`] is made when the test asks for it.
+pub struct InteractiveProbe {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    /// The probe's `{"role":"ready"}` line: its pid and cgroup.
+    pub ready: Value,
+}
+
+impl InteractiveProbe {
+    fn spawn(mut cmd: Command) -> InteractiveProbe {
+        let mut child = cmd.spawn().expect("spawn mcp-guard egress exec");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr_pipe = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut probe = InteractiveProbe {
+            child,
+            stdin,
+            lines,
+            stderr,
+            ready: Value::Null,
+        };
+        probe.ready = probe.next_line("the probe's ready line");
+        assert_eq!(
+            probe.ready["role"], "ready",
+            "unexpected first line {}",
+            probe.ready
+        );
+        probe
+    }
+
+    fn next_line(&mut self, what: &str) -> Value {
+        match self.lines.recv_timeout(TIMEOUT) {
+            Ok(line) => serde_json::from_str(&line).unwrap_or_else(|_| json!({ "raw": line })),
+            Err(err) => {
+                let exited = self.child.try_wait().ok().flatten();
+                let why = match err {
+                    RecvTimeoutError::Timeout => format!("nothing within {TIMEOUT:?}"),
+                    RecvTimeoutError::Disconnected => "stdout closed".to_string(),
+                };
+                panic!(
+                    "interactive probe: waiting for {what}: {why}; exec process: {exited:?}; \
+                     stderr:\n{}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+        }
+    }
+
+    /// `(pid, cgroup_id)` of the probe process.
+    pub fn identity(&self) -> (u64, u64) {
+        identity(&self.ready)
+    }
+
+    /// Makes one attempt now and returns its line.
+    pub fn attempt(&mut self, attempt: &str) -> Value {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{attempt}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|err| {
+                panic!(
+                    "write to interactive probe: {err}; stderr:\n{}",
+                    self.stderr.lock().unwrap()
+                )
+            });
+        let line = self.next_line(attempt);
+        assert_eq!(line["attempt"], attempt, "probe answered another attempt");
+        line
+    }
+
+    /// Makes one attempt and returns its result (`ok`, `EPERM`, ...).
+    pub fn result(&mut self, attempt: &str) -> String {
+        let line = self.attempt(attempt);
+        line["result"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no result in {line}"))
+            .to_string()
+    }
+}
+
+impl Drop for InteractiveProbe {
+    fn drop(&mut self) {
+        // EOF on stdin ends the probe; the exec wrapper then exits with its code.
+        self.stdin.take();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loopback listeners that record what reached them
+// ---------------------------------------------------------------------------------------------
+
+/// A loopback TCP or UDP listener on an ephemeral port that records every connection's first
+/// bytes (TCP) or every datagram (UDP), so a test can prove an attempt really arrived.
+pub struct Listener {
+    pub addr: SocketAddr,
+    received: Arc<(Mutex<Vec<String>>, Condvar)>,
+    stop: Arc<AtomicBool>,
+    tcp: bool,
+}
+
+impl Listener {
+    pub fn tcp(ip: IpAddr) -> Listener {
+        let listener = TcpListener::bind((ip, 0)).expect("bind TCP listener");
+        let addr = listener.local_addr().unwrap();
+        let received: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sink, stopped) = (received.clone(), stop.clone());
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut stream) = stream else { continue };
+                let sink = sink.clone();
+                thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut buf = Vec::new();
+                    let _ = stream.read_to_end(&mut buf);
+                    let (lock, cvar) = &*sink;
+                    lock.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf).into_owned());
+                    cvar.notify_all();
+                });
+            }
+        });
+        Listener {
+            addr,
+            received,
+            stop,
+            tcp: true,
+        }
+    }
+
+    pub fn udp(ip: IpAddr) -> Listener {
+        let socket = UdpSocket::bind((ip, 0)).expect("bind UDP socket");
+        let addr = socket.local_addr().unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let received: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sink, stopped) = (received.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stopped.load(Ordering::SeqCst) {
+                if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                    let (lock, cvar) = &*sink;
+                    lock.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    cvar.notify_all();
+                }
+            }
+        });
+        Listener {
+            addr,
+            received,
+            stop,
+            tcp: false,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn received(&self) -> Vec<String> {
+        self.received.0.lock().unwrap().clone()
+    }
+
+    /// Waits until something containing `needle` arrived.
+    pub fn wait_for(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + TIMEOUT;
+        let (lock, cvar) = &*self.received;
+        let mut seen = lock.lock().unwrap();
+        loop {
+            if seen.iter().any(|s| s.contains(needle)) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            seen = cvar.wait_timeout(seen, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Asserts that the probe's token for `attempt` from `pid` arrived here.
+    pub fn assert_reached_by(&self, pid: u64, attempt: &str) {
+        let token = format!("egress-probe pid={pid} attempt={attempt}");
+        assert!(
+            self.wait_for(&token),
+            "listener {} never received {token:?}; it received {:?}",
+            self.addr,
+            self.received()
+        );
+    }
+
+    /// Asserts that nothing from `pid` arrived (call after the attempt was answered: a refused
+    /// connect or datagram never reaches the socket).
+    pub fn assert_not_reached_by(&self, pid: u64) {
+        let token = format!("egress-probe pid={pid} ");
+        let seen = self.received();
+        assert!(
+            !seen.iter().any(|s| s.contains(&token)),
+            "listener {} received {token:?} although the attempt was refused: {seen:?}",
+            self.addr
+        );
+    }
+
+    /// Sends `payload` from this (unguarded) test process: TCP connect + write, or a datagram.
+    pub fn send_unguarded(&self, payload: &str) -> std::io::Result<()> {
+        send_unguarded(self.tcp, self.addr, payload)
+    }
+}
+
+/// Sends `payload` to `dest` from the test process itself (outside any guarded cgroup).
+pub fn send_unguarded(tcp: bool, dest: SocketAddr, payload: &str) -> std::io::Result<()> {
+    if tcp {
+        let mut stream = TcpStream::connect_timeout(&dest, TIMEOUT)?;
+        stream.write_all(payload.as_bytes())?;
+        stream.shutdown(std::net::Shutdown::Write)
+    } else {
+        let local: SocketAddr = if dest.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        UdpSocket::bind(local)?.send_to(payload.as_bytes(), dest)?;
+        Ok(())
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if self.tcp {
+            // Wake the accept loop so it sees the flag.
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        }
+    }
+}
+
+/// Distinct values, for assertions on sets of rule ids or verdicts.
+pub fn distinct<'a>(values: impl IntoIterator<Item = &'a str>) -> BTreeSet<&'a str> {
+    values.into_iter().collect()
+}

@@ -1,1 +1,147 @@
-fn main() {}
+//! The `mcp-guard` binary: parses the command line and turns every failure into one line on
+//! stderr and a non-zero exit.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use mcp_guard::cli::{Cli, Command, EgressCommand, ExecArgs, PathArgs, PinArgs, PolicyCommand};
+use mcp_guard::daemon::{self, Overrides, RunOptions};
+use mcp_guard::egress::{self, EgressLayout, PinLayout, spawn};
+use mcp_guard::policy::{DaemonSettings, Policy, PolicyError};
+use mcp_guard::{control, logging};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("mcp-guard: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run(args) => {
+            let options = RunOptions {
+                policy_path: args.policy,
+                no_egress: args.no_egress,
+                overrides: overrides(&args.paths, args.metrics_listen),
+            };
+            runtime()?.block_on(daemon::run(options))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Egress(EgressCommand::Exec(args)) => runtime()?.block_on(exec(args)),
+        Command::Egress(EgressCommand::Status(args)) => {
+            let settings = daemon_settings(&args)?;
+            let state = egress::kernel::pinned_state(&PinLayout {
+                root: settings.bpffs,
+            })?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Egress(EgressCommand::Teardown(args)) => {
+            let settings = daemon_settings(&args)?;
+            let layout = EgressLayout::new(settings.bpffs, settings.cgroup_root)?;
+            egress::teardown(&layout)?;
+            eprintln!(
+                "mcp-guard: removed pins under {} and cgroups under {}",
+                layout.pins.root.display(),
+                layout.cgroup_root.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(PolicyCommand::Check { file }) => Ok(check_policy(&file)),
+        Command::Policy(PolicyCommand::Schema) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&mcp_guard::policy::json_schema())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn overrides(paths: &PathArgs, metrics_listen: Option<std::net::SocketAddr>) -> Overrides {
+    Overrides {
+        bpffs: paths.bpffs.clone(),
+        cgroup_root: paths.cgroup_root.clone(),
+        control_socket: paths.control_socket.clone(),
+        metrics_listen,
+    }
+}
+
+/// The daemon paths from `--policy` (if given) with command-line overrides on top.
+fn daemon_settings(args: &PinArgs) -> Result<DaemonSettings> {
+    let mut settings = match &args.policy {
+        Some(path) => Policy::load(path)?.policy.daemon,
+        None => DaemonSettings::default(),
+    };
+    overrides(&args.paths, None).apply(&mut settings);
+    Ok(settings)
+}
+
+/// Prints every problem with its JSON path; exit 0 when the policy is usable.
+fn check_policy(file: &Path) -> ExitCode {
+    match Policy::load(file) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                eprintln!("{}: {warning}", file.display());
+            }
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(PolicyError::Invalid { path, problems }) => {
+            for problem in &problems {
+                eprintln!("{}: {problem}", path.display());
+            }
+            ExitCode::FAILURE
+        }
+        Err(other) => {
+            eprintln!("mcp-guard: {other}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command as a confined session of a server, with the daemon's help.
+async fn exec(args: ExecArgs) -> Result<ExitCode> {
+    let (session, _keep_session_open) =
+        control::open_session(&args.control_socket, &args.server, args.session.as_deref())
+            .await?;
+    let cgroup = session
+        .cgroup
+        .context("the daemon answered without a cgroup path")?;
+    let mut command = std::process::Command::new(&args.command[0]);
+    command
+        .args(&args.command[1..])
+        .env("MCP_GUARD_SERVER", &args.server)
+        .env("MCP_GUARD_SESSION", session.session.as_deref().unwrap_or(""));
+    spawn::place_in_cgroup(&mut command, &cgroup)
+        .with_context(|| format!("opening {}", cgroup.display()))?;
+    let program = args.command[0].clone();
+    let status = tokio::task::spawn_blocking(move || command.status())
+        .await?
+        .with_context(|| format!("starting {program}"))?;
+    Ok(exit_code_of(status))
+}
+
+fn exit_code_of(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code as u8),
+        (None, Some(signal)) => ExitCode::from(128u8.wrapping_add(signal as u8)),
+        _ => ExitCode::FAILURE,
+    }
+}

@@ -1,1 +1,188 @@
-fn main() {}
+//! Developer and CI tasks for mcp-guard (`cargo xtask <task>`): toolchain setup, build, run,
+//! tests and benchmarks. Work that needs root or a special toolchain lives here so the
+//! workspace itself builds with a plain `cargo build`.
+
+mod process;
+mod setup;
+
+use std::{env, path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::process::{command, workspace_root};
+
+/// The kernel programs only build for bpfel (aya-build does that from mcp-guard/build.rs); on
+/// the host their `no_std` binary cannot link or unwind, so host-wide cargo runs leave it out.
+const EBPF_PACKAGE: &str = "mcp-guard-ebpf";
+const HOST_PACKAGES: [&str; 3] = ["--workspace", "--exclude", EBPF_PACKAGE];
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run, test and benchmark mcp-guard"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks to build the eBPF programs (idempotent)
+    Setup,
+    /// Set up, then build the workspace (the eBPF object comes with mcp-guard's build)
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run the daemon (as root) on examples/policy.json
+    Run {
+        /// Extra arguments for `mcp-guard run`
+        #[arg(last = true)]
+        daemon_args: Vec<String>,
+    },
+    /// Set up, lint, and run every test, including the kernel tests (as root)
+    Test {
+        /// Extra arguments for `cargo test`, e.g. `-- --test egress -- --nocapture`
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Check formatting and run clippy with warnings denied
+    Lint,
+    /// Set up and run a benchmark
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Cost the eBPF hooks add to connect(), and ring-buffer throughput
+    Egress {
+        /// Extra arguments for the egress-bench binary
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run_task(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, causes included, so CI logs show the reason without a backtrace.
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup::setup(),
+        Task::Build { release } => build(release),
+        Task::Run { daemon_args } => run_daemon(&daemon_args),
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Lint => lint(),
+        Task::Bench(Bench::Egress { bench_args }) => bench_egress(&bench_args),
+    }
+}
+
+fn stage(title: &str) {
+    println!("==> {title}");
+}
+
+fn build(release: bool) -> Result<()> {
+    setup::setup()?;
+    stage("build");
+    let mut cargo = command("cargo")?;
+    cargo.arg("build").args(HOST_PACKAGES);
+    if release {
+        cargo.arg("--release");
+    }
+    process::run(&mut cargo)
+}
+
+fn run_daemon(daemon_args: &[String]) -> Result<()> {
+    process::require_root("run")?;
+    setup::setup()?;
+    stage("build mcp-guard");
+    process::run(command("cargo")?.args(["build", "--release", "-p", "mcp-guard"]))?;
+    stage("run mcp-guard");
+    let root = workspace_root();
+    let daemon = target_dir().join("release").join("mcp-guard");
+    process::exec(
+        command(&daemon.to_string_lossy())?
+            .arg("run")
+            .arg("--policy")
+            .arg(root.join("examples").join("policy.json"))
+            .args(daemon_args),
+    )
+}
+
+/// Where cargo puts build output: `CARGO_TARGET_DIR` (relative to the workspace root, where we
+/// run cargo) or the workspace's `target/`.
+fn target_dir() -> PathBuf {
+    let root = workspace_root();
+    match env::var_os("CARGO_TARGET_DIR").filter(|dir| !dir.is_empty()) {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+fn test(cargo_test_args: &[String]) -> Result<()> {
+    // Checked first: without root the kernel tests would fail only after a long build.
+    process::require_root("test")?;
+    stage("setup");
+    setup::setup()?;
+    lint()?;
+    stage("test");
+    process::run(
+        command("cargo")?
+            .arg("test")
+            .args(HOST_PACKAGES)
+            .args(cargo_test_args),
+    )
+}
+
+fn lint() -> Result<()> {
+    stage("rustfmt");
+    process::run(command("cargo")?.args(["fmt", "--all", "--", "--check"]))?;
+    stage("clippy");
+    process::run(command("cargo")?.arg("clippy").args(HOST_PACKAGES).args([
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    stage("clippy (eBPF programs)");
+    // Checked on the host like aya-template does: `panic=abort` because `no_std` cannot unwind,
+    // and only the binary target, since host tests of kernel code need a nightly-only flag.
+    process::run(command("cargo")?.args([
+        "clippy",
+        "--package",
+        EBPF_PACKAGE,
+        "--",
+        "-D",
+        "warnings",
+        "-C",
+        "panic=abort",
+    ]))
+}
+
+fn bench_egress(bench_args: &[String]) -> Result<()> {
+    setup::setup()?;
+    stage("bench egress");
+    process::run(
+        command("cargo")?
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "mcp-guard-tests",
+                "--bin",
+                "egress-bench",
+                "--",
+            ])
+            .args(bench_args),
+    )
+}

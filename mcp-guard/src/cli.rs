@@ -1,0 +1,107 @@
+//! The command line: `run`, `egress exec|status|teardown`, `policy check|schema`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "mcp-guard", version, about = "Enforcement layer for the Model Context Protocol")]
+pub struct Cli {
+    /// Diagnostics on stderr: human-readable text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: kernel egress enforcement, control socket, metrics.
+    Run(RunArgs),
+    /// Kernel egress enforcement: run a command confined, inspect or remove what is pinned.
+    #[command(subcommand)]
+    Egress(EgressCommand),
+    /// Validate the policy file and print its JSON Schema.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The policy file (JSON, "version": 1).
+    #[arg(long, default_value = "/etc/mcp-guard/policy.json")]
+    pub policy: PathBuf,
+    /// Run without kernel egress enforcement (MCP servers may then reach anything).
+    #[arg(long)]
+    pub no_egress: bool,
+    #[command(flatten)]
+    pub paths: PathArgs,
+    /// Serve Prometheus metrics here (overrides the policy's daemon.metrics_listen).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Paths that override the policy's `daemon` section.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PathArgs {
+    /// Where programs and maps are pinned (bpffs).
+    #[arg(long)]
+    pub bpffs: Option<PathBuf>,
+    /// mcp-guard's cgroup subtree (default: <cgroup2 mount>/mcp-guard).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// The daemon's control socket.
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EgressCommand {
+    /// Run COMMAND confined as a session of SERVER: the running daemon creates a guarded
+    /// cgroup and the command starts inside it.
+    Exec(ExecArgs),
+    /// Show what is pinned: programs, guarded cgroups, allow-list size, lost events (JSON).
+    Status(PinArgs),
+    /// Remove all kernel enforcement: detach programs, unpin maps, remove the cgroup subtree
+    /// (killing what still runs in it).
+    Teardown(PinArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The server (as named in the policy) whose egress rules confine the command.
+    #[arg(long)]
+    pub server: String,
+    /// Session name (default: one the daemon makes up).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// The daemon's control socket.
+    #[arg(long, default_value = "/run/mcp-guard/control.sock")]
+    pub control_socket: PathBuf,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// Read the paths from this policy's daemon section.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    #[command(flatten)]
+    pub paths: PathArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file; every problem is printed with its JSON path.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Print the policy's JSON Schema.
+    Schema,
+}

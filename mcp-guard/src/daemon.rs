@@ -1,0 +1,362 @@
+//! `mcp-guard run`: loads the policy, sets up kernel egress enforcement, serves the control
+//! socket and metrics, and reacts to signals (SIGHUP or a changed policy file: reload;
+//! SIGTERM/SIGINT: stop, leaving the pinned programs enforcing).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::control;
+use crate::egress::resolve::{HostResolver, Resolution, ResolveError};
+use crate::egress::{
+    Attachment, Egress, EgressAttempt, EgressError, EgressLayout, ServerEgress, from_policy,
+};
+use crate::metrics::{self, Metrics};
+use crate::policy::{DaemonSettings, LoadedPolicy, Policy, PolicyError};
+
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+const EVENT_CHANNEL_CAPACITY: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Egress(#[from] EgressError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error("metrics listener {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Command-line settings that override the policy's `daemon` section.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub bpffs: Option<PathBuf>,
+    pub cgroup_root: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Overrides {
+    pub fn apply(&self, settings: &mut DaemonSettings) {
+        if let Some(bpffs) = &self.bpffs {
+            settings.bpffs = bpffs.clone();
+        }
+        if let Some(root) = &self.cgroup_root {
+            settings.cgroup_root = Some(root.clone());
+        }
+        if let Some(socket) = &self.control_socket {
+            settings.control_socket = socket.clone();
+        }
+        if let Some(addr) = self.metrics_listen {
+            settings.metrics_listen = Some(addr);
+        }
+    }
+}
+
+pub struct RunOptions {
+    pub policy_path: PathBuf,
+    pub no_egress: bool,
+    pub overrides: Overrides,
+}
+
+/// Kernel enforcement as the running daemon holds it.
+struct Enforcement {
+    egress: Arc<Mutex<Egress>>,
+    resolver: HostResolver,
+    /// The policy in force, re-compiled when its host names resolve differently.
+    policy: Policy,
+}
+
+pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
+    let loaded = load_policy(&options.policy_path)?;
+    let mut settings = loaded.policy.daemon.clone();
+    options.overrides.apply(&mut settings);
+    let metrics = Metrics::new();
+
+    let mut enforcement = if options.no_egress {
+        tracing::warn!(
+            "KERNEL EGRESS ENFORCEMENT IS OFF (--no-egress): MCP server processes can reach any network destination"
+        );
+        None
+    } else {
+        Some(start_enforcement(&loaded.policy, &settings, &metrics).await?)
+    };
+
+    if let Some(enforcement) = &enforcement {
+        let listener = control::bind(&settings.control_socket)?;
+        tokio::spawn(control::serve(
+            listener,
+            enforcement.egress.clone(),
+            metrics.clone(),
+        ));
+    }
+    if let Some(addr) = settings.metrics_listen {
+        let listener = metrics::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
+        tokio::spawn(metrics::serve(listener, metrics.clone()));
+    }
+
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    let mut policy_stamp = file_stamp(&options.policy_path);
+    tracing::info!(
+        policy = %options.policy_path.display(),
+        servers = loaded.policy.servers.len(),
+        egress = enforcement.is_some(),
+        control_socket = %settings.control_socket.display(),
+        metrics_listen = ?settings.metrics_listen,
+        "ready"
+    );
+
+    loop {
+        let dns_due = dns_refresh_due(enforcement.as_ref());
+        tokio::select! {
+            _ = hangup.recv() => {
+                reload(&options.policy_path, enforcement.as_mut(), &metrics).await;
+                policy_stamp = file_stamp(&options.policy_path);
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = poll.tick() => {
+                let stamp = file_stamp(&options.policy_path);
+                if stamp != policy_stamp {
+                    policy_stamp = stamp;
+                    tracing::info!("policy file changed");
+                    reload(&options.policy_path, enforcement.as_mut(), &metrics).await;
+                }
+                if let Some(enforcement) = &enforcement {
+                    export_kernel_gauges(&enforcement.egress, &metrics).await;
+                }
+            }
+            _ = sweep.tick() => {
+                if let Some(enforcement) = &enforcement
+                    && let Err(e) = enforcement.egress.lock().await.sweep_empty_sessions()
+                {
+                    tracing::warn!(error = %e, "sweeping empty session cgroups");
+                }
+            }
+            _ = tokio::time::sleep_until(dns_due.into()) => {
+                if let Some(enforcement) = enforcement.as_mut() {
+                    refresh_host_names(enforcement, &metrics).await;
+                }
+            }
+        }
+    }
+    tracing::info!("stopping; kernel enforcement stays pinned (`mcp-guard egress teardown` removes it)");
+    Ok(())
+}
+
+fn load_policy(path: &Path) -> Result<LoadedPolicy, PolicyError> {
+    let loaded = Policy::load(path)?;
+    for warning in &loaded.warnings {
+        tracing::warn!(policy = %path.display(), "{warning}");
+    }
+    Ok(loaded)
+}
+
+async fn start_enforcement(
+    policy: &Policy,
+    settings: &DaemonSettings,
+    metrics: &Arc<Metrics>,
+) -> Result<Enforcement, DaemonError> {
+    let layout = EgressLayout::new(settings.bpffs.clone(), settings.cgroup_root.clone())?;
+    let (mut egress, attachment) = Egress::start(layout)?;
+    let layout = egress.layout().clone();
+    let (root, pins) = (
+        layout.cgroup_root.display().to_string(),
+        layout.pins.root.display().to_string(),
+    );
+    match attachment {
+        Attachment::Reused => {
+            tracing::info!(cgroup_root = %root, bpffs = %pins, "reusing pinned programs")
+        }
+        Attachment::Attached => {
+            tracing::info!(cgroup_root = %root, bpffs = %pins, "attached egress programs")
+        }
+        Attachment::Replaced => tracing::info!(
+            cgroup_root = %root, bpffs = %pins,
+            "replaced pinned programs of an earlier version"
+        ),
+    }
+    let mut resolver = HostResolver::from_system(
+        Duration::from_secs(settings.dns_min_ttl_seconds.into()),
+        Duration::from_secs(settings.dns_max_ttl_seconds.into()),
+    )?;
+    let wanted = resolve_and_compile(policy, &mut resolver, metrics).await;
+    egress.apply(&wanted)?;
+
+    let (sender, receiver) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+    if let Some(reader) = egress.event_reader() {
+        tokio::spawn(async move {
+            if let Err(e) = reader.run(sender).await {
+                tracing::error!(error = %e, "egress event reader stopped");
+            }
+        });
+    }
+    tokio::spawn(record_egress_events(receiver, metrics.clone()));
+    Ok(Enforcement {
+        egress: Arc::new(Mutex::new(egress)),
+        resolver,
+        policy: policy.clone(),
+    })
+}
+
+async fn resolve_and_compile(
+    policy: &Policy,
+    resolver: &mut HostResolver,
+    metrics: &Metrics,
+) -> BTreeMap<String, ServerEgress> {
+    let outcomes = resolver.track(&from_policy::host_names(policy)).await;
+    report_resolutions(&outcomes, metrics);
+    from_policy::server_egress(policy, resolver)
+}
+
+fn report_resolutions(outcomes: &[(String, Resolution)], metrics: &Metrics) {
+    for (host, outcome) in outcomes {
+        match outcome {
+            Resolution::Resolved { addresses, ttl } => {
+                metrics
+                    .egress_dns_resolutions
+                    .with_label_values(&["resolved"])
+                    .inc();
+                tracing::debug!(host, addresses, ttl_seconds = ttl.as_secs(), "host resolved");
+            }
+            Resolution::Failed(error) => {
+                metrics
+                    .egress_dns_resolutions
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::warn!(host, error, "host name in an egress rule did not resolve; its rule allows no new address");
+            }
+        }
+    }
+}
+
+/// Applies a changed policy file, or keeps the running one and says why not.
+async fn reload(path: &Path, enforcement: Option<&mut Enforcement>, metrics: &Metrics) {
+    match try_reload(path, enforcement, metrics).await {
+        Ok(()) => {
+            metrics.policy_reloads.with_label_values(&["applied"]).inc();
+            tracing::info!(policy = %path.display(), "policy reloaded");
+        }
+        Err(e) => {
+            metrics.policy_reloads.with_label_values(&["refused"]).inc();
+            tracing::error!(policy = %path.display(), error = %e, "policy reload refused; the previous policy stays in force");
+        }
+    }
+}
+
+async fn try_reload(
+    path: &Path,
+    enforcement: Option<&mut Enforcement>,
+    metrics: &Metrics,
+) -> Result<(), DaemonError> {
+    let loaded = load_policy(path)?;
+    if let Some(enforcement) = enforcement {
+        let wanted = resolve_and_compile(&loaded.policy, &mut enforcement.resolver, metrics).await;
+        enforcement.egress.lock().await.apply(&wanted)?;
+        enforcement.policy = loaded.policy;
+    }
+    Ok(())
+}
+
+fn dns_refresh_due(enforcement: Option<&Enforcement>) -> std::time::Instant {
+    enforcement
+        .and_then(|e| e.resolver.next_refresh())
+        .unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(3600))
+}
+
+async fn refresh_host_names(enforcement: &mut Enforcement, metrics: &Metrics) {
+    let (outcomes, changed) = enforcement.resolver.refresh_due().await;
+    report_resolutions(&outcomes, metrics);
+    if !changed {
+        return;
+    }
+    tracing::info!("egress host addresses changed; updating allow-lists");
+    let wanted = from_policy::server_egress(&enforcement.policy, &enforcement.resolver);
+    if let Err(e) = enforcement.egress.lock().await.apply(&wanted) {
+        tracing::error!(error = %e, "updating allow-lists after re-resolution");
+    }
+}
+
+async fn export_kernel_gauges(egress: &Mutex<Egress>, metrics: &Metrics) {
+    let status = egress.lock().await.status();
+    match status {
+        Ok(status) => {
+            metrics
+                .egress_guarded_cgroups
+                .set(status.guarded_cgroups as i64);
+            metrics
+                .egress_allow_prefixes
+                .set(status.allow_prefixes as i64);
+            let exported = metrics.egress_events_lost.get();
+            if status.lost_events > exported {
+                metrics
+                    .egress_events_lost
+                    .inc_by(status.lost_events - exported);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading kernel egress state"),
+    }
+}
+
+/// Until the audit log exists (issue "Identity threading and tamper-evident audit"), each
+/// attempt is a structured log line and a metric.
+async fn record_egress_events(mut events: mpsc::Receiver<EgressAttempt>, metrics: Arc<Metrics>) {
+    while let Some(attempt) = events.recv().await {
+        let server = attempt.server.as_deref().unwrap_or("unknown");
+        metrics
+            .egress_attempts
+            .with_label_values(&[
+                server,
+                &attempt.verdict.to_string(),
+                &attempt.protocol.to_string(),
+            ])
+            .inc();
+        tracing::info!(
+            target: "mcp_guard::egress",
+            server,
+            session = attempt.session.as_deref().unwrap_or(""),
+            cgroup_id = attempt.cgroup_id,
+            guarded_cgroup_id = attempt.guarded_cgroup_id,
+            tgid = attempt.tgid,
+            tid = attempt.tid,
+            comm = %attempt.comm,
+            family = %attempt.family,
+            protocol = %attempt.protocol,
+            addr = %attempt.addr,
+            port = attempt.port,
+            verdict = %attempt.verdict,
+            rule = %attempt.rule,
+            hook = %attempt.hook,
+            at_unix_ms = attempt.at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "egress"
+        );
+    }
+}
+
+/// Identity of a file's current content, to notice edits without inotify.
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}

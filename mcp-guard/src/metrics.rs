@@ -1,0 +1,156 @@
+//! Prometheus metrics, served as text at `/metrics` on the policy's `metrics_listen` address.
+//! Label values come from the policy (server names, verdicts), never from raw traffic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Connection and datagram attempts by guarded processes, as the kernel judged them.
+    pub egress_attempts: IntCounterVec,
+    /// Events the kernel could not put on the full ring buffer.
+    pub egress_events_lost: IntCounter,
+    pub egress_guarded_cgroups: IntGauge,
+    pub egress_allow_prefixes: IntGauge,
+    pub egress_sessions_opened: IntCounter,
+    pub egress_dns_resolutions: IntCounterVec,
+    pub policy_reloads: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let metrics = Metrics {
+            egress_attempts: IntCounterVec::new(
+                Opts::new(
+                    "mcp_guard_egress_attempts_total",
+                    "Connection and datagram attempts from guarded MCP server processes, by server, verdict and protocol",
+                ),
+                &["server", "verdict", "protocol"],
+            )
+            .expect("metric"),
+            egress_events_lost: IntCounter::new(
+                "mcp_guard_egress_ringbuf_events_lost_total",
+                "Egress events the kernel dropped because the ring buffer was full",
+            )
+            .expect("metric"),
+            egress_guarded_cgroups: IntGauge::new(
+                "mcp_guard_egress_guarded_cgroups",
+                "Cgroups currently confined by the egress programs",
+            )
+            .expect("metric"),
+            egress_allow_prefixes: IntGauge::new(
+                "mcp_guard_egress_allow_prefixes",
+                "Address prefixes in the kernel allow-list",
+            )
+            .expect("metric"),
+            egress_sessions_opened: IntCounter::new(
+                "mcp_guard_egress_sessions_opened_total",
+                "Guarded session cgroups created",
+            )
+            .expect("metric"),
+            egress_dns_resolutions: IntCounterVec::new(
+                Opts::new(
+                    "mcp_guard_egress_dns_resolutions_total",
+                    "Resolutions of host names in egress rules, by result",
+                ),
+                &["result"],
+            )
+            .expect("metric"),
+            policy_reloads: IntCounterVec::new(
+                Opts::new(
+                    "mcp_guard_policy_reloads_total",
+                    "Policy reloads, by result (applied or refused)",
+                ),
+                &["result"],
+            )
+            .expect("metric"),
+            build_info: IntGaugeVec::new(
+                Opts::new("mcp_guard_build_info", "Always 1; labels say which build runs"),
+                &["version"],
+            )
+            .expect("metric"),
+            registry,
+        };
+        metrics.register_all();
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Arc::new(metrics)
+    }
+
+    fn register_all(&self) {
+        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
+            Box::new(self.egress_attempts.clone()),
+            Box::new(self.egress_events_lost.clone()),
+            Box::new(self.egress_guarded_cgroups.clone()),
+            Box::new(self.egress_allow_prefixes.clone()),
+            Box::new(self.egress_sessions_opened.clone()),
+            Box::new(self.egress_dns_resolutions.clone()),
+            Box::new(self.policy_reloads.clone()),
+            Box::new(self.build_info.clone()),
+        ];
+        for collector in collectors {
+            self.registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+/// Serves `/metrics` until the listener fails.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
+/// Binds the metrics address (a clear error names it when taken).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_names_with_units() {
+        let metrics = Metrics::new();
+        metrics
+            .egress_attempts
+            .with_label_values(&["web", "refuse", "tcp"])
+            .inc();
+        let text = metrics.render();
+        assert!(text.contains(
+            "mcp_guard_egress_attempts_total{protocol=\"tcp\",server=\"web\",verdict=\"refuse\"} 1"
+        ));
+        assert!(text.contains("mcp_guard_build_info{version="));
+    }
+}

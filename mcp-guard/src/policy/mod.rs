@@ -1,0 +1,142 @@
+//! The declarative JSON policy (format version 1): how it is read, checked and described.
+//!
+//! Loading goes in three steps, each reporting the JSON path of what it refuses:
+//! 1. a version probe, so a policy written for a newer mcp-guard is refused for its version
+//!    rather than for fields this build does not know;
+//! 2. parsing into [`Policy`], which refuses unknown fields, wrong types and malformed values
+//!    (ports, CIDRs, protocols) at the first fault;
+//! 3. semantic validation ([`Policy::validate`]), which collects every error and warning.
+
+mod cidr;
+mod error;
+mod model;
+mod ports;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+use schemars::generate::SchemaSettings;
+use serde::Deserialize;
+
+pub use cidr::{CidrError, parse_cidr};
+pub use error::{PolicyError, Problem, Severity};
+pub use model::{
+    DaemonSettings, Destination, EgressRule, POLICY_VERSION, Policy, Protocol, ServerPolicy,
+};
+pub use ports::{PortRange, PortRangeError};
+
+/// A policy that passed validation, with the warnings it raised (for the CLI to print).
+#[derive(Debug, Clone)]
+pub struct LoadedPolicy {
+    pub policy: Policy,
+    pub warnings: Vec<Problem>,
+}
+
+impl Policy {
+    /// Reads, parses and validates the policy file at `path`.
+    pub fn load(path: &Path) -> Result<LoadedPolicy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses and validates policy text; `origin` names where it came from in messages (a
+    /// path, or a label such as `<stdin>`).
+    pub fn from_json_str(text: &str, origin: &Path) -> Result<LoadedPolicy, PolicyError> {
+        if let Some(problem) = unsupported_version(text) {
+            return Err(invalid(origin, vec![problem]));
+        }
+        let policy = parse(text, origin)?;
+        let problems = policy.validate();
+        if problems.iter().any(Problem::is_error) {
+            return Err(invalid(origin, problems));
+        }
+        Ok(LoadedPolicy {
+            policy,
+            warnings: problems,
+        })
+    }
+
+    /// Every semantic problem in this policy, errors and warnings, in file order.
+    pub fn validate(&self) -> Vec<Problem> {
+        validate::validate(self)
+    }
+}
+
+/// The policy's JSON Schema (draft 2020-12), as published by `mcp-guard policy schema`.
+pub fn json_schema() -> serde_json::Value {
+    SchemaSettings::draft2020_12()
+        .into_generator()
+        .into_root_schema_for::<Policy>()
+        .to_value()
+}
+
+fn invalid(origin: &Path, problems: Vec<Problem>) -> PolicyError {
+    PolicyError::Invalid {
+        path: origin.to_owned(),
+        problems,
+    }
+}
+
+/// The version problem of a well-formed policy whose `version` is a number other than 1.
+/// Anything else (no JSON, no version, a version of the wrong type) is left to the full parse,
+/// which reports it with a position.
+fn unsupported_version(text: &str) -> Option<Problem> {
+    #[derive(Deserialize)]
+    struct VersionProbe {
+        version: Option<serde_json::Value>,
+    }
+    let probe: VersionProbe = serde_json::from_str(text).ok()?;
+    validate::version_problem(probe.version?.as_u64()?)
+}
+
+fn parse(text: &str, origin: &Path) -> Result<Policy, PolicyError> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let policy = serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|error| parse_error(origin, error.path().to_string(), error.into_inner()))?;
+    // Trailing text after the policy object is a mistake (a pasted second copy, say).
+    deserializer
+        .end()
+        .map_err(|error| parse_error(origin, String::new(), error))?;
+    Ok(policy)
+}
+
+fn parse_error(origin: &Path, json_path: String, error: serde_json::Error) -> PolicyError {
+    PolicyError::Parse {
+        path: PathBuf::from(origin),
+        line: error.line(),
+        column: error.column(),
+        json_path: tidy_json_path(&json_path),
+        message: message_without_position(&error),
+    }
+}
+
+/// serde_path_to_error writes the top level as "." and a key it has not read yet (the fault
+/// is in the syntax where a key should start) as "?"; both are dropped, leaving the path of
+/// the object the fault is in, or an empty path for the top level.
+fn tidy_json_path(json_path: &str) -> String {
+    let mut path = json_path;
+    while let Some(parent) = path.strip_suffix(".?") {
+        path = parent;
+    }
+    match path {
+        "." | "?" => String::new(),
+        _ => path.to_owned(),
+    }
+}
+
+/// serde_json appends " at line L column C" to its messages; the position is reported in its
+/// own fields, so it is cut from the text.
+fn message_without_position(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    let position = format!(" at line {} column {}", error.line(), error.column());
+    match message.strip_suffix(&position) {
+        Some(bare) => bare.to_owned(),
+        None => message,
+    }
+}

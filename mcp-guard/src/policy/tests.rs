@@ -1,0 +1,634 @@
+//! Whole-policy tests: loading, parse errors with their JSON paths, every validation problem
+//! with its exact path, and the published schema.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use super::*;
+
+const EXAMPLE: &str = include_str!("../../../examples/policy.json");
+
+fn load_value(value: Value) -> Result<LoadedPolicy, PolicyError> {
+    Policy::from_json_str(&value.to_string(), Path::new("test.json"))
+}
+
+/// A valid policy with one server, to be broken one field at a time.
+fn valid() -> Value {
+    json!({
+        "version": 1,
+        "servers": {
+            "fetch": {
+                "command": ["node", "server.js"],
+                "egress": [
+                    { "id": "dns", "cidr": "127.0.0.53/32", "ports": [53], "protocols": ["udp", "tcp"] },
+                    { "id": "api", "host": "api.example.com", "ports": [443, "8000-8100"] }
+                ]
+            }
+        }
+    })
+}
+
+fn problems_of(value: Value) -> Vec<Problem> {
+    match load_value(value) {
+        Err(PolicyError::Invalid { problems, .. }) => problems,
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+/// The single problem a policy has; fails the test if it has more or fewer.
+fn only_problem(value: Value) -> Problem {
+    let problems = problems_of(value);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    problems.into_iter().next().unwrap()
+}
+
+fn assert_error_at(value: Value, path: &str, message_part: &str) {
+    let problem = only_problem(value);
+    assert_eq!(problem.severity, Severity::Error, "{problem}");
+    assert_eq!(problem.path, path, "{problem}");
+    assert!(problem.message.contains(message_part), "{problem}");
+}
+
+/// (json_path, message) of a parse error.
+fn parse_failure(value: Value) -> (String, String) {
+    parse_failure_of_text(&value.to_string())
+}
+
+fn parse_failure_of_text(text: &str) -> (String, String) {
+    match Policy::from_json_str(text, Path::new("test.json")) {
+        Err(PolicyError::Parse {
+            json_path, message, ..
+        }) => (json_path, message),
+        other => panic!("expected Parse, got {other:?}"),
+    }
+}
+
+fn fetch_rule(policy: &mut Value, index: usize) -> &mut Value {
+    &mut policy["servers"]["fetch"]["egress"][index]
+}
+
+// --- valid policies ---
+
+#[test]
+fn the_example_policy_loads_without_problems() {
+    let loaded = Policy::from_json_str(EXAMPLE, Path::new("examples/policy.json")).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let policy = loaded.policy;
+    assert_eq!(
+        policy.daemon.metrics_listen,
+        Some("127.0.0.1:9464".parse().unwrap())
+    );
+    assert_eq!(
+        policy.daemon.control_socket,
+        Path::new("/run/mcp-guard/control.sock")
+    );
+    assert!(policy.servers["time"].egress.is_empty());
+    let everything = &policy.servers["everything"];
+    assert_eq!(
+        everything.command.as_deref().unwrap(),
+        ["npx", "-y", "@modelcontextprotocol/server-everything"]
+    );
+    assert_eq!(
+        everything.egress[1].destination(),
+        Some(Destination::Host("registry.npmjs.org".into()))
+    );
+}
+
+#[test]
+fn the_example_policy_loads_from_its_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy.json");
+    assert!(Policy::load(&path).is_ok());
+}
+
+#[test]
+fn a_valid_policy_loads_with_typed_accessors() {
+    let loaded = load_value(valid()).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let rules = &loaded.policy.servers["fetch"].egress;
+
+    let dns = &rules[0];
+    assert_eq!(
+        dns.destination(),
+        Some(Destination::Cidr("127.0.0.53/32".parse().unwrap()))
+    );
+    assert_eq!(dns.protocols, [Protocol::Udp, Protocol::Tcp]);
+
+    let api = &rules[1];
+    let ranges: Vec<_> = api.port_ranges().iter().map(PortRange::range).collect();
+    assert_eq!(ranges, [443..=443, 8000..=8100]);
+    assert!(api.allows_port(8050) && !api.allows_port(80));
+    // Protocols default to TCP only.
+    assert_eq!(api.protocols, [Protocol::Tcp]);
+    assert!(!api.allows_protocol(Protocol::Udp));
+}
+
+#[test]
+fn daemon_settings_default_when_absent() {
+    let policy = load_value(json!({ "version": 1 })).unwrap().policy;
+    assert_eq!(policy.daemon, DaemonSettings::default());
+    assert_eq!(policy.daemon.bpffs, Path::new("/sys/fs/bpf/mcp-guard"));
+    assert_eq!(
+        policy.daemon.control_socket,
+        Path::new("/run/mcp-guard/control.sock")
+    );
+    assert_eq!(policy.daemon.metrics_listen, None);
+    assert_eq!(policy.daemon.cgroup_root, None);
+    assert_eq!(
+        (
+            policy.daemon.dns_min_ttl_seconds,
+            policy.daemon.dns_max_ttl_seconds
+        ),
+        (5, 300)
+    );
+    assert!(policy.servers.is_empty());
+}
+
+#[test]
+fn a_bare_address_becomes_a_host_prefix() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 0)["cidr"] = json!("127.0.0.53");
+    fetch_rule(&mut policy, 1)["cidr"] = json!("2001:db8::1");
+    fetch_rule(&mut policy, 1)
+        .as_object_mut()
+        .unwrap()
+        .remove("host");
+    let loaded = load_value(policy).unwrap();
+    let rules = &loaded.policy.servers["fetch"].egress;
+    assert_eq!(rules[0].cidr.unwrap().to_string(), "127.0.0.53/32");
+    assert_eq!(rules[1].cidr.unwrap().to_string(), "2001:db8::1/128");
+}
+
+#[test]
+fn a_loaded_policy_serialises_back_to_an_equal_policy() {
+    let policy = Policy::from_json_str(EXAMPLE, Path::new("example"))
+        .unwrap()
+        .policy;
+    let text = serde_json::to_string(&policy).unwrap();
+    let again = Policy::from_json_str(&text, Path::new("again"))
+        .unwrap()
+        .policy;
+    assert_eq!(policy, again);
+}
+
+// --- parse errors carry the JSON path ---
+
+#[test]
+fn an_unknown_field_is_refused_with_its_path() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)["port"] = json!(443);
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.egress[1].port");
+    assert!(message.starts_with("unknown field `port`"), "{message}");
+}
+
+#[test]
+fn an_unknown_top_level_field_is_refused() {
+    let mut policy = valid();
+    policy["rules"] = json!([]);
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "rules");
+    assert!(message.starts_with("unknown field `rules`"), "{message}");
+}
+
+#[test]
+fn an_unknown_daemon_field_is_refused() {
+    let mut policy = valid();
+    policy["daemon"] = json!({ "metrics": "127.0.0.1:9464" });
+    let (path, _) = parse_failure(policy);
+    assert_eq!(path, "daemon.metrics");
+}
+
+#[test]
+fn a_bad_port_is_refused_with_its_path() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)["ports"] = json!([443, "9000-8000"]);
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.egress[1].ports[1]");
+    assert!(message.contains("is empty"), "{message}");
+
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)["ports"] = json!([0]);
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.egress[1].ports[0]");
+    assert!(message.contains("out of range"), "{message}");
+}
+
+#[test]
+fn a_wrong_type_is_refused_with_its_path() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)["ports"] = json!([true]);
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.egress[1].ports[0]");
+    assert!(
+        message.starts_with("invalid type: boolean `true`, expected a port number"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_unknown_protocol_is_refused_with_its_path() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 0)["protocols"] = json!(["udp", "icmp"]);
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.egress[0].protocols[1]");
+    assert!(message.contains("unknown variant `icmp`"), "{message}");
+}
+
+#[test]
+fn host_bits_in_a_cidr_are_refused_with_its_path() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 0)["cidr"] = json!("10.0.0.1/8");
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.egress[0].cidr");
+    assert_eq!(
+        message,
+        "\"10.0.0.1/8\" has host bits set: write 10.0.0.0/8 for the whole network, \
+         or 10.0.0.1/32 for that one address"
+    );
+}
+
+#[test]
+fn a_missing_required_field_names_its_parent() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)
+        .as_object_mut()
+        .unwrap()
+        .remove("ports");
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.egress[1]");
+    assert_eq!(message, "missing field `ports`");
+}
+
+#[test]
+fn a_missing_version_is_refused() {
+    let (path, message) = parse_failure(json!({ "servers": {} }));
+    assert_eq!(path, "");
+    assert_eq!(message, "missing field `version`");
+}
+
+#[test]
+fn a_parse_error_reports_line_and_column() {
+    let text = "{\n  \"version\": 1,\n  \"servers\": { \"x\": { \"egres\": [] } }\n}";
+    let error = Policy::from_json_str(text, Path::new("p.json")).unwrap_err();
+    let PolicyError::Parse { line, .. } = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(*line, 3);
+    let shown = error.to_string();
+    assert!(
+        shown.starts_with("p.json:3:")
+            && shown.contains(": servers.x.egres: unknown field `egres`"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn text_that_is_not_json_is_refused() {
+    let (path, message) = parse_failure_of_text("{ \"version\": 1,");
+    assert_eq!(path, "");
+    assert!(message.contains("EOF"), "{message}");
+}
+
+#[test]
+fn a_syntax_error_inside_an_object_names_that_object() {
+    let (path, message) = parse_failure_of_text(
+        "{ \"version\": 1, \"servers\": { \"fetch\": { \"command\": [\"x\"], } } }",
+    );
+    assert_eq!(path, "servers.fetch");
+    assert!(message.starts_with("trailing comma"), "{message}");
+}
+
+#[test]
+fn trailing_text_is_refused() {
+    let (_, message) = parse_failure_of_text("{ \"version\": 1 } {}");
+    assert!(message.contains("trailing characters"), "{message}");
+}
+
+#[test]
+fn a_missing_file_is_an_io_error_naming_it() {
+    let error = Policy::load(Path::new("/nonexistent/policy.json")).unwrap_err();
+    assert!(matches!(error, PolicyError::Io { .. }), "{error:?}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("/nonexistent/policy.json: cannot read policy")
+    );
+}
+
+// --- semantic validation: each problem, with its exact path ---
+
+#[test]
+fn another_version_is_refused_before_its_fields_are_read() {
+    let mut policy = valid();
+    policy["version"] = json!(2);
+    policy["rules"] = json!([]); // a field from the future must not hide the real reason
+    assert_error_at(policy, "version", "unsupported policy version 2");
+}
+
+#[test]
+fn validate_reports_a_wrong_version_on_a_built_policy() {
+    let mut policy = load_value(valid()).unwrap().policy;
+    policy.version = 0;
+    let problems = policy.validate();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].path, "version");
+}
+
+#[test]
+fn a_bad_server_name_is_refused() {
+    let mut policy = valid();
+    let server = policy["servers"]["fetch"].take();
+    policy["servers"] = json!({ "bad name": server });
+    assert_error_at(
+        policy,
+        "servers.bad name",
+        "invalid server name \"bad name\"",
+    );
+}
+
+#[test]
+fn a_bad_rule_id_is_refused() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)["id"] = json!("api/v1");
+    assert_error_at(
+        policy,
+        "servers.fetch.egress[1].id",
+        "invalid rule id \"api/v1\"",
+    );
+}
+
+#[test]
+fn a_duplicate_rule_id_is_refused_at_the_second_use() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)["id"] = json!("dns");
+    assert_error_at(
+        policy,
+        "servers.fetch.egress[1].id",
+        "duplicate rule id \"dns\": also used by egress[0]",
+    );
+}
+
+#[test]
+fn the_same_rule_id_in_two_servers_is_fine() {
+    let mut policy = valid();
+    let copy = policy["servers"]["fetch"].clone();
+    policy["servers"]["other"] = copy;
+    assert!(load_value(policy).is_ok());
+}
+
+#[test]
+fn a_rule_with_both_cidr_and_host_is_refused() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)["cidr"] = json!("192.0.2.0/24");
+    assert_error_at(policy, "servers.fetch.egress[1]", "not both");
+}
+
+#[test]
+fn a_rule_with_neither_cidr_nor_host_is_refused() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)
+        .as_object_mut()
+        .unwrap()
+        .remove("host");
+    assert_error_at(policy, "servers.fetch.egress[1]", "no destination");
+}
+
+#[test]
+fn an_ipv4_mapped_cidr_is_refused() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 0)["cidr"] = json!("::ffff:127.0.0.0/104");
+    assert_error_at(
+        policy,
+        "servers.fetch.egress[0].cidr",
+        "write it as IPv4 (e.g. 127.0.0.0/8)",
+    );
+}
+
+#[test]
+fn a_malformed_host_is_refused() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)["host"] = json!("https://api.example.com");
+    assert_error_at(
+        policy,
+        "servers.fetch.egress[1].host",
+        "without scheme, port or path",
+    );
+}
+
+#[test]
+fn an_empty_port_list_is_refused() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)["ports"] = json!([]);
+    assert_error_at(policy, "servers.fetch.egress[1].ports", "at least one port");
+}
+
+#[test]
+fn an_empty_protocol_list_is_refused() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 1)["protocols"] = json!([]);
+    assert_error_at(
+        policy,
+        "servers.fetch.egress[1].protocols",
+        "at least one protocol",
+    );
+}
+
+#[test]
+fn a_duplicate_protocol_is_refused() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 0)["protocols"] = json!(["udp", "tcp", "udp"]);
+    assert_error_at(
+        policy,
+        "servers.fetch.egress[0].protocols[2]",
+        "duplicate protocol \"udp\"",
+    );
+}
+
+#[test]
+fn command_and_adopt_cgroup_together_are_refused() {
+    let mut policy = valid();
+    policy["servers"]["fetch"]["adopt_cgroup"] = json!("/sys/fs/cgroup/system.slice/x.service");
+    assert_error_at(policy, "servers.fetch", "not both");
+}
+
+#[test]
+fn an_empty_command_is_refused() {
+    let mut policy = valid();
+    policy["servers"]["fetch"]["command"] = json!([]);
+    assert_error_at(policy, "servers.fetch.command", "must name a program");
+}
+
+#[test]
+fn a_relative_adopt_cgroup_is_refused() {
+    let mut policy = valid();
+    let server = &mut policy["servers"]["fetch"];
+    server.as_object_mut().unwrap().remove("command");
+    server["adopt_cgroup"] = json!("system.slice/x.service");
+    assert_error_at(
+        policy,
+        "servers.fetch.adopt_cgroup",
+        "must be an absolute path",
+    );
+}
+
+#[test]
+fn an_adopted_server_loads() {
+    let mut policy = valid();
+    let server = &mut policy["servers"]["fetch"];
+    server.as_object_mut().unwrap().remove("command");
+    server["adopt_cgroup"] = json!("/sys/fs/cgroup/system.slice/x.service");
+    assert!(load_value(policy).is_ok());
+}
+
+#[test]
+fn a_bad_environment_variable_name_is_refused() {
+    let mut policy = valid();
+    policy["servers"]["fetch"]["env"] = json!({ "A=B": "1", "OK": "yes" });
+    assert_error_at(
+        policy,
+        "servers.fetch.env.A=B",
+        "invalid environment variable name",
+    );
+}
+
+#[test]
+fn relative_daemon_paths_are_refused() {
+    let mut policy = valid();
+    policy["daemon"] = json!({ "control_socket": "control.sock" });
+    assert_error_at(policy, "daemon.control_socket", "must be an absolute path");
+}
+
+#[test]
+fn dns_min_ttl_above_max_is_refused() {
+    let mut policy = valid();
+    policy["daemon"] = json!({ "dns_min_ttl_seconds": 600, "dns_max_ttl_seconds": 300 });
+    assert_error_at(
+        policy,
+        "daemon.dns_min_ttl_seconds",
+        "600 exceeds dns_max_ttl_seconds (300)",
+    );
+}
+
+#[test]
+fn a_zero_dns_min_ttl_is_refused() {
+    let mut policy = valid();
+    policy["daemon"] = json!({ "dns_min_ttl_seconds": 0 });
+    assert_error_at(policy, "daemon.dns_min_ttl_seconds", "at least 1");
+}
+
+#[test]
+fn metrics_on_the_mcp_listen_address_is_refused() {
+    let mut policy = valid();
+    policy["daemon"] = json!({ "listen": "127.0.0.1:8080", "metrics_listen": "127.0.0.1:8080" });
+    assert_error_at(policy, "daemon.metrics_listen", "same address");
+}
+
+#[test]
+fn every_problem_is_reported_not_just_the_first() {
+    let mut policy = valid();
+    policy["daemon"] = json!({ "dns_min_ttl_seconds": 600, "dns_max_ttl_seconds": 300 });
+    fetch_rule(&mut policy, 1)["id"] = json!("dns");
+    fetch_rule(&mut policy, 1)["ports"] = json!([]);
+    let paths: Vec<String> = problems_of(policy).into_iter().map(|p| p.path).collect();
+    assert_eq!(
+        paths,
+        [
+            "daemon.dns_min_ttl_seconds",
+            "servers.fetch.egress[1].ports",
+            "servers.fetch.egress[1].id",
+        ]
+    );
+}
+
+#[test]
+fn the_invalid_error_lists_every_error_on_one_line() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 0)["ports"] = json!([]);
+    fetch_rule(&mut policy, 1)["ports"] = json!([]);
+    let shown = load_value(policy).unwrap_err().to_string();
+    assert_eq!(
+        shown,
+        "test.json: invalid policy: \
+         servers.fetch.egress[0].ports: must list at least one port; \"*\" means every port; \
+         servers.fetch.egress[1].ports: must list at least one port; \"*\" means every port"
+    );
+}
+
+// --- warnings ---
+
+#[test]
+fn a_host_rule_without_dns_is_a_warning_not_an_error() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 0)["protocols"] = json!(["tcp"]);
+    let loaded = load_value(policy).unwrap();
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    let warning = &loaded.warnings[0];
+    assert_eq!(warning.severity, Severity::Warning);
+    assert_eq!(warning.path, "servers.fetch.egress");
+    assert!(warning.message.contains("no rule allows DNS"), "{warning}");
+}
+
+#[test]
+fn a_wildcard_port_rule_counts_as_allowing_dns() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 0)["ports"] = json!(["*"]);
+    assert!(load_value(policy).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn env_without_command_is_a_warning() {
+    let mut policy = valid();
+    let server = &mut policy["servers"]["fetch"];
+    server.as_object_mut().unwrap().remove("command");
+    server["adopt_cgroup"] = json!("/sys/fs/cgroup/x");
+    server["env"] = json!({ "K": "V" });
+    let loaded = load_value(policy).unwrap();
+    assert_eq!(loaded.warnings.len(), 1);
+    assert_eq!(loaded.warnings[0].path, "servers.fetch.env");
+}
+
+#[test]
+fn warnings_ride_along_with_errors_in_invalid() {
+    let mut policy = valid();
+    fetch_rule(&mut policy, 0)["protocols"] = json!(["tcp"]);
+    fetch_rule(&mut policy, 1)["ports"] = json!([]);
+    let problems = problems_of(policy);
+    let severities: Vec<_> = problems.iter().map(|p| p.severity).collect();
+    assert_eq!(severities, [Severity::Error, Severity::Warning]);
+}
+
+#[test]
+fn a_problem_displays_as_path_colon_message() {
+    let problem = Problem::error("servers.fetch.egress[2].id", "duplicate rule id \"x\"");
+    assert_eq!(
+        problem.to_string(),
+        "servers.fetch.egress[2].id: duplicate rule id \"x\""
+    );
+}
+
+// --- schema ---
+
+#[test]
+fn the_schema_describes_servers_and_egress() {
+    let schema = json_schema();
+    assert_eq!(
+        schema["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
+    assert!(schema["properties"]["servers"].is_object());
+    assert_eq!(schema["properties"]["version"]["const"], 1);
+    assert_eq!(schema["additionalProperties"], false);
+    let text = schema.to_string();
+    assert!(text.contains("\"egress\""));
+    assert!(text.contains("Network destinations the server's processes may reach"));
+    let rule = &schema["$defs"]["EgressRule"];
+    assert_eq!(rule["additionalProperties"], false);
+    let required: Vec<&str> = rule["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(required, ["id", "ports"]);
+}

@@ -1,0 +1,382 @@
+//! Semantic validation: the rules a parsed policy must follow that its JSON shape cannot
+//! express. Every problem is collected, not just the first, so that one `policy check` run
+//! shows an author everything to fix.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use super::cidr::is_ipv4_mapped;
+use super::error::Problem;
+use super::model::{DaemonSettings, EgressRule, POLICY_VERSION, Policy, Protocol, ServerPolicy};
+
+const NAME_RULE: &str = "use 1-64 characters from A-Z a-z 0-9 _ . -";
+const DNS_PORT: u16 = 53;
+
+/// Every problem in `policy`, errors and warnings, in the order of the file.
+pub fn validate(policy: &Policy) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    problems.extend(version_problem(u64::from(policy.version)));
+    check_daemon(&policy.daemon, &mut problems);
+    for (name, server) in &policy.servers {
+        check_server(name, server, &mut problems);
+    }
+    problems
+}
+
+/// Also used before parsing, so that a newer policy is refused for its version rather than for
+/// the fields this build does not know.
+pub(super) fn version_problem(version: u64) -> Option<Problem> {
+    (version != u64::from(POLICY_VERSION)).then(|| {
+        Problem::error(
+            "version",
+            format!("unsupported policy version {version}: this mcp-guard reads version {POLICY_VERSION}"),
+        )
+    })
+}
+
+fn check_daemon(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
+    check_absolute("daemon.control_socket", &daemon.control_socket, problems);
+    check_absolute("daemon.bpffs", &daemon.bpffs, problems);
+    if let Some(cgroup_root) = &daemon.cgroup_root {
+        check_absolute("daemon.cgroup_root", cgroup_root, problems);
+    }
+    check_dns_ttls(daemon, problems);
+    if daemon.listen.is_some() && daemon.listen == daemon.metrics_listen {
+        problems.push(Problem::error(
+            "daemon.metrics_listen",
+            "is the same address as daemon.listen: the metrics endpoint needs its own",
+        ));
+    }
+}
+
+fn check_dns_ttls(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
+    if daemon.dns_min_ttl_seconds == 0 {
+        // A zero floor lets a record with TTL 0 make the daemon re-resolve without pause.
+        problems.push(Problem::error(
+            "daemon.dns_min_ttl_seconds",
+            "must be at least 1",
+        ));
+    }
+    if daemon.dns_min_ttl_seconds > daemon.dns_max_ttl_seconds {
+        problems.push(Problem::error(
+            "daemon.dns_min_ttl_seconds",
+            format!(
+                "{} exceeds dns_max_ttl_seconds ({})",
+                daemon.dns_min_ttl_seconds, daemon.dns_max_ttl_seconds
+            ),
+        ));
+    }
+}
+
+/// The daemon runs from `/` under systemd, so a relative path would not mean what the author
+/// saw when writing it.
+fn check_absolute(path: &str, value: &Path, problems: &mut Vec<Problem>) {
+    if !value.is_absolute() {
+        problems.push(Problem::error(
+            path,
+            format!("must be an absolute path, not \"{}\"", value.display()),
+        ));
+    }
+}
+
+fn check_server(name: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) {
+    let path = format!("servers.{name}");
+    if !is_valid_name(name) {
+        problems.push(Problem::error(
+            &path,
+            format!("invalid server name \"{name}\": {NAME_RULE}"),
+        ));
+    }
+    check_launch(&path, server, problems);
+    check_env(&path, server, problems);
+    check_egress(&path, &server.egress, problems);
+}
+
+/// A server is either spawned by mcp-guard or adopted from where it already runs.
+fn check_launch(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) {
+    if server.command.is_some() && server.adopt_cgroup.is_some() {
+        problems.push(Problem::error(
+            path,
+            "give either `command` (mcp-guard spawns the server) or `adopt_cgroup` \
+             (the server already runs in that cgroup), not both",
+        ));
+    }
+    if let Some(command) = &server.command {
+        check_command(&format!("{path}.command"), command, problems);
+    }
+    if let Some(cgroup) = &server.adopt_cgroup {
+        check_absolute(&format!("{path}.adopt_cgroup"), cgroup, problems);
+    }
+}
+
+fn check_command(path: &str, command: &[String], problems: &mut Vec<Problem>) {
+    match command.first() {
+        None => problems.push(Problem::error(path, "must name a program to run")),
+        Some(program) if program.is_empty() => {
+            problems.push(Problem::error(
+                format!("{path}[0]"),
+                "program name is empty",
+            ));
+        }
+        Some(_) => {}
+    }
+    // exec(2) takes C strings: a NUL would cut the argument short.
+    for (index, argument) in command.iter().enumerate() {
+        if argument.contains('\0') {
+            problems.push(Problem::error(
+                format!("{path}[{index}]"),
+                "contains a NUL character",
+            ));
+        }
+    }
+}
+
+fn check_env(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) {
+    if server.command.is_none() && !server.env.is_empty() {
+        problems.push(Problem::warning(
+            format!("{path}.env"),
+            "has no effect: environment variables apply only to a server mcp-guard spawns \
+             with `command`",
+        ));
+    }
+    for (key, value) in &server.env {
+        let key_path = format!("{path}.env.{key}");
+        if key.is_empty() || key.contains(['=', '\0']) {
+            problems.push(Problem::error(
+                &key_path,
+                "invalid environment variable name: it must be non-empty and contain no '=' \
+                 or NUL character",
+            ));
+        }
+        if value.contains('\0') {
+            problems.push(Problem::error(&key_path, "value contains a NUL character"));
+        }
+    }
+}
+
+fn check_egress(server_path: &str, rules: &[EgressRule], problems: &mut Vec<Problem>) {
+    let mut first_index_of_id: HashMap<&str, usize> = HashMap::new();
+    for (index, rule) in rules.iter().enumerate() {
+        let path = format!("{server_path}.egress[{index}]");
+        check_rule(&path, rule, problems);
+        if let Some(first) = first_index_of_id.get(rule.id.as_str()) {
+            problems.push(Problem::error(
+                format!("{path}.id"),
+                format!(
+                    "duplicate rule id \"{}\": also used by egress[{first}]",
+                    rule.id
+                ),
+            ));
+        } else {
+            first_index_of_id.insert(&rule.id, index);
+        }
+    }
+    problems.extend(missing_dns_warning(server_path, rules));
+}
+
+fn check_rule(path: &str, rule: &EgressRule, problems: &mut Vec<Problem>) {
+    if !is_valid_name(&rule.id) {
+        problems.push(Problem::error(
+            format!("{path}.id"),
+            format!("invalid rule id \"{}\": {NAME_RULE}", rule.id),
+        ));
+    }
+    check_destination(path, rule, problems);
+    if rule.ports.is_empty() {
+        problems.push(Problem::error(
+            format!("{path}.ports"),
+            "must list at least one port; \"*\" means every port",
+        ));
+    }
+    check_protocols(&format!("{path}.protocols"), &rule.protocols, problems);
+}
+
+fn check_destination(path: &str, rule: &EgressRule, problems: &mut Vec<Problem>) {
+    match (&rule.cidr, &rule.host) {
+        (Some(_), Some(_)) => problems.push(Problem::error(
+            path,
+            "give exactly one of `cidr` and `host`, not both: make two rules if both are meant",
+        )),
+        (None, None) => problems.push(Problem::error(
+            path,
+            "no destination: give one of `cidr` or `host`",
+        )),
+        _ => {}
+    }
+    if let Some(net) = &rule.cidr
+        && is_ipv4_mapped(net)
+    {
+        let v4 = format!("{}/{}", net.addr().to_canonical(), net.prefix_len() - 96);
+        problems.push(Problem::error(
+            format!("{path}.cidr"),
+            format!(
+                "{net} is an IPv4-mapped IPv6 prefix, which never matches: destinations \
+                 ::ffff:a.b.c.d are judged as the IPv4 address, so write it as IPv4 (e.g. {v4})"
+            ),
+        ));
+    }
+    if let Some(host) = &rule.host
+        && let Err(reason) = check_host_name(host)
+    {
+        problems.push(Problem::error(format!("{path}.host"), reason));
+    }
+}
+
+fn check_protocols(path: &str, protocols: &[Protocol], problems: &mut Vec<Problem>) {
+    if protocols.is_empty() {
+        problems.push(Problem::error(
+            path,
+            "must list at least one protocol (\"tcp\", \"udp\")",
+        ));
+    }
+    for (index, protocol) in protocols.iter().enumerate() {
+        if protocols[..index].contains(protocol) {
+            problems.push(Problem::error(
+                format!("{path}[{index}]"),
+                format!("duplicate protocol \"{}\"", protocol_name(*protocol)),
+            ));
+        }
+    }
+}
+
+fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}
+
+/// A server allowed to reach a host name resolves that name itself, through its own resolver;
+/// unless the policy also lets it reach a DNS server, the name never resolves and the rule is
+/// dead. UDP is what resolvers use first, so a TCP-only port 53 rule does not count.
+fn missing_dns_warning(server_path: &str, rules: &[EgressRule]) -> Option<Problem> {
+    let has_host_rule = rules.iter().any(|rule| rule.host.is_some());
+    let allows_dns = rules
+        .iter()
+        .any(|rule| rule.allows_port(DNS_PORT) && rule.allows_protocol(Protocol::Udp));
+    (has_host_rule && !allows_dns).then(|| {
+        Problem::warning(
+            format!("{server_path}.egress"),
+            "has `host` rules but no rule allows DNS (udp port 53): the server resolves host \
+             names itself, so declare its resolver, e.g. {\"id\": \"dns\", \"cidr\": \
+             \"127.0.0.53\", \"ports\": [53], \"protocols\": [\"udp\", \"tcp\"]}",
+        )
+    })
+}
+
+/// Server names and rule ids end up in URLs, metric labels and kernel-side rule tables, so
+/// they are kept short and plain.
+fn is_valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Checks that `host` is a name mcp-guard can resolve to addresses: a DNS name in
+/// letters-digits-hyphen form (RFC 1123), optionally with a final dot.
+fn check_host_name(host: &str) -> Result<(), String> {
+    if host.parse::<IpAddr>().is_ok() {
+        return Err(format!(
+            "\"{host}\" is an IP address: put addresses in `cidr`"
+        ));
+    }
+    if host.contains('*') {
+        return Err(format!(
+            "\"{host}\": wildcards are not supported, because mcp-guard must resolve each name \
+             to addresses; list the names one by one"
+        ));
+    }
+    if host.contains([':', '/']) {
+        return Err(format!(
+            "\"{host}\" is not a host name: give the bare name, without scheme, port or path \
+             (ports go in `ports`)"
+        ));
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!(
+            "\"{host}\" is not a valid DNS name: it must have 1-253 characters"
+        ));
+    }
+    if let Some(label) = name.split('.').find(|label| !is_valid_label(label)) {
+        return Err(format!(
+            "\"{host}\" is not a valid DNS name: label \"{label}\" must have 1-63 characters \
+             from A-Z a-z 0-9 -, and not start or end with -"
+        ));
+    }
+    // RFC 3696: an all-numeric top-level label would be taken for part of an IPv4 address.
+    if name.rsplit('.').next().is_some_and(is_all_digits) {
+        return Err(format!(
+            "\"{host}\" is not a valid DNS name: its last label is all digits"
+        ));
+    }
+    Ok(())
+}
+
+fn is_valid_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
+fn is_all_digits(label: &str) -> bool {
+    label.bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_documented_alphabet() {
+        for good in ["fetch", "a", "my-server_2.prod", &"x".repeat(64)] {
+            assert!(is_valid_name(good), "{good}");
+        }
+        for bad in ["", "has space", "slash/y", "ünïcode", &"x".repeat(65)] {
+            assert!(!is_valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ordinary_host_names_are_accepted() {
+        for host in [
+            "api.example.com",
+            "registry.npmjs.org.",
+            "localhost",
+            "xn--bcher-kva.example",
+            "a-b.c0",
+        ] {
+            assert_eq!(check_host_name(host), Ok(()), "{host}");
+        }
+    }
+
+    #[test]
+    fn malformed_host_names_are_refused_with_a_reason() {
+        let cases = [
+            ("192.0.2.1", "is an IP address"),
+            ("::1", "is an IP address"),
+            ("*.example.com", "wildcards are not supported"),
+            ("https://api.example.com", "without scheme, port or path"),
+            ("api.example.com:443", "without scheme, port or path"),
+            ("", "1-253 characters"),
+            (".", "1-253 characters"),
+            ("a..b", "label \"\""),
+            ("-a.example", "label \"-a\""),
+            ("under_score.example", "label \"under_score\""),
+            ("1.2.3", "last label is all digits"),
+        ];
+        for (host, expected) in cases {
+            let reason = check_host_name(host).unwrap_err();
+            assert!(reason.contains(expected), "{host}: {reason}");
+        }
+        let long_label = format!("{}.example", "a".repeat(64));
+        assert!(check_host_name(&long_label).is_err());
+        let long_name = vec!["a".repeat(63); 5].join(".");
+        assert!(check_host_name(&long_name).unwrap_err().contains("1-253"));
+    }
+}
