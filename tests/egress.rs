@@ -113,7 +113,7 @@ fn is_reload_outcome(line: &Value) -> bool {
     message(line) == Some("policy reloaded") || is_reload_refusal(line)
 }
 
-fn strs<'a>(v: &'a [String]) -> Vec<&'a str> {
+fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
@@ -522,7 +522,7 @@ fn policy_reload_removing_a_destination_refuses_new_connects() {
     assert!(
         !daemon.log.lines()[mark..].iter().any(is_reload_refusal),
         "a reload was refused: {}",
-        daemon.log.tail(20)
+        daemon.log.summary(10, 10)
     );
 
     let (pid, _) = running.identity();

@@ -8,7 +8,6 @@
 //! down even when the test failed. The tests need root and a kernel that loads the programs:
 //! they fail (never skip) otherwise.
 
-use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -445,10 +444,10 @@ impl Drop for TestEnv {
         if self.cgroup_root.exists() {
             remove_cgroup_tree(&self.cgroup_root);
         }
-        if self.bpffs.exists() {
-            if let Err(err) = std::fs::remove_dir_all(&self.bpffs) {
-                eprintln!("[harness] cannot remove {}: {err}", self.bpffs.display());
-            }
+        if self.bpffs.exists()
+            && let Err(err) = std::fs::remove_dir_all(&self.bpffs)
+        {
+            eprintln!("[harness] cannot remove {}: {err}", self.bpffs.display());
         }
     }
 }
@@ -651,15 +650,27 @@ impl Log {
         }
     }
 
-    /// The last `n` lines, rendered for a failure message.
-    pub fn tail(&self, n: usize) -> String {
+    /// The first and last lines (each cut to a readable length), for a failure message: a
+    /// fatal error is on the first line, even when a verifier log follows it.
+    pub fn summary(&self, head: usize, tail: usize) -> String {
         let lines = self.lines();
-        let start = lines.len().saturating_sub(n);
-        lines[start..]
-            .iter()
-            .map(|l| l.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
+        let render = |l: &Value| {
+            let text = match l.get("raw").and_then(Value::as_str) {
+                Some(raw) => raw.to_string(),
+                None => l.to_string(),
+            };
+            match text.char_indices().nth(400) {
+                Some((cut, _)) => format!("{}…", &text[..cut]),
+                None => text,
+            }
+        };
+        if lines.len() <= head + tail {
+            return lines.iter().map(render).collect::<Vec<_>>().join("\n");
+        }
+        let mut out: Vec<String> = lines[..head].iter().map(render).collect();
+        out.push(format!("[… {} lines …]", lines.len() - head - tail));
+        out.extend(lines[lines.len() - tail..].iter().map(render));
+        out.join("\n")
     }
 }
 
@@ -699,8 +710,8 @@ impl Daemon {
             None => format!("still running after {timeout:?}"),
         };
         panic!(
-            "mcp-guard never logged {what}: {state}. Its log (last 60 lines):\n{}",
-            self.log.tail(60)
+            "mcp-guard never logged {what}: {state}. Its log:\n{}",
+            self.log.summary(20, 20)
         );
     }
 
@@ -731,7 +742,7 @@ impl Daemon {
             "no egress event for {what}. Events logged ({}):\n{}\nLog tail:\n{}",
             events.len(),
             events.join("\n"),
-            self.log.tail(30)
+            self.log.summary(10, 20)
         );
     }
 
@@ -1173,9 +1184,4 @@ impl Drop for Listener {
             let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         }
     }
-}
-
-/// Distinct values, for assertions on sets of rule ids or verdicts.
-pub fn distinct<'a>(values: impl IntoIterator<Item = &'a str>) -> BTreeSet<&'a str> {
-    values.into_iter().collect()
 }

@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::logging::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(name = "mcp-guard", version, about = "Enforcement layer for the Model Context Protocol")]
+#[command(
+    name = "mcp-guard",
+    version,
+    about = "Enforcement layer for the Model Context Protocol"
+)]
 pub struct Cli {
     /// Diagnostics on stderr: human-readable text, or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]

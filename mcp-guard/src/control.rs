@@ -142,7 +142,9 @@ async fn serve_client(
     let mut opened: Vec<u64> = Vec::new();
     while let Some(line) = lines.next_line().await? {
         let response = if !permitted {
-            Response::refused("permission denied: only root or the daemon's user may connect".into())
+            Response::refused(
+                "permission denied: only root or the daemon's user may connect".into(),
+            )
         } else {
             match serde_json::from_str::<Request>(&line) {
                 Ok(Request::OpenSession { server, session }) => {

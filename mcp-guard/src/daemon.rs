@@ -161,7 +161,9 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             }
         }
     }
-    tracing::info!("stopping; kernel enforcement stays pinned (`mcp-guard egress teardown` removes it)");
+    tracing::info!(
+        "stopping; kernel enforcement stays pinned (`mcp-guard egress teardown` removes it)"
+    );
     Ok(())
 }
 
@@ -238,14 +240,23 @@ fn report_resolutions(outcomes: &[(String, Resolution)], metrics: &Metrics) {
                     .egress_dns_resolutions
                     .with_label_values(&["resolved"])
                     .inc();
-                tracing::debug!(host, addresses, ttl_seconds = ttl.as_secs(), "host resolved");
+                tracing::debug!(
+                    host,
+                    addresses,
+                    ttl_seconds = ttl.as_secs(),
+                    "host resolved"
+                );
             }
             Resolution::Failed(error) => {
                 metrics
                     .egress_dns_resolutions
                     .with_label_values(&["failed"])
                     .inc();
-                tracing::warn!(host, error, "host name in an egress rule did not resolve; its rule allows no new address");
+                tracing::warn!(
+                    host,
+                    error,
+                    "host name in an egress rule did not resolve; its rule allows no new address"
+                );
             }
         }
     }

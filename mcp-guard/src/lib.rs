@@ -10,3 +10,36 @@ pub mod egress;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+
+/// One line for an error and its sources, skipping a source whose text the line already holds
+/// (many errors embed their source in their own message).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("opening x: {source}")]
+    struct Embeds {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn error_chain_does_not_repeat_embedded_sources() {
+        let error = Embeds {
+            source: std::io::Error::other("gone"),
+        };
+        assert_eq!(super::error_chain(&error), "opening x: gone");
+    }
+}

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("mcp-guard: {error:#}");
+            eprintln!("mcp-guard: {}", mcp_guard::error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -118,8 +118,7 @@ fn check_policy(file: &Path) -> ExitCode {
 /// Runs a command as a confined session of a server, with the daemon's help.
 async fn exec(args: ExecArgs) -> Result<ExitCode> {
     let (session, _keep_session_open) =
-        control::open_session(&args.control_socket, &args.server, args.session.as_deref())
-            .await?;
+        control::open_session(&args.control_socket, &args.server, args.session.as_deref()).await?;
     let cgroup = session
         .cgroup
         .context("the daemon answered without a cgroup path")?;
@@ -127,7 +126,10 @@ async fn exec(args: ExecArgs) -> Result<ExitCode> {
     command
         .args(&args.command[1..])
         .env("MCP_GUARD_SERVER", &args.server)
-        .env("MCP_GUARD_SESSION", session.session.as_deref().unwrap_or(""));
+        .env(
+            "MCP_GUARD_SESSION",
+            session.session.as_deref().unwrap_or(""),
+        );
     spawn::place_in_cgroup(&mut command, &cgroup)
         .with_context(|| format!("opening {}", cgroup.display()))?;
     let program = args.command[0].clone();

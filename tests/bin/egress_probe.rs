@@ -256,10 +256,10 @@ fn cgroup2_mount() -> Result<String, String> {
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
         };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mountpoint) = left.split_whitespace().nth(4) {
-                return Ok(unescape_mountinfo(mountpoint));
-            }
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mountpoint) = left.split_whitespace().nth(4)
+        {
+            return Ok(unescape_mountinfo(mountpoint));
         }
     }
     Err("no cgroup2 mount in /proc/self/mountinfo".into())

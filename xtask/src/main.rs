@@ -20,6 +20,7 @@ const HOST_PACKAGES: [&str; 3] = ["--workspace", "--exclude", EBPF_PACKAGE];
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
+    bin_name = "cargo xtask",
     about = "Build, run, test and benchmark mcp-guard"
 )]
 struct Cli {

@@ -185,7 +185,10 @@ mod tests {
             cgroup2_mount_in(unified),
             Some(PathBuf::from("/sys/fs/cgroup"))
         );
-        assert_eq!(cgroup2_mount_in("22 1 0:20 / /proc rw - proc proc rw\n"), None);
+        assert_eq!(
+            cgroup2_mount_in("22 1 0:20 / /proc rw - proc proc rw\n"),
+            None
+        );
     }
 
     #[test]

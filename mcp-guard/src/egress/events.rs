@@ -113,8 +113,9 @@ impl EventReader {
         } = self;
         // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, while the
         // AsyncFd owns the ring buffer.
-        let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?;
         let mut batch = Vec::with_capacity(256);
         loop {
             let mut ready = ring.readable_mut().await?;
@@ -149,7 +150,11 @@ fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<EgressEvent>) {
 }
 
 /// Attributes one raw event using the owners and rule names known now.
-pub fn attribute(raw: &EgressEvent, directory: &Directory, clock: &MonotonicClock) -> EgressAttempt {
+pub fn attribute(
+    raw: &EgressEvent,
+    directory: &Directory,
+    clock: &MonotonicClock,
+) -> EgressAttempt {
     let owner = directory.owners.get(&raw.guarded_cgroup_id);
     let rule = if raw.verdict == VERDICT_ALLOW || raw.rule_id != RULE_DEFAULT_DENY {
         directory

@@ -38,9 +38,7 @@ pub fn server_egress(policy: &Policy, resolver: &HostResolver) -> BTreeMap<Strin
                 wanted
                     .rule_names
                     .insert(rule_id, format!("{name}/egress/{}", rule.id));
-                wanted
-                    .entries
-                    .extend(entries_for(rule, rule_id, resolver));
+                wanted.entries.extend(entries_for(rule, rule_id, resolver));
             }
             (name.clone(), wanted)
         })

@@ -42,25 +42,16 @@ pub enum KernelError {
     )]
     Load(String),
     #[error("eBPF program {program}: {message}")]
-    Program { program: &'static str, message: String },
+    Program {
+        program: &'static str,
+        message: String,
+    },
     #[error("eBPF map {map}: {message}")]
     Map { map: &'static str, message: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
-}
-
-/// Renders an error with its sources: aya's top-level messages alone ("map error") say little.
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> KernelError + '_ {
@@ -140,7 +131,7 @@ impl KernelPrograms {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps_dir())
             .load(kernel_object())
-            .map_err(|e| KernelError::Load(chain(&e)))?;
+            .map_err(|e| KernelError::Load(crate::error_chain(&e)))?;
         let guarded = HashMap::try_from(take_map(&mut ebpf, names::GUARDED_CGROUPS)?)
             .map_err(map_error(names::GUARDED_CGROUPS))?;
         let allow = LpmTrie::try_from(take_map(&mut ebpf, names::ALLOW_LIST)?)
@@ -181,7 +172,11 @@ impl KernelPrograms {
         self.load_programs()?;
         let previous = self.pinned_program_tags(cgroup_id);
         let ours = self.program_tags()?;
-        if previous.iter().zip(&ours).all(|(old, new)| *old == Some(*new)) {
+        if previous
+            .iter()
+            .zip(&ours)
+            .all(|(old, new)| *old == Some(*new))
+        {
             return Ok(Attachment::Reused);
         }
         let had_previous = previous.iter().any(Option::is_some);
@@ -232,7 +227,8 @@ impl KernelPrograms {
         names::PROGRAMS
             .iter()
             .map(|name| {
-                let link = FdLink::from(PinnedLink::from_pin(self.pins.link(name, cgroup_id)).ok()?);
+                let link =
+                    FdLink::from(PinnedLink::from_pin(self.pins.link(name, cgroup_id)).ok()?);
                 let program_id = link.info().ok()?.program_id();
                 loaded_programs()
                     .filter_map(Result::ok)
@@ -242,16 +238,21 @@ impl KernelPrograms {
             .collect()
     }
 
-    /// Attaches alongside whatever is there (multi mode: every attached program must allow),
-    /// pins, then drops the old links, so there is no instant without enforcement.
+    /// Attaches alongside whatever is there, pins, then drops the old links, so there is no
+    /// instant without enforcement. Link-based cgroup attachments always coexist (every
+    /// attached program must allow); the kernel refuses any mode flag on them, hence `Single`.
     fn attach_and_pin(&mut self, cgroup_path: &Path, cgroup_id: u64) -> Result<(), KernelError> {
         for name in names::PROGRAMS {
             let cgroup_dir = File::open(cgroup_path).map_err(io_error(cgroup_path))?;
             let final_pin = self.pins.link(name, cgroup_id);
-            let staged_pin = final_pin.with_extension("new");
+            // bpffs refuses names with a dot.
+            let staged_pin = self
+                .pins
+                .links_dir()
+                .join(format!("staged-{name}@{cgroup_id}"));
             let program = self.program_mut(name)?;
             let link_id = program
-                .attach(cgroup_dir, CgroupAttachMode::AllowMultiple)
+                .attach(cgroup_dir, CgroupAttachMode::Single)
                 .map_err(|e| program_error(name, &e))?;
             let link = program
                 .take_link(link_id)
@@ -304,14 +305,14 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Kerne
 fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> KernelError {
     move |e| KernelError::Map {
         map,
-        message: chain(&e),
+        message: crate::error_chain(&e),
     }
 }
 
-fn program_error(program: &'static str, err: &dyn std::error::Error) -> KernelError {
+fn program_error(program: &'static str, err: &(dyn std::error::Error + 'static)) -> KernelError {
     KernelError::Program {
         program,
-        message: chain(err),
+        message: crate::error_chain(err),
     }
 }
 
@@ -431,9 +432,8 @@ pub fn pinned_state(pins: &PinLayout) -> Result<PinnedState, KernelError> {
             lost_events: 0,
         });
     }
-    let open = |name: &'static str| {
-        MapData::from_pin(pins.maps_dir().join(name)).map_err(map_error(name))
-    };
+    let open =
+        |name: &'static str| MapData::from_pin(pins.maps_dir().join(name)).map_err(map_error(name));
     let guarded: HashMap<MapData, u64, GuardEntry> =
         HashMap::try_from(aya::maps::Map::HashMap(open(names::GUARDED_CGROUPS)?))
             .map_err(map_error(names::GUARDED_CGROUPS))?;

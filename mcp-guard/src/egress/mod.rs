@@ -194,7 +194,7 @@ impl Egress {
             self.kernel
                 .allow
                 .insert(key, value, 0)
-                .map_err(|e| EgressError::MapUpdate(kernel::chain(&e)))?;
+                .map_err(|e| EgressError::MapUpdate(crate::error_chain(&e)))?;
         }
         self.directory.write().expect("directory lock").rules = rule_names;
         self.policy_ids = new_ids;
@@ -273,13 +273,13 @@ impl Egress {
         self.kernel
             .guarded
             .insert(cgroup_id, entry, 0)
-            .map_err(|e| EgressError::MapUpdate(kernel::chain(&e)))
+            .map_err(|e| EgressError::MapUpdate(crate::error_chain(&e)))
     }
 
     fn unguard(&mut self, cgroup_id: u64) -> Result<(), EgressError> {
         match self.kernel.guarded.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(EgressError::MapUpdate(kernel::chain(&e))),
+            Err(e) => Err(EgressError::MapUpdate(crate::error_chain(&e))),
         }
     }
 
@@ -295,7 +295,7 @@ impl Egress {
         for key in stale {
             match self.kernel.allow.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(EgressError::MapUpdate(kernel::chain(&e))),
+                Err(e) => return Err(EgressError::MapUpdate(crate::error_chain(&e))),
             }
         }
         Ok(())

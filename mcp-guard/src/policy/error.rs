@@ -11,6 +11,7 @@ pub enum PolicyError {
     /// The policy file could not be read.
     #[error("{}: cannot read policy: {source}", path.display())]
     Io {
+        /// The file that was to be read.
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -22,11 +23,14 @@ pub enum PolicyError {
     Parse {
         /// Where the text came from (a file path, or a label such as `<stdin>`).
         path: PathBuf,
+        /// 1-based line of the fault in the text.
         line: usize,
+        /// 1-based column of the fault in the text.
         column: usize,
         /// JSON path of the field at fault, e.g. `servers.fetch.egress[1].ports[0]`; empty when
         /// the fault is in the top-level object or the text is not JSON at all.
         json_path: String,
+        /// What is wrong, without the position (which is in the fields above).
         message: String,
     },
 
@@ -34,6 +38,7 @@ pub enum PolicyError {
     /// warnings included, so a `policy check` can show them all at once.
     #[error("{}: invalid policy: {}", path.display(), join_errors(problems))]
     Invalid {
+        /// Where the text came from, as for [`PolicyError::Parse`].
         path: PathBuf,
         problems: Vec<Problem>,
     },
@@ -71,6 +76,7 @@ pub enum Severity {
 pub struct Problem {
     /// JSON path such as `servers.fetch.egress[2].id`; empty for the policy as a whole.
     pub path: String,
+    /// What is wrong and, where it helps, how to fix it.
     pub message: String,
     pub severity: Severity,
 }
