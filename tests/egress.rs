@@ -416,19 +416,28 @@ fn events_carry_cgroup_id_tgid_and_verdicts() {
         ),
     ];
 
-    let attempts: Vec<String> = expected.iter().map(|e| e.attempt.clone()).collect();
-    let run = env.exec_probe(SERVER, Some(session), &strs(&attempts));
-    run.assert_success();
-    assert_guarded(&env, &run.lines[0]);
-    let want_results: Vec<(&str, &str)> = expected
-        .iter()
-        .map(|e| {
-            let result = if e.verdict == "allow" { "ok" } else { "EPERM" };
-            (e.attempt.as_str(), result)
-        })
-        .collect();
-    run.assert_results(&want_results);
-    let (pid, cgroup_id) = run.identity();
+    // The probe stays alive while its events are checked: attribution of a process that has
+    // already exited is the next test's subject.
+    let mut probe = env.interactive_probe(SERVER, Some(session));
+    assert_guarded(&env, &probe.ready);
+    let (pid, cgroup_id) = probe.identity();
+    let mut wrong_results = Vec::new();
+    for want in &expected {
+        let line = probe.attempt(&want.attempt);
+        let result = if want.verdict == "allow" {
+            "ok"
+        } else {
+            "EPERM"
+        };
+        if line["result"] != result {
+            wrong_results.push(format!("  {}: expected {result}, got {line}", want.attempt));
+        }
+    }
+    assert!(
+        wrong_results.is_empty(),
+        "unexpected results:\n{}",
+        wrong_results.join("\n")
+    );
 
     let mut wrong = Vec::new();
     for want in &expected {
@@ -488,6 +497,71 @@ fn events_carry_cgroup_id_tgid_and_verdicts() {
         "egress events with wrong fields:\n{}",
         wrong.join("\n")
     );
+}
+
+/// The events of a process that exits (and whose session therefore ends) right after its
+/// attempts are still attributed to its server and session: the daemon reads the ring buffer
+/// asynchronously, so it must not forget a session's owner before its events are read.
+#[test]
+fn events_of_an_exited_process_keep_their_server_and_session() {
+    let world = World::new();
+    let (env, daemon) = start("exited", &world);
+    let session = "sess-exited";
+    const ROUNDS: usize = 20;
+    let declared = tcp(world.tcp4.addr);
+    let undeclared = tcp(world.undeclared_tcp4.addr);
+    let mut attempts = Vec::new();
+    for _ in 0..ROUNDS {
+        attempts.push(declared.clone());
+        attempts.push(undeclared.clone());
+    }
+    let run = env.exec_probe(SERVER, Some(session), &strs(&attempts));
+    run.assert_success();
+    let (pid, cgroup_id) = run.identity();
+    assert_eq!(run.lines.len(), attempts.len(), "one line per attempt");
+
+    // Every attempt is reported; wait for the last one, then look at them all.
+    daemon
+        .log
+        .wait_for_since(0, TIMEOUT, |_| {
+            daemon
+                .egress_events()
+                .iter()
+                .filter(|e| as_u64(field(e, "tgid")) == Some(pid))
+                .count()
+                >= attempts.len()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "fewer than {} egress events for pid {pid}: {:#?}",
+                attempts.len(),
+                daemon.egress_events()
+            )
+        });
+    let events: Vec<Value> = daemon
+        .egress_events()
+        .into_iter()
+        .filter(|e| as_u64(field(e, "tgid")) == Some(pid))
+        .collect();
+    let unattributed: Vec<String> = events
+        .iter()
+        .filter(|e| field(e, "server") != SERVER || field(e, "session") != session)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        unattributed.is_empty(),
+        "{} of {} events of the exited probe lost their server/session:\n{}",
+        unattributed.len(),
+        events.len(),
+        unattributed.join("\n")
+    );
+    for event in &events {
+        assert_eq!(
+            as_u64(field(event, "cgroup_id")),
+            Some(cgroup_id),
+            "{event}"
+        );
+    }
 }
 
 /// (e) A policy reload that removes a destination takes effect for new connects: from a process

@@ -29,6 +29,9 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
 /// LPM tries must be created without preallocation.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -218,7 +221,18 @@ fn report(
         _pad: [0; 2],
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
-    slot.submit(0);
+    slot.submit(wakeup_flag());
+}
+
+/// Waking the reader for every event costs the connecting process several microseconds, so
+/// events are submitted silently and the reader drains on a short timer; it is woken early
+/// only when the ring is a quarter full.
+fn wakeup_flag() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= (EVENTS_BYTES / 4) as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 fn count_lost_event() {

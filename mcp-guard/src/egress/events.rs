@@ -16,6 +16,9 @@ use tokio::sync::mpsc;
 
 use super::{Directory, SharedDirectory};
 
+/// How long an event may wait in the ring before the reader collects it.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
@@ -102,8 +105,9 @@ impl EventReader {
         }
     }
 
-    /// Reads until the receiver is gone. Waits on the ring buffer's epoll readiness; when the
-    /// channel is full it waits too, and the kernel counts what the ring then cannot hold
+    /// Reads until the receiver is gone. The kernel submits events without waking us (see the
+    /// kernel's `wakeup_flag`), so the ring is drained every `DRAIN_INTERVAL`, and at once
+    /// when the kernel wakes us because it is filling up. When the channel is full it waits, and the kernel counts what the ring then cannot hold
     /// (never a silent drop here).
     pub async fn run(self, events: mpsc::Sender<EgressAttempt>) -> std::io::Result<()> {
         let EventReader {
@@ -117,12 +121,21 @@ impl EventReader {
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| e.into_parts().1)?;
         let mut batch = Vec::with_capacity(256);
+        let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut ready = ring.readable_mut().await?;
-            // Cleared before draining, so an event landing during the drain re-arms readiness.
-            ready.clear_ready();
-            drain(ready.get_inner_mut(), &mut batch);
-            drop(ready);
+            tokio::select! {
+                ready = ring.readable_mut() => {
+                    let mut ready = ready?;
+                    // Cleared before draining, so an event landing during the drain re-arms it.
+                    ready.clear_ready();
+                    drain(ready.get_inner_mut(), &mut batch);
+                }
+                _ = tick.tick() => drain(ring.get_mut(), &mut batch),
+            }
+            if batch.is_empty() {
+                continue;
+            }
             let attempts: Vec<EgressAttempt> = {
                 let directory = directory.read().expect("directory lock");
                 batch
