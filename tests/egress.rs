@@ -519,25 +519,27 @@ fn events_of_an_exited_process_keep_their_server_and_session() {
     run.assert_success();
     let (pid, cgroup_id) = run.identity();
     assert_eq!(run.lines.len(), attempts.len(), "one line per attempt");
+    for line in &run.lines {
+        let want = if line["attempt"] == declared.as_str() {
+            "ok"
+        } else {
+            "EPERM"
+        };
+        assert_eq!(line["result"], want, "{line}");
+    }
 
-    // Every attempt is reported; wait for the last one, then look at them all.
-    daemon
-        .log
-        .wait_for_since(0, TIMEOUT, |_| {
-            daemon
-                .egress_events()
-                .iter()
-                .filter(|e| as_u64(field(e, "tgid")) == Some(pid))
-                .count()
-                >= attempts.len()
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "fewer than {} egress events for pid {pid}: {:#?}",
-                attempts.len(),
-                daemon.egress_events()
-            )
-        });
+    // Every attempt is reported; wait for all of them, then look at them.
+    let of_probe =
+        |e: &Value| message(e) == Some("egress") && as_u64(field(e, "tgid")) == Some(pid);
+    let all_in = daemon.log.wait_until(TIMEOUT, |lines| {
+        lines.iter().filter(|e| of_probe(e)).count() >= attempts.len()
+    });
+    assert!(
+        all_in,
+        "fewer than {} egress events for pid {pid}: {:#?}",
+        attempts.len(),
+        daemon.egress_events()
+    );
     let events: Vec<Value> = daemon
         .egress_events()
         .into_iter()

@@ -650,6 +650,24 @@ impl Log {
         }
     }
 
+    /// Waits until `pred` holds for all the lines so far (e.g. "N events arrived"); false if
+    /// the timeout passes or the daemon's stderr closes first.
+    pub fn wait_until(&self, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lock, cvar) = &*self.state;
+        let mut state = lock.lock().unwrap();
+        loop {
+            if pred(&state.lines) {
+                return true;
+            }
+            let now = Instant::now();
+            if state.closed || now >= deadline {
+                return false;
+            }
+            state = cvar.wait_timeout(state, deadline - now).unwrap().0;
+        }
+    }
+
     /// The first and last lines (each cut to a readable length), for a failure message: a
     /// fatal error is on the first line, even when a verifier log follows it.
     pub fn summary(&self, head: usize, tail: usize) -> String {

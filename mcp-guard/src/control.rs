@@ -170,7 +170,7 @@ async fn serve_client(
     // The client is gone: its sessions end once their processes have.
     let mut egress = egress.lock().await;
     for cgroup_id in opened {
-        if let Err(e) = egress.close_session(cgroup_id) {
+        if let Err(e) = egress.release_session(cgroup_id) {
             tracing::warn!(cgroup_id, error = %e, "closing session cgroup");
         }
     }

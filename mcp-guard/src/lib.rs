@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod egress;
 pub mod logging;
+pub mod mcp;
 pub mod metrics;
 pub mod policy;
 

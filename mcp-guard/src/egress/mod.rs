@@ -21,6 +21,7 @@ pub mod spawn;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use mcp_guard_common::GuardEntry;
 
@@ -129,7 +130,15 @@ pub struct Egress {
     next_policy_id: u32,
     next_rule_id: u32,
     next_session: u64,
+    /// Session cgroups whose opener (a control connection) is still there: never swept, even
+    /// while empty, since the opener may not have started its process yet.
+    held: HashSet<u64>,
+    /// Owners of removed cgroups, kept a while so events still in the ring are attributed.
+    retired: Vec<(u64, Instant)>,
 }
+
+/// How long the owner of a removed cgroup stays known to the event reader.
+const RETIRED_OWNER_TTL: Duration = Duration::from_secs(30);
 
 impl Egress {
     /// Loads (or re-uses) the kernel programs and maps, attaches them at the cgroup root, and
@@ -148,6 +157,8 @@ impl Egress {
             next_policy_id: max_policy_id + 1,
             next_rule_id: max_rule_id + 1,
             next_session: 0,
+            held: HashSet::new(),
+            retired: Vec::new(),
         };
         egress.take_over_session_cgroups()?;
         Ok((egress, attachment))
@@ -260,7 +271,9 @@ impl Egress {
                 .collect()
         };
         for (cgroup_id, server) in owners {
-            self.guard(cgroup_id, self.policy_id_of(&server))?;
+            if !self.retired.iter().any(|(id, _)| *id == cgroup_id) {
+                self.guard(cgroup_id, self.policy_id_of(&server))?;
+            }
         }
         Ok(())
     }
@@ -357,6 +370,7 @@ impl Egress {
         // Registered before anyone can be placed in it: the first connect is already judged.
         self.record_owner(cgroup_id, server, Some(&session), path.clone());
         self.guard(cgroup_id, policy_id)?;
+        self.held.insert(cgroup_id);
         Ok(SessionCgroup {
             server: server.to_owned(),
             session,
@@ -370,29 +384,44 @@ impl Egress {
         format!("s{}-{}", std::process::id(), self.next_session)
     }
 
+    /// The opener of a session is gone: the session ends now if its processes have, else at a
+    /// later sweep once they have.
+    pub fn release_session(&mut self, cgroup_id: u64) -> Result<bool, EgressError> {
+        self.held.remove(&cgroup_id);
+        self.close_session(cgroup_id)
+    }
+
     /// Ends a session whose processes are gone: removes its cgroup and its guard entry. A
     /// cgroup that still holds processes stays guarded and is left for a later sweep.
-    pub fn close_session(&mut self, cgroup_id: u64) -> Result<bool, EgressError> {
+    fn close_session(&mut self, cgroup_id: u64) -> Result<bool, EgressError> {
         let Some(owner) = self.owner(cgroup_id) else {
             return Ok(true);
         };
+        if self.retired.iter().any(|(id, _)| *id == cgroup_id) {
+            return Ok(true);
+        }
         if owner.session.is_none() || cgroup::is_populated(&owner.path)? {
             return Ok(false);
         }
         cgroup::remove_empty_tree(&owner.path)?;
         self.unguard(cgroup_id)?;
-        self.forget_owner(cgroup_id);
+        self.retired.push((cgroup_id, Instant::now()));
         Ok(true)
     }
 
-    /// Closes every session cgroup that no longer holds a process.
+    /// Closes every session cgroup that no longer holds a process and whose opener is gone,
+    /// and forgets owners retired long enough ago.
     pub fn sweep_empty_sessions(&mut self) -> Result<usize, EgressError> {
+        self.forget_retired_owners(Instant::now());
+        let retired: HashSet<u64> = self.retired.iter().map(|(id, _)| *id).collect();
         let sessions: Vec<u64> = {
             let directory = self.directory.read().expect("directory lock");
             directory
                 .owners
                 .iter()
-                .filter(|(_, o)| o.session.is_some())
+                .filter(|(id, o)| {
+                    o.session.is_some() && !self.held.contains(id) && !retired.contains(id)
+                })
                 .map(|(id, _)| *id)
                 .collect()
         };
@@ -403,6 +432,17 @@ impl Egress {
             }
         }
         Ok(closed)
+    }
+
+    fn forget_retired_owners(&mut self, now: Instant) {
+        let (expired, kept): (Vec<_>, Vec<_>) = self
+            .retired
+            .drain(..)
+            .partition(|(_, at)| now.duration_since(*at) >= RETIRED_OWNER_TTL);
+        self.retired = kept;
+        for (cgroup_id, _) in expired {
+            self.forget_owner(cgroup_id);
+        }
     }
 
     fn owner(&self, cgroup_id: u64) -> Option<CgroupOwner> {
