@@ -313,6 +313,19 @@ impl TestEnv {
 
     /// Starts `mcp-guard run` without waiting for anything.
     pub fn spawn_daemon(&self) -> Daemon {
+        self.spawn_daemon_with(&[])
+    }
+
+    /// Like [`TestEnv::start_daemon`], with `extra` appended to the `mcp-guard run` command
+    /// line (e.g. `--metrics-listen ADDR`, `--no-egress`).
+    pub fn start_daemon_with(&self, extra: &[&str]) -> Daemon {
+        let daemon = self.spawn_daemon_with(extra);
+        daemon.wait_for_message("ready", TIMEOUT);
+        daemon
+    }
+
+    /// Like [`TestEnv::spawn_daemon`], with `extra` appended to the `mcp-guard run` command line.
+    pub fn spawn_daemon_with(&self, extra: &[&str]) -> Daemon {
         assert!(
             self.policy_path.exists(),
             "write_policy before starting the daemon"
@@ -328,6 +341,7 @@ impl TestEnv {
             .arg(&self.cgroup_root)
             .arg("--control-socket")
             .arg(&self.control_socket)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -410,6 +424,36 @@ impl TestEnv {
         run_to_completion(cmd, &format!("egress-probe {probe_args:?}"))
     }
 
+    /// Starts `egress-probe --interactive` directly (no `mcp-guard egress exec`) inside the
+    /// existing cgroup `cgroup`: the child moves itself there between fork and exec, so even
+    /// its ready line is written from that cgroup. For cgroups mcp-guard adopts.
+    pub fn interactive_probe_in_cgroup(&self, cgroup: &Path) -> InteractiveProbe {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        use std::os::unix::process::CommandExt;
+        let procs: OwnedFd = std::fs::OpenOptions::new()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))
+            .unwrap_or_else(|err| panic!("open {}/cgroup.procs: {err}", cgroup.display()))
+            .into();
+        let mut cmd = Command::new(&self.probe);
+        cmd.arg("--interactive")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure only calls write(2) on an fd opened above (async-signal-safe).
+        unsafe {
+            cmd.pre_exec(move || {
+                let written = libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1);
+                if written == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        InteractiveProbe::spawn(cmd)
+    }
+
     /// Starts `mcp-guard egress exec ... -- egress-probe --interactive` and waits for its
     /// "ready" line (so the probe is running inside its guarded cgroup).
     pub fn interactive_probe(&self, server: &str, session: Option<&str>) -> InteractiveProbe {
@@ -448,6 +492,49 @@ impl Drop for TestEnv {
             && let Err(err) = std::fs::remove_dir_all(&self.bpffs)
         {
             eprintln!("[harness] cannot remove {}: {err}", self.bpffs.display());
+        }
+    }
+}
+
+/// A cgroup outside any test's cgroup root (`<cgroup2 mount>/mcp-guard-test-foreign-<tag>-<pid>-<n>`),
+/// standing for a service's cgroup that mcp-guard adopts. `Drop` kills what runs in it and
+/// removes it; a killed test run's leftovers are removed by the next run's `prepare_host`.
+pub struct ForeignCgroup {
+    pub path: PathBuf,
+}
+
+impl ForeignCgroup {
+    pub fn new(tag: &str) -> ForeignCgroup {
+        require_root();
+        prepare_host();
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path =
+            cgroup2_mount().join(format!("{PREFIX}foreign-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|err| panic!("create cgroup {}: {err}", path.display()));
+        ForeignCgroup { path }
+    }
+
+    /// The cgroup id the kernel reports for processes in it: its directory's inode number.
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path)
+            .unwrap_or_else(|err| panic!("stat {}: {err}", self.path.display()))
+            .ino()
+    }
+
+    /// The pids in the cgroup right now.
+    pub fn pids(&self) -> Vec<i32> {
+        read_pids(&self.path.join("cgroup.procs"))
+    }
+}
+
+impl Drop for ForeignCgroup {
+    fn drop(&mut self) {
+        if self.path.exists() {
+            kill_cgroup_tree(&self.path);
+            remove_cgroup_tree(&self.path);
         }
     }
 }
@@ -924,6 +1011,69 @@ fn run_to_completion(mut cmd: Command, what: &str) -> ProbeRun {
         lines: parse_lines(&stdout),
         stdout,
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Runs any command to completion (stdout and stderr captured, killed after [`TIMEOUT`]);
+/// `lines` holds whatever of its stdout parses as JSON lines.
+pub fn run_command(mut cmd: Command, what: &str) -> ProbeRun {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    run_to_completion(cmd, what)
+}
+
+/// A loopback TCP port that was free a moment ago (for a daemon to bind).
+pub fn free_loopback_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral loopback port")
+        .port()
+}
+
+/// `GET path` over plain HTTP/1.1 (`Connection: close`): the status code and the body
+/// (de-chunked if the server chunked it).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let bad = |what: &str| std::io::Error::other(format!("{what} in HTTP response: {text:?}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if !chunked {
+        return Ok((status, body.to_string()));
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest.split_once("\r\n").ok_or_else(|| bad("bad chunk"))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad("bad chunk size"))?;
+        if size == 0 {
+            return Ok((status, out));
+        }
+        let chunk = after.get(..size).ok_or_else(|| bad("short chunk"))?;
+        out.push_str(chunk);
+        rest = after[size..]
+            .strip_prefix("\r\n")
+            .ok_or_else(|| bad("chunk end"))?;
     }
 }
 

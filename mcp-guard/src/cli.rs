@@ -31,6 +31,26 @@ pub enum Command {
     /// Validate the policy file and print its JSON Schema.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Stand in for a stdio MCP server: an agent launches this instead of the server, and
+    /// every message goes through the policy. The server process is placed in a guarded cgroup
+    /// by the running daemon when there is one.
+    Stdio(StdioArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StdioArgs {
+    /// The server, as named in the policy (its `command` is what gets started).
+    #[arg(long)]
+    pub server: String,
+    /// The policy file.
+    #[arg(long, default_value = "/etc/mcp-guard/policy.json")]
+    pub policy: PathBuf,
+    /// The principal to act as (default: the server's `principal` in the policy).
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// The running daemon's control socket (default: the policy's `daemon.control_socket`).
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +66,9 @@ pub struct RunArgs {
     /// Serve Prometheus metrics here (overrides the policy's daemon.metrics_listen).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the MCP Streamable HTTP front here (overrides the policy's daemon.listen).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// Paths that override the policy's `daemon` section.

@@ -17,7 +17,9 @@ use crate::egress::{
     Attachment, Egress, EgressAttempt, EgressError, EgressLayout, ServerEgress, from_policy,
 };
 use crate::metrics::{self, Metrics};
-use crate::policy::{DaemonSettings, LoadedPolicy, Policy, PolicyError};
+use crate::policy::{CompiledPolicy, DaemonSettings, LoadedPolicy, Policy, PolicyError};
+use crate::proxy::{Placement, Proxy};
+use crate::transport::http;
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -40,6 +42,11 @@ pub enum DaemonError {
     },
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("MCP listener {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Command-line settings that override the policy's `daemon` section.
@@ -49,6 +56,7 @@ pub struct Overrides {
     pub cgroup_root: Option<PathBuf>,
     pub control_socket: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
+    pub listen: Option<SocketAddr>,
 }
 
 impl Overrides {
@@ -64,6 +72,9 @@ impl Overrides {
         }
         if let Some(addr) = self.metrics_listen {
             settings.metrics_listen = Some(addr);
+        }
+        if let Some(addr) = self.listen {
+            settings.listen = Some(addr);
         }
     }
 }
@@ -97,6 +108,25 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         Some(start_enforcement(&loaded.policy, &settings, &metrics).await?)
     };
 
+    let compiled = CompiledPolicy::compile(&loaded.policy)?;
+    let placement = match &enforcement {
+        Some(enforcement) => Placement::Local(enforcement.egress.clone()),
+        None => Placement::Unconfined,
+    };
+    let proxy = Proxy::new(loaded.policy.clone(), compiled, placement, metrics.clone());
+    if let Some(addr) = settings.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Listen { addr, source })?;
+        let front = http::Front {
+            proxy: proxy.clone(),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, front).await {
+                tracing::error!(error = %e, "MCP listener stopped");
+            }
+        });
+    }
     if let Some(enforcement) = &enforcement {
         let listener = control::bind(&settings.control_socket)?;
         tokio::spawn(control::serve(
@@ -123,7 +153,8 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         servers = loaded.policy.servers.len(),
         egress = enforcement.is_some(),
         control_socket = %settings.control_socket.display(),
-        metrics_listen = ?settings.metrics_listen,
+        listen = %display_addr(settings.listen),
+        metrics_listen = %display_addr(settings.metrics_listen),
         "ready"
     );
 
@@ -131,7 +162,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         let dns_due = dns_refresh_due(enforcement.as_ref());
         tokio::select! {
             _ = hangup.recv() => {
-                reload(&options.policy_path, enforcement.as_mut(), &metrics).await;
+                reload(&options.policy_path, enforcement.as_mut(), &proxy, &metrics).await;
                 policy_stamp = file_stamp(&options.policy_path);
             }
             _ = terminate.recv() => break,
@@ -141,7 +172,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
                 if stamp != policy_stamp {
                     policy_stamp = stamp;
                     tracing::info!("policy file changed");
-                    reload(&options.policy_path, enforcement.as_mut(), &metrics).await;
+                    reload(&options.policy_path, enforcement.as_mut(), &proxy, &metrics).await;
                 }
                 if let Some(enforcement) = &enforcement {
                     export_kernel_gauges(&enforcement.egress, &metrics).await;
@@ -263,8 +294,13 @@ fn report_resolutions(outcomes: &[(String, Resolution)], metrics: &Metrics) {
 }
 
 /// Applies a changed policy file, or keeps the running one and says why not.
-async fn reload(path: &Path, enforcement: Option<&mut Enforcement>, metrics: &Metrics) {
-    match try_reload(path, enforcement, metrics).await {
+async fn reload(
+    path: &Path,
+    enforcement: Option<&mut Enforcement>,
+    proxy: &Proxy,
+    metrics: &Metrics,
+) {
+    match try_reload(path, enforcement, proxy, metrics).await {
         Ok(()) => {
             metrics.policy_reloads.with_label_values(&["applied"]).inc();
             tracing::info!(policy = %path.display(), "policy reloaded");
@@ -279,14 +315,17 @@ async fn reload(path: &Path, enforcement: Option<&mut Enforcement>, metrics: &Me
 async fn try_reload(
     path: &Path,
     enforcement: Option<&mut Enforcement>,
+    proxy: &Proxy,
     metrics: &Metrics,
 ) -> Result<(), DaemonError> {
     let loaded = load_policy(path)?;
+    let compiled = CompiledPolicy::compile(&loaded.policy)?;
     if let Some(enforcement) = enforcement {
         let wanted = resolve_and_compile(&loaded.policy, &mut enforcement.resolver, metrics).await;
         enforcement.egress.lock().await.apply(&wanted)?;
-        enforcement.policy = loaded.policy;
+        enforcement.policy = loaded.policy.clone();
     }
+    proxy.replace_policy(loaded.policy, compiled).await;
     Ok(())
 }
 
@@ -363,6 +402,10 @@ async fn record_egress_events(mut events: mpsc::Receiver<EgressAttempt>, metrics
             "egress"
         );
     }
+}
+
+fn display_addr(addr: Option<SocketAddr>) -> String {
+    addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into())
 }
 
 /// Identity of a file's current content, to notice edits without inotify.

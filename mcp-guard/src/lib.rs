@@ -1,8 +1,10 @@
 //! mcp-guard: the enforcement layer for the Model Context Protocol.
 //!
-//! The modules follow the pipeline: `policy` (what is allowed), `egress` (kernel confinement of
-//! the MCP server processes), `control` (the local socket other fronts use to place their
-//! children), `metrics`, and `daemon` (wiring, signals, reload).
+//! The modules follow the pipeline: `transport` (the HTTP and stdio fronts agents talk to),
+//! `mcp` (JSON-RPC and protocol revisions), `policy` (what is allowed), `proxy` (the
+//! per-message pipeline), `upstream` (the real servers), `egress` (kernel confinement of the
+//! server processes), `control` (the local socket other fronts use to place their children),
+//! `metrics`, and `daemon` (wiring, signals, reload).
 pub mod cli;
 pub mod control;
 pub mod daemon;
@@ -11,6 +13,9 @@ pub mod logging;
 pub mod mcp;
 pub mod metrics;
 pub mod policy;
+pub mod proxy;
+pub mod transport;
+pub mod upstream;
 
 /// One line for an error and its sources, skipping a source whose text the line already holds
 /// (many errors embed their source in their own message).

@@ -6,10 +6,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use mcp_guard::cli::{Cli, Command, EgressCommand, ExecArgs, PathArgs, PinArgs, PolicyCommand};
+use mcp_guard::cli::{
+    Cli, Command, EgressCommand, ExecArgs, PathArgs, PinArgs, PolicyCommand, StdioArgs,
+};
+use mcp_guard::metrics::Metrics;
+use mcp_guard::proxy::{Caller, Placement, Proxy};
 use mcp_guard::daemon::{self, Overrides, RunOptions};
 use mcp_guard::egress::{self, EgressLayout, PinLayout, spawn};
-use mcp_guard::policy::{DaemonSettings, Policy, PolicyError};
+use mcp_guard::policy::{CompiledPolicy, DaemonSettings, Policy, PolicyError};
 use mcp_guard::{control, logging};
 
 fn main() -> ExitCode {
@@ -30,7 +34,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let options = RunOptions {
                 policy_path: args.policy,
                 no_egress: args.no_egress,
-                overrides: overrides(&args.paths, args.metrics_listen),
+                overrides: Overrides {
+                    listen: args.listen,
+                    ..overrides(&args.paths, args.metrics_listen)
+                },
             };
             runtime()?.block_on(daemon::run(options))?;
             Ok(ExitCode::SUCCESS)
@@ -56,6 +63,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(PolicyCommand::Check { file }) => Ok(check_policy(&file)),
+        Command::Stdio(args) => {
+            runtime()?.block_on(stdio_front(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy(PolicyCommand::Schema) => {
             println!(
                 "{}",
@@ -79,6 +90,7 @@ fn overrides(paths: &PathArgs, metrics_listen: Option<std::net::SocketAddr>) -> 
         cgroup_root: paths.cgroup_root.clone(),
         control_socket: paths.control_socket.clone(),
         metrics_listen,
+        listen: None,
     }
 }
 
@@ -113,6 +125,48 @@ fn check_policy(file: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The stdio front: the agent's stdin/stdout, the policy's server behind it.
+async fn stdio_front(args: StdioArgs) -> Result<()> {
+    let loaded = Policy::load(&args.policy)?;
+    for warning in &loaded.warnings {
+        eprintln!("mcp-guard: {}: {warning}", args.policy.display());
+    }
+    let policy = loaded.policy;
+    let compiled = CompiledPolicy::compile(&policy)?;
+    let server = policy
+        .servers
+        .get(&args.server)
+        .with_context(|| format!("no server named {:?} in {}", args.server, args.policy.display()))?;
+    let principal = args
+        .principal
+        .clone()
+        .or_else(|| server.principal.clone())
+        .unwrap_or_else(|| "anonymous".into());
+    let roles = compiled.roles_of(&principal).to_vec();
+    let socket = args
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| policy.daemon.control_socket.clone());
+    let placement = if socket.exists() {
+        Placement::Remote(socket)
+    } else {
+        eprintln!(
+            "mcp-guard: no daemon at {}: kernel egress enforcement is OFF for this server (policy is still enforced)",
+            socket.display()
+        );
+        Placement::Unconfined
+    };
+    let proxy = Proxy::new(policy.clone(), compiled, placement, Metrics::new());
+    let caller = Caller {
+        principal,
+        roles,
+        context: Default::default(),
+    };
+    let session = proxy.open_session(&args.server, caller, None).await?;
+    mcp_guard::transport::stdio::serve(proxy, session).await?;
+    Ok(())
 }
 
 /// Runs a command as a confined session of a server, with the daemon's help.

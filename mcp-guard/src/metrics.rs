@@ -4,7 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -18,6 +21,12 @@ pub struct Metrics {
     pub egress_dns_resolutions: IntCounterVec,
     pub policy_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// Every authorisation decision, by server, method, decision and rule id.
+    pub decisions: IntCounterVec,
+    /// Time per request, by server and stage (policy, upstream, total).
+    pub request_duration: HistogramVec,
+    pub active_sessions: IntGauge,
+    pub upstream_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -73,6 +82,39 @@ impl Metrics {
                 &["version"],
             )
             .expect("metric"),
+            decisions: IntCounterVec::new(
+                Opts::new(
+                    "mcp_guard_decisions_total",
+                    "Authorisation decisions, by server, method, decision (allow, deny) and rule id",
+                ),
+                &["server", "method", "decision", "rule"],
+            )
+            .expect("metric"),
+            request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "mcp_guard_request_duration_seconds",
+                    "Time spent per request, by server and stage (policy, upstream, total)",
+                )
+                .buckets(vec![
+                    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001,
+                    0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+                &["server", "stage"],
+            )
+            .expect("metric"),
+            active_sessions: IntGauge::new(
+                "mcp_guard_active_sessions",
+                "Agent sessions currently open",
+            )
+            .expect("metric"),
+            upstream_errors: IntCounterVec::new(
+                Opts::new(
+                    "mcp_guard_upstream_errors_total",
+                    "Requests refused because the upstream server failed, by server",
+                ),
+                &["server"],
+            )
+            .expect("metric"),
             registry,
         };
         metrics.register_all();
@@ -84,7 +126,11 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+            Box::new(self.decisions.clone()),
+            Box::new(self.request_duration.clone()),
+            Box::new(self.active_sessions.clone()),
+            Box::new(self.upstream_errors.clone()),
             Box::new(self.egress_attempts.clone()),
             Box::new(self.egress_events_lost.clone()),
             Box::new(self.egress_guarded_cgroups.clone()),

@@ -42,6 +42,14 @@ pub enum PolicyError {
         path: PathBuf,
         problems: Vec<Problem>,
     },
+
+    /// A policy handed to [`super::CompiledPolicy::compile`] breaks at least one rule (only a
+    /// policy built in code can: one loaded from a file was validated as it was read).
+    #[error("invalid policy: {}", join_errors(problems))]
+    Rejected {
+        /// The errors found, each with its JSON path.
+        problems: Vec<Problem>,
+    },
 }
 
 fn path_prefix(json_path: &str) -> String {

@@ -6,13 +6,25 @@
 //! 2. parsing into [`Policy`], which refuses unknown fields, wrong types and malformed values
 //!    (ports, CIDRs, protocols) at the first fault;
 //! 3. semantic validation ([`Policy::validate`]), which collects every error and warning.
+//!
+//! A loaded policy is then compiled ([`CompiledPolicy::compile`]) into the structure the proxy
+//! asks about each MCP operation ([`CompiledPolicy::decide`], [`CompiledPolicy::visible`]);
+//! the [`compile`] module explains how a decision is made (deny overrides allow, default
+//! deny).
 
 mod cidr;
+pub mod compile;
+mod decision;
 mod error;
+mod glob;
+mod methods;
 mod model;
 mod ports;
 mod validate;
+mod validate_rules;
 
+#[cfg(test)]
+mod decide_tests;
 #[cfg(test)]
 mod tests;
 
@@ -22,9 +34,17 @@ use schemars::generate::SchemaSettings;
 use serde::Deserialize;
 
 pub use cidr::{CidrError, parse_cidr};
+pub use compile::CompiledPolicy;
+pub use decision::{
+    ArgumentFailure, Caller, Context, Decision, DecisionReason, DecisionRequest, NoContext,
+    Operation,
+};
 pub use error::{PolicyError, Problem, Severity};
+pub use glob::matches as glob_matches;
+pub use methods::{PLUMBING_METHODS, is_plumbing};
 pub use model::{
-    DaemonSettings, Destination, EgressRule, POLICY_VERSION, Policy, Protocol, ServerPolicy,
+    DaemonSettings, Destination, EgressRule, Effect, Isolation, POLICY_VERSION, Policy, Principal,
+    Protocol, Rule, ServerPolicy,
 };
 pub use ports::{PortRange, PortRangeError};
 

@@ -5,8 +5,7 @@
 //! syntax (ports, CIDRs, protocol names) is checked while parsing; rules that span fields or
 //! entries are checked afterwards by [`super::validate`].
 //!
-//! New sections (the MCP authorisation rules, upstream URLs, isolation modes) are added as
-//! further optional fields, so that a version 1 file stays valid.
+//! New sections are added as further optional fields, so that a version 1 file stays valid.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +24,11 @@ pub const POLICY_VERSION: u32 = 1;
 /// What server names and rule ids look like, for the schema; [`super::validate`] enforces it.
 const NAME_PATTERN: &str = "^[A-Za-z0-9_.-]{1,64}$";
 
+/// What principal and role names look like, for the schema; [`super::validate`] enforces it.
+/// Wider than [`NAME_PATTERN`] so that names from identity providers (`alice@example.com`,
+/// `spiffe:team:svc`) fit unchanged.
+const PRINCIPAL_PATTERN: &str = "^[A-Za-z0-9_.@:-]{1,128}$";
+
 /// An mcp-guard policy: daemon settings and, per MCP server, what it may do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -38,12 +42,35 @@ pub struct Policy {
     #[serde(default)]
     pub daemon: DaemonSettings,
 
+    /// The principals (people, agents, services) mcp-guard knows by name, with their roles.
+    /// Rules name principals and roles; requests are attributed to a principal by the front
+    /// they arrive on (`daemon.principal`, a server's `principal`). A name is 1-128 characters
+    /// from `A-Z a-z 0-9 _ . @ : -`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": PRINCIPAL_PATTERN }))]
+    pub principals: BTreeMap<String, Principal>,
+
     /// The MCP servers mcp-guard guards, by name. A name is 1-64 characters from
     /// `A-Z a-z 0-9 _ . -`; it appears in URLs (`/servers/{name}/mcp`), audit records and
     /// metric labels.
     #[serde(default)]
     #[schemars(extend("propertyNames" = { "pattern": NAME_PATTERN }))]
     pub servers: BTreeMap<String, ServerPolicy>,
+}
+
+/// A principal known to the policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Principal {
+    /// Roles the principal holds; rules may name a role instead of every principal holding it.
+    /// A role is 1-128 characters from `A-Z a-z 0-9 _ . @ : -`.
+    #[serde(default)]
+    #[schemars(extend("items" = { "type": "string", "pattern": PRINCIPAL_PATTERN }, "uniqueItems" = true))]
+    pub roles: Vec<String>,
+
+    /// Free text for people reading the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// Settings of the mcp-guard daemon.
@@ -53,6 +80,26 @@ pub struct DaemonSettings {
     /// Address of the MCP front (Streamable HTTP at `/servers/{name}/mcp`). Absent: no HTTP
     /// front.
     pub listen: Option<SocketAddr>,
+
+    /// Principal that requests arriving on `listen` are attributed to, until identity comes
+    /// from tokens. Must name an entry of `principals`. Absent: such requests have no
+    /// principal, so only rules that name neither principals nor roles apply to them.
+    #[schemars(pattern(PRINCIPAL_PATTERN))]
+    pub principal: Option<String>,
+
+    /// Largest MCP message, in bytes, the fronts accept (an HTTP body, a stdio line); a larger
+    /// one is refused without being parsed. Default 4 MiB.
+    #[schemars(range(min = 1))]
+    pub max_message_bytes: usize,
+
+    /// Most requests a JSON-RPC batch may hold; a larger batch is refused whole. Default 64.
+    #[schemars(range(min = 1))]
+    pub max_batch_size: usize,
+
+    /// Deepest nesting of arrays and objects a message may have (the message itself is level
+    /// 1); deeper messages are refused, so that no parser recursion is unbounded. Default 64.
+    #[schemars(range(min = 1))]
+    pub max_json_depth: usize,
 
     /// Address of the Prometheus `/metrics` endpoint. Absent: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
@@ -85,6 +132,10 @@ impl Default for DaemonSettings {
     fn default() -> Self {
         Self {
             listen: None,
+            principal: None,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_batch_size: 64,
+            max_json_depth: 64,
             metrics_listen: None,
             control_socket: PathBuf::from("/run/mcp-guard/control.sock"),
             bpffs: PathBuf::from("/sys/fs/bpf/mcp-guard"),
@@ -104,10 +155,30 @@ pub struct ServerPolicy {
     pub description: Option<String>,
 
     /// Program and arguments of a stdio MCP server that mcp-guard spawns in a guarded cgroup.
-    /// The program is looked up in `PATH`. Not together with `adopt_cgroup`.
+    /// The program is looked up in `PATH`. Not together with `adopt_cgroup` or `url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub command: Option<Vec<String>>,
+
+    /// Endpoint of an upstream MCP server speaking Streamable HTTP (`http://` or `https://`),
+    /// to which mcp-guard forwards what the policy allows. Not together with `command`; may go
+    /// with `adopt_cgroup` to confine the server's processes as well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(url)]
+    pub url: Option<String>,
+
+    /// How many processes of `command` run: `per_session` (the default) spawns one per agent
+    /// session, so sessions cannot see each other's state; `shared` spawns one for everyone.
+    /// Only meaningful with `command`.
+    #[serde(default, skip_serializing_if = "Isolation::is_default")]
+    pub isolation: Isolation,
+
+    /// Principal that requests arriving on this server's stdio front (`mcp-guard stdio`) are
+    /// attributed to. Must name an entry of `principals`. Absent: such requests have no
+    /// principal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(PRINCIPAL_PATTERN))]
+    pub principal: Option<String>,
 
     /// Environment variables set for `command`, on top of the daemon's environment.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -123,6 +194,137 @@ pub struct ServerPolicy {
     /// an empty list (the default) means the server may reach nothing.
     #[serde(default)]
     pub egress: Vec<EgressRule>,
+
+    /// What callers may do with the server over MCP. A request is allowed when some rule
+    /// allows it and no rule denies it; anything no rule allows is denied. Protocol plumbing
+    /// (`initialize`, `ping`, progress and cancellation notifications, ...) needs no rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<Rule>,
+}
+
+/// How many server processes mcp-guard spawns for a `command`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// One process per agent session, ended with the session.
+    #[default]
+    PerSession,
+    /// One process for every session, kept while the daemon runs.
+    Shared,
+}
+
+impl Isolation {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One MCP authorisation rule of a server.
+///
+/// A rule applies to a request when every condition it gives holds: the caller is one of
+/// `principals` or holds one of `roles`, the method matches `methods`, the tool, resource or
+/// prompt matches `tools`, `resources` or `prompts`, the context matches `when`, and the
+/// arguments satisfy `arguments`. A condition left out holds for every request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Identifier of the rule, unique within the server; 1-64 characters from
+    /// `A-Z a-z 0-9 _ . -`. Refusals, audit records and metrics name the rule that decided.
+    #[schemars(pattern(NAME_PATTERN))]
+    pub id: String,
+
+    /// What the rule is for, in words; shown to people reading audit records and refusals.
+    #[schemars(length(min = 1))]
+    pub description: String,
+
+    /// `allow` or `deny`. A deny rule that applies overrides every allow rule.
+    pub effect: Effect,
+
+    /// Principals the rule applies to, by name (entries of the top-level `principals`).
+    /// Absent: every principal. With `roles` as well, a caller matching either is enough.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1), extend("items" = { "type": "string", "pattern": PRINCIPAL_PATTERN }))]
+    pub principals: Option<Vec<String>>,
+
+    /// Roles the rule applies to: a caller holding any of them matches. Absent: every role.
+    /// With `principals` as well, a caller matching either is enough.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1), extend("items" = { "type": "string", "pattern": PRINCIPAL_PATTERN }))]
+    pub roles: Option<Vec<String>>,
+
+    /// JSON-RPC methods the rule applies to, such as `tools/list`, or glob patterns such as
+    /// `resources/*`. In a pattern `*` matches any run of characters (`/` included) and `?`
+    /// any one character. Default: `["*"]`, every method.
+    #[serde(default = "default_methods")]
+    #[schemars(length(min = 1))]
+    pub methods: Vec<String>,
+
+    /// Tool names or glob patterns (as in `methods`). Restricts the rule to `tools/call` of
+    /// a matching tool (`params.name`); a tool is listed by `tools/list` to callers some rule
+    /// lets call it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub tools: Option<Vec<String>>,
+
+    /// Resource URIs or glob patterns (as in `methods`), such as `file:///srv/docs/*`.
+    /// Restricts the rule to `resources/read`, `resources/subscribe` and
+    /// `resources/unsubscribe` of a matching URI (`params.uri`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub resources: Option<Vec<String>>,
+
+    /// Prompt names or glob patterns (as in `methods`). Restricts the rule to `prompts/get`
+    /// of a matching prompt (`params.name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub prompts: Option<Vec<String>>,
+
+    /// A JSON Schema (draft 2020-12 unless `$schema` says otherwise) the request's
+    /// `params.arguments` must satisfy; absent arguments count as `{}`. Restricts the rule to
+    /// `tools/call` and `prompts/get`. `format` is asserted; `$ref` may only point inside the
+    /// schema. For a deny rule, the schema describes the arguments that are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
+    pub arguments: Option<serde_json::Value>,
+
+    /// Conditions on context values carried with the session or the request (such as a
+    /// workflow step): every key listed must be present with one of the values listed for it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("additionalProperties" = { "type": "array", "items": { "type": "string" }, "minItems": 1 }))]
+    pub when: BTreeMap<String, Vec<String>>,
+}
+
+fn default_methods() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+/// What a rule does to the requests it applies to, and what a decision came to.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    /// The request goes on to the server.
+    Allow,
+    /// The request is refused and never reaches the server.
+    Deny,
+}
+
+impl Effect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl std::fmt::Display for Effect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One destination a server may reach: an address prefix or a host name, with ports and

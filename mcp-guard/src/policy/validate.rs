@@ -2,24 +2,33 @@
 //! express. Every problem is collected, not just the first, so that one `policy check` run
 //! shows an author everything to fix.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 
 use super::cidr::is_ipv4_mapped;
 use super::error::Problem;
-use super::model::{DaemonSettings, EgressRule, POLICY_VERSION, Policy, Protocol, ServerPolicy};
+use super::model::{
+    DaemonSettings, EgressRule, Isolation, POLICY_VERSION, Policy, Principal, Protocol,
+    ServerPolicy,
+};
+use super::validate_rules::check_rules;
 
-const NAME_RULE: &str = "use 1-64 characters from A-Z a-z 0-9 _ . -";
+pub(super) const NAME_RULE: &str = "use 1-64 characters from A-Z a-z 0-9 _ . -";
+pub(super) const PRINCIPAL_NAME_RULE: &str = "use 1-128 characters from A-Z a-z 0-9 _ . @ : -";
 const DNS_PORT: u16 = 53;
+
+/// The principals a policy declares, by name.
+pub(super) type Principals = BTreeMap<String, Principal>;
 
 /// Every problem in `policy`, errors and warnings, in the order of the file.
 pub fn validate(policy: &Policy) -> Vec<Problem> {
     let mut problems = Vec::new();
     problems.extend(version_problem(u64::from(policy.version)));
-    check_daemon(&policy.daemon, &mut problems);
+    check_daemon(&policy.daemon, &policy.principals, &mut problems);
+    check_principals(&policy.principals, &mut problems);
     for (name, server) in &policy.servers {
-        check_server(name, server, &mut problems);
+        check_server(name, server, &policy.principals, &mut problems);
     }
     problems
 }
@@ -35,7 +44,18 @@ pub(super) fn version_problem(version: u64) -> Option<Problem> {
     })
 }
 
-fn check_daemon(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
+fn check_daemon(daemon: &DaemonSettings, principals: &Principals, problems: &mut Vec<Problem>) {
+    if let Some(principal) = &daemon.principal {
+        check_principal_ref("daemon.principal", principal, principals, problems);
+        if daemon.listen.is_none() {
+            problems.push(Problem::warning(
+                "daemon.principal",
+                "has no effect without daemon.listen: it names who requests on the HTTP front \
+                 act as",
+            ));
+        }
+    }
+    check_limits(daemon, problems);
     check_absolute("daemon.control_socket", &daemon.control_socket, problems);
     check_absolute("daemon.bpffs", &daemon.bpffs, problems);
     if let Some(cgroup_root) = &daemon.cgroup_root {
@@ -46,6 +66,62 @@ fn check_daemon(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
         problems.push(Problem::error(
             "daemon.metrics_listen",
             "is the same address as daemon.listen: the metrics endpoint needs its own",
+        ));
+    }
+}
+
+/// A zero limit would refuse every message, which no author means.
+fn check_limits(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
+    let limits = [
+        ("daemon.max_message_bytes", daemon.max_message_bytes),
+        ("daemon.max_batch_size", daemon.max_batch_size),
+        ("daemon.max_json_depth", daemon.max_json_depth),
+    ];
+    for (path, value) in limits {
+        if value == 0 {
+            problems.push(Problem::error(path, "must be at least 1"));
+        }
+    }
+}
+
+fn check_principals(principals: &Principals, problems: &mut Vec<Problem>) {
+    for (name, principal) in principals {
+        let path = format!("principals.{name}");
+        if !is_valid_principal_name(name) {
+            problems.push(Problem::error(
+                &path,
+                format!("invalid principal name \"{name}\": {PRINCIPAL_NAME_RULE}"),
+            ));
+        }
+        for (index, role) in principal.roles.iter().enumerate() {
+            let role_path = format!("{path}.roles[{index}]");
+            if !is_valid_principal_name(role) {
+                problems.push(Problem::error(
+                    &role_path,
+                    format!("invalid role name \"{role}\": {PRINCIPAL_NAME_RULE}"),
+                ));
+            } else if principal.roles[..index].contains(role) {
+                problems.push(Problem::error(
+                    &role_path,
+                    format!("duplicate role \"{role}\""),
+                ));
+            }
+        }
+    }
+}
+
+/// `principal` must be declared: a typo would otherwise attribute requests to a principal
+/// no rule can name, and the resulting denials would be hard to trace back to it.
+pub(super) fn check_principal_ref(
+    path: &str,
+    principal: &str,
+    principals: &Principals,
+    problems: &mut Vec<Problem>,
+) {
+    if !principals.contains_key(principal) {
+        problems.push(Problem::error(
+            path,
+            format!("unknown principal \"{principal}\": declare it under `principals`"),
         ));
     }
 }
@@ -80,7 +156,12 @@ fn check_absolute(path: &str, value: &Path, problems: &mut Vec<Problem>) {
     }
 }
 
-fn check_server(name: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) {
+fn check_server(
+    name: &str,
+    server: &ServerPolicy,
+    principals: &Principals,
+    problems: &mut Vec<Problem>,
+) {
     let path = format!("servers.{name}");
     if !is_valid_name(name) {
         problems.push(Problem::error(
@@ -89,11 +170,16 @@ fn check_server(name: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) 
         ));
     }
     check_launch(&path, server, problems);
+    if let Some(principal) = &server.principal {
+        check_principal_ref(&format!("{path}.principal"), principal, principals, problems);
+    }
     check_env(&path, server, problems);
     check_egress(&path, &server.egress, problems);
+    check_rules(&path, &server.rules, principals, problems);
 }
 
-/// A server is either spawned by mcp-guard or adopted from where it already runs.
+/// A server is spawned by mcp-guard (`command`) or reached over HTTP (`url`); either way its
+/// processes may instead be adopted from where they already run (`adopt_cgroup`).
 fn check_launch(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) {
     if server.command.is_some() && server.adopt_cgroup.is_some() {
         problems.push(Problem::error(
@@ -102,12 +188,54 @@ fn check_launch(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) 
              (the server already runs in that cgroup), not both",
         ));
     }
+    if server.command.is_some() && server.url.is_some() {
+        problems.push(Problem::error(
+            path,
+            "give either `command` (a stdio server mcp-guard spawns) or `url` (a Streamable \
+             HTTP server that already runs), not both",
+        ));
+    }
+    // Not an error: a server declared only for its egress rules (its processes adopted, or
+    // placed by `mcp-guard exec`) is confined all the same.
+    if server.command.is_none() && server.url.is_none() {
+        problems.push(Problem::warning(
+            path,
+            "has neither `command` nor `url`, so mcp-guard has nowhere to forward MCP \
+             requests for it: only its egress rules take effect",
+        ));
+    }
+    if server.command.is_none() && server.isolation == Isolation::Shared {
+        problems.push(Problem::warning(
+            format!("{path}.isolation"),
+            "has no effect without `command`: only processes mcp-guard spawns are isolated",
+        ));
+    }
     if let Some(command) = &server.command {
         check_command(&format!("{path}.command"), command, problems);
+    }
+    if let Some(url) = &server.url
+        && let Err(reason) = check_url(url)
+    {
+        problems.push(Problem::error(format!("{path}.url"), reason));
     }
     if let Some(cgroup) = &server.adopt_cgroup {
         check_absolute(&format!("{path}.adopt_cgroup"), cgroup, problems);
     }
+}
+
+/// An upstream endpoint must be an absolute `http` or `https` URL with a host.
+fn check_url(text: &str) -> Result<(), String> {
+    let url = url::Url::parse(text).map_err(|error| format!("\"{text}\" is not a URL: {error}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "\"{text}\": the scheme must be http or https, not {}",
+            url.scheme()
+        ));
+    }
+    if url.host().is_none() {
+        return Err(format!("\"{text}\" has no host"));
+    }
+    Ok(())
 }
 
 fn check_command(path: &str, command: &[String], problems: &mut Vec<Problem>) {
@@ -265,9 +393,18 @@ fn missing_dns_warning(server_path: &str, rules: &[EgressRule]) -> Option<Proble
     })
 }
 
+/// Principal and role names come from people and, later, identity providers, so they allow
+/// the characters of e-mail addresses and URNs, but nothing that needs quoting in a log line.
+pub(super) fn is_valid_principal_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b':' | b'-'))
+}
+
 /// Server names and rule ids end up in URLs, metric labels and kernel-side rule tables, so
 /// they are kept short and plain.
-fn is_valid_name(name: &str) -> bool {
+pub(super) fn is_valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()
@@ -340,6 +477,25 @@ mod tests {
         for bad in ["", "has space", "slash/y", "ünïcode", &"x".repeat(65)] {
             assert!(!is_valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn principal_names_allow_email_and_urn_characters() {
+        for good in ["alice", "alice@example.com", "spiffe:team:svc", &"p".repeat(128)] {
+            assert!(is_valid_principal_name(good), "{good}");
+        }
+        for bad in ["", "a b", "a/b", "ünï", &"p".repeat(129)] {
+            assert!(!is_valid_principal_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn upstream_urls_must_be_http_with_a_host() {
+        assert_eq!(check_url("http://127.0.0.1:3001/mcp"), Ok(()));
+        assert_eq!(check_url("https://mcp.example.com/mcp"), Ok(()));
+        assert!(check_url("ftp://example.com/").unwrap_err().contains("http or https"));
+        assert!(check_url("example.com/mcp").unwrap_err().contains("is not a URL"));
+        assert!(check_url("http://").is_err());
     }
 
     #[test]

@@ -1,0 +1,78 @@
+//! The tools a session's caller may see, with each tool's own `inputSchema` compiled, learned
+//! from the server's (filtered) tools/list.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+pub struct ToolCatalog {
+    validators: HashMap<String, Option<jsonschema::Validator>>,
+}
+
+impl ToolCatalog {
+    /// From the visible tools of a tools/list result. A tool whose schema does not compile is
+    /// kept with no validator only if it has no schema at all; a broken schema makes the tool
+    /// unusable (we cannot check its arguments, so we do not pass them).
+    pub fn from_tools(tools: &[Value]) -> ToolCatalog {
+        let mut validators = HashMap::new();
+        for tool in tools {
+            let Some(name) = tool.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            match tool.get("inputSchema") {
+                None => {
+                    validators.insert(name.to_owned(), None);
+                }
+                Some(schema) => match jsonschema::validator_for(schema) {
+                    Ok(validator) => {
+                        validators.insert(name.to_owned(), Some(validator));
+                    }
+                    Err(e) => tracing::warn!(tool = name, error = %e,
+                        "tool inputSchema does not compile; calls to it will be refused"),
+                },
+            }
+        }
+        ToolCatalog { validators }
+    }
+
+    pub fn extend(&mut self, other: ToolCatalog) {
+        self.validators.extend(other.validators);
+    }
+
+    /// `None`: unknown tool; `Some(Err(problem))`: arguments do not match.
+    pub fn check(&self, tool: &str, arguments: &Value) -> Option<Result<(), String>> {
+        let validator = self.validators.get(tool)?;
+        let Some(validator) = validator else {
+            return Some(Ok(()));
+        };
+        Some(match validator.iter_errors(arguments).next() {
+            None => Ok(()),
+            Some(error) => {
+                let path = error.instance_path.to_string();
+                let at = if path.is_empty() { "(root)".to_owned() } else { path };
+                Err(format!("{at}: {error}"))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn checks_arguments_against_each_tools_schema() {
+        let catalog = ToolCatalog::from_tools(&[
+            json!({"name": "add", "inputSchema": {"type": "object",
+                "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                "required": ["a", "b"]}}),
+            json!({"name": "free"}),
+        ]);
+        assert_eq!(catalog.check("add", &json!({"a": 1, "b": 2})), Some(Ok(())));
+        let problem = catalog.check("add", &json!({"a": "x", "b": 2})).unwrap().unwrap_err();
+        assert!(problem.contains("/a"), "{problem}");
+        assert_eq!(catalog.check("free", &json!({"any": 1})), Some(Ok(())));
+        assert_eq!(catalog.check("missing", &json!({})), None);
+    }
+}

@@ -1,0 +1,468 @@
+//! The per-message pipeline between an agent and its server: authorise every operation
+//! against the compiled policy, validate tool arguments, forward what is allowed, filter list
+//! results to what the caller may use, and judge what the server sends on its own.
+//!
+//! Fails closed: a refusal, or any failure on the way (policy, parse, upstream), answers the
+//! agent with a JSON-RPC error and nothing reaches the server.
+
+mod catalog;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::egress::Egress;
+
+/// Where server processes start: in a guarded cgroup of this daemon's egress enforcement, in
+/// one a running daemon hands out over its control socket (the stdio front), or unconfined.
+#[derive(Clone)]
+pub enum Placement {
+    Local(Arc<Mutex<Egress>>),
+    Remote(std::path::PathBuf),
+    Unconfined,
+}
+use crate::mcp::jsonrpc::{self, Id, Incoming, Limits, Message, Notification, Request, RpcError, codes};
+use crate::metrics::Metrics;
+use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Policy};
+use crate::upstream::UpstreamError;
+pub use session::{AgentSession, Caller};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no server named {0:?} in the policy")]
+    UnknownServer(String),
+    #[error("server {0:?} has no command (only stdio servers can be spawned)")]
+    NotSpawnable(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Egress(#[from] crate::egress::EgressError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error("placing the server process: {0}")]
+    Placement(String),
+}
+
+/// Methods that list things the policy filters, and the method that uses each listed item.
+const LISTS: [(&str, &str, &str, &str); 4] = [
+    ("tools/list", "tools", "tools/call", "name"),
+    ("resources/list", "resources", "resources/read", "uri"),
+    ("resources/templates/list", "resourceTemplates", "resources/read", "uriTemplate"),
+    ("prompts/list", "prompts", "prompts/get", "name"),
+];
+
+pub struct Proxy {
+    policy: RwLock<Arc<CompiledPolicy>>,
+    model: RwLock<Arc<Policy>>,
+    placement: Placement,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
+}
+
+impl Proxy {
+    pub fn new(
+        policy: Policy,
+        compiled: CompiledPolicy,
+        placement: Placement,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Proxy> {
+        let limits = Limits {
+            max_bytes: policy.daemon.max_message_bytes,
+            max_batch: policy.daemon.max_batch_size,
+            max_depth: policy.daemon.max_json_depth,
+        };
+        Arc::new(Proxy {
+            policy: RwLock::new(Arc::new(compiled)),
+            model: RwLock::new(Arc::new(policy)),
+            placement,
+            metrics,
+            limits,
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn policy(&self) -> Arc<CompiledPolicy> {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    pub fn model(&self) -> Arc<Policy> {
+        self.model.read().expect("policy lock").clone()
+    }
+
+    /// Installs a new policy generation. Sessions forget the tool lists they learned, so the
+    /// next list or call is filtered by the new rules.
+    pub async fn replace_policy(&self, policy: Policy, compiled: CompiledPolicy) {
+        *self.policy.write().expect("policy lock") = Arc::new(compiled);
+        *self.model.write().expect("policy lock") = Arc::new(policy);
+        for session in self.sessions.lock().await.values() {
+            session.forget_catalog().await;
+        }
+    }
+
+    pub async fn session(&self, id: &str) -> Option<Arc<AgentSession>> {
+        self.sessions.lock().await.get(id).cloned()
+    }
+
+    pub async fn end_session(&self, id: &str) -> bool {
+        let removed = self.sessions.lock().await.remove(id);
+        match removed {
+            Some(session) => {
+                session.end().await;
+                self.metrics.active_sessions.dec();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends every session (daemon shutdown): children are stopped, cgroups released.
+    pub async fn end_all_sessions(&self) {
+        let sessions: Vec<_> = self.sessions.lock().await.drain().collect();
+        for (_, session) in sessions {
+            session.end().await;
+            self.metrics.active_sessions.dec();
+        }
+    }
+
+    /// Starts a session of `server` for `caller`: spawns the server process in its own guarded
+    /// cgroup.
+    pub async fn open_session(
+        self: &Arc<Self>,
+        server: &str,
+        caller: Caller,
+        id: Option<String>,
+    ) -> Result<Arc<AgentSession>, ProxyError> {
+        let model = self.model();
+        let server_policy = model
+            .servers
+            .get(server)
+            .ok_or_else(|| ProxyError::UnknownServer(server.to_owned()))?;
+        let command = server_policy
+            .command
+            .as_ref()
+            .ok_or_else(|| ProxyError::NotSpawnable(server.to_owned()))?;
+        let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let session = session::start(
+            self,
+            server,
+            id.clone(),
+            caller,
+            command,
+            &server_policy.env,
+            &self.placement,
+        )
+        .await?;
+        self.sessions.lock().await.insert(id, session.clone());
+        self.metrics.active_sessions.inc();
+        Ok(session)
+    }
+
+    /// Handles what an agent sent: one message or a batch. Returns what to answer (`None` when
+    /// it held no request).
+    pub async fn handle(&self, session: &Arc<AgentSession>, incoming: Incoming) -> Option<Value> {
+        match incoming {
+            Incoming::Single(message) => self.handle_message(session, message).await,
+            Incoming::Batch(items) => {
+                let answers = futures_util::future::join_all(items.into_iter().map(|item| async {
+                    match item {
+                        Ok(message) => self.handle_message(session, message).await,
+                        Err(error) => Some(error.to_value()),
+                    }
+                }))
+                .await;
+                let answers: Vec<Value> = answers.into_iter().flatten().collect();
+                (!answers.is_empty()).then_some(Value::Array(answers))
+            }
+        }
+    }
+
+    async fn handle_message(&self, session: &Arc<AgentSession>, message: Message) -> Option<Value> {
+        match message {
+            Message::Request(request) => Some(self.handle_request(session, request).await),
+            Message::Notification(notification) => {
+                self.handle_notification(session, notification).await;
+                None
+            }
+            Message::Response(response) => {
+                if let Err(e) = session.upstream().reply(&response.id, response.outcome).await {
+                    tracing::warn!(session = %session.id, error = %e, "forwarding the agent's response");
+                }
+                None
+            }
+        }
+    }
+
+    async fn handle_request(&self, session: &Arc<AgentSession>, request: Request) -> Value {
+        let started = Instant::now();
+        let id = request.id.clone();
+        let answer = match self.authorise(session, &request).await {
+            Err(refusal) => {
+                self.record(session, &request, "deny", &refusal.rule, started);
+                refusal.error.to_value()
+            }
+            Ok(rule) => {
+                self.record(session, &request, "allow", &rule, started);
+                self.forward(session, request).await
+            }
+        };
+        self.metrics
+            .request_duration
+            .with_label_values(&[&session.server, "total"])
+            .observe(started.elapsed().as_secs_f64());
+        let _ = id;
+        answer
+    }
+
+    /// Decides one request; `Ok(rule id)` when it may go on.
+    async fn authorise(&self, session: &Arc<AgentSession>, request: &Request) -> Result<String, Refusal> {
+        let started = Instant::now();
+        let policy = self.policy();
+        let params = request.params.as_ref();
+        let name = target_name(&request.method, params);
+        let arguments = params.and_then(|p| p.get("arguments"));
+        let caller = session.caller();
+        let decision_request = DecisionRequest {
+            server: &session.server,
+            principal: &caller.principal,
+            roles: &caller.roles,
+            method: &request.method,
+            name,
+            arguments,
+            context: &caller.context,
+        };
+        if request.method == "tools/call" {
+            let Some(tool) = name else {
+                return Err(Refusal::invalid(&request.id, "tools/call needs params.name"));
+            };
+            if !policy.visible(&DecisionRequest { arguments: None, ..decision_request }) {
+                return Err(Refusal::unknown_tool(&request.id, tool));
+            }
+        }
+        let decision = policy.decide(&decision_request);
+        let rule = decision.rule.unwrap_or("default").to_owned();
+        self.metrics
+            .request_duration
+            .with_label_values(&[&session.server, "policy"])
+            .observe(started.elapsed().as_secs_f64());
+        if decision.effect == Effect::Deny {
+            let reason = decision.reason.to_string();
+            return Err(Refusal {
+                rule: rule.clone(),
+                error: RpcError::new(
+                    Some(request.id.clone()),
+                    codes::POLICY_DENIED,
+                    format!("mcp-guard refused {}: {reason}", request.method),
+                )
+                .with_data(json!({"rule": rule, "reason": reason})),
+            });
+        }
+        drop(policy);
+        if request.method == "tools/call" {
+            let tool = name.unwrap_or_default();
+            let empty = json!({});
+            let arguments = arguments.unwrap_or(&empty);
+            match session.check_tool_arguments(self, tool, arguments).await {
+                Ok(()) => {}
+                Err(ToolCheck::Unknown) => return Err(Refusal::unknown_tool(&request.id, tool)),
+                Err(ToolCheck::Invalid(problem)) => {
+                    return Err(Refusal {
+                        rule,
+                        error: RpcError::new(
+                            Some(request.id.clone()),
+                            codes::INVALID_PARAMS,
+                            format!("arguments of {tool} do not match its inputSchema: {problem}"),
+                        )
+                        .with_data(json!({"reason": problem})),
+                    });
+                }
+                Err(ToolCheck::Upstream(error)) => {
+                    return Err(Refusal::upstream(&request.id, &error));
+                }
+            }
+        }
+        Ok(rule)
+    }
+
+    async fn forward(&self, session: &Arc<AgentSession>, request: Request) -> Value {
+        let started = Instant::now();
+        let outcome = session.upstream().call(&request.method, request.params).await;
+        self.metrics
+            .request_duration
+            .with_label_values(&[&session.server, "upstream"])
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(mut result)) => {
+                self.filter_list(session, &request.method, &mut result).await;
+                jsonrpc::result_response(&request.id, result)
+            }
+            Ok(Err(error)) => json!({"jsonrpc": "2.0", "id": request.id, "error": error}),
+            Err(e) => {
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[&session.server])
+                    .inc();
+                Refusal::upstream(&request.id, &e.to_string()).error.to_value()
+            }
+        }
+    }
+
+    /// Keeps only the items the caller may use (first page or later: each page is filtered).
+    async fn filter_list(&self, session: &Arc<AgentSession>, method: &str, result: &mut Value) {
+        let Some((_, field, use_method, key)) = LISTS.iter().find(|(m, ..)| *m == method) else {
+            return;
+        };
+        let Some(items) = result.get_mut(*field).and_then(Value::as_array_mut) else {
+            return;
+        };
+        let policy = self.policy();
+        let caller = session.caller();
+        items.retain(|item| {
+            let Some(name) = item.get(*key).and_then(Value::as_str) else {
+                return false;
+            };
+            policy.visible(&DecisionRequest {
+                server: &session.server,
+                principal: &caller.principal,
+                roles: &caller.roles,
+                method: use_method,
+                name: Some(name),
+                arguments: None,
+                context: &caller.context,
+            })
+        });
+        if method == "tools/list" {
+            session.learn_tools(items).await;
+        }
+    }
+
+    async fn handle_notification(&self, session: &Arc<AgentSession>, notification: Notification) {
+        if let Err(e) = session
+            .upstream()
+            .notify(&notification.method, notification.params)
+            .await
+        {
+            tracing::warn!(session = %session.id, error = %e, "forwarding a notification");
+        }
+    }
+
+    /// Judges a request the server sent to the agent (sampling, elicitation, roots): refused
+    /// ones never reach the agent, and the server gets the error.
+    pub(crate) fn authorise_server_request(&self, session: &AgentSession, request: &Request) -> Result<(), RpcError> {
+        let policy = self.policy();
+        let caller = session.caller();
+        let decision = policy.decide(&DecisionRequest {
+            server: &session.server,
+            principal: &caller.principal,
+            roles: &caller.roles,
+            method: &request.method,
+            name: None,
+            arguments: None,
+            context: &caller.context,
+        });
+        let rule = decision.rule.unwrap_or("default").to_owned();
+        let verdict = if decision.effect == Effect::Allow { "allow" } else { "deny" };
+        self.metrics
+            .decisions
+            .with_label_values(&[&session.server, &request.method, verdict, &rule])
+            .inc();
+        if decision.effect == Effect::Allow {
+            return Ok(());
+        }
+        let reason = decision.reason.to_string();
+        Err(RpcError::new(
+            Some(request.id.clone()),
+            codes::POLICY_DENIED,
+            format!("mcp-guard refused {}: {reason}", request.method),
+        )
+        .with_data(json!({"rule": rule, "reason": reason})))
+    }
+
+    fn record(&self, session: &AgentSession, request: &Request, decision: &str, rule: &str, started: Instant) {
+        let method = known_method(&request.method);
+        self.metrics
+            .decisions
+            .with_label_values(&[&session.server, method, decision, rule])
+            .inc();
+        let tool = target_name(&request.method, request.params.as_ref()).unwrap_or("");
+        tracing::info!(
+            target: "mcp_guard::decision",
+            server = %session.server,
+            session = %session.id,
+            principal = %session.caller().principal,
+            method = %request.method,
+            tool,
+            decision,
+            rule,
+            policy_us = started.elapsed().as_micros() as u64,
+            "decision"
+        );
+    }
+}
+
+/// A refusal: the rule behind it and the error for the agent.
+struct Refusal {
+    rule: String,
+    error: RpcError,
+}
+
+impl Refusal {
+    fn unknown_tool(id: &Id, tool: &str) -> Refusal {
+        Refusal {
+            rule: "unknown-tool".into(),
+            error: RpcError::new(Some(id.clone()), codes::INVALID_PARAMS, format!("Unknown tool: {tool}")),
+        }
+    }
+
+    fn invalid(id: &Id, message: &str) -> Refusal {
+        Refusal {
+            rule: "invalid".into(),
+            error: RpcError::new(Some(id.clone()), codes::INVALID_PARAMS, message),
+        }
+    }
+
+    fn upstream(id: &Id, error: &str) -> Refusal {
+        Refusal {
+            rule: "upstream-error".into(),
+            error: RpcError::new(
+                Some(id.clone()),
+                codes::UPSTREAM_ERROR,
+                format!("the upstream server failed; the operation was refused: {error}"),
+            ),
+        }
+    }
+}
+
+pub(crate) enum ToolCheck {
+    /// Not in the (filtered) tool list.
+    Unknown,
+    Invalid(String),
+    Upstream(String),
+}
+
+/// The tool, prompt or resource a request is about.
+fn target_name<'a>(method: &str, params: Option<&'a Value>) -> Option<&'a str> {
+    let key = match method {
+        "tools/call" | "prompts/get" => "name",
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => "uri",
+        _ => return None,
+    };
+    params?.get(key)?.as_str()
+}
+
+/// Method label for metrics: known MCP methods as they are, anything else as "other", so an
+/// agent cannot grow the label set.
+fn known_method(method: &str) -> &str {
+    const KNOWN: [&str; 20] = [
+        "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
+        "resources/templates/list", "resources/subscribe", "resources/unsubscribe", "prompts/list",
+        "prompts/get", "completion/complete", "logging/setLevel", "server/discover",
+        "sampling/createMessage", "elicitation/create", "roots/list", "tasks/get", "tasks/list",
+        "tasks/cancel",
+    ];
+    KNOWN.iter().find(|m| **m == method).copied().unwrap_or("other")
+}

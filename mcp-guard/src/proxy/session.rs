@@ -1,0 +1,273 @@
+//! One agent session: who the caller is, the server process that serves only them, the tools
+//! they may see, and the channel for what the server sends on its own.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, mpsc};
+
+use super::catalog::ToolCatalog;
+use super::{Placement, Proxy, ProxyError, ToolCheck};
+use crate::control;
+use std::path::PathBuf;
+use crate::egress::Egress;
+use crate::mcp::jsonrpc::Message;
+use crate::upstream::{self, ServerMessages, Upstream};
+
+/// Who is calling: the principal, their roles, and context values (e.g. a workflow step)
+/// that rules' `when` conditions read.
+#[derive(Clone, Debug, Default)]
+pub struct Caller {
+    pub principal: String,
+    pub roles: Vec<String>,
+    pub context: BTreeMap<String, String>,
+}
+
+/// How many server-initiated messages wait for the agent to collect them.
+const AGENT_OUTBOX: usize = 256;
+
+pub struct AgentSession {
+    pub id: String,
+    pub server: String,
+    caller: Caller,
+    upstream: Upstream,
+    catalog: Mutex<Option<ToolCatalog>>,
+    /// Server-initiated messages the policy let through, for the agent.
+    outbox: Mutex<Option<mpsc::Receiver<Value>>>,
+    /// The guarded cgroup of the server process, released when the session ends.
+    cgroup: Option<PlacedCgroup>,
+}
+
+/// A session cgroup and who gave it out.
+enum PlacedCgroup {
+    /// From this daemon's egress enforcement.
+    Local {
+        egress: Arc<Mutex<Egress>>,
+        cgroup_id: u64,
+    },
+    /// From a running daemon; it releases the cgroup when this connection closes.
+    Remote { _connection: tokio::net::UnixStream },
+}
+
+pub(super) async fn start(
+    proxy: &Arc<Proxy>,
+    server: &str,
+    id: String,
+    caller: Caller,
+    command: &[String],
+    env: &BTreeMap<String, String>,
+    placement: &Placement,
+) -> Result<Arc<AgentSession>, ProxyError> {
+    let (cgroup_path, placed) = place(placement, server, &id).await?;
+    let launch = upstream::stdio::Launch {
+        command,
+        env,
+        cgroup: cgroup_path.as_deref(),
+        identity_env: vec![
+            ("MCP_GUARD_SERVER", server.to_owned()),
+            ("MCP_GUARD_SESSION", id.clone()),
+            ("MCP_GUARD_PRINCIPAL", caller.principal.clone()),
+        ],
+        label: Arc::from(format!("{server}/{id}")),
+    };
+    let spawned = upstream::stdio::spawn(launch);
+    let (upstream, server_messages) = match spawned {
+        Ok(pair) => pair,
+        Err(e) => {
+            release(placed.as_ref()).await;
+            return Err(e.into());
+        }
+    };
+    let (to_agent, outbox) = mpsc::channel(AGENT_OUTBOX);
+    let session = Arc::new(AgentSession {
+        id,
+        server: server.to_owned(),
+        caller,
+        upstream,
+        catalog: Mutex::new(None),
+        outbox: Mutex::new(Some(outbox)),
+        cgroup: placed,
+    });
+    tokio::spawn(relay_server_messages(
+        Arc::downgrade(proxy),
+        Arc::downgrade(&session),
+        server_messages,
+        to_agent,
+    ));
+    Ok(session)
+}
+
+impl AgentSession {
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// The stream of server-initiated messages for the agent (one taker: the GET stream or
+    /// the stdio front).
+    pub async fn take_outbox(&self) -> Option<mpsc::Receiver<Value>> {
+        self.outbox.lock().await.take()
+    }
+
+    /// Gives the outbox back when its taker goes (a GET stream that closed).
+    pub async fn return_outbox(&self, outbox: mpsc::Receiver<Value>) {
+        *self.outbox.lock().await = Some(outbox);
+    }
+
+    pub(super) async fn forget_catalog(&self) {
+        *self.catalog.lock().await = None;
+    }
+
+    /// Remembers the tools of a filtered tools/list page (later pages add to earlier ones).
+    pub(super) async fn learn_tools(&self, tools: &[Value]) {
+        let learned = ToolCatalog::from_tools(tools);
+        let mut catalog = self.catalog.lock().await;
+        match catalog.as_mut() {
+            Some(existing) => existing.extend(learned),
+            None => *catalog = Some(learned),
+        }
+    }
+
+    /// Checks a tools/call against the tool's own inputSchema, fetching the tool list from the
+    /// server first if this session has not seen it.
+    pub(super) async fn check_tool_arguments(
+        self: &Arc<Self>,
+        proxy: &Proxy,
+        tool: &str,
+        arguments: &Value,
+    ) -> Result<(), ToolCheck> {
+        if let Some(verdict) = self.check_known(tool, arguments).await {
+            return verdict;
+        }
+        self.fetch_tool_list(proxy).await?;
+        self.check_known(tool, arguments)
+            .await
+            .unwrap_or(Err(ToolCheck::Unknown))
+    }
+
+    async fn check_known(&self, tool: &str, arguments: &Value) -> Option<Result<(), ToolCheck>> {
+        let catalog = self.catalog.lock().await;
+        let verdict = catalog.as_ref()?.check(tool, arguments)?;
+        Some(verdict.map_err(ToolCheck::Invalid))
+    }
+
+    /// Reads every page of the server's tools/list, filtered as the agent would see it.
+    async fn fetch_tool_list(self: &Arc<Self>, proxy: &Proxy) -> Result<(), ToolCheck> {
+        self.forget_catalog().await;
+        let mut cursor: Option<String> = None;
+        // Bounded: a server that pages forever must not hold the call forever.
+        for _ in 0..100 {
+            let params = cursor.as_ref().map(|c| json!({"cursor": c}));
+            let mut result = match self.upstream.call("tools/list", params).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(error)) => return Err(ToolCheck::Upstream(error.to_string())),
+                Err(e) => return Err(ToolCheck::Upstream(e.to_string())),
+            };
+            cursor = result
+                .get("nextCursor")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            proxy.filter_list(self, "tools/list", &mut result).await;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        if self.catalog.lock().await.is_none() {
+            self.learn_tools(&[]).await;
+        }
+        Ok(())
+    }
+
+    /// Releases the session's cgroup (the process stops when the session is dropped; the
+    /// periodic sweep removes the cgroup once it is empty).
+    pub async fn end(&self) {
+        release(self.cgroup.as_ref()).await;
+    }
+}
+
+/// Gets a guarded cgroup for the session's server process.
+async fn place(
+    placement: &Placement,
+    server: &str,
+    id: &str,
+) -> Result<(Option<PathBuf>, Option<PlacedCgroup>), ProxyError> {
+    match placement {
+        Placement::Unconfined => Ok((None, None)),
+        Placement::Local(egress) => {
+            let cgroup = egress.lock().await.open_session(server, Some(id))?;
+            let placed = PlacedCgroup::Local {
+                egress: egress.clone(),
+                cgroup_id: cgroup.cgroup_id,
+            };
+            Ok((Some(cgroup.path), Some(placed)))
+        }
+        Placement::Remote(socket) => {
+            let (answer, connection) = control::open_session(socket, server, Some(id)).await?;
+            let path = answer.cgroup.ok_or(ProxyError::Placement(
+                "the daemon answered without a cgroup".into(),
+            ))?;
+            Ok((Some(path), Some(PlacedCgroup::Remote { _connection: connection })))
+        }
+    }
+}
+
+async fn release(placed: Option<&PlacedCgroup>) {
+    if let Some(PlacedCgroup::Local { egress, cgroup_id }) = placed
+        && let Err(e) = egress.lock().await.release_session(*cgroup_id)
+    {
+        tracing::warn!(cgroup_id, error = %e, "releasing the session cgroup");
+    }
+}
+
+/// Judges what the server sends on its own and passes the allowed part to the agent.
+async fn relay_server_messages(
+    proxy: Weak<Proxy>,
+    session: Weak<AgentSession>,
+    mut server_messages: ServerMessages,
+    to_agent: mpsc::Sender<Value>,
+) {
+    while let Some(message) = server_messages.recv().await {
+        let (Some(proxy), Some(session)) = (proxy.upgrade(), session.upgrade()) else {
+            break;
+        };
+        match message {
+            Message::Request(request) => {
+                if let Err(refusal) = proxy.authorise_server_request(&session, &request) {
+                    let _ = session
+                        .upstream
+                        .reply(&request.id, Err(refusal.to_value()["error"].clone()))
+                        .await;
+                    continue;
+                }
+                if to_agent
+                    .try_send(Message::Request(request.clone()).to_value())
+                    .is_err()
+                {
+                    // Nobody collects (no GET stream open) or too much is waiting: the server
+                    // must not wait forever for an answer that cannot come.
+                    let error = json!({"code": crate::mcp::jsonrpc::codes::INTERNAL_ERROR,
+                        "message": "the agent has no open stream for server requests"});
+                    let _ = session.upstream.reply(&request.id, Err(error)).await;
+                }
+            }
+            Message::Notification(notification) => {
+                if notification.method == "notifications/tools/list_changed" {
+                    // The next tools/list or call re-learns, filtered by the policy.
+                    session.forget_catalog().await;
+                }
+                // Best effort: never block the server's output on an agent that is not reading.
+                if to_agent
+                    .try_send(Message::Notification(notification).to_value())
+                    .is_err()
+                {
+                    tracing::debug!(session = %session.id, "notification for the agent dropped: no open stream");
+                }
+            }
+            Message::Response(_) => {}
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The real MCP servers behind mcp-guard. Each agent session gets an `Upstream`: a connection
+//! to a stdio server process (spawned per session, inside its guarded cgroup) that mcp-guard
+//! talks JSON-RPC to with ids of its own, so pipelined requests are routed back to their
+//! callers in whatever order the server answers.
+
+pub mod stdio;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::mcp::jsonrpc::{Id, Message};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("starting the server `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("the server closed its connection")]
+    Closed,
+    #[error("the server has no command to run")]
+    NoCommand,
+}
+
+/// The result of a request: the server's `result`, or its `error` object.
+pub type Outcome = Result<Value, Value>;
+
+type Pending = Arc<Mutex<HashMap<i64, oneshot::Sender<Outcome>>>>;
+
+/// A live connection to one server process.
+pub struct Upstream {
+    to_server: mpsc::Sender<Value>,
+    pending: Pending,
+    next_id: AtomicI64,
+    /// Keeps the process (and its guard) alive as long as the session.
+    _process: Option<stdio::ServerProcess>,
+}
+
+/// Requests and notifications the server sends on its own (sampling, elicitation, roots,
+/// progress, list changes), for the session to judge and deliver.
+pub type ServerMessages = mpsc::Receiver<Message>;
+
+impl Upstream {
+    /// Sends a request and waits for its outcome.
+    pub async fn call(&self, method: &str, params: Option<Value>) -> Result<Outcome, UpstreamError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.pending.lock().await.insert(id, sender);
+        let mut message = json!({"jsonrpc": "2.0", "id": id, "method": method});
+        if let Some(params) = params {
+            message["params"] = params;
+        }
+        if self.to_server.send(message).await.is_err() {
+            self.pending.lock().await.remove(&id);
+            return Err(UpstreamError::Closed);
+        }
+        receiver.await.map_err(|_| UpstreamError::Closed)
+    }
+
+    pub async fn notify(&self, method: &str, params: Option<Value>) -> Result<(), UpstreamError> {
+        let mut message = json!({"jsonrpc": "2.0", "method": method});
+        if let Some(params) = params {
+            message["params"] = params;
+        }
+        self.to_server
+            .send(message)
+            .await
+            .map_err(|_| UpstreamError::Closed)
+    }
+
+    /// Answers a request the server sent (with the server's own id).
+    pub async fn reply(&self, id: &Id, outcome: Outcome) -> Result<(), UpstreamError> {
+        let message = match outcome {
+            Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+            Err(error) => json!({"jsonrpc": "2.0", "id": id, "error": error}),
+        };
+        self.to_server
+            .send(message)
+            .await
+            .map_err(|_| UpstreamError::Closed)
+    }
+
+    /// Process id of the server, where mcp-guard spawned it.
+    pub fn pid(&self) -> Option<u32> {
+        self._process.as_ref().and_then(|p| p.pid())
+    }
+}
+
+/// Routes what the server sends: responses to their waiting callers, everything else to the
+/// session. Ends (failing every waiting caller) when the server's output ends.
+async fn route_server_output(
+    mut from_server: mpsc::Receiver<Value>,
+    pending: Pending,
+    to_session: mpsc::Sender<Message>,
+    label: Arc<str>,
+) {
+    while let Some(value) = from_server.recv().await {
+        match crate::mcp::jsonrpc::message_from_value(value) {
+            Ok(Message::Response(response)) => {
+                let waiter = match &response.id {
+                    Id::Number(n) => pending.lock().await.remove(n),
+                    Id::String(_) => None,
+                };
+                match waiter {
+                    Some(waiter) => {
+                        let _ = waiter.send(response.outcome);
+                    }
+                    None => tracing::warn!(server = %label, id = %response.id,
+                        "server answered a request mcp-guard did not send; dropped"),
+                }
+            }
+            Ok(other) => {
+                if to_session.send(other).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(server = %label, error = %e, "server sent an invalid JSON-RPC message; dropped")
+            }
+        }
+    }
+    // Dropping the waiters tells every caller the server is gone.
+    pending.lock().await.clear();
+}
