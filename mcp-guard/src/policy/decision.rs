@@ -13,10 +13,12 @@ use super::model::Effect;
 /// Context values carried with a session or a request (such as a workflow step), which rules
 /// test with `when`.
 ///
-/// Implemented for maps of strings, for slices of `(key, value)` pairs and for [`NoContext`];
+/// Implemented for maps of strings, for arrays, vectors and slice references of
+/// `(key, value)` pairs, and for [`NoContext`];
 /// a proxy that keeps context in two places (the session and the request's `_meta`) can
-/// implement it on a struct that looks in both.
-pub trait Context {
+/// implement it on a struct that looks in both. `Sync`, so that a [`DecisionRequest`] can be
+/// held across an `.await` in a task that moves between threads.
+pub trait Context: Sync {
     /// The value of `key`, if the session or the request carries one.
     fn value(&self, key: &str) -> Option<&str>;
 }
@@ -31,21 +33,39 @@ impl Context for NoContext {
     }
 }
 
-impl<K: AsRef<str>, V: AsRef<str>> Context for [(K, V)] {
+/// The value of `key` in a list of pairs (the first, if listed twice).
+fn value_in_pairs<'p, K: AsRef<str>, V: AsRef<str>>(pairs: &'p [(K, V)], key: &str) -> Option<&'p str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k.as_ref() == key)
+        .map(|(_, v)| v.as_ref())
+}
+
+impl<K: AsRef<str> + Sync, V: AsRef<str> + Sync, const N: usize> Context for [(K, V); N] {
     fn value(&self, key: &str) -> Option<&str> {
-        self.iter()
-            .find(|(k, _)| k.as_ref() == key)
-            .map(|(_, v)| v.as_ref())
+        value_in_pairs(self, key)
     }
 }
 
-impl<V: AsRef<str>, S: BuildHasher> Context for HashMap<String, V, S> {
+impl<K: AsRef<str> + Sync, V: AsRef<str> + Sync> Context for &[(K, V)] {
+    fn value(&self, key: &str) -> Option<&str> {
+        value_in_pairs(self, key)
+    }
+}
+
+impl<K: AsRef<str> + Sync, V: AsRef<str> + Sync> Context for Vec<(K, V)> {
+    fn value(&self, key: &str) -> Option<&str> {
+        value_in_pairs(self, key)
+    }
+}
+
+impl<V: AsRef<str> + Sync, S: BuildHasher + Sync> Context for HashMap<String, V, S> {
     fn value(&self, key: &str) -> Option<&str> {
         self.get(key).map(AsRef::as_ref)
     }
 }
 
-impl<V: AsRef<str>> Context for BTreeMap<String, V> {
+impl<V: AsRef<str> + Sync> Context for BTreeMap<String, V> {
     fn value(&self, key: &str) -> Option<&str> {
         self.get(key).map(AsRef::as_ref)
     }

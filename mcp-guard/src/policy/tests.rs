@@ -68,6 +68,44 @@ fn fetch_rule(policy: &mut Value, index: usize) -> &mut Value {
     &mut policy["servers"]["fetch"]["egress"][index]
 }
 
+/// [`valid`] with principals and MCP rules, to be broken one field at a time.
+fn valid_with_rules() -> Value {
+    let mut policy = valid();
+    policy["principals"] = json!({
+        "alice@example.com": { "roles": ["support"], "description": "Support engineer" },
+        "ci-bot": {}
+    });
+    policy["servers"]["fetch"]["rules"] = json!([
+        {
+            "id": "list",
+            "description": "Anyone may list the tools.",
+            "effect": "allow",
+            "methods": ["tools/list"]
+        },
+        {
+            "id": "reads",
+            "description": "Support and the CI bot may read.",
+            "effect": "allow",
+            "principals": ["ci-bot"],
+            "roles": ["support"],
+            "tools": ["read_*"],
+            "arguments": { "type": "object", "properties": { "path": { "type": "string" } } },
+            "when": { "step": ["triage", "fix"] }
+        }
+    ]);
+    policy
+}
+
+fn mcp_rule(policy: &mut Value, index: usize) -> &mut Value {
+    &mut policy["servers"]["fetch"]["rules"][index]
+}
+
+fn only_warning(value: Value) -> Problem {
+    let warnings = load_value(value).unwrap().warnings;
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    warnings.into_iter().next().unwrap()
+}
+
 // --- valid policies ---
 
 #[test]
@@ -93,6 +131,23 @@ fn the_example_policy_loads_without_problems() {
         everything.egress[1].destination(),
         Some(Destination::Host("registry.npmjs.org".into()))
     );
+}
+
+#[test]
+fn the_example_policy_declares_principals_and_rules() {
+    let policy = Policy::from_json_str(EXAMPLE, Path::new("examples/policy.json"))
+        .unwrap()
+        .policy;
+    assert_eq!(policy.daemon.listen, Some("127.0.0.1:8080".parse().unwrap()));
+    assert_eq!(policy.daemon.principal.as_deref(), Some("local-dev"));
+    assert_eq!(policy.principals["local-dev"].roles, ["developer"]);
+    let ids: Vec<&str> = policy.servers["everything"]
+        .rules
+        .iter()
+        .map(|rule| rule.id.as_str())
+        .collect();
+    assert_eq!(ids, ["list-tools", "short-echo", "sum", "no-environment"]);
+    assert!(CompiledPolicy::compile(&policy).is_ok());
 }
 
 #[test]
@@ -142,6 +197,36 @@ fn daemon_settings_default_when_absent() {
         (5, 300)
     );
     assert!(policy.servers.is_empty());
+    assert!(policy.principals.is_empty());
+    assert_eq!(policy.daemon.principal, None);
+    assert_eq!(
+        (
+            policy.daemon.max_message_bytes,
+            policy.daemon.max_batch_size,
+            policy.daemon.max_json_depth
+        ),
+        (4 * 1024 * 1024, 64, 64)
+    );
+}
+
+#[test]
+fn a_policy_with_rules_loads_with_defaults_filled_in() {
+    let loaded = load_value(valid_with_rules()).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let policy = loaded.policy;
+    assert_eq!(
+        policy.principals["alice@example.com"].description.as_deref(),
+        Some("Support engineer")
+    );
+    assert!(policy.principals["ci-bot"].roles.is_empty());
+    let server = &policy.servers["fetch"];
+    assert_eq!(server.isolation, Isolation::PerSession);
+    let reads = &server.rules[1];
+    assert_eq!(reads.effect, Effect::Allow);
+    assert_eq!(reads.methods, ["*"]);
+    assert_eq!(reads.tools.as_deref().unwrap(), ["read_*"]);
+    assert_eq!(reads.when["step"], ["triage", "fix"]);
+    assert!(reads.resources.is_none() && reads.prompts.is_none());
 }
 
 #[test]
@@ -169,6 +254,15 @@ fn a_loaded_policy_serialises_back_to_an_equal_policy() {
         .unwrap()
         .policy;
     assert_eq!(policy, again);
+}
+
+#[test]
+fn a_policy_with_rules_serialises_back_to_an_equal_policy() {
+    let mut value = valid_with_rules();
+    value["servers"]["fetch"]["isolation"] = json!("shared");
+    let policy = load_value(value).unwrap().policy;
+    let text = serde_json::to_string(&policy).unwrap();
+    assert_eq!(load_value(serde_json::from_str(&text).unwrap()).unwrap().policy, policy);
 }
 
 // --- parse errors carry the JSON path ---
@@ -314,6 +408,53 @@ fn a_missing_file_is_an_io_error_naming_it() {
             .to_string()
             .starts_with("/nonexistent/policy.json: cannot read policy")
     );
+}
+
+#[test]
+fn an_unknown_rule_field_is_refused_with_its_path() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["tool"] = json!(["x"]);
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.rules[1].tool");
+    assert!(message.starts_with("unknown field `tool`"), "{message}");
+}
+
+#[test]
+fn a_rule_without_description_is_refused() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 0)
+        .as_object_mut()
+        .unwrap()
+        .remove("description");
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.rules[0]");
+    assert_eq!(message, "missing field `description`");
+}
+
+#[test]
+fn an_unknown_effect_is_refused() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 0)["effect"] = json!("permit");
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.rules[0].effect");
+    assert!(message.contains("unknown variant `permit`"), "{message}");
+}
+
+#[test]
+fn an_unknown_isolation_is_refused() {
+    let mut policy = valid_with_rules();
+    policy["servers"]["fetch"]["isolation"] = json!("per_call");
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "servers.fetch.isolation");
+    assert!(message.contains("unknown variant `per_call`"), "{message}");
+}
+
+#[test]
+fn an_unknown_principal_field_is_refused() {
+    let mut policy = valid_with_rules();
+    policy["principals"]["ci-bot"]["role"] = json!("x");
+    let (path, _) = parse_failure(policy);
+    assert_eq!(path, "principals.ci-bot.role");
 }
 
 // --- semantic validation: each problem, with its exact path ---
@@ -464,6 +605,7 @@ fn a_relative_adopt_cgroup_is_refused() {
     let mut policy = valid();
     let server = &mut policy["servers"]["fetch"];
     server.as_object_mut().unwrap().remove("command");
+    server["url"] = json!("http://127.0.0.1:3001/mcp");
     server["adopt_cgroup"] = json!("system.slice/x.service");
     assert_error_at(
         policy,
@@ -478,7 +620,9 @@ fn an_adopted_server_loads() {
     let server = &mut policy["servers"]["fetch"];
     server.as_object_mut().unwrap().remove("command");
     server["adopt_cgroup"] = json!("/sys/fs/cgroup/system.slice/x.service");
-    assert!(load_value(policy).is_ok());
+    server["url"] = json!("http://127.0.0.1:3001/mcp");
+    let loaded = load_value(policy).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
 }
 
 #[test]
@@ -522,6 +666,351 @@ fn metrics_on_the_mcp_listen_address_is_refused() {
     let mut policy = valid();
     policy["daemon"] = json!({ "listen": "127.0.0.1:8080", "metrics_listen": "127.0.0.1:8080" });
     assert_error_at(policy, "daemon.metrics_listen", "same address");
+}
+
+#[test]
+fn a_duplicate_mcp_rule_id_is_refused_at_the_second_use() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["id"] = json!("list");
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[1].id",
+        "duplicate rule id \"list\": also used by rules[0]",
+    );
+}
+
+#[test]
+fn an_egress_rule_and_an_mcp_rule_may_share_an_id() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 0)["id"] = json!("dns");
+    assert!(load_value(policy).is_ok());
+}
+
+#[test]
+fn a_bad_mcp_rule_id_is_refused() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 0)["id"] = json!("list tools");
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[0].id",
+        "invalid rule id \"list tools\"",
+    );
+}
+
+#[test]
+fn a_blank_rule_description_is_refused() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 0)["description"] = json!("  ");
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[0].description",
+        "say what the rule is for",
+    );
+}
+
+#[test]
+fn an_unknown_principal_in_a_rule_is_refused() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["principals"] = json!(["ci-bot", "carol"]);
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[1].principals[1]",
+        "unknown principal \"carol\": declare it under `principals`",
+    );
+}
+
+#[test]
+fn an_unknown_daemon_principal_is_refused() {
+    let mut policy = valid_with_rules();
+    policy["daemon"] = json!({ "listen": "127.0.0.1:8080", "principal": "carol" });
+    assert_error_at(policy, "daemon.principal", "unknown principal \"carol\"");
+}
+
+#[test]
+fn a_daemon_principal_without_listen_is_a_warning() {
+    let mut policy = valid_with_rules();
+    policy["daemon"] = json!({ "principal": "ci-bot" });
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "daemon.principal");
+    assert!(warning.message.contains("daemon.listen"), "{warning}");
+}
+
+#[test]
+fn an_unknown_server_principal_is_refused() {
+    let mut policy = valid_with_rules();
+    policy["servers"]["fetch"]["principal"] = json!("carol");
+    assert_error_at(
+        policy,
+        "servers.fetch.principal",
+        "unknown principal \"carol\"",
+    );
+}
+
+#[test]
+fn a_known_server_principal_is_accepted() {
+    let mut policy = valid_with_rules();
+    policy["servers"]["fetch"]["principal"] = json!("alice@example.com");
+    assert!(load_value(policy).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn a_bad_principal_name_is_refused() {
+    let mut policy = valid_with_rules();
+    policy["principals"]["bad name"] = json!({});
+    assert_error_at(
+        policy,
+        "principals.bad name",
+        "invalid principal name \"bad name\"",
+    );
+}
+
+#[test]
+fn bad_and_duplicate_roles_are_refused() {
+    let mut policy = valid_with_rules();
+    policy["principals"]["ci-bot"]["roles"] = json!(["ci", "ci"]);
+    assert_error_at(policy, "principals.ci-bot.roles[1]", "duplicate role \"ci\"");
+
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["roles"] = json!(["support", "on call"]);
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[1].roles[1]",
+        "invalid role name \"on call\"",
+    );
+}
+
+#[test]
+fn empty_caller_lists_are_refused() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["principals"] = json!([]);
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[1].principals",
+        "leave it out to apply to every principal",
+    );
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["roles"] = json!([]);
+    assert_error_at(policy, "servers.fetch.rules[1].roles", "applies to no role");
+}
+
+#[test]
+fn empty_method_and_name_lists_are_refused() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 0)["methods"] = json!([]);
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[0].methods",
+        "at least one method",
+    );
+    for field in ["tools", "resources", "prompts"] {
+        let mut policy = valid_with_rules();
+        mcp_rule(&mut policy, 1)[field] = json!([]);
+        let path = format!("servers.fetch.rules[1].{field}");
+        assert_error_at(policy, &path, "matches nothing");
+    }
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["tools"] = json!(["read_*", ""]);
+    assert_error_at(policy, "servers.fetch.rules[1].tools[1]", "is empty");
+}
+
+#[test]
+fn an_invalid_arguments_schema_is_refused_with_its_path() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["arguments"] =
+        json!({ "properties": { "path": { "type": "strin" } } });
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[1].arguments",
+        "is not a valid JSON Schema",
+    );
+
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["arguments"] = json!({ "maxLength": -1 });
+    let problem = only_problem(policy);
+    assert_eq!(problem.path, "servers.fetch.rules[1].arguments");
+    assert!(problem.message.contains("(at /maxLength)"), "{problem}");
+}
+
+#[test]
+fn an_arguments_schema_must_be_an_object() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["arguments"] = json!(true);
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[1].arguments",
+        "must be a JSON Schema object",
+    );
+}
+
+#[test]
+fn an_arguments_schema_may_not_reach_outside_the_policy() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["arguments"] =
+        json!({ "$ref": "https://example.com/schemas/arguments.json" });
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[1].arguments",
+        "is not a valid JSON Schema",
+    );
+}
+
+#[test]
+fn a_rule_that_can_never_apply_is_refused() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["methods"] = json!(["tools/list"]);
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[1]",
+        "never applies: `tools` limits it to tools/call, and `arguments` to tools/call and \
+         prompts/get, which `methods` does not match",
+    );
+
+    let mut policy = valid_with_rules();
+    let rule = mcp_rule(&mut policy, 1);
+    rule.as_object_mut().unwrap().remove("tools");
+    rule["resources"] = json!(["file:///srv/*"]);
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[1]",
+        "never applies: `resources` limits it to resources/read, resources/subscribe, \
+         resources/unsubscribe, but `arguments` limits it to tools/call and prompts/get",
+    );
+
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 0)["arguments"] = json!({ "type": "object" });
+    assert_error_at(
+        policy,
+        "servers.fetch.rules[0]",
+        "never applies: `arguments` limits it to tools/call and prompts/get",
+    );
+}
+
+#[test]
+fn a_misspelt_method_is_a_warning() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 0)["methods"] = json!(["tools/lists", "tools/*"]);
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "servers.fetch.rules[0].methods[0]");
+    assert!(warning.message.contains("not an MCP method"), "{warning}");
+}
+
+#[test]
+fn a_plumbing_method_in_a_rule_is_a_warning() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 0)["methods"] = json!(["tools/list", "ping"]);
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "servers.fetch.rules[0].methods[1]");
+    assert!(warning.message.contains("protocol plumbing"), "{warning}");
+}
+
+#[test]
+fn a_when_condition_without_values_is_refused() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 1)["when"] = json!({ "step": [] });
+    assert_error_at(policy, "servers.fetch.rules[1].when.step", "lists no value");
+}
+
+#[test]
+fn command_and_url_together_are_refused() {
+    let mut policy = valid();
+    policy["servers"]["fetch"]["url"] = json!("http://127.0.0.1:3001/mcp");
+    assert_error_at(policy, "servers.fetch", "`command`");
+}
+
+#[test]
+fn a_url_server_loads() {
+    let mut policy = valid();
+    let server = &mut policy["servers"]["fetch"];
+    server.as_object_mut().unwrap().remove("command");
+    server["url"] = json!("https://mcp.example.com/mcp");
+    let loaded = load_value(policy).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert_eq!(
+        loaded.policy.servers["fetch"].url.as_deref(),
+        Some("https://mcp.example.com/mcp")
+    );
+}
+
+#[test]
+fn a_bad_url_is_refused() {
+    for (url, expected) in [
+        ("file:///srv/mcp", "http or https"),
+        ("127.0.0.1:3001/mcp", "is not a URL"),
+        ("http://", "is not a URL"),
+    ] {
+        let mut policy = valid();
+        let server = &mut policy["servers"]["fetch"];
+        server.as_object_mut().unwrap().remove("command");
+        server["url"] = json!(url);
+        assert_error_at(policy, "servers.fetch.url", expected);
+    }
+}
+
+#[test]
+fn a_server_with_neither_command_nor_url_is_a_warning() {
+    let mut policy = valid();
+    policy["servers"]["fetch"]
+        .as_object_mut()
+        .unwrap()
+        .remove("command");
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "servers.fetch");
+    assert!(warning.message.contains("neither `command` nor `url`"), "{warning}");
+}
+
+#[test]
+fn shared_isolation_without_command_is_a_warning() {
+    let mut policy = valid();
+    let server = &mut policy["servers"]["fetch"];
+    server.as_object_mut().unwrap().remove("command");
+    server["url"] = json!("http://127.0.0.1:3001/mcp");
+    server["isolation"] = json!("shared");
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "servers.fetch.isolation");
+}
+
+#[test]
+fn zero_message_limits_are_refused() {
+    for field in ["max_message_bytes", "max_batch_size", "max_json_depth"] {
+        let mut policy = valid();
+        policy["daemon"] = json!({ field: 0 });
+        assert_error_at(policy, &format!("daemon.{field}"), "at least 1");
+    }
+}
+
+#[test]
+fn every_rule_problem_is_reported_in_file_order() {
+    let mut policy = valid_with_rules();
+    policy["daemon"] = json!({ "listen": "127.0.0.1:8080", "principal": "nobody" });
+    mcp_rule(&mut policy, 0)["description"] = json!("");
+    mcp_rule(&mut policy, 1)["id"] = json!("list");
+    mcp_rule(&mut policy, 1)["principals"] = json!(["carol"]);
+    mcp_rule(&mut policy, 1)["arguments"] = json!({ "type": 5 });
+    let paths: Vec<String> = problems_of(policy).into_iter().map(|p| p.path).collect();
+    assert_eq!(
+        paths,
+        [
+            "daemon.principal",
+            "servers.fetch.rules[0].description",
+            "servers.fetch.rules[1].principals[0]",
+            "servers.fetch.rules[1].arguments",
+            "servers.fetch.rules[1].id",
+        ]
+    );
+}
+
+#[test]
+fn compiling_an_invalid_built_policy_is_refused_with_paths() {
+    let mut policy = load_value(valid_with_rules()).unwrap().policy;
+    let rules = &mut policy.servers.get_mut("fetch").unwrap().rules;
+    rules[1].id = "list".into();
+    let error = CompiledPolicy::compile(&policy).unwrap_err();
+    let PolicyError::Rejected { problems } = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].path, "servers.fetch.rules[1].id");
+    assert!(error.to_string().starts_with("invalid policy: servers.fetch.rules[1].id: duplicate"));
 }
 
 #[test]
@@ -581,6 +1070,7 @@ fn env_without_command_is_a_warning() {
     let mut policy = valid();
     let server = &mut policy["servers"]["fetch"];
     server.as_object_mut().unwrap().remove("command");
+    server["url"] = json!("http://127.0.0.1:3001/mcp");
     server["adopt_cgroup"] = json!("/sys/fs/cgroup/x");
     server["env"] = json!({ "K": "V" });
     let loaded = load_value(policy).unwrap();
@@ -631,4 +1121,48 @@ fn the_schema_describes_servers_and_egress() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert_eq!(required, ["id", "ports"]);
+}
+
+#[test]
+fn the_schema_describes_principals_and_rules() {
+    let schema = json_schema();
+    assert!(schema["properties"]["principals"].is_object());
+    let rule = &schema["$defs"]["Rule"];
+    assert_eq!(rule["additionalProperties"], false);
+    let required: Vec<&str> = rule["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(required, ["id", "description", "effect"]);
+    for field in [
+        "principals",
+        "roles",
+        "methods",
+        "tools",
+        "resources",
+        "prompts",
+        "arguments",
+        "when",
+    ] {
+        let description = rule["properties"][field]["description"].as_str();
+        assert!(description.is_some_and(|d| !d.is_empty()), "{field}");
+    }
+    let server = &schema["$defs"]["ServerPolicy"]["properties"];
+    for field in ["url", "isolation", "principal", "rules"] {
+        assert!(server[field].is_object(), "{field}");
+    }
+    let daemon = &schema["$defs"]["DaemonSettings"]["properties"];
+    for field in ["principal", "max_message_bytes", "max_batch_size", "max_json_depth"] {
+        assert!(daemon[field]["description"].is_string(), "{field}");
+    }
+}
+
+#[test]
+fn the_example_policy_satisfies_the_published_schema() {
+    let schema = jsonschema::validator_for(&json_schema()).unwrap();
+    let example: Value = serde_json::from_str(EXAMPLE).unwrap();
+    let errors: Vec<String> = schema.iter_errors(&example).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
 }

@@ -35,7 +35,7 @@ pub use session::{AgentSession, Caller};
 pub enum ProxyError {
     #[error("no server named {0:?} in the policy")]
     UnknownServer(String),
-    #[error("server {0:?} has no command (only stdio servers can be spawned)")]
+    #[error("server {0:?} has neither a command nor a url")]
     NotSpawnable(String),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -142,18 +142,21 @@ impl Proxy {
             .servers
             .get(server)
             .ok_or_else(|| ProxyError::UnknownServer(server.to_owned()))?;
-        let command = server_policy
-            .command
-            .as_ref()
-            .ok_or_else(|| ProxyError::NotSpawnable(server.to_owned()))?;
+        let target = match (&server_policy.command, &server_policy.url) {
+            (Some(command), _) => session::Target::Command {
+                command,
+                env: &server_policy.env,
+            },
+            (None, Some(url)) => session::Target::Url(url),
+            (None, None) => return Err(ProxyError::NotSpawnable(server.to_owned())),
+        };
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         let session = session::start(
             self,
             server,
             id.clone(),
             caller,
-            command,
-            &server_policy.env,
+            target,
             &self.placement,
         )
         .await?;

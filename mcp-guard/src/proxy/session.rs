@@ -55,10 +55,17 @@ pub(super) async fn start(
     server: &str,
     id: String,
     caller: Caller,
-    command: &[String],
-    env: &BTreeMap<String, String>,
+    target: Target<'_>,
     placement: &Placement,
 ) -> Result<Arc<AgentSession>, ProxyError> {
+    let label: Arc<str> = Arc::from(format!("{server}/{id}"));
+    let (command, env) = match target {
+        Target::Url(url) => {
+            let (upstream, server_messages) = upstream::http::connect(url, label)?;
+            return Ok(assemble(proxy, server, id, caller, upstream, server_messages, None));
+        }
+        Target::Command { command, env } => (command, env),
+    };
     let (cgroup_path, placed) = place(placement, server, &id).await?;
     let launch = upstream::stdio::Launch {
         command,
@@ -69,7 +76,7 @@ pub(super) async fn start(
             ("MCP_GUARD_SESSION", id.clone()),
             ("MCP_GUARD_PRINCIPAL", caller.principal.clone()),
         ],
-        label: Arc::from(format!("{server}/{id}")),
+        label,
     };
     let spawned = upstream::stdio::spawn(launch);
     let (upstream, server_messages) = match spawned {
@@ -79,6 +86,27 @@ pub(super) async fn start(
             return Err(e.into());
         }
     };
+    Ok(assemble(proxy, server, id, caller, upstream, server_messages, placed))
+}
+
+/// What a session talks to: a stdio command mcp-guard spawns, or a Streamable HTTP URL.
+pub enum Target<'a> {
+    Command {
+        command: &'a [String],
+        env: &'a BTreeMap<String, String>,
+    },
+    Url(&'a str),
+}
+
+fn assemble(
+    proxy: &Arc<Proxy>,
+    server: &str,
+    id: String,
+    caller: Caller,
+    upstream: Upstream,
+    server_messages: ServerMessages,
+    cgroup: Option<PlacedCgroup>,
+) -> Arc<AgentSession> {
     let (to_agent, outbox) = mpsc::channel(AGENT_OUTBOX);
     let session = Arc::new(AgentSession {
         id,
@@ -87,7 +115,7 @@ pub(super) async fn start(
         upstream,
         catalog: Mutex::new(None),
         outbox: Mutex::new(Some(outbox)),
-        cgroup: placed,
+        cgroup,
     });
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
@@ -95,7 +123,7 @@ pub(super) async fn start(
         server_messages,
         to_agent,
     ));
-    Ok(session)
+    session
 }
 
 impl AgentSession {

@@ -3,6 +3,7 @@
 //! talks JSON-RPC to with ids of its own, so pipelined requests are routed back to their
 //! callers in whatever order the server answers.
 
+pub mod http;
 pub mod stdio;
 
 use std::collections::HashMap;
@@ -25,6 +26,8 @@ pub enum UpstreamError {
     Closed,
     #[error("the server has no command to run")]
     NoCommand,
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// The result of a request: the server's `result`, or its `error` object.
@@ -46,6 +49,19 @@ pub struct Upstream {
 pub type ServerMessages = mpsc::Receiver<Message>;
 
 impl Upstream {
+    fn new(
+        to_server: mpsc::Sender<Value>,
+        pending: Pending,
+        process: Option<stdio::ServerProcess>,
+    ) -> Upstream {
+        Upstream {
+            to_server,
+            pending,
+            next_id: AtomicI64::new(1),
+            _process: process,
+        }
+    }
+
     /// Sends a request and waits for its outcome.
     pub async fn call(&self, method: &str, params: Option<Value>) -> Result<Outcome, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

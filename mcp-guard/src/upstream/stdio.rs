@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -85,12 +84,7 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
         session_sender,
         launch.label,
     ));
-    let upstream = Upstream {
-        to_server,
-        pending,
-        next_id: AtomicI64::new(1),
-        _process: Some(ServerProcess { child }),
-    };
+    let upstream = Upstream::new(to_server, pending, Some(ServerProcess { child }));
     Ok((upstream, server_messages))
 }
 
