@@ -225,11 +225,36 @@ fn names_missing_feature(cargo_stderr: &str) -> bool {
         || cargo_stderr.contains("does not have these features")
 }
 
-/// Installs the real MCP servers (npm and PyPI packages) that the integration tests run behind
-/// mcp-guard, so a fresh machine gets them from `cargo xtask setup` too. The egress tests use
-/// only the workspace's own probe binaries, so there is nothing to install yet; later issues
-/// add the servers here.
+// The peers live in their own file beside this one; this declaration belongs in main.rs as
+// `mod peers;` once another task (e.g. a proxy benchmark) needs the peers' paths.
+#[path = "peers.rs"]
+mod peers;
+
+/// Installs the real MCP servers (npm and PyPI packages) and the Python SDK client that the
+/// integration tests run behind mcp-guard, pinned, into `target/mcp-peers` (or
+/// `$MCP_GUARD_PEERS_DIR`), so a fresh machine gets them from `cargo xtask setup` too.
 fn setup_mcp_peers() -> Result<()> {
+    let dir = peers::peers_dir();
+    let outcome = |installed| {
+        if installed {
+            Outcome::Installed
+        } else {
+            Outcome::AlreadyPresent
+        }
+    };
+    let npm = peers::ensure_npm_peers(&dir)?;
+    report(
+        &format!("npm MCP servers ({})", peers::describe(&peers::NPM_PEERS)),
+        outcome(npm),
+    );
+    let python = peers::ensure_python_peers(&dir)?;
+    report(
+        &format!(
+            "Python MCP venv ({})",
+            peers::describe(&peers::PYTHON_PEERS)
+        ),
+        outcome(python),
+    );
     Ok(())
 }
 

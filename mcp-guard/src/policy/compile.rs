@@ -81,9 +81,9 @@ impl CompiledPolicy {
 
     /// Decides one operation (see the module documentation for how).
     pub fn decide<'a>(&'a self, request: &DecisionRequest<'a>) -> Decision<'a> {
-        let server = match self.server_for(request) {
-            Ok(server) => server,
-            Err(decision) => return decision,
+        let server = match self.scope(request) {
+            Scope::Rules(server) => server,
+            Scope::Decided(decision) => return decision,
         };
         let operation = request.operation();
         let check = ArgumentCheck::Validate;
@@ -121,9 +121,9 @@ impl CompiledPolicy {
     /// `request.method` is the method that would use the thing (`tools/call`,
     /// `resources/read`, `prompts/get`), `request.name` its name or URI.
     pub fn visible(&self, request: &DecisionRequest<'_>) -> bool {
-        let server = match self.server_for(request) {
-            Ok(server) => server,
-            Err(decision) => return decision.is_allowed(),
+        let server = match self.scope(request) {
+            Scope::Rules(server) => server,
+            Scope::Decided(decision) => return decision.is_allowed(),
         };
         let check = ArgumentCheck::Optimistic;
         !matches!(
@@ -147,11 +147,11 @@ impl CompiledPolicy {
             .map_or(&[], Vec::as_slice)
     }
 
-    /// The rules of the request's server, or the decision already made without them.
-    fn server_for<'a>(&'a self, request: &DecisionRequest<'a>) -> Result<&'a ServerRules, Decision<'a>> {
+    /// The rules that decide the request, unless it is decided without them.
+    fn scope<'a>(&'a self, request: &DecisionRequest<'a>) -> Scope<'a> {
         let Some(server) = self.servers.get(request.server) else {
             // Checked before plumbing: nothing passes to a server the policy does not know.
-            return Err(Decision {
+            return Scope::Decided(Decision {
                 effect: Effect::Deny,
                 rule: None,
                 reason: DecisionReason::UnknownServer {
@@ -160,7 +160,7 @@ impl CompiledPolicy {
             });
         };
         if methods::is_plumbing(request.method) {
-            return Err(Decision {
+            return Scope::Decided(Decision {
                 effect: Effect::Allow,
                 rule: None,
                 reason: DecisionReason::Plumbing {
@@ -168,8 +168,15 @@ impl CompiledPolicy {
                 },
             });
         }
-        Ok(server)
+        Scope::Rules(server)
     }
+}
+
+/// What decides a request: its server's rules, or a decision made without them (an unknown
+/// server, protocol plumbing).
+enum Scope<'a> {
+    Rules(&'a ServerRules),
+    Decided(Decision<'a>),
 }
 
 /// Where a rule can apply, derived from its `methods`, name lists and `arguments`.
@@ -200,7 +207,8 @@ pub(super) fn reach(rule: &Rule) -> Reach<'_> {
             .iter()
             .any(|pattern| glob::matches(pattern, method))
     };
-    let takes_arguments = |method: &str| rule.arguments.is_none() || ARGUMENT_METHODS.contains(&method);
+    let takes_arguments =
+        |method: &str| rule.arguments.is_none() || ARGUMENT_METHODS.contains(&method);
     if [Target::Tool, Target::Resource, Target::Prompt]
         .into_iter()
         .any(|target| names_of(rule, target).is_some())
@@ -444,9 +452,7 @@ impl CompiledRule {
             return Judgement::Applies(caller);
         };
         let satisfied = match check {
-            ArgumentCheck::Validate => {
-                schema.is_valid(request.arguments.unwrap_or(&NO_ARGUMENTS))
-            }
+            ArgumentCheck::Validate => schema.is_valid(request.arguments.unwrap_or(&NO_ARGUMENTS)),
             ArgumentCheck::Optimistic => self.effect == Effect::Allow,
         };
         match (satisfied, self.effect) {

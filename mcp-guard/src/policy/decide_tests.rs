@@ -35,7 +35,8 @@ fn deny(id: &str, rest: Value) -> Value {
 }
 
 fn rule(id: &str, effect: &str, rest: Value) -> Value {
-    let mut rule = json!({ "id": id, "description": format!("{effect} for the test"), "effect": effect });
+    let mut rule =
+        json!({ "id": id, "description": format!("{effect} for the test"), "effect": effect });
     rule.as_object_mut()
         .unwrap()
         .extend(rest.as_object().unwrap().clone());
@@ -81,12 +82,16 @@ fn assert_allowed_by(outcome: Outcome, rule: &str) {
 }
 
 fn assert_denied_by(outcome: Outcome, rule: Option<&str>) {
-    assert_eq!((outcome.0, outcome.1.as_deref()), (Effect::Deny, rule), "{outcome:?}");
+    assert_eq!(
+        (outcome.0, outcome.1.as_deref()),
+        (Effect::Deny, rule),
+        "{outcome:?}"
+    );
 }
 
 fn visible(policy: &CompiledPolicy, principal: &str, method: &str, name: &str) -> bool {
-    let request = DecisionRequest::new("fs", principal, policy.roles_of(principal), method)
-        .with_name(name);
+    let request =
+        DecisionRequest::new("fs", principal, policy.roles_of(principal), method).with_name(name);
     policy.visible(&request)
 }
 
@@ -115,7 +120,10 @@ fn protocol_plumbing_passes_without_rules() {
     for method in PLUMBING_METHODS {
         let (effect, rule, reason) = ask(&policy, "", method, None);
         assert_eq!((effect, rule), (Effect::Allow, None), "{method}");
-        assert_eq!(reason, format!("{method} is protocol plumbing, which needs no rule"));
+        assert_eq!(
+            reason,
+            format!("{method} is protocol plumbing, which needs no rule")
+        );
     }
 }
 
@@ -170,7 +178,10 @@ fn methods_match_exactly_or_by_pattern() {
         allow("resources", json!({ "methods": ["resources/*"] })),
     ]));
     let outcome = ask(&policy, "carol", "tools/list", None);
-    assert_eq!(outcome.2, "rule `list-tools` allows tools/list for any caller");
+    assert_eq!(
+        outcome.2,
+        "rule `list-tools` allows tools/list for any caller"
+    );
     assert_allowed_by(outcome, "list-tools");
     assert_allowed_by(ask(&policy, "carol", "resources/list", None), "resources");
     assert_allowed_by(
@@ -203,7 +214,10 @@ fn tools_match_exactly_or_by_pattern_and_only_for_tools_call() {
     assert_denied_by(call(&policy, "carol", "write_file"), None);
     // A name list restricts the rule to the methods acting on one such thing.
     assert_denied_by(ask(&policy, "carol", "tools/list", None), None);
-    assert_denied_by(ask(&policy, "carol", "prompts/get", Some("read_file")), None);
+    assert_denied_by(
+        ask(&policy, "carol", "prompts/get", Some("read_file")),
+        None,
+    );
     assert_denied_by(ask(&policy, "carol", "tools/call", None), None);
 }
 
@@ -213,14 +227,23 @@ fn resources_match_by_uri_for_read_and_subscriptions() {
         "docs",
         json!({ "resources": ["file:///srv/docs/*"] })
     )]));
-    for method in ["resources/read", "resources/subscribe", "resources/unsubscribe"] {
+    for method in [
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+    ] {
         assert_allowed_by(
             ask(&policy, "carol", method, Some("file:///srv/docs/a/b.md")),
             "docs",
         );
     }
     assert_denied_by(
-        ask(&policy, "carol", "resources/read", Some("file:///etc/passwd")),
+        ask(
+            &policy,
+            "carol",
+            "resources/read",
+            Some("file:///etc/passwd"),
+        ),
         None,
     );
     assert_denied_by(call(&policy, "carol", "file:///srv/docs/x"), None);
@@ -234,7 +257,10 @@ fn prompts_match_by_name_for_prompts_get() {
         ask(&policy, "carol", "prompts/get", Some("summarise")),
         "prompts",
     );
-    assert_denied_by(ask(&policy, "carol", "prompts/get", Some("translate")), None);
+    assert_denied_by(
+        ask(&policy, "carol", "prompts/get", Some("translate")),
+        None,
+    );
     assert_denied_by(call(&policy, "carol", "summarise"), None);
 }
 
@@ -258,7 +284,10 @@ fn methods_and_name_lists_combine() {
 fn principals_match_by_name() {
     let policy = compiled(json!([allow("alice", json!({ "principals": ["alice"] }))]));
     let outcome = call(&policy, "alice", "x");
-    assert_eq!(outcome.2, "rule `alice` allows tools/call x for principal alice");
+    assert_eq!(
+        outcome.2,
+        "rule `alice` allows tools/call x for principal alice"
+    );
     assert_allowed_by(outcome, "alice");
     assert_denied_by(call(&policy, "bob", "x"), None);
     assert_denied_by(call(&policy, "", "x"), None);
@@ -268,7 +297,10 @@ fn principals_match_by_name() {
 fn roles_match_the_roles_given_not_the_configured_ones() {
     let policy = compiled(json!([allow("devs", json!({ "roles": ["developer"] }))]));
     let outcome = call(&policy, "bob", "x");
-    assert_eq!(outcome.2, "rule `devs` allows tools/call x for role developer");
+    assert_eq!(
+        outcome.2,
+        "rule `devs` allows tools/call x for role developer"
+    );
     assert_allowed_by(outcome, "devs");
     assert_denied_by(call(&policy, "alice", "x"), None);
     // Roles are an input (later from token claims): carol has none configured.
@@ -312,8 +344,14 @@ fn when_conditions_need_every_key_with_an_allowed_value() {
             .with_context(context);
         outcome(&policy, &request).0
     };
-    assert_eq!(decide_with(&[("step", "fix"), ("ticket", "T-1")]), Effect::Allow);
-    assert_eq!(decide_with(&[("step", "deploy"), ("ticket", "T-1")]), Effect::Deny);
+    assert_eq!(
+        decide_with(&[("step", "fix"), ("ticket", "T-1")]),
+        Effect::Allow
+    );
+    assert_eq!(
+        decide_with(&[("step", "deploy"), ("ticket", "T-1")]),
+        Effect::Deny
+    );
     assert_eq!(decide_with(&[("step", "fix")]), Effect::Deny);
     assert_eq!(decide_with(&NoContext), Effect::Deny);
     let map: HashMap<String, String> = [("step", "triage"), ("ticket", "T-1")]
@@ -352,8 +390,12 @@ fn arguments_that_satisfy_the_schema_are_allowed() {
 #[test]
 fn arguments_that_break_the_schema_are_refused_naming_the_constraint() {
     let policy = compiled(json!([srv_reads()]));
-    let (effect, rule, reason) =
-        call_with(&policy, "carol", "read_file", &json!({ "path": "/etc/passwd" }));
+    let (effect, rule, reason) = call_with(
+        &policy,
+        "carol",
+        "read_file",
+        &json!({ "path": "/etc/passwd" }),
+    );
     assert_eq!((effect, rule.as_deref()), (Effect::Deny, Some("srv-reads")));
     assert_eq!(
         reason,
@@ -379,11 +421,20 @@ fn an_argument_refusal_quotes_long_values_shortened() {
 fn another_allow_rule_makes_an_argument_failure_irrelevant() {
     let policy = compiled(json!([
         srv_reads(),
-        allow("support-reads-all", json!({ "roles": ["support"], "tools": ["read_*"] })),
+        allow(
+            "support-reads-all",
+            json!({ "roles": ["support"], "tools": ["read_*"] })
+        ),
     ]));
     let etc = json!({ "path": "/etc/passwd" });
-    assert_allowed_by(call_with(&policy, "alice", "read_file", &etc), "support-reads-all");
-    assert_denied_by(call_with(&policy, "bob", "read_file", &etc), Some("srv-reads"));
+    assert_allowed_by(
+        call_with(&policy, "alice", "read_file", &etc),
+        "support-reads-all",
+    );
+    assert_denied_by(
+        call_with(&policy, "bob", "read_file", &etc),
+        Some("srv-reads"),
+    );
 }
 
 #[test]
@@ -456,7 +507,10 @@ fn formats_in_an_arguments_schema_are_asserted() {
 fn deny_overrides_allow_wherever_it_is_in_the_file() {
     let policy = compiled(json!([
         allow("everything", json!({ "tools": ["*"] })),
-        deny("no-deletes", json!({ "roles": ["support"], "tools": ["delete_*"] })),
+        deny(
+            "no-deletes",
+            json!({ "roles": ["support"], "tools": ["delete_*"] })
+        ),
     ]));
     let outcome = call(&policy, "alice", "delete_file");
     assert_eq!(
@@ -501,7 +555,10 @@ fn server_to_client_requests_need_an_allow_too() {
 #[test]
 fn a_tool_some_rule_allows_is_visible_and_others_are_not() {
     let policy = compiled(json!([
-        allow("reads", json!({ "roles": ["support"], "tools": ["read_*"] })),
+        allow(
+            "reads",
+            json!({ "roles": ["support"], "tools": ["read_*"] })
+        ),
         allow("list", json!({ "methods": ["tools/list"] })),
     ]));
     assert!(visible(&policy, "alice", "tools/call", "read_file"));
@@ -536,8 +593,18 @@ fn visibility_covers_resources_and_prompts() {
         allow("docs", json!({ "resources": ["file:///srv/*"] })),
         allow("prompts", json!({ "prompts": ["summarise"] })),
     ]));
-    assert!(visible(&policy, "carol", "resources/read", "file:///srv/a.md"));
-    assert!(!visible(&policy, "carol", "resources/read", "file:///etc/hosts"));
+    assert!(visible(
+        &policy,
+        "carol",
+        "resources/read",
+        "file:///srv/a.md"
+    ));
+    assert!(!visible(
+        &policy,
+        "carol",
+        "resources/read",
+        "file:///etc/hosts"
+    ));
     assert!(visible(&policy, "carol", "prompts/get", "summarise"));
     assert!(!visible(&policy, "carol", "prompts/get", "translate"));
 }
@@ -571,9 +638,14 @@ fn server_names_and_roles_come_from_the_policy() {
             "alpha": { "url": "http://127.0.0.1:9/mcp" }
         }
     });
-    let policy = Policy::from_json_str(&policy.to_string(), Path::new("t")).unwrap().policy;
+    let policy = Policy::from_json_str(&policy.to_string(), Path::new("t"))
+        .unwrap()
+        .policy;
     let compiled = CompiledPolicy::compile(&policy).unwrap();
-    assert_eq!(compiled.server_names().collect::<Vec<_>>(), ["alpha", "zeta"]);
+    assert_eq!(
+        compiled.server_names().collect::<Vec<_>>(),
+        ["alpha", "zeta"]
+    );
     assert_eq!(compiled.roles_of("alice"), ["support", "oncall"]);
     assert!(compiled.roles_of("mallory").is_empty());
 }
@@ -618,7 +690,11 @@ fn reference_applies(rule: &Rule, request: &DecisionRequest<'_>) -> Option<bool>
         (rule.tools.as_ref(), &["tools/call"][..]),
         (
             rule.resources.as_ref(),
-            &["resources/read", "resources/subscribe", "resources/unsubscribe"][..],
+            &[
+                "resources/read",
+                "resources/subscribe",
+                "resources/unsubscribe",
+            ][..],
         ),
         (rule.prompts.as_ref(), &["prompts/get"][..]),
     ];
@@ -638,8 +714,8 @@ fn reference_applies(rule: &Rule, request: &DecisionRequest<'_>) -> Option<bool>
             .value(key)
             .is_some_and(|v| values.iter().any(|x| x == v))
     });
-    let arguments_method_ok = rule.arguments.is_none()
-        || ["tools/call", "prompts/get"].contains(&request.method);
+    let arguments_method_ok =
+        rule.arguments.is_none() || ["tools/call", "prompts/get"].contains(&request.method);
     if !(caller_ok && method_ok && name_ok && when_ok && arguments_method_ok) {
         return None;
     }
@@ -674,14 +750,38 @@ impl Choices {
     }
 
     fn some<T: Clone>(&mut self, items: &[T], percent: u64) -> Option<Vec<T>> {
-        self.chance(percent)
-            .then(|| (0..1 + self.next() % 2).map(|_| self.pick(items).clone()).collect())
+        self.chance(percent).then(|| {
+            (0..1 + self.next() % 2)
+                .map(|_| self.pick(items).clone())
+                .collect()
+        })
     }
 }
 
-const TOOLS: [&str; 7] = ["read_file", "read_dir", "write_file", "delete_file", "list_dir", "search", "日本"];
-const TOOL_PATTERNS: [&str; 8] = ["read_*", "*_file", "*", "?ead_file", "list_dir", "search", "*_d*", "日?"];
-const URIS: [&str; 3] = ["file:///srv/a.txt", "file:///srv/b/c.txt", "file:///etc/hosts"];
+const TOOLS: [&str; 7] = [
+    "read_file",
+    "read_dir",
+    "write_file",
+    "delete_file",
+    "list_dir",
+    "search",
+    "日本",
+];
+const TOOL_PATTERNS: [&str; 8] = [
+    "read_*",
+    "*_file",
+    "*",
+    "?ead_file",
+    "list_dir",
+    "search",
+    "*_d*",
+    "日?",
+];
+const URIS: [&str; 3] = [
+    "file:///srv/a.txt",
+    "file:///srv/b/c.txt",
+    "file:///etc/hosts",
+];
 const URI_PATTERNS: [&str; 4] = ["file:///srv/*", "file:///srv/a.txt", "*", "*.txt"];
 const METHOD_PATTERNS: [&str; 8] = [
     "*",
@@ -710,16 +810,23 @@ fn strings(items: &[&str]) -> Vec<String> {
 
 fn generated_rule(choices: &mut Choices, index: usize) -> Rule {
     let arguments = choices
-        .chance(20)
+        .chance(40)
         .then(|| json!({ "properties": { "n": { "maximum": 5 } } }));
     let mut when = BTreeMap::new();
     if choices.chance(15) {
-        when.insert("step".to_owned(), strings(&["a", "b"])[..1 + index % 2].to_vec());
+        when.insert(
+            "step".to_owned(),
+            strings(&["a", "b"])[..1 + index % 2].to_vec(),
+        );
     }
     Rule {
         id: format!("r{index}"),
         description: "generated".to_owned(),
-        effect: if choices.chance(30) { Effect::Deny } else { Effect::Allow },
+        effect: if choices.chance(10) {
+            Effect::Deny
+        } else {
+            Effect::Allow
+        },
         principals: choices.some(&strings(&["alice", "bob", "carol"]), 25),
         roles: choices.some(&strings(&["support", "developer"]), 25),
         methods: choices
@@ -751,7 +858,9 @@ fn generated_policy(choices: &mut Choices, rule_count: usize) -> Policy {
         },
         "servers": { "fs": { "command": ["x"] } }
     });
-    let mut policy = Policy::from_json_str(&text.to_string(), Path::new("t")).unwrap().policy;
+    let mut policy = Policy::from_json_str(&text.to_string(), Path::new("t"))
+        .unwrap()
+        .policy;
     policy.servers.get_mut("fs").unwrap().rules = rules;
     policy
 }
@@ -759,10 +868,17 @@ fn generated_policy(choices: &mut Choices, rule_count: usize) -> Policy {
 #[test]
 fn the_indexed_evaluator_agrees_with_the_reference_on_generated_policies() {
     let mut choices = Choices(0x9e37_79b9_7f4a_7c15);
-    let arguments = [json!({ "n": 3 }), json!({ "n": 9 }), json!({})];
+    let arguments = [
+        json!({ "n": 3 }),
+        json!({ "n": 9 }),
+        json!({ "n": 7 }),
+        json!({}),
+    ];
     let contexts: [&[(&str, &str)]; 3] = [&[], &[("step", "a")], &[("step", "b")]];
+    // How often each kind of outcome came up, so the test shows it exercised them all.
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     for round in 0..20 {
-        let policy = generated_policy(&mut choices, 5 + round * 10);
+        let policy = generated_policy(&mut choices, 2 + round * 2);
         let rules = &policy.servers["fs"].rules;
         let compiled = CompiledPolicy::compile(&policy).unwrap();
         for _ in 0..400 {
@@ -780,8 +896,20 @@ fn the_indexed_evaluator_agrees_with_the_reference_on_generated_policies() {
             request.name = name;
             request.arguments = choices.chance(70).then(|| choices.pick(&arguments));
             let decision = compiled.decide(&request);
+            let kind = match &decision.reason {
+                DecisionReason::Rule {
+                    effect: Effect::Allow,
+                    ..
+                } => "allow",
+                DecisionReason::Rule { .. } => "deny by rule",
+                DecisionReason::ArgumentsRejected { .. } => "arguments rejected",
+                _ => "default deny",
+            };
+            *seen.entry(kind).or_default() += 1;
             let got = (decision.effect, decision.rule.map(str::to_owned));
             assert_eq!(got, reference_decision(rules, &request), "{request:?}");
         }
     }
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(seen.values().all(|&count| count >= 30), "{seen:?}");
 }

@@ -34,7 +34,10 @@ impl Context for NoContext {
 }
 
 /// The value of `key` in a list of pairs (the first, if listed twice).
-fn value_in_pairs<'p, K: AsRef<str>, V: AsRef<str>>(pairs: &'p [(K, V)], key: &str) -> Option<&'p str> {
+fn value_in_pairs<'p, K: AsRef<str>, V: AsRef<str>>(
+    pairs: &'p [(K, V)],
+    key: &str,
+) -> Option<&'p str> {
     pairs
         .iter()
         .find(|(k, _)| k.as_ref() == key)

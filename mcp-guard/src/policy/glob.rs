@@ -131,7 +131,11 @@ impl<T: Copy> PatternIndex<T> {
             .for_each_match(text, |len| text.get(..len), &mut visit);
         self.by_suffix.for_each_match(
             text,
-            |len| text.len().checked_sub(len).and_then(|start| text.get(start..)),
+            |len| {
+                text.len()
+                    .checked_sub(len)
+                    .and_then(|start| text.get(start..))
+            },
             &mut visit,
         );
         for (pattern, value) in &self.unanchored {

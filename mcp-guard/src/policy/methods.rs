@@ -90,9 +90,15 @@ pub fn named_slot(method: &str) -> Option<usize> {
 
 /// True for a method this build knows by name.
 pub fn is_known(method: &str) -> bool {
-    is_plumbing(method)
-        || named_slot(method).is_some()
-        || OTHER_KNOWN_METHODS.contains(&method)
+    known_methods().any(|known| known == method)
+}
+
+/// Every method this build knows by name.
+pub fn known_methods() -> impl Iterator<Item = &'static str> {
+    PLUMBING_METHODS
+        .into_iter()
+        .chain(NAMED_METHODS.into_iter().map(|(method, _)| method))
+        .chain(OTHER_KNOWN_METHODS)
 }
 
 #[cfg(test)]

@@ -203,9 +203,7 @@ pub struct ServerPolicy {
 }
 
 /// How many server processes mcp-guard spawns for a `command`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
     /// One process per agent session, ended with the session.
@@ -243,13 +241,15 @@ pub struct Rule {
     pub effect: Effect,
 
     /// Principals the rule applies to, by name (entries of the top-level `principals`).
-    /// Absent: every principal. With `roles` as well, a caller matching either is enough.
+    /// With `roles` as well, a caller matching either list is enough; with neither, the
+    /// rule applies to every caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1), extend("items" = { "type": "string", "pattern": PRINCIPAL_PATTERN }))]
     pub principals: Option<Vec<String>>,
 
-    /// Roles the rule applies to: a caller holding any of them matches. Absent: every role.
-    /// With `principals` as well, a caller matching either is enough.
+    /// Roles the rule applies to: a caller holding any of them matches. With `principals`
+    /// as well, a caller matching either list is enough; with neither, the rule applies to
+    /// every caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1), extend("items" = { "type": "string", "pattern": PRINCIPAL_PATTERN }))]
     pub roles: Option<Vec<String>>,
@@ -301,9 +301,7 @@ fn default_methods() -> Vec<String> {
 }
 
 /// What a rule does to the requests it applies to, and what a decision came to.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Effect {
     /// The request goes on to the server.

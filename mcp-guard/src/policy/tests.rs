@@ -138,7 +138,10 @@ fn the_example_policy_declares_principals_and_rules() {
     let policy = Policy::from_json_str(EXAMPLE, Path::new("examples/policy.json"))
         .unwrap()
         .policy;
-    assert_eq!(policy.daemon.listen, Some("127.0.0.1:8080".parse().unwrap()));
+    assert_eq!(
+        policy.daemon.listen,
+        Some("127.0.0.1:8080".parse().unwrap())
+    );
     assert_eq!(policy.daemon.principal.as_deref(), Some("local-dev"));
     assert_eq!(policy.principals["local-dev"].roles, ["developer"]);
     let ids: Vec<&str> = policy.servers["everything"]
@@ -215,7 +218,9 @@ fn a_policy_with_rules_loads_with_defaults_filled_in() {
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     let policy = loaded.policy;
     assert_eq!(
-        policy.principals["alice@example.com"].description.as_deref(),
+        policy.principals["alice@example.com"]
+            .description
+            .as_deref(),
         Some("Support engineer")
     );
     assert!(policy.principals["ci-bot"].roles.is_empty());
@@ -262,7 +267,12 @@ fn a_policy_with_rules_serialises_back_to_an_equal_policy() {
     value["servers"]["fetch"]["isolation"] = json!("shared");
     let policy = load_value(value).unwrap().policy;
     let text = serde_json::to_string(&policy).unwrap();
-    assert_eq!(load_value(serde_json::from_str(&text).unwrap()).unwrap().policy, policy);
+    assert_eq!(
+        load_value(serde_json::from_str(&text).unwrap())
+            .unwrap()
+            .policy,
+        policy
+    );
 }
 
 // --- parse errors carry the JSON path ---
@@ -768,7 +778,11 @@ fn a_bad_principal_name_is_refused() {
 fn bad_and_duplicate_roles_are_refused() {
     let mut policy = valid_with_rules();
     policy["principals"]["ci-bot"]["roles"] = json!(["ci", "ci"]);
-    assert_error_at(policy, "principals.ci-bot.roles[1]", "duplicate role \"ci\"");
+    assert_error_at(
+        policy,
+        "principals.ci-bot.roles[1]",
+        "duplicate role \"ci\"",
+    );
 
     let mut policy = valid_with_rules();
     mcp_rule(&mut policy, 1)["roles"] = json!(["support", "on call"]);
@@ -895,6 +909,18 @@ fn a_misspelt_method_is_a_warning() {
 }
 
 #[test]
+fn a_pattern_matching_no_known_method_is_a_warning() {
+    let mut policy = valid_with_rules();
+    mcp_rule(&mut policy, 0)["methods"] = json!(["tool/*"]);
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "servers.fetch.rules[0].methods[0]");
+    assert!(
+        warning.message.contains("matches no MCP method"),
+        "{warning}"
+    );
+}
+
+#[test]
 fn a_plumbing_method_in_a_rule_is_a_warning() {
     let mut policy = valid_with_rules();
     mcp_rule(&mut policy, 0)["methods"] = json!(["tools/list", "ping"]);
@@ -955,7 +981,10 @@ fn a_server_with_neither_command_nor_url_is_a_warning() {
         .remove("command");
     let warning = only_warning(policy);
     assert_eq!(warning.path, "servers.fetch");
-    assert!(warning.message.contains("neither `command` nor `url`"), "{warning}");
+    assert!(
+        warning.message.contains("neither `command` nor `url`"),
+        "{warning}"
+    );
 }
 
 #[test]
@@ -1010,7 +1039,11 @@ fn compiling_an_invalid_built_policy_is_refused_with_paths() {
     };
     assert_eq!(problems.len(), 1);
     assert_eq!(problems[0].path, "servers.fetch.rules[1].id");
-    assert!(error.to_string().starts_with("invalid policy: servers.fetch.rules[1].id: duplicate"));
+    assert!(
+        error
+            .to_string()
+            .starts_with("invalid policy: servers.fetch.rules[1].id: duplicate")
+    );
 }
 
 #[test]
@@ -1154,7 +1187,12 @@ fn the_schema_describes_principals_and_rules() {
         assert!(server[field].is_object(), "{field}");
     }
     let daemon = &schema["$defs"]["DaemonSettings"]["properties"];
-    for field in ["principal", "max_message_bytes", "max_batch_size", "max_json_depth"] {
+    for field in [
+        "principal",
+        "max_message_bytes",
+        "max_batch_size",
+        "max_json_depth",
+    ] {
         assert!(daemon[field]["description"].is_string(), "{field}");
     }
 }
@@ -1163,6 +1201,9 @@ fn the_schema_describes_principals_and_rules() {
 fn the_example_policy_satisfies_the_published_schema() {
     let schema = jsonschema::validator_for(&json_schema()).unwrap();
     let example: Value = serde_json::from_str(EXAMPLE).unwrap();
-    let errors: Vec<String> = schema.iter_errors(&example).map(|e| e.to_string()).collect();
+    let errors: Vec<String> = schema
+        .iter_errors(&example)
+        .map(|e| e.to_string())
+        .collect();
     assert!(errors.is_empty(), "{errors:#?}");
 }

@@ -171,7 +171,12 @@ fn check_server(
     }
     check_launch(&path, server, problems);
     if let Some(principal) = &server.principal {
-        check_principal_ref(&format!("{path}.principal"), principal, principals, problems);
+        check_principal_ref(
+            &format!("{path}.principal"),
+            principal,
+            principals,
+            problems,
+        );
     }
     check_env(&path, server, problems);
     check_egress(&path, &server.egress, problems);
@@ -481,7 +486,12 @@ mod tests {
 
     #[test]
     fn principal_names_allow_email_and_urn_characters() {
-        for good in ["alice", "alice@example.com", "spiffe:team:svc", &"p".repeat(128)] {
+        for good in [
+            "alice",
+            "alice@example.com",
+            "spiffe:team:svc",
+            &"p".repeat(128),
+        ] {
             assert!(is_valid_principal_name(good), "{good}");
         }
         for bad in ["", "a b", "a/b", "ünï", &"p".repeat(129)] {
@@ -493,8 +503,16 @@ mod tests {
     fn upstream_urls_must_be_http_with_a_host() {
         assert_eq!(check_url("http://127.0.0.1:3001/mcp"), Ok(()));
         assert_eq!(check_url("https://mcp.example.com/mcp"), Ok(()));
-        assert!(check_url("ftp://example.com/").unwrap_err().contains("http or https"));
-        assert!(check_url("example.com/mcp").unwrap_err().contains("is not a URL"));
+        assert!(
+            check_url("ftp://example.com/")
+                .unwrap_err()
+                .contains("http or https")
+        );
+        assert!(
+            check_url("example.com/mcp")
+                .unwrap_err()
+                .contains("is not a URL")
+        );
         assert!(check_url("http://").is_err());
     }
 

@@ -103,7 +103,9 @@ fn check_callers(path: &str, rule: &Rule, principals: &Principals, problems: &mu
 fn empty_list(path: &str, what: &str) -> Problem {
     Problem::error(
         path,
-        format!("is empty, so the rule applies to no {what}: leave it out to apply to every {what}"),
+        format!(
+            "is empty, so the rule applies to no {what}: leave it out to apply to every {what}"
+        ),
     )
 }
 
@@ -132,6 +134,16 @@ fn check_methods(path: &str, patterns: &[String], problems: &mut Vec<Problem>) {
                 format!(
                     "\"{method}\" is not an MCP method mcp-guard knows: check the spelling \
                      (such as \"tools/call\")"
+                ),
+            ));
+        } else if glob::is_pattern(method)
+            && !methods::known_methods().any(|known| glob::matches(method, known))
+        {
+            problems.push(Problem::warning(
+                item_path,
+                format!(
+                    "pattern \"{method}\" matches no MCP method mcp-guard knows: check the \
+                     spelling (such as \"tools/*\")"
                 ),
             ));
         }
@@ -191,9 +203,9 @@ fn never_applies(rule: &Rule) -> String {
     let limits = format!("{} limits it to {}", fields.join(" and "), named.join(", "));
     let takes_arguments = named.iter().any(|method| ARGUMENT_METHODS.contains(method));
     match (rule.arguments.is_some(), takes_arguments) {
-        (true, false) => format!(
-            "never applies: {limits}, but `arguments` limits it to {arguments_methods}"
-        ),
+        (true, false) => {
+            format!("never applies: {limits}, but `arguments` limits it to {arguments_methods}")
+        }
         (true, true) => format!(
             "never applies: {limits}, and `arguments` to {arguments_methods}, which `methods` \
              does not match"

@@ -247,7 +247,7 @@ impl Proxy {
             }
         }
         let decision = policy.decide(&decision_request);
-        let rule = decision.rule.unwrap_or("default").to_owned();
+        let rule = rule_label(decision.rule, decision.effect);
         self.metrics
             .request_duration
             .with_label_values(&[&session.server, "policy"])
@@ -367,7 +367,7 @@ impl Proxy {
             arguments: None,
             context: &caller.context,
         });
-        let rule = decision.rule.unwrap_or("default").to_owned();
+        let rule = rule_label(decision.rule, decision.effect);
         let verdict = if decision.effect == Effect::Allow { "allow" } else { "deny" };
         self.metrics
             .decisions
@@ -445,6 +445,16 @@ pub(crate) enum ToolCheck {
     Unknown,
     Invalid(String),
     Upstream(String),
+}
+
+/// The rule id for logs and metrics: plumbing passes as `protocol`, and a refusal no rule
+/// made is the `default-deny`.
+fn rule_label(rule: Option<&str>, effect: Effect) -> String {
+    match (rule, effect) {
+        (Some(rule), _) => rule.to_owned(),
+        (None, Effect::Allow) => "protocol".into(),
+        (None, Effect::Deny) => "default-deny".into(),
+    }
 }
 
 /// The tool, prompt or resource a request is about.

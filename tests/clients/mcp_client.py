@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""A real MCP client for the integration tests: the official Python SDK (`mcp` 2.x) driving one
+server over stdio or Streamable HTTP through a script of operations.
+
+Run it with the peers venv's python (see PEERS.md):
+
+    <peers>/venv/bin/python tests/clients/mcp_client.py \
+        --transport http --url http://127.0.0.1:PORT/mcp \
+        [--protocol-version auto|2025-06-18|2025-11-25|2026-07-28] \
+        [--header 'Name: value']... [--timeout SECONDS] [--no-output-validation] \
+        --script FILE|-
+
+    <peers>/venv/bin/python tests/clients/mcp_client.py \
+        --transport stdio [--env KEY=VALUE]... [--cwd DIR] \
+        [--protocol-version ...] --script FILE|- \
+        --command CMD ARGS...            (last: everything after it is the server command)
+
+The script is a JSON list of operations (or `{"ops": [...]}`):
+
+    {"op": "list_tools"}
+    {"op": "call_tool", "name": "echo", "arguments": {"message": "hi"}}
+    {"op": "list_resources"}            {"op": "list_resource_templates"}
+    {"op": "read_resource", "uri": "note://hello"}
+    {"op": "list_prompts"}
+    {"op": "get_prompt", "name": "greet", "arguments": {"name": "Ada"}}
+    {"op": "ping"}                      (handshake-era only; removed in 2026-07-28)
+
+Every operation may carry `"meta": {...}` (sent as the request's `params._meta`, next to the
+keys the SDK stamps itself) and, over HTTP, `"headers": {...}` (added to that operation's HTTP
+requests only), and `"cursor"` for the list operations.
+
+Output, one JSON object per line on stdout:
+
+    {"op": "initialize", "ok": true, "protocol_version": "2025-11-25", "requested": "...",
+     "era": "handshake"|"modern", "server_info": {...}|null, "capabilities": {...}}
+    {"op": "call_tool", "ok": true, "result": {...}}
+    {"op": "call_tool", "ok": false, "error": {"code": -32602, "message": "...", "data": ...}}
+
+A JSON-RPC error (`MCPError`) does not stop the script; any other failure of an operation is
+reported as `"error": {"code": null, "message": "...", "type": "ExceptionClass"}` and the
+script also continues. Exit status: 0 when the client connected (whatever the operations'
+outcomes), 1 when connecting failed (the initialize line then has `"ok": false`), 2 on usage
+errors.
+
+Protocol version (`--protocol-version`):
+  auto        the SDK's default: probe `server/discover`, fall back to `initialize`.
+  2025-11-25  `initialize` handshake offering 2025-11-25 (`Client(mode="legacy")`).
+  2025-06-18  (or any older handshake revision) the same handshake, offering that revision.
+              The SDK always offers its newest handshake revision, so the driver rebinds
+              `mcp.client.session.LATEST_HANDSHAKE_VERSION`, the value `initialize()` reads.
+  2026-07-28  stateless: `Client(mode="2026-07-28")` adopts the revision without a probe, then
+              the driver sends one real `server/discover` at that revision and adopts its
+              result, so a server that does not speak 2026-07-28 fails the connect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+import anyio
+import mcp.client.session as sdk_session
+import mcp_types as types
+from mcp import Client
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+
+LIST_OPS = {
+    "list_tools": "list_tools",
+    "list_resources": "list_resources",
+    "list_resource_templates": "list_resource_templates",
+    "list_prompts": "list_prompts",
+}
+
+
+def emit(record: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+EXCLUDE_UNSET = False
+"""`--wire-fields`: dump only the fields the server sent, not the SDK model's defaults."""
+
+
+def dump(model: Any) -> Any:
+    if model is None:
+        return None
+    if hasattr(model, "model_dump"):
+        return model.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=EXCLUDE_UNSET)
+    return model
+
+
+def error_record(op: str, error: BaseException) -> dict[str, Any]:
+    if isinstance(error, MCPError):
+        return {
+            "op": op,
+            "ok": False,
+            "error": {"code": error.code, "message": error.message, "data": error.data},
+        }
+    return {
+        "op": op,
+        "ok": False,
+        "error": {"code": None, "message": str(error) or repr(error), "type": type(error).__name__},
+    }
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def parse_env(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def load_script(source: str) -> list[dict[str, Any]]:
+    text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()
+    script = json.loads(text)
+    if isinstance(script, dict):
+        script = script.get("ops")
+    if not isinstance(script, list) or not all(isinstance(op, dict) and "op" in op for op in script):
+        raise ValueError('the script must be a JSON list of {"op": ...} objects (or {"ops": [...]})')
+    return script
+
+
+class ScopedHeaders:
+    """Adds an operation's extra headers to the shared HTTP client while the operation runs.
+
+    Operations run one at a time, so mutating the client's default headers scopes them to the
+    requests of exactly that operation.
+    """
+
+    def __init__(self, http_client: Any | None, headers: dict[str, str] | None):
+        self.http_client = http_client
+        self.headers = headers or {}
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> None:
+        if self.http_client is None:
+            return
+        for name, value in self.headers.items():
+            self.saved[name] = self.http_client.headers.get(name)
+            self.http_client.headers[name] = str(value)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.http_client is None:
+            return
+        for name, value in self.saved.items():
+            if value is None:
+                del self.http_client.headers[name]
+            else:
+                self.http_client.headers[name] = value
+
+
+async def run_op(client: Client, op: dict[str, Any]) -> Any:
+    kind = op["op"]
+    meta = op.get("meta")
+    if kind in LIST_OPS:
+        method = getattr(client, LIST_OPS[kind])
+        return await method(cursor=op.get("cursor"), meta=meta)
+    if kind == "call_tool":
+        return await client.call_tool(op["name"], op.get("arguments"), meta=meta)
+    if kind == "read_resource":
+        return await client.read_resource(op["uri"], meta=meta)
+    if kind == "get_prompt":
+        return await client.get_prompt(op["name"], op.get("arguments"), meta=meta)
+    if kind == "ping":
+        return await client.session.send_ping(meta=meta)
+    raise ValueError(f"unknown op {kind!r}")
+
+
+def connect_mode(version: str) -> str:
+    if version == "auto":
+        return "auto"
+    if version in MODERN_PROTOCOL_VERSIONS:
+        return version
+    if version in HANDSHAKE_PROTOCOL_VERSIONS:
+        # The SDK offers its newest handshake revision; make `initialize()` offer this one.
+        sdk_session.LATEST_HANDSHAKE_VERSION = version
+        return "legacy"
+    raise SystemExit(
+        f"mcp_client.py: unknown --protocol-version {version!r}; "
+        f"use auto or one of {list(HANDSHAKE_PROTOCOL_VERSIONS + MODERN_PROTOCOL_VERSIONS)}"
+    )
+
+
+async def rediscover(session: ClientSession, version: str) -> None:
+    """Replaces the synthesized discover result of a pinned modern mode with the server's own."""
+    raw = await session.send_discover(version)
+    session.adopt(types.DiscoverResult.model_validate(raw))
+
+
+def initialize_record(client: Client, requested: str) -> dict[str, Any]:
+    session = client.session
+    era = "modern" if session.discover_result is not None else "handshake"
+    return {
+        "op": "initialize",
+        "ok": True,
+        "protocol_version": client.protocol_version,
+        "requested": requested,
+        "era": era,
+        "server_info": dump(client.server_info),
+        "capabilities": dump(client.server_capabilities),
+    }
+
+
+async def drive(args: argparse.Namespace, script: list[dict[str, Any]]) -> int:
+    mode = connect_mode(args.protocol_version)
+    http_client = None
+    if args.transport == "http":
+        http_client = create_mcp_http_client(headers=dict(args.header))
+        server: Any = streamable_http_client(args.url, http_client=http_client)
+    else:
+        env = dict(os.environ)
+        env.update(dict(args.env))
+        server = StdioServerParameters(command=args.command[0], args=args.command[1:], env=env, cwd=args.cwd)
+
+    client = Client(
+        server,
+        mode=mode,
+        cache=None,  # every operation must reach the wire
+        read_timeout_seconds=args.timeout,
+        client_info=types.Implementation(name="mcp-guard-tests", version="0"),
+    )
+    try:
+        async with http_client if http_client is not None else _nullcontext():
+            async with client:
+                try:
+                    with anyio.fail_after(args.timeout):
+                        if mode in MODERN_PROTOCOL_VERSIONS:
+                            await rediscover(client.session, mode)
+                except Exception as error:  # noqa: BLE001 - reported, then the client exits
+                    emit(error_record("initialize", error))
+                    return 1
+                emit(initialize_record(client, args.protocol_version))
+                for op in script:
+                    try:
+                        with ScopedHeaders(http_client, op.get("headers")), anyio.fail_after(args.timeout):
+                            result = await run_op(client, op)
+                        emit({"op": op["op"], "ok": True, "result": dump(result)})
+                    except Exception as error:  # noqa: BLE001 - one failed op must not end the script
+                        emit(error_record(op["op"], error))
+    except Exception as error:  # noqa: BLE001
+        if args.verbose:
+            traceback.print_exc()
+        emit(error_record("initialize", _unwrap(error)))
+        return 1
+    return 0
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The first real cause inside anyio's exception groups."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
+class _nullcontext:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--transport", choices=["stdio", "http"], required=True)
+    parser.add_argument("--url", help="Streamable HTTP endpoint (http transport)")
+    parser.add_argument(
+        "--command",
+        nargs=argparse.REMAINDER,
+        help="server command and its arguments (stdio transport); must come last",
+    )
+    parser.add_argument("--protocol-version", default="auto")
+    parser.add_argument("--script", default="-", help="JSON file of operations, or - for stdin")
+    parser.add_argument("--header", type=parse_header, action="append", default=[], help="'Name: value' for every HTTP request")
+    parser.add_argument("--env", type=parse_env, action="append", default=[], help="KEY=VALUE for the stdio server")
+    parser.add_argument("--cwd", help="working directory of the stdio server")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per operation (and for connecting)")
+    parser.add_argument(
+        "--no-output-validation",
+        action="store_true",
+        help="do not validate structuredContent against outputSchema; the SDK otherwise sends its "
+        "own tools/list before the first call of a tool it has not listed",
+    )
+    parser.add_argument(
+        "--wire-fields",
+        action="store_true",
+        help="print only result fields the server sent (exclude_unset), not defaults the SDK's "
+        "models add such as isError=false, resultType, ttlMs, cacheScope",
+    )
+    parser.add_argument("--verbose", action="store_true", help="tracebacks on stderr")
+    args = parser.parse_args()
+
+    if args.transport == "http" and not args.url:
+        parser.error("--transport http needs --url")
+    if args.transport == "stdio" and not args.command:
+        parser.error("--transport stdio needs --command CMD ARGS... (last)")
+    global EXCLUDE_UNSET
+    EXCLUDE_UNSET = args.wire_fields
+    if args.no_output_validation:
+
+        async def skip_validation(self: ClientSession, name: str, result: Any) -> None:
+            return None
+
+        ClientSession.validate_tool_result = skip_validation  # type: ignore[method-assign]
+
+    try:
+        script = load_script(args.script)
+    except (OSError, ValueError) as error:
+        print(f"mcp_client.py: bad script: {error}", file=sys.stderr)
+        return 2
+    return anyio.run(drive, args, script)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
