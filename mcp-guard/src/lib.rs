@@ -9,6 +9,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod egress;
+pub mod identity;
 pub mod logging;
 pub mod mcp;
 pub mod metrics;

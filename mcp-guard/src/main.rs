@@ -9,11 +9,11 @@ use clap::Parser;
 use mcp_guard::cli::{
     Cli, Command, EgressCommand, ExecArgs, PathArgs, PinArgs, PolicyCommand, StdioArgs,
 };
-use mcp_guard::metrics::Metrics;
-use mcp_guard::proxy::{Caller, Placement, Proxy};
 use mcp_guard::daemon::{self, Overrides, RunOptions};
 use mcp_guard::egress::{self, EgressLayout, PinLayout, spawn};
+use mcp_guard::metrics::Metrics;
 use mcp_guard::policy::{CompiledPolicy, DaemonSettings, Policy, PolicyError};
+use mcp_guard::proxy::{Caller, Placement, Proxy};
 use mcp_guard::{control, logging};
 
 fn main() -> ExitCode {
@@ -135,10 +135,13 @@ async fn stdio_front(args: StdioArgs) -> Result<()> {
     }
     let policy = loaded.policy;
     let compiled = CompiledPolicy::compile(&policy)?;
-    let server = policy
-        .servers
-        .get(&args.server)
-        .with_context(|| format!("no server named {:?} in {}", args.server, args.policy.display()))?;
+    let server = policy.servers.get(&args.server).with_context(|| {
+        format!(
+            "no server named {:?} in {}",
+            args.server,
+            args.policy.display()
+        )
+    })?;
     let principal = args
         .principal
         .clone()

@@ -70,16 +70,35 @@ pub fn meta_session(incoming: &Incoming) -> Option<String> {
 /// intermediary that routes on them must see what the server will execute.
 pub fn check_routing_headers(
     incoming: &Incoming,
+    protocol_version: Option<&str>,
     mcp_method: Option<&str>,
     mcp_name: Option<&str>,
 ) -> Result<(), String> {
     let Some((method, params)) = single_request(incoming) else {
         return Ok(());
     };
+    let meta_version = meta(incoming).and_then(|meta| {
+        META_VERSION_KEYS
+            .iter()
+            .find_map(|key| meta.get(*key)?.as_str())
+    });
+    if let (Some(header), Some(body)) = (protocol_version, meta_version)
+        && header != body
+    {
+        return Err(format!(
+            "MCP-Protocol-Version header {header:?} does not match params._meta protocol version {body:?}"
+        ));
+    }
     match mcp_method {
-        None => return Err(format!("missing Mcp-Method header (body method is {method:?})")),
+        None => {
+            return Err(format!(
+                "missing Mcp-Method header (body method is {method:?})"
+            ));
+        }
         Some(header) if header != method => {
-            return Err(format!("Mcp-Method header {header:?} does not match body method {method:?}"));
+            return Err(format!(
+                "Mcp-Method header {header:?} does not match body method {method:?}"
+            ));
         }
         Some(_) => {}
     }
@@ -116,14 +135,21 @@ mod tests {
 
     #[test]
     fn routing_headers_must_match_the_body() {
-        let call = incoming(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#);
-        assert!(check_routing_headers(&call, Some("tools/call"), Some("echo")).is_ok());
-        assert!(check_routing_headers(&call, Some("tools/list"), Some("echo")).is_err());
-        assert!(check_routing_headers(&call, Some("tools/call"), Some("write")).is_err());
-        assert!(check_routing_headers(&call, None, Some("echo")).is_err());
-        assert!(check_routing_headers(&call, Some("tools/call"), None).is_err());
-        let list = incoming(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#);
-        assert!(check_routing_headers(&list, Some("tools/list"), None).is_ok());
+        let call =
+            incoming(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#);
+        let check = |method, name| check_routing_headers(&call, None, method, name);
+        assert!(check(Some("tools/call"), Some("echo")).is_ok());
+        assert!(check(Some("tools/list"), Some("echo")).is_err());
+        assert!(check(Some("tools/call"), Some("write")).is_err());
+        assert!(check(None, Some("echo")).is_err());
+        assert!(check(Some("tools/call"), None).is_err());
+        let list = incoming(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#,
+        );
+        assert!(check_routing_headers(&list, Some("2026-07-28"), Some("tools/list"), None).is_ok());
+        assert!(
+            check_routing_headers(&list, Some("2025-11-25"), Some("tools/list"), None).is_err()
+        );
     }
 
     #[test]

@@ -49,7 +49,11 @@ impl ToolCatalog {
             None => Ok(()),
             Some(error) => {
                 let path = error.instance_path.to_string();
-                let at = if path.is_empty() { "(root)".to_owned() } else { path };
+                let at = if path.is_empty() {
+                    "(root)".to_owned()
+                } else {
+                    path
+                };
                 Err(format!("{at}: {error}"))
             }
         })
@@ -70,7 +74,10 @@ mod tests {
             json!({"name": "free"}),
         ]);
         assert_eq!(catalog.check("add", &json!({"a": 1, "b": 2})), Some(Ok(())));
-        let problem = catalog.check("add", &json!({"a": "x", "b": 2})).unwrap().unwrap_err();
+        let problem = catalog
+            .check("add", &json!({"a": "x", "b": 2}))
+            .unwrap()
+            .unwrap_err();
         assert!(problem.contains("/a"), "{problem}");
         assert_eq!(catalog.check("free", &json!({"any": 1})), Some(Ok(())));
         assert_eq!(catalog.check("missing", &json!({})), None);

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::egress::Egress;
+use crate::identity::{CallIdentity, TransportHints};
 
 /// Where server processes start: in a guarded cgroup of this daemon's egress enforcement, in
 /// one a running daemon hands out over its control socket (the stdio front), or unconfined.
@@ -25,7 +26,9 @@ pub enum Placement {
     Remote(std::path::PathBuf),
     Unconfined,
 }
-use crate::mcp::jsonrpc::{self, Id, Incoming, Limits, Message, Notification, Request, RpcError, codes};
+use crate::mcp::jsonrpc::{
+    self, Id, Incoming, Limits, Message, Notification, Request, RpcError, codes,
+};
 use crate::metrics::Metrics;
 use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Policy};
 use crate::upstream::UpstreamError;
@@ -51,7 +54,12 @@ pub enum ProxyError {
 const LISTS: [(&str, &str, &str, &str); 4] = [
     ("tools/list", "tools", "tools/call", "name"),
     ("resources/list", "resources", "resources/read", "uri"),
-    ("resources/templates/list", "resourceTemplates", "resources/read", "uriTemplate"),
+    (
+        "resources/templates/list",
+        "resourceTemplates",
+        "resources/read",
+        "uriTemplate",
+    ),
     ("prompts/list", "prompts", "prompts/get", "name"),
 ];
 
@@ -151,15 +159,8 @@ impl Proxy {
             (None, None) => return Err(ProxyError::NotSpawnable(server.to_owned())),
         };
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-        let session = session::start(
-            self,
-            server,
-            id.clone(),
-            caller,
-            target,
-            &self.placement,
-        )
-        .await?;
+        let session =
+            session::start(self, server, id.clone(), caller, target, &self.placement).await?;
         self.sessions.lock().await.insert(id, session.clone());
         self.metrics.active_sessions.inc();
         Ok(session)
@@ -167,13 +168,18 @@ impl Proxy {
 
     /// Handles what an agent sent: one message or a batch. Returns what to answer (`None` when
     /// it held no request).
-    pub async fn handle(&self, session: &Arc<AgentSession>, incoming: Incoming) -> Option<Value> {
+    pub async fn handle(
+        &self,
+        session: &Arc<AgentSession>,
+        incoming: Incoming,
+        hints: &TransportHints,
+    ) -> Option<Value> {
         match incoming {
-            Incoming::Single(message) => self.handle_message(session, message).await,
+            Incoming::Single(message) => self.handle_message(session, message, hints).await,
             Incoming::Batch(items) => {
                 let answers = futures_util::future::join_all(items.into_iter().map(|item| async {
                     match item {
-                        Ok(message) => self.handle_message(session, message).await,
+                        Ok(message) => self.handle_message(session, message, hints).await,
                         Err(error) => Some(error.to_value()),
                     }
                 }))
@@ -184,15 +190,24 @@ impl Proxy {
         }
     }
 
-    async fn handle_message(&self, session: &Arc<AgentSession>, message: Message) -> Option<Value> {
+    async fn handle_message(
+        &self,
+        session: &Arc<AgentSession>,
+        message: Message,
+        hints: &TransportHints,
+    ) -> Option<Value> {
         match message {
-            Message::Request(request) => Some(self.handle_request(session, request).await),
+            Message::Request(request) => Some(self.handle_request(session, request, hints).await),
             Message::Notification(notification) => {
                 self.handle_notification(session, notification).await;
                 None
             }
             Message::Response(response) => {
-                if let Err(e) = session.upstream().reply(&response.id, response.outcome).await {
+                if let Err(e) = session
+                    .upstream()
+                    .reply(&response.id, response.outcome)
+                    .await
+                {
                     tracing::warn!(session = %session.id, error = %e, "forwarding the agent's response");
                 }
                 None
@@ -200,16 +215,29 @@ impl Proxy {
         }
     }
 
-    async fn handle_request(&self, session: &Arc<AgentSession>, request: Request) -> Value {
+    async fn handle_request(
+        &self,
+        session: &Arc<AgentSession>,
+        mut request: Request,
+        hints: &TransportHints,
+    ) -> Value {
         let started = Instant::now();
-        let id = request.id.clone();
+        let identity = CallIdentity::for_request(request.params.as_ref(), hints);
         let answer = match self.authorise(session, &request).await {
             Err(refusal) => {
-                self.record(session, &request, "deny", &refusal.rule, started);
+                self.record(session, &request, &identity, "deny", &refusal.rule, started);
                 refusal.error.to_value()
             }
             Ok(rule) => {
-                self.record(session, &request, "allow", &rule, started);
+                self.record(session, &request, &identity, "allow", &rule, started);
+                let caller = session.caller();
+                identity.stamp(
+                    &mut request.params,
+                    &session.server,
+                    &session.id,
+                    &caller.principal,
+                );
+                let _in_flight = session.begin_call(&identity);
                 self.forward(session, request).await
             }
         };
@@ -217,12 +245,15 @@ impl Proxy {
             .request_duration
             .with_label_values(&[&session.server, "total"])
             .observe(started.elapsed().as_secs_f64());
-        let _ = id;
         answer
     }
 
     /// Decides one request; `Ok(rule id)` when it may go on.
-    async fn authorise(&self, session: &Arc<AgentSession>, request: &Request) -> Result<String, Refusal> {
+    async fn authorise(
+        &self,
+        session: &Arc<AgentSession>,
+        request: &Request,
+    ) -> Result<String, Refusal> {
         let started = Instant::now();
         let policy = self.policy();
         let params = request.params.as_ref();
@@ -240,9 +271,15 @@ impl Proxy {
         };
         if request.method == "tools/call" {
             let Some(tool) = name else {
-                return Err(Refusal::invalid(&request.id, "tools/call needs params.name"));
+                return Err(Refusal::invalid(
+                    &request.id,
+                    "tools/call needs params.name",
+                ));
             };
-            if !policy.visible(&DecisionRequest { arguments: None, ..decision_request }) {
+            if !policy.visible(&DecisionRequest {
+                arguments: None,
+                ..decision_request
+            }) {
                 return Err(Refusal::unknown_tool(&request.id, tool));
             }
         }
@@ -293,14 +330,18 @@ impl Proxy {
 
     async fn forward(&self, session: &Arc<AgentSession>, request: Request) -> Value {
         let started = Instant::now();
-        let outcome = session.upstream().call(&request.method, request.params).await;
+        let outcome = session
+            .upstream()
+            .call(&request.method, request.params)
+            .await;
         self.metrics
             .request_duration
             .with_label_values(&[&session.server, "upstream"])
             .observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(mut result)) => {
-                self.filter_list(session, &request.method, &mut result).await;
+                self.filter_list(session, &request.method, &mut result)
+                    .await;
                 jsonrpc::result_response(&request.id, result)
             }
             Ok(Err(error)) => json!({"jsonrpc": "2.0", "id": request.id, "error": error}),
@@ -309,7 +350,9 @@ impl Proxy {
                     .upstream_errors
                     .with_label_values(&[&session.server])
                     .inc();
-                Refusal::upstream(&request.id, &e.to_string()).error.to_value()
+                Refusal::upstream(&request.id, &e.to_string())
+                    .error
+                    .to_value()
             }
         }
     }
@@ -355,7 +398,11 @@ impl Proxy {
 
     /// Judges a request the server sent to the agent (sampling, elicitation, roots): refused
     /// ones never reach the agent, and the server gets the error.
-    pub(crate) fn authorise_server_request(&self, session: &AgentSession, request: &Request) -> Result<(), RpcError> {
+    pub(crate) fn authorise_server_request(
+        &self,
+        session: &AgentSession,
+        request: &Request,
+    ) -> Result<(), RpcError> {
         let policy = self.policy();
         let caller = session.caller();
         let decision = policy.decide(&DecisionRequest {
@@ -368,7 +415,11 @@ impl Proxy {
             context: &caller.context,
         });
         let rule = rule_label(decision.rule, decision.effect);
-        let verdict = if decision.effect == Effect::Allow { "allow" } else { "deny" };
+        let verdict = if decision.effect == Effect::Allow {
+            "allow"
+        } else {
+            "deny"
+        };
         self.metrics
             .decisions
             .with_label_values(&[&session.server, &request.method, verdict, &rule])
@@ -385,7 +436,15 @@ impl Proxy {
         .with_data(json!({"rule": rule, "reason": reason})))
     }
 
-    fn record(&self, session: &AgentSession, request: &Request, decision: &str, rule: &str, started: Instant) {
+    fn record(
+        &self,
+        session: &AgentSession,
+        request: &Request,
+        identity: &CallIdentity,
+        decision: &str,
+        rule: &str,
+        started: Instant,
+    ) {
         let method = known_method(&request.method);
         self.metrics
             .decisions
@@ -397,6 +456,9 @@ impl Proxy {
             server = %session.server,
             session = %session.id,
             principal = %session.caller().principal,
+            instruction = identity.instruction.as_deref().unwrap_or(""),
+            trace_id = %identity.trace.trace_id,
+            call_id = %identity.call_id,
             method = %request.method,
             tool,
             decision,
@@ -417,7 +479,11 @@ impl Refusal {
     fn unknown_tool(id: &Id, tool: &str) -> Refusal {
         Refusal {
             rule: "unknown-tool".into(),
-            error: RpcError::new(Some(id.clone()), codes::INVALID_PARAMS, format!("Unknown tool: {tool}")),
+            error: RpcError::new(
+                Some(id.clone()),
+                codes::INVALID_PARAMS,
+                format!("Unknown tool: {tool}"),
+            ),
         }
     }
 
@@ -471,11 +537,30 @@ fn target_name<'a>(method: &str, params: Option<&'a Value>) -> Option<&'a str> {
 /// agent cannot grow the label set.
 fn known_method(method: &str) -> &str {
     const KNOWN: [&str; 20] = [
-        "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
-        "resources/templates/list", "resources/subscribe", "resources/unsubscribe", "prompts/list",
-        "prompts/get", "completion/complete", "logging/setLevel", "server/discover",
-        "sampling/createMessage", "elicitation/create", "roots/list", "tasks/get", "tasks/list",
+        "initialize",
+        "ping",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "server/discover",
+        "sampling/createMessage",
+        "elicitation/create",
+        "roots/list",
+        "tasks/get",
+        "tasks/list",
         "tasks/cancel",
     ];
-    KNOWN.iter().find(|m| **m == method).copied().unwrap_or("other")
+    KNOWN
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
 }

@@ -10,10 +10,11 @@ use tokio::sync::{Mutex, mpsc};
 use super::catalog::ToolCatalog;
 use super::{Placement, Proxy, ProxyError, ToolCheck};
 use crate::control;
-use std::path::PathBuf;
 use crate::egress::Egress;
+use crate::identity::CallIdentity;
 use crate::mcp::jsonrpc::Message;
 use crate::upstream::{self, ServerMessages, Upstream};
+use std::path::PathBuf;
 
 /// Who is calling: the principal, their roles, and context values (e.g. a workflow step)
 /// that rules' `when` conditions read.
@@ -37,6 +38,30 @@ pub struct AgentSession {
     outbox: Mutex<Option<mpsc::Receiver<Value>>>,
     /// The guarded cgroup of the server process, released when the session ends.
     cgroup: Option<PlacedCgroup>,
+    /// Calls forwarded and not yet answered: what a network connection of the server process
+    /// is attributed to.
+    in_flight: std::sync::Mutex<Vec<InFlightCall>>,
+}
+
+/// A forwarded call awaiting its answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlightCall {
+    pub call_id: String,
+    pub instruction: Option<String>,
+    pub trace_id: String,
+}
+
+/// Marks a call in flight until dropped (whatever way the forwarding ends).
+pub struct InFlightGuard<'a> {
+    session: &'a AgentSession,
+    call_id: String,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut calls = self.session.in_flight.lock().expect("in-flight lock");
+        calls.retain(|c| c.call_id != self.call_id);
+    }
 }
 
 /// A session cgroup and who gave it out.
@@ -62,7 +87,15 @@ pub(super) async fn start(
     let (command, env) = match target {
         Target::Url(url) => {
             let (upstream, server_messages) = upstream::http::connect(url, label)?;
-            return Ok(assemble(proxy, server, id, caller, upstream, server_messages, None));
+            return Ok(assemble(
+                proxy,
+                server,
+                id,
+                caller,
+                upstream,
+                server_messages,
+                None,
+            ));
         }
         Target::Command { command, env } => (command, env),
     };
@@ -86,7 +119,15 @@ pub(super) async fn start(
             return Err(e.into());
         }
     };
-    Ok(assemble(proxy, server, id, caller, upstream, server_messages, placed))
+    Ok(assemble(
+        proxy,
+        server,
+        id,
+        caller,
+        upstream,
+        server_messages,
+        placed,
+    ))
 }
 
 /// What a session talks to: a stdio command mcp-guard spawns, or a Streamable HTTP URL.
@@ -116,6 +157,7 @@ fn assemble(
         catalog: Mutex::new(None),
         outbox: Mutex::new(Some(outbox)),
         cgroup,
+        in_flight: std::sync::Mutex::new(Vec::new()),
     });
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
@@ -133,6 +175,27 @@ impl AgentSession {
 
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    /// Records a forwarded call as in flight until the guard is dropped.
+    pub fn begin_call(&self, identity: &CallIdentity) -> InFlightGuard<'_> {
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .push(InFlightCall {
+                call_id: identity.call_id.clone(),
+                instruction: identity.instruction.clone(),
+                trace_id: identity.trace.trace_id.clone(),
+            });
+        InFlightGuard {
+            session: self,
+            call_id: identity.call_id.clone(),
+        }
+    }
+
+    /// The calls in flight right now.
+    pub fn in_flight(&self) -> Vec<InFlightCall> {
+        self.in_flight.lock().expect("in-flight lock").clone()
     }
 
     /// The stream of server-initiated messages for the agent (one taker: the GET stream or
@@ -238,7 +301,12 @@ async fn place(
             let path = answer.cgroup.ok_or(ProxyError::Placement(
                 "the daemon answered without a cgroup".into(),
             ))?;
-            Ok((Some(path), Some(PlacedCgroup::Remote { _connection: connection })))
+            Ok((
+                Some(path),
+                Some(PlacedCgroup::Remote {
+                    _connection: connection,
+                }),
+            ))
         }
     }
 }

@@ -22,6 +22,7 @@ use futures_util::stream::Stream;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::identity::TransportHints;
 use crate::mcp::jsonrpc::{self, Incoming, Message, RpcError, codes};
 use crate::mcp::revision::{self, Revision};
 use crate::proxy::{AgentSession, Caller, Proxy};
@@ -57,7 +58,11 @@ async fn dispatch(
     if !front.proxy.model().servers.contains_key(&name) {
         return rpc_error_response(
             StatusCode::NOT_FOUND,
-            RpcError::new(None, codes::INVALID_REQUEST, format!("no MCP server named {name:?}")),
+            RpcError::new(
+                None,
+                codes::INVALID_REQUEST,
+                format!("no MCP server named {name:?}"),
+            ),
         );
     }
     match method {
@@ -96,15 +101,22 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
     if !accepts(headers, "application/json") && !accepts(headers, "text/event-stream") {
         return rpc_error_response(
             StatusCode::NOT_ACCEPTABLE,
-            RpcError::new(None, codes::INVALID_REQUEST,
-                "Accept must include application/json and/or text/event-stream"),
+            RpcError::new(
+                None,
+                codes::INVALID_REQUEST,
+                "Accept must include application/json and/or text/event-stream",
+            ),
         );
     }
     let content_type = header_str(headers, "content-type").unwrap_or("");
     if !content_type.trim_start().starts_with("application/json") {
         return rpc_error_response(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            RpcError::new(None, codes::INVALID_REQUEST, "Content-Type must be application/json"),
+            RpcError::new(
+                None,
+                codes::INVALID_REQUEST,
+                "Content-Type must be application/json",
+            ),
         );
     }
     let bytes = match axum::body::to_bytes(body, proxy.limits.max_bytes).await {
@@ -112,8 +124,14 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
         Err(_) => {
             return rpc_error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                RpcError::new(None, codes::INVALID_REQUEST, format!(
-                    "message exceeds the limit of {} bytes", proxy.limits.max_bytes)),
+                RpcError::new(
+                    None,
+                    codes::INVALID_REQUEST,
+                    format!(
+                        "message exceeds the limit of {} bytes",
+                        proxy.limits.max_bytes
+                    ),
+                ),
             );
         }
     };
@@ -127,22 +145,27 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
     {
         return rpc_error_response(
             StatusCode::BAD_REQUEST,
-            RpcError::new(None, codes::INVALID_REQUEST, format!(
-                "unsupported MCP-Protocol-Version {version:?} (supported: {})",
-                revision::SUPPORTED.join(", "))),
+            RpcError::new(
+                None,
+                codes::INVALID_REQUEST,
+                format!(
+                    "unsupported MCP-Protocol-Version {version:?} (supported: {})",
+                    revision::SUPPORTED.join(", ")
+                ),
+            ),
         );
     }
-    let session = match find_or_open_session(front, server, headers, &incoming, header_version).await {
-        Ok(session) => session,
-        Err(response) => return response,
-    };
+    let session =
+        match find_or_open_session(front, server, headers, &incoming, header_version).await {
+            Ok(session) => session,
+            Err(response) => return response,
+        };
     let opened_now = is_initialize(&incoming);
-    let answer = proxy.handle(&session, incoming).await;
+    let hints = TransportHints::from_headers(|name| header_str(headers, name));
+    let answer = proxy.handle(&session, incoming, &hints).await;
     let mut response = match answer {
         None => StatusCode::ACCEPTED.into_response(),
-        Some(answer) if accepts(headers, "application/json") => {
-            axum::Json(answer).into_response()
-        }
+        Some(answer) if accepts(headers, "application/json") => axum::Json(answer).into_response(),
         Some(answer) => sse_of_values(answer),
     };
     if opened_now && let Ok(value) = HeaderValue::from_str(&session.id) {
@@ -172,21 +195,31 @@ async fn find_or_open_session(
             Some(session) if session.server == server => Ok(session),
             _ => Err(rpc_error_response(
                 StatusCode::NOT_FOUND,
-                RpcError::new(None, codes::INVALID_REQUEST, "unknown or ended session; initialize again"),
+                RpcError::new(
+                    None,
+                    codes::INVALID_REQUEST,
+                    "unknown or ended session; initialize again",
+                ),
             )),
         };
     }
-    let stateless = header_version.and_then(Revision::parse).is_some_and(Revision::is_stateless)
+    let stateless = header_version
+        .and_then(Revision::parse)
+        .is_some_and(Revision::is_stateless)
         || revision::message_revision(incoming).is_some_and(Revision::is_stateless);
     if !stateless {
         return Err(rpc_error_response(
             StatusCode::BAD_REQUEST,
-            RpcError::new(None, codes::INVALID_REQUEST,
-                "missing Mcp-Session-Id header: send initialize first (or use protocol revision 2026-07-28)"),
+            RpcError::new(
+                None,
+                codes::INVALID_REQUEST,
+                "missing Mcp-Session-Id header: send initialize first (or use protocol revision 2026-07-28)",
+            ),
         ));
     }
     if let Err(problem) = revision::check_routing_headers(
         incoming,
+        header_version,
         header_str(headers, "mcp-method"),
         header_str(headers, "mcp-name"),
     ) {
@@ -207,21 +240,40 @@ async fn find_or_open_session(
     open(front, server, headers, Some(id)).await
 }
 
-async fn open(front: &Front, server: &str, headers: &HeaderMap, id: Option<String>) -> Result<Arc<AgentSession>, Response> {
+async fn open(
+    front: &Front,
+    server: &str,
+    headers: &HeaderMap,
+    id: Option<String>,
+) -> Result<Arc<AgentSession>, Response> {
     let caller = caller_for(front, headers);
-    front.proxy.open_session(server, caller, id).await.map_err(|e| {
-        tracing::error!(server, error = %e, "opening a session");
-        rpc_error_response(
-            StatusCode::BAD_GATEWAY,
-            RpcError::new(None, codes::UPSTREAM_ERROR, format!("could not start the server: {e}")),
-        )
-    })
+    front
+        .proxy
+        .open_session(server, caller, id)
+        .await
+        .map_err(|e| {
+            tracing::error!(server, error = %e, "opening a session");
+            rpc_error_response(
+                StatusCode::BAD_GATEWAY,
+                RpcError::new(
+                    None,
+                    codes::UPSTREAM_ERROR,
+                    format!("could not start the server: {e}"),
+                ),
+            )
+        })
 }
 
 /// Session ids become cgroup names: keep them to a safe alphabet.
 fn sanitise(key: &str) -> String {
     key.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(100)
         .collect()
 }
@@ -230,7 +282,11 @@ fn sanitise(key: &str) -> String {
 /// later), with context values from `MCP-Guard-Context: key=value; key=value`.
 fn caller_for(front: &Front, headers: &HeaderMap) -> Caller {
     let model = front.proxy.model();
-    let principal = model.daemon.principal.clone().unwrap_or_else(|| "anonymous".into());
+    let principal = model
+        .daemon
+        .principal
+        .clone()
+        .unwrap_or_else(|| "anonymous".into());
     let roles = model
         .principals
         .get(&principal)
@@ -244,12 +300,17 @@ fn caller_for(front: &Front, headers: &HeaderMap) -> Caller {
                 .collect()
         })
         .unwrap_or_default();
-    Caller { principal, roles, context }
+    Caller {
+        principal,
+        roles,
+        context,
+    }
 }
 
 /// The answer as a one-event SSE stream (a batch answer stays one JSON array).
 fn sse_of_values(answer: Value) -> Response {
-    let event: Result<Event, Infallible> = Ok(Event::default().event("message").data(answer.to_string()));
+    let event: Result<Event, Infallible> =
+        Ok(Event::default().event("message").data(answer.to_string()));
     Sse::new(futures_util::stream::iter([event])).into_response()
 }
 
@@ -257,13 +318,21 @@ async fn get(front: &Front, server: &str, headers: &HeaderMap) -> Response {
     if !accepts(headers, "text/event-stream") {
         return rpc_error_response(
             StatusCode::NOT_ACCEPTABLE,
-            RpcError::new(None, codes::INVALID_REQUEST, "GET needs Accept: text/event-stream"),
+            RpcError::new(
+                None,
+                codes::INVALID_REQUEST,
+                "GET needs Accept: text/event-stream",
+            ),
         );
     }
     let Some(id) = header_str(headers, SESSION_HEADER) else {
         return rpc_error_response(
             StatusCode::METHOD_NOT_ALLOWED,
-            RpcError::new(None, codes::INVALID_REQUEST, "GET needs an Mcp-Session-Id (stateless revisions have no GET stream)"),
+            RpcError::new(
+                None,
+                codes::INVALID_REQUEST,
+                "GET needs an Mcp-Session-Id (stateless revisions have no GET stream)",
+            ),
         );
     };
     let Some(session) = front.proxy.session(id).await.filter(|s| s.server == server) else {
@@ -275,12 +344,19 @@ async fn get(front: &Front, server: &str, headers: &HeaderMap) -> Response {
     let Some(outbox) = session.take_outbox().await else {
         return rpc_error_response(
             StatusCode::CONFLICT,
-            RpcError::new(None, codes::INVALID_REQUEST, "this session already has an open GET stream"),
+            RpcError::new(
+                None,
+                codes::INVALID_REQUEST,
+                "this session already has an open GET stream",
+            ),
         );
     };
-    Sse::new(OutboxStream { outbox: Some(outbox), session })
-        .keep_alive(axum::response::sse::KeepAlive::default())
-        .into_response()
+    Sse::new(OutboxStream {
+        outbox: Some(outbox),
+        session,
+    })
+    .keep_alive(axum::response::sse::KeepAlive::default())
+    .into_response()
 }
 
 /// Server-initiated messages as SSE; gives the outbox back to the session when the agent
@@ -319,7 +395,11 @@ async fn delete(front: &Front, server: &str, headers: &HeaderMap) -> Response {
     let Some(id) = header_str(headers, SESSION_HEADER) else {
         return rpc_error_response(
             StatusCode::BAD_REQUEST,
-            RpcError::new(None, codes::INVALID_REQUEST, "DELETE needs an Mcp-Session-Id"),
+            RpcError::new(
+                None,
+                codes::INVALID_REQUEST,
+                "DELETE needs an Mcp-Session-Id",
+            ),
         );
     };
     match front.proxy.session(id).await {

@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
+use crate::identity::TransportHints;
 use crate::mcp::jsonrpc;
 use crate::proxy::{AgentSession, Proxy};
 
@@ -40,7 +41,11 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> std::io::Re
         let to_stdout = to_stdout.clone();
         handlers.spawn(async move {
             let answer = match jsonrpc::parse(line.as_bytes(), &proxy.limits) {
-                Ok(incoming) => proxy.handle(&session, incoming).await,
+                Ok(incoming) => {
+                    proxy
+                        .handle(&session, incoming, &TransportHints::default())
+                        .await
+                }
                 Err(error) => Some(error.to_value()),
             };
             if let Some(answer) = answer {

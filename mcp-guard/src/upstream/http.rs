@@ -80,8 +80,13 @@ async fn post(connection: &Connection, message: Value) {
         .client
         .post(&connection.url)
         .header("accept", "application/json, text/event-stream")
-        .header("content-type", "application/json")
-        .body(message.to_string());
+        .header("content-type", "application/json");
+    // The identity mcp-guard stamped into `_meta` travels as headers too (traceparent,
+    // baggage, MCP-Guard-*), for servers and proxies that read headers.
+    for (name, value) in crate::identity::downstream_headers(&message) {
+        request = request.header(name, value);
+    }
+    let mut request = request.body(message.to_string());
     {
         let session = connection.session.read().await;
         if let Some(id) = &session.id {
@@ -97,7 +102,10 @@ async fn post(connection: &Connection, message: Value) {
     };
     let status = response.status();
     if is_initialize
-        && let Some(id) = response.headers().get("mcp-session-id").and_then(|v| v.to_str().ok())
+        && let Some(id) = response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
     {
         connection.session.write().await.id = Some(id.to_owned());
     }
@@ -118,15 +126,33 @@ async fn post(connection: &Connection, message: Value) {
         match response.bytes().await {
             Ok(body) => match serde_json::from_slice::<Value>(&body) {
                 Ok(value) => deliver(connection, value, is_initialize).await,
-                Err(e) => fail(connection, request_id, &format!("response is not JSON: {e}")).await,
+                Err(e) => {
+                    fail(
+                        connection,
+                        request_id,
+                        &format!("response is not JSON: {e}"),
+                    )
+                    .await
+                }
             },
-            Err(e) => fail(connection, request_id, &format!("reading the response: {e}")).await,
+            Err(e) => {
+                fail(
+                    connection,
+                    request_id,
+                    &format!("reading the response: {e}"),
+                )
+                .await
+            }
         }
     }
 }
 
 /// Feeds each SSE `data:` payload to the router as it arrives.
-async fn read_event_stream(connection: &Connection, response: reqwest::Response, is_initialize: bool) {
+async fn read_event_stream(
+    connection: &Connection,
+    response: reqwest::Response,
+    is_initialize: bool,
+) {
     let mut body = response.bytes_stream();
     let mut buffer = String::new();
     while let Some(chunk) = body.next().await {

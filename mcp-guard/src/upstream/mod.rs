@@ -63,7 +63,11 @@ impl Upstream {
     }
 
     /// Sends a request and waits for its outcome.
-    pub async fn call(&self, method: &str, params: Option<Value>) -> Result<Outcome, UpstreamError> {
+    pub async fn call(
+        &self,
+        method: &str,
+        params: Option<Value>,
+    ) -> Result<Outcome, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         self.pending.lock().await.insert(id, sender);
