@@ -91,6 +91,8 @@ struct Enforcement {
     resolver: HostResolver,
     /// The policy in force, re-compiled when its host names resolve differently.
     policy: Policy,
+    /// Kernel events, until the recorder takes them.
+    events: Option<mpsc::Receiver<EgressAttempt>>,
 }
 
 pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
@@ -114,6 +116,9 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         None => Placement::Unconfined,
     };
     let proxy = Proxy::new(loaded.policy.clone(), compiled, placement, metrics.clone());
+    if let Some(events) = enforcement.as_mut().and_then(|e| e.events.take()) {
+        tokio::spawn(record_egress_events(events, metrics.clone(), proxy.clone()));
+    }
     if let Some(addr) = settings.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -245,11 +250,11 @@ async fn start_enforcement(
             }
         });
     }
-    tokio::spawn(record_egress_events(receiver, metrics.clone()));
     Ok(Enforcement {
         egress: Arc::new(Mutex::new(egress)),
         resolver,
         policy: policy.clone(),
+        events: Some(receiver),
     })
 }
 
@@ -371,8 +376,29 @@ async fn export_kernel_gauges(egress: &Mutex<Egress>, metrics: &Metrics) {
 
 /// Until the audit log exists (issue "Identity threading and tamper-evident audit"), each
 /// attempt is a structured log line and a metric.
-async fn record_egress_events(mut events: mpsc::Receiver<EgressAttempt>, metrics: Arc<Metrics>) {
+async fn record_egress_events(
+    mut events: mpsc::Receiver<EgressAttempt>,
+    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
+) {
     while let Some(attempt) = events.recv().await {
+        let calls = match attempt.session.as_deref() {
+            Some(session) => match proxy.session(session).await {
+                Some(session) => session.calls_at(attempt.monotonic_ns),
+                None => Vec::new(),
+            },
+            None => Vec::new(),
+        };
+        let attribution = match calls.len() {
+            0 => "idle",
+            1 => "exact",
+            _ => "ambiguous",
+        };
+        let call_ids: Vec<&str> = calls.iter().map(|c| c.call_id.as_str()).collect();
+        let instructions: Vec<&str> = calls
+            .iter()
+            .filter_map(|c| c.instruction.as_deref())
+            .collect();
         let server = attempt.server.as_deref().unwrap_or("unknown");
         metrics
             .egress_attempts
@@ -398,6 +424,9 @@ async fn record_egress_events(mut events: mpsc::Receiver<EgressAttempt>, metrics
             verdict = %attempt.verdict,
             rule = %attempt.rule,
             hook = %attempt.hook,
+            attribution,
+            call_ids = %call_ids.join(","),
+            instruction = %instructions.join(","),
             at_unix_ms = attempt.at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
             "egress"
         );

@@ -32,7 +32,7 @@ use crate::mcp::jsonrpc::{
 use crate::metrics::Metrics;
 use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Policy};
 use crate::upstream::UpstreamError;
-pub use session::{AgentSession, Caller};
+pub use session::{AgentSession, CallSpan, Caller};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -237,7 +237,7 @@ impl Proxy {
                     &session.id,
                     &caller.principal,
                 );
-                let _in_flight = session.begin_call(&identity);
+                let _running = session.begin_call(&identity);
                 self.forward(session, request).await
             }
         };

@@ -38,30 +38,9 @@ pub struct AgentSession {
     outbox: Mutex<Option<mpsc::Receiver<Value>>>,
     /// The guarded cgroup of the server process, released when the session ends.
     cgroup: Option<PlacedCgroup>,
-    /// Calls forwarded and not yet answered: what a network connection of the server process
-    /// is attributed to.
-    in_flight: std::sync::Mutex<Vec<InFlightCall>>,
-}
-
-/// A forwarded call awaiting its answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InFlightCall {
-    pub call_id: String,
-    pub instruction: Option<String>,
-    pub trace_id: String,
-}
-
-/// Marks a call in flight until dropped (whatever way the forwarding ends).
-pub struct InFlightGuard<'a> {
-    session: &'a AgentSession,
-    call_id: String,
-}
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        let mut calls = self.session.in_flight.lock().expect("in-flight lock");
-        calls.retain(|c| c.call_id != self.call_id);
-    }
+    /// Calls forwarded recently or still running: what a network connection of the server
+    /// process is attributed to.
+    calls: std::sync::Mutex<Vec<CallSpan>>,
 }
 
 /// A session cgroup and who gave it out.
@@ -73,6 +52,55 @@ enum PlacedCgroup {
     },
     /// From a running daemon; it releases the cgroup when this connection closes.
     Remote { _connection: tokio::net::UnixStream },
+}
+
+/// A forwarded call and when it ran, on the kernel's clock (CLOCK_MONOTONIC), so a network
+/// connection the kernel stamped can be matched to the calls running at that instant even
+/// when its event is read later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallSpan {
+    pub call_id: String,
+    pub instruction: Option<String>,
+    pub trace_id: String,
+    pub started_ns: u64,
+    /// `None` while the call is in flight.
+    pub ended_ns: Option<u64>,
+}
+
+impl CallSpan {
+    fn covers(&self, ts_ns: u64) -> bool {
+        self.started_ns <= ts_ns && self.ended_ns.is_none_or(|end| ts_ns <= end)
+    }
+}
+
+/// How long a finished call stays available for attributing late-read kernel events.
+const CALL_SPAN_RETENTION_NS: u64 = 60_000_000_000;
+
+/// Marks a call as running until dropped (whatever way the forwarding ends).
+pub struct CallGuard<'a> {
+    session: &'a AgentSession,
+    call_id: String,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        let now = monotonic_ns();
+        let mut calls = self.session.calls.lock().expect("calls lock");
+        if let Some(call) = calls.iter_mut().find(|c| c.call_id == self.call_id) {
+            call.ended_ns = Some(now);
+        }
+        calls.retain(|c| {
+            c.ended_ns
+                .is_none_or(|end| now - end < CALL_SPAN_RETENTION_NS)
+        });
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the kernel's event timestamps.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 pub(super) async fn start(
@@ -157,7 +185,7 @@ fn assemble(
         catalog: Mutex::new(None),
         outbox: Mutex::new(Some(outbox)),
         cgroup,
-        in_flight: std::sync::Mutex::new(Vec::new()),
+        calls: std::sync::Mutex::new(Vec::new()),
     });
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
@@ -177,25 +205,25 @@ impl AgentSession {
         &self.upstream
     }
 
-    /// Records a forwarded call as in flight until the guard is dropped.
-    pub fn begin_call(&self, identity: &CallIdentity) -> InFlightGuard<'_> {
-        self.in_flight
-            .lock()
-            .expect("in-flight lock")
-            .push(InFlightCall {
-                call_id: identity.call_id.clone(),
-                instruction: identity.instruction.clone(),
-                trace_id: identity.trace.trace_id.clone(),
-            });
-        InFlightGuard {
+    /// Records a forwarded call as running until the guard is dropped.
+    pub fn begin_call(&self, identity: &CallIdentity) -> CallGuard<'_> {
+        self.calls.lock().expect("calls lock").push(CallSpan {
+            call_id: identity.call_id.clone(),
+            instruction: identity.instruction.clone(),
+            trace_id: identity.trace.trace_id.clone(),
+            started_ns: monotonic_ns(),
+            ended_ns: None,
+        });
+        CallGuard {
             session: self,
             call_id: identity.call_id.clone(),
         }
     }
 
-    /// The calls in flight right now.
-    pub fn in_flight(&self) -> Vec<InFlightCall> {
-        self.in_flight.lock().expect("in-flight lock").clone()
+    /// The calls that were running at `ts_ns` (CLOCK_MONOTONIC).
+    pub fn calls_at(&self, ts_ns: u64) -> Vec<CallSpan> {
+        let calls = self.calls.lock().expect("calls lock");
+        calls.iter().filter(|c| c.covers(ts_ns)).cloned().collect()
     }
 
     /// The stream of server-initiated messages for the agent (one taker: the GET stream or
