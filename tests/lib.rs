@@ -987,7 +987,11 @@ fn parse_lines(stdout: &str) -> Vec<Value> {
         .collect()
 }
 
-fn run_to_completion(mut cmd: Command, what: &str) -> ProbeRun {
+fn run_to_completion(cmd: Command, what: &str) -> ProbeRun {
+    run_to_completion_within(cmd, what, TIMEOUT)
+}
+
+fn run_to_completion_within(mut cmd: Command, what: &str, timeout: Duration) -> ProbeRun {
     let child = cmd
         .spawn()
         .unwrap_or_else(|err| panic!("spawn {what}: {err}"));
@@ -996,12 +1000,12 @@ fn run_to_completion(mut cmd: Command, what: &str) -> ProbeRun {
     thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    let output = match rx.recv_timeout(TIMEOUT) {
+    let output = match rx.recv_timeout(timeout) {
         Ok(output) => output.expect("wait for probe"),
         Err(_) => {
             // SAFETY: plain signal delivery to our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("{what} did not finish within {TIMEOUT:?}; killed it");
+            panic!("{what} did not finish within {timeout:?}; killed it");
         }
     };
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -1021,6 +1025,15 @@ pub fn run_command(mut cmd: Command, what: &str) -> ProbeRun {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     run_to_completion(cmd, what)
+}
+
+/// Like [`run_command`], with its own safety net instead of [`TIMEOUT`] (for clients that run
+/// a whole script of operations).
+pub fn run_command_within(mut cmd: Command, what: &str, timeout: Duration) -> ProbeRun {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    run_to_completion_within(cmd, what, timeout)
 }
 
 /// A loopback TCP port that was free a moment ago (for a daemon to bind).
@@ -1352,4 +1365,461 @@ impl Drop for Listener {
             let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         }
     }
+}
+
+impl ProbeRun {
+    /// Exit status, stdout and stderr, for a failure message.
+    pub fn report(&self) -> String {
+        self.describe()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The MCP proxy: real peers, the official SDK client, raw HTTP
+// ---------------------------------------------------------------------------------------------
+
+/// The principal the proxy tests' HTTP front attributes requests to (`daemon.principal`).
+pub const AGENT: &str = "agent";
+/// The role [`AGENT`] holds in [`TestEnv::proxy_policy`].
+pub const DEVELOPER: &str = "developer";
+
+/// Safety net for one client run: a whole script of operations, each of which the client
+/// also bounds on its own. Never a performance threshold.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where `cargo xtask setup` installs the real MCP peers: `$MCP_GUARD_PEERS_DIR` (relative to
+/// the workspace root), else `<workspace>/target/mcp-peers`.
+pub fn peers_dir() -> PathBuf {
+    match std::env::var_os("MCP_GUARD_PEERS_DIR").filter(|dir| !dir.is_empty()) {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target").join("mcp-peers"),
+    }
+}
+
+/// `tests/clients/<name>`: the Python drivers (`mcp_client.py`, `raw_http.py`).
+pub fn client_script(name: &str) -> PathBuf {
+    workspace_root().join("tests").join("clients").join(name)
+}
+
+/// The real third-party MCP servers and the Python SDK the proxy tests run. Missing peers fail
+/// the test (they are never skipped): `cargo xtask setup` installs them.
+pub struct Peers {
+    pub dir: PathBuf,
+    /// The peers venv's interpreter (it has the `mcp` SDK the client drivers import).
+    pub python: PathBuf,
+    /// Node.js, absolute, for the npm servers.
+    pub node: PathBuf,
+}
+
+impl Peers {
+    pub fn require() -> Peers {
+        let dir = peers_dir();
+        let peers = Peers {
+            python: dir.join("venv").join("bin").join("python"),
+            node: find_program("node").unwrap_or_else(|| {
+                panic!(
+                    "node is not on PATH: the npm MCP servers need Node.js 18+ \
+                     (then run `cargo xtask setup`)"
+                )
+            }),
+            dir,
+        };
+        let needed = [
+            peers.python.clone(),
+            peers.time_binary(),
+            peers.everything_entry(),
+            peers.filesystem_entry(),
+            client_script("mcp_client.py"),
+            client_script("raw_http.py"),
+        ];
+        let missing: Vec<String> = needed
+            .iter()
+            .filter(|path| !path.exists())
+            .map(|path| path.display().to_string())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "the real MCP peers are not installed (missing: {}): run `cargo xtask setup`, which \
+             installs @modelcontextprotocol/server-everything, server-filesystem, mcp-server-time \
+             and the Python SDK into {}",
+            missing.join(", "),
+            peers.dir.display()
+        );
+        peers
+    }
+
+    fn everything_entry(&self) -> PathBuf {
+        self.dir
+            .join("node_modules/@modelcontextprotocol/server-everything/dist/index.js")
+    }
+
+    fn filesystem_entry(&self) -> PathBuf {
+        self.dir
+            .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js")
+    }
+
+    fn time_binary(&self) -> PathBuf {
+        self.dir.join("venv").join("bin").join("mcp-server-time")
+    }
+
+    /// `@modelcontextprotocol/server-everything` over stdio.
+    pub fn everything(&self) -> Vec<String> {
+        vec![
+            self.node.display().to_string(),
+            self.everything_entry().display().to_string(),
+            "stdio".into(),
+        ]
+    }
+
+    /// `@modelcontextprotocol/server-filesystem` serving `root` (its only allowed directory).
+    pub fn filesystem(&self, root: &Path) -> Vec<String> {
+        vec![
+            self.node.display().to_string(),
+            self.filesystem_entry().display().to_string(),
+            root.display().to_string(),
+        ]
+    }
+
+    /// `mcp-server-time` (PyPI) over stdio, local time zone UTC.
+    pub fn time(&self) -> Vec<String> {
+        vec![
+            self.time_binary().display().to_string(),
+            "--local-timezone".into(),
+            "UTC".into(),
+        ]
+    }
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+impl TestEnv {
+    /// A whole policy for the proxy tests: this environment's `daemon` locations, the MCP front
+    /// on `listen`, its callers attributed to [`AGENT`] (role [`DEVELOPER`]), and `servers`.
+    pub fn proxy_policy(&self, listen: SocketAddr, servers: Value) -> Value {
+        let mut document = self.policy(servers);
+        document["daemon"]["listen"] = json!(listen.to_string());
+        document["daemon"]["principal"] = json!(AGENT);
+        document["principals"] = json!({ AGENT: { "roles": [DEVELOPER] } });
+        document
+    }
+
+    /// Writes a whole policy document atomically (a reload never reads half a file).
+    pub fn write_policy_document(&self, document: &Value) {
+        let text = serde_json::to_string_pretty(document).unwrap();
+        let tmp = self.policy_path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).expect("write policy");
+        std::fs::rename(&tmp, &self.policy_path).expect("rename policy");
+    }
+
+    /// `<cgroup root>/<server>/<session>`: where the daemon runs a session's server process.
+    pub fn session_cgroup(&self, server: &str, session: &str) -> PathBuf {
+        self.cgroup_root.join(server).join(session)
+    }
+}
+
+/// How the SDK client reaches its server.
+pub enum Transport<'a> {
+    /// Streamable HTTP at this URL.
+    Http(&'a str),
+    /// A stdio server started by the client: program and arguments.
+    Stdio(&'a [String]),
+}
+
+/// What `mcp_client.py` printed: the connect line and one line per operation of the script.
+pub struct ClientRun {
+    pub initialize: Value,
+    pub results: Vec<Value>,
+    pub run: ProbeRun,
+}
+
+impl ClientRun {
+    /// The `result` of operation `i`; fails the test if that operation failed.
+    pub fn ok(&self, i: usize) -> &Value {
+        let line = &self.results[i];
+        assert_eq!(
+            line["ok"],
+            true,
+            "operation {i} failed: {line}\n{}",
+            self.run.report()
+        );
+        &line["result"]
+    }
+
+    /// The JSON-RPC `error` of operation `i`; fails the test if that operation succeeded.
+    pub fn error(&self, i: usize) -> &Value {
+        let line = &self.results[i];
+        assert_eq!(
+            line["ok"],
+            false,
+            "operation {i} was expected to fail: {line}\n{}",
+            self.run.report()
+        );
+        &line["error"]
+    }
+}
+
+/// Runs the official Python SDK client (`tests/clients/mcp_client.py`) through `script` (a
+/// JSON list of operations) at `protocol_version`, printing only the fields the server sent
+/// (`--wire-fields`) and with no tools/list of its own before calls
+/// (`--no-output-validation`), so that every operation is exactly one request on the wire.
+/// Fails the test unless the client connected and answered every operation.
+pub fn mcp_client(
+    peers: &Peers,
+    transport: Transport<'_>,
+    protocol_version: &str,
+    script: &Value,
+) -> ClientRun {
+    let ops = script.as_array().map_or(0, Vec::len);
+    let mut file = tempfile::NamedTempFile::new().expect("script file");
+    file.write_all(script.to_string().as_bytes())
+        .expect("write script");
+    let mut cmd = Command::new(&peers.python);
+    cmd.arg(client_script("mcp_client.py"))
+        .args(["--protocol-version", protocol_version])
+        .args(["--wire-fields", "--no-output-validation", "--timeout", "30"])
+        .arg("--script")
+        .arg(file.path());
+    let what = match transport {
+        Transport::Http(url) => {
+            cmd.args(["--transport", "http", "--url", url]);
+            format!("mcp_client.py over HTTP to {url} at {protocol_version}")
+        }
+        Transport::Stdio(command) => {
+            cmd.args(["--transport", "stdio", "--command"])
+                .args(command);
+            format!(
+                "mcp_client.py over stdio to `{}` at {protocol_version}",
+                command.join(" ")
+            )
+        }
+    };
+    let run = run_command_within(cmd, &what, CLIENT_TIMEOUT);
+    let initialize = run
+        .lines
+        .first()
+        .cloned()
+        .unwrap_or_else(|| panic!("{what} printed nothing:\n{}", run.report()));
+    assert!(
+        run.status.success() && initialize["op"] == "initialize" && initialize["ok"] == true,
+        "{what} did not connect:\n{}",
+        run.report()
+    );
+    let results: Vec<Value> = run.lines[1..].to_vec();
+    assert_eq!(
+        results.len(),
+        ops,
+        "{what} answered {} of {ops} operations:\n{}",
+        results.len(),
+        run.report()
+    );
+    ClientRun {
+        initialize,
+        results,
+        run,
+    }
+}
+
+/// Runs `tests/clients/raw_http.py --url URL ARGS...` and returns what it printed (status,
+/// headers, body or SSE events). Fails the test when no HTTP response arrived.
+pub fn raw_http(peers: &Peers, url: &str, args: &[&str]) -> Value {
+    let mut cmd = Command::new(&peers.python);
+    cmd.arg(client_script("raw_http.py"))
+        .args(["--url", url])
+        .args(args);
+    let what = format!("raw_http.py {url} {args:?}");
+    let run = run_command_within(cmd, &what, CLIENT_TIMEOUT);
+    let output = run
+        .lines
+        .first()
+        .cloned()
+        .unwrap_or_else(|| panic!("{what} printed nothing:\n{}", run.report()));
+    assert!(
+        run.status.success() && output["status"].is_u64(),
+        "{what}: no HTTP response:\n{}",
+        run.report()
+    );
+    output
+}
+
+/// The JSON-RPC answer in a `raw_http.py` output: the JSON body, or the first SSE event that
+/// is a response (or a batch of them).
+pub fn response_message(output: &Value) -> Value {
+    if !output["body"].is_null() {
+        return output["body"].clone();
+    }
+    output["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|event| &event["data"])
+        .find(|data| data.is_array() || data.get("result").is_some() || data.get("error").is_some())
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// The status line and headers of an HTTP/1.1 response, with the connection still open (to
+/// read an SSE stream further, or to drop it).
+pub struct HttpHead {
+    pub status: u16,
+    /// Header names lower-cased, in order.
+    pub headers: Vec<(String, String)>,
+    reader: BufReader<TcpStream>,
+}
+
+impl HttpHead {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Reads the rest of the response until the server closes the connection (or the read
+    /// timeout, [`TIMEOUT`], passes: then an error).
+    pub fn read_to_end(mut self) -> std::io::Result<String> {
+        let mut rest = Vec::new();
+        self.reader.read_to_end(&mut rest)?;
+        Ok(String::from_utf8_lossy(&rest).into_owned())
+    }
+}
+
+/// Sends `method path` with `headers` (no body) and reads only the response head.
+pub fn http_request_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpHead> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+    }
+    Ok(HttpHead {
+        status,
+        headers,
+        reader,
+    })
+}
+
+/// The pids in a cgroup right now (empty if it does not exist).
+pub fn cgroup_pids(cgroup: &Path) -> Vec<i32> {
+    read_pids(&cgroup.join("cgroup.procs"))
+}
+
+/// Polls `condition` until it holds or `timeout` (a safety net) passes.
+pub fn poll_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `pid` no longer exists (a zombie still does: its parent has not reaped it).
+pub fn process_gone(pid: i32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `/proc/<pid>/cgroup`'s cgroup v2 path (`0::/a/b` → `/a/b`).
+pub fn process_cgroup(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// The environment of a process, as `KEY=VALUE` pairs.
+pub fn process_environ(pid: i32) -> Vec<(String, String)> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter_map(|entry| {
+            let entry = String::from_utf8_lossy(entry);
+            entry
+                .split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// `/proc/<pid>/cmdline`, arguments joined by spaces.
+pub fn process_cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|part| String::from_utf8_lossy(part).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim()
+        .to_string()
+}
+
+/// An MCP rule: `{"id", "description", "effect"}` plus `conditions` (`roles`, `methods`,
+/// `tools`, `arguments`, ...).
+pub fn mcp_rule(id: &str, effect: &str, description: &str, conditions: Value) -> Value {
+    let mut rule = json!({"id": id, "description": description, "effect": effect});
+    for (key, value) in conditions.as_object().expect("conditions object") {
+        rule[key] = value.clone();
+    }
+    rule
+}
+
+/// An allow rule (see [`mcp_rule`]).
+pub fn allow(id: &str, conditions: Value) -> Value {
+    mcp_rule(id, "allow", "allowed in this test", conditions)
+}
+
+/// A deny rule (see [`mcp_rule`]).
+pub fn deny(id: &str, conditions: Value) -> Value {
+    mcp_rule(id, "deny", "denied in this test", conditions)
+}
+
+/// [`DEVELOPER`]s may list tools (the list is filtered to what they may call).
+pub fn list_tools_rule() -> Value {
+    allow(
+        "list-tools",
+        json!({"roles": [DEVELOPER], "methods": ["tools/list"]}),
+    )
+}
+
+/// A stdio MCP server spawned per session, reaching nothing on the network.
+pub fn stdio_server(command: Vec<String>, rules: Vec<Value>) -> Value {
+    json!({"command": command, "egress": [], "rules": rules})
 }

@@ -1,4 +1,5 @@
-//! The command line: `run`, `egress exec|status|teardown`, `policy check|schema`.
+//! The command line: `run`, `egress exec|status|teardown`, `policy check|schema`,
+//! `audit verify|trace`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +36,10 @@ pub enum Command {
     /// every message goes through the policy. The server process is placed in a guarded cgroup
     /// by the running daemon when there is one.
     Stdio(StdioArgs),
+    /// Check the audit log's hash chain, and trace what an instruction, session or trace
+    /// caused.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 #[derive(Debug, Args)]
@@ -131,4 +136,58 @@ pub enum PolicyCommand {
     },
     /// Print the policy's JSON Schema.
     Schema,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute every hash and link of the chain; print `ok: N records, last seq S, last hash
+    /// H`, or the first broken record as `FILE:LINE: what` (and exit 1).
+    Verify(AuditVerifyArgs),
+    /// Print the tree instruction → sessions → calls → network connections for one
+    /// instruction, session or trace.
+    Trace(AuditTraceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditVerifyArgs {
+    /// The log's files in chain order: rotated files first, oldest first, then the live file
+    /// (`audit.jsonl.1 audit.jsonl.2 audit.jsonl`). Files of one log are put in that order
+    /// whatever order they are given in, so `audit.jsonl*` works; a directory stands for the
+    /// `*.jsonl` logs in it with their rotated files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Accept a chain that starts after seq 1 (older rotated files archived or deleted).
+    #[arg(long)]
+    pub partial: bool,
+    /// The hash of a record known to be in the log (from an earlier verify): fail unless the
+    /// chain reaches it, which shows that no whole records were cut from the end.
+    #[arg(long, value_name = "HASH")]
+    pub head: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditTraceArgs {
+    #[command(flatten)]
+    pub of: TraceSelector,
+    /// The log's files (or its directory), as for `audit verify`.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Print nested JSON objects instead of the text tree.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `audit trace` follows: exactly one of these.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct TraceSelector {
+    /// The id of the user instruction or scheduled job.
+    #[arg(long, value_name = "ID")]
+    pub instruction: Option<String>,
+    /// The agent session id.
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+    /// The W3C trace id.
+    #[arg(long, value_name = "ID")]
+    pub trace: Option<String>,
 }

@@ -5,6 +5,7 @@
 //! per-message pipeline), `upstream` (the real servers), `egress` (kernel confinement of the
 //! server processes), `control` (the local socket other fronts use to place their children),
 //! `metrics`, and `daemon` (wiring, signals, reload).
+pub mod audit;
 pub mod cli;
 pub mod control;
 pub mod daemon;

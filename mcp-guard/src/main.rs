@@ -67,6 +67,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             runtime()?.block_on(stdio_front(args))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit(command) => Ok(mcp_guard::audit::command::run(command)),
         Command::Policy(PolicyCommand::Schema) => {
             println!(
                 "{}",

@@ -441,21 +441,34 @@ fn tools() -> Value {
 // ---------------------------------------------------------------------------------------------
 
 fn serve_stdio(server: &Server) {
-    let stdin = io::stdin().lock();
+    let mut stdin = io::stdin().lock();
     let mut stdout = BufWriter::new(io::stdout().lock());
-    for line in stdin.lines() {
-        let Ok(line) = line else { break };
-        if line.trim().is_empty() {
-            continue;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match stdin.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
-        if let Some(answer) = server.handle_text(&line) {
-            let written = serde_json::to_writer(&mut stdout, &answer)
-                .map_err(io::Error::from)
-                .and_then(|()| stdout.write_all(b"\n"))
-                .and_then(|()| stdout.flush());
-            if written.is_err() {
-                break;
-            }
+        // A line that is not UTF-8 is a parse error to answer, not a reason to stop serving.
+        let answer = match std::str::from_utf8(&line) {
+            Ok(text) if text.trim().is_empty() => continue,
+            Ok(text) => server.handle_text(text),
+            Err(_) => Some(response(
+                &Value::Null,
+                Err(RpcError::new(
+                    PARSE_ERROR,
+                    "Parse error: the line is not UTF-8",
+                )),
+            )),
+        };
+        let Some(answer) = answer else { continue };
+        let written = serde_json::to_writer(&mut stdout, &answer)
+            .map_err(io::Error::from)
+            .and_then(|()| stdout.write_all(b"\n"))
+            .and_then(|()| stdout.flush());
+        if written.is_err() {
+            return;
         }
     }
 }

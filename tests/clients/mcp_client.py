@@ -278,7 +278,7 @@ class _nullcontext:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--transport", choices=["stdio", "http"], required=True)
     parser.add_argument("--url", help="Streamable HTTP endpoint (http transport)")

@@ -137,7 +137,9 @@ def send(url, method, headers, body_bytes, timeout, max_events):
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    connection.putrequest(method, path, skip_accept_encoding=True)
+    # A test that sets Host itself (e.g. DNS-rebinding checks) must not get a second one.
+    own_host = any(name.lower() == "host" for name, _ in headers)
+    connection.putrequest(method, path, skip_host=own_host, skip_accept_encoding=True)
     for name, value in headers:
         connection.putheader(name, value)
     if body_bytes is not None:

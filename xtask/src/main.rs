@@ -64,6 +64,19 @@ enum Bench {
         #[arg(last = true)]
         bench_args: Vec<String>,
     },
+    /// Policy decision time at 10, 1,000 and 10,000 rules
+    Policy {
+        /// Extra arguments for the policy-bench binary, e.g. `-- --json`
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
+    /// tools/call latency and throughput through mcp-guard vs direct (as root): Streamable
+    /// HTTP and stdio, a fast upstream and server-everything
+    Proxy {
+        /// Extra arguments for the proxy-bench binary, e.g. `-- --rounds 30 --json`
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +98,8 @@ fn run_task(task: Task) -> Result<()> {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Lint => lint(),
         Task::Bench(Bench::Egress { bench_args }) => bench_egress(&bench_args),
+        Task::Bench(Bench::Policy { bench_args }) => bench_policy(&bench_args),
+        Task::Bench(Bench::Proxy { bench_args }) => bench_proxy(&bench_args),
     }
 }
 
@@ -186,4 +201,49 @@ fn bench_egress(bench_args: &[String]) -> Result<()> {
             ])
             .args(bench_args),
     )
+}
+
+fn bench_policy(bench_args: &[String]) -> Result<()> {
+    setup::setup()?;
+    stage("bench policy");
+    process::run(
+        command("cargo")?
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "mcp-guard-tests",
+                "--bin",
+                "policy-bench",
+                "--",
+            ])
+            .args(bench_args),
+    )
+}
+
+fn bench_proxy(bench_args: &[String]) -> Result<()> {
+    // Checked first: without root the daemon cannot start, and we would find out only after
+    // a long build.
+    process::require_root("bench proxy")?;
+    // Also installs the real MCP peers (server-everything) into target/mcp-peers.
+    setup::setup()?;
+    stage("build (release): mcp-guard, mcp-fast-server, proxy-bench");
+    // proxy-bench finds mcp-guard and mcp-fast-server beside itself in target/release.
+    process::run(command("cargo")?.args([
+        "build",
+        "--release",
+        "-p",
+        "mcp-guard",
+        "--bin",
+        "mcp-guard",
+        "-p",
+        "mcp-guard-tests",
+        "--bin",
+        "mcp-fast-server",
+        "--bin",
+        "proxy-bench",
+    ]))?;
+    stage("bench proxy");
+    let bench = target_dir().join("release").join("proxy-bench");
+    process::run(command(&bench.to_string_lossy())?.args(bench_args))
 }

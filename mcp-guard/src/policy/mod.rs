@@ -43,8 +43,8 @@ pub use error::{PolicyError, Problem, Severity};
 pub use glob::matches as glob_matches;
 pub use methods::{PLUMBING_METHODS, is_plumbing};
 pub use model::{
-    DaemonSettings, Destination, Effect, EgressRule, Isolation, POLICY_VERSION, Policy, Principal,
-    Protocol, Rule, ServerPolicy,
+    AuditSettings, DaemonSettings, Destination, Effect, EgressRule, Isolation, POLICY_VERSION,
+    Policy, Principal, Protocol, Rule, ServerPolicy,
 };
 pub use ports::{PortRange, PortRangeError};
 

@@ -56,6 +56,54 @@ pub struct Policy {
     #[serde(default)]
     #[schemars(extend("propertyNames" = { "pattern": NAME_PATTERN }))]
     pub servers: BTreeMap<String, ServerPolicy>,
+
+    /// The tamper-evident audit log: where it is written, when it rotates, and what it keeps
+    /// of tool arguments. Every field has a default.
+    #[serde(default)]
+    pub audit: AuditSettings,
+}
+
+/// Settings of the audit log: an append-only file of JSON lines, one record per decision,
+/// outcome, session event, policy event and network connection, chained by SHA-256 hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// The file records are appended to. Its directory is created if missing. Rotated files
+    /// sit beside it as `<path>.1`, `<path>.2`, ... (higher is newer). Must be an absolute
+    /// path. Default `/var/lib/mcp-guard/audit.jsonl`.
+    pub path: PathBuf,
+
+    /// Size in bytes at which the file is rotated (renamed to `<path>.N`, and a fresh file
+    /// started); the hash chain continues across files. 0 never rotates. Default 104857600
+    /// (100 MiB).
+    pub rotate_bytes: u64,
+
+    /// Store tool and prompt arguments in the records, with the fields named in `redact`
+    /// replaced. Default false: only a SHA-256 digest of the arguments is recorded.
+    pub store_arguments: bool,
+
+    /// Names of argument fields whose values are replaced by `"[redacted]"` wherever they
+    /// occur, at any depth, when `store_arguments` is on. Names compare without regard to
+    /// ASCII case.
+    #[schemars(extend("items" = { "type": "string", "minLength": 1 }, "uniqueItems" = true))]
+    pub redact: Vec<String>,
+
+    /// Flush every record to the disk (fdatasync) before the operation it records goes on.
+    /// Records are committed in groups, so this costs one flush per group, not per record.
+    /// Off, a crash of the machine may lose the last records. Default true.
+    pub fsync: bool,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("/var/lib/mcp-guard/audit.jsonl"),
+            rotate_bytes: 100 * 1024 * 1024,
+            store_arguments: false,
+            redact: Vec::new(),
+            fsync: true,
+        }
+    }
 }
 
 /// A principal known to the policy.

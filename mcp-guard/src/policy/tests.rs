@@ -1130,6 +1130,111 @@ fn a_problem_displays_as_path_colon_message() {
     );
 }
 
+// --- audit ---
+
+#[test]
+fn audit_settings_default_when_absent() {
+    let policy = load_value(valid()).unwrap().policy;
+    assert_eq!(policy.audit, AuditSettings::default());
+    assert_eq!(
+        policy.audit.path,
+        Path::new("/var/lib/mcp-guard/audit.jsonl")
+    );
+    assert_eq!(policy.audit.rotate_bytes, 104_857_600);
+    assert!(!policy.audit.store_arguments);
+    assert!(policy.audit.redact.is_empty());
+    assert!(policy.audit.fsync);
+}
+
+#[test]
+fn audit_settings_load_with_every_field() {
+    let mut policy = valid();
+    policy["audit"] = json!({
+        "path": "/srv/audit/log.jsonl",
+        "rotate_bytes": 0,
+        "store_arguments": true,
+        "redact": ["password", "token"],
+        "fsync": true
+    });
+    let loaded = load_value(policy).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let audit = loaded.policy.audit;
+    assert_eq!(audit.path, Path::new("/srv/audit/log.jsonl"));
+    assert_eq!(audit.rotate_bytes, 0);
+    assert!(audit.store_arguments);
+    assert_eq!(audit.redact, ["password", "token"]);
+}
+
+#[test]
+fn an_unknown_audit_field_is_refused_with_its_path() {
+    let mut policy = valid();
+    policy["audit"] = json!({ "rotate": 5 });
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "audit.rotate");
+    assert!(message.contains("unknown field `rotate`"), "{message}");
+}
+
+#[test]
+fn a_relative_audit_path_is_refused() {
+    let mut policy = valid();
+    policy["audit"] = json!({ "path": "audit.jsonl" });
+    assert_error_at(policy, "audit.path", "must be an absolute path");
+}
+
+#[test]
+fn an_audit_path_naming_a_directory_is_refused() {
+    let mut policy = valid();
+    policy["audit"] = json!({ "path": "/var/lib/mcp-guard/" });
+    assert_error_at(policy, "audit.path", "names a directory");
+}
+
+#[test]
+fn empty_and_duplicate_redacted_names_are_refused() {
+    let mut policy = valid();
+    policy["audit"] = json!({ "store_arguments": true, "redact": ["password", "", "Password"] });
+    let problems = problems_of(policy);
+    let found: Vec<(&str, Severity)> = problems
+        .iter()
+        .map(|problem| (problem.path.as_str(), problem.severity))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("audit.redact[1]", Severity::Error),
+            ("audit.redact[2]", Severity::Error)
+        ],
+        "{problems:#?}"
+    );
+    assert!(problems[0].message.contains("is empty"));
+    assert!(problems[1].message.contains("duplicate field name \"Password\""));
+}
+
+#[test]
+fn redaction_without_stored_arguments_is_a_warning() {
+    let mut policy = valid();
+    policy["audit"] = json!({ "redact": ["password"] });
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "audit.redact");
+    assert!(warning.message.contains("no effect"), "{warning}");
+}
+
+#[test]
+fn audit_without_fsync_is_a_warning() {
+    let mut policy = valid();
+    policy["audit"] = json!({ "fsync": false });
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "audit.fsync");
+    assert!(warning.message.contains("crash"), "{warning}");
+}
+
+#[test]
+fn a_tiny_rotation_size_is_a_warning() {
+    let mut policy = valid();
+    policy["audit"] = json!({ "rotate_bytes": 4096 });
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "audit.rotate_bytes");
+}
+
 // --- schema ---
 
 #[test]
@@ -1185,6 +1290,14 @@ fn the_schema_describes_principals_and_rules() {
     let server = &schema["$defs"]["ServerPolicy"]["properties"];
     for field in ["url", "isolation", "principal", "rules"] {
         assert!(server[field].is_object(), "{field}");
+    }
+    let audit = &schema["$defs"]["AuditSettings"];
+    assert_eq!(audit["additionalProperties"], false);
+    for field in ["path", "rotate_bytes", "store_arguments", "redact", "fsync"] {
+        assert!(
+            audit["properties"][field]["description"].is_string(),
+            "{field}"
+        );
     }
     let daemon = &schema["$defs"]["DaemonSettings"]["properties"];
     for field in [

@@ -9,8 +9,8 @@ use std::path::Path;
 use super::cidr::is_ipv4_mapped;
 use super::error::Problem;
 use super::model::{
-    DaemonSettings, EgressRule, Isolation, POLICY_VERSION, Policy, Principal, Protocol,
-    ServerPolicy,
+    AuditSettings, DaemonSettings, EgressRule, Isolation, POLICY_VERSION, Policy, Principal,
+    Protocol, ServerPolicy,
 };
 use super::validate_rules::check_rules;
 
@@ -30,6 +30,7 @@ pub fn validate(policy: &Policy) -> Vec<Problem> {
     for (name, server) in &policy.servers {
         check_server(name, server, &policy.principals, &mut problems);
     }
+    check_audit(&policy.audit, &mut problems);
     problems
 }
 
@@ -66,6 +67,58 @@ fn check_daemon(daemon: &DaemonSettings, principals: &Principals, problems: &mut
         problems.push(Problem::error(
             "daemon.metrics_listen",
             "is the same address as daemon.listen: the metrics endpoint needs its own",
+        ));
+    }
+}
+
+/// Below this, rotation would start a new file every few seconds under load.
+const AUDIT_MIN_SENSIBLE_ROTATE_BYTES: u64 = 1024 * 1024;
+
+fn check_audit(audit: &AuditSettings, problems: &mut Vec<Problem>) {
+    check_absolute("audit.path", &audit.path, problems);
+    // Rotated files are named after the file, so the path must name one.
+    if audit.path.file_name().is_none() || audit.path.as_os_str().to_string_lossy().ends_with('/')
+    {
+        problems.push(Problem::error(
+            "audit.path",
+            format!("\"{}\" names a directory: give a file name", audit.path.display()),
+        ));
+    }
+    if audit.rotate_bytes != 0 && audit.rotate_bytes < AUDIT_MIN_SENSIBLE_ROTATE_BYTES {
+        problems.push(Problem::warning(
+            "audit.rotate_bytes",
+            format!(
+                "{} bytes rotates very often, leaving many small files; 0 never rotates",
+                audit.rotate_bytes
+            ),
+        ));
+    }
+    for (index, name) in audit.redact.iter().enumerate() {
+        let path = format!("audit.redact[{index}]");
+        if name.is_empty() {
+            problems.push(Problem::error(&path, "is empty: name an argument field"));
+        } else if audit.redact[..index]
+            .iter()
+            .any(|earlier| earlier.eq_ignore_ascii_case(name))
+        {
+            problems.push(Problem::error(
+                &path,
+                format!("duplicate field name \"{name}\" (names compare without case)"),
+            ));
+        }
+    }
+    if !audit.store_arguments && !audit.redact.is_empty() {
+        problems.push(Problem::warning(
+            "audit.redact",
+            "has no effect while audit.store_arguments is false: arguments are recorded only \
+             as a digest",
+        ));
+    }
+    if !audit.fsync {
+        problems.push(Problem::warning(
+            "audit.fsync",
+            "is off: records are acknowledged before they reach the disk, so a crash of the \
+             machine can lose the last ones",
         ));
     }
 }

@@ -30,7 +30,7 @@ use crate::mcp::jsonrpc::{
     self, Id, Incoming, Limits, Message, Notification, Request, RpcError, codes,
 };
 use crate::metrics::Metrics;
-use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Policy};
+use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Isolation, Policy};
 use crate::upstream::UpstreamError;
 pub use session::{AgentSession, CallSpan, Caller};
 
@@ -70,6 +70,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
+    /// Processes of servers with `"isolation": "shared"`, started with their first session.
+    shared: Mutex<HashMap<String, Arc<session::SharedServer>>>,
 }
 
 impl Proxy {
@@ -91,6 +93,7 @@ impl Proxy {
             metrics,
             limits,
             sessions: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
         })
     }
 
@@ -135,6 +138,7 @@ impl Proxy {
             session.end().await;
             self.metrics.active_sessions.dec();
         }
+        self.shared.lock().await.clear();
     }
 
     /// Starts a session of `server` for `caller`: spawns the server process in its own guarded
@@ -159,11 +163,45 @@ impl Proxy {
             (None, None) => return Err(ProxyError::NotSpawnable(server.to_owned())),
         };
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        if let (Isolation::Shared, session::Target::Command { command, env }) =
+            (server_policy.isolation, &target)
+        {
+            let shared = self.shared_server(server, command, env).await?;
+            let session = shared.join(server, id.clone(), caller);
+            self.sessions.lock().await.insert(id, session.clone());
+            self.metrics.active_sessions.inc();
+            return Ok(session);
+        }
         let session =
             session::start(self, server, id.clone(), caller, target, &self.placement).await?;
         self.sessions.lock().await.insert(id, session.clone());
         self.metrics.active_sessions.inc();
         Ok(session)
+    }
+
+    async fn shared_server(
+        self: &Arc<Self>,
+        server: &str,
+        command: &[String],
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Arc<session::SharedServer>, ProxyError> {
+        let mut shared = self.shared.lock().await;
+        if let Some(existing) = shared.get(server) {
+            return Ok(existing.clone());
+        }
+        let started =
+            session::SharedServer::start(self, server, command, env, &self.placement).await?;
+        shared.insert(server.to_owned(), started.clone());
+        Ok(started)
+    }
+
+    /// Every session of `server` forgets its tool list (a shared server's list changed).
+    pub(crate) async fn forget_catalogs_of(&self, server: &str) {
+        for session in self.sessions.lock().await.values() {
+            if session.server == server {
+                session.forget_catalog().await;
+            }
+        }
     }
 
     /// Handles what an agent sent: one message or a batch. Returns what to answer (`None` when
@@ -330,10 +368,16 @@ impl Proxy {
 
     async fn forward(&self, session: &Arc<AgentSession>, request: Request) -> Value {
         let started = Instant::now();
-        let outcome = session
-            .upstream()
-            .call(&request.method, request.params)
-            .await;
+        let outcome = match (session.shared(), request.method.as_str()) {
+            // A shared process is initialised once; later sessions get the same answer.
+            (Some(shared), "initialize") => shared.initialize(request.params).await,
+            _ => {
+                session
+                    .upstream()
+                    .call(&request.method, request.params)
+                    .await
+            }
+        };
         self.metrics
             .request_duration
             .with_label_values(&[&session.server, "upstream"])

@@ -32,7 +32,9 @@ pub struct AgentSession {
     pub id: String,
     pub server: String,
     caller: Caller,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
+    /// Set when the server process serves every session of its server.
+    shared: Option<Arc<SharedServer>>,
     catalog: Mutex<Option<ToolCatalog>>,
     /// Server-initiated messages the policy let through, for the agent.
     outbox: Mutex<Option<mpsc::Receiver<Value>>>,
@@ -158,6 +160,129 @@ pub(super) async fn start(
     ))
 }
 
+/// A server process that serves every session of its server (`"isolation": "shared"`): one
+/// process, one `initialize` (later sessions get its answer), notifications fanned out to all
+/// sessions. It cannot ask one particular agent anything, so its own requests (sampling,
+/// elicitation, roots) are refused.
+pub struct SharedServer {
+    upstream: Arc<Upstream>,
+    _cgroup: Option<PlacedCgroup>,
+    initialize: tokio::sync::OnceCell<upstream::Outcome>,
+    subscribers: std::sync::Mutex<Vec<mpsc::Sender<Value>>>,
+}
+
+impl SharedServer {
+    /// Starts the shared process for `server` in the cgroup `<server>/shared`.
+    pub(super) async fn start(
+        proxy: &Arc<Proxy>,
+        server: &str,
+        command: &[String],
+        env: &BTreeMap<String, String>,
+        placement: &Placement,
+    ) -> Result<Arc<SharedServer>, ProxyError> {
+        let (cgroup_path, placed) = place(placement, server, "shared").await?;
+        let launch = upstream::stdio::Launch {
+            command,
+            env,
+            cgroup: cgroup_path.as_deref(),
+            identity_env: vec![
+                ("MCP_GUARD_SERVER", server.to_owned()),
+                ("MCP_GUARD_SESSION", "shared".to_owned()),
+            ],
+            label: Arc::from(format!("{server}/shared")),
+        };
+        let (upstream, server_messages) = match upstream::stdio::spawn(launch) {
+            Ok(pair) => pair,
+            Err(e) => {
+                release(placed.as_ref()).await;
+                return Err(e.into());
+            }
+        };
+        let shared = Arc::new(SharedServer {
+            upstream: Arc::new(upstream),
+            _cgroup: placed,
+            initialize: tokio::sync::OnceCell::new(),
+            subscribers: std::sync::Mutex::new(Vec::new()),
+        });
+        tokio::spawn(fan_out_server_messages(
+            Arc::downgrade(proxy),
+            server.to_owned(),
+            Arc::downgrade(&shared),
+            server_messages,
+        ));
+        Ok(shared)
+    }
+
+    /// A new session on the shared process.
+    pub(super) fn join(
+        self: &Arc<Self>,
+        server: &str,
+        id: String,
+        caller: Caller,
+    ) -> Arc<AgentSession> {
+        let (to_agent, outbox) = mpsc::channel(AGENT_OUTBOX);
+        self.subscribers
+            .lock()
+            .expect("subscribers lock")
+            .push(to_agent);
+        Arc::new(AgentSession {
+            id,
+            server: server.to_owned(),
+            caller,
+            upstream: self.upstream.clone(),
+            shared: Some(self.clone()),
+            catalog: Mutex::new(None),
+            outbox: Mutex::new(Some(outbox)),
+            cgroup: None,
+            calls: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The server's answer to the first `initialize`, sent once.
+    pub(super) async fn initialize(
+        &self,
+        params: Option<Value>,
+    ) -> Result<upstream::Outcome, upstream::UpstreamError> {
+        let outcome = self
+            .initialize
+            .get_or_try_init(|| self.upstream.call("initialize", params))
+            .await?;
+        Ok(outcome.clone())
+    }
+}
+
+async fn fan_out_server_messages(
+    proxy: Weak<Proxy>,
+    server: String,
+    shared: Weak<SharedServer>,
+    mut server_messages: ServerMessages,
+) {
+    while let Some(message) = server_messages.recv().await {
+        let (Some(proxy), Some(shared)) = (proxy.upgrade(), shared.upgrade()) else {
+            break;
+        };
+        match message {
+            Message::Request(request) => {
+                let error = json!({"code": crate::mcp::jsonrpc::codes::METHOD_NOT_FOUND,
+                    "message": "a shared server cannot send requests to one particular agent"});
+                let _ = shared.upstream.reply(&request.id, Err(error)).await;
+            }
+            Message::Notification(notification) => {
+                if notification.method == "notifications/tools/list_changed" {
+                    proxy.forget_catalogs_of(&server).await;
+                }
+                let value = Message::Notification(notification).to_value();
+                let mut subscribers = shared.subscribers.lock().expect("subscribers lock");
+                subscribers.retain(|s| !s.is_closed());
+                for subscriber in subscribers.iter() {
+                    let _ = subscriber.try_send(value.clone());
+                }
+            }
+            Message::Response(_) => {}
+        }
+    }
+}
+
 /// What a session talks to: a stdio command mcp-guard spawns, or a Streamable HTTP URL.
 pub enum Target<'a> {
     Command {
@@ -181,7 +306,8 @@ fn assemble(
         id,
         server: server.to_owned(),
         caller,
-        upstream,
+        upstream: Arc::new(upstream),
+        shared: None,
         catalog: Mutex::new(None),
         outbox: Mutex::new(Some(outbox)),
         cgroup,
@@ -203,6 +329,10 @@ impl AgentSession {
 
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    pub fn shared(&self) -> Option<&Arc<SharedServer>> {
+        self.shared.as_ref()
     }
 
     /// Records a forwarded call as running until the guard is dropped.

@@ -1,0 +1,597 @@
+//! The writer, verify and trace together, on real files.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::policy::AuditSettings;
+
+fn settings(dir: &Path) -> AuditSettings {
+    AuditSettings {
+        path: dir.join("audit.jsonl"),
+        ..AuditSettings::default()
+    }
+}
+
+fn call(tool: &str) -> AuditRecord {
+    AuditRecord {
+        tool: Some(tool.into()),
+        method: Some("tools/call".into()),
+        decision: Some(AuditDecision::Allow),
+        ..AuditRecord::new(RecordKind::Call)
+    }
+}
+
+async fn append_calls(log: &AuditLog, count: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for i in 0..count {
+        seqs.push(log.append(call(&format!("tool{i}"))).await.unwrap());
+    }
+    seqs
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn parsed(line: &str) -> StoredRecord {
+    serde_json::from_str(line).unwrap()
+}
+
+fn verify_log(dir: &Path) -> Result<VerifySummary, ChainBreak> {
+    verify(
+        &chain_order(&[dir.to_owned()]).unwrap(),
+        &VerifyOptions::default(),
+    )
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(path, text).unwrap();
+}
+
+// --- the writer ---
+
+#[tokio::test]
+async fn records_are_numbered_from_one_and_chained_from_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(&settings(dir.path())).unwrap();
+    assert_eq!(append_calls(&log, 3).await, [1, 2, 3]);
+    let lines = lines(&dir.path().join("audit.jsonl"));
+    assert_eq!(lines.len(), 3);
+    let records: Vec<StoredRecord> = lines.iter().map(|line| parsed(line)).collect();
+    assert_eq!(records[0].prev, GENESIS_PREV);
+    assert_eq!(records[1].prev, records[0].hash);
+    assert_eq!(records[2].prev, records[1].hash);
+    assert_eq!(records[2].record.tool.as_deref(), Some("tool2"));
+    // RFC 3339, UTC, microseconds.
+    let ts = &records[0].ts;
+    assert_eq!(ts.len(), "2026-11-01T14:37:22.123456Z".len(), "{ts}");
+    assert!(ts.ends_with('Z') && ts.as_bytes()[19] == b'.', "{ts}");
+    assert!(chrono::DateTime::parse_from_rfc3339(ts).is_ok());
+    // Fields in the documented order, absent ones left out, hash last.
+    assert!(lines[0].starts_with(r#"{"seq":1,"ts":""#), "{}", lines[0]);
+    assert!(
+        lines[0].contains(
+            r#""kind":"call","method":"tools/call","tool":"tool0","decision":"allow","hash":""#
+        ),
+        "{}",
+        lines[0]
+    );
+    assert!(!lines[0].contains("null"));
+    assert_eq!(log.records_written(), 3);
+    assert_eq!(verify_log(dir.path()).unwrap().last_seq, 3);
+}
+
+#[tokio::test]
+async fn the_chain_continues_across_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = AuditLog::open(&settings(dir.path())).unwrap();
+    append_calls(&first, 2).await;
+    drop(first);
+    let second = AuditLog::open(&settings(dir.path())).unwrap();
+    assert_eq!(append_calls(&second, 2).await, [3, 4]);
+    let lines = lines(&dir.path().join("audit.jsonl"));
+    assert_eq!(parsed(&lines[2]).prev, parsed(&lines[1]).hash);
+    let summary = verify_log(dir.path()).unwrap();
+    assert_eq!((summary.records, summary.last_seq), (4, 4));
+    assert_eq!(summary.last_hash, parsed(&lines[3]).hash);
+}
+
+#[tokio::test]
+async fn rotation_renames_to_numbered_files_and_the_chain_runs_through_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = AuditSettings {
+        rotate_bytes: 1000,
+        ..settings(dir.path())
+    };
+    let log = AuditLog::open(&settings).unwrap();
+    append_calls(&log, 20).await;
+    drop(log);
+    let files = chain_order(&[dir.path().to_owned()]).unwrap();
+    assert!(files.len() >= 3, "{files:?}");
+    for (index, file) in files[..files.len() - 1].iter().enumerate() {
+        assert_eq!(*file, files::rotated_path(&settings.path, index as u64 + 1));
+        assert!(std::fs::metadata(file).unwrap().len() >= 1000);
+    }
+    assert_eq!(files.last().unwrap(), &settings.path);
+    let summary = verify(&files, &VerifyOptions::default()).unwrap();
+    assert_eq!((summary.records, summary.last_seq), (20, 20));
+
+    // Reopened, the chain goes on from wherever the last record is.
+    let log = AuditLog::open(&settings).unwrap();
+    assert_eq!(append_calls(&log, 1).await, [21]);
+    drop(log);
+    assert_eq!(verify_log(dir.path()).unwrap().last_seq, 21);
+}
+
+#[tokio::test]
+async fn after_a_rotation_with_no_live_file_the_chain_continues_from_the_rotated_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    append_calls(&log, 3).await;
+    drop(log);
+    // As if the daemon stopped between renaming the file and creating the next.
+    std::fs::rename(&settings.path, files::rotated_path(&settings.path, 1)).unwrap();
+    let log = AuditLog::open(&settings).unwrap();
+    assert_eq!(append_calls(&log, 1).await, [4]);
+    drop(log);
+    assert_eq!(verify_log(dir.path()).unwrap().records, 4);
+}
+
+#[tokio::test]
+async fn concurrent_appends_get_distinct_consecutive_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(&settings(dir.path())).unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(call(&format!("t{i}"))).await.unwrap() })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for task in tasks {
+        seqs.push(task.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+    assert_eq!(verify_log(dir.path()).unwrap().records, 200);
+}
+
+#[tokio::test]
+async fn opening_refuses_to_continue_from_a_truncated_last_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    append_calls(&log, 3).await;
+    drop(log);
+    let len = std::fs::metadata(&settings.path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&settings.path)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let error = AuditLog::open(&settings).err().expect("refused");
+    assert!(
+        matches!(&error, AuditError::Damaged { path, line: 3, .. } if *path == settings.path),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("audit.jsonl:3: truncated"), "{message}");
+    assert!(message.contains("mcp-guard audit verify"), "{message}");
+}
+
+#[tokio::test]
+async fn opening_refuses_to_continue_from_an_edited_last_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    append_calls(&log, 2).await;
+    drop(log);
+    let mut lines = lines(&settings.path);
+    lines[1] = lines[1].replace("tool1", "tool9");
+    write_lines(&settings.path, &lines);
+    let error = AuditLog::open(&settings).err().expect("refused");
+    assert!(
+        error.to_string().contains("audit.jsonl:2: hash mismatch"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_write_fails_its_appends_leaves_no_trace_and_the_next_write_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    append_calls(&log, 2).await;
+    log.fail_next_writes(2);
+    for _ in 0..2 {
+        let error = log.append(call("lost")).await.unwrap_err();
+        assert!(matches!(error, AuditError::Write { .. }), "{error:?}");
+        assert!(error.to_string().contains("No space left"), "{error}");
+        assert!(log.failing());
+    }
+    assert_eq!(log.failures(), 2);
+    // The half-written group is gone, and the chain goes on from the last durable record.
+    assert_eq!(log.append(call("kept")).await.unwrap(), 3);
+    assert!(!log.failing());
+    drop(log);
+    let lines = lines(&settings.path);
+    assert_eq!(lines.len(), 3);
+    assert!(!lines.iter().any(|line| line.contains("lost")));
+    assert_eq!(verify_log(dir.path()).unwrap().records, 3);
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_every_append_and_is_counted() {
+    let settings = AuditSettings {
+        path: PathBuf::from("/dev/full"),
+        ..AuditSettings::default()
+    };
+    let log = AuditLog::open(&settings).unwrap();
+    for _ in 0..3 {
+        let error = log.append(call("x")).await.unwrap_err();
+        assert!(error.to_string().contains("/dev/full"), "{error}");
+    }
+    assert_eq!(log.failures(), 3);
+    assert_eq!(log.records_written(), 0);
+}
+
+// --- verify ---
+
+/// A log of `count` records in one file, and its lines.
+async fn sample_log(count: usize) -> (tempfile::TempDir, PathBuf, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    append_calls(&log, count).await;
+    drop(log);
+    let lines = lines(&settings.path);
+    (dir, settings.path, lines)
+}
+
+fn break_of(path: &Path) -> ChainBreak {
+    verify(&[path.to_owned()], &VerifyOptions::default()).unwrap_err()
+}
+
+#[tokio::test]
+async fn verify_reports_a_changed_byte_as_a_hash_mismatch_at_its_line() {
+    let (_dir, path, mut lines) = sample_log(5).await;
+    lines[2] = lines[2].replacen("tool2", "tool7", 1);
+    write_lines(&path, &lines);
+    let found = break_of(&path);
+    assert_eq!(found.line, Some(3));
+    assert!(found.problem.starts_with("hash mismatch"), "{found}");
+    assert!(
+        found
+            .to_string()
+            .starts_with(&format!("{}:3: ", path.display()))
+    );
+}
+
+#[tokio::test]
+async fn verify_reports_a_removed_line_as_a_seq_gap() {
+    let (_dir, path, mut lines) = sample_log(5).await;
+    lines.remove(2);
+    write_lines(&path, &lines);
+    let found = break_of(&path);
+    assert_eq!(found.line, Some(3));
+    assert!(found.problem.starts_with("seq gap"), "{found}");
+    assert!(found.problem.contains("record 3 is missing"), "{found}");
+}
+
+#[tokio::test]
+async fn verify_reports_swapped_lines() {
+    let (_dir, path, mut lines) = sample_log(5).await;
+    lines.swap(1, 2);
+    write_lines(&path, &lines);
+    let found = break_of(&path);
+    assert_eq!(found.line, Some(2));
+    assert!(found.problem.contains("out of order"), "{found}");
+}
+
+#[tokio::test]
+async fn verify_reports_a_record_replaced_with_a_rehashed_one_as_a_prev_mismatch() {
+    let (dir, path, lines) = sample_log(3).await;
+    // A record for the same seq, forged with a correct hash of its own, but not chained.
+    let forged_dir = dir.path().join("forged");
+    let log = AuditLog::open(&settings(&forged_dir)).unwrap();
+    append_calls(&log, 2).await;
+    drop(log);
+    let forged = self::lines(&forged_dir.join("audit.jsonl"));
+    let mut tampered = lines.clone();
+    tampered[1] = forged[1].clone();
+    write_lines(&path, &tampered);
+    let found = break_of(&path);
+    assert_eq!(found.line, Some(2));
+    assert!(found.problem.starts_with("prev mismatch"), "{found}");
+}
+
+#[tokio::test]
+async fn verify_reports_a_cut_tail_as_truncated() {
+    let (_dir, path, lines) = sample_log(4).await;
+    let text = lines.join("\n") + "\n";
+    std::fs::write(&path, &text[..text.len() - 20]).unwrap();
+    let found = break_of(&path);
+    assert_eq!(found.line, Some(4));
+    assert!(found.problem.starts_with("truncated"), "{found}");
+
+    // Cut, then a newline added: the last line still does not parse.
+    std::fs::write(&path, format!("{}\n", &text[..text.len() - 20])).unwrap();
+    let found = break_of(&path);
+    assert_eq!(found.line, Some(4));
+    assert!(found.problem.starts_with("truncated"), "{found}");
+}
+
+#[tokio::test]
+async fn verify_notices_whole_records_cut_from_the_end_only_against_a_head() {
+    let (_dir, path, lines) = sample_log(4).await;
+    let head = parsed(&lines[3]).hash;
+    write_lines(&path, &lines[..3]);
+    // The chain alone cannot tell: what is left is a sound, shorter chain.
+    assert!(verify(std::slice::from_ref(&path), &VerifyOptions::default()).is_ok());
+    let options = VerifyOptions {
+        head: Some(head),
+        ..VerifyOptions::default()
+    };
+    let found = verify(std::slice::from_ref(&path), &options).unwrap_err();
+    assert!(found.problem.starts_with("truncated"), "{found}");
+}
+
+#[tokio::test]
+async fn verify_wants_the_chain_from_its_start_unless_partial() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = AuditSettings {
+        rotate_bytes: 600,
+        ..settings(dir.path())
+    };
+    let log = AuditLog::open(&settings).unwrap();
+    append_calls(&log, 10).await;
+    drop(log);
+    let files = chain_order(&[dir.path().to_owned()]).unwrap();
+    let without_first = &files[1..];
+    let found = verify(without_first, &VerifyOptions::default()).unwrap_err();
+    assert_eq!(found.line, Some(1));
+    assert!(found.problem.contains("chain starts at seq"), "{found}");
+    let partial = VerifyOptions {
+        partial: true,
+        ..VerifyOptions::default()
+    };
+    assert_eq!(verify(without_first, &partial).unwrap().last_seq, 10);
+    // Files in the wrong order break the chain where they meet.
+    let mut reversed = files.clone();
+    reversed.reverse();
+    assert!(verify(&reversed, &VerifyOptions::default()).is_err());
+}
+
+#[tokio::test]
+async fn verify_of_an_empty_log_is_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    std::fs::write(&path, "").unwrap();
+    let summary = verify(&[path], &VerifyOptions::default()).unwrap();
+    assert_eq!(
+        summary.to_string(),
+        format!("ok: 0 records, last seq 0, last hash {GENESIS_PREV}")
+    );
+}
+
+// --- trace ---
+
+/// Two instructions over three sessions; egress exact, ambiguous across instructions, and
+/// idle.
+async fn incident_log(dir: &Path) -> PathBuf {
+    let settings = AuditSettings {
+        store_arguments: true,
+        redact: vec!["password".into()],
+        ..settings(dir)
+    };
+    let log = AuditLog::open(&settings).unwrap();
+    let session_start = |session: &str, principal: &str| AuditRecord {
+        session: Some(session.into()),
+        principal: Some(principal.into()),
+        server: Some("crm".into()),
+        ..AuditRecord::event(RecordKind::Session, "start")
+    };
+    let decision = |session: &str, instruction: &str, id: &str, tool: &str, decision| {
+        let mut record = AuditRecord {
+            session: Some(session.into()),
+            instruction: Some(instruction.into()),
+            trace_id: Some(format!("trace-{instruction}")),
+            call_id: Some(id.into()),
+            server: Some("crm".into()),
+            method: Some("tools/call".into()),
+            tool: Some(tool.into()),
+            decision: Some(decision),
+            rule: Some("writes".into()),
+            latency: Some(Latency {
+                policy_us: Some(42),
+                ..Latency::default()
+            }),
+            ..AuditRecord::new(RecordKind::Call)
+        };
+        // Stored arguments that mention the other instruction must not confuse the search.
+        record.set_arguments(
+            &settings,
+            &json!({ "note": { "instruction": "inst-B" }, "password": "x" }),
+        );
+        record
+    };
+    let outcome = |session: &str, instruction: &str, id: &str| AuditRecord {
+        session: Some(session.into()),
+        instruction: Some(instruction.into()),
+        call_id: Some(id.into()),
+        outcome: Some(Outcome {
+            kind: OutcomeKind::Result,
+            code: None,
+            message: None,
+        }),
+        latency: Some(Latency {
+            policy_us: None,
+            upstream_us: Some(3100),
+            total_us: Some(3300),
+        }),
+        ..AuditRecord::new(RecordKind::Call)
+    };
+    let egress = |session: &str, instruction: &str, calls: &[&str], port: u16| AuditRecord {
+        session: Some(session.into()),
+        instruction: Some(instruction.into()),
+        addr: Some("10.0.0.5".parse().unwrap()),
+        port: Some(port),
+        protocol: Some(Protocol::Tcp),
+        verdict: Some(if port == 443 {
+            Verdict::Allow
+        } else {
+            Verdict::Refuse
+        }),
+        rule: (port == 443).then(|| "crm-api".into()),
+        attribution: Some(match calls.len() {
+            0 => Attribution::Idle,
+            1 => Attribution::Exact,
+            _ => Attribution::Ambiguous,
+        }),
+        call_ids: (!calls.is_empty()).then(|| calls.iter().map(|c| c.to_string()).collect()),
+        ..AuditRecord::new(RecordKind::Egress)
+    };
+    let records = vec![
+        session_start("s1", "alice"),
+        session_start("s2", "bob"),
+        decision("s1", "inst-A", "c1", "update_contact", AuditDecision::Allow),
+        decision("s2", "inst-B", "c2", "export", AuditDecision::Allow),
+        egress("s1", "inst-A", &["c1"], 443),
+        outcome("s1", "inst-A", "c1"),
+        decision("s1", "inst-B", "c3", "update_contact", AuditDecision::Allow),
+        decision("s1", "inst-A", "c4", "delete_contact", AuditDecision::Deny),
+        // In flight with c3 (inst-B) and c4 (inst-A); stamped with inst-B.
+        egress("s1", "inst-B", &["c3", "c4"], 8080),
+        egress("s2", "inst-B", &["c2"], 443),
+        egress("s1", "inst-A", &[], 25),
+        session_start("s3", "alice"),
+        decision("s3", "inst-A", "c5", "update_contact", AuditDecision::Allow),
+        AuditRecord {
+            session: Some("s1".into()),
+            ..AuditRecord::event(RecordKind::Session, "end")
+        },
+    ];
+    for record in records {
+        log.append(record).await.unwrap();
+    }
+    settings.path
+}
+
+fn call_ids(session: &trace::SessionNode) -> Vec<&str> {
+    session
+        .calls
+        .iter()
+        .map(|call| call.call_id.as_deref().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn trace_of_an_instruction_finds_its_calls_and_every_connection_they_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = incident_log(dir.path()).await;
+    let report = trace(&[path], &TraceQuery::Instruction("inst-A".into())).unwrap();
+    assert_eq!(report.instructions.len(), 1, "{report:#?}");
+    let instruction = &report.instructions[0];
+    assert_eq!(instruction.instruction.as_deref(), Some("inst-A"));
+    let sessions: Vec<_> = instruction
+        .sessions
+        .iter()
+        .map(|s| s.session.as_deref().unwrap())
+        .collect();
+    assert_eq!(sessions, ["s1", "s3"]);
+    let s1 = &instruction.sessions[0];
+    assert_eq!(s1.principal.as_deref(), Some("alice"));
+    assert_eq!(call_ids(s1), ["c1", "c4"]);
+    let events: Vec<_> = s1
+        .events
+        .iter()
+        .map(|e| e.detail.as_ref().unwrap()["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["start", "end"]);
+    // c1: decision and outcome merged, its exact connection under it.
+    let c1 = &s1.calls[0];
+    assert_eq!(c1.decision, Some(AuditDecision::Allow));
+    assert_eq!(c1.outcome.as_ref().unwrap().kind, OutcomeKind::Result);
+    let latency = c1.latency.unwrap();
+    assert_eq!(
+        (latency.policy_us, latency.upstream_us, latency.total_us),
+        (Some(42), Some(3100), Some(3300))
+    );
+    assert_eq!(c1.egress.len(), 1);
+    assert_eq!(c1.egress[0].port, Some(443));
+    // The ambiguous connection, stamped with the other instruction, is found through c4.
+    let c4 = &s1.calls[1];
+    assert_eq!(c4.decision, Some(AuditDecision::Deny));
+    assert_eq!(c4.egress.len(), 1);
+    assert_eq!(c4.egress[0].attribution, Some(Attribution::Ambiguous));
+    // The idle connection stamped with inst-A sits under its session.
+    assert_eq!(s1.egress.len(), 1);
+    assert_eq!(s1.egress[0].port, Some(25));
+    // Nothing of inst-B's calls.
+    let text = report.to_text();
+    assert!(!text.contains("c2") && !text.contains("call c3"), "{text}");
+    assert_eq!(report.records, 10, "{report:#?}");
+}
+
+#[tokio::test]
+async fn trace_of_a_session_groups_its_calls_by_instruction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = incident_log(dir.path()).await;
+    let report = trace(&[path], &TraceQuery::Session("s1".into())).unwrap();
+    let groups: Vec<_> = report
+        .instructions
+        .iter()
+        .map(|node| {
+            (
+                node.instruction.as_deref().unwrap(),
+                call_ids(&node.sessions[0]),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [("inst-A", vec!["c1", "c4"]), ("inst-B", vec!["c3"])]
+    );
+    // The ambiguous connection appears under both candidate calls.
+    let c3 = &report.instructions[1].sessions[0].calls[0];
+    assert_eq!(c3.egress[0].port, Some(8080));
+}
+
+#[tokio::test]
+async fn trace_of_a_trace_id_and_its_json_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = incident_log(dir.path()).await;
+    let report = trace(&[path], &TraceQuery::Trace("trace-inst-B".into())).unwrap();
+    let json: Value = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["query"], json!({ "trace_id": "trace-inst-B" }));
+    let sessions = json["instructions"][0]["sessions"].as_array().unwrap();
+    let calls: Vec<&str> = sessions
+        .iter()
+        .flat_map(|s| s["calls"].as_array().unwrap())
+        .map(|c| c["call_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(calls, ["c2", "c3"]);
+    let c2 = &sessions[0]["calls"][0];
+    assert_eq!(c2["tool"], "export");
+    assert_eq!(c2["egress"][0]["verdict"], "allow");
+    assert_eq!(c2["egress"][0]["addr"], "10.0.0.5");
+}
+
+#[tokio::test]
+async fn trace_of_an_unknown_id_finds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = incident_log(dir.path()).await;
+    let report = trace(&[path], &TraceQuery::Instruction("inst".into())).unwrap();
+    assert_eq!(report.records, 0);
+    assert!(report.instructions.is_empty());
+}

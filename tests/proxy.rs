@@ -1,0 +1,1437 @@
+//! The MCP proxy end to end over its Streamable HTTP front: a real `mcp-guard run` daemon (kernel
+//! egress on, its own bpffs/cgroup root and listen port) in front of real third-party MCP
+//! servers (`@modelcontextprotocol/server-everything`, `server-filesystem`, `mcp-server-time`),
+//! driven by the official Python SDK client (`tests/clients/mcp_client.py`) and by raw HTTP
+//! (`tests/clients/raw_http.py`) for what an SDK would never send.
+//!
+//! Root only. The peers come from `cargo xtask setup`; without them these tests fail (never
+//! skip) and say so.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use mcp_guard_tests::*;
+use serde_json::{Value, json};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
+const FAST_SERVER: &str = env!("CARGO_BIN_EXE_mcp-fast-server");
+
+/// The handshake revision most tests speak; every peer accepts it (see `revisions_*`).
+const HANDSHAKE: &str = "2025-11-25";
+const STATELESS: &str = "2026-07-28";
+
+// ---------------------------------------------------------------------------------------------
+// A daemon with its HTTP front
+// ---------------------------------------------------------------------------------------------
+
+/// A running daemon serving MCP on a loopback port of its own. Fields drop in order: the
+/// daemon stops before the environment tears its cgroups and pins down.
+struct Front {
+    daemon: Daemon,
+    env: TestEnv,
+    peers: Peers,
+    addr: SocketAddr,
+}
+
+impl Front {
+    fn start(env: TestEnv, peers: Peers, servers: Value) -> Front {
+        Front::start_with(env, peers, servers, |_| {})
+    }
+
+    /// Like [`Front::start`], letting `tweak` change the policy document first (limits).
+    fn start_with(
+        env: TestEnv,
+        peers: Peers,
+        servers: Value,
+        tweak: impl FnOnce(&mut Value),
+    ) -> Front {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+        let mut document = env.proxy_policy(addr, servers);
+        tweak(&mut document);
+        env.write_policy_document(&document);
+        let daemon = env.start_daemon();
+        Front {
+            daemon,
+            env,
+            peers,
+            addr,
+        }
+    }
+
+    fn path(server: &str) -> String {
+        format!("/servers/{server}/mcp")
+    }
+
+    fn url(&self, server: &str) -> String {
+        format!("http://{}{}", self.addr, Front::path(server))
+    }
+
+    /// The SDK client over HTTP through mcp-guard.
+    fn client(&self, server: &str, version: &str, script: &Value) -> ClientRun {
+        mcp_client(
+            &self.peers,
+            Transport::Http(&self.url(server)),
+            version,
+            script,
+        )
+    }
+
+    fn raw(&self, server: &str, args: &[&str]) -> Value {
+        raw_http(&self.peers, &self.url(server), args)
+    }
+
+    /// Opens a session with the initialize handshake at `version` (then
+    /// `notifications/initialized`) and returns its `Mcp-Session-Id`.
+    fn open_session(&self, server: &str, version: &str) -> String {
+        let ping = json!({"jsonrpc": "2.0", "id": "after-initialize", "method": "ping"});
+        let output = self.raw(
+            server,
+            &["--initialize", version, "--body", &ping.to_string()],
+        );
+        let initialize = &output["initialize"];
+        assert_eq!(initialize["status"], 200, "initialize: {output}");
+        assert_eq!(
+            initialize["response"]["result"]["protocolVersion"], version,
+            "initialize: {output}"
+        );
+        assert_eq!(
+            initialize["initialized_status"], 202,
+            "notifications/initialized: {output}"
+        );
+        assert_eq!(output["status"], 200, "ping in the new session: {output}");
+        initialize["session_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("initialize answered without Mcp-Session-Id: {output}"))
+            .to_string()
+    }
+
+    /// POSTs `body` inside an existing session.
+    fn in_session(&self, server: &str, session: &str, body: &Value) -> Value {
+        let version = format!("MCP-Protocol-Version: {HANDSHAKE}");
+        self.raw(
+            server,
+            &[
+                "--session",
+                session,
+                "--header",
+                &version,
+                "--body",
+                &body.to_string(),
+            ],
+        )
+    }
+
+    /// The one server process of a session.
+    fn session_pid(&self, server: &str, session: &str) -> i32 {
+        let cgroup = self.env.session_cgroup(server, session);
+        let mut pids = Vec::new();
+        assert!(
+            poll_until(TIMEOUT, || {
+                pids = cgroup_pids(&cgroup);
+                !pids.is_empty()
+            }),
+            "no process in the session cgroup {}; the server cgroups are {:?}",
+            cgroup.display(),
+            std::fs::read_dir(self.env.cgroup_root.join(server))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        );
+        assert_eq!(
+            pids.len(),
+            1,
+            "expected the server alone in {}: {pids:?}",
+            cgroup.display()
+        );
+        pids[0]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading answers
+// ---------------------------------------------------------------------------------------------
+
+fn tool_names(list_result: &Value) -> BTreeSet<String> {
+    list_result["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tools in {list_result}"))
+        .iter()
+        .map(|tool| tool["name"].as_str().expect("tool name").to_string())
+        .collect()
+}
+
+fn tool<'a>(list_result: &'a Value, name: &str) -> &'a Value {
+    list_result["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|tool| tool["name"] == name)
+        .unwrap_or_else(|| panic!("no tool {name} in {list_result}"))
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// The text of the first content item of a tool result.
+fn text(result: &Value) -> &str {
+    result["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text content in {result}"))
+}
+
+/// Asserts a JSON-RPC error is mcp-guard's policy refusal naming `rule`.
+fn assert_policy_denied(error: &Value, rule: &str) {
+    assert_eq!(error["code"], -32010, "not a policy refusal: {error}");
+    assert_eq!(
+        error["data"]["rule"], rule,
+        "refusal names another rule: {error}"
+    );
+    assert!(
+        error["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "refusal without a reason: {error}"
+    );
+}
+
+fn assert_unknown_tool(error: &Value, name: &str) {
+    assert_eq!(error["code"], -32602, "{error}");
+    assert_eq!(error["message"], format!("Unknown tool: {name}"), "{error}");
+}
+
+/// The answer to request `id` in a batch answer.
+fn answer_for<'a>(answers: &'a [Value], id: i64) -> &'a Value {
+    let matching: Vec<&Value> = answers.iter().filter(|a| a["id"] == id).collect();
+    assert_eq!(matching.len(), 1, "answers for id {id}: {answers:?}");
+    matching[0]
+}
+
+/// A `get_current_time` result with the parts that move with the clock replaced: the
+/// datetime (checked to be Tokyo's fixed offset) and the weekday (checked to be one).
+fn time_shape(result: &Value) -> Value {
+    fn normalise(object: &mut Value) {
+        let datetime = object["datetime"].as_str().unwrap_or_default().to_string();
+        assert!(
+            datetime.ends_with("+09:00") && datetime.len() == 25,
+            "not a Tokyo datetime: {object}"
+        );
+        object["datetime"] = json!("<datetime>");
+        let weekdays = [
+            "Monday",
+            "Tuesday",
+            "Wednesday",
+            "Thursday",
+            "Friday",
+            "Saturday",
+            "Sunday",
+        ];
+        assert!(
+            object["day_of_week"]
+                .as_str()
+                .is_some_and(|d| weekdays.contains(&d)),
+            "no weekday in {object}"
+        );
+        object["day_of_week"] = json!("<weekday>");
+    }
+    let mut shape = result.clone();
+    normalise(&mut shape["structuredContent"]);
+    let mut inner: Value = serde_json::from_str(text(result))
+        .unwrap_or_else(|e| panic!("the text content is not the JSON time ({e}): {result}"));
+    normalise(&mut inner);
+    shape["content"][0]["text"] = inner;
+    shape
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Allowed calls: the same answer as without mcp-guard
+// ---------------------------------------------------------------------------------------------
+
+/// server-everything `echo` and mcp-server-time `get_current_time`: the SDK client gets the
+/// same initialize result, the same tool definition and the same call result through
+/// mcp-guard's HTTP front and its stdio front as it gets talking to the server directly.
+#[test]
+fn allowed_calls_return_what_the_server_returns_directly() {
+    let env = TestEnv::new("proxy-same", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "everything": stdio_server(peers.everything(), vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
+        "time": stdio_server(peers.time(), vec![
+            list_tools_rule(),
+            allow("current-time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let stdio_front = |server: &str| -> Vec<String> {
+        vec![
+            front.env.daemon_bin.display().to_string(),
+            "stdio".into(),
+            "--server".into(),
+            server.into(),
+            "--policy".into(),
+            front.env.policy_path.display().to_string(),
+            "--principal".into(),
+            AGENT.into(),
+            "--control-socket".into(),
+            front.env.control_socket.display().to_string(),
+        ]
+    };
+
+    // server-everything: echo.
+    let script = json!([
+        {"op": "list_tools"},
+        {"op": "call_tool", "name": "echo", "arguments": {"message": "same through mcp-guard"}},
+    ]);
+    let everything = front.peers.everything();
+    let direct = mcp_client(
+        &front.peers,
+        Transport::Stdio(&everything),
+        HANDSHAKE,
+        &script,
+    );
+    let via_http = front.client("everything", HANDSHAKE, &script);
+    let stdio_command = stdio_front("everything");
+    let via_stdio = mcp_client(
+        &front.peers,
+        Transport::Stdio(&stdio_command),
+        HANDSHAKE,
+        &script,
+    );
+    assert_eq!(text(direct.ok(1)), "Echo: same through mcp-guard");
+    for (front_name, run) in [("HTTP", &via_http), ("stdio", &via_stdio)] {
+        for key in ["protocol_version", "server_info", "capabilities"] {
+            assert_eq!(
+                run.initialize[key], direct.initialize[key],
+                "initialize {key} through the {front_name} front differs from direct"
+            );
+        }
+        assert_eq!(
+            tool_names(run.ok(0)),
+            set(&["echo"]),
+            "tools/list through the {front_name} front"
+        );
+        assert_eq!(
+            tool(run.ok(0), "echo"),
+            tool(direct.ok(0), "echo"),
+            "the echo tool's definition through the {front_name} front differs from direct"
+        );
+        assert_eq!(
+            run.ok(1),
+            direct.ok(1),
+            "echo through the {front_name} front differs from direct"
+        );
+    }
+
+    // mcp-server-time: get_current_time in a zone without daylight saving time.
+    let script = json!([
+        {"op": "call_tool", "name": "get_current_time", "arguments": {"timezone": "Asia/Tokyo"}},
+    ]);
+    let time = front.peers.time();
+    let direct = mcp_client(&front.peers, Transport::Stdio(&time), HANDSHAKE, &script);
+    let via_http = front.client("time", HANDSHAKE, &script);
+    let stdio_command = stdio_front("time");
+    let via_stdio = mcp_client(
+        &front.peers,
+        Transport::Stdio(&stdio_command),
+        HANDSHAKE,
+        &script,
+    );
+    let expected = time_shape(direct.ok(0));
+    assert_eq!(expected["structuredContent"]["timezone"], "Asia/Tokyo");
+    for (front_name, run) in [("HTTP", &via_http), ("stdio", &via_stdio)] {
+        assert_eq!(
+            run.initialize["server_info"], direct.initialize["server_info"],
+            "{front_name}"
+        );
+        assert_eq!(
+            time_shape(run.ok(0)),
+            expected,
+            "get_current_time through the {front_name} front differs from direct"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Denied calls never reach the server
+// ---------------------------------------------------------------------------------------------
+
+/// server-filesystem over a temporary directory. Reads and writes are allowed, but a deny
+/// rule refuses writes to `*.conf`: that write is answered -32010 naming the rule, and the
+/// file does not exist afterwards. An allowed write (the control) does create its file, and
+/// an allowed read returns the file's content.
+#[test]
+fn denied_write_is_refused_and_never_reaches_the_server() {
+    let env = TestEnv::new("proxy-deny", PROBE);
+    let peers = Peers::require();
+    let root = env.dir().join("files");
+    std::fs::create_dir(&root).unwrap();
+    let root = std::fs::canonicalize(&root).unwrap();
+    std::fs::write(root.join("readme.txt"), "hello from the test\n").unwrap();
+    let servers = json!({
+        "files": stdio_server(peers.filesystem(&root), vec![
+            list_tools_rule(),
+            allow("read-files", json!({"roles": [DEVELOPER], "tools": ["read_text_file", "list_directory"]})),
+            allow("write-files", json!({"roles": [DEVELOPER], "tools": ["write_file"]})),
+            deny("no-config-writes", json!({
+                "tools": ["write_file"],
+                "arguments": {
+                    "type": "object",
+                    "properties": {"path": {"type": "string", "pattern": "\\.conf$"}},
+                    "required": ["path"],
+                },
+            })),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let path = |name: &str| root.join(name).display().to_string();
+    let run = front.client(
+        "files",
+        HANDSHAKE,
+        &json!([
+            {"op": "call_tool", "name": "read_text_file", "arguments": {"path": path("readme.txt")}},
+            {"op": "call_tool", "name": "write_file",
+             "arguments": {"path": path("app.conf"), "content": "must never be written"}},
+            {"op": "call_tool", "name": "write_file",
+             "arguments": {"path": path("notes.txt"), "content": "written through mcp-guard"}},
+            {"op": "call_tool", "name": "list_directory", "arguments": {"path": path("")}},
+        ]),
+    );
+
+    assert_eq!(text(run.ok(0)), "hello from the test\n");
+    assert_policy_denied(run.error(1), "no-config-writes");
+    assert!(
+        !root.join("app.conf").exists(),
+        "the refused write reached the filesystem server: {} exists",
+        root.join("app.conf").display()
+    );
+    assert_ne!(
+        run.ok(2)["isError"],
+        true,
+        "the allowed write failed: {}",
+        run.ok(2)
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("notes.txt"))
+            .ok()
+            .as_deref(),
+        Some("written through mcp-guard"),
+        "the allowed write did not reach the server"
+    );
+    let listing = text(run.ok(3));
+    assert!(
+        listing.contains("readme.txt")
+            && listing.contains("notes.txt")
+            && !listing.contains("app.conf"),
+        "directory listing: {listing}"
+    );
+}
+
+/// The brief's exact policy: reads allowed, `write_file` denied by an explicit rule without
+/// argument conditions. mcp-guard hides a tool such a rule denies, so the write is refused as
+/// an unknown tool (-32602), and it never reaches the server: the file does not exist.
+#[test]
+fn explicitly_denied_tool_is_hidden_and_never_reaches_the_server() {
+    let env = TestEnv::new("proxy-hidden-write", PROBE);
+    let peers = Peers::require();
+    let root = env.dir().join("files");
+    std::fs::create_dir(&root).unwrap();
+    let root = std::fs::canonicalize(&root).unwrap();
+    std::fs::write(root.join("readme.txt"), "read me\n").unwrap();
+    let servers = json!({
+        "files": stdio_server(peers.filesystem(&root), vec![
+            list_tools_rule(),
+            allow("read-files", json!({"roles": [DEVELOPER], "tools": ["read_text_file", "list_directory"]})),
+            deny("no-writes", json!({"tools": ["write_file"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let target = root.join("written.txt");
+    let run = front.client(
+        "files",
+        HANDSHAKE,
+        &json!([
+            {"op": "list_tools"},
+            {"op": "call_tool", "name": "write_file",
+             "arguments": {"path": target.display().to_string(), "content": "must never be written"}},
+            {"op": "call_tool", "name": "read_text_file",
+             "arguments": {"path": root.join("readme.txt").display().to_string()}},
+        ]),
+    );
+    assert_eq!(
+        tool_names(run.ok(0)),
+        set(&["list_directory", "read_text_file"])
+    );
+    assert_unknown_tool(run.error(1), "write_file");
+    assert!(
+        !target.exists(),
+        "the refused write reached the server: {} exists",
+        target.display()
+    );
+    assert_eq!(text(run.ok(2)), "read me\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Filtered tools/list
+// ---------------------------------------------------------------------------------------------
+
+/// server-everything offers a dozen tools; the caller sees exactly those some rule lets them
+/// call (an exact name, a glob) minus the one a deny rule hides, in JSON and in SSE answers.
+/// Calls to tools they cannot see are "Unknown tool".
+#[test]
+fn tools_list_is_filtered_to_what_the_caller_may_call() {
+    let env = TestEnv::new("proxy-filter", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "everything": stdio_server(peers.everything(), vec![
+            list_tools_rule(),
+            allow("some-tools", json!({"roles": [DEVELOPER], "tools": ["echo", "get-sum", "get-tiny-*", "get-env"]})),
+            deny("no-environment", json!({"tools": ["get-env"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let visible = set(&["echo", "get-sum", "get-tiny-image"]);
+
+    let everything = front.peers.everything();
+    let direct = mcp_client(
+        &front.peers,
+        Transport::Stdio(&everything),
+        HANDSHAKE,
+        &json!([{"op": "list_tools"}]),
+    );
+    let all = tool_names(direct.ok(0));
+    assert!(
+        all.is_superset(&visible)
+            && all.contains("get-env")
+            && all.contains("toggle-simulated-logging"),
+        "server-everything no longer offers the tools this test filters: {all:?}"
+    );
+
+    let run = front.client(
+        "everything",
+        HANDSHAKE,
+        &json!([
+            {"op": "list_tools"},
+            {"op": "call_tool", "name": "get-env", "arguments": {}},
+            {"op": "call_tool", "name": "toggle-simulated-logging", "arguments": {}},
+            {"op": "call_tool", "name": "get-sum", "arguments": {"a": 2, "b": 3}},
+        ]),
+    );
+    assert_eq!(tool_names(run.ok(0)), visible, "filtered tools/list");
+    assert_unknown_tool(run.error(1), "get-env");
+    assert_unknown_tool(run.error(2), "toggle-simulated-logging");
+    assert!(text(run.ok(3)).contains('5'), "get-sum: {}", run.ok(3));
+
+    // The same list as an SSE answer (the agent accepts only text/event-stream).
+    let session = front.open_session("everything", HANDSHAKE);
+    let version = format!("MCP-Protocol-Version: {HANDSHAKE}");
+    let list = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/list"});
+    let output = front.raw(
+        "everything",
+        &[
+            "--session",
+            &session,
+            "--header",
+            &version,
+            "--header",
+            "Accept: text/event-stream",
+            "--body",
+            &list.to_string(),
+        ],
+    );
+    assert_eq!(output["status"], 200, "{output}");
+    assert_eq!(output["content_type"], "text/event-stream", "{output}");
+    let answer = response_message(&output);
+    assert_eq!(answer["id"], 7, "{output}");
+    assert_eq!(
+        tool_names(&answer["result"]),
+        visible,
+        "filtered SSE tools/list"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Argument constraints
+// ---------------------------------------------------------------------------------------------
+
+/// A rule's `arguments` schema (echo's message at most 10 characters) refuses with -32010
+/// naming the rule; arguments that break the tool's own `inputSchema` (learned from the
+/// server) are refused with -32602 before they reach it.
+#[test]
+fn argument_constraints_and_input_schemas_are_enforced() {
+    let env = TestEnv::new("proxy-args", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "everything": stdio_server(peers.everything(), vec![
+            list_tools_rule(),
+            allow("short-echo", json!({
+                "roles": [DEVELOPER],
+                "tools": ["echo"],
+                "arguments": {"type": "object", "properties": {"message": {"type": "string", "maxLength": 10}}},
+            })),
+            allow("sum", json!({"roles": [DEVELOPER], "tools": ["get-sum"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let run = front.client(
+        "everything",
+        HANDSHAKE,
+        &json!([
+            {"op": "call_tool", "name": "echo", "arguments": {"message": "short"}},
+            {"op": "call_tool", "name": "echo", "arguments": {"message": "longer than ten characters"}},
+            {"op": "call_tool", "name": "get-sum", "arguments": {"a": "one", "b": 2}},
+            {"op": "call_tool", "name": "echo", "arguments": {}},
+            {"op": "call_tool", "name": "get-sum", "arguments": {"a": 1, "b": 2}},
+        ]),
+    );
+    assert_eq!(text(run.ok(0)), "Echo: short");
+    let refused = run.error(1);
+    assert_policy_denied(refused, "short-echo");
+    assert!(
+        refused["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("short-echo")),
+        "{refused}"
+    );
+    // `a` must be a number (get-sum's inputSchema); the rule has no constraint on it.
+    let wrong_type = run.error(2);
+    assert_eq!(wrong_type["code"], -32602, "{wrong_type}");
+    assert!(
+        wrong_type["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("inputSchema") && m.contains("/a")),
+        "{wrong_type}"
+    );
+    // `message` is required by echo's inputSchema, not by the rule.
+    let missing = run.error(3);
+    assert_eq!(missing["code"], -32602, "{missing}");
+    assert!(
+        missing["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("inputSchema") && m.contains("message")),
+        "{missing}"
+    );
+    assert!(text(run.ok(4)).contains('3'), "get-sum: {}", run.ok(4));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Batches
+// ---------------------------------------------------------------------------------------------
+
+/// One batch: an allowed call, a call a rule refuses, a call to a hidden tool and a
+/// notification. The answer is an array of exactly three responses, each with its own
+/// outcome.
+#[test]
+fn batch_with_mixed_verdicts_is_answered_element_by_element() {
+    let env = TestEnv::new("proxy-batch", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "everything": stdio_server(peers.everything(), vec![
+            list_tools_rule(),
+            allow("short-echo", json!({
+                "roles": [DEVELOPER],
+                "tools": ["echo"],
+                "arguments": {"type": "object", "properties": {"message": {"type": "string", "maxLength": 10}}},
+            })),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+         "params": {"name": "echo", "arguments": {"message": "batched"}}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+         "params": {"name": "echo", "arguments": {"message": "far too long for the rule"}}},
+        {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+         "params": {"name": "get-env", "arguments": {}}},
+        {"jsonrpc": "2.0", "method": "notifications/cancelled",
+         "params": {"requestId": 999, "reason": "nothing to cancel"}},
+    ]);
+    let output = front.raw(
+        "everything",
+        &["--initialize", HANDSHAKE, "--body", &batch.to_string()],
+    );
+    assert_eq!(output["status"], 200, "{output}");
+    let answer = response_message(&output);
+    let answers = answer
+        .as_array()
+        .unwrap_or_else(|| panic!("a batch must be answered with an array: {output}"));
+    assert_eq!(
+        answers.len(),
+        3,
+        "one answer per request, none for the notification: {answer}"
+    );
+
+    let allowed = answer_for(answers, 1);
+    assert_eq!(text(&allowed["result"]), "Echo: batched", "{allowed}");
+    let refused = answer_for(answers, 2);
+    assert!(refused.get("result").is_none(), "{refused}");
+    assert_policy_denied(&refused["error"], "short-echo");
+    let hidden = answer_for(answers, 3);
+    assert!(hidden.get("result").is_none(), "{hidden}");
+    assert_unknown_tool(&hidden["error"], "get-env");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Policy reload
+// ---------------------------------------------------------------------------------------------
+
+/// A session sees `echo` only. The policy is rewritten to allow `get-sum` and the daemon gets
+/// SIGHUP: the same session now lists and calls it, and so does a new one. A second reload
+/// takes `echo` away again from the existing session.
+#[test]
+fn policy_reload_changes_what_sessions_see_and_may_call() {
+    let env = TestEnv::new("proxy-reload", PROBE);
+    let peers = Peers::require();
+    let everything = peers.everything();
+    let servers_with =
+        |rules: Vec<Value>| json!({"everything": stdio_server(everything.clone(), rules)});
+    let echo = || allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]}));
+    let sum = || allow("sum", json!({"roles": [DEVELOPER], "tools": ["get-sum"]}));
+    let front = Front::start(env, peers, servers_with(vec![list_tools_rule(), echo()]));
+
+    let session = front.open_session("everything", HANDSHAKE);
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+    let call_sum = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "get-sum", "arguments": {"a": 20, "b": 22}}});
+    let call_echo = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": "still here"}}});
+    let answer = |body: &Value| response_message(&front.in_session("everything", &session, body));
+
+    assert_eq!(tool_names(&answer(&list)["result"]), set(&["echo"]));
+    assert_unknown_tool(&answer(&call_sum)["error"], "get-sum");
+
+    let reload = |rules: Vec<Value>| {
+        let mark = front.daemon.log.mark();
+        let document = front.env.proxy_policy(front.addr, servers_with(rules));
+        front.env.write_policy_document(&document);
+        front.daemon.sighup();
+        front
+            .daemon
+            .wait_for_since(mark, TIMEOUT, "\"policy reloaded\"", |line| {
+                message(line) == Some("policy reloaded")
+            });
+    };
+    reload(vec![list_tools_rule(), echo(), sum()]);
+
+    assert_eq!(
+        tool_names(&answer(&list)["result"]),
+        set(&["echo", "get-sum"])
+    );
+    let summed = answer(&call_sum);
+    assert!(
+        summed["result"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("42")),
+        "get-sum after the reload, same session: {summed}"
+    );
+    let fresh = front.client(
+        "everything",
+        HANDSHAKE,
+        &json!([
+            {"op": "list_tools"},
+            {"op": "call_tool", "name": "get-sum", "arguments": {"a": 1, "b": 1}},
+        ]),
+    );
+    assert_eq!(tool_names(fresh.ok(0)), set(&["echo", "get-sum"]));
+    assert!(text(fresh.ok(1)).contains('2'), "{}", fresh.ok(1));
+
+    // Taking a tool away works on the live session too.
+    reload(vec![list_tools_rule(), sum()]);
+    assert_eq!(tool_names(&answer(&list)["result"]), set(&["get-sum"]));
+    assert_unknown_tool(&answer(&call_echo)["error"], "echo");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Bad input
+// ---------------------------------------------------------------------------------------------
+
+/// Every kind of bad input gets its HTTP status and JSON-RPC error, nothing of it reaches a
+/// server, and afterwards a session opened before all of it still works, as does a new one.
+#[test]
+fn bad_input_is_refused_and_the_daemon_keeps_serving() {
+    let env = TestEnv::new("proxy-bad-input", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "everything": stdio_server(peers.everything(), vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
+    });
+    let front = Front::start_with(env, peers, servers, |policy| {
+        policy["daemon"]["max_message_bytes"] = json!(2048);
+        policy["daemon"]["max_json_depth"] = json!(8);
+        policy["daemon"]["max_batch_size"] = json!(3);
+    });
+    let session = front.open_session("everything", HANDSHAKE);
+    let version = format!("MCP-Protocol-Version: {HANDSHAKE}");
+    let in_session = ["--session", session.as_str(), "--header", version.as_str()];
+    let list = |id: i64| json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"}).to_string();
+    let echo = |message: &str| {
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+               "params": {"name": "echo", "arguments": {"message": message}}})
+        .to_string()
+    };
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"echo","arguments":{{"message":"x","deep":{}1{}}}}}}}"#,
+        "[".repeat(10),
+        "]".repeat(10)
+    );
+    let oversized = echo(&"x".repeat(4096));
+    let invalid_utf8 = {
+        let mut bytes = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":""#.to_vec();
+        bytes.extend_from_slice(&[0xff, 0xfe, 0xfd]);
+        bytes.extend_from_slice(br#""}}}"#);
+        base64(&bytes)
+    };
+    let over_batch = format!("[{},{},{},{}]", list(1), list(2), list(3), list(4));
+    let stateless_call = echo("stateless");
+
+    struct Case<'a> {
+        what: &'a str,
+        args: Vec<String>,
+        status: u64,
+        /// The JSON-RPC error code in the body, where the answer has one.
+        code: Option<i64>,
+    }
+    let with_session = |args: &[&str]| -> Vec<String> {
+        in_session
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect()
+    };
+    let strings = |args: &[&str]| -> Vec<String> { args.iter().map(|a| a.to_string()).collect() };
+    let cases = vec![
+        Case {
+            what: "invalid JSON",
+            args: with_session(&["--raw-body", r#"{"jsonrpc": "2.0", "id": 1, "method": "#]),
+            status: 400,
+            code: Some(-32700),
+        },
+        Case {
+            what: "jsonrpc 1.0",
+            args: with_session(&[
+                "--raw-body",
+                r#"{"jsonrpc":"1.0","id":1,"method":"tools/list"}"#,
+            ]),
+            status: 400,
+            code: Some(-32600),
+        },
+        Case {
+            what: "id null",
+            args: with_session(&[
+                "--raw-body",
+                r#"{"jsonrpc":"2.0","id":null,"method":"tools/list"}"#,
+            ]),
+            status: 400,
+            code: Some(-32600),
+        },
+        Case {
+            what: "an empty batch",
+            args: with_session(&["--raw-body", "[]"]),
+            status: 400,
+            code: Some(-32600),
+        },
+        Case {
+            what: "a body over max_message_bytes",
+            args: with_session(&["--raw-body", &oversized]),
+            status: 413,
+            code: Some(-32600),
+        },
+        Case {
+            what: "nesting past max_json_depth",
+            args: with_session(&["--raw-body", &deep]),
+            status: 400,
+            code: Some(-32600),
+        },
+        Case {
+            what: "invalid UTF-8",
+            args: with_session(&["--body-base64", &invalid_utf8]),
+            status: 400,
+            code: Some(-32700),
+        },
+        Case {
+            what: "a batch over max_batch_size",
+            args: with_session(&["--raw-body", &over_batch]),
+            status: 400,
+            code: Some(-32600),
+        },
+        Case {
+            what: "an unknown session",
+            args: strings(&[
+                "--session",
+                "0123456789abcdef0123456789abcdef",
+                "--header",
+                &version,
+                "--raw-body",
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            ]),
+            status: 404,
+            code: None,
+        },
+        Case {
+            what: "no Mcp-Session-Id on a request that is not initialize",
+            args: strings(&[
+                "--raw-body",
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            ]),
+            status: 400,
+            code: None,
+        },
+        Case {
+            what: "Accept: text/html",
+            args: with_session(&[
+                "--header",
+                "Accept: text/html",
+                "--raw-body",
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            ]),
+            status: 406,
+            code: None,
+        },
+        Case {
+            what: "Content-Type: text/plain",
+            args: with_session(&[
+                "--header",
+                "Content-Type: text/plain",
+                "--raw-body",
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            ]),
+            status: 415,
+            code: None,
+        },
+        Case {
+            what: "2026-07-28 with Mcp-Method not matching the body",
+            args: strings(&[
+                "--envelope",
+                STATELESS,
+                "--header",
+                "Mcp-Method: tools/list",
+                "--body",
+                &stateless_call,
+            ]),
+            status: 400,
+            code: None,
+        },
+        Case {
+            what: "2026-07-28 with Mcp-Name not matching the body",
+            args: strings(&[
+                "--envelope",
+                STATELESS,
+                "--header",
+                "Mcp-Name: get-env",
+                "--body",
+                &stateless_call,
+            ]),
+            status: 400,
+            code: None,
+        },
+        Case {
+            what: "2026-07-28 without Mcp-Method",
+            args: strings(&[
+                "--header",
+                "MCP-Protocol-Version: 2026-07-28",
+                "--body",
+                &stateless_call,
+            ]),
+            status: 400,
+            code: None,
+        },
+    ];
+    let mut wrong = Vec::new();
+    for case in &cases {
+        let args: Vec<&str> = case.args.iter().map(String::as_str).collect();
+        let output = front.raw("everything", &args);
+        let body = &output["body"];
+        let code_ok = case
+            .code
+            .is_none_or(|code| body["error"]["code"] == code && body["jsonrpc"] == "2.0");
+        if output["status"] != case.status || !code_ok {
+            wrong.push(format!(
+                "  {}: expected HTTP {} {:?}, got {} {}",
+                case.what, case.status, case.code, output["status"], body
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "bad input answered wrongly:\n{}",
+        wrong.join("\n")
+    );
+
+    // Duplicate ids in a batch: the duplicate gets its own error, the rest is answered.
+    let duplicate = format!("[{},{}]", list(5), list(5));
+    let mut args = in_session.to_vec();
+    args.extend(["--raw-body", &duplicate]);
+    let output = front.raw("everything", &args);
+    assert_eq!(output["status"], 200, "{output}");
+    let answers = response_message(&output);
+    let answers = answers.as_array().unwrap_or_else(|| panic!("{output}"));
+    assert_eq!(answers.len(), 2, "{output}");
+    assert_eq!(
+        answers
+            .iter()
+            .filter(|a| a["error"]["code"] == -32600)
+            .count(),
+        1,
+        "the duplicate id must be refused: {output}"
+    );
+    assert_eq!(
+        answers
+            .iter()
+            .filter(|a| a["result"]["tools"].is_array())
+            .count(),
+        1,
+        "the first of the two must be answered: {output}"
+    );
+
+    // A server nobody configured.
+    let output = raw_http(
+        &front.peers,
+        &format!("http://{}/servers/nope/mcp", front.addr),
+        &["--initialize", HANDSHAKE, "--raw-body", &list(1)],
+    );
+    assert_eq!(output["initialize"]["status"], 404, "{output}");
+
+    // Nothing of the refused stateless traffic started a server.
+    let sessions: Vec<String> = std::fs::read_dir(front.env.cgroup_root.join("everything"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        sessions,
+        vec![session.clone()],
+        "refused requests must not start server sessions"
+    );
+
+    // Still serving: the old session and a new one.
+    let output = front.in_session(
+        "everything",
+        &session,
+        &serde_json::from_str(&echo("still serving")).unwrap(),
+    );
+    assert_eq!(output["status"], 200, "{output}");
+    assert_eq!(
+        text(&response_message(&output)["result"]),
+        "Echo: still serving",
+        "{output}"
+    );
+    let fresh = front.client(
+        "everything",
+        HANDSHAKE,
+        &json!([{"op": "call_tool", "name": "echo", "arguments": {"message": "new session"}}]),
+    );
+    assert_eq!(text(fresh.ok(0)), "Echo: new session");
+    assert!(!process_gone(front.daemon.pid()), "the daemon exited");
+}
+
+/// Standard base64 (the raw client takes invalid UTF-8 bodies that way).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Protocol revisions
+// ---------------------------------------------------------------------------------------------
+
+/// Each peer completes the initialize handshake through mcp-guard at each handshake revision
+/// it accepts directly (all three accept 2025-06-18 and 2025-11-25), agreeing on the same
+/// revision, and serves a filtered tools/list in that session. mcp-server-time also speaks
+/// 2026-07-28, and the SDK client reaches it statelessly through mcp-guard.
+#[test]
+fn every_revision_the_peers_speak_passes_through() {
+    let env = TestEnv::new("proxy-revisions", PROBE);
+    let peers = Peers::require();
+    let root = env.dir().join("files");
+    std::fs::create_dir(&root).unwrap();
+    let root = std::fs::canonicalize(&root).unwrap();
+    let servers = json!({
+        "everything": stdio_server(peers.everything(), vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
+        "files": stdio_server(peers.filesystem(&root), vec![
+            list_tools_rule(),
+            allow("list", json!({"roles": [DEVELOPER], "tools": ["list_directory"]})),
+        ]),
+        "time": stdio_server(peers.time(), vec![
+            list_tools_rule(),
+            allow("current-time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let direct_commands = [
+        ("everything", front.peers.everything(), "echo"),
+        ("files", front.peers.filesystem(&root), "list_directory"),
+        ("time", front.peers.time(), "get_current_time"),
+    ];
+    let script = json!([{"op": "list_tools"}]);
+    for (server, command, visible) in &direct_commands {
+        for version in ["2025-06-18", HANDSHAKE] {
+            let direct = mcp_client(&front.peers, Transport::Stdio(command), version, &script);
+            assert_eq!(
+                direct.initialize["protocol_version"], version,
+                "{server} does not speak {version} directly; update this test and PEERS.md"
+            );
+            let guarded = front.client(server, version, &script);
+            assert_eq!(
+                guarded.initialize["protocol_version"], version,
+                "{server} at {version} through mcp-guard: {}",
+                guarded.initialize
+            );
+            assert_eq!(guarded.initialize["era"], "handshake");
+            assert_eq!(
+                tool_names(guarded.ok(0)),
+                set(&[visible]),
+                "{server} at {version}"
+            );
+        }
+    }
+
+    let time = front.client(
+        "time",
+        STATELESS,
+        &json!([
+            {"op": "list_tools"},
+            {"op": "call_tool", "name": "get_current_time", "arguments": {"timezone": "Asia/Tokyo"}},
+        ]),
+    );
+    assert_eq!(time.initialize["protocol_version"], STATELESS);
+    assert_eq!(time.initialize["era"], "modern");
+    assert_eq!(tool_names(time.ok(0)), set(&["get_current_time"]));
+    assert_eq!(time.ok(1)["structuredContent"]["timezone"], "Asia/Tokyo");
+}
+
+/// Hand-made 2026-07-28 requests (no initialize, `_meta` envelope, routing headers) get valid
+/// answers through mcp-guard from the two peers that speak the revision: mcp-server-time and
+/// mcp-fast-server. server/discover passes, tools/list is filtered, an allowed call is
+/// answered, a hidden tool is unknown, and the revision may come from `_meta` alone.
+#[test]
+fn stateless_2026_07_28_requests_are_answered() {
+    let env = TestEnv::new("proxy-stateless", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "time": stdio_server(peers.time(), vec![
+            list_tools_rule(),
+            allow("current-time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
+        ]),
+        "fast": stdio_server(vec![FAST_SERVER.to_string()], vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo", "add"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let request = |id: i64, method: &str, params: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
+    };
+    let stateless = |server: &str, body: &str| {
+        let output = front.raw(server, &["--envelope", STATELESS, "--body", body]);
+        assert_eq!(output["status"], 200, "{server}: {output}");
+        assert!(
+            output["headers"].get("mcp-session-id").is_none(),
+            "a stateless answer carries no session: {output}"
+        );
+        response_message(&output)
+    };
+
+    for (server, visible, call) in [
+        (
+            "time",
+            set(&["get_current_time"]),
+            json!({"name": "get_current_time", "arguments": {"timezone": "Asia/Tokyo"}}),
+        ),
+        (
+            "fast",
+            set(&["add", "echo"]),
+            json!({"name": "echo", "arguments": {"text": "stateless"}}),
+        ),
+    ] {
+        let discover = stateless(server, &request(1, "server/discover", json!({})));
+        let versions = &discover["result"]["supportedVersions"];
+        assert!(
+            versions
+                .as_array()
+                .is_some_and(|v| v.contains(&json!(STATELESS))),
+            "{server} server/discover: {discover}"
+        );
+        let list = stateless(server, &request(2, "tools/list", json!({})));
+        assert_eq!(tool_names(&list["result"]), visible, "{server}: {list}");
+        let called = stateless(server, &request(3, "tools/call", call));
+        assert!(called.get("error").is_none(), "{server}: {called}");
+        assert_ne!(called["result"]["isError"], true, "{server}: {called}");
+        let hidden = stateless(
+            server,
+            &request(
+                4,
+                "tools/call",
+                json!({"name": "write_note", "arguments": {"text": "x"}}),
+            ),
+        );
+        assert_unknown_tool(&hidden["error"], "write_note");
+    }
+    // The revision in `_meta` alone (no MCP-Protocol-Version header) is enough.
+    let meta_only = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list", "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": STATELESS,
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "proxy-test", "version": "0"},
+    }}});
+    let output = front.raw(
+        "fast",
+        &[
+            "--header",
+            "Mcp-Method: tools/list",
+            "--body",
+            &meta_only.to_string(),
+        ],
+    );
+    assert_eq!(output["status"], 200, "{output}");
+    assert_eq!(
+        tool_names(&response_message(&output)["result"]),
+        set(&["add", "echo"]),
+        "{output}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Session lifecycle over HTTP
+// ---------------------------------------------------------------------------------------------
+
+fn everything_front(tag: &str, extra_rules: Vec<Value>) -> Front {
+    let env = TestEnv::new(tag, PROBE);
+    let peers = Peers::require();
+    let mut rules = vec![
+        list_tools_rule(),
+        allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+    ];
+    rules.extend(extra_rules);
+    let servers = json!({"everything": stdio_server(peers.everything(), rules)});
+    Front::start(env, peers, servers)
+}
+
+/// GET without a session is refused (405); GET with one opens the SSE stream. DELETE ends
+/// the session: its server process goes away, its cgroup is removed, and the session id is
+/// unknown (404) afterwards.
+#[test]
+fn delete_ends_the_session_and_its_server_process() {
+    let front = everything_front("proxy-delete", vec![]);
+    let path = Front::path("everything");
+    let session = front.open_session("everything", HANDSHAKE);
+    let pid = front.session_pid("everything", &session);
+    assert!(
+        process_cmdline(pid).contains("server-everything"),
+        "the session's process is not server-everything: {}",
+        process_cmdline(pid)
+    );
+
+    let no_session =
+        http_request_head(front.addr, "GET", &path, &[("Accept", "text/event-stream")])
+            .expect("GET without a session");
+    assert!(
+        [404, 405].contains(&no_session.status),
+        "GET without a session: {}",
+        no_session.status
+    );
+    drop(no_session);
+    let stream = http_request_head(
+        front.addr,
+        "GET",
+        &path,
+        &[
+            ("Accept", "text/event-stream"),
+            ("Mcp-Session-Id", &session),
+        ],
+    )
+    .expect("GET with a session");
+    assert_eq!(
+        stream.status, 200,
+        "GET with a session: {:?}",
+        stream.headers
+    );
+    assert!(
+        stream
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("text/event-stream")),
+        "GET with a session is not an SSE stream: {:?}",
+        stream.headers
+    );
+    drop(stream);
+
+    let deleted = http_request_head(front.addr, "DELETE", &path, &[("Mcp-Session-Id", &session)])
+        .expect("DELETE");
+    assert!(
+        (200..300).contains(&deleted.status),
+        "DELETE: {} {:?}",
+        deleted.status,
+        deleted.headers
+    );
+    drop(deleted);
+    assert!(
+        poll_until(TIMEOUT, || process_gone(pid)),
+        "server-everything (pid {pid}) still exists after DELETE ended its session"
+    );
+    let after = front.in_session(
+        "everything",
+        &session,
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+    );
+    assert_eq!(
+        after["status"], 404,
+        "a request in the ended session: {after}"
+    );
+    let again = http_request_head(front.addr, "DELETE", &path, &[("Mcp-Session-Id", &session)])
+        .expect("second DELETE");
+    assert_eq!(again.status, 404, "DELETE of an ended session");
+    let cgroup = front.env.session_cgroup("everything", &session);
+    assert!(
+        poll_until(TIMEOUT, || !cgroup.exists()),
+        "the ended session's cgroup {} was never removed",
+        cgroup.display()
+    );
+}
+
+/// An agent that still holds its GET stream when it sends DELETE (the SDKs' close order is
+/// not guaranteed): the session ends all the same. The stream is closed by mcp-guard and the
+/// server process goes away while the agent keeps the connection open.
+#[test]
+fn delete_with_an_open_get_stream_ends_the_stream_and_the_server() {
+    let front = everything_front("proxy-delete-get", vec![]);
+    let path = Front::path("everything");
+    let session = front.open_session("everything", HANDSHAKE);
+    let pid = front.session_pid("everything", &session);
+    let stream = http_request_head(
+        front.addr,
+        "GET",
+        &path,
+        &[
+            ("Accept", "text/event-stream"),
+            ("Mcp-Session-Id", &session),
+        ],
+    )
+    .expect("GET with a session");
+    assert_eq!(stream.status, 200);
+
+    let deleted = http_request_head(front.addr, "DELETE", &path, &[("Mcp-Session-Id", &session)])
+        .expect("DELETE");
+    assert!(
+        (200..300).contains(&deleted.status),
+        "DELETE: {}",
+        deleted.status
+    );
+    let gone = poll_until(TIMEOUT, || process_gone(pid));
+    // The stream must end (EOF) rather than run into the read timeout.
+    let rest = stream.read_to_end();
+    assert!(
+        gone,
+        "server-everything (pid {pid}) still runs {TIMEOUT:?} after DELETE while the agent's \
+         GET stream is open"
+    );
+    assert!(
+        rest.is_ok(),
+        "the GET stream of the deleted session was not closed by mcp-guard: {rest:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Per-session processes in per-session guarded cgroups
+// ---------------------------------------------------------------------------------------------
+
+/// Two sessions of server-everything: two processes, each in `<cgroup root>/everything/<its
+/// session id>`, each told its session (`MCP_GUARD_SESSION`), both guarded. A fetch each
+/// server makes to an undeclared loopback listener is refused by the kernel, never arrives,
+/// and the egress event names the session whose server made it.
+#[test]
+fn each_session_runs_in_its_own_guarded_cgroup() {
+    let front = everything_front(
+        "proxy-cgroups",
+        vec![allow(
+            "fetch",
+            json!({"roles": [DEVELOPER], "tools": ["gzip-file-as-resource"]}),
+        )],
+    );
+    let undeclared = Listener::tcp(LOCALHOST_V4);
+    let first = front.open_session("everything", HANDSHAKE);
+    let second = front.open_session("everything", HANDSHAKE);
+    assert_ne!(first, second);
+
+    let mut seen = Vec::new();
+    for session in [&first, &second] {
+        let pid = front.session_pid("everything", session);
+        let expected = format!("/{}/everything/{session}", front.env.name);
+        assert_eq!(
+            process_cgroup(pid).as_deref(),
+            Some(expected.as_str()),
+            "/proc/{pid}/cgroup of session {session}'s server"
+        );
+        let environ = process_environ(pid);
+        assert!(
+            environ
+                .iter()
+                .any(|(k, v)| k == "MCP_GUARD_SESSION" && v == session.as_str()),
+            "the server of session {session} was not told its session: {:?}",
+            environ
+                .iter()
+                .filter(|(k, _)| k.starts_with("MCP_GUARD"))
+                .collect::<Vec<_>>()
+        );
+        seen.push((session.clone(), pid));
+    }
+    assert_ne!(
+        seen[0].1, seen[1].1,
+        "two sessions share one server process"
+    );
+    assert_eq!(
+        front.env.status()["guarded_cgroups"],
+        2,
+        "both session cgroups are guarded: {}",
+        front.env.status()
+    );
+
+    for (session, pid) in &seen {
+        let fetch = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "gzip-file-as-resource",
+            "arguments": {"name": "x.gz", "data": format!("http://{}/from-{session}", undeclared.addr)},
+        }});
+        let output = front.in_session("everything", session, &fetch);
+        assert_eq!(output["status"], 200, "{output}");
+        let event =
+            front
+                .daemon
+                .wait_for_event(&format!("the refused fetch of session {session}"), |e| {
+                    as_u64(field(e, "tgid")) == Some(*pid as u64)
+                        && as_u64(field(e, "port")) == Some(u64::from(undeclared.port()))
+                });
+        assert_eq!(field(&event, "verdict"), "refuse", "{event}");
+        assert_eq!(field(&event, "server"), "everything", "{event}");
+        assert_eq!(field(&event, "session"), session.as_str(), "{event}");
+        let answer = response_message(&output);
+        assert!(
+            answer.get("error").is_some() || answer["result"]["isError"] == true,
+            "the fetch cannot have succeeded: {answer}"
+        );
+    }
+    assert!(
+        undeclared.received().is_empty(),
+        "a refused connect reached the listener: {:?}",
+        undeclared.received()
+    );
+}
