@@ -49,7 +49,8 @@
 //! `--concurrent-calls N` per round and cell at higher concurrency (1500), `--warmup N` (500),
 //! `--concurrency A,B,..` (1,32), `--only NAME,NAME,..`, `--no-real` (leave out
 //! server-everything), `--daemon-log LEVEL` (`RUST_LOG` for the daemon and the stdio fronts;
-//! default: theirs), `--json`. Binaries: `--guard PATH` and `--fast-server PATH` (default: next
+//! default: theirs), `--no-audit-fsync` (the audit log, in the bench's temporary directory on
+//! the disk, is durable by default), `--json`. Binaries: `--guard PATH` and `--fast-server PATH` (default: next
 //! to this one), `--peers DIR` (default `$MCP_GUARD_PEERS_DIR` or `target/mcp-peers`).
 
 use std::collections::HashMap;
@@ -87,6 +88,7 @@ struct Options {
     only: Option<Vec<String>>,
     real: bool,
     daemon_log: Option<String>,
+    audit_fsync: bool,
     json: bool,
     guard: PathBuf,
     fast_server: PathBuf,
@@ -108,6 +110,7 @@ fn parse_options() -> Result<Options, String> {
         only: None,
         real: true,
         daemon_log: None,
+        audit_fsync: true,
         json: false,
         guard: here.join("mcp-guard"),
         fast_server: here.join("mcp-fast-server"),
@@ -127,6 +130,7 @@ fn parse_options() -> Result<Options, String> {
             "--only" => options.only = Some(value()?.split(',').map(str::to_owned).collect()),
             "--no-real" => options.real = false,
             "--daemon-log" => options.daemon_log = Some(value()?),
+            "--no-audit-fsync" => options.audit_fsync = false,
             "--json" => options.json = true,
             "--guard" => options.guard = PathBuf::from(value()?),
             "--fast-server" => options.fast_server = PathBuf::from(value()?),
@@ -312,6 +316,7 @@ struct Host {
     metrics_addr: SocketAddr,
     everything: Option<Vec<String>>,
     daemon_log: Option<String>,
+    audit_fsync: bool,
     http_server: Option<std::process::Child>,
     daemon: Option<std::process::Child>,
 }
@@ -478,6 +483,11 @@ fn policy(host: &Host) -> Value {
         },
         "principals": {PRINCIPAL: {"roles": ["bench"]}},
         "servers": servers,
+        // On the disk, not tmpfs, so that a durable log costs what it costs in production.
+        "audit": {
+            "path": host.dir.path().join("audit.jsonl"),
+            "fsync": host.audit_fsync,
+        },
     })
 }
 
@@ -517,6 +527,7 @@ fn start_host(options: &Options) -> Result<Host, String> {
         metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
         everything,
         daemon_log: options.daemon_log.clone(),
+        audit_fsync: options.audit_fsync,
         http_server: None,
         daemon: None,
         dir,
@@ -1418,6 +1429,8 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell]) {
                 "warmup": options.warmup,
                 "concurrency": options.concurrency,
                 "daemon_log": options.daemon_log,
+                "audit_fsync": options.audit_fsync,
+                "source": source_revision(),
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             },
             "targets": {"added_p50_us": TARGET_ADDED_P50_US, "added_p99_us": TARGET_ADDED_P99_US},
@@ -1521,6 +1534,19 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell]) {
             .join("\n")
     );
     print!("{out}");
+}
+
+/// `git describe` of the workspace the bench was built from, so figures name their code.
+fn source_revision() -> Option<String> {
+    let output = std::process::Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR")])
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 fn round2(value: f64) -> f64 {

@@ -2,6 +2,7 @@
 //! tests and benchmarks. Work that needs root or a special toolchain lives here so the
 //! workspace itself builds with a plain `cargo build`.
 
+mod peers;
 mod process;
 mod setup;
 

@@ -2,6 +2,7 @@
 //! half — the nightly's rust-src (aya-build runs `-Z build-std=core`) and a bpf-linker built
 //! against the nightly's own LLVM — and, later, the real MCP servers the tests talk to.
 
+use crate::peers;
 use std::{
     fs,
     os::unix::fs::symlink,
@@ -224,11 +225,6 @@ fn names_missing_feature(cargo_stderr: &str) -> bool {
         || cargo_stderr.contains("does not have feature")
         || cargo_stderr.contains("does not have these features")
 }
-
-// The peers live in their own file beside this one; this declaration belongs in main.rs as
-// `mod peers;` once another task (e.g. a proxy benchmark) needs the peers' paths.
-#[path = "peers.rs"]
-mod peers;
 
 /// Installs the real MCP servers (npm and PyPI packages) and the Python SDK client that the
 /// integration tests run behind mcp-guard, pinned, into `target/mcp-peers` (or
