@@ -1679,12 +1679,37 @@ impl HttpHead {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Reads the rest of the response until the server closes the connection (or the read
-    /// timeout, [`TIMEOUT`], passes: then an error).
-    pub fn read_to_end(mut self) -> std::io::Result<String> {
+    /// Reads the rest of the response until the server closes the connection. An SSE stream
+    /// that keeps sending (keep-alive comments) never times out on its own, so `timeout` (a
+    /// safety net) bounds the whole read: an error of kind `TimedOut` if it passes first.
+    pub fn read_until_closed(mut self, timeout: Duration) -> std::io::Result<String> {
+        let deadline = Instant::now() + timeout;
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)))?;
         let mut rest = Vec::new();
-        self.reader.read_to_end(&mut rest)?;
-        Ok(String::from_utf8_lossy(&rest).into_owned())
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return Ok(String::from_utf8_lossy(&rest).into_owned()),
+                Ok(n) => rest.extend_from_slice(&buf[..n]),
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(err) => return Err(err),
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "still open after {timeout:?}; received: {:?}",
+                        String::from_utf8_lossy(&rest)
+                    ),
+                ));
+            }
+        }
     }
 }
 

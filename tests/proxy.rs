@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
 const FAST_SERVER: &str = env!("CARGO_BIN_EXE_mcp-fast-server");
 
-/// The handshake revision most tests speak; every peer accepts it (see `revisions_*`).
+/// The handshake revision most tests speak; every peer accepts it (see `every_revision_the_peers_speak_passes_through`).
 const HANDSHAKE: &str = "2025-11-25";
 const STATELESS: &str = "2026-07-28";
 
@@ -1338,8 +1338,8 @@ fn delete_with_an_open_get_stream_ends_the_stream_and_the_server() {
         deleted.status
     );
     let gone = poll_until(TIMEOUT, || process_gone(pid));
-    // The stream must end (EOF) rather than run into the read timeout.
-    let rest = stream.read_to_end();
+    // The stream must end (EOF) rather than run into the safety net.
+    let rest = stream.read_until_closed(TIMEOUT);
     assert!(
         gone,
         "server-everything (pid {pid}) still runs {TIMEOUT:?} after DELETE while the agent's \

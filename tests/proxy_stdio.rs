@@ -1,1 +1,411 @@
-//! placeholder
+//! The proxy's stdio front, `mcp-guard stdio --server NAME --policy FILE`: what an agent
+//! launches instead of the server. With a daemon on the host the server process is placed in
+//! a guarded cgroup through the daemon's control socket; without one the front still enforces
+//! the policy and says on stderr that kernel enforcement is off.
+//!
+//! Root only (the daemon loads its eBPF programs). The real peers come from
+//! `cargo xtask setup`; without them these tests fail (never skip) and say so.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use mcp_guard_tests::*;
+use serde_json::{Value, json};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
+const HANDSHAKE: &str = "2025-11-25";
+
+/// `mcp-guard stdio` for `server`, as an agent would launch it.
+fn stdio_front(env: &TestEnv, server: &str, control_socket: &Path) -> Vec<String> {
+    vec![
+        env.daemon_bin.display().to_string(),
+        "stdio".into(),
+        "--server".into(),
+        server.into(),
+        "--policy".into(),
+        env.policy_path.display().to_string(),
+        "--principal".into(),
+        AGENT.into(),
+        "--control-socket".into(),
+        control_socket.display().to_string(),
+    ]
+}
+
+/// The policy with `servers`; the HTTP front is not used here.
+fn write_policy(env: &TestEnv, servers: Value) {
+    let unused = std::net::SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
+    env.write_policy_document(&env.proxy_policy(unused, servers));
+}
+
+fn text(result: &Value) -> &str {
+    result["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text content in {result}"))
+}
+
+/// With the daemon running, the SDK client talks to server-filesystem through `mcp-guard
+/// stdio`: the allowed read returns the file, the write a rule refuses is answered -32010
+/// naming the rule and never happens, a tool nobody allowed is unknown.
+#[test]
+fn stdio_front_enforces_the_policy() {
+    let env = TestEnv::new("stdio-front-policy", PROBE);
+    let peers = Peers::require();
+    let root = env.dir().join("files");
+    std::fs::create_dir(&root).unwrap();
+    let root = std::fs::canonicalize(&root).unwrap();
+    std::fs::write(root.join("readme.txt"), "through the stdio front\n").unwrap();
+    write_policy(
+        &env,
+        json!({
+            "files": stdio_server(peers.filesystem(&root), vec![
+                list_tools_rule(),
+                allow("read-files", json!({"roles": [DEVELOPER], "tools": ["read_text_file"]})),
+                allow("write-files", json!({"roles": [DEVELOPER], "tools": ["write_file"]})),
+                deny("no-config-writes", json!({
+                    "tools": ["write_file"],
+                    "arguments": {"type": "object",
+                                  "properties": {"path": {"type": "string", "pattern": "\\.conf$"}},
+                                  "required": ["path"]},
+                })),
+            ]),
+        }),
+    );
+    let _daemon = env.start_daemon();
+    let command = stdio_front(&env, "files", &env.control_socket);
+    let path = |name: &str| root.join(name).display().to_string();
+    let run = mcp_client(
+        &peers,
+        Transport::Stdio(&command),
+        HANDSHAKE,
+        &json!([
+            {"op": "list_tools"},
+            {"op": "call_tool", "name": "read_text_file", "arguments": {"path": path("readme.txt")}},
+            {"op": "call_tool", "name": "write_file",
+             "arguments": {"path": path("app.conf"), "content": "must never be written"}},
+            {"op": "call_tool", "name": "move_file",
+             "arguments": {"source": path("readme.txt"), "destination": path("moved.txt")}},
+        ]),
+    );
+    let names: Vec<&str> = run.ok(0)["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names.contains(&"read_text_file") && names.contains(&"write_file"),
+        "{names:?}"
+    );
+    assert_eq!(text(run.ok(1)), "through the stdio front\n");
+    let refused = run.error(2);
+    assert_eq!(refused["code"], -32010, "{refused}");
+    assert_eq!(refused["data"]["rule"], "no-config-writes", "{refused}");
+    assert!(
+        !root.join("app.conf").exists(),
+        "the refused write happened"
+    );
+    let hidden = run.error(3);
+    assert_eq!(hidden["code"], -32602, "{hidden}");
+    assert_eq!(hidden["message"], "Unknown tool: move_file", "{hidden}");
+    assert!(
+        root.join("readme.txt").exists() && !root.join("moved.txt").exists(),
+        "the refused move happened"
+    );
+}
+
+/// With the daemon running, the server behind the stdio front runs in a guarded session
+/// cgroup the daemon hands out: its fetch of an undeclared loopback address is refused by
+/// the kernel, never arrives, and the daemon's egress event names the server and a session.
+#[test]
+fn stdio_front_places_the_server_in_a_guarded_cgroup() {
+    let env = TestEnv::new("stdio-front-cgroup", PROBE);
+    let peers = Peers::require();
+    write_policy(
+        &env,
+        json!({
+            "everything": stdio_server(peers.everything(), vec![
+                list_tools_rule(),
+                allow("fetch", json!({"roles": [DEVELOPER], "tools": ["gzip-file-as-resource"]})),
+            ]),
+        }),
+    );
+    let daemon = env.start_daemon();
+    let undeclared = Listener::tcp(LOCALHOST_V4);
+    let command = stdio_front(&env, "everything", &env.control_socket);
+    let run = mcp_client(
+        &peers,
+        Transport::Stdio(&command),
+        HANDSHAKE,
+        &json!([
+            {"op": "call_tool", "name": "gzip-file-as-resource",
+             "arguments": {"name": "x.gz", "data": format!("http://{}/via-stdio", undeclared.addr)}},
+        ]),
+    );
+    let outcome = &run.results[0];
+    assert!(
+        outcome["ok"] == false || outcome["result"]["isError"] == true,
+        "the fetch cannot have succeeded: {outcome}"
+    );
+    let event = daemon.wait_for_event("the stdio front server's refused fetch", |e| {
+        as_u64(field(e, "port")) == Some(u64::from(undeclared.port()))
+    });
+    assert_eq!(field(&event, "verdict"), "refuse", "{event}");
+    assert_eq!(field(&event, "server"), "everything", "{event}");
+    assert!(
+        field(&event, "session")
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "the egress event is not attributed to a session: {event}"
+    );
+    assert!(
+        undeclared.received().is_empty(),
+        "a refused connect arrived: {:?}",
+        undeclared.received()
+    );
+    assert!(
+        !run.run.stderr.contains("kernel egress enforcement is OFF"),
+        "the stdio front did not use the running daemon:\n{}",
+        run.run.stderr
+    );
+}
+
+/// Without a daemon (no control socket), the stdio front warns on stderr that kernel egress
+/// enforcement is off, and still enforces the policy.
+#[test]
+fn stdio_front_without_a_daemon_still_enforces_the_policy() {
+    let env = TestEnv::new("stdio-front-alone", PROBE);
+    let peers = Peers::require();
+    write_policy(
+        &env,
+        json!({
+            "everything": stdio_server(peers.everything(), vec![
+                list_tools_rule(),
+                allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+            ]),
+        }),
+    );
+    let missing_socket = env.dir().join("no-daemon.sock");
+    let command = stdio_front(&env, "everything", &missing_socket);
+    let run = mcp_client(
+        &peers,
+        Transport::Stdio(&command),
+        HANDSHAKE,
+        &json!([
+            {"op": "call_tool", "name": "echo", "arguments": {"message": "alone"}},
+            {"op": "call_tool", "name": "get-env", "arguments": {}},
+        ]),
+    );
+    assert!(
+        run.run.stderr.contains("kernel egress enforcement is OFF"),
+        "no warning that kernel enforcement is off:\n{}",
+        run.run.stderr
+    );
+    assert_eq!(text(run.ok(0)), "Echo: alone");
+    assert_eq!(run.error(1)["message"], "Unknown tool: get-env");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw lines on the stdio front
+// ---------------------------------------------------------------------------------------------
+
+/// `mcp-guard stdio` driven line by line.
+struct RawStdio {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl RawStdio {
+    fn spawn(command: &[String]) -> RawStdio {
+        let mut child = Command::new(&command[0])
+            .args(&command[1..])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mcp-guard stdio");
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr_pipe = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr_pipe, &mut text);
+            sink.lock().unwrap().push_str(&text);
+        });
+        RawStdio {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin
+            .write_all(bytes)
+            .and_then(|_| stdin.write_all(b"\n"))
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|err| panic!("write to mcp-guard stdio: {err}; {}", self.state()));
+    }
+
+    fn state(&mut self) -> String {
+        thread::sleep(std::time::Duration::from_millis(100));
+        format!(
+            "exit: {:?}; stderr:\n{}",
+            self.child.try_wait().ok().flatten(),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    /// The next `count` responses (notifications from the server are skipped).
+    fn responses(&mut self, count: usize, what: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < count {
+            match self.lines.recv_timeout(TIMEOUT) {
+                Ok(line) => {
+                    let value: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
+                    if value.get("result").is_some() || value.get("error").is_some() {
+                        out.push(value);
+                    }
+                }
+                Err(err) => {
+                    let why = match err {
+                        RecvTimeoutError::Timeout => format!("nothing within {TIMEOUT:?}"),
+                        RecvTimeoutError::Disconnected => "stdout closed".to_string(),
+                    };
+                    panic!(
+                        "waiting for {what}: {why}; got {out:?} so far; {}",
+                        self.state()
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for RawStdio {
+    fn drop(&mut self) {
+        self.stdin.take();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Bad lines on the stdio front each get a JSON-RPC error, with their own id where it could
+/// be read (wrong `jsonrpc`) and a null id otherwise (invalid JSON, nesting past the limit,
+/// a line over the size limit, invalid UTF-8), and the front keeps serving: the allowed call
+/// after them is answered.
+#[test]
+fn stdio_front_answers_bad_lines_and_keeps_serving() {
+    let env = TestEnv::new("stdio-front-bad-lines", PROBE);
+    let peers = Peers::require();
+    write_policy(
+        &env,
+        json!({
+            "everything": stdio_server(peers.everything(), vec![
+                list_tools_rule(),
+                allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+            ]),
+        }),
+    );
+    let mut document: Value =
+        serde_json::from_str(&std::fs::read_to_string(&env.policy_path).unwrap()).unwrap();
+    document["daemon"]["max_json_depth"] = json!(8);
+    document["daemon"]["max_message_bytes"] = json!(2048);
+    env.write_policy_document(&document);
+    let _daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&stdio_front(&env, "everything", &env.control_socket));
+
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": HANDSHAKE, "capabilities": {},
+        "clientInfo": {"name": "stdio-raw", "version": "0"}}});
+    front.send(initialize.to_string().as_bytes());
+    let answer = front.responses(1, "the initialize answer");
+    assert_eq!(
+        answer[0]["result"]["protocolVersion"], HANDSHAKE,
+        "{answer:?}"
+    );
+    front.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+
+    // One at a time, so each answer is known to belong to its line.
+    let cases: [(&str, Vec<u8>, Value, i64); 5] = [
+        (
+            "invalid JSON",
+            br#"{"jsonrpc":"2.0","id":2,"method":"#.to_vec(),
+            Value::Null,
+            -32700,
+        ),
+        (
+            "jsonrpc 1.0",
+            br#"{"jsonrpc":"1.0","id":3,"method":"tools/list"}"#.to_vec(),
+            json!(3),
+            -32600,
+        ),
+        (
+            "nesting past max_json_depth",
+            format!(
+                r#"{{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{{"name":"echo","arguments":{{"message":"x","deep":{}1{}}}}}}}"#,
+                "[".repeat(10),
+                "]".repeat(10)
+            )
+            .into_bytes(),
+            Value::Null,
+            -32600,
+        ),
+        (
+            "a line over max_message_bytes",
+            json!({"jsonrpc": "2.0", "id": 6, "method": "tools/call",
+                   "params": {"name": "echo", "arguments": {"message": "x".repeat(4096)}}})
+            .to_string()
+            .into_bytes(),
+            Value::Null,
+            -32600,
+        ),
+        (
+            "invalid UTF-8",
+            {
+                let mut bytes =
+                    br#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"echo","arguments":{"message":""#
+                        .to_vec();
+                bytes.extend_from_slice(&[0xff, 0xfe, 0xfd]);
+                bytes.extend_from_slice(br#""}}}"#);
+                bytes
+            },
+            Value::Null,
+            -32700,
+        ),
+    ];
+    for (what, line, id, code) in cases {
+        front.send(&line);
+        let answer = front.responses(1, what).remove(0);
+        assert_eq!(answer["error"]["code"], code, "{what}: {answer}");
+        assert_eq!(answer["id"], id, "{what}: {answer}");
+    }
+
+    let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": "still serving"}}});
+    front.send(call.to_string().as_bytes());
+    let answer = front.responses(1, "the echo after the bad lines").remove(0);
+    assert_eq!(answer["id"], 9, "{answer}");
+    assert_eq!(text(&answer["result"]), "Echo: still serving", "{answer}");
+}

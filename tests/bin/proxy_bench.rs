@@ -7,7 +7,7 @@
 //! |-------------------------|-------------------------------------|--------------------------------|
 //! | `http-direct`           | mcp-fast-server `--http`            |                                |
 //! | `http-guard-url`        | mcp-guard HTTP front                | the same fast server, by `url` |
-//! | `http-guard-stdio`      | mcp-guard HTTP front                | a fast server it spawns (stdio)|
+//! | `http-guard-stdio`      | mcp-guard HTTP front                | a fast server it spawns        |
 //! | `stdio-direct`          | mcp-fast-server on stdio            |                                |
 //! | `stdio-guard`           | `mcp-guard stdio` on stdio          | a fast server it spawns        |
 //! | `everything-direct`     | server-everything on stdio          |                                |
@@ -45,13 +45,14 @@
 //!
 //! Targets (for comparison, not assertions): at most 100 µs added at p50 and 500 µs at p99.
 //!
-//! Needs root. Flags: `--rounds N` (10), `--calls N` per round and cell at concurrency 1 (300),
-//! `--concurrent-calls N` per round and cell at higher concurrency (1500), `--warmup N` (500),
+//! Needs root. Flags: `--rounds N` (12), `--calls N` per round and cell at concurrency 1 (500),
+//! `--concurrent-calls N` per round and cell at higher concurrency (2000), `--warmup N` (500),
 //! `--concurrency A,B,..` (1,32), `--only NAME,NAME,..`, `--no-real` (leave out
 //! server-everything), `--daemon-log LEVEL` (`RUST_LOG` for the daemon and the stdio fronts;
 //! default: theirs), `--no-audit-fsync` (the audit log, in the bench's temporary directory on
-//! the disk, is durable by default), `--json`. Binaries: `--guard PATH` and `--fast-server PATH` (default: next
-//! to this one), `--peers DIR` (default `$MCP_GUARD_PEERS_DIR` or `target/mcp-peers`).
+//! the disk, is durable by default), `--json`. Binaries: `--guard PATH` and `--fast-server
+//! PATH` (default: next to this one), `--peers DIR` (default `$MCP_GUARD_PEERS_DIR` or
+//! `target/mcp-peers`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -102,9 +103,9 @@ fn parse_options() -> Result<Options, String> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let mut options = Options {
-        rounds: 10,
-        calls: 300,
-        concurrent_calls: 1500,
+        rounds: 12,
+        calls: 500,
+        concurrent_calls: 2000,
         warmup: 500,
         concurrency: vec![1, 32],
         only: None,
@@ -476,6 +477,8 @@ fn policy(host: &Host) -> Value {
     json!({
         "version": 1,
         "daemon": {
+            "listen": format!("127.0.0.1:{}", host.guard_port),
+            "metrics_listen": host.metrics_addr,
             "principal": PRINCIPAL,
             "control_socket": host.control_socket,
             "bpffs": host.bpffs,
@@ -1459,7 +1462,8 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell]) {
     );
     let _ = writeln!(
         out,
-        "{:<23} {:>4} {:>9} {:>9} {:>9} {:>17}  {:<18} {:>9} {:>9} {:>6} {:>6}  {}",
+        "{:<23} {:>4} {:>9} {:>9} {:>9} {:>17}  {:<18} {:>9} {:>9} {:>6} {:>6}  \
+         daemon us/call (own = total - upstream)",
         "config",
         "conc",
         "p50 us",
@@ -1471,7 +1475,6 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell]) {
         "+p99 us",
         "x p50",
         "x p99",
-        "daemon us/call (own = total - upstream)"
     );
     let mut last_concurrency = None;
     for row in &rows {

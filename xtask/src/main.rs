@@ -78,6 +78,13 @@ enum Bench {
         #[arg(last = true)]
         bench_args: Vec<String>,
     },
+    /// Audit records per second with fsync on (concurrency 1, 32, 256), and `audit trace`
+    /// time over 1,000,000 records
+    Audit {
+        /// Extra arguments for the audit-bench binary, e.g. `-- --dir /var/lib/x --json`
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,6 +108,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Bench(Bench::Egress { bench_args }) => bench_egress(&bench_args),
         Task::Bench(Bench::Policy { bench_args }) => bench_policy(&bench_args),
         Task::Bench(Bench::Proxy { bench_args }) => bench_proxy(&bench_args),
+        Task::Bench(Bench::Audit { bench_args }) => bench_audit(&bench_args),
     }
 }
 
@@ -246,5 +254,29 @@ fn bench_proxy(bench_args: &[String]) -> Result<()> {
     ]))?;
     stage("bench proxy");
     let bench = target_dir().join("release").join("proxy-bench");
-    process::run(command(&bench.to_string_lossy())?.args(bench_args))
+    process::run(
+        command(&bench.to_string_lossy())?
+            .arg("--peers")
+            .arg(peers::peers_dir())
+            .args(bench_args),
+    )
+}
+
+fn bench_audit(bench_args: &[String]) -> Result<()> {
+    setup::setup()?;
+    stage("bench audit");
+    // audit-bench builds the release mcp-guard it times (tests/lib.rs `daemon_binary`).
+    process::run(
+        command("cargo")?
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "mcp-guard-tests",
+                "--bin",
+                "audit-bench",
+                "--",
+            ])
+            .args(bench_args),
+    )
 }

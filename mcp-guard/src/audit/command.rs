@@ -64,6 +64,9 @@ fn run_trace(args: AuditTraceArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for line in &report.unreadable {
+        eprintln!("mcp-guard: warning: {line}");
+    }
     if report.records == 0 {
         eprintln!(
             "mcp-guard: no audit record has {} \"{}\"",

@@ -28,6 +28,16 @@ pub enum AuditError {
         problem: String,
     },
 
+    /// Another writer (another process, or another [`super::AuditLog`] of this one) holds the
+    /// log: two writers would fork the chain.
+    #[error(
+        "audit log {}: another process is writing it (it holds {}.lock): only one writer may \
+         extend a chain",
+        path.display(),
+        path.display()
+    )]
+    InUse { path: PathBuf },
+
     /// Writing or flushing records failed (disk full, permissions, I/O error). The records
     /// of the failed write are not in the log; later appends try again.
     #[error("audit log {}: writing records failed: {source}", path.display())]

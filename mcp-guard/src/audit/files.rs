@@ -61,7 +61,8 @@ fn split_rotation(name: &OsStr) -> Option<(&[u8], Option<u64>)> {
 /// A directory stands for the logs in it: every `*.jsonl` with its rotated `*.jsonl.N`.
 /// Files of one log (`X`, `X.1`, `X.2`, ...) are put in chain order whatever order they were
 /// given in (so a shell glob such as `audit.jsonl*` works): rotated files by number, then the
-/// live file. Separate logs keep the order they were given in.
+/// live file. Separate logs keep the order they were given in. The writer's lock file
+/// (`X.lock`) is left out.
 pub fn chain_order(arguments: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for argument in arguments {
@@ -89,7 +90,8 @@ pub fn chain_order(arguments: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
             // Directory order is arbitrary; sort so that separate logs come out the same way
             // every time.
             files[before..].sort();
-        } else {
+        } else if !argument.as_os_str().as_bytes().ends_with(b".jsonl.lock") {
+            // The writer's lock file (which `audit.jsonl*` picks up) holds no records.
             files.push(argument.clone());
         }
     }
@@ -210,6 +212,7 @@ mod tests {
     fn rotated_files_come_first_by_number_then_the_live_file() {
         let given = paths(&[
             "/l/audit.jsonl",
+            "/l/audit.jsonl.lock",
             "/l/audit.jsonl.10",
             "/l/audit.jsonl.2",
             "/l/audit.jsonl.1",

@@ -3,7 +3,7 @@
 //!
 //! - [`record`]: what a record says ([`AuditRecord`]);
 //! - [`arguments`]: what a record keeps of a call's arguments (a digest, or redacted values);
-//! - [`chain`]: how a record becomes a line and how a line is checked;
+//! - `chain`: how a record becomes a line and how a line is checked (the format's details);
 //! - [`AuditLog`]: the writer (group commit, fsync, rotation, failure handling);
 //! - [`verify()`]: `mcp-guard audit verify`, the first place a chain breaks;
 //! - [`trace()`]: `mcp-guard audit trace`, what an instruction, session or trace caused.
@@ -12,7 +12,7 @@
 //! (live); the chain runs through them in that order, `seq` counting on from file to file.
 
 pub mod arguments;
-pub mod chain;
+mod chain;
 pub mod command;
 mod error;
 pub mod files;

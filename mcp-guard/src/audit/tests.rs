@@ -232,17 +232,33 @@ async fn a_failed_write_fails_its_appends_leaves_no_trace_and_the_next_write_rec
 
 #[tokio::test]
 async fn a_full_disk_fails_every_append_and_is_counted() {
-    let settings = AuditSettings {
-        path: PathBuf::from("/dev/full"),
-        ..AuditSettings::default()
-    };
+    // /dev/full takes the open and refuses every write with ENOSPC.
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    std::os::unix::fs::symlink("/dev/full", &settings.path).unwrap();
     let log = AuditLog::open(&settings).unwrap();
     for _ in 0..3 {
         let error = log.append(call("x")).await.unwrap_err();
-        assert!(error.to_string().contains("/dev/full"), "{error}");
+        assert!(error.to_string().contains("No space left"), "{error}");
+        assert!(log.failing());
     }
     assert_eq!(log.failures(), 3);
     assert_eq!(log.records_written(), 0);
+}
+
+#[tokio::test]
+async fn a_second_writer_of_the_same_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let first = AuditLog::open(&settings).unwrap();
+    let error = AuditLog::open(&settings).err().expect("refused");
+    assert!(matches!(error, AuditError::InUse { .. }), "{error:?}");
+    assert!(error.to_string().contains("only one writer"), "{error}");
+    append_calls(&first, 1).await;
+    drop(first);
+    // Once the first lets go, the log opens again.
+    let second = AuditLog::open(&settings).unwrap();
+    assert_eq!(append_calls(&second, 1).await, [2]);
 }
 
 // --- verify ---
@@ -594,4 +610,54 @@ async fn trace_of_an_unknown_id_finds_nothing() {
     let report = trace(&[path], &TraceQuery::Instruction("inst".into())).unwrap();
     assert_eq!(report.records, 0);
     assert!(report.instructions.is_empty());
+}
+
+#[tokio::test]
+async fn trace_across_many_sessions_finds_their_other_instructions_connections_too() {
+    // More sessions than the second pass searches for one by one.
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(&settings(dir.path())).unwrap();
+    let sessions = 40;
+    for s in 0..sessions {
+        let session = Some(format!("s{s}"));
+        log.append(AuditRecord {
+            session: session.clone(),
+            ..AuditRecord::event(RecordKind::Session, "start")
+        })
+        .await
+        .unwrap();
+        for (suffix, instruction) in [("a", "inst-Z"), ("b", "other")] {
+            log.append(AuditRecord {
+                session: session.clone(),
+                instruction: Some(instruction.into()),
+                call_id: Some(format!("s{s}-{suffix}")),
+                ..call("write")
+            })
+            .await
+            .unwrap();
+        }
+        // In flight with both calls; stamped with the other instruction.
+        log.append(AuditRecord {
+            session: session.clone(),
+            instruction: Some("other".into()),
+            attribution: Some(Attribution::Ambiguous),
+            call_ids: Some(vec![format!("s{s}-a"), format!("s{s}-b")]),
+            port: Some(443),
+            ..AuditRecord::new(RecordKind::Egress)
+        })
+        .await
+        .unwrap();
+    }
+    drop(log);
+    let path = dir.path().join("audit.jsonl");
+    let report = trace(&[path], &TraceQuery::Instruction("inst-Z".into())).unwrap();
+    assert_eq!(report.instructions.len(), 1);
+    let found = &report.instructions[0].sessions;
+    assert_eq!(found.len(), sessions);
+    for session in found {
+        assert_eq!(session.events.len(), 1);
+        assert_eq!(session.calls.len(), 1);
+        assert_eq!(session.calls[0].egress.len(), 1);
+    }
+    assert_eq!(report.records, sessions * 3);
 }

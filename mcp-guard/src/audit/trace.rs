@@ -11,10 +11,11 @@
 //! pipeline stamps each egress record with its session's current instruction). It misses an
 //! egress record stamped with another instruction of the same session while it was in flight
 //! with one of our calls (an `ambiguous` record names both calls), and the session's own
-//! start and end records, which carry no instruction. So a second pass reads the sessions the
-//! first one found: it looks for `"session":"` in each line, compares the value with those
-//! sessions without parsing, and parses only the lines of those sessions, keeping their
-//! session records and the egress records whose `call_ids` name a call already found. A
+//! start and end records, which carry no instruction. So a second pass reads the lines of the
+//! sessions the first one found, keeping their session records and the egress records whose
+//! `call_ids` name a call already found. It searches for each session's bytes as the first
+//! pass does when there are a few sessions (the usual case); with many, it looks at the
+//! `"session":"` value of every line and compares it with the set without parsing. A
 //! `--session` query needs only the first pass.
 //!
 //! An egress record appears under every call its `call_ids` names that the query found; one
@@ -39,6 +40,9 @@ use super::record::{
 
 /// Files are read this much at a time.
 const CHUNK_BYTES: usize = 8 << 20;
+/// Up to this many sessions, the second pass searches for each session's bytes; beyond, it
+/// looks at the session of every line.
+const MAX_SESSION_NEEDLES: usize = 16;
 
 /// What to trace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -240,22 +244,8 @@ fn session_records(
     seen: &HashSet<u64>,
     unreadable: &mut Vec<String>,
 ) -> io::Result<Vec<StoredRecord>> {
-    const SESSION_FIELD: &[u8] = b"\"session\":\"";
     let mut related = Vec::new();
-    scan(files, SESSION_FIELD, |path, line, hit| {
-        // The first `"session":"` of a line is the record's own field when it has one: it
-        // precedes `arguments` and `detail`, the only places the bytes could occur otherwise.
-        let value = &line[hit + SESSION_FIELD.len()..];
-        let Some(end) = memchr::memchr(b'"', value) else {
-            return;
-        };
-        let value = &value[..end];
-        // A value without escapes is its own text; one with escapes is left to the parser.
-        let candidate = value.contains(&b'\\')
-            || std::str::from_utf8(value).is_ok_and(|session| sessions.contains(session));
-        if !candidate {
-            return;
-        }
+    let mut consider = |path: &Path, line: &[u8]| {
         let stored = match serde_json::from_slice::<StoredRecord>(line) {
             Ok(stored) => stored,
             Err(error) => {
@@ -281,6 +271,34 @@ fn session_records(
         if in_sessions && wanted && !seen.contains(&stored.seq) {
             related.push(stored);
         }
+    };
+    if sessions.len() <= MAX_SESSION_NEEDLES {
+        // One search per session; a line found twice (a session's bytes also in another's
+        // arguments) is dropped by the caller's dedup.
+        let needles: Vec<Vec<u8>> = sessions
+            .iter()
+            .map(|session| field_needle("session", session))
+            .collect();
+        scan_in_chunks(files, &needles, CHUNK_BYTES, |path, line, _| {
+            consider(path, line)
+        })?;
+        return Ok(related);
+    }
+    const SESSION_FIELD: &[u8] = b"\"session\":\"";
+    scan(files, SESSION_FIELD, |path, line, hit| {
+        // The first `"session":"` of a line is the record's own field when it has one: it
+        // precedes `arguments` and `detail`, the only places the bytes could occur otherwise.
+        let value = &line[hit + SESSION_FIELD.len()..];
+        let Some(end) = memchr::memchr(b'"', value) else {
+            return;
+        };
+        let value = &value[..end];
+        // A value without escapes is its own text; one with escapes is left to the parser.
+        let candidate = value.contains(&b'\\')
+            || std::str::from_utf8(value).is_ok_and(|session| sessions.contains(session));
+        if candidate {
+            consider(path, line);
+        }
     })?;
     Ok(related)
 }
@@ -293,16 +311,21 @@ fn scan(
     needle: &[u8],
     on_line: impl FnMut(&Path, &[u8], usize),
 ) -> io::Result<()> {
-    scan_in_chunks(files, needle, CHUNK_BYTES, on_line)
+    scan_in_chunks(files, &[needle], CHUNK_BYTES, on_line)
 }
 
-fn scan_in_chunks(
+/// [`scan`] for several needles at once: each is searched for in turn in every chunk, so a
+/// line holding two of them is reported twice.
+fn scan_in_chunks<N: AsRef<[u8]>>(
     files: &[PathBuf],
-    needle: &[u8],
+    needles: &[N],
     chunk_bytes: usize,
     mut on_line: impl FnMut(&Path, &[u8], usize),
 ) -> io::Result<()> {
-    let finder = memmem::Finder::new(needle);
+    let finders: Vec<memmem::Finder> = needles
+        .iter()
+        .map(|needle| memmem::Finder::new(needle.as_ref()))
+        .collect();
     let mut buffer = vec![0u8; chunk_bytes];
     for path in files {
         let mut file = File::open(path).map_err(|error| {
@@ -327,17 +350,19 @@ fn scan_in_chunks(
                 }
             };
             let region = &buffer[..whole];
-            let mut from = 0;
-            while from < whole {
-                let Some(found) = finder.find(&region[from..]) else {
-                    break;
-                };
-                let hit = from + found;
-                let start =
-                    memchr::memrchr(b'\n', &region[from..hit]).map_or(from, |i| from + i + 1);
-                let end = memchr::memchr(b'\n', &region[hit..]).map_or(whole, |i| hit + i);
-                on_line(path, &region[start..end], hit - start);
-                from = end + 1;
+            for finder in &finders {
+                let mut from = 0;
+                while from < whole {
+                    let Some(found) = finder.find(&region[from..]) else {
+                        break;
+                    };
+                    let hit = from + found;
+                    let start =
+                        memchr::memrchr(b'\n', &region[from..hit]).map_or(from, |i| from + i + 1);
+                    let end = memchr::memchr(b'\n', &region[hit..]).map_or(whole, |i| hit + i);
+                    on_line(path, &region[start..end], hit - start);
+                    from = end + 1;
+                }
             }
             buffer.copy_within(whole..filled, 0);
             filled -= whole;
@@ -581,7 +606,7 @@ impl EgressNode {
 }
 
 impl TraceReport {
-    /// The indented text tree `audit trace` prints.
+    /// The indented text tree `audit trace` prints (without [`Self::unreadable`]).
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         for instruction in &self.instructions {
@@ -593,9 +618,6 @@ impl TraceReport {
             for session in &instruction.sessions {
                 write_session(&mut out, session);
             }
-        }
-        for line in &self.unreadable {
-            writeln!(out, "warning: {line}").expect("writing to a String");
         }
         out
     }
@@ -775,10 +797,15 @@ mod tests {
         // Chunks shorter than a line, about a line, and holding everything.
         for chunk in [16, 64, 1 << 20] {
             let mut lines = Vec::new();
-            scan_in_chunks(std::slice::from_ref(&path), b"xx", chunk, |_, line, hit| {
-                assert_eq!(&line[hit..hit + 2], b"xx");
-                lines.push(String::from_utf8(line.to_vec()).unwrap());
-            })
+            scan_in_chunks(
+                std::slice::from_ref(&path),
+                &[b"xx"],
+                chunk,
+                |_, line, hit| {
+                    assert_eq!(&line[hit..hit + 2], b"xx");
+                    lines.push(String::from_utf8(line.to_vec()).unwrap());
+                },
+            )
             .unwrap();
             assert_eq!(lines, expected, "chunk {chunk}");
         }

@@ -18,7 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::time::{Duration, Instant};
+
 use chrono::{SecondsFormat, Utc};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use prometheus::IntCounter;
 use tokio::sync::{mpsc, oneshot};
 
@@ -160,6 +164,8 @@ impl AuditLog {
 /// The writer thread's state. `committed_len`, `next_seq` and `last_hash` describe the log as
 /// it is durably on disk; they move only after a group is written and flushed.
 struct Writer {
+    /// Held while the writer lives: one writer per chain, across processes.
+    _lock: Flock<File>,
     path: PathBuf,
     rotate_bytes: u64,
     fsync: bool,
@@ -186,6 +192,7 @@ impl Writer {
                 .create(dir)
                 .map_err(io_error("creating the directory", dir))?;
         }
+        let lock = lock(&path)?;
         let rotated = files::rotated_numbers(&path)
             .map_err(io_error("listing the rotated files beside", &path))?;
         let committed_len = match std::fs::metadata(&path) {
@@ -219,6 +226,7 @@ impl Writer {
             None => (1, genesis()),
         };
         let mut writer = Writer {
+            _lock: lock,
             rotate_bytes: settings.rotate_bytes,
             fsync: settings.fsync,
             file: None,
@@ -384,6 +392,44 @@ impl Writer {
             "audit log rotated"
         );
         self.file().map(drop)
+    }
+}
+
+/// How long [`lock`] waits for another writer to let go (a daemon restarting while its
+/// predecessor exits, say).
+const LOCK_WAIT: Duration = Duration::from_millis(if cfg!(test) { 200 } else { 2000 });
+
+/// Takes the log's lock, `<path>.lock`: two writers would fork the chain (two records with
+/// the same seq and prev), so a second one is refused.
+fn lock(path: &Path) -> Result<Flock<File>, AuditError> {
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let io_error = |source| AuditError::Io {
+        what: "opening the lock file",
+        path: lock_path.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io_error)?;
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((returned, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                file = returned;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((_, Errno::EWOULDBLOCK)) => {
+                return Err(AuditError::InUse {
+                    path: path.to_owned(),
+                });
+            }
+            Err((_, errno)) => return Err(io_error(errno.into())),
+        }
     }
 }
 

@@ -1206,7 +1206,11 @@ fn empty_and_duplicate_redacted_names_are_refused() {
         "{problems:#?}"
     );
     assert!(problems[0].message.contains("is empty"));
-    assert!(problems[1].message.contains("duplicate field name \"Password\""));
+    assert!(
+        problems[1]
+            .message
+            .contains("duplicate field name \"Password\"")
+    );
 }
 
 #[test]

@@ -77,11 +77,13 @@ const AUDIT_MIN_SENSIBLE_ROTATE_BYTES: u64 = 1024 * 1024;
 fn check_audit(audit: &AuditSettings, problems: &mut Vec<Problem>) {
     check_absolute("audit.path", &audit.path, problems);
     // Rotated files are named after the file, so the path must name one.
-    if audit.path.file_name().is_none() || audit.path.as_os_str().to_string_lossy().ends_with('/')
-    {
+    if audit.path.file_name().is_none() || audit.path.as_os_str().to_string_lossy().ends_with('/') {
         problems.push(Problem::error(
             "audit.path",
-            format!("\"{}\" names a directory: give a file name", audit.path.display()),
+            format!(
+                "\"{}\" names a directory: give a file name",
+                audit.path.display()
+            ),
         ));
     }
     if audit.rotate_bytes != 0 && audit.rotate_bytes < AUDIT_MIN_SENSIBLE_ROTATE_BYTES {
