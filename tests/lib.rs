@@ -1682,6 +1682,8 @@ impl HttpHead {
     /// Reads the rest of the response until the server closes the connection. An SSE stream
     /// that keeps sending (keep-alive comments) never times out on its own, so `timeout` (a
     /// safety net) bounds the whole read: an error of kind `TimedOut` if it passes first.
+    /// Reads the rest of the response until the server ends it: the connection closes or the
+    /// chunked body's last chunk arrives.
     pub fn read_until_closed(mut self, timeout: Duration) -> std::io::Result<String> {
         let deadline = Instant::now() + timeout;
         self.reader
@@ -1692,7 +1694,14 @@ impl HttpHead {
         loop {
             match self.reader.read(&mut buf) {
                 Ok(0) => return Ok(String::from_utf8_lossy(&rest).into_owned()),
-                Ok(n) => rest.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    rest.extend_from_slice(&buf[..n]);
+                    // A chunked body ends with the zero-length chunk; the connection itself may
+                    // stay open for keep-alive.
+                    if rest.ends_with(b"0\r\n\r\n") {
+                        return Ok(String::from_utf8_lossy(&rest).into_owned());
+                    }
+                }
                 Err(err)
                     if matches!(
                         err.kind(),

@@ -43,6 +43,7 @@ pub struct AgentSession {
     /// Calls forwarded recently or still running: what a network connection of the server
     /// process is attributed to.
     calls: std::sync::Mutex<Vec<CallSpan>>,
+    ended: tokio::sync::watch::Sender<bool>,
 }
 
 /// A session cgroup and who gave it out.
@@ -235,6 +236,7 @@ impl SharedServer {
             outbox: Mutex::new(Some(outbox)),
             cgroup: None,
             calls: std::sync::Mutex::new(Vec::new()),
+            ended: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -312,6 +314,7 @@ fn assemble(
         outbox: Mutex::new(Some(outbox)),
         cgroup,
         calls: std::sync::Mutex::new(Vec::new()),
+        ended: tokio::sync::watch::Sender::new(false),
     });
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
@@ -431,10 +434,20 @@ impl AgentSession {
         Ok(())
     }
 
-    /// Releases the session's cgroup (the process stops when the session is dropped; the
-    /// periodic sweep removes the cgroup once it is empty).
+    /// Stops the session's own server process, closes the agent's stream and releases the
+    /// cgroup (the periodic sweep removes it once the process has gone). A shared process
+    /// stays for the other sessions.
     pub async fn end(&self) {
+        if self.shared.is_none() {
+            self.upstream.stop();
+        }
+        let _ = self.ended.send(true);
         release(self.cgroup.as_ref()).await;
+    }
+
+    /// Becomes true when the session ends: streams to the agent close.
+    pub fn ended(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ended.subscribe()
     }
 }
 

@@ -351,19 +351,23 @@ async fn get(front: &Front, server: &str, headers: &HeaderMap) -> Response {
             ),
         );
     };
+    let ended = tokio_stream::wrappers::WatchStream::new(session.ended());
     Sse::new(OutboxStream {
         outbox: Some(outbox),
-        session,
+        session: Arc::downgrade(&session),
+        ended,
     })
     .keep_alive(axum::response::sse::KeepAlive::default())
     .into_response()
 }
 
-/// Server-initiated messages as SSE; gives the outbox back to the session when the agent
-/// disconnects, so a new GET can pick up where this one stopped.
+/// Server-initiated messages as SSE, until the session ends; gives the outbox back to the
+/// session when the agent disconnects, so a new GET can pick up where this one stopped.
 struct OutboxStream {
     outbox: Option<mpsc::Receiver<Value>>,
-    session: Arc<AgentSession>,
+    /// Weak: an open stream must not keep an ended session (and its server process) alive.
+    session: std::sync::Weak<AgentSession>,
+    ended: tokio_stream::wrappers::WatchStream<bool>,
 }
 
 impl Stream for OutboxStream {
@@ -373,6 +377,13 @@ impl Stream for OutboxStream {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
+        use futures_util::StreamExt;
+        while let std::task::Poll::Ready(state) = self.ended.poll_next_unpin(cx) {
+            if state != Some(false) {
+                self.outbox = None;
+                return std::task::Poll::Ready(None);
+            }
+        }
         let Some(outbox) = self.outbox.as_mut() else {
             return std::task::Poll::Ready(None);
         };
@@ -384,8 +395,7 @@ impl Stream for OutboxStream {
 
 impl Drop for OutboxStream {
     fn drop(&mut self) {
-        if let Some(outbox) = self.outbox.take() {
-            let session = self.session.clone();
+        if let (Some(outbox), Some(session)) = (self.outbox.take(), self.session.upgrade()) {
             tokio::spawn(async move { session.return_outbox(outbox).await });
         }
     }

@@ -31,16 +31,21 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> std::io::Re
         })
     });
     let mut handlers = tokio::task::JoinSet::new();
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    while let Some(line) = lines.next_line().await? {
-        if line.trim().is_empty() {
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    loop {
+        // Raw bytes, not text: a line that is not UTF-8 gets a JSON-RPC error, not an exit.
+        let mut line = Vec::new();
+        if stdin.read_until(b'\n', &mut line).await? == 0 {
+            break;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         let proxy = proxy.clone();
         let session = session.clone();
         let to_stdout = to_stdout.clone();
         handlers.spawn(async move {
-            let answer = match jsonrpc::parse(line.as_bytes(), &proxy.limits) {
+            let answer = match jsonrpc::parse(&line, &proxy.limits) {
                 Ok(incoming) => {
                     proxy
                         .handle(&session, incoming, &TransportHints::default())

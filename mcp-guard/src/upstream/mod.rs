@@ -40,8 +40,8 @@ pub struct Upstream {
     to_server: mpsc::Sender<Value>,
     pending: Pending,
     next_id: AtomicI64,
-    /// Keeps the process (and its guard) alive as long as the session.
-    _process: Option<stdio::ServerProcess>,
+    /// The server process mcp-guard spawned, if any; stopped by `stop` or when dropped.
+    process: std::sync::Mutex<Option<stdio::ServerProcess>>,
 }
 
 /// Requests and notifications the server sends on its own (sampling, elicitation, roots,
@@ -58,8 +58,13 @@ impl Upstream {
             to_server,
             pending,
             next_id: AtomicI64::new(1),
-            _process: process,
+            process: std::sync::Mutex::new(process),
         }
+    }
+
+    /// Stops the server process now (its output then ends, which ends everything reading it).
+    pub fn stop(&self) {
+        drop(self.process.lock().expect("process lock").take());
     }
 
     /// Sends a request and waits for its outcome.
@@ -107,7 +112,11 @@ impl Upstream {
 
     /// Process id of the server, where mcp-guard spawned it.
     pub fn pid(&self) -> Option<u32> {
-        self._process.as_ref().and_then(|p| p.pid())
+        self.process
+            .lock()
+            .expect("process lock")
+            .as_ref()
+            .and_then(|p| p.pid())
     }
 }
 
