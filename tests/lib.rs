@@ -285,8 +285,14 @@ impl TestEnv {
                 "control_socket": self.control_socket,
                 "metrics_listen": null,
             },
+            "audit": { "path": self.audit_path() },
             "servers": servers,
         })
+    }
+
+    /// This test's audit log (each test has its own: one writer per log).
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir().join("audit.jsonl")
     }
 
     /// Writes the policy atomically (a reload never reads half a file).

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Mutex, mpsc};
 
+use crate::audit::{Attribution, AuditLog, AuditRecord, RecordKind};
 use crate::control;
 use crate::egress::resolve::{HostResolver, Resolution, ResolveError};
 use crate::egress::{
@@ -18,7 +19,8 @@ use crate::egress::{
 };
 use crate::metrics::{self, Metrics};
 use crate::policy::{CompiledPolicy, DaemonSettings, LoadedPolicy, Policy, PolicyError};
-use crate::proxy::{Placement, Proxy};
+use crate::proxy::record::Recorder;
+use crate::proxy::{CallSpan, Placement, Proxy};
 use crate::transport::http;
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -42,6 +44,8 @@ pub enum DaemonError {
     },
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     #[error("MCP listener {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -115,9 +119,22 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         Some(enforcement) => Placement::Local(enforcement.egress.clone()),
         None => Placement::Unconfined,
     };
-    let proxy = Proxy::new(loaded.policy.clone(), compiled, placement, metrics.clone());
+    let audit = AuditLog::open_with_counters(&loaded.policy.audit, metrics.audit.clone())?;
+    record_policy_event(&audit, "load", &options.policy_path, None).await;
+    let proxy = Proxy::new(
+        loaded.policy.clone(),
+        compiled,
+        placement,
+        Recorder::new(Some(audit.clone())),
+        metrics.clone(),
+    );
     if let Some(events) = enforcement.as_mut().and_then(|e| e.events.take()) {
-        tokio::spawn(record_egress_events(events, metrics.clone(), proxy.clone()));
+        tokio::spawn(record_egress_events(
+            events,
+            metrics.clone(),
+            proxy.clone(),
+            audit.clone(),
+        ));
     }
     if let Some(addr) = settings.listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -167,7 +184,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         let dns_due = dns_refresh_due(enforcement.as_ref());
         tokio::select! {
             _ = hangup.recv() => {
-                reload(&options.policy_path, enforcement.as_mut(), &proxy, &metrics).await;
+                reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics).await;
                 policy_stamp = file_stamp(&options.policy_path);
             }
             _ = terminate.recv() => break,
@@ -177,7 +194,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
                 if stamp != policy_stamp {
                     policy_stamp = stamp;
                     tracing::info!("policy file changed");
-                    reload(&options.policy_path, enforcement.as_mut(), &proxy, &metrics).await;
+                    reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics).await;
                 }
                 if let Some(enforcement) = &enforcement {
                     export_kernel_gauges(&enforcement.egress, &metrics).await;
@@ -303,15 +320,18 @@ async fn reload(
     path: &Path,
     enforcement: Option<&mut Enforcement>,
     proxy: &Proxy,
+    audit: &AuditLog,
     metrics: &Metrics,
 ) {
     match try_reload(path, enforcement, proxy, metrics).await {
         Ok(()) => {
             metrics.policy_reloads.with_label_values(&["applied"]).inc();
+            record_policy_event(audit, "load", path, None).await;
             tracing::info!(policy = %path.display(), "policy reloaded");
         }
         Err(e) => {
             metrics.policy_reloads.with_label_values(&["refused"]).inc();
+            record_policy_event(audit, "reject", path, Some(&e.to_string())).await;
             tracing::error!(policy = %path.display(), error = %e, "policy reload refused; the previous policy stays in force");
         }
     }
@@ -380,56 +400,131 @@ async fn record_egress_events(
     mut events: mpsc::Receiver<EgressAttempt>,
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
+    audit: AuditLog,
 ) {
-    while let Some(attempt) = events.recv().await {
-        let calls = match attempt.session.as_deref() {
-            Some(session) => match proxy.session(session).await {
-                Some(session) => session.calls_at(attempt.monotonic_ns),
-                None => Vec::new(),
-            },
-            None => Vec::new(),
-        };
-        let attribution = match calls.len() {
-            0 => "idle",
-            1 => "exact",
-            _ => "ambiguous",
-        };
-        let call_ids: Vec<&str> = calls.iter().map(|c| c.call_id.as_str()).collect();
-        let instructions: Vec<&str> = calls
-            .iter()
-            .filter_map(|c| c.instruction.as_deref())
-            .collect();
-        let server = attempt.server.as_deref().unwrap_or("unknown");
-        metrics
-            .egress_attempts
-            .with_label_values(&[
-                server,
-                &attempt.verdict.to_string(),
-                &attempt.protocol.to_string(),
-            ])
-            .inc();
-        tracing::info!(
-            target: "mcp_guard::egress",
+    let mut batch = Vec::new();
+    while events.recv_many(&mut batch, 1024).await > 0 {
+        let mut records = Vec::with_capacity(batch.len());
+        for attempt in batch.drain(..) {
+            let calls = calls_running_at(&proxy, &attempt).await;
+            log_egress(&attempt, &calls, &metrics);
+            records.push(egress_record(&attempt, &calls));
+        }
+        // Appended together: the writer commits them with one fsync.
+        let appended =
+            futures_util::future::join_all(records.into_iter().map(|r| audit.append(r))).await;
+        if let Some(Err(e)) = appended.into_iter().find(Result::is_err) {
+            tracing::error!(error = %e, "audit: egress records not written");
+        }
+    }
+}
+
+/// The calls of the attempt's session that were running when the kernel saw it.
+async fn calls_running_at(proxy: &Proxy, attempt: &EgressAttempt) -> Vec<CallSpan> {
+    let Some(session) = attempt.session.as_deref() else {
+        return Vec::new();
+    };
+    match proxy.session(session).await {
+        Some(session) => session.calls_at(attempt.monotonic_ns),
+        None => Vec::new(),
+    }
+}
+
+fn attribution_of(calls: &[CallSpan]) -> Attribution {
+    match calls.len() {
+        0 => Attribution::Idle,
+        1 => Attribution::Exact,
+        _ => Attribution::Ambiguous,
+    }
+}
+
+fn egress_record(attempt: &EgressAttempt, calls: &[CallSpan]) -> AuditRecord {
+    let mut record = AuditRecord::new(RecordKind::Egress);
+    record.server = attempt.server.as_deref().map(str::to_owned);
+    record.session = attempt.session.as_deref().map(str::to_owned);
+    // The instruction behind the connection, when the calls running then agree on one.
+    let mut instructions = calls.iter().filter_map(|c| c.instruction.as_deref());
+    if let Some(first) = instructions.next()
+        && instructions.all(|other| other == first)
+    {
+        record.instruction = Some(first.to_owned());
+    }
+    if let [only] = calls {
+        record.call_id = Some(only.call_id.clone());
+        record.trace_id = Some(only.trace_id.clone());
+    }
+    record.addr = Some(attempt.addr);
+    record.port = Some(attempt.port);
+    record.protocol = match attempt.protocol {
+        crate::egress::events::Protocol::Tcp => Some(crate::audit::Protocol::Tcp),
+        crate::egress::events::Protocol::Udp => Some(crate::audit::Protocol::Udp),
+        crate::egress::events::Protocol::Other => None,
+    };
+    record.verdict = Some(match attempt.verdict {
+        crate::egress::events::Verdict::Allow => crate::audit::Verdict::Allow,
+        crate::egress::events::Verdict::Refuse => crate::audit::Verdict::Refuse,
+    });
+    record.rule = Some(attempt.rule.to_string());
+    record.hook = Some(attempt.hook.to_string());
+    record.pid = Some(attempt.tgid);
+    record.comm = Some(attempt.comm.clone());
+    record.cgroup_id = Some(attempt.cgroup_id);
+    record.attribution = Some(attribution_of(calls));
+    record.call_ids = Some(calls.iter().map(|c| c.call_id.clone()).collect());
+    record
+}
+
+/// Each attempt as a structured log line and a metric.
+fn log_egress(attempt: &EgressAttempt, calls: &[CallSpan], metrics: &Metrics) {
+    let server = attempt.server.as_deref().unwrap_or("unknown");
+    metrics
+        .egress_attempts
+        .with_label_values(&[
             server,
-            session = attempt.session.as_deref().unwrap_or(""),
-            cgroup_id = attempt.cgroup_id,
-            guarded_cgroup_id = attempt.guarded_cgroup_id,
-            tgid = attempt.tgid,
-            tid = attempt.tid,
-            comm = %attempt.comm,
-            family = %attempt.family,
-            protocol = %attempt.protocol,
-            addr = %attempt.addr,
-            port = attempt.port,
-            verdict = %attempt.verdict,
-            rule = %attempt.rule,
-            hook = %attempt.hook,
-            attribution,
-            call_ids = %call_ids.join(","),
-            instruction = %instructions.join(","),
-            at_unix_ms = attempt.at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-            "egress"
+            &attempt.verdict.to_string(),
+            &attempt.protocol.to_string(),
+        ])
+        .inc();
+    let call_ids: Vec<&str> = calls.iter().map(|c| c.call_id.as_str()).collect();
+    let instructions: Vec<&str> = calls
+        .iter()
+        .filter_map(|c| c.instruction.as_deref())
+        .collect();
+    tracing::info!(
+        target: "mcp_guard::egress",
+        server,
+        session = attempt.session.as_deref().unwrap_or(""),
+        cgroup_id = attempt.cgroup_id,
+        guarded_cgroup_id = attempt.guarded_cgroup_id,
+        tgid = attempt.tgid,
+        tid = attempt.tid,
+        comm = %attempt.comm,
+        family = %attempt.family,
+        protocol = %attempt.protocol,
+        addr = %attempt.addr,
+        port = attempt.port,
+        verdict = %attempt.verdict,
+        rule = %attempt.rule,
+        hook = %attempt.hook,
+        attribution = ?attribution_of(calls),
+        call_ids = %call_ids.join(","),
+        instruction = %instructions.join(","),
+        at_unix_ms = attempt.at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        "egress"
+    );
+}
+
+async fn record_policy_event(audit: &AuditLog, event: &str, path: &Path, reason: Option<&str>) {
+    let mut record = AuditRecord::event(RecordKind::Policy, event);
+    if let Some(detail) = record.detail.as_mut() {
+        detail.insert(
+            "path".into(),
+            serde_json::Value::String(path.display().to_string()),
         );
+    }
+    record.reason = reason.map(str::to_owned);
+    if let Err(e) = audit.append(record).await {
+        tracing::error!(error = %e, "audit: policy record not written");
     }
 }
 

@@ -13,6 +13,7 @@ use mcp_guard::daemon::{self, Overrides, RunOptions};
 use mcp_guard::egress::{self, EgressLayout, PinLayout, spawn};
 use mcp_guard::metrics::Metrics;
 use mcp_guard::policy::{CompiledPolicy, DaemonSettings, Policy, PolicyError};
+use mcp_guard::proxy::record::Recorder;
 use mcp_guard::proxy::{Caller, Placement, Proxy};
 use mcp_guard::{control, logging};
 
@@ -162,7 +163,14 @@ async fn stdio_front(args: StdioArgs) -> Result<()> {
         );
         Placement::Unconfined
     };
-    let proxy = Proxy::new(policy.clone(), compiled, placement, Metrics::new());
+    // The daemon's audit log has one writer (the daemon); a standalone front records nothing.
+    let proxy = Proxy::new(
+        policy.clone(),
+        compiled,
+        placement,
+        Recorder::default(),
+        Metrics::new(),
+    );
     let caller = Caller {
         principal,
         roles,

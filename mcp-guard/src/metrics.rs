@@ -27,6 +27,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub active_sessions: IntGauge,
     pub upstream_errors: IntCounterVec,
+    /// Audit records written and audit write failures (shared with the audit writer).
+    pub audit: crate::audit::AuditCounters,
 }
 
 impl Metrics {
@@ -115,6 +117,7 @@ impl Metrics {
                 &["server"],
             )
             .expect("metric"),
+            audit: crate::audit::AuditCounters::default(),
             registry,
         };
         metrics.register_all();
@@ -126,7 +129,9 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+            Box::new(self.audit.records_written.clone()),
+            Box::new(self.audit.failures.clone()),
             Box::new(self.decisions.clone()),
             Box::new(self.request_duration.clone()),
             Box::new(self.active_sessions.clone()),

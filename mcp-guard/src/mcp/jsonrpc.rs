@@ -22,6 +22,8 @@ pub mod codes {
     pub const POLICY_DENIED: i64 = -32010;
     /// The upstream server failed or broke the protocol; the operation was refused.
     pub const UPSTREAM_ERROR: i64 = -32011;
+    /// The audit log cannot be written; mcp-guard refuses to act unrecorded.
+    pub const AUDIT_UNAVAILABLE: i64 = -32012;
 }
 
 /// A request id: MCP allows strings and integers (never null).

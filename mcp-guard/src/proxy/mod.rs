@@ -6,6 +6,7 @@
 //! agent with a JSON-RPC error and nothing reaches the server.
 
 mod catalog;
+pub mod record;
 pub mod session;
 
 use std::collections::HashMap;
@@ -15,8 +16,10 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+use crate::audit::{AuditDecision, Latency};
 use crate::egress::Egress;
 use crate::identity::{CallIdentity, TransportHints};
+use record::{DecisionFacts, Recorder};
 
 /// Where server processes start: in a guarded cgroup of this daemon's egress enforcement, in
 /// one a running daemon hands out over its control socket (the stdio front), or unconfined.
@@ -67,6 +70,7 @@ pub struct Proxy {
     policy: RwLock<Arc<CompiledPolicy>>,
     model: RwLock<Arc<Policy>>,
     placement: Placement,
+    recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
@@ -79,6 +83,7 @@ impl Proxy {
         policy: Policy,
         compiled: CompiledPolicy,
         placement: Placement,
+        recorder: Recorder,
         metrics: Arc<Metrics>,
     ) -> Arc<Proxy> {
         let limits = Limits {
@@ -90,6 +95,7 @@ impl Proxy {
             policy: RwLock::new(Arc::new(compiled)),
             model: RwLock::new(Arc::new(policy)),
             placement,
+            recorder,
             metrics,
             limits,
             sessions: Mutex::new(HashMap::new()),
@@ -124,6 +130,7 @@ impl Proxy {
         match removed {
             Some(session) => {
                 session.end().await;
+                self.recorder.session_event(&session, "end").await;
                 self.metrics.active_sessions.dec();
                 true
             }
@@ -136,6 +143,7 @@ impl Proxy {
         let sessions: Vec<_> = self.sessions.lock().await.drain().collect();
         for (_, session) in sessions {
             session.end().await;
+            self.recorder.session_event(&session, "end").await;
             self.metrics.active_sessions.dec();
         }
         self.shared.lock().await.clear();
@@ -170,12 +178,14 @@ impl Proxy {
             let session = shared.join(server, id.clone(), caller);
             self.sessions.lock().await.insert(id, session.clone());
             self.metrics.active_sessions.inc();
+            self.recorder.session_event(&session, "start").await;
             return Ok(session);
         }
         let session =
             session::start(self, server, id.clone(), caller, target, &self.placement).await?;
         self.sessions.lock().await.insert(id, session.clone());
         self.metrics.active_sessions.inc();
+        self.recorder.session_event(&session, "start").await;
         Ok(session)
     }
 
@@ -261,13 +271,55 @@ impl Proxy {
     ) -> Value {
         let started = Instant::now();
         let identity = CallIdentity::for_request(request.params.as_ref(), hints);
-        let answer = match self.authorise(session, &request).await {
+        let verdict = self.authorise(session, &request).await;
+        let policy_us = started.elapsed().as_micros() as u64;
+        let answer = match verdict {
             Err(refusal) => {
-                self.record(session, &request, &identity, "deny", &refusal.rule, started);
+                self.log_decision(
+                    session,
+                    &request,
+                    &identity,
+                    "deny",
+                    &refusal.rule,
+                    policy_us,
+                );
+                let facts = DecisionFacts {
+                    decision: AuditDecision::Deny,
+                    rule: &refusal.rule,
+                    reason: &refusal.error.message,
+                    policy_us,
+                };
+                // Refused either way; an unwritable log is counted and logged by the writer.
+                let _ = self
+                    .recorder
+                    .decision(session, &request, &identity, facts)
+                    .await;
                 refusal.error.to_value()
             }
-            Ok(rule) => {
-                self.record(session, &request, &identity, "allow", &rule, started);
+            Ok(allowed) => {
+                self.log_decision(
+                    session,
+                    &request,
+                    &identity,
+                    "allow",
+                    &allowed.rule,
+                    policy_us,
+                );
+                let facts = DecisionFacts {
+                    decision: AuditDecision::Allow,
+                    rule: &allowed.rule,
+                    reason: &allowed.reason,
+                    policy_us,
+                };
+                // Nothing is forwarded before its decision is on record.
+                if let Err(e) = self
+                    .recorder
+                    .decision(session, &request, &identity, facts)
+                    .await
+                {
+                    return record::audit_unavailable(&request.id, &e);
+                }
+                let recorded = request.clone();
                 let caller = session.caller();
                 identity.stamp(
                     &mut request.params,
@@ -276,7 +328,22 @@ impl Proxy {
                     &caller.principal,
                 );
                 let _running = session.begin_call(&identity);
-                self.forward(session, request).await
+                let upstream_started = Instant::now();
+                let answer = self.forward(session, request).await;
+                let latency = Latency {
+                    policy_us: Some(policy_us),
+                    upstream_us: Some(upstream_started.elapsed().as_micros() as u64),
+                    total_us: Some(started.elapsed().as_micros() as u64),
+                };
+                // Nor is an answer returned before its outcome is.
+                match self
+                    .recorder
+                    .outcome(session, &recorded, &identity, &answer, latency)
+                    .await
+                {
+                    Ok(()) => answer,
+                    Err(e) => record::audit_unavailable(&recorded.id, &e),
+                }
             }
         };
         self.metrics
@@ -286,12 +353,12 @@ impl Proxy {
         answer
     }
 
-    /// Decides one request; `Ok(rule id)` when it may go on.
+    /// Decides one request; `Ok` when it may go on.
     async fn authorise(
         &self,
         session: &Arc<AgentSession>,
         request: &Request,
-    ) -> Result<String, Refusal> {
+    ) -> Result<Allowed, Refusal> {
         let started = Instant::now();
         let policy = self.policy();
         let params = request.params.as_ref();
@@ -327,8 +394,8 @@ impl Proxy {
             .request_duration
             .with_label_values(&[&session.server, "policy"])
             .observe(started.elapsed().as_secs_f64());
+        let reason = decision.reason.to_string();
         if decision.effect == Effect::Deny {
-            let reason = decision.reason.to_string();
             return Err(Refusal {
                 rule: rule.clone(),
                 error: RpcError::new(
@@ -363,7 +430,7 @@ impl Proxy {
                 }
             }
         }
-        Ok(rule)
+        Ok(Allowed { rule, reason })
     }
 
     async fn forward(&self, session: &Arc<AgentSession>, request: Request) -> Value {
@@ -480,14 +547,14 @@ impl Proxy {
         .with_data(json!({"rule": rule, "reason": reason})))
     }
 
-    fn record(
+    fn log_decision(
         &self,
         session: &AgentSession,
         request: &Request,
         identity: &CallIdentity,
         decision: &str,
         rule: &str,
-        started: Instant,
+        policy_us: u64,
     ) {
         let method = known_method(&request.method);
         self.metrics
@@ -507,10 +574,16 @@ impl Proxy {
             tool,
             decision,
             rule,
-            policy_us = started.elapsed().as_micros() as u64,
+            policy_us,
             "decision"
         );
     }
+}
+
+/// A request that may go on: the rule that allowed it and why.
+struct Allowed {
+    rule: String,
+    reason: String,
 }
 
 /// A refusal: the rule behind it and the error for the agent.

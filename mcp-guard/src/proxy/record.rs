@@ -1,0 +1,171 @@
+//! What the pipeline writes to the audit log: a decision record before a call is forwarded,
+//! an outcome record before its answer is returned, and session start/end. Each carries the
+//! caller's identity (principal, session, instruction, trace, call id).
+//!
+//! Fails closed: when a record cannot be written, the call is refused rather than performed
+//! (or answered) unrecorded.
+
+use serde_json::Value;
+
+use super::AgentSession;
+use crate::audit::{
+    AuditDecision, AuditError, AuditLog, AuditRecord, Latency, Outcome, OutcomeKind, RecordKind,
+};
+use crate::identity::CallIdentity;
+use crate::mcp::jsonrpc::{Id, Request, RpcError, codes};
+
+/// The audit log as the pipeline uses it; `None` writes nothing (the standalone stdio front).
+#[derive(Clone, Default)]
+pub struct Recorder {
+    log: Option<AuditLog>,
+}
+
+/// The verdict on one call, as recorded.
+pub struct DecisionFacts<'a> {
+    pub decision: AuditDecision,
+    pub rule: &'a str,
+    pub reason: &'a str,
+    pub policy_us: u64,
+}
+
+impl Recorder {
+    pub fn new(log: Option<AuditLog>) -> Recorder {
+        Recorder { log }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.log.is_some()
+    }
+
+    async fn append(&self, record: AuditRecord) -> Result<(), AuditError> {
+        match &self.log {
+            Some(log) => log.append(record).await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn decision(
+        &self,
+        session: &AgentSession,
+        request: &Request,
+        identity: &CallIdentity,
+        facts: DecisionFacts<'_>,
+    ) -> Result<(), AuditError> {
+        let mut record = call_record(session, request, identity);
+        record.decision = Some(facts.decision);
+        record.rule = Some(facts.rule.to_owned());
+        record.reason = Some(facts.reason.to_owned());
+        record.latency = Some(Latency {
+            policy_us: Some(facts.policy_us),
+            upstream_us: None,
+            total_us: None,
+        });
+        if let (Some(log), Some(arguments)) = (
+            &self.log,
+            request.params.as_ref().and_then(|p| p.get("arguments")),
+        ) {
+            record.set_arguments(log.settings(), arguments);
+        }
+        self.append(record).await
+    }
+
+    pub async fn outcome(
+        &self,
+        session: &AgentSession,
+        request: &Request,
+        identity: &CallIdentity,
+        answer: &Value,
+        latency: Latency,
+    ) -> Result<(), AuditError> {
+        let mut record = call_record(session, request, identity);
+        record.outcome = Some(outcome_of(answer));
+        record.latency = Some(latency);
+        self.append(record).await
+    }
+
+    pub async fn session_event(&self, session: &AgentSession, event: &str) {
+        let mut record = AuditRecord::event(RecordKind::Session, event);
+        record.principal = Some(session.caller().principal.clone());
+        record.session = Some(session.id.clone());
+        record.server = Some(session.server.clone());
+        if let Err(e) = self.append(record).await {
+            tracing::error!(session = %session.id, error = %e, "audit: session record not written");
+        }
+    }
+}
+
+fn call_record(session: &AgentSession, request: &Request, identity: &CallIdentity) -> AuditRecord {
+    let mut record = AuditRecord::new(RecordKind::Call);
+    record.principal = Some(session.caller().principal.clone());
+    record.session = Some(session.id.clone());
+    record.instruction = identity.instruction.clone();
+    record.trace_id = Some(identity.trace.trace_id.clone());
+    record.call_id = Some(identity.call_id.clone());
+    record.server = Some(session.server.clone());
+    record.method = Some(request.method.clone());
+    record.tool = super::target_name(&request.method, request.params.as_ref()).map(str::to_owned);
+    record
+}
+
+/// Transport failure, JSON-RPC error and a tool's own `isError` are kept apart.
+fn outcome_of(answer: &Value) -> Outcome {
+    if let Some(error) = answer.get("error") {
+        let code = error.get("code").and_then(Value::as_i64);
+        let kind = if code == Some(codes::UPSTREAM_ERROR) {
+            OutcomeKind::TransportError
+        } else {
+            OutcomeKind::Error
+        };
+        return Outcome {
+            kind,
+            code,
+            message: error
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        };
+    }
+    let tool_error = answer
+        .get("result")
+        .and_then(|r| r.get("isError"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    Outcome {
+        kind: if tool_error {
+            OutcomeKind::ToolError
+        } else {
+            OutcomeKind::Result
+        },
+        code: None,
+        message: None,
+    }
+}
+
+/// The refusal sent when the audit log cannot be written.
+pub fn audit_unavailable(id: &Id, error: &AuditError) -> Value {
+    RpcError::new(
+        Some(id.clone()),
+        codes::AUDIT_UNAVAILABLE,
+        format!("mcp-guard refused the call: the audit log cannot be written ({error})"),
+    )
+    .to_value()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn outcomes_keep_transport_rpc_and_tool_errors_apart() {
+        let transport = json!({"error": {"code": codes::UPSTREAM_ERROR, "message": "gone"}});
+        assert_eq!(outcome_of(&transport).kind, OutcomeKind::TransportError);
+        let rpc = json!({"error": {"code": -32602, "message": "bad"}});
+        assert_eq!(outcome_of(&rpc).kind, OutcomeKind::Error);
+        assert_eq!(outcome_of(&rpc).code, Some(-32602));
+        let tool = json!({"result": {"isError": true, "content": []}});
+        assert_eq!(outcome_of(&tool).kind, OutcomeKind::ToolError);
+        let ok = json!({"result": {"content": []}});
+        assert_eq!(outcome_of(&ok).kind, OutcomeKind::Result);
+    }
+}
