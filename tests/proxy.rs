@@ -200,7 +200,7 @@ fn assert_unknown_tool(error: &Value, name: &str) {
 }
 
 /// The answer to request `id` in a batch answer.
-fn answer_for<'a>(answers: &'a [Value], id: i64) -> &'a Value {
+fn answer_for(answers: &[Value], id: i64) -> &Value {
     let matching: Vec<&Value> = answers.iter().filter(|a| a["id"] == id).collect();
     assert_eq!(matching.len(), 1, "answers for id {id}: {answers:?}");
     matching[0]
