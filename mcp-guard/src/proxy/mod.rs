@@ -497,7 +497,17 @@ impl Proxy {
         }
     }
 
-    async fn handle_notification(&self, session: &Arc<AgentSession>, notification: Notification) {
+    async fn handle_notification(
+        &self,
+        session: &Arc<AgentSession>,
+        mut notification: Notification,
+    ) {
+        if notification.method == "notifications/cancelled"
+            && !point_cancellation_upstream(session, &mut notification)
+        {
+            // Not a request of this agent in flight: nothing upstream to cancel.
+            return;
+        }
         if let Err(e) = session
             .upstream()
             .notify(&notification.method, notification.params)
@@ -628,6 +638,29 @@ pub(crate) enum ToolCheck {
     Unknown,
     Invalid(String),
     Upstream(String),
+}
+
+/// Rewrites a cancellation's `requestId` from the agent's id to the upstream one; false when
+/// that request is not in flight.
+fn point_cancellation_upstream(session: &AgentSession, notification: &mut Notification) -> bool {
+    let Some(params) = notification.params.as_mut().and_then(Value::as_object_mut) else {
+        return false;
+    };
+    let agent_id = match params.get("requestId") {
+        Some(Value::String(s)) => Id::String(s.clone()),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(n) => Id::Number(n),
+            None => return false,
+        },
+        _ => return false,
+    };
+    match session.upstream_id_of(&agent_id) {
+        Some(upstream_id) => {
+            params.insert("requestId".into(), json!(upstream_id));
+            true
+        }
+        None => false,
+    }
 }
 
 /// The rule id for logs and metrics: plumbing passes as `protocol`, and a refusal no rule

@@ -12,8 +12,9 @@ use super::{Placement, Proxy, ProxyError, ToolCheck};
 use crate::control;
 use crate::egress::Egress;
 use crate::identity::CallIdentity;
-use crate::mcp::jsonrpc::Message;
+use crate::mcp::jsonrpc::{Id, Message};
 use crate::upstream::{self, ServerMessages, Upstream};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// Who is calling: the principal, their roles, and context values (e.g. a workflow step)
@@ -44,6 +45,8 @@ pub struct AgentSession {
     /// process is attributed to.
     calls: std::sync::Mutex<Vec<CallSpan>>,
     ended: tokio::sync::watch::Sender<bool>,
+    /// The agent's id of each request in flight → the id it has upstream.
+    upstream_ids: std::sync::Mutex<HashMap<Id, i64>>,
 }
 
 /// A session cgroup and who gave it out.
@@ -237,6 +240,7 @@ impl SharedServer {
             cgroup: None,
             calls: std::sync::Mutex::new(Vec::new()),
             ended: tokio::sync::watch::Sender::new(false),
+            upstream_ids: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -315,6 +319,7 @@ fn assemble(
         cgroup,
         calls: std::sync::Mutex::new(Vec::new()),
         ended: tokio::sync::watch::Sender::new(false),
+        upstream_ids: std::sync::Mutex::new(HashMap::new()),
     });
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
@@ -351,6 +356,35 @@ impl AgentSession {
             session: self,
             call_id: identity.call_id.clone(),
         }
+    }
+
+    /// Sends the agent's request upstream, remembering its upstream id while it runs.
+    pub async fn call_upstream(
+        &self,
+        agent_id: &Id,
+        method: &str,
+        params: Option<Value>,
+    ) -> Result<upstream::Outcome, upstream::UpstreamError> {
+        let outcome = self
+            .upstream
+            .call_as(method, params, |upstream_id| {
+                self.upstream_ids
+                    .lock()
+                    .expect("ids lock")
+                    .insert(agent_id.clone(), upstream_id);
+            })
+            .await;
+        self.upstream_ids.lock().expect("ids lock").remove(agent_id);
+        outcome
+    }
+
+    /// The upstream id of the agent's request `agent_id`, while it runs.
+    pub fn upstream_id_of(&self, agent_id: &Id) -> Option<i64> {
+        self.upstream_ids
+            .lock()
+            .expect("ids lock")
+            .get(agent_id)
+            .copied()
     }
 
     /// The calls that were running at `ts_ns` (CLOCK_MONOTONIC).

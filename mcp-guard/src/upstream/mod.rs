@@ -73,7 +73,19 @@ impl Upstream {
         method: &str,
         params: Option<Value>,
     ) -> Result<Outcome, UpstreamError> {
+        self.call_as(method, params, |_| {}).await
+    }
+
+    /// Like `call`; `assigned` learns the id mcp-guard gave the request upstream before the
+    /// answer comes, so a cancellation from the agent can name it.
+    pub async fn call_as(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        assigned: impl FnOnce(i64),
+    ) -> Result<Outcome, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        assigned(id);
         let (sender, receiver) = oneshot::channel();
         self.pending.lock().await.insert(id, sender);
         let mut message = json!({"jsonrpc": "2.0", "id": id, "method": method});
