@@ -1380,6 +1380,111 @@ impl ProbeRun {
     }
 }
 
+/// A loopback HTTP/1.1 server for MCP servers to fetch from: every request is answered
+/// `200 OK` with a small text body and `Connection: close`, and the connection is closed, so
+/// each fetch is a connection of its own (one `connect()` for the kernel to judge, never a
+/// pooled one). Records each request line (`GET /path HTTP/1.1`).
+pub struct HttpResponder {
+    pub addr: SocketAddr,
+    requests: Arc<(Mutex<Vec<String>>, Condvar)>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HttpResponder {
+    pub fn start(ip: IpAddr) -> HttpResponder {
+        let listener = TcpListener::bind((ip, 0)).expect("bind HTTP responder");
+        let addr = listener.local_addr().unwrap();
+        let requests: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sink, stopped) = (requests.clone(), stop.clone());
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let sink = sink.clone();
+                thread::spawn(move || {
+                    let _ = answer_one_request(stream, &sink);
+                });
+            }
+        });
+        HttpResponder {
+            addr,
+            requests,
+            stop,
+        }
+    }
+
+    /// `http://ADDR/path` (`path` starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The request lines received so far, in arrival order.
+    pub fn request_lines(&self) -> Vec<String> {
+        self.requests.0.lock().unwrap().clone()
+    }
+
+    /// Waits (up to [`TIMEOUT`], a safety net) until at least `n` requests arrived.
+    pub fn wait_for_requests(&self, n: usize) -> bool {
+        let deadline = Instant::now() + TIMEOUT;
+        let (lock, cvar) = &*self.requests;
+        let mut seen = lock.lock().unwrap();
+        loop {
+            if seen.len() >= n {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            seen = cvar.wait_timeout(seen, deadline - now).unwrap().0;
+        }
+    }
+}
+
+fn answer_one_request(
+    stream: TcpStream,
+    sink: &Arc<(Mutex<Vec<String>>, Condvar)>,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // The rest of the head; a GET has no body.
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
+            break;
+        }
+    }
+    {
+        let (lock, cvar) = &**sink;
+        lock.lock()
+            .unwrap()
+            .push(request_line.trim_end().to_string());
+        cvar.notify_all();
+    }
+    let body = "fetched from the test's HTTP responder\n";
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()?;
+    stream.shutdown(std::net::Shutdown::Write)
+}
+
+impl Drop for HttpResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The MCP proxy: real peers, the official SDK client, raw HTTP
 // ---------------------------------------------------------------------------------------------

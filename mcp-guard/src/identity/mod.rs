@@ -8,6 +8,8 @@
 //! - trace: `params._meta["traceparent"]` / `["tracestate"]`, then the same HTTP headers; a new
 //!   trace is started when none is valid.
 
+pub mod jwt;
+
 use serde_json::{Map, Value};
 
 /// `params._meta` keys mcp-guard reads and writes.

@@ -61,6 +61,157 @@ pub struct Policy {
     /// of tool arguments. Every field has a default.
     #[serde(default)]
     pub audit: AuditSettings,
+
+    /// Who callers on the Streamable HTTP front are: bearer JWTs verified locally, or (for
+    /// development only) a header the caller sets. Absent: every request on the front is
+    /// attributed to `daemon.principal`.
+    #[serde(default)]
+    pub identity: IdentitySettings,
+}
+
+/// How the HTTP front identifies its callers. With neither `jwt` nor `trust_header`, every
+/// request is attributed to `daemon.principal`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentitySettings {
+    /// Every request on the HTTP front must carry `Authorization: Bearer <JWT>`, verified
+    /// locally against the issuers listed here; the token names the principal and its roles.
+    /// A request without a valid token is answered HTTP 401. Not together with
+    /// `trust_header`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtSettings>,
+
+    /// Development only: take the principal from the request header `MCP-Guard-Principal`
+    /// (roles from `principals`), which any caller can set to anything. Requests without the
+    /// header are attributed to `daemon.principal`. The daemon warns at start-up while this is
+    /// on. Default false.
+    pub trust_header: bool,
+}
+
+/// Bearer JWTs on the HTTP front (RFC 7519), verified without calling the identity provider:
+/// signature with the issuer's keys, `iss`, `aud`, `exp` and `nbf`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSettings {
+    /// The identity providers whose tokens are accepted, each chosen by the token's `iss`.
+    /// At least one.
+    #[schemars(length(min = 1))]
+    pub issuers: Vec<JwtIssuer>,
+
+    /// The claim holding the caller's roles: a string (roles separated by spaces) or an array
+    /// of strings. A dotted path such as `realm_access.roles` reaches into nested objects; a
+    /// claim whose name itself contains dots (`https://example.com/roles`) is found first.
+    /// Roles named in `principals` for the token's principal are added. Absent from a token:
+    /// no roles from it. Default `roles`.
+    #[serde(default = "default_roles_claim")]
+    #[schemars(length(min = 1))]
+    pub roles_claim: String,
+
+    /// The claim naming the principal (a string of 1-128 characters from
+    /// `A-Z a-z 0-9 _ . @ : -`; a token whose principal is not is refused). Dotted paths as
+    /// for `roles_claim`. Default `sub`.
+    #[serde(default = "default_principal_claim")]
+    #[schemars(length(min = 1))]
+    pub principal_claim: String,
+
+    /// Clock difference, in seconds, tolerated when checking `exp` and `nbf`. Default 60.
+    #[serde(default = "default_clock_skew_seconds")]
+    pub clock_skew_seconds: u64,
+
+    /// URL of this resource's OAuth protected-resource metadata (RFC 9728), sent in the
+    /// `resource_metadata` parameter of every 401 answer so that clients can find the
+    /// authorisation server. An absolute `http` or `https` URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(url)]
+    pub resource_metadata_url: Option<String>,
+}
+
+fn default_roles_claim() -> String {
+    "roles".to_owned()
+}
+
+fn default_principal_claim() -> String {
+    "sub".to_owned()
+}
+
+fn default_clock_skew_seconds() -> u64 {
+    60
+}
+
+/// One identity provider whose tokens the HTTP front accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuer {
+    /// The exact `iss` of this provider's tokens, such as `https://idp.example.com/realms/x`.
+    #[schemars(length(min = 1))]
+    pub issuer: String,
+
+    /// Audiences accepted: a token's `aud` (a string or an array) must contain one of them.
+    /// At least one.
+    #[schemars(length(min = 1), extend("items" = { "type": "string", "minLength": 1 }, "uniqueItems" = true))]
+    pub audiences: Vec<String>,
+
+    /// The keys that verify this provider's signatures. Read when the policy is loaded (and
+    /// again at each reload); a file that cannot be read or parsed makes the policy invalid.
+    pub keys: JwtKeys,
+
+    /// Signature algorithms accepted from this provider; a token signed with another is
+    /// refused, whatever its key. At least one.
+    #[schemars(length(min = 1), extend("uniqueItems" = true))]
+    pub algorithms: Vec<JwtAlgorithm>,
+}
+
+/// Where an issuer's verification keys come from. Give exactly one field.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [
+    { "required": ["hs256_secret"] },
+    { "required": ["pem_file"] },
+    { "required": ["jwks_file"] },
+]))]
+pub struct JwtKeys {
+    /// The shared secret of HS256, inline (its UTF-8 bytes are the key). Prefer a public key:
+    /// whoever reads the policy can mint tokens with this. At least 32 bytes is advised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret: Option<String>,
+
+    /// A PEM file of one or more public keys (`PUBLIC KEY` or `RSA PUBLIC KEY` blocks): RSA
+    /// keys verify RS256, P-256 keys ES256. Must be an absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pem_file: Option<PathBuf>,
+
+    /// A JSON Web Key Set file (RFC 7517), such as a copy of the provider's `jwks_uri`: RSA
+    /// keys verify RS256, P-256 keys ES256, `oct` keys HS256; keys marked for encryption or of
+    /// other types are skipped. A token's `kid` picks the key. Must be an absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+}
+
+/// A JWS signature algorithm (RFC 7518) mcp-guard verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum JwtAlgorithm {
+    /// RSASSA-PKCS1-v1_5 with SHA-256, with an RSA public key.
+    RS256,
+    /// ECDSA on P-256 with SHA-256, with an EC public key.
+    ES256,
+    /// HMAC with SHA-256, with the shared `hs256_secret` (or an `oct` key of a JWKS).
+    HS256,
+}
+
+impl JwtAlgorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RS256 => "RS256",
+            Self::ES256 => "ES256",
+            Self::HS256 => "HS256",
+        }
+    }
+}
+
+impl std::fmt::Display for JwtAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Settings of the audit log: an append-only file of JSON lines, one record per decision,
@@ -129,9 +280,10 @@ pub struct DaemonSettings {
     /// front.
     pub listen: Option<SocketAddr>,
 
-    /// Principal that requests arriving on `listen` are attributed to, until identity comes
-    /// from tokens. Must name an entry of `principals`. Absent: such requests have no
-    /// principal, so only rules that name neither principals nor roles apply to them.
+    /// Principal that requests arriving on `listen` are attributed to when `identity` sets no
+    /// other source (no `jwt`; with `trust_header`, requests without the header). Must name an
+    /// entry of `principals`. Absent: such requests are attributed to `anonymous`, so only
+    /// rules that name neither principals nor roles apply to them.
     #[schemars(pattern(PRINCIPAL_PATTERN))]
     pub principal: Option<String>,
 

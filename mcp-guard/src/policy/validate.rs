@@ -9,8 +9,8 @@ use std::path::Path;
 use super::cidr::is_ipv4_mapped;
 use super::error::Problem;
 use super::model::{
-    AuditSettings, DaemonSettings, EgressRule, Isolation, POLICY_VERSION, Policy, Principal,
-    Protocol, ServerPolicy,
+    AuditSettings, DaemonSettings, EgressRule, IdentitySettings, Isolation, JwtIssuer, JwtKeys,
+    JwtSettings, POLICY_VERSION, Policy, Principal, Protocol, ServerPolicy,
 };
 use super::validate_rules::check_rules;
 
@@ -31,6 +31,7 @@ pub fn validate(policy: &Policy) -> Vec<Problem> {
         check_server(name, server, &policy.principals, &mut problems);
     }
     check_audit(&policy.audit, &mut problems);
+    check_identity(&policy.identity, &policy.daemon, &mut problems);
     problems
 }
 
@@ -122,6 +123,229 @@ fn check_audit(audit: &AuditSettings, problems: &mut Vec<Problem>) {
             "is off: records are acknowledged before they reach the disk, so a crash of the \
              machine can lose the last ones",
         ));
+    }
+}
+
+/// RFC 7518 section 3.2: an HS256 key must have at least 256 bits.
+const HS256_MIN_SECRET_BYTES: usize = 32;
+
+/// Past this, an expired token stays good long enough to matter.
+const JWT_MAX_SENSIBLE_SKEW_SECONDS: u64 = 300;
+
+fn check_identity(identity: &IdentitySettings, daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
+    if identity.trust_header {
+        if identity.jwt.is_some() {
+            problems.push(Problem::error(
+                "identity.trust_header",
+                "cannot be on together with identity.jwt: a header any caller can set would \
+                 undo token verification",
+            ));
+        } else {
+            problems.push(Problem::warning(
+                "identity.trust_header",
+                "is on: the HTTP front takes the principal from the MCP-Guard-Principal header, \
+                 which any caller can set to anyone; for development only",
+            ));
+        }
+    }
+    let Some(jwt) = &identity.jwt else {
+        return;
+    };
+    if daemon.principal.is_some() {
+        problems.push(Problem::warning(
+            "daemon.principal",
+            "has no effect while identity.jwt is set: callers on the HTTP front are who their \
+             tokens say",
+        ));
+    }
+    check_jwt(jwt, problems);
+}
+
+fn check_jwt(jwt: &JwtSettings, problems: &mut Vec<Problem>) {
+    if jwt.issuers.is_empty() {
+        problems.push(Problem::error(
+            "identity.jwt.issuers",
+            "must list at least one issuer",
+        ));
+    }
+    for (index, issuer) in jwt.issuers.iter().enumerate() {
+        let path = format!("identity.jwt.issuers[{index}]");
+        if let Some(first) = jwt.issuers[..index]
+            .iter()
+            .position(|earlier| earlier.issuer == issuer.issuer)
+        {
+            problems.push(Problem::error(
+                format!("{path}.issuer"),
+                format!(
+                    "duplicate issuer \"{}\": also issuers[{first}]; put every key of an \
+                     issuer in one entry",
+                    issuer.issuer
+                ),
+            ));
+        }
+        check_issuer(&path, issuer, problems);
+    }
+    for (field, claim) in [
+        ("roles_claim", &jwt.roles_claim),
+        ("principal_claim", &jwt.principal_claim),
+    ] {
+        if claim.trim().is_empty() {
+            problems.push(Problem::error(
+                format!("identity.jwt.{field}"),
+                "is empty: name a claim, e.g. \"sub\" or \"realm_access.roles\"",
+            ));
+        }
+    }
+    if jwt.clock_skew_seconds > JWT_MAX_SENSIBLE_SKEW_SECONDS {
+        problems.push(Problem::warning(
+            "identity.jwt.clock_skew_seconds",
+            format!(
+                "{} seconds accepts tokens that long after they expire; clocks synchronised by \
+                 NTP need a few seconds",
+                jwt.clock_skew_seconds
+            ),
+        ));
+    }
+    if let Some(url) = &jwt.resource_metadata_url {
+        let reason = check_url(url).err().or_else(|| {
+            // It goes into a quoted string of the WWW-Authenticate header as it is.
+            url.chars()
+                .any(|c| !c.is_ascii_graphic() || c == '"' || c == '\\')
+                .then(|| format!("\"{url}\" contains characters a URL must escape"))
+        });
+        if let Some(reason) = reason {
+            problems.push(Problem::error(
+                "identity.jwt.resource_metadata_url",
+                reason,
+            ));
+        }
+    }
+}
+
+fn check_issuer(path: &str, issuer: &JwtIssuer, problems: &mut Vec<Problem>) {
+    if issuer.issuer.is_empty() {
+        problems.push(Problem::error(
+            format!("{path}.issuer"),
+            "is empty: give the exact `iss` of the provider's tokens",
+        ));
+    }
+    if issuer.audiences.is_empty() {
+        problems.push(Problem::error(
+            format!("{path}.audiences"),
+            "must list at least one audience: a token for any service would do otherwise",
+        ));
+    }
+    for (index, audience) in issuer.audiences.iter().enumerate() {
+        let audience_path = format!("{path}.audiences[{index}]");
+        if audience.is_empty() {
+            problems.push(Problem::error(&audience_path, "is empty"));
+        } else if issuer.audiences[..index].contains(audience) {
+            problems.push(Problem::error(
+                &audience_path,
+                format!("duplicate audience \"{audience}\""),
+            ));
+        }
+    }
+    if issuer.algorithms.is_empty() {
+        problems.push(Problem::error(
+            format!("{path}.algorithms"),
+            "must list at least one algorithm (\"RS256\", \"ES256\", \"HS256\")",
+        ));
+    }
+    for (index, algorithm) in issuer.algorithms.iter().enumerate() {
+        if issuer.algorithms[..index].contains(algorithm) {
+            problems.push(Problem::error(
+                format!("{path}.algorithms[{index}]"),
+                format!("duplicate algorithm \"{algorithm}\""),
+            ));
+        }
+    }
+    if check_key_source(&format!("{path}.keys"), &issuer.keys, problems) {
+        check_keys_load(path, issuer, problems);
+    }
+}
+
+/// The shape of `keys`; true when it names exactly one usable source.
+fn check_key_source(path: &str, keys: &JwtKeys, problems: &mut Vec<Problem>) -> bool {
+    let given = [
+        keys.hs256_secret.is_some(),
+        keys.pem_file.is_some(),
+        keys.jwks_file.is_some(),
+    ]
+    .into_iter()
+    .filter(|given| *given)
+    .count();
+    if given != 1 {
+        problems.push(Problem::error(
+            path,
+            "give exactly one of `hs256_secret`, `pem_file` and `jwks_file`",
+        ));
+        return false;
+    }
+    if let Some(secret) = &keys.hs256_secret {
+        if secret.is_empty() {
+            problems.push(Problem::error(format!("{path}.hs256_secret"), "is empty"));
+            return false;
+        }
+        if secret.len() < HS256_MIN_SECRET_BYTES {
+            problems.push(Problem::warning(
+                format!("{path}.hs256_secret"),
+                format!(
+                    "is {} bytes long: HS256 needs at least {HS256_MIN_SECRET_BYTES} to resist \
+                     guessing",
+                    secret.len()
+                ),
+            ));
+        }
+    }
+    for (field, file) in [("pem_file", &keys.pem_file), ("jwks_file", &keys.jwks_file)] {
+        if let Some(file) = file
+            && !file.is_absolute()
+        {
+            check_absolute(&format!("{path}.{field}"), file, problems);
+            return false;
+        }
+    }
+    true
+}
+
+/// Reads the issuer's keys as the HTTP front will, so that a file that cannot be read or
+/// parsed refuses the policy (at start and at reload) instead of every request later.
+fn check_keys_load(path: &str, issuer: &JwtIssuer, problems: &mut Vec<Problem>) {
+    let keys = match crate::identity::jwt::load_keys(&issuer.keys) {
+        Ok(keys) => keys,
+        Err(error) => {
+            problems.push(Problem::error(
+                format!("{path}.keys.{}", error.field),
+                error.message,
+            ));
+            return;
+        }
+    };
+    let verifiable: Vec<bool> = issuer
+        .algorithms
+        .iter()
+        .map(|algorithm| keys.iter().any(|key| key.algorithm == *algorithm))
+        .collect();
+    if !issuer.algorithms.is_empty() && !verifiable.contains(&true) {
+        let listed: Vec<&str> = issuer.algorithms.iter().map(|a| a.as_str()).collect();
+        problems.push(Problem::error(
+            format!("{path}.keys"),
+            format!(
+                "holds no key for {}: RSA keys verify RS256, P-256 keys ES256, and \
+                 hs256_secret (or an `oct` JWK) HS256",
+                listed.join(" or ")
+            ),
+        ));
+        return;
+    }
+    for (index, algorithm) in issuer.algorithms.iter().enumerate() {
+        if !verifiable[index] {
+            problems.push(Problem::warning(
+                format!("{path}.algorithms[{index}]"),
+                format!("no key of this issuer verifies {algorithm}: such tokens are refused"),
+            ));
+        }
     }
 }
 
@@ -455,7 +679,7 @@ fn missing_dns_warning(server_path: &str, rules: &[EgressRule]) -> Option<Proble
 
 /// Principal and role names come from people and, later, identity providers, so they allow
 /// the characters of e-mail addresses and URNs, but nothing that needs quoting in a log line.
-pub(super) fn is_valid_principal_name(name: &str) -> bool {
+pub(crate) fn is_valid_principal_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
         && name
             .bytes()

@@ -23,6 +23,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::identity::TransportHints;
+use crate::identity::jwt::{AuthError, Verifier};
 use crate::mcp::jsonrpc::{self, Incoming, Message, RpcError, codes};
 use crate::mcp::revision::{self, Revision};
 use crate::proxy::{AgentSession, Caller, Proxy};
@@ -30,6 +31,7 @@ use crate::proxy::{AgentSession, Caller, Proxy};
 const SESSION_HEADER: &str = "mcp-session-id";
 const GUARD_SESSION_HEADER: &str = "mcp-guard-session";
 const GUARD_CONTEXT_HEADER: &str = "mcp-guard-context";
+const GUARD_PRINCIPAL_HEADER: &str = "mcp-guard-principal";
 
 /// What the front needs besides the proxy: how callers are identified until token identity
 /// exists (the policy's `daemon.principal`).
@@ -98,6 +100,10 @@ fn accepts(headers: &HeaderMap, media: &str) -> bool {
 
 async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> Response {
     let proxy = &front.proxy;
+    let caller = match caller_for(front, headers) {
+        Ok(caller) => caller,
+        Err(refusal) => return *refusal,
+    };
     if !accepts(headers, "application/json") && !accepts(headers, "text/event-stream") {
         return rpc_error_response(
             StatusCode::NOT_ACCEPTABLE,
@@ -155,11 +161,19 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
             ),
         );
     }
-    let session =
-        match find_or_open_session(front, server, headers, &incoming, header_version).await {
-            Ok(session) => session,
-            Err(response) => return response,
-        };
+    let session = match find_or_open_session(
+        front,
+        server,
+        headers,
+        &incoming,
+        header_version,
+        caller,
+    )
+    .await
+    {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
     let opened_now = is_initialize(&incoming);
     let hints = TransportHints::from_headers(|name| header_str(headers, name));
     let answer = proxy.handle(&session, incoming, &hints).await;
@@ -178,21 +192,25 @@ fn is_initialize(incoming: &Incoming) -> bool {
     matches!(incoming, Incoming::Single(Message::Request(r)) if r.method == "initialize")
 }
 
-/// The session a POST belongs to, opening one for `initialize` or for stateless traffic.
+/// The session a POST belongs to, opening one for `initialize` or for stateless traffic. A
+/// session serves only the principal that opened it.
 async fn find_or_open_session(
     front: &Front,
     server: &str,
     headers: &HeaderMap,
     incoming: &Incoming,
     header_version: Option<&str>,
+    caller: Caller,
 ) -> Result<Arc<AgentSession>, Response> {
     let proxy = &front.proxy;
     if is_initialize(incoming) {
-        return open(front, server, headers, None).await;
+        return open(front, server, caller, None).await;
     }
     if let Some(id) = header_str(headers, SESSION_HEADER) {
         return match proxy.session(id).await {
-            Some(session) if session.server == server => Ok(session),
+            Some(session) if session.server == server && is_owner(&session, &caller) => {
+                Ok(session)
+            }
             _ => Err(rpc_error_response(
                 StatusCode::NOT_FOUND,
                 RpcError::new(
@@ -228,25 +246,33 @@ async fn find_or_open_session(
             RpcError::new(None, codes::INVALID_REQUEST, problem),
         ));
     }
-    let caller = caller_for(front, headers);
     let key = header_str(headers, GUARD_SESSION_HEADER)
         .map(str::to_owned)
         .or_else(|| revision::meta_session(incoming))
         .unwrap_or_else(|| format!("{}-{server}", caller.principal));
     let id = format!("stateless-{}", sanitise(&key));
     if let Some(session) = proxy.session(&id).await {
+        if !is_owner(&session, &caller) {
+            return Err(rpc_error_response(
+                StatusCode::FORBIDDEN,
+                RpcError::new(
+                    None,
+                    codes::INVALID_REQUEST,
+                    "this session belongs to another principal",
+                ),
+            ));
+        }
         return Ok(session);
     }
-    open(front, server, headers, Some(id)).await
+    open(front, server, caller, Some(id)).await
 }
 
 async fn open(
     front: &Front,
     server: &str,
-    headers: &HeaderMap,
+    caller: Caller,
     id: Option<String>,
 ) -> Result<Arc<AgentSession>, Response> {
-    let caller = caller_for(front, headers);
     front
         .proxy
         .open_session(server, caller, id)
@@ -278,20 +304,67 @@ fn sanitise(key: &str) -> String {
         .collect()
 }
 
-/// The caller of this request: the listener's configured principal (token identity comes
-/// later), with context values from `MCP-Guard-Context: key=value; key=value`.
-fn caller_for(front: &Front, headers: &HeaderMap) -> Caller {
+/// The caller of this request, or the answer refusing it:
+/// - with `identity.jwt`, the principal and roles of the bearer token (401 without a valid
+///   one; 503 when the policy's keys could not be loaded);
+/// - with `identity.trust_header`, the principal the `MCP-Guard-Principal` header names;
+/// - otherwise (and without that header) the policy's `daemon.principal`.
+///
+/// Roles the policy's `principals` gives the principal are added to the token's. Context
+/// values come from `MCP-Guard-Context: key=value; key=value`.
+fn caller_for(front: &Front, headers: &HeaderMap) -> Result<Caller, Box<Response>> {
     let model = front.proxy.model();
-    let principal = model
-        .daemon
-        .principal
-        .clone()
-        .unwrap_or_else(|| "anonymous".into());
-    let roles = model
-        .principals
-        .get(&principal)
-        .map(|p| p.roles.clone())
-        .unwrap_or_default();
+    let (principal, mut roles) = match Verifier::for_policy(&model) {
+        Some(Ok(verifier)) => match verifier.authenticate(header_str(headers, "authorization")) {
+            Ok(identity) => (identity.principal, identity.roles),
+            Err(error) => {
+                tracing::debug!(reason = %error, "request refused: no valid bearer token");
+                return Err(Box::new(unauthorised(&verifier, &error)));
+            }
+        },
+        Some(Err(_)) => {
+            return Err(Box::new(rpc_error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                RpcError::new(
+                    None,
+                    codes::INTERNAL_ERROR,
+                    "tokens cannot be verified: the policy's identity keys could not be loaded",
+                ),
+            )));
+        }
+        None => {
+            let claimed = header_str(headers, GUARD_PRINCIPAL_HEADER)
+                .filter(|_| model.identity.trust_header);
+            match claimed {
+                Some(name) if !crate::policy::is_valid_principal_name(name) => {
+                    return Err(Box::new(rpc_error_response(
+                        StatusCode::BAD_REQUEST,
+                        RpcError::new(
+                            None,
+                            codes::INVALID_REQUEST,
+                            "MCP-Guard-Principal is not a valid principal name",
+                        ),
+                    )));
+                }
+                Some(name) => (name.to_owned(), Vec::new()),
+                None => (
+                    model
+                        .daemon
+                        .principal
+                        .clone()
+                        .unwrap_or_else(|| "anonymous".into()),
+                    Vec::new(),
+                ),
+            }
+        }
+    };
+    if let Some(declared) = model.principals.get(&principal) {
+        for role in &declared.roles {
+            if !roles.contains(role) {
+                roles.push(role.clone());
+            }
+        }
+    }
     let context: BTreeMap<String, String> = header_str(headers, GUARD_CONTEXT_HEADER)
         .map(|text| {
             text.split(';')
@@ -300,11 +373,35 @@ fn caller_for(front: &Front, headers: &HeaderMap) -> Caller {
                 .collect()
         })
         .unwrap_or_default();
-    Caller {
+    Ok(Caller {
         principal,
         roles,
         context,
+    })
+}
+
+/// 401 with the Bearer challenge (and the protected-resource metadata URL, if configured).
+fn unauthorised(verifier: &Verifier, error: &AuthError) -> Response {
+    let mut response = rpc_error_response(
+        StatusCode::UNAUTHORIZED,
+        RpcError::new(
+            None,
+            codes::INVALID_REQUEST,
+            format!("authentication failed: {error}"),
+        ),
+    );
+    if let Ok(challenge) = HeaderValue::from_str(&verifier.challenge(error)) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
     }
+    response
+}
+
+/// A session answers only the principal that opened it: a valid token of someone else does
+/// not reach it.
+fn is_owner(session: &AgentSession, caller: &Caller) -> bool {
+    session.caller().principal == caller.principal
 }
 
 /// The answer as a one-event SSE stream (a batch answer stays one JSON array).
@@ -315,6 +412,10 @@ fn sse_of_values(answer: Value) -> Response {
 }
 
 async fn get(front: &Front, server: &str, headers: &HeaderMap) -> Response {
+    let caller = match caller_for(front, headers) {
+        Ok(caller) => caller,
+        Err(refusal) => return *refusal,
+    };
     if !accepts(headers, "text/event-stream") {
         return rpc_error_response(
             StatusCode::NOT_ACCEPTABLE,
@@ -335,7 +436,12 @@ async fn get(front: &Front, server: &str, headers: &HeaderMap) -> Response {
             ),
         );
     };
-    let Some(session) = front.proxy.session(id).await.filter(|s| s.server == server) else {
+    let Some(session) = front
+        .proxy
+        .session(id)
+        .await
+        .filter(|s| s.server == server && is_owner(s, &caller))
+    else {
         return rpc_error_response(
             StatusCode::NOT_FOUND,
             RpcError::new(None, codes::INVALID_REQUEST, "unknown or ended session"),
@@ -402,6 +508,10 @@ impl Drop for OutboxStream {
 }
 
 async fn delete(front: &Front, server: &str, headers: &HeaderMap) -> Response {
+    let caller = match caller_for(front, headers) {
+        Ok(caller) => caller,
+        Err(refusal) => return *refusal,
+    };
     let Some(id) = header_str(headers, SESSION_HEADER) else {
         return rpc_error_response(
             StatusCode::BAD_REQUEST,
@@ -413,7 +523,7 @@ async fn delete(front: &Front, server: &str, headers: &HeaderMap) -> Response {
         );
     };
     match front.proxy.session(id).await {
-        Some(session) if session.server == server => {
+        Some(session) if session.server == server && is_owner(&session, &caller) => {
             front.proxy.end_session(id).await;
             StatusCode::NO_CONTENT.into_response()
         }

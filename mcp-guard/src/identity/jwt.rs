@@ -1,0 +1,964 @@
+//! Bearer JWTs on the Streamable HTTP front (RFC 7519, RFC 6750), verified locally: no call to
+//! the identity provider on the request path.
+//!
+//! A token is accepted when
+//! - its `iss` names one of the policy's issuers (`identity.jwt.issuers[].issuer`, exactly),
+//! - its header's `alg` is one that issuer lists (RS256, ES256, HS256; never `none`), and one of
+//!   the issuer's keys for that algorithm verifies the signature (a `kid` in the header picks
+//!   the key of a JWKS; without one, every key of the algorithm is tried),
+//! - it has `exp`, `iss` and `aud`; `aud` holds one of the issuer's audiences; `exp` has not
+//!   passed and `nbf` (if present) has, both give or take `clock_skew_seconds`,
+//! - its principal claim is a valid principal name.
+//!
+//! The caller's roles are the roles claim's values (a string of space-separated roles, or an
+//! array of strings; values that are not valid role names are dropped: no rule could name
+//! them) plus, at the HTTP front, those `principals` gives the principal.
+//!
+//! Keys are read from the policy's files when the policy is validated (so a file that cannot
+//! be read or parsed refuses the policy, at start and at every reload) and when a [`Verifier`]
+//! is built. The HTTP front gets its verifier from [`Verifier::for_policy`], which builds one
+//! per policy generation (one `Arc<Policy>`) the first time that generation serves a request,
+//! and keeps it until the next generation: no file is read per request, and a reload (a new
+//! `Arc<Policy>`) re-reads the keys. A generation whose keys can no longer be read at that
+//! moment keeps refusing every request (fail closed) until the next reload.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use crate::policy::{JwtAlgorithm, JwtKeys, JwtSettings, Policy, is_valid_principal_name};
+
+/// The realm of every `WWW-Authenticate` challenge.
+const REALM: &str = "mcp-guard";
+
+/// Verifies bearer tokens against the issuers of one policy generation.
+pub struct Verifier {
+    issuers: Vec<TrustedIssuer>,
+    principal_claim: String,
+    roles_claim: String,
+    resource_metadata_url: Option<String>,
+}
+
+struct TrustedIssuer {
+    issuer: String,
+    algorithms: Vec<JwtAlgorithm>,
+    keys: Vec<VerificationKey>,
+    /// `iss`, `aud`, `exp`, `nbf` and skew, as jsonwebtoken checks them after the signature.
+    validation: Validation,
+}
+
+/// One public key (or shared secret) and the one algorithm it verifies.
+#[derive(Clone)]
+pub struct VerificationKey {
+    pub kid: Option<String>,
+    pub algorithm: JwtAlgorithm,
+    key: DecodingKey,
+}
+
+impl fmt::Debug for VerificationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerificationKey")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an issuer's keys could not be loaded; `field` is the key source at fault
+/// (`hs256_secret`, `pem_file` or `jwks_file`, or empty when none or several are given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// Who a valid token says the caller is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedIdentity {
+    pub principal: String,
+    /// The roles claim's values only (the front adds those of `principals`).
+    pub roles: Vec<String>,
+    /// The `iss` of the token.
+    pub issuer: String,
+}
+
+/// Why a request was not authenticated. Its text is the `error_description` of the 401 answer:
+/// it never repeats what the caller sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token: send Authorization: Bearer <token>")]
+    Missing,
+    #[error("the Authorization header does not carry a Bearer token")]
+    NotBearer,
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    #[error("the token has no {0} claim")]
+    MissingClaim(String),
+    #[error("the token's {0} claim is malformed")]
+    MalformedClaim(String),
+    #[error("the token's issuer is not trusted")]
+    UnknownIssuer,
+    #[error("tokens signed with {0} are not accepted from this issuer")]
+    AlgorithmNotAccepted(String),
+    #[error("no key of this issuer matches the token")]
+    UnknownKey,
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token is not meant for this audience")]
+    WrongAudience,
+    #[error("the token's {0} claim is not a valid principal name")]
+    BadPrincipal(String),
+}
+
+/// The verifier of the generation last asked for, keyed by that generation's allocation. The
+/// `Weak` keeps the allocation (not the policy) alive, so its address cannot be reused by a
+/// later generation while it is the key.
+type Generation = (Weak<Policy>, Result<Arc<Verifier>, String>);
+static CURRENT: Mutex<Option<Generation>> = Mutex::new(None);
+
+impl Verifier {
+    /// The verifier of `policy`'s `identity.jwt`, built on the first call for this generation;
+    /// `None` when the policy has no `identity.jwt`. `Err` (the reason, already logged) when
+    /// the generation's keys could not be loaded: every request must then be refused.
+    pub fn for_policy(policy: &Arc<Policy>) -> Option<Result<Arc<Verifier>, String>> {
+        let settings = policy.identity.jwt.as_ref()?;
+        let mut current = CURRENT.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((generation, built)) = current.as_ref()
+            && std::ptr::eq(generation.as_ptr(), Arc::as_ptr(policy))
+        {
+            return Some(built.clone());
+        }
+        // Built under the lock: concurrent first requests of a generation read the files once.
+        let built = Verifier::from_settings(settings).map(Arc::new);
+        if let Err(reason) = &built {
+            tracing::error!(%reason, "loading the JWT keys of the policy in force: every request on the HTTP front is refused until the policy is reloaded");
+        }
+        *current = Some((Arc::downgrade(policy), built.clone()));
+        Some(built)
+    }
+
+    /// Builds a verifier, reading every issuer's keys now.
+    pub fn from_settings(settings: &JwtSettings) -> Result<Verifier, String> {
+        let mut issuers = Vec::with_capacity(settings.issuers.len());
+        for (index, issuer) in settings.issuers.iter().enumerate() {
+            let keys = load_keys(&issuer.keys).map_err(|e| {
+                format!(
+                    "identity.jwt.issuers[{index}].keys.{}: {}",
+                    e.field, e.message
+                )
+            })?;
+            let mut validation = Validation::new(Algorithm::RS256);
+            validation.algorithms = issuer.algorithms.iter().copied().map(algorithm).collect();
+            validation.leeway = settings.clock_skew_seconds;
+            validation.validate_exp = true;
+            validation.validate_nbf = true;
+            validation.validate_aud = true;
+            validation.set_issuer(&[&issuer.issuer]);
+            validation.set_audience(&issuer.audiences);
+            // Without these, jsonwebtoken passes a token that simply leaves the claim out.
+            validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+            issuers.push(TrustedIssuer {
+                issuer: issuer.issuer.clone(),
+                algorithms: issuer.algorithms.clone(),
+                keys,
+                validation,
+            });
+        }
+        Ok(Verifier {
+            issuers,
+            principal_claim: settings.principal_claim.clone(),
+            roles_claim: settings.roles_claim.clone(),
+            resource_metadata_url: settings.resource_metadata_url.clone(),
+        })
+    }
+
+    /// Authenticates a request from its `Authorization` header value.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<VerifiedIdentity, AuthError> {
+        self.verify(bearer_token(authorization)?)
+    }
+
+    /// Verifies one compact JWS token and reads the caller from it.
+    pub fn verify(&self, token: &str) -> Result<VerifiedIdentity, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        // Only to choose the issuer's keys: nothing of the token is trusted before its
+        // signature verifies with them.
+        let unverified: Map<String, Value> =
+            jsonwebtoken::dangerous::insecure_decode_claims(token)
+                .map_err(|_| AuthError::Malformed)?;
+        let iss = match unverified.get("iss") {
+            None => return Err(AuthError::MissingClaim("iss".into())),
+            Some(Value::String(iss)) => iss,
+            Some(_) => return Err(AuthError::MalformedClaim("iss".into())),
+        };
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|issuer| &issuer.issuer == iss)
+            .ok_or(AuthError::UnknownIssuer)?;
+        let alg = issuer
+            .algorithms
+            .iter()
+            .copied()
+            .find(|accepted| algorithm(*accepted) == header.alg)
+            .ok_or_else(|| AuthError::AlgorithmNotAccepted(format!("{:?}", header.alg)))?;
+        let mut candidates = issuer.keys.iter().filter(|key| {
+            key.algorithm == alg
+                && match (&header.kid, &key.kid) {
+                    (Some(wanted), Some(kid)) => wanted == kid,
+                    _ => true,
+                }
+        });
+        let mut tried = false;
+        let claims = loop {
+            let Some(key) = candidates.next() else {
+                return Err(if tried {
+                    AuthError::BadSignature
+                } else {
+                    AuthError::UnknownKey
+                });
+            };
+            tried = true;
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &issuer.validation) {
+                Ok(data) => break data.claims,
+                // Another key of the issuer may still verify it (no `kid`, or a rotated set).
+                Err(e) if is_signature_failure(e.kind()) => continue,
+                Err(e) => return Err(claim_failure(e.kind())),
+            }
+        };
+        let principal = match claim_at(&claims, &self.principal_claim) {
+            None => return Err(AuthError::MissingClaim(self.principal_claim.clone())),
+            Some(Value::String(name)) if is_valid_principal_name(name) => name.clone(),
+            Some(_) => return Err(AuthError::BadPrincipal(self.principal_claim.clone())),
+        };
+        Ok(VerifiedIdentity {
+            principal,
+            roles: roles_in(claim_at(&claims, &self.roles_claim)),
+            issuer: issuer.issuer.clone(),
+        })
+    }
+
+    /// The `WWW-Authenticate` value of a 401 answer for `error` (RFC 6750 section 3, with the
+    /// RFC 9728 `resource_metadata` parameter when the policy gives the URL).
+    pub fn challenge(&self, error: &AuthError) -> String {
+        challenge(error, self.resource_metadata_url.as_deref())
+    }
+}
+
+/// A `WWW-Authenticate` value: `Bearer realm="mcp-guard", error="invalid_token",
+/// error_description="…"`, then `resource_metadata="<url>"` if given. Quoted values keep to
+/// the characters RFC 6750 allows in them.
+pub fn challenge(error: &AuthError, resource_metadata_url: Option<&str>) -> String {
+    let mut value = format!(
+        "Bearer realm=\"{REALM}\", error=\"invalid_token\", error_description=\"{}\"",
+        quotable(&error.to_string())
+    );
+    if let Some(url) = resource_metadata_url {
+        value.push_str(&format!(", resource_metadata=\"{}\"", quotable(url)));
+    }
+    value
+}
+
+/// `%x20-21 / %x23-5B / %x5D-7E`: printable ASCII without `"` and `\`.
+fn quotable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            ' ' | '!' | '#'..='[' | ']'..='~' => c,
+            _ => '?',
+        })
+        .collect()
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme is case-insensitive).
+pub fn bearer_token(authorization: Option<&str>) -> Result<&str, AuthError> {
+    let value = authorization.ok_or(AuthError::Missing)?.trim();
+    let (scheme, token) = value.split_once(' ').ok_or(AuthError::NotBearer)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(AuthError::NotBearer);
+    }
+    Ok(token)
+}
+
+fn is_signature_failure(kind: &ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::InvalidSignature
+            | ErrorKind::InvalidRsaKey(_)
+            | ErrorKind::InvalidEcdsaKey
+            | ErrorKind::InvalidKeyFormat
+    )
+}
+
+/// What a failure after a good signature (or before any: the token's shape) means.
+fn claim_failure(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::InvalidIssuer => AuthError::UnknownIssuer,
+        ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim.clone()),
+        ErrorKind::InvalidClaimFormat(claim) => AuthError::MalformedClaim(claim.clone()),
+        ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAccepted("this algorithm".into()),
+        _ => AuthError::Malformed,
+    }
+}
+
+/// The claim at `path`: a top-level claim of exactly that name (namespaced claims such as
+/// `https://example.com/roles` contain dots), else the dotted path through nested objects.
+pub fn claim_at<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(value) = claims.get(path) {
+        return Some(value);
+    }
+    let mut segments = path.split('.');
+    let mut value = claims.get(segments.next()?)?;
+    for segment in segments {
+        value = value.as_object()?.get(segment)?;
+    }
+    Some(value)
+}
+
+/// Roles from a roles claim: a string of space-separated roles or an array of strings; values
+/// that are not valid role names are dropped, duplicates kept once.
+pub fn roles_in(claim: Option<&Value>) -> Vec<String> {
+    let mut roles: Vec<String> = Vec::new();
+    let mut add = |role: &str| {
+        if is_valid_principal_name(role) && !roles.iter().any(|r| r == role) {
+            roles.push(role.to_owned());
+        }
+    };
+    match claim {
+        Some(Value::String(text)) => text.split_whitespace().for_each(&mut add),
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).for_each(&mut add),
+        _ => {}
+    }
+    roles
+}
+
+fn algorithm(alg: JwtAlgorithm) -> Algorithm {
+    match alg {
+        JwtAlgorithm::RS256 => Algorithm::RS256,
+        JwtAlgorithm::ES256 => Algorithm::ES256,
+        JwtAlgorithm::HS256 => Algorithm::HS256,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading keys
+// ---------------------------------------------------------------------------------------------
+
+/// The keys `keys` names, read now. Exactly one source must be given.
+pub fn load_keys(keys: &JwtKeys) -> Result<Vec<VerificationKey>, KeyError> {
+    match (&keys.hs256_secret, &keys.pem_file, &keys.jwks_file) {
+        (Some(secret), None, None) => {
+            if secret.is_empty() {
+                return Err(KeyError {
+                    field: "hs256_secret",
+                    message: "is empty".into(),
+                });
+            }
+            Ok(vec![VerificationKey {
+                kid: None,
+                algorithm: JwtAlgorithm::HS256,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+            }])
+        }
+        (None, Some(path), None) => {
+            let text = read_key_file(path, "pem_file")?;
+            pem_keys(&text).map_err(|message| KeyError {
+                field: "pem_file",
+                message: format!("\"{}\": {message}", path.display()),
+            })
+        }
+        (None, None, Some(path)) => {
+            let text = read_key_file(path, "jwks_file")?;
+            jwks_keys(&text).map_err(|message| KeyError {
+                field: "jwks_file",
+                message: format!("\"{}\": {message}", path.display()),
+            })
+        }
+        (None, None, None) => Err(KeyError {
+            field: "",
+            message: "no key source: give one of `hs256_secret`, `pem_file` or `jwks_file`"
+                .into(),
+        }),
+        _ => Err(KeyError {
+            field: "",
+            message: "give exactly one of `hs256_secret`, `pem_file` and `jwks_file`".into(),
+        }),
+    }
+}
+
+fn read_key_file(path: &Path, field: &'static str) -> Result<String, KeyError> {
+    std::fs::read_to_string(path).map_err(|e| KeyError {
+        field,
+        message: format!("cannot read \"{}\": {e}", path.display()),
+    })
+}
+
+/// Every public key of a PEM file: `PUBLIC KEY` (SubjectPublicKeyInfo, RSA or P-256) and
+/// `RSA PUBLIC KEY` (PKCS #1) blocks.
+pub fn pem_keys(text: &str) -> Result<Vec<VerificationKey>, String> {
+    let blocks = pem::parse_many(text).map_err(|e| format!("not PEM: {e}"))?;
+    if blocks.is_empty() {
+        return Err("holds no PEM block: give one or more public keys".into());
+    }
+    let mut keys = Vec::with_capacity(blocks.len());
+    for (index, block) in blocks.iter().enumerate() {
+        let which = || format!("PEM block {} ({})", index + 1, block.tag());
+        match block.tag() {
+            "PUBLIC KEY" | "RSA PUBLIC KEY" => {}
+            tag if tag.contains("PRIVATE") => {
+                return Err(format!(
+                    "{} is a private key: give only the public key (e.g. `openssl pkey -pubout`)",
+                    which()
+                ));
+            }
+            "CERTIFICATE" => {
+                return Err(format!(
+                    "{} is a certificate: give its public key (`openssl x509 -pubkey -noout`)",
+                    which()
+                ));
+            }
+            _ => return Err(format!("{} is not a public key", which())),
+        }
+        let encoded = pem::encode(block);
+        let key = if let Ok(key) = DecodingKey::from_rsa_pem(encoded.as_bytes()) {
+            VerificationKey {
+                kid: None,
+                algorithm: JwtAlgorithm::RS256,
+                key,
+            }
+        } else if let Ok(key) = DecodingKey::from_ec_pem(encoded.as_bytes()) {
+            // An uncompressed P-256 point is 0x04 and two 32-byte coordinates.
+            let point = key.try_get_as_bytes().unwrap_or_default();
+            if point.len() != 65 || point[0] != 4 {
+                return Err(format!(
+                    "{} is an EC key on another curve than P-256",
+                    which()
+                ));
+            }
+            VerificationKey {
+                kid: None,
+                algorithm: JwtAlgorithm::ES256,
+                key,
+            }
+        } else {
+            return Err(format!("{} is neither an RSA nor an EC public key", which()));
+        };
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// The usable keys of a JWK Set: RSA (RS256), EC on P-256 (ES256) and `oct` (HS256) keys for
+/// signatures. Keys for encryption, of other types or curves, with another `alg`, or that do
+/// not parse are skipped, as a key set shared with other relying parties may hold them; a set
+/// with no usable key is an error.
+pub fn jwks_keys(text: &str) -> Result<Vec<VerificationKey>, String> {
+    let document: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let entries = document
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or("not a JWK Set: it has no `keys` array")?;
+    let keys: Vec<VerificationKey> = entries.iter().filter_map(jwk_key).collect();
+    if keys.is_empty() {
+        return Err(format!(
+            "none of its {} keys is an RS256, ES256 (P-256) or HS256 signature key",
+            entries.len()
+        ));
+    }
+    Ok(keys)
+}
+
+fn jwk_key(entry: &Value) -> Option<VerificationKey> {
+    let jwk: Jwk = serde_json::from_value(entry.clone()).ok()?;
+    if matches!(
+        jwk.common.public_key_use,
+        Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
+    ) {
+        return None;
+    }
+    let algorithm = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => JwtAlgorithm::RS256,
+        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+            JwtAlgorithm::ES256
+        }
+        AlgorithmParameters::OctetKey(_) => JwtAlgorithm::HS256,
+        _ => return None,
+    };
+    let declared = jwk.common.key_algorithm;
+    if declared.is_some_and(|alg| alg != KeyAlgorithm::from(self::algorithm(algorithm))) {
+        return None;
+    }
+    Some(VerificationKey {
+        kid: jwk.common.key_id.clone(),
+        algorithm,
+        key: DecodingKey::from_jwk(&jwk).ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+    use std::path::PathBuf;
+
+    const ISSUER: &str = "https://idp.example";
+    const AUDIENCE: &str = "mcp-guard";
+    const SECRET: &str = "a shared secret of at least thirty-two bytes";
+
+    fn testdata(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/identity/testdata")
+            .join(name)
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn settings(keys: JwtKeys, algorithms: &[JwtAlgorithm]) -> JwtSettings {
+        JwtSettings {
+            issuers: vec![crate::policy::JwtIssuer {
+                issuer: ISSUER.into(),
+                audiences: vec![AUDIENCE.into(), "other-audience".into()],
+                keys,
+                algorithms: algorithms.to_vec(),
+            }],
+            roles_claim: "roles".into(),
+            principal_claim: "sub".into(),
+            clock_skew_seconds: 60,
+            resource_metadata_url: None,
+        }
+    }
+
+    fn verifier(keys: JwtKeys, algorithms: &[JwtAlgorithm]) -> Verifier {
+        Verifier::from_settings(&settings(keys, algorithms)).unwrap()
+    }
+
+    fn secret_keys() -> JwtKeys {
+        JwtKeys {
+            hs256_secret: Some(SECRET.into()),
+            ..JwtKeys::default()
+        }
+    }
+
+    fn pem_file(name: &str) -> JwtKeys {
+        JwtKeys {
+            pem_file: Some(testdata(name)),
+            ..JwtKeys::default()
+        }
+    }
+
+    fn jwks_file() -> JwtKeys {
+        JwtKeys {
+            jwks_file: Some(testdata("jwks.json")),
+            ..JwtKeys::default()
+        }
+    }
+
+    /// Claims of a token valid now for alice, with role developer.
+    fn claims() -> Value {
+        json!({
+            "iss": ISSUER, "aud": AUDIENCE, "sub": "alice@example.com",
+            "exp": now() + 600, "iat": now(), "roles": ["developer"],
+        })
+    }
+
+    fn with(mut claims: Value, changes: Value) -> Value {
+        for (key, value) in changes.as_object().unwrap() {
+            if value.is_null() {
+                claims.as_object_mut().unwrap().remove(key);
+            } else {
+                claims[key] = value.clone();
+            }
+        }
+        claims
+    }
+
+    fn private_key(name: &str) -> Vec<u8> {
+        std::fs::read(testdata(name)).unwrap()
+    }
+
+    fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
+        let key = match alg {
+            Algorithm::HS256 => EncodingKey::from_secret(SECRET.as_bytes()),
+            Algorithm::RS256 => {
+                EncodingKey::from_rsa_pem(&private_key("rsa_private.pem")).unwrap()
+            }
+            Algorithm::ES256 => EncodingKey::from_ec_pem(&private_key("ec_private.pem")).unwrap(),
+            other => panic!("no test key for {other:?}"),
+        };
+        sign_with(alg, kid, claims, &key)
+    }
+
+    fn sign_with(alg: Algorithm, kid: Option<&str>, claims: &Value, key: &EncodingKey) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, claims, key).unwrap()
+    }
+
+    fn hs256(claims: &Value) -> String {
+        sign(Algorithm::HS256, None, claims)
+    }
+
+    fn hs256_verifier() -> Verifier {
+        verifier(secret_keys(), &[JwtAlgorithm::HS256])
+    }
+
+    #[test]
+    fn identity_hs256_token_with_an_inline_secret_verifies() {
+        let identity = hs256_verifier().verify(&hs256(&claims())).unwrap();
+        assert_eq!(
+            identity,
+            VerifiedIdentity {
+                principal: "alice@example.com".into(),
+                roles: vec!["developer".into()],
+                issuer: ISSUER.into(),
+            }
+        );
+    }
+
+    #[test]
+    fn identity_rs256_token_verifies_with_a_pem_public_key() {
+        let verifier = verifier(pem_file("rsa_public.pem"), &[JwtAlgorithm::RS256]);
+        let token = sign(Algorithm::RS256, None, &claims());
+        assert_eq!(verifier.verify(&token).unwrap().principal, "alice@example.com");
+    }
+
+    #[test]
+    fn identity_es256_token_verifies_with_a_pem_public_key() {
+        let verifier = verifier(pem_file("ec_public.pem"), &[JwtAlgorithm::ES256]);
+        let token = sign(Algorithm::ES256, None, &claims());
+        assert_eq!(verifier.verify(&token).unwrap().roles, ["developer"]);
+    }
+
+    #[test]
+    fn identity_a_pem_file_may_hold_several_keys() {
+        let rsa = std::fs::read_to_string(testdata("rsa_public.pem")).unwrap();
+        let ec = std::fs::read_to_string(testdata("ec_public.pem")).unwrap();
+        let keys = pem_keys(&format!("{rsa}\n{ec}")).unwrap();
+        let algorithms: Vec<_> = keys.iter().map(|k| k.algorithm).collect();
+        assert_eq!(algorithms, [JwtAlgorithm::RS256, JwtAlgorithm::ES256]);
+    }
+
+    #[test]
+    fn identity_jwks_keys_are_picked_by_kid() {
+        let verifier = verifier(jwks_file(), &[JwtAlgorithm::RS256, JwtAlgorithm::ES256]);
+        for (alg, kid) in [(Algorithm::RS256, "rsa-1"), (Algorithm::ES256, "ec-1")] {
+            let token = sign(alg, Some(kid), &claims());
+            assert!(verifier.verify(&token).is_ok(), "{alg:?}");
+        }
+        // Without a kid every key of the algorithm is tried.
+        let token = sign(Algorithm::RS256, None, &claims());
+        assert!(verifier.verify(&token).is_ok());
+        let unknown = sign(Algorithm::RS256, Some("rotated-away"), &claims());
+        assert_eq!(verifier.verify(&unknown), Err(AuthError::UnknownKey));
+    }
+
+    #[test]
+    fn identity_jwks_parsing_skips_keys_it_cannot_use() {
+        let text = std::fs::read_to_string(testdata("jwks.json")).unwrap();
+        let keys = jwks_keys(&text).unwrap();
+        let found: Vec<_> = keys
+            .iter()
+            .map(|k| (k.kid.as_deref().unwrap(), k.algorithm))
+            .collect();
+        // The encryption key and the Ed25519 key are skipped.
+        assert_eq!(
+            found,
+            [("rsa-1", JwtAlgorithm::RS256), ("ec-1", JwtAlgorithm::ES256)]
+        );
+        let oct = json!({"keys": [
+            {"kty": "oct", "kid": "h", "alg": "HS256", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"},
+            {"kty": "RSA", "alg": "RS512", "n": "AQAB", "e": "AQAB"},
+            {"kty": "EC", "crv": "P-384", "x": "AA", "y": "AA"},
+            {"kty": "RSA", "n": 5},
+            "not an object",
+        ]});
+        let keys = jwks_keys(&oct.to_string()).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].algorithm, JwtAlgorithm::HS256);
+    }
+
+    #[test]
+    fn identity_unusable_jwks_documents_are_refused_with_a_reason() {
+        assert!(jwks_keys("{").unwrap_err().contains("not JSON"));
+        assert!(jwks_keys("{\"k\": []}").unwrap_err().contains("no `keys` array"));
+        let none = jwks_keys(r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "AA"}]}"#);
+        assert!(none.unwrap_err().contains("none of its 1 keys"));
+    }
+
+    #[test]
+    fn identity_pem_files_must_hold_public_keys() {
+        let private = std::fs::read_to_string(testdata("rsa_private.pem")).unwrap();
+        assert!(pem_keys(&private).unwrap_err().contains("is a private key"));
+        assert!(pem_keys("no pem here").unwrap_err().contains("no PEM block"));
+        let garbage = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+        assert!(
+            pem_keys(garbage)
+                .unwrap_err()
+                .contains("neither an RSA nor an EC public key")
+        );
+    }
+
+    #[test]
+    fn identity_key_files_that_cannot_be_read_name_their_path() {
+        let missing = JwtKeys {
+            pem_file: Some(PathBuf::from("/nonexistent/keys.pem")),
+            ..JwtKeys::default()
+        };
+        let error = load_keys(&missing).unwrap_err();
+        assert_eq!(error.field, "pem_file");
+        assert!(error.message.contains("/nonexistent/keys.pem"), "{error:?}");
+        let error = Verifier::from_settings(&settings(missing, &[JwtAlgorithm::RS256]))
+            .err()
+            .unwrap();
+        assert!(
+            error.starts_with("identity.jwt.issuers[0].keys.pem_file: cannot read"),
+            "{error}"
+        );
+        let both = JwtKeys {
+            hs256_secret: Some(SECRET.into()),
+            jwks_file: Some(testdata("jwks.json")),
+            ..JwtKeys::default()
+        };
+        assert!(load_keys(&both).unwrap_err().message.contains("exactly one"));
+    }
+
+    #[test]
+    fn identity_expired_and_not_yet_valid_tokens_are_refused() {
+        let verifier = hs256_verifier();
+        let expired = with(claims(), json!({"exp": now() - 3600}));
+        assert_eq!(verifier.verify(&hs256(&expired)), Err(AuthError::Expired));
+        let early = with(claims(), json!({"nbf": now() + 3600}));
+        assert_eq!(verifier.verify(&hs256(&early)), Err(AuthError::NotYetValid));
+        // Within the clock skew (60 s) both pass.
+        let skewed = with(claims(), json!({"exp": now() - 30, "nbf": now() + 30}));
+        assert!(verifier.verify(&hs256(&skewed)).is_ok());
+        let no_exp = with(claims(), json!({"exp": null}));
+        assert_eq!(
+            verifier.verify(&hs256(&no_exp)),
+            Err(AuthError::MissingClaim("exp".into()))
+        );
+    }
+
+    #[test]
+    fn identity_wrong_issuer_and_audience_are_refused() {
+        let verifier = hs256_verifier();
+        let stranger = with(claims(), json!({"iss": "https://evil.example"}));
+        assert_eq!(verifier.verify(&hs256(&stranger)), Err(AuthError::UnknownIssuer));
+        let no_iss = with(claims(), json!({"iss": null}));
+        assert_eq!(
+            verifier.verify(&hs256(&no_iss)),
+            Err(AuthError::MissingClaim("iss".into()))
+        );
+        let elsewhere = with(claims(), json!({"aud": "another-service"}));
+        assert_eq!(verifier.verify(&hs256(&elsewhere)), Err(AuthError::WrongAudience));
+        let no_aud = with(claims(), json!({"aud": null}));
+        assert_eq!(
+            verifier.verify(&hs256(&no_aud)),
+            Err(AuthError::MissingClaim("aud".into()))
+        );
+        let several = with(claims(), json!({"aud": ["another-service", "other-audience"]}));
+        assert!(verifier.verify(&hs256(&several)).is_ok());
+    }
+
+    #[test]
+    fn identity_bad_signatures_are_refused() {
+        let verifier = verifier(jwks_file(), &[JwtAlgorithm::RS256]);
+        let other = EncodingKey::from_rsa_pem(&private_key("other_rsa_private.pem")).unwrap();
+        let forged = sign_with(Algorithm::RS256, Some("rsa-1"), &claims(), &other);
+        assert_eq!(verifier.verify(&forged), Err(AuthError::BadSignature));
+
+        // A payload swapped under a valid signature.
+        let token = sign(Algorithm::RS256, Some("rsa-1"), &claims());
+        let admin = sign(
+            Algorithm::RS256,
+            Some("rsa-1"),
+            &with(claims(), json!({"roles": ["admin"]})),
+        );
+        let parts: Vec<&str> = token.split('.').collect();
+        let admin_payload = admin.split('.').nth(1).unwrap();
+        let tampered = format!("{}.{admin_payload}.{}", parts[0], parts[2]);
+        assert_eq!(verifier.verify(&tampered), Err(AuthError::BadSignature));
+
+        let wrong_secret = sign_with(
+            Algorithm::HS256,
+            None,
+            &claims(),
+            &EncodingKey::from_secret(b"not the secret"),
+        );
+        assert_eq!(
+            hs256_verifier().verify(&wrong_secret),
+            Err(AuthError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn identity_algorithms_are_pinned_per_issuer() {
+        // The classic confusion: an HS256 token "signed" with the RSA public key as secret.
+        let public = std::fs::read(testdata("rsa_public.pem")).unwrap();
+        let confused = sign_with(
+            Algorithm::HS256,
+            None,
+            &claims(),
+            &EncodingKey::from_secret(&public),
+        );
+        let rsa_only = verifier(pem_file("rsa_public.pem"), &[JwtAlgorithm::RS256]);
+        assert_eq!(
+            rsa_only.verify(&confused),
+            Err(AuthError::AlgorithmNotAccepted("HS256".into()))
+        );
+        // Listing HS256 with only public keys still finds no key to verify it with.
+        let careless = verifier(
+            pem_file("rsa_public.pem"),
+            &[JwtAlgorithm::RS256, JwtAlgorithm::HS256],
+        );
+        assert_eq!(careless.verify(&confused), Err(AuthError::UnknownKey));
+        // `alg: none` (header `{"alg":"none","typ":"JWT"}`) is not even a JWT to jsonwebtoken.
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
+        let payload = confused.split('.').nth(1).unwrap();
+        assert_eq!(
+            rsa_only.verify(&format!("{none}.{payload}.")),
+            Err(AuthError::Malformed)
+        );
+    }
+
+    #[test]
+    fn identity_garbage_is_malformed_never_a_panic() {
+        let verifier = hs256_verifier();
+        for token in ["", "a", "a.b", "a.b.c", "...", "eyJ.eyJ.", "ünïcödé.x.y"] {
+            assert!(verifier.verify(token).is_err(), "{token:?}");
+        }
+        // Header `{"alg":"HS256"}`, payload `[1,2]`.
+        let not_object = "eyJhbGciOiJIUzI1NiJ9.WzEsMl0.sig";
+        assert_eq!(verifier.verify(not_object), Err(AuthError::Malformed));
+        let number_iss = with(claims(), json!({"iss": 7}));
+        assert_eq!(
+            verifier.verify(&hs256(&number_iss)),
+            Err(AuthError::MalformedClaim("iss".into()))
+        );
+    }
+
+    #[test]
+    fn identity_roles_come_from_an_array_a_string_or_a_nested_path() {
+        let map = |value: Value| value.as_object().unwrap().clone();
+        let claims = map(json!({
+            "roles": ["developer", "ops", "developer", "has space", 7],
+            "scope": "read write  admin",
+            "realm_access": {"roles": ["realm-admin"]},
+            "https://example.com/roles": ["namespaced"],
+        }));
+        assert_eq!(roles_in(claim_at(&claims, "roles")), ["developer", "ops"]);
+        assert_eq!(roles_in(claim_at(&claims, "scope")), ["read", "write", "admin"]);
+        assert_eq!(
+            roles_in(claim_at(&claims, "realm_access.roles")),
+            ["realm-admin"]
+        );
+        assert_eq!(
+            roles_in(claim_at(&claims, "https://example.com/roles")),
+            ["namespaced"]
+        );
+        assert!(roles_in(claim_at(&claims, "realm_access.missing")).is_empty());
+        assert!(roles_in(claim_at(&claims, "realm_access")).is_empty());
+        assert!(roles_in(claim_at(&claims, "absent")).is_empty());
+    }
+
+    #[test]
+    fn identity_roles_and_principal_claims_are_configurable() {
+        let mut settings = settings(secret_keys(), &[JwtAlgorithm::HS256]);
+        settings.roles_claim = "realm_access.roles".into();
+        settings.principal_claim = "email".into();
+        let verifier = Verifier::from_settings(&settings).unwrap();
+        let token = hs256(&with(
+            claims(),
+            json!({"email": "bob@example.com", "realm_access": {"roles": "support ops"}}),
+        ));
+        let identity = verifier.verify(&token).unwrap();
+        assert_eq!(identity.principal, "bob@example.com");
+        assert_eq!(identity.roles, ["support", "ops"]);
+        // No principal, or one no rule could name: refused.
+        assert_eq!(
+            verifier.verify(&hs256(&claims())),
+            Err(AuthError::MissingClaim("email".into()))
+        );
+        let odd = hs256(&with(claims(), json!({"email": "auth0|12345"})));
+        assert_eq!(
+            verifier.verify(&odd),
+            Err(AuthError::BadPrincipal("email".into()))
+        );
+    }
+
+    #[test]
+    fn identity_bearer_tokens_are_read_from_the_authorization_header() {
+        assert_eq!(bearer_token(None), Err(AuthError::Missing));
+        assert_eq!(bearer_token(Some("Basic abc")), Err(AuthError::NotBearer));
+        assert_eq!(bearer_token(Some("Bearer")), Err(AuthError::NotBearer));
+        assert_eq!(bearer_token(Some("Bearer   ")), Err(AuthError::NotBearer));
+        assert_eq!(bearer_token(Some("bearer  abc.def ")), Ok("abc.def"));
+        let verifier = hs256_verifier();
+        let header = format!("Bearer {}", hs256(&claims()));
+        assert!(verifier.authenticate(Some(&header)).is_ok());
+        assert_eq!(verifier.authenticate(None), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn identity_challenges_follow_rfc_6750_and_9728() {
+        assert_eq!(
+            challenge(&AuthError::Expired, None),
+            "Bearer realm=\"mcp-guard\", error=\"invalid_token\", \
+             error_description=\"the token has expired\""
+        );
+        let mut settings = settings(secret_keys(), &[JwtAlgorithm::HS256]);
+        settings.resource_metadata_url =
+            Some("https://mcp.example/.well-known/oauth-protected-resource".into());
+        let verifier = Verifier::from_settings(&settings).unwrap();
+        assert!(
+            verifier
+                .challenge(&AuthError::Missing)
+                .ends_with(", resource_metadata=\"https://mcp.example/.well-known/oauth-protected-resource\"")
+        );
+        // Quoted strings never carry a quote or a backslash.
+        let odd = challenge(&AuthError::MissingClaim("a\"b\\c\u{e9}".into()), None);
+        assert!(odd.contains("no a?b?c? claim"), "{odd}");
+    }
+
+    #[test]
+    fn identity_verifiers_are_cached_per_policy_generation() {
+        let mut policy = crate::policy::Policy::from_json_str(
+            &json!({"version": 1}).to_string(),
+            Path::new("test.json"),
+        )
+        .unwrap()
+        .policy;
+        let without = Arc::new(policy.clone());
+        assert!(Verifier::for_policy(&without).is_none());
+
+        policy.identity.jwt = Some(settings(secret_keys(), &[JwtAlgorithm::HS256]));
+        let first = Arc::new(policy.clone());
+        let a = Verifier::for_policy(&first).unwrap().unwrap();
+        let b = Verifier::for_policy(&first).unwrap().unwrap();
+        // Other tests may use the cache concurrently, so only what this test owns is checked:
+        // the same generation gives a working verifier either way, a new one is rebuilt.
+        assert!(a.verify(&hs256(&claims())).is_ok() && b.verify(&hs256(&claims())).is_ok());
+        let second = Arc::new(policy.clone());
+        let c = Verifier::for_policy(&second).unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+
+        policy.identity.jwt = Some(settings(pem_file("absent.pem"), &[JwtAlgorithm::RS256]));
+        let broken = Arc::new(policy);
+        let error = Verifier::for_policy(&broken).unwrap().err().unwrap();
+        assert!(error.contains("absent.pem"), "{error}");
+    }
+}
