@@ -875,9 +875,11 @@ fn instruction_trace_lists_exactly_its_calls_and_connections() {
                     assert_eq!(record["instruction"], step.instruction, "{what}: {record}");
                     assert_eq!(record["session"], session.as_str(), "{what}: {record}");
                     assert_eq!(record["server"], SERVER, "{what}: {record}");
-                    if verdict == "allow" {
-                        assert_eq!(record["rule"], DECLARED_RULE, "{what}: {record}");
-                    }
+                    let rule = match verdict {
+                        "allow" => format!("{SERVER}/egress/{DECLARED_RULE}"),
+                        _ => "default-deny".to_owned(),
+                    };
+                    assert_eq!(record["rule"], rule.as_str(), "{what}: {record}");
                 }
             }
         }
@@ -897,6 +899,10 @@ fn instruction_trace_lists_exactly_its_calls_and_connections() {
         fetches_of_http_sessions,
         "connections of the HTTP sessions: {http_egress:#?}"
     );
+
+    // The whole log is intact.
+    let verified = mcp_guard(&["audit", "verify", path_str(&audit)]);
+    assert!(verified.status.success(), "{}", verified.report());
 
     // The trace of each instruction, against the log's own records.
     for instruction in [CRM_SYNC, REPORT, CLEANUP] {
@@ -1509,10 +1515,22 @@ fn audit_records_carry_identity() {
                 }
             }
         }
-        assert_eq!(
+        assert!(
             call.decision_record["latency"]["policy_us"].is_u64(),
-            true,
-            "{what}"
+            "{what}: {}",
+            call.decision_record
+        );
+        // Arguments are kept as a digest unless the policy opts in to storing them.
+        assert!(
+            call.field("arguments_digest")
+                .is_some_and(|d| d.starts_with("sha256:")),
+            "{what}: {}",
+            call.decision_record
+        );
+        assert!(
+            call.decision_record.get("arguments").is_none(),
+            "{what}: {}",
+            call.decision_record
         );
         for stage in ["policy_us", "upstream_us", "total_us"] {
             assert!(
@@ -1562,6 +1580,13 @@ fn audit_records_carry_identity() {
             0 => assert_ne!(parts[2], "00f067aa0ba902b7", "{what}"),
             _ => {}
         }
+    }
+    let log_text = std::fs::read_to_string(env.audit_path()).unwrap();
+    for argument in ["by-header", "by-meta", "anonymous"] {
+        assert!(
+            !log_text.contains(argument),
+            "the argument {argument:?} is in the audit log"
+        );
     }
     let environment = std::fs::read_to_string(&environ).unwrap_or_default();
     for line in [

@@ -1212,6 +1212,59 @@ fn stateless_2026_07_28_requests_are_answered() {
     );
 }
 
+/// A stateless (2026-07-28) agent and server-everything, which only speaks the initialize-based
+/// revisions: mcp-guard initialises the server on the agent's behalf, answers `server/discover`
+/// from that, and the agent's list and calls work — filtered and enforced as usual.
+#[test]
+fn stateless_agents_reach_servers_that_predate_them() {
+    let env = TestEnv::new("proxy-bridge", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "everything": stdio_server(peers.everything(), vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let request = |id: i64, method: &str, params: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
+    };
+    let stateless = |body: &str| {
+        let output = front.raw("everything", &["--envelope", STATELESS, "--body", body]);
+        assert_eq!(output["status"], 200, "{output}");
+        response_message(&output)
+    };
+    let discover = stateless(&request(1, "server/discover", json!({})));
+    assert_eq!(
+        discover["result"]["supportedVersions"],
+        json!([STATELESS]),
+        "{discover}"
+    );
+    assert_eq!(
+        discover["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"],
+        "mcp-servers/everything",
+        "{discover}"
+    );
+    let list = stateless(&request(2, "tools/list", json!({})));
+    assert_eq!(tool_names(&list["result"]), set(&["echo"]), "{list}");
+    assert_eq!(list["result"]["resultType"], "complete", "{list}");
+    let called = stateless(&request(
+        3,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"message": "bridged"}}),
+    ));
+    assert_eq!(
+        called["result"]["content"][0]["text"], "Echo: bridged",
+        "{called}"
+    );
+    let hidden = stateless(&request(
+        4,
+        "tools/call",
+        json!({"name": "get-env", "arguments": {}}),
+    ));
+    assert_unknown_tool(&hidden["error"], "get-env");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Session lifecycle over HTTP
 // ---------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@
 //! The daemon runs as in production: `mcp-guard run` on a generated policy (tools/list and
 //! tools/call of `echo` allowed for the daemon's principal), kernel egress enforcement on (its
 //! own bpffs directory and cgroup subtree, torn down at the end), its default log level, stderr
-//! into a file. The stdio front is started as an agent would, and places its server through the
+//! into a file, and its audit log durable (fsync) in the bench's temporary directory on the
+//! disk. The stdio front is started as an agent would, and places its server through the
 //! daemon's control socket.
 //!
 //! Each session is initialised properly (`initialize`, `notifications/initialized`, a
@@ -1433,7 +1434,7 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell]) {
                 "concurrency": options.concurrency,
                 "daemon_log": options.daemon_log,
                 "audit_fsync": options.audit_fsync,
-                "source": source_revision(),
+                "workspace_at_run": source_revision(),
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             },
             "targets": {"added_p50_us": TARGET_ADDED_P50_US, "added_p99_us": TARGET_ADDED_P99_US},
@@ -1539,7 +1540,8 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell]) {
     print!("{out}");
 }
 
-/// `git describe` of the workspace the bench was built from, so figures name their code.
+/// `git describe` of the workspace when the bench ran, so figures name their code (exact when
+/// run through `cargo xtask bench proxy`, which builds just before).
 fn source_revision() -> Option<String> {
     let output = std::process::Command::new("git")
         .args(["-C", env!("CARGO_MANIFEST_DIR")])

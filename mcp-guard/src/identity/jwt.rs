@@ -46,10 +46,11 @@ pub struct Verifier {
 
 struct TrustedIssuer {
     issuer: String,
-    algorithms: Vec<JwtAlgorithm>,
     keys: Vec<VerificationKey>,
-    /// `iss`, `aud`, `exp`, `nbf` and skew, as jsonwebtoken checks them after the signature.
-    validation: Validation,
+    /// Per accepted algorithm, what jsonwebtoken checks after the signature: `iss`, `aud`,
+    /// `exp`, `nbf` and skew. One per algorithm, as it insists that every algorithm of a
+    /// [`Validation`] belongs to the family of the key at hand.
+    validations: Vec<(JwtAlgorithm, Validation)>,
 }
 
 /// One public key (or shared secret) and the one algorithm it verifies.
@@ -156,21 +157,26 @@ impl Verifier {
                     e.field, e.message
                 )
             })?;
-            let mut validation = Validation::new(Algorithm::RS256);
-            validation.algorithms = issuer.algorithms.iter().copied().map(algorithm).collect();
-            validation.leeway = settings.clock_skew_seconds;
-            validation.validate_exp = true;
-            validation.validate_nbf = true;
-            validation.validate_aud = true;
-            validation.set_issuer(&[&issuer.issuer]);
-            validation.set_audience(&issuer.audiences);
-            // Without these, jsonwebtoken passes a token that simply leaves the claim out.
-            validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+            let validations = issuer
+                .algorithms
+                .iter()
+                .map(|alg| {
+                    let mut validation = Validation::new(algorithm(*alg));
+                    validation.leeway = settings.clock_skew_seconds;
+                    validation.validate_exp = true;
+                    validation.validate_nbf = true;
+                    validation.validate_aud = true;
+                    validation.set_issuer(&[&issuer.issuer]);
+                    validation.set_audience(&issuer.audiences);
+                    // Without these, jsonwebtoken passes a token that leaves the claim out.
+                    validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+                    (*alg, validation)
+                })
+                .collect();
             issuers.push(TrustedIssuer {
                 issuer: issuer.issuer.clone(),
-                algorithms: issuer.algorithms.clone(),
                 keys,
-                validation,
+                validations,
             });
         }
         Ok(Verifier {
@@ -191,9 +197,8 @@ impl Verifier {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         // Only to choose the issuer's keys: nothing of the token is trusted before its
         // signature verifies with them.
-        let unverified: Map<String, Value> =
-            jsonwebtoken::dangerous::insecure_decode_claims(token)
-                .map_err(|_| AuthError::Malformed)?;
+        let unverified: Map<String, Value> = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|_| AuthError::Malformed)?;
         let iss = match unverified.get("iss") {
             None => return Err(AuthError::MissingClaim("iss".into())),
             Some(Value::String(iss)) => iss,
@@ -204,14 +209,13 @@ impl Verifier {
             .iter()
             .find(|issuer| &issuer.issuer == iss)
             .ok_or(AuthError::UnknownIssuer)?;
-        let alg = issuer
-            .algorithms
+        let (alg, validation) = issuer
+            .validations
             .iter()
-            .copied()
-            .find(|accepted| algorithm(*accepted) == header.alg)
+            .find(|(accepted, _)| algorithm(*accepted) == header.alg)
             .ok_or_else(|| AuthError::AlgorithmNotAccepted(format!("{:?}", header.alg)))?;
         let mut candidates = issuer.keys.iter().filter(|key| {
-            key.algorithm == alg
+            key.algorithm == *alg
                 && match (&header.kid, &key.kid) {
                     (Some(wanted), Some(kid)) => wanted == kid,
                     _ => true,
@@ -227,7 +231,7 @@ impl Verifier {
                 });
             };
             tried = true;
-            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &issuer.validation) {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation) {
                 Ok(data) => break data.claims,
                 // Another key of the issuer may still verify it (no `kid`, or a rotated set).
                 Err(e) if is_signature_failure(e.kind()) => continue,
@@ -387,8 +391,7 @@ pub fn load_keys(keys: &JwtKeys) -> Result<Vec<VerificationKey>, KeyError> {
         }
         (None, None, None) => Err(KeyError {
             field: "",
-            message: "no key source: give one of `hs256_secret`, `pem_file` or `jwks_file`"
-                .into(),
+            message: "no key source: give one of `hs256_secret`, `pem_file` or `jwks_file`".into(),
         }),
         _ => Err(KeyError {
             field: "",
@@ -452,7 +455,10 @@ pub fn pem_keys(text: &str) -> Result<Vec<VerificationKey>, String> {
                 key,
             }
         } else {
-            return Err(format!("{} is neither an RSA nor an EC public key", which()));
+            return Err(format!(
+                "{} is neither an RSA nor an EC public key",
+                which()
+            ));
         };
         keys.push(key);
     }
@@ -593,9 +599,7 @@ mod tests {
     fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
         let key = match alg {
             Algorithm::HS256 => EncodingKey::from_secret(SECRET.as_bytes()),
-            Algorithm::RS256 => {
-                EncodingKey::from_rsa_pem(&private_key("rsa_private.pem")).unwrap()
-            }
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&private_key("rsa_private.pem")).unwrap(),
             Algorithm::ES256 => EncodingKey::from_ec_pem(&private_key("ec_private.pem")).unwrap(),
             other => panic!("no test key for {other:?}"),
         };
@@ -633,7 +637,10 @@ mod tests {
     fn identity_rs256_token_verifies_with_a_pem_public_key() {
         let verifier = verifier(pem_file("rsa_public.pem"), &[JwtAlgorithm::RS256]);
         let token = sign(Algorithm::RS256, None, &claims());
-        assert_eq!(verifier.verify(&token).unwrap().principal, "alice@example.com");
+        assert_eq!(
+            verifier.verify(&token).unwrap().principal,
+            "alice@example.com"
+        );
     }
 
     #[test]
@@ -657,7 +664,11 @@ mod tests {
         let verifier = verifier(jwks_file(), &[JwtAlgorithm::RS256, JwtAlgorithm::ES256]);
         for (alg, kid) in [(Algorithm::RS256, "rsa-1"), (Algorithm::ES256, "ec-1")] {
             let token = sign(alg, Some(kid), &claims());
-            assert!(verifier.verify(&token).is_ok(), "{alg:?}");
+            assert!(
+                verifier.verify(&token).is_ok(),
+                "{alg:?}: {:?}",
+                verifier.verify(&token)
+            );
         }
         // Without a kid every key of the algorithm is tried.
         let token = sign(Algorithm::RS256, None, &claims());
@@ -677,7 +688,10 @@ mod tests {
         // The encryption key and the Ed25519 key are skipped.
         assert_eq!(
             found,
-            [("rsa-1", JwtAlgorithm::RS256), ("ec-1", JwtAlgorithm::ES256)]
+            [
+                ("rsa-1", JwtAlgorithm::RS256),
+                ("ec-1", JwtAlgorithm::ES256)
+            ]
         );
         let oct = json!({"keys": [
             {"kty": "oct", "kid": "h", "alg": "HS256", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"},
@@ -694,7 +708,11 @@ mod tests {
     #[test]
     fn identity_unusable_jwks_documents_are_refused_with_a_reason() {
         assert!(jwks_keys("{").unwrap_err().contains("not JSON"));
-        assert!(jwks_keys("{\"k\": []}").unwrap_err().contains("no `keys` array"));
+        assert!(
+            jwks_keys("{\"k\": []}")
+                .unwrap_err()
+                .contains("no `keys` array")
+        );
         let none = jwks_keys(r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "AA"}]}"#);
         assert!(none.unwrap_err().contains("none of its 1 keys"));
     }
@@ -703,7 +721,11 @@ mod tests {
     fn identity_pem_files_must_hold_public_keys() {
         let private = std::fs::read_to_string(testdata("rsa_private.pem")).unwrap();
         assert!(pem_keys(&private).unwrap_err().contains("is a private key"));
-        assert!(pem_keys("no pem here").unwrap_err().contains("no PEM block"));
+        assert!(
+            pem_keys("no pem here")
+                .unwrap_err()
+                .contains("no PEM block")
+        );
         let garbage = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
         assert!(
             pem_keys(garbage)
@@ -733,7 +755,12 @@ mod tests {
             jwks_file: Some(testdata("jwks.json")),
             ..JwtKeys::default()
         };
-        assert!(load_keys(&both).unwrap_err().message.contains("exactly one"));
+        assert!(
+            load_keys(&both)
+                .unwrap_err()
+                .message
+                .contains("exactly one")
+        );
     }
 
     #[test]
@@ -757,20 +784,29 @@ mod tests {
     fn identity_wrong_issuer_and_audience_are_refused() {
         let verifier = hs256_verifier();
         let stranger = with(claims(), json!({"iss": "https://evil.example"}));
-        assert_eq!(verifier.verify(&hs256(&stranger)), Err(AuthError::UnknownIssuer));
+        assert_eq!(
+            verifier.verify(&hs256(&stranger)),
+            Err(AuthError::UnknownIssuer)
+        );
         let no_iss = with(claims(), json!({"iss": null}));
         assert_eq!(
             verifier.verify(&hs256(&no_iss)),
             Err(AuthError::MissingClaim("iss".into()))
         );
         let elsewhere = with(claims(), json!({"aud": "another-service"}));
-        assert_eq!(verifier.verify(&hs256(&elsewhere)), Err(AuthError::WrongAudience));
+        assert_eq!(
+            verifier.verify(&hs256(&elsewhere)),
+            Err(AuthError::WrongAudience)
+        );
         let no_aud = with(claims(), json!({"aud": null}));
         assert_eq!(
             verifier.verify(&hs256(&no_aud)),
             Err(AuthError::MissingClaim("aud".into()))
         );
-        let several = with(claims(), json!({"aud": ["another-service", "other-audience"]}));
+        let several = with(
+            claims(),
+            json!({"aud": ["another-service", "other-audience"]}),
+        );
         assert!(verifier.verify(&hs256(&several)).is_ok());
     }
 
@@ -861,7 +897,10 @@ mod tests {
             "https://example.com/roles": ["namespaced"],
         }));
         assert_eq!(roles_in(claim_at(&claims, "roles")), ["developer", "ops"]);
-        assert_eq!(roles_in(claim_at(&claims, "scope")), ["read", "write", "admin"]);
+        assert_eq!(
+            roles_in(claim_at(&claims, "scope")),
+            ["read", "write", "admin"]
+        );
         assert_eq!(
             roles_in(claim_at(&claims, "realm_access.roles")),
             ["realm-admin"]
@@ -924,11 +963,9 @@ mod tests {
         settings.resource_metadata_url =
             Some("https://mcp.example/.well-known/oauth-protected-resource".into());
         let verifier = Verifier::from_settings(&settings).unwrap();
-        assert!(
-            verifier
-                .challenge(&AuthError::Missing)
-                .ends_with(", resource_metadata=\"https://mcp.example/.well-known/oauth-protected-resource\"")
-        );
+        assert!(verifier.challenge(&AuthError::Missing).ends_with(
+            ", resource_metadata=\"https://mcp.example/.well-known/oauth-protected-resource\""
+        ));
         // Quoted strings never carry a quote or a backslash.
         let odd = challenge(&AuthError::MissingClaim("a\"b\\c\u{e9}".into()), None);
         assert!(odd.contains("no a?b?c? claim"), "{odd}");

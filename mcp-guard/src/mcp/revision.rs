@@ -52,6 +52,20 @@ fn meta(incoming: &Incoming) -> Option<&serde_json::Map<String, Value>> {
     params?.get("_meta")?.as_object()
 }
 
+/// Whether a request carries the stateless revisions' `_meta` envelope (the agent speaks
+/// 2026-07-28 or later, whatever transport it came on).
+pub fn is_stateless_request(params: Option<&Value>) -> bool {
+    params
+        .and_then(|p| p.get("_meta"))
+        .and_then(|meta| {
+            META_VERSION_KEYS
+                .iter()
+                .find_map(|key| meta.get(*key)?.as_str())
+        })
+        .and_then(Revision::parse)
+        .is_some_and(Revision::is_stateless)
+}
+
 /// The revision a stateless request names in its `_meta`.
 pub fn message_revision(incoming: &Incoming) -> Option<Revision> {
     let meta = meta(incoming)?;

@@ -1327,3 +1327,334 @@ fn the_example_policy_satisfies_the_published_schema() {
         .collect();
     assert!(errors.is_empty(), "{errors:#?}");
 }
+
+// --- identity ---
+
+fn identity_testdata(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/identity/testdata")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// [`valid`] with a JWT front trusting one issuer, whose keys come from `keys`.
+fn valid_with_jwt(keys: Value, algorithms: Value) -> Value {
+    let mut policy = valid();
+    policy["identity"] = json!({
+        "jwt": {
+            "issuers": [{
+                "issuer": "https://idp.example",
+                "audiences": ["mcp-guard"],
+                "keys": keys,
+                "algorithms": algorithms,
+            }]
+        }
+    });
+    policy
+}
+
+fn valid_with_rsa_pem() -> Value {
+    valid_with_jwt(
+        json!({ "pem_file": identity_testdata("rsa_public.pem") }),
+        json!(["RS256"]),
+    )
+}
+
+fn jwt_issuer(policy: &mut Value) -> &mut Value {
+    &mut policy["identity"]["jwt"]["issuers"][0]
+}
+
+#[test]
+fn identity_settings_default_when_absent() {
+    let policy = load_value(valid()).unwrap().policy;
+    assert_eq!(policy.identity, IdentitySettings::default());
+    assert!(policy.identity.jwt.is_none() && !policy.identity.trust_header);
+}
+
+#[test]
+fn identity_jwt_loads_with_defaults_filled_in() {
+    let loaded = load_value(valid_with_rsa_pem()).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let jwt = loaded.policy.identity.jwt.unwrap();
+    assert_eq!(jwt.roles_claim, "roles");
+    assert_eq!(jwt.principal_claim, "sub");
+    assert_eq!(jwt.clock_skew_seconds, 60);
+    assert_eq!(jwt.resource_metadata_url, None);
+    assert_eq!(jwt.issuers[0].algorithms, [JwtAlgorithm::RS256]);
+}
+
+#[test]
+fn identity_jwt_with_every_field_loads_and_serialises_back() {
+    let mut policy = valid_with_jwt(
+        json!({ "jwks_file": identity_testdata("jwks.json") }),
+        json!(["RS256", "ES256"]),
+    );
+    let jwt = &mut policy["identity"]["jwt"];
+    jwt["roles_claim"] = json!("realm_access.roles");
+    jwt["principal_claim"] = json!("email");
+    jwt["clock_skew_seconds"] = json!(5);
+    jwt["resource_metadata_url"] =
+        json!("https://mcp.example/.well-known/oauth-protected-resource");
+    let loaded = load_value(policy).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let text = serde_json::to_string(&loaded.policy).unwrap();
+    let again = Policy::from_json_str(&text, Path::new("again.json"))
+        .unwrap()
+        .policy;
+    assert_eq!(again, loaded.policy);
+}
+
+#[test]
+fn identity_unknown_fields_and_algorithms_are_refused_with_their_path() {
+    let mut policy = valid_with_rsa_pem();
+    jwt_issuer(&mut policy)["keys"]["x5u"] = json!("https://idp.example/keys");
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "identity.jwt.issuers[0].keys.x5u");
+    assert!(message.contains("unknown field `x5u`"), "{message}");
+
+    let policy = valid_with_jwt(
+        json!({ "pem_file": identity_testdata("rsa_public.pem") }),
+        json!(["RS256", "none"]),
+    );
+    let (path, message) = parse_failure(policy);
+    assert_eq!(path, "identity.jwt.issuers[0].algorithms[1]");
+    assert!(message.contains("unknown variant `none`"), "{message}");
+
+    let mut policy = valid();
+    policy["identity"] = json!({ "oauth": {} });
+    assert_eq!(parse_failure(policy).0, "identity.oauth");
+}
+
+#[test]
+fn identity_keys_need_exactly_one_source() {
+    let none = valid_with_jwt(json!({}), json!(["RS256"]));
+    assert_error_at(none, "identity.jwt.issuers[0].keys", "exactly one of");
+    let both = valid_with_jwt(
+        json!({
+            "hs256_secret": "a shared secret of at least thirty-two bytes",
+            "pem_file": identity_testdata("rsa_public.pem"),
+        }),
+        json!(["HS256"]),
+    );
+    assert_error_at(both, "identity.jwt.issuers[0].keys", "exactly one of");
+}
+
+#[test]
+fn identity_key_files_that_cannot_be_read_or_parsed_are_refused_with_their_path() {
+    let missing = valid_with_jwt(
+        json!({ "pem_file": "/nonexistent/idp.pem" }),
+        json!(["RS256"]),
+    );
+    assert_error_at(
+        missing,
+        "identity.jwt.issuers[0].keys.pem_file",
+        "cannot read \"/nonexistent/idp.pem\"",
+    );
+    let relative = valid_with_jwt(json!({ "jwks_file": "idp/jwks.json" }), json!(["RS256"]));
+    assert_error_at(
+        relative,
+        "identity.jwt.issuers[0].keys.jwks_file",
+        "must be an absolute path",
+    );
+    // A PEM file given as JWKS, and a private key given as the public one.
+    let not_json = valid_with_jwt(
+        json!({ "jwks_file": identity_testdata("rsa_public.pem") }),
+        json!(["RS256"]),
+    );
+    let problem = only_problem(not_json);
+    assert_eq!(problem.path, "identity.jwt.issuers[0].keys.jwks_file");
+    assert!(
+        problem.message.contains("rsa_public.pem\": not JSON"),
+        "{problem}"
+    );
+    let private = valid_with_jwt(
+        json!({ "pem_file": identity_testdata("rsa_private.pem") }),
+        json!(["RS256"]),
+    );
+    assert_error_at(
+        private,
+        "identity.jwt.issuers[0].keys.pem_file",
+        "is a private key",
+    );
+}
+
+#[test]
+fn identity_algorithms_without_a_key_are_refused_or_warned() {
+    // None of the listed algorithms can ever verify: an error.
+    let secret_for_rsa = valid_with_jwt(
+        json!({ "hs256_secret": "a shared secret of at least thirty-two bytes" }),
+        json!(["RS256"]),
+    );
+    assert_error_at(
+        secret_for_rsa,
+        "identity.jwt.issuers[0].keys",
+        "holds no key for RS256",
+    );
+    // One of them cannot: a warning.
+    let rsa_and_ec = valid_with_jwt(
+        json!({ "pem_file": identity_testdata("rsa_public.pem") }),
+        json!(["RS256", "ES256"]),
+    );
+    let warning = only_warning(rsa_and_ec);
+    assert_eq!(warning.path, "identity.jwt.issuers[0].algorithms[1]");
+    assert!(warning.message.contains("verifies ES256"), "{warning}");
+}
+
+#[test]
+fn identity_a_short_or_empty_hs256_secret_is_flagged() {
+    let short = valid_with_jwt(json!({ "hs256_secret": "secret" }), json!(["HS256"]));
+    let warning = only_warning(short);
+    assert_eq!(warning.path, "identity.jwt.issuers[0].keys.hs256_secret");
+    assert!(warning.message.contains("at least 32"), "{warning}");
+    let empty = valid_with_jwt(json!({ "hs256_secret": "" }), json!(["HS256"]));
+    assert_error_at(
+        empty,
+        "identity.jwt.issuers[0].keys.hs256_secret",
+        "is empty",
+    );
+}
+
+#[test]
+fn identity_issuer_lists_are_checked_entry_by_entry() {
+    let mut policy = valid_with_rsa_pem();
+    let issuer = jwt_issuer(&mut policy).clone();
+    policy["identity"]["jwt"]["issuers"] = json!([issuer, issuer]);
+    assert_error_at(
+        policy,
+        "identity.jwt.issuers[1].issuer",
+        "duplicate issuer \"https://idp.example\": also issuers[0]",
+    );
+
+    let mut policy = valid_with_rsa_pem();
+    policy["identity"]["jwt"]["issuers"] = json!([]);
+    assert_error_at(policy, "identity.jwt.issuers", "at least one issuer");
+
+    let mut policy = valid_with_rsa_pem();
+    jwt_issuer(&mut policy)["audiences"] = json!([]);
+    assert_error_at(
+        policy,
+        "identity.jwt.issuers[0].audiences",
+        "at least one audience",
+    );
+
+    let mut policy = valid_with_rsa_pem();
+    jwt_issuer(&mut policy)["audiences"] = json!(["mcp-guard", "", "mcp-guard"]);
+    let problems = problems_of(policy);
+    let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "identity.jwt.issuers[0].audiences[1]",
+            "identity.jwt.issuers[0].audiences[2]"
+        ]
+    );
+
+    let mut policy = valid_with_rsa_pem();
+    jwt_issuer(&mut policy)["issuer"] = json!("");
+    assert_error_at(policy, "identity.jwt.issuers[0].issuer", "is empty");
+
+    let mut policy = valid_with_rsa_pem();
+    jwt_issuer(&mut policy)["algorithms"] = json!(["RS256", "RS256"]);
+    assert_error_at(
+        policy,
+        "identity.jwt.issuers[0].algorithms[1]",
+        "duplicate algorithm \"RS256\"",
+    );
+
+    let mut policy = valid_with_rsa_pem();
+    jwt_issuer(&mut policy)["algorithms"] = json!([]);
+    assert_error_at(
+        policy,
+        "identity.jwt.issuers[0].algorithms",
+        "at least one algorithm",
+    );
+}
+
+#[test]
+fn identity_claims_skew_and_metadata_url_are_checked() {
+    let mut policy = valid_with_rsa_pem();
+    policy["identity"]["jwt"]["roles_claim"] = json!("");
+    assert_error_at(policy, "identity.jwt.roles_claim", "is empty");
+
+    let mut policy = valid_with_rsa_pem();
+    policy["identity"]["jwt"]["clock_skew_seconds"] = json!(3600);
+    assert_eq!(only_warning(policy).path, "identity.jwt.clock_skew_seconds");
+
+    for bad in [
+        "/.well-known/oauth-protected-resource",
+        "ftp://mcp.example/meta",
+        "https://mcp.example/a\"b",
+    ] {
+        let mut policy = valid_with_rsa_pem();
+        policy["identity"]["jwt"]["resource_metadata_url"] = json!(bad);
+        let problem = only_problem(policy);
+        assert_eq!(
+            problem.path, "identity.jwt.resource_metadata_url",
+            "{bad}: {problem}"
+        );
+    }
+}
+
+#[test]
+fn identity_trust_header_is_a_warning_and_excludes_jwt() {
+    let mut policy = valid();
+    policy["identity"] = json!({ "trust_header": true });
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "identity.trust_header");
+    assert!(
+        warning.message.contains("for development only"),
+        "{warning}"
+    );
+
+    let mut policy = valid_with_rsa_pem();
+    policy["identity"]["trust_header"] = json!(true);
+    assert_error_at(
+        policy,
+        "identity.trust_header",
+        "together with identity.jwt",
+    );
+}
+
+#[test]
+fn identity_jwt_makes_daemon_principal_a_warning() {
+    let mut policy = valid_with_rsa_pem();
+    policy["principals"] = json!({ "agent": {} });
+    policy["daemon"] = json!({ "listen": "127.0.0.1:8080", "principal": "agent" });
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "daemon.principal");
+    assert!(warning.message.contains("identity.jwt"), "{warning}");
+}
+
+#[test]
+fn identity_the_schema_describes_the_identity_section() {
+    let schema = json_schema();
+    let identity = &schema["$defs"]["IdentitySettings"];
+    assert_eq!(identity["additionalProperties"], false);
+    for field in ["jwt", "trust_header"] {
+        assert!(
+            identity["properties"][field]["description"].is_string(),
+            "{field}"
+        );
+    }
+    let keys = &schema["$defs"]["JwtKeys"];
+    assert_eq!(keys["oneOf"].as_array().map(Vec::len), Some(3));
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let mut policy = valid_with_jwt(
+        json!({ "jwks_file": identity_testdata("jwks.json") }),
+        json!(["RS256", "ES256"]),
+    );
+    policy["identity"]["jwt"]["resource_metadata_url"] =
+        json!("https://mcp.example/.well-known/oauth-protected-resource");
+    let errors: Vec<String> = validator
+        .iter_errors(&policy)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    let mut both = policy.clone();
+    jwt_issuer(&mut both)["keys"]["hs256_secret"] = json!("x");
+    assert!(!validator.is_valid(&both));
+    let mut no_algorithms = policy;
+    jwt_issuer(&mut no_algorithms)["algorithms"] = json!([]);
+    assert!(!validator.is_valid(&no_algorithms));
+}

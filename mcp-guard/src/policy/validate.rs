@@ -132,7 +132,11 @@ const HS256_MIN_SECRET_BYTES: usize = 32;
 /// Past this, an expired token stays good long enough to matter.
 const JWT_MAX_SENSIBLE_SKEW_SECONDS: u64 = 300;
 
-fn check_identity(identity: &IdentitySettings, daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
+fn check_identity(
+    identity: &IdentitySettings,
+    daemon: &DaemonSettings,
+    problems: &mut Vec<Problem>,
+) {
     if identity.trust_header {
         if identity.jwt.is_some() {
             problems.push(Problem::error(
@@ -214,10 +218,7 @@ fn check_jwt(jwt: &JwtSettings, problems: &mut Vec<Problem>) {
                 .then(|| format!("\"{url}\" contains characters a URL must escape"))
         });
         if let Some(reason) = reason {
-            problems.push(Problem::error(
-                "identity.jwt.resource_metadata_url",
-                reason,
-            ));
+            problems.push(Problem::error("identity.jwt.resource_metadata_url", reason));
         }
     }
 }

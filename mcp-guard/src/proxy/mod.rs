@@ -32,6 +32,7 @@ pub enum Placement {
 use crate::mcp::jsonrpc::{
     self, Id, Incoming, Limits, Message, Notification, Request, RpcError, codes,
 };
+use crate::mcp::revision;
 use crate::metrics::Metrics;
 use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Isolation, Policy};
 use crate::upstream::UpstreamError;
@@ -434,6 +435,52 @@ impl Proxy {
     }
 
     async fn forward(&self, session: &Arc<AgentSession>, request: Request) -> Value {
+        if revision::is_stateless_request(request.params.as_ref()) && session.shared().is_none() {
+            match session.upstream_era().await {
+                Ok(session::UpstreamEra::Stateful { initialize }) => {
+                    return self.forward_bridged(session, request, &initialize).await;
+                }
+                Ok(session::UpstreamEra::Stateless) => {}
+                Err(e) => {
+                    return Refusal::upstream(&request.id, &e.to_string())
+                        .error
+                        .to_value();
+                }
+            }
+        }
+        self.forward_as_is(session, request).await
+    }
+
+    /// A stateless agent's request to a server that only speaks the initialize-based
+    /// revisions: `server/discover` is answered from the server's initialize result, and
+    /// results get the `resultType` stateless agents expect.
+    async fn forward_bridged(
+        &self,
+        session: &Arc<AgentSession>,
+        request: Request,
+        initialize: &Value,
+    ) -> Value {
+        if request.method == "server/discover" {
+            let mut result = json!({
+                "supportedVersions": ["2026-07-28"],
+                "capabilities": initialize.get("capabilities").cloned().unwrap_or(json!({})),
+                "resultType": "complete",
+                "_meta": {"io.modelcontextprotocol/serverInfo":
+                    initialize.get("serverInfo").cloned().unwrap_or(json!({}))},
+            });
+            if let Some(instructions) = initialize.get("instructions") {
+                result["instructions"] = instructions.clone();
+            }
+            return jsonrpc::result_response(&request.id, result);
+        }
+        let mut answer = self.forward_as_is(session, request).await;
+        if let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) {
+            result.entry("resultType").or_insert(json!("complete"));
+        }
+        answer
+    }
+
+    async fn forward_as_is(&self, session: &Arc<AgentSession>, request: Request) -> Value {
         let started = Instant::now();
         let outcome = match (session.shared(), request.method.as_str()) {
             // A shared process is initialised once; later sessions get the same answer.

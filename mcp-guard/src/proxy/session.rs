@@ -47,6 +47,18 @@ pub struct AgentSession {
     ended: tokio::sync::watch::Sender<bool>,
     /// The agent's id of each request in flight → the id it has upstream.
     upstream_ids: std::sync::Mutex<HashMap<Id, i64>>,
+    /// Which revision era the server speaks, learned at the first stateless request.
+    era: tokio::sync::OnceCell<UpstreamEra>,
+}
+
+/// What a server speaks, as seen by a stateless (2026-07-28) agent.
+#[derive(Clone, Debug)]
+pub enum UpstreamEra {
+    /// It answers `server/discover`: requests pass as they are.
+    Stateless,
+    /// It only speaks the initialize-based revisions: mcp-guard initialised it on the agent's
+    /// behalf (this is its answer) and bridges.
+    Stateful { initialize: Value },
 }
 
 /// A session cgroup and who gave it out.
@@ -241,6 +253,7 @@ impl SharedServer {
             calls: std::sync::Mutex::new(Vec::new()),
             ended: tokio::sync::watch::Sender::new(false),
             upstream_ids: std::sync::Mutex::new(HashMap::new()),
+            era: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -320,6 +333,7 @@ fn assemble(
         calls: std::sync::Mutex::new(Vec::new()),
         ended: tokio::sync::watch::Sender::new(false),
         upstream_ids: std::sync::Mutex::new(HashMap::new()),
+        era: tokio::sync::OnceCell::new(),
     });
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
@@ -376,6 +390,41 @@ impl AgentSession {
             .await;
         self.upstream_ids.lock().expect("ids lock").remove(agent_id);
         outcome
+    }
+
+    /// The era the server speaks, probed once: `server/discover` answered means stateless;
+    /// otherwise mcp-guard initialises the server itself (2025-11-25) so a stateless agent can
+    /// use a server that predates it.
+    pub async fn upstream_era(&self) -> Result<UpstreamEra, upstream::UpstreamError> {
+        self.era
+            .get_or_try_init(|| async {
+                let envelope = json!({"_meta": {
+                    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                }});
+                if let Ok(_discovered) = self
+                    .upstream
+                    .call("server/discover", Some(envelope))
+                    .await?
+                {
+                    return Ok(UpstreamEra::Stateless);
+                }
+                let params = json!({
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "mcp-guard", "version": env!("CARGO_PKG_VERSION")},
+                });
+                let initialize = match self.upstream.call("initialize", Some(params)).await? {
+                    Ok(result) => result,
+                    Err(error) => error,
+                };
+                self.upstream
+                    .notify("notifications/initialized", None)
+                    .await?;
+                Ok(UpstreamEra::Stateful { initialize })
+            })
+            .await
+            .cloned()
     }
 
     /// The upstream id of the agent's request `agent_id`, while it runs.

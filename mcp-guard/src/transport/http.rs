@@ -161,19 +161,12 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
             ),
         );
     }
-    let session = match find_or_open_session(
-        front,
-        server,
-        headers,
-        &incoming,
-        header_version,
-        caller,
-    )
-    .await
-    {
-        Ok(session) => session,
-        Err(response) => return response,
-    };
+    let session =
+        match find_or_open_session(front, server, headers, &incoming, header_version, caller).await
+        {
+            Ok(session) => session,
+            Err(response) => return response,
+        };
     let opened_now = is_initialize(&incoming);
     let hints = TransportHints::from_headers(|name| header_str(headers, name));
     let answer = proxy.handle(&session, incoming, &hints).await;
@@ -208,9 +201,7 @@ async fn find_or_open_session(
     }
     if let Some(id) = header_str(headers, SESSION_HEADER) {
         return match proxy.session(id).await {
-            Some(session) if session.server == server && is_owner(&session, &caller) => {
-                Ok(session)
-            }
+            Some(session) if session.server == server && is_owner(&session, &caller) => Ok(session),
             _ => Err(rpc_error_response(
                 StatusCode::NOT_FOUND,
                 RpcError::new(
@@ -333,8 +324,8 @@ fn caller_for(front: &Front, headers: &HeaderMap) -> Result<Caller, Box<Response
             )));
         }
         None => {
-            let claimed = header_str(headers, GUARD_PRINCIPAL_HEADER)
-                .filter(|_| model.identity.trust_header);
+            let claimed =
+                header_str(headers, GUARD_PRINCIPAL_HEADER).filter(|_| model.identity.trust_header);
             match claimed {
                 Some(name) if !crate::policy::is_valid_principal_name(name) => {
                     return Err(Box::new(rpc_error_response(
