@@ -15,6 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
+use crate::audit::{AuditLog, AuditRecord};
 use crate::egress::{Egress, SessionCgroup};
 use crate::metrics::Metrics;
 
@@ -47,6 +48,9 @@ pub enum Request {
         #[serde(default)]
         session: Option<String>,
     },
+    /// An audit record from a front that runs outside the daemon (the stdio front): the log
+    /// has one writer, the daemon. Answered once the record is durable.
+    Audit { record: Box<AuditRecord> },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,6 +72,16 @@ impl Response {
         Response {
             ok: false,
             error: Some(error),
+            session: None,
+            cgroup: None,
+            cgroup_id: None,
+        }
+    }
+
+    fn accepted() -> Response {
+        Response {
+            ok: true,
+            error: None,
             session: None,
             cgroup: None,
             cgroup_id: None,
@@ -105,7 +119,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Accepts clients until the listener fails.
-pub async fn serve(listener: UnixListener, egress: Arc<Mutex<Egress>>, metrics: Arc<Metrics>) {
+pub async fn serve(
+    listener: UnixListener,
+    egress: Arc<Mutex<Egress>>,
+    metrics: Arc<Metrics>,
+    audit: AuditLog,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -116,8 +135,9 @@ pub async fn serve(listener: UnixListener, egress: Arc<Mutex<Egress>>, metrics: 
         };
         let egress = egress.clone();
         let metrics = metrics.clone();
+        let audit = audit.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_client(stream, egress, metrics).await {
+            if let Err(e) = serve_client(stream, egress, metrics, audit).await {
                 tracing::warn!(error = %e, "control client");
             }
         });
@@ -135,6 +155,7 @@ async fn serve_client(
     stream: UnixStream,
     egress: Arc<Mutex<Egress>>,
     metrics: Arc<Metrics>,
+    audit: AuditLog,
 ) -> Result<(), ControlError> {
     let permitted = peer_is_permitted(&stream);
     let (read, mut write) = stream.into_split();
@@ -160,6 +181,10 @@ async fn serve_client(
                         Err(e) => Response::refused(e.to_string()),
                     }
                 }
+                Ok(Request::Audit { record }) => match audit.append(*record).await {
+                    Ok(_) => Response::accepted(),
+                    Err(e) => Response::refused(format!("audit log: {e}")),
+                },
                 Err(e) => Response::refused(format!("bad request: {e}")),
             }
         };
@@ -206,4 +231,53 @@ pub async fn open_session(
         ));
     }
     Ok((response, stream))
+}
+
+/// A connection for sending audit records to the daemon (the stdio front's audit log).
+pub struct AuditClient {
+    connection: Mutex<(
+        BufReader<tokio::net::unix::OwnedReadHalf>,
+        tokio::net::unix::OwnedWriteHalf,
+    )>,
+}
+
+impl AuditClient {
+    pub async fn connect(socket: &Path) -> Result<AuditClient, ControlError> {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| ControlError::Connect {
+                path: socket.to_owned(),
+                source,
+            })?;
+        let (read, write) = stream.into_split();
+        Ok(AuditClient {
+            connection: Mutex::new((BufReader::new(read), write)),
+        })
+    }
+
+    /// Sends one record; returns once the daemon has made it durable.
+    pub async fn append(&self, record: AuditRecord) -> Result<(), ControlError> {
+        let request = Request::Audit {
+            record: Box::new(record),
+        };
+        let mut text = serde_json::to_string(&request)?;
+        text.push('\n');
+        let mut connection = self.connection.lock().await;
+        let (read, write) = &mut *connection;
+        write.write_all(text.as_bytes()).await?;
+        let mut line = String::new();
+        if read.read_line(&mut line).await? == 0 {
+            return Err(ControlError::Refused(
+                "the daemon closed the connection".into(),
+            ));
+        }
+        let response: Response = serde_json::from_str(&line)?;
+        if response.ok {
+            Ok(())
+        } else {
+            Err(ControlError::Refused(
+                response.error.unwrap_or_else(|| "no reason given".into()),
+            ))
+        }
+    }
 }

@@ -125,7 +125,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         loaded.policy.clone(),
         compiled,
         placement,
-        Recorder::new(Some(audit.clone())),
+        Recorder::local(audit.clone()),
         metrics.clone(),
     );
     if let Some(events) = enforcement.as_mut().and_then(|e| e.events.take()) {
@@ -155,6 +155,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             listener,
             enforcement.egress.clone(),
             metrics.clone(),
+            audit.clone(),
         ));
     }
     if let Some(addr) = settings.metrics_listen {

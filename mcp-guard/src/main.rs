@@ -154,21 +154,21 @@ async fn stdio_front(args: StdioArgs) -> Result<()> {
         .control_socket
         .clone()
         .unwrap_or_else(|| policy.daemon.control_socket.clone());
-    let placement = if socket.exists() {
-        Placement::Remote(socket)
+    let (placement, recorder) = if socket.exists() {
+        let recorder = Recorder::daemon(control::AuditClient::connect(&socket).await?);
+        (Placement::Remote(socket), recorder)
     } else {
         eprintln!(
-            "mcp-guard: no daemon at {}: kernel egress enforcement is OFF for this server (policy is still enforced)",
+            "mcp-guard: no daemon at {}: kernel egress enforcement and the audit log are OFF for this server (policy is still enforced)",
             socket.display()
         );
-        Placement::Unconfined
+        (Placement::Unconfined, Recorder::default())
     };
-    // The daemon's audit log has one writer (the daemon); a standalone front records nothing.
     let proxy = Proxy::new(
         policy.clone(),
         compiled,
         placement,
-        Recorder::default(),
+        recorder,
         Metrics::new(),
     );
     let caller = Caller {

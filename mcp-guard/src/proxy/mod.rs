@@ -619,7 +619,8 @@ impl Proxy {
             .with_label_values(&[&session.server, method, decision, rule])
             .inc();
         let tool = target_name(&request.method, request.params.as_ref()).unwrap_or("");
-        tracing::info!(
+        // Debug, not info: the audit log is the record of every decision; this is for tracing.
+        tracing::debug!(
             target: "mcp_guard::decision",
             server = %session.server,
             session = %session.id,

@@ -5,19 +5,43 @@
 //! Fails closed: when a record cannot be written, the call is refused rather than performed
 //! (or answered) unrecorded.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::AgentSession;
 use crate::audit::{
     AuditDecision, AuditError, AuditLog, AuditRecord, Latency, Outcome, OutcomeKind, RecordKind,
 };
+use crate::control::{AuditClient, ControlError};
 use crate::identity::CallIdentity;
 use crate::mcp::jsonrpc::{Id, Request, RpcError, codes};
+use crate::policy::AuditSettings;
 
-/// The audit log as the pipeline uses it; `None` writes nothing (the standalone stdio front).
+/// The audit log as the pipeline uses it.
 #[derive(Clone, Default)]
 pub struct Recorder {
-    log: Option<AuditLog>,
+    sink: Sink,
+}
+
+#[derive(Clone, Default)]
+enum Sink {
+    /// No daemon to record to (a standalone stdio front).
+    #[default]
+    Nowhere,
+    /// The daemon's own log.
+    Local(AuditLog),
+    /// The daemon's log, through its control socket (the stdio front).
+    Daemon(Arc<AuditClient>),
+}
+
+/// Why a record was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Daemon(#[from] ControlError),
 }
 
 /// The verdict on one call, as recorded.
@@ -29,18 +53,34 @@ pub struct DecisionFacts<'a> {
 }
 
 impl Recorder {
-    pub fn new(log: Option<AuditLog>) -> Recorder {
-        Recorder { log }
+    /// Records to the daemon's own log.
+    pub fn local(log: AuditLog) -> Recorder {
+        Recorder {
+            sink: Sink::Local(log),
+        }
     }
 
-    pub fn is_on(&self) -> bool {
-        self.log.is_some()
+    /// Records to a running daemon's log over its control socket.
+    pub fn daemon(client: AuditClient) -> Recorder {
+        Recorder {
+            sink: Sink::Daemon(Arc::new(client)),
+        }
     }
 
-    async fn append(&self, record: AuditRecord) -> Result<(), AuditError> {
-        match &self.log {
-            Some(log) => log.append(record).await.map(|_| ()),
-            None => Ok(()),
+    async fn append(&self, record: AuditRecord) -> Result<(), RecordError> {
+        match &self.sink {
+            Sink::Nowhere => Ok(()),
+            Sink::Local(log) => Ok(log.append(record).await.map(|_| ())?),
+            Sink::Daemon(client) => Ok(client.append(record).await?),
+        }
+    }
+
+    /// How arguments are kept: the daemon's settings where it writes itself; a digest (the
+    /// default) when records travel to the daemon.
+    fn settings(&self) -> AuditSettings {
+        match &self.sink {
+            Sink::Local(log) => log.settings().clone(),
+            _ => AuditSettings::default(),
         }
     }
 
@@ -50,7 +90,7 @@ impl Recorder {
         request: &Request,
         identity: &CallIdentity,
         facts: DecisionFacts<'_>,
-    ) -> Result<(), AuditError> {
+    ) -> Result<(), RecordError> {
         let mut record = call_record(session, request, identity);
         record.decision = Some(facts.decision);
         record.rule = Some(facts.rule.to_owned());
@@ -60,11 +100,8 @@ impl Recorder {
             upstream_us: None,
             total_us: None,
         });
-        if let (Some(log), Some(arguments)) = (
-            &self.log,
-            request.params.as_ref().and_then(|p| p.get("arguments")),
-        ) {
-            record.set_arguments(log.settings(), arguments);
+        if let Some(arguments) = request.params.as_ref().and_then(|p| p.get("arguments")) {
+            record.set_arguments(&self.settings(), arguments);
         }
         self.append(record).await
     }
@@ -76,7 +113,7 @@ impl Recorder {
         identity: &CallIdentity,
         answer: &Value,
         latency: Latency,
-    ) -> Result<(), AuditError> {
+    ) -> Result<(), RecordError> {
         let mut record = call_record(session, request, identity);
         record.outcome = Some(outcome_of(answer));
         record.latency = Some(latency);
@@ -142,7 +179,7 @@ fn outcome_of(answer: &Value) -> Outcome {
 }
 
 /// The refusal sent when the audit log cannot be written.
-pub fn audit_unavailable(id: &Id, error: &AuditError) -> Value {
+pub fn audit_unavailable(id: &Id, error: &RecordError) -> Value {
     RpcError::new(
         Some(id.clone()),
         codes::AUDIT_UNAVAILABLE,

@@ -43,7 +43,7 @@ pub struct AgentSession {
     cgroup: Option<PlacedCgroup>,
     /// Calls forwarded recently or still running: what a network connection of the server
     /// process is attributed to.
-    calls: std::sync::Mutex<Vec<CallSpan>>,
+    calls: std::sync::Mutex<CallSpans>,
     ended: tokio::sync::watch::Sender<bool>,
     /// The agent's id of each request in flight → the id it has upstream.
     upstream_ids: std::sync::Mutex<HashMap<Id, i64>>,
@@ -93,6 +93,43 @@ impl CallSpan {
 
 /// How long a finished call stays available for attributing late-read kernel events.
 const CALL_SPAN_RETENTION_NS: u64 = 60_000_000_000;
+/// At most this many finished calls are kept per session (the reader drains every 10 ms, so
+/// only a burst far beyond this could find a call already forgotten).
+const MAX_ENDED_SPANS: usize = 4096;
+
+/// A session's calls: the few running now, and the recently finished ones oldest first, so
+/// ending a call costs the number of calls in flight, not the number made recently.
+#[derive(Default)]
+pub struct CallSpans {
+    running: Vec<CallSpan>,
+    ended: std::collections::VecDeque<CallSpan>,
+}
+
+impl CallSpans {
+    fn end(&mut self, call_id: &str, now: u64) {
+        if let Some(index) = self.running.iter().position(|c| c.call_id == call_id) {
+            let mut call = self.running.swap_remove(index);
+            call.ended_ns = Some(now);
+            self.ended.push_back(call);
+        }
+        while self.ended.front().is_some_and(|c| {
+            self.ended.len() > MAX_ENDED_SPANS
+                || c.ended_ns
+                    .is_some_and(|end| now.saturating_sub(end) >= CALL_SPAN_RETENTION_NS)
+        }) {
+            self.ended.pop_front();
+        }
+    }
+
+    fn covering(&self, ts_ns: u64) -> Vec<CallSpan> {
+        self.running
+            .iter()
+            .chain(self.ended.iter())
+            .filter(|c| c.covers(ts_ns))
+            .cloned()
+            .collect()
+    }
+}
 
 /// Marks a call as running until dropped (whatever way the forwarding ends).
 pub struct CallGuard<'a> {
@@ -104,13 +141,7 @@ impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
         let now = monotonic_ns();
         let mut calls = self.session.calls.lock().expect("calls lock");
-        if let Some(call) = calls.iter_mut().find(|c| c.call_id == self.call_id) {
-            call.ended_ns = Some(now);
-        }
-        calls.retain(|c| {
-            c.ended_ns
-                .is_none_or(|end| now - end < CALL_SPAN_RETENTION_NS)
-        });
+        calls.end(&self.call_id, now);
     }
 }
 
@@ -250,7 +281,7 @@ impl SharedServer {
             catalog: Mutex::new(None),
             outbox: Mutex::new(Some(outbox)),
             cgroup: None,
-            calls: std::sync::Mutex::new(Vec::new()),
+            calls: std::sync::Mutex::new(CallSpans::default()),
             ended: tokio::sync::watch::Sender::new(false),
             upstream_ids: std::sync::Mutex::new(HashMap::new()),
             era: tokio::sync::OnceCell::new(),
@@ -330,7 +361,7 @@ fn assemble(
         catalog: Mutex::new(None),
         outbox: Mutex::new(Some(outbox)),
         cgroup,
-        calls: std::sync::Mutex::new(Vec::new()),
+        calls: std::sync::Mutex::new(CallSpans::default()),
         ended: tokio::sync::watch::Sender::new(false),
         upstream_ids: std::sync::Mutex::new(HashMap::new()),
         era: tokio::sync::OnceCell::new(),
@@ -359,13 +390,17 @@ impl AgentSession {
 
     /// Records a forwarded call as running until the guard is dropped.
     pub fn begin_call(&self, identity: &CallIdentity) -> CallGuard<'_> {
-        self.calls.lock().expect("calls lock").push(CallSpan {
-            call_id: identity.call_id.clone(),
-            instruction: identity.instruction.clone(),
-            trace_id: identity.trace.trace_id.clone(),
-            started_ns: monotonic_ns(),
-            ended_ns: None,
-        });
+        self.calls
+            .lock()
+            .expect("calls lock")
+            .running
+            .push(CallSpan {
+                call_id: identity.call_id.clone(),
+                instruction: identity.instruction.clone(),
+                trace_id: identity.trace.trace_id.clone(),
+                started_ns: monotonic_ns(),
+                ended_ns: None,
+            });
         CallGuard {
             session: self,
             call_id: identity.call_id.clone(),
@@ -438,8 +473,7 @@ impl AgentSession {
 
     /// The calls that were running at `ts_ns` (CLOCK_MONOTONIC).
     pub fn calls_at(&self, ts_ns: u64) -> Vec<CallSpan> {
-        let calls = self.calls.lock().expect("calls lock");
-        calls.iter().filter(|c| c.covers(ts_ns)).cloned().collect()
+        self.calls.lock().expect("calls lock").covering(ts_ns)
     }
 
     /// The stream of server-initiated messages for the agent (one taker: the GET stream or
@@ -619,5 +653,38 @@ async fn relay_server_messages(
             }
             Message::Response(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(call_id: &str, started_ns: u64) -> CallSpan {
+        CallSpan {
+            call_id: call_id.into(),
+            instruction: None,
+            trace_id: "t".into(),
+            started_ns,
+            ended_ns: None,
+        }
+    }
+
+    #[test]
+    fn ended_calls_still_cover_their_time_and_are_pruned_by_age_and_count() {
+        let mut calls = CallSpans::default();
+        calls.running.push(span("a", 10));
+        calls.running.push(span("b", 20));
+        calls.end("a", 30);
+        let ids = |v: Vec<CallSpan>| v.into_iter().map(|c| c.call_id).collect::<Vec<_>>();
+        assert_eq!(ids(calls.covering(25)), ["b", "a"]);
+        assert_eq!(ids(calls.covering(35)), ["b"]);
+        calls.end("b", 30 + CALL_SPAN_RETENTION_NS);
+        assert_eq!(ids(calls.covering(25)), ["b"], "a expired, b just ended");
+        for i in 0..(MAX_ENDED_SPANS as u64 + 10) {
+            calls.running.push(span("x", 100 + i));
+            calls.end("x", 100 + i);
+        }
+        assert_eq!(calls.ended.len(), MAX_ENDED_SPANS);
     }
 }

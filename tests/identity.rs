@@ -1,0 +1,669 @@
+//! Caller identity on the Streamable HTTP front, end to end: a real `mcp-guard run` daemon
+//! (kernel egress on) in front of `mcp-fast-server`, driven by raw HTTP requests.
+//!
+//! - `identity.jwt`: requests without a valid bearer token are answered 401 with a
+//!   `WWW-Authenticate` challenge (and the RFC 9728 metadata URL); a valid token's principal
+//!   and roles decide what the caller sees and may do; a session serves only its principal.
+//! - `identity.trust_header` (development): the principal comes from `MCP-Guard-Principal`,
+//!   and the daemon warns at start-up.
+//!
+//! Tokens are minted here with the test keys of `mcp-guard/src/identity/testdata` (RS256 and
+//! ES256 through a JWKS file, HS256 through an inline secret). Root only.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use mcp_guard_tests::*;
+use serde_json::{Value, json};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
+const FAST_SERVER: &str = env!("CARGO_BIN_EXE_mcp-fast-server");
+
+const HANDSHAKE: &str = "2025-11-25";
+const STATELESS: &str = "2026-07-28";
+const SERVER: &str = "fast";
+
+const ISSUER: &str = "https://idp.test";
+const DEV_ISSUER: &str = "https://dev-idp.test";
+const AUDIENCE: &str = "mcp-guard";
+const DEV_SECRET: &str = "identity-test secret of at least 32 bytes";
+const METADATA_URL: &str = "https://mcp.test/.well-known/oauth-protected-resource";
+
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "bob@example.com";
+/// Declared in `principals` with role developer; its tokens carry no roles.
+const CAROL: &str = "carol";
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+// ---------------------------------------------------------------------------------------------
+
+fn testdata(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../mcp-guard/src/identity/testdata")
+        .join(name)
+}
+
+fn now() -> i64 {
+    jsonwebtoken::get_current_timestamp() as i64
+}
+
+/// Claims of a token from [`ISSUER`] for `sub` with `roles`, valid for ten minutes.
+fn claims(sub: &str, roles: Value) -> Value {
+    json!({
+        "iss": ISSUER, "aud": AUDIENCE, "sub": sub, "roles": roles,
+        "iat": now(), "exp": now() + 600,
+    })
+}
+
+/// A token signed by the test key of `alg` (RS256 and ES256 with the JWKS keys `rsa-1` and
+/// `ec-1`, HS256 with [`DEV_SECRET`]).
+fn token(alg: Algorithm, claims: &Value) -> String {
+    let (key, kid) = match alg {
+        Algorithm::RS256 => (
+            EncodingKey::from_rsa_pem(&std::fs::read(testdata("rsa_private.pem")).unwrap())
+                .unwrap(),
+            Some("rsa-1"),
+        ),
+        Algorithm::ES256 => (
+            EncodingKey::from_ec_pem(&std::fs::read(testdata("ec_private.pem")).unwrap()).unwrap(),
+            Some("ec-1"),
+        ),
+        Algorithm::HS256 => (EncodingKey::from_secret(DEV_SECRET.as_bytes()), None),
+        other => panic!("no test key for {other:?}"),
+    };
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw HTTP
+// ---------------------------------------------------------------------------------------------
+
+/// One HTTP answer: status, headers (names lower-cased) and the JSON body (null if none).
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one request on its own connection (`Connection: close`) and reads the whole answer.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> Answer {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect to the front");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut text = format!(
+        "{method} /servers/{SERVER}/mcp HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("\r\n");
+    text.push_str(&body);
+    stream.write_all(text.as_bytes()).expect("send the request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read the answer");
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: serde_json::from_str(body).unwrap_or(Value::Null),
+    }
+}
+
+/// POSTs a JSON-RPC message with `extra` headers (the Authorization header among them).
+fn post(addr: SocketAddr, extra: &[(&str, &str)], message: &Value) -> Answer {
+    let mut headers = vec![
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json, text/event-stream"),
+    ];
+    headers.extend_from_slice(extra);
+    request(addr, "POST", &headers, Some(message))
+}
+
+fn rpc(id: i64, method: &str, params: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+}
+
+fn initialize_message() -> Value {
+    rpc(
+        0,
+        "initialize",
+        json!({
+            "protocolVersion": HANDSHAKE,
+            "capabilities": {},
+            "clientInfo": {"name": "identity-test", "version": "0"},
+        }),
+    )
+}
+
+/// An MCP session opened with `auth` (extra headers): initialize, then initialized.
+struct Session<'a> {
+    addr: SocketAddr,
+    auth: Vec<(&'a str, String)>,
+    id: String,
+}
+
+impl<'a> Session<'a> {
+    fn open(addr: SocketAddr, auth: Vec<(&'a str, String)>) -> Session<'a> {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let answer = post(addr, &headers, &initialize_message());
+        assert_eq!(answer.status, 200, "initialize: {answer:?}");
+        let id = answer
+            .header("mcp-session-id")
+            .unwrap_or_else(|| panic!("initialize answered without a session: {answer:?}"))
+            .to_owned();
+        let session = Session { addr, auth, id };
+        let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        let answer = session.post_as(&session.auth_headers(), &initialized);
+        assert_eq!(answer.status, 202, "notifications/initialized: {answer:?}");
+        session
+    }
+
+    fn auth_headers(&self) -> Vec<(&str, &str)> {
+        self.auth.iter().map(|(n, v)| (*n, v.as_str())).collect()
+    }
+
+    /// POSTs in this session with `auth` instead of the session's own credentials.
+    fn post_as(&self, auth: &[(&str, &str)], message: &Value) -> Answer {
+        let mut headers = vec![
+            ("Mcp-Session-Id", self.id.as_str()),
+            ("MCP-Protocol-Version", HANDSHAKE),
+        ];
+        headers.extend_from_slice(auth);
+        post(self.addr, &headers, message)
+    }
+
+    /// The JSON-RPC answer of `message` in this session (HTTP 200 expected).
+    fn call(&self, message: &Value) -> Value {
+        let answer = self.post_as(&self.auth_headers(), message);
+        assert_eq!(answer.status, 200, "{message}: {answer:?}");
+        answer.body
+    }
+
+    fn tool_names(&self) -> BTreeSet<String> {
+        let list = self.call(&rpc(1, "tools/list", json!({})));
+        list["result"]["tools"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no tools in {list}"))
+            .iter()
+            .map(|tool| tool["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn echo(&self, text: &str) -> Value {
+        self.call(&rpc(
+            2,
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": text}}),
+        ))
+    }
+}
+
+fn authorization(token: &str) -> Vec<(&'static str, String)> {
+    vec![("Authorization", bearer(token))]
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|n| n.to_string()).collect()
+}
+
+fn assert_policy_denied(answer: &Value, rule: &str) {
+    let error = &answer["error"];
+    assert_eq!(error["code"], -32010, "not a policy refusal: {answer}");
+    assert_eq!(
+        error["data"]["rule"], rule,
+        "refused by another rule: {answer}"
+    );
+}
+
+/// A 401 with the Bearer challenge of mcp-guard and a JSON-RPC error body.
+fn assert_unauthorised(answer: &Answer, description: &str) {
+    assert_eq!(answer.status, 401, "{answer:?}");
+    let challenge = answer
+        .header("www-authenticate")
+        .unwrap_or_else(|| panic!("401 without WWW-Authenticate: {answer:?}"));
+    assert!(
+        challenge.starts_with("Bearer realm=\"mcp-guard\", error=\"invalid_token\""),
+        "{challenge}"
+    );
+    assert!(
+        challenge.contains(&format!("error_description=\"{description}")),
+        "{challenge}"
+    );
+    assert!(
+        challenge.ends_with(&format!("resource_metadata=\"{METADATA_URL}\"")),
+        "{challenge}"
+    );
+    assert_eq!(answer.body["jsonrpc"], "2.0", "{answer:?}");
+    assert!(
+        answer.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(description)),
+        "{answer:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A daemon with its HTTP front
+// ---------------------------------------------------------------------------------------------
+
+/// Fields drop in order: the daemon stops before the environment tears its cgroups down.
+struct Front {
+    daemon: Daemon,
+    env: TestEnv,
+    addr: SocketAddr,
+}
+
+/// Developers and interns may list and call echo and add, but interns may not echo anything;
+/// viewers have no rule at all.
+fn fast_server() -> Value {
+    json!({ SERVER: stdio_server(vec![FAST_SERVER.to_string()], vec![
+        allow("list-tools", json!({"roles": ["developer", "intern"], "methods": ["tools/list"]})),
+        allow("tools", json!({"roles": ["developer", "intern"], "tools": ["echo", "add"]})),
+        deny("interns-may-not-echo", json!({
+            "roles": ["intern"], "tools": ["echo"],
+            "arguments": {"type": "object", "required": ["text"]},
+        })),
+    ])})
+}
+
+impl Front {
+    fn start(tag: &str, identity: Value) -> Front {
+        let env = TestEnv::new(tag, PROBE);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+        let mut document = env.proxy_policy(addr, fast_server());
+        document["principals"][CAROL] = json!({"roles": ["developer"]});
+        document["principals"]["viewer-user"] = json!({"roles": ["viewer"]});
+        document["identity"] = identity;
+        if document["identity"].get("jwt").is_some() {
+            // Callers are who their tokens say; daemon.principal would only draw a warning.
+            document["daemon"]
+                .as_object_mut()
+                .unwrap()
+                .remove("principal");
+        }
+        env.write_policy_document(&document);
+        let daemon = env.start_daemon();
+        Front { daemon, env, addr }
+    }
+
+    fn audit_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.env.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+}
+
+fn jwt_identity() -> Value {
+    json!({
+        "jwt": {
+            "issuers": [
+                {
+                    "issuer": ISSUER,
+                    "audiences": [AUDIENCE],
+                    "keys": {"jwks_file": testdata("jwks.json")},
+                    "algorithms": ["RS256", "ES256"],
+                },
+                {
+                    "issuer": DEV_ISSUER,
+                    "audiences": [AUDIENCE],
+                    "keys": {"hs256_secret": DEV_SECRET},
+                    "algorithms": ["HS256"],
+                },
+            ],
+            "roles_claim": "roles",
+            "principal_claim": "sub",
+            "clock_skew_seconds": 30,
+            "resource_metadata_url": METADATA_URL,
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// identity.jwt
+// ---------------------------------------------------------------------------------------------
+
+/// Without a valid bearer token nothing passes the front: POST, GET and DELETE are answered
+/// 401 with the Bearer challenge naming the problem and the protected-resource metadata URL,
+/// and a JSON-RPC error body. No session is opened for them.
+#[test]
+fn requests_without_a_valid_token_are_answered_401() {
+    let front = Front::start("identity-401", jwt_identity());
+    let addr = front.addr;
+
+    let missing = post(addr, &[], &initialize_message());
+    assert_unauthorised(&missing, "no bearer token");
+
+    let expired = token(
+        Algorithm::RS256,
+        &json!({
+            "iss": ISSUER, "aud": AUDIENCE, "sub": ALICE, "roles": ["developer"],
+            "iat": now() - 7200, "exp": now() - 3600,
+        }),
+    );
+    let answer = post(
+        addr,
+        &[("Authorization", &bearer(&expired))],
+        &initialize_message(),
+    );
+    assert_unauthorised(&answer, "the token has expired");
+
+    let early = token(
+        Algorithm::RS256,
+        &json!({
+            "iss": ISSUER, "aud": AUDIENCE, "sub": ALICE,
+            "nbf": now() + 3600, "exp": now() + 7200,
+        }),
+    );
+    let answer = post(
+        addr,
+        &[("Authorization", &bearer(&early))],
+        &initialize_message(),
+    );
+    assert_unauthorised(&answer, "the token is not valid yet");
+
+    let mut elsewhere = claims(ALICE, json!(["developer"]));
+    elsewhere["aud"] = json!("another-service");
+    let answer = post(
+        addr,
+        &[(
+            "Authorization",
+            &bearer(&token(Algorithm::ES256, &elsewhere)),
+        )],
+        &initialize_message(),
+    );
+    assert_unauthorised(&answer, "the token is not meant for this audience");
+
+    let mut stranger = claims(ALICE, json!(["developer"]));
+    stranger["iss"] = json!("https://evil.test");
+    let answer = post(
+        addr,
+        &[(
+            "Authorization",
+            &bearer(&token(Algorithm::RS256, &stranger)),
+        )],
+        &initialize_message(),
+    );
+    assert_unauthorised(&answer, "the token's issuer is not trusted");
+
+    // Signed with the dev issuer's secret but claiming the JWKS issuer: HS256 is not accepted
+    // from it.
+    let confused = token(Algorithm::HS256, &claims(ALICE, json!(["developer"])));
+    let answer = post(
+        addr,
+        &[("Authorization", &bearer(&confused))],
+        &initialize_message(),
+    );
+    assert_unauthorised(&answer, "tokens signed with HS256 are not accepted");
+
+    let good = token(Algorithm::RS256, &claims(ALICE, json!(["developer"])));
+    let mut parts: Vec<&str> = good.split('.').collect();
+    let forged_payload = token(Algorithm::RS256, &claims(ALICE, json!(["admin"])));
+    parts[1] = forged_payload.split('.').nth(1).unwrap();
+    let answer = post(
+        addr,
+        &[("Authorization", &bearer(&parts.join(".")))],
+        &initialize_message(),
+    );
+    assert_unauthorised(&answer, "the token's signature does not verify");
+
+    for garbage in ["Bearer not-a-jwt", "Basic YWxpY2U6cGFzcw=="] {
+        let answer = post(addr, &[("Authorization", garbage)], &initialize_message());
+        assert_eq!(answer.status, 401, "{garbage}: {answer:?}");
+    }
+
+    let get = request(addr, "GET", &[("Accept", "text/event-stream")], None);
+    assert_unauthorised(&get, "no bearer token");
+    let delete = request(addr, "DELETE", &[("Mcp-Session-Id", "whatever")], None);
+    assert_unauthorised(&delete, "no bearer token");
+
+    // None of it reached the policy or opened a session.
+    assert!(
+        !front
+            .audit_lines()
+            .iter()
+            .any(|record| record["kind"] == "session" || record["kind"] == "call"),
+        "unauthenticated requests left audit records"
+    );
+}
+
+/// A token's roles drive decisions: a developer (RS256) sees and calls the tools its role
+/// allows; an intern (ES256) sees the same tools but its echo is refused by policy (-32010);
+/// a viewer may not even list. The token's principal is what the audit records name; roles of
+/// `principals` are added to a token's (carol's token carries none); a second issuer with an
+/// HS256 secret is accepted alongside.
+#[test]
+fn token_roles_drive_policy_decisions() {
+    let front = Front::start("identity-roles", jwt_identity());
+    let addr = front.addr;
+
+    let alice = Session::open(
+        addr,
+        authorization(&token(
+            Algorithm::RS256,
+            &claims(ALICE, json!(["developer"])),
+        )),
+    );
+    assert_eq!(alice.tool_names(), names(&["add", "echo"]));
+    let echoed = alice.echo("hello from alice");
+    assert!(echoed.get("error").is_none(), "{echoed}");
+    assert_eq!(
+        echoed["result"]["content"][0]["text"], "hello from alice",
+        "{echoed}"
+    );
+
+    let bob = Session::open(
+        addr,
+        authorization(&token(Algorithm::ES256, &claims(BOB, json!("intern")))),
+    );
+    assert_eq!(bob.tool_names(), names(&["add", "echo"]));
+    assert_policy_denied(&bob.echo("hello from bob"), "interns-may-not-echo");
+    let added = bob.call(&rpc(
+        3,
+        "tools/call",
+        json!({"name": "add", "arguments": {"a": 2, "b": 3}}),
+    ));
+    assert!(added.get("error").is_none(), "{added}");
+
+    let viewer = Session::open(
+        addr,
+        authorization(&token(Algorithm::RS256, &claims("vera", json!(["viewer"])))),
+    );
+    assert_policy_denied(
+        &viewer.call(&rpc(4, "tools/list", json!({}))),
+        "default-deny",
+    );
+
+    // No roles in the token; `principals.carol` makes carol a developer.
+    let mut carol_claims = claims(CAROL, Value::Null);
+    carol_claims["iss"] = json!(DEV_ISSUER);
+    carol_claims.as_object_mut().unwrap().remove("roles");
+    let carol = Session::open(addr, authorization(&token(Algorithm::HS256, &carol_claims)));
+    assert_eq!(carol.tool_names(), names(&["add", "echo"]));
+
+    let audit = front.audit_lines();
+    let principals: BTreeSet<String> = audit
+        .iter()
+        .filter(|r| r["kind"] == "call")
+        .filter_map(|r| r["principal"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        principals,
+        names(&[ALICE, BOB, CAROL, "vera"]),
+        "audit principals"
+    );
+    let bob_denied = audit.iter().any(|r| {
+        r["kind"] == "call"
+            && r["principal"] == BOB
+            && r["decision"] == "deny"
+            && r["rule"] == "interns-may-not-echo"
+    });
+    assert!(bob_denied, "no deny record for bob's echo: {audit:#?}");
+}
+
+/// A session serves only the principal that opened it: another principal's valid token gets
+/// 404 for it (POST, GET, DELETE), the owner's works. Stateless sessions named by
+/// `MCP-Guard-Session` are bound the same way (403 for another principal).
+#[test]
+fn sessions_stay_bound_to_their_principal() {
+    let front = Front::start("identity-binding", jwt_identity());
+    let addr = front.addr;
+    let alice_token = token(Algorithm::RS256, &claims(ALICE, json!(["developer"])));
+    let bob_token = token(Algorithm::RS256, &claims(BOB, json!(["developer"])));
+    let alice = Session::open(addr, authorization(&alice_token));
+    let bob_auth = bearer(&bob_token);
+    let as_bob = [("Authorization", bob_auth.as_str())];
+
+    let hijack = alice.post_as(&as_bob, &rpc(5, "tools/list", json!({})));
+    assert_eq!(hijack.status, 404, "{hijack:?}");
+    let stream = request(
+        addr,
+        "GET",
+        &[
+            ("Accept", "text/event-stream"),
+            ("Mcp-Session-Id", &alice.id),
+            ("Authorization", &bob_auth),
+        ],
+        None,
+    );
+    assert_eq!(stream.status, 404, "{stream:?}");
+    let end = request(
+        addr,
+        "DELETE",
+        &[("Mcp-Session-Id", &alice.id), ("Authorization", &bob_auth)],
+        None,
+    );
+    assert_eq!(end.status, 404, "{end:?}");
+    // Still alice's, and alice may end it.
+    assert_eq!(alice.tool_names(), names(&["add", "echo"]));
+    let alice_auth = bearer(&alice_token);
+    let end = request(
+        addr,
+        "DELETE",
+        &[
+            ("Mcp-Session-Id", &alice.id),
+            ("Authorization", &alice_auth),
+        ],
+        None,
+    );
+    assert_eq!(end.status, 204, "{end:?}");
+
+    let stateless = |auth: &str| {
+        let message = json!({"jsonrpc": "2.0", "id": 6, "method": "tools/list", "params": {"_meta": {
+            "io.modelcontextprotocol/protocolVersion": STATELESS,
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "identity-test", "version": "0"},
+        }}});
+        post(
+            addr,
+            &[
+                ("Authorization", auth),
+                ("MCP-Protocol-Version", STATELESS),
+                ("Mcp-Method", "tools/list"),
+                ("MCP-Guard-Session", "shared-name"),
+            ],
+            &message,
+        )
+    };
+    let first = stateless(&alice_auth);
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(first.body["result"]["tools"].is_array(), "{first:?}");
+    let second = stateless(&bob_auth);
+    assert_eq!(second.status, 403, "{second:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// identity.trust_header
+// ---------------------------------------------------------------------------------------------
+
+/// Development mode: the daemon warns at start-up; `MCP-Guard-Principal` names the principal
+/// (roles from `principals`), a request without it is `daemon.principal`'s, and a malformed
+/// name is refused.
+#[test]
+fn trust_header_takes_the_principal_from_the_header_and_warns() {
+    let front = Front::start("identity-header", json!({"trust_header": true}));
+    let warning = front
+        .daemon
+        .wait_for_since(0, TIMEOUT, "the trust_header warning", |line| {
+            line["level"] == "WARN"
+                && message(line).is_some_and(|m| {
+                    m.starts_with("identity.trust_header:") && m.contains("for development only")
+                })
+        });
+    assert!(message(&warning).unwrap().contains("MCP-Guard-Principal"));
+    let addr = front.addr;
+
+    let carol = Session::open(addr, vec![("MCP-Guard-Principal", CAROL.to_owned())]);
+    assert_eq!(carol.tool_names(), names(&["add", "echo"]));
+    let viewer = Session::open(
+        addr,
+        vec![("MCP-Guard-Principal", "viewer-user".to_owned())],
+    );
+    assert_policy_denied(
+        &viewer.call(&rpc(7, "tools/list", json!({}))),
+        "default-deny",
+    );
+    // Without the header: daemon.principal (`agent`, a developer in the proxy policy).
+    let agent = Session::open(addr, Vec::new());
+    assert_eq!(agent.tool_names(), names(&["add", "echo"]));
+    // The session is carol's: naming someone else in it does not reach it.
+    let other = carol.post_as(
+        &[("MCP-Guard-Principal", "viewer-user")],
+        &rpc(8, "tools/list", json!({})),
+    );
+    assert_eq!(other.status, 404, "{other:?}");
+
+    let malformed = post(
+        addr,
+        &[("MCP-Guard-Principal", "not a name")],
+        &initialize_message(),
+    );
+    assert_eq!(malformed.status, 400, "{malformed:?}");
+
+    let principals: BTreeSet<String> = front
+        .audit_lines()
+        .iter()
+        .filter(|r| r["kind"] == "call")
+        .filter_map(|r| r["principal"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(principals, names(&[CAROL, "viewer-user", AGENT]));
+}
