@@ -172,6 +172,34 @@ fn stdio_front_places_the_server_in_a_guarded_cgroup() {
         "the stdio front did not use the running daemon:\n{}",
         run.run.stderr
     );
+
+    // The front has no log of its own: its decision and outcome records are in the daemon's.
+    let session = field(&event, "session")
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let audit = std::fs::read_to_string(env.audit_path()).expect("the daemon's audit log");
+    let records: Vec<Value> = audit
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("an audit line is JSON"))
+        .collect();
+    let of_fetch: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["session"] == session.as_str() && r["tool"] == "gzip-file-as-resource")
+        .collect();
+    assert_eq!(
+        of_fetch.len(),
+        2,
+        "a decision and an outcome record of the front's call in the daemon's log: {of_fetch:?}"
+    );
+    assert_eq!(of_fetch[0]["decision"], "allow", "{of_fetch:?}");
+    assert!(of_fetch[1]["outcome"].is_object(), "{of_fetch:?}");
+    assert!(
+        records.iter().any(|r| r["kind"] == "egress"
+            && r["session"] == session.as_str()
+            && r["verdict"] == "refuse"),
+        "the refused connection is on record for the front's session"
+    );
 }
 
 /// Without a daemon (no control socket), the stdio front warns on stderr that kernel egress

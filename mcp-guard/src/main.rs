@@ -159,7 +159,7 @@ async fn stdio_front(args: StdioArgs) -> Result<()> {
         (Placement::Remote(socket), recorder)
     } else {
         eprintln!(
-            "mcp-guard: no daemon at {}: kernel egress enforcement and the audit log are OFF for this server (policy is still enforced)",
+            "mcp-guard: no daemon at {}: kernel egress enforcement is OFF and no audit records are written for this server (the policy is still enforced)",
             socket.display()
         );
         (Placement::Unconfined, Recorder::default())

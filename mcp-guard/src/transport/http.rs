@@ -201,7 +201,9 @@ async fn find_or_open_session(
     }
     if let Some(id) = header_str(headers, SESSION_HEADER) {
         return match proxy.session(id).await {
-            Some(session) if session.server == server && is_owner(&session, &caller) => Ok(session),
+            Some(session) if session.server == server && is_owner(front, &session, &caller) => {
+                Ok(session)
+            }
             _ => Err(rpc_error_response(
                 StatusCode::NOT_FOUND,
                 RpcError::new(
@@ -243,7 +245,7 @@ async fn find_or_open_session(
         .unwrap_or_else(|| format!("{}-{server}", caller.principal));
     let id = format!("stateless-{}", sanitise(&key));
     if let Some(session) = proxy.session(&id).await {
-        if !is_owner(&session, &caller) {
+        if !is_owner(front, &session, &caller) {
             return Err(rpc_error_response(
                 StatusCode::FORBIDDEN,
                 RpcError::new(
@@ -389,10 +391,14 @@ fn unauthorised(verifier: &Verifier, error: &AuthError) -> Response {
     response
 }
 
-/// A session answers only the principal that opened it: a valid token of someone else does
-/// not reach it.
-fn is_owner(session: &AgentSession, caller: &Caller) -> bool {
-    session.caller().principal == caller.principal
+/// Whether `caller` may use `session`. Where principals come from the requests (a bearer
+/// token, or the development header), a session answers only the principal that opened it: a
+/// valid token of someone else does not reach it. A configured `daemon.principal` binds
+/// nothing, so that open sessions outlive a reload that changes it.
+fn is_owner(front: &Front, session: &AgentSession, caller: &Caller) -> bool {
+    let identity = &front.proxy.model().identity;
+    let per_request = identity.jwt.is_some() || identity.trust_header;
+    !per_request || session.caller().principal == caller.principal
 }
 
 /// The answer as a one-event SSE stream (a batch answer stays one JSON array).
@@ -431,7 +437,7 @@ async fn get(front: &Front, server: &str, headers: &HeaderMap) -> Response {
         .proxy
         .session(id)
         .await
-        .filter(|s| s.server == server && is_owner(s, &caller))
+        .filter(|s| s.server == server && is_owner(front, s, &caller))
     else {
         return rpc_error_response(
             StatusCode::NOT_FOUND,
@@ -514,7 +520,7 @@ async fn delete(front: &Front, server: &str, headers: &HeaderMap) -> Response {
         );
     };
     match front.proxy.session(id).await {
-        Some(session) if session.server == server && is_owner(&session, &caller) => {
+        Some(session) if session.server == server && is_owner(front, &session, &caller) => {
             front.proxy.end_session(id).await;
             StatusCode::NO_CONTENT.into_response()
         }
