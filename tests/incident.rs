@@ -579,8 +579,9 @@ fn path_str(path: &Path) -> &str {
 /// attribute new sessions to `bob`, two of `bob`) make 40 calls for three instructions, each
 /// request naming its instruction by header, baggage or `_meta` in turn: echoes, a refused
 /// echo of a secret, and fetches of the declared URL (the kernel allows the connection) and
-/// of the undeclared one (refused). A sixth session, `carol`'s through the stdio front, works
-/// for a fourth instruction.
+/// of the undeclared one (refused). A sixth session, `carol`'s through the stdio front
+/// (`mcp-guard stdio`, placed and recorded by the running daemon), works for a fourth
+/// instruction, concurrently with `bob`'s.
 ///
 /// For each instruction, `audit trace --instruction ID --json` must list exactly the calls
 /// the log's own decision records attribute to it (its sessions, principals, decisions and
@@ -763,126 +764,16 @@ fn instruction_trace_lists_exactly_its_calls_and_connections() {
         session_calls.sort_by_key(|c| c.decision_seq);
     }
     // plan index → (session id, its calls in step order)
-    let mut mapped: Vec<(String, Vec<&LoggedCall>)> = Vec::new();
-    for plan in &plans {
-        let signature = plan.signature();
-        let matching: Vec<&String> = by_session
-            .iter()
-            .filter(|(_, calls)| {
-                calls
-                    .iter()
-                    .map(|c| {
-                        (
-                            c.field("instruction"),
-                            c.field("tool").unwrap_or_default(),
-                            c.field("decision").unwrap_or_default(),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    == signature
-            })
-            .map(|(session, _)| session)
-            .collect();
-        assert_eq!(
-            matching.len(),
-            1,
-            "session {} ({:?}): expected exactly one session in the log with its calls; the \
-             log's sessions and their calls:\n{}",
-            plan.label,
-            signature,
-            by_session
-                .iter()
-                .map(|(s, calls)| format!(
-                    "  {s}: {:?}",
-                    calls
-                        .iter()
-                        .map(|c| (c.field("instruction"), c.field("tool")))
-                        .collect::<Vec<_>>()
-                ))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        let session = matching[0].clone();
-        mapped.push((session.clone(), by_session[&session].clone()));
-    }
+    let mapped: Vec<(String, Vec<&LoggedCall>)> = plans
+        .iter()
+        .map(|plan| session_of(plan, &by_session))
+        .collect();
     let http_sessions: BTreeSet<String> = mapped.iter().map(|(s, _)| s.clone()).collect();
-    assert_eq!(
-        by_session.keys().cloned().collect::<BTreeSet<_>>(),
-        http_sessions,
-        "the log has tools/call records of sessions no client ran"
-    );
 
     // Each call's identity, decision, outcome and the connection it made, from the log itself.
-    for ((plan, run), (session, session_calls)) in plans
-        .iter()
-        .zip(alice_runs.iter().chain(bob_runs.iter()))
-        .zip(&mapped)
-    {
-        let start = records
-            .iter()
-            .find(|r| r["kind"] == "session" && r["session"] == session.as_str())
-            .unwrap_or_else(|| panic!("no session record of {session} ({})", plan.label));
-        assert_eq!(start["principal"], plan.principal, "{start}");
-        assert_eq!(start["detail"]["event"], "start", "{start}");
-        for ((i, step), call) in plan.steps.iter().enumerate().zip(session_calls) {
-            let what = format!(
-                "{} step {i} ({:?}), call {}",
-                plan.label, step.action, call.call_id
-            );
-            assert_eq!(
-                call.field("principal").as_deref(),
-                Some(plan.principal),
-                "{what}"
-            );
-            assert_eq!(call.field("server").as_deref(), Some(SERVER), "{what}");
-            assert_eq!(
-                call.field("rule").as_deref(),
-                Some(step.action.rule()),
-                "{what}"
-            );
-            assert!(
-                call.field("trace_id").is_some_and(|t| t.len() == 32),
-                "{what}: {}",
-                call.decision_record
-            );
-            let expected_outcome = match step.action {
-                Denied => None,
-                Echo | FetchDeclared => Some("result"),
-                FetchUndeclared if run.results[i]["ok"] == false => Some("error"),
-                FetchUndeclared => Some("tool_error"),
-            };
-            assert_eq!(call.outcome_kind().as_deref(), expected_outcome, "{what}");
-            let egress = egress_of(&records, &call.call_id);
-            match step.action.verdict() {
-                None => assert!(egress.is_empty(), "{what} made no connection: {egress:?}"),
-                Some(verdict) => {
-                    assert_eq!(egress.len(), 1, "{what}: one connection: {egress:?}");
-                    let record = egress[0];
-                    let port = match step.action {
-                        FetchDeclared => incident.declared.addr.port(),
-                        _ => incident.undeclared.port(),
-                    };
-                    assert_eq!(record["verdict"], verdict, "{what}: {record}");
-                    assert_eq!(record["port"], port, "{what}: {record}");
-                    assert_eq!(record["addr"], "127.0.0.1", "{what}: {record}");
-                    assert_eq!(record["attribution"], "exact", "{what}: {record}");
-                    assert_eq!(
-                        record["call_ids"],
-                        json!([call.call_id]),
-                        "{what}: {record}"
-                    );
-                    assert_eq!(record["call_id"], call.call_id.as_str(), "{what}: {record}");
-                    assert_eq!(record["instruction"], step.instruction, "{what}: {record}");
-                    assert_eq!(record["session"], session.as_str(), "{what}: {record}");
-                    assert_eq!(record["server"], SERVER, "{what}: {record}");
-                    let rule = match verdict {
-                        "allow" => format!("{SERVER}/egress/{DECLARED_RULE}"),
-                        _ => "default-deny".to_owned(),
-                    };
-                    assert_eq!(record["rule"], rule.as_str(), "{what}: {record}");
-                }
-            }
-        }
+    let http_runs = alice_runs.iter().chain(bob_runs.iter());
+    for ((plan, run), (session, session_calls)) in plans.iter().zip(http_runs).zip(&mapped) {
+        check_session(&incident, &records, plan, run, session, session_calls);
     }
     // No connection of an HTTP session is left unexplained.
     let fetches_of_http_sessions = count(&plans, FetchDeclared) + count(&plans, FetchUndeclared);
@@ -909,55 +800,187 @@ fn instruction_trace_lists_exactly_its_calls_and_connections() {
         check_trace(&audit, &records, &calls, &plans, &mapped, instruction);
     }
 
-    // The stdio front's session (principal carol) was confined by the daemon: its connections
-    // are in the log. Its calls are not (the stdio front does not write the daemon's log).
+    // Last, the stdio front's session (principal carol): the same must hold for it. Its
+    // records reach the daemon's log over the control socket; its server process was placed
+    // in a guarded cgroup by the daemon.
+    let carol_mapped = session_of(&carol, &by_session);
+    let mut all_sessions = http_sessions.clone();
+    all_sessions.insert(carol_mapped.0.clone());
+    assert_eq!(
+        by_session.keys().cloned().collect::<BTreeSet<_>>(),
+        all_sessions,
+        "the log has tools/call records of sessions no client ran"
+    );
     let carol_egress: Vec<&Value> = egress_records(&records)
         .into_iter()
-        .filter(|r| {
-            r["session"]
-                .as_str()
-                .is_some_and(|s| !http_sessions.contains(s))
-        })
-        .collect();
-    let verdicts: BTreeSet<(String, u64)> = carol_egress
-        .iter()
-        .map(|r| {
-            (
-                r["verdict"].as_str().unwrap_or("?").to_owned(),
-                r["port"].as_u64().unwrap_or(0),
-            )
-        })
+        .filter(|r| r["session"].as_str() == Some(carol_mapped.0.as_str()))
         .collect();
     assert_eq!(
-        verdicts,
-        BTreeSet::from([
-            ("allow".to_owned(), u64::from(incident.declared.addr.port())),
-            ("refuse".to_owned(), u64::from(incident.undeclared.port())),
-        ]),
-        "the stdio-front session's connections: {carol_egress:#?}"
+        carol_egress.len(),
+        count(&[&carol], FetchDeclared) + count(&[&carol], FetchUndeclared),
+        "connections recorded for the stdio-front session {}: {carol_egress:#?}\nall \
+         connections outside the HTTP sessions: {:#?}",
+        carol_mapped.0,
+        egress_records(&records)
+            .into_iter()
+            .filter(|r| r["session"]
+                .as_str()
+                .is_none_or(|s| !http_sessions.contains(s)))
+            .collect::<Vec<_>>()
     );
-    let carol_calls = calls
-        .values()
-        .filter(|c| c.field("principal").as_deref() == Some(CAROL))
-        .count();
-    let carol_trace = mcp_guard(&[
-        "audit",
-        "trace",
-        "--instruction",
+    check_session(
+        &incident,
+        &records,
+        &carol,
+        &carol_run,
+        &carol_mapped.0,
+        &carol_mapped.1,
+    );
+    check_trace(
+        &audit,
+        &records,
+        &calls,
+        &[&carol],
+        std::slice::from_ref(&carol_mapped),
         STDIO_WORK,
-        path_str(&audit),
-    ]);
-    eprintln!(
-        "[incident] stdio front (principal {CAROL}, instruction {STDIO_WORK}): {carol_calls} call \
-         records in the daemon's audit log; its connections are recorded with attribution {:?}; \
-         `audit trace --instruction {STDIO_WORK}` exits {} ({})",
-        carol_egress
-            .iter()
-            .map(|r| r["attribution"].as_str().unwrap_or("?"))
-            .collect::<Vec<_>>(),
-        carol_trace.status,
-        carol_trace.stderr.trim()
     );
+}
+
+/// The one session of the log whose tools/call match `plan`'s steps, and those calls.
+fn session_of<'a>(
+    plan: &SessionPlan,
+    by_session: &BTreeMap<String, Vec<&'a LoggedCall>>,
+) -> (String, Vec<&'a LoggedCall>) {
+    let signature = plan.signature();
+    let matching: Vec<&String> = by_session
+        .iter()
+        .filter(|(_, calls)| {
+            calls
+                .iter()
+                .map(|c| {
+                    (
+                        c.field("instruction"),
+                        c.field("tool").unwrap_or_default(),
+                        c.field("decision").unwrap_or_default(),
+                    )
+                })
+                .collect::<Vec<_>>()
+                == signature
+        })
+        .map(|(session, _)| session)
+        .collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "session {} ({:?}): expected exactly one session in the log with its calls; the \
+         log's sessions and their calls:\n{}",
+        plan.label,
+        signature,
+        by_session
+            .iter()
+            .map(|(s, calls)| format!(
+                "  {s}: {:?}",
+                calls
+                    .iter()
+                    .map(|c| (
+                        c.field("principal"),
+                        c.field("instruction"),
+                        c.field("tool")
+                    ))
+                    .collect::<Vec<_>>()
+            ))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let session = matching[0].clone();
+    let calls = by_session[&session].clone();
+    (session, calls)
+}
+
+/// One session against the log: its start record names its principal; each call its
+/// principal, rule, trace and outcome; each fetch exactly one connection record, with the
+/// kernel's verdict, attributed exactly to that call and stamped with its instruction.
+fn check_session(
+    incident: &Incident,
+    records: &[Value],
+    plan: &SessionPlan,
+    run: &ClientRun,
+    session: &str,
+    session_calls: &[&LoggedCall],
+) {
+    let start = records
+        .iter()
+        .find(|r| r["kind"] == "session" && r["session"] == session)
+        .unwrap_or_else(|| panic!("no session record of {session} ({})", plan.label));
+    assert_eq!(start["principal"], plan.principal, "{start}");
+    assert_eq!(start["detail"]["event"], "start", "{start}");
+    for ((i, step), call) in plan.steps.iter().enumerate().zip(session_calls) {
+        let what = format!(
+            "{} step {i} ({:?}), call {}",
+            plan.label, step.action, call.call_id
+        );
+        assert_eq!(
+            call.field("principal").as_deref(),
+            Some(plan.principal),
+            "{what}"
+        );
+        assert_eq!(call.field("server").as_deref(), Some(SERVER), "{what}");
+        assert_eq!(
+            call.field("rule").as_deref(),
+            Some(step.action.rule()),
+            "{what}"
+        );
+        assert!(
+            call.field("trace_id").is_some_and(|t| t.len() == 32),
+            "{what}: {}",
+            call.decision_record
+        );
+        let expected_outcome = match step.action {
+            Denied => None,
+            Echo | FetchDeclared => Some("result"),
+            FetchUndeclared if run.results[i]["ok"] == false => Some("error"),
+            FetchUndeclared => Some("tool_error"),
+        };
+        assert_eq!(call.outcome_kind().as_deref(), expected_outcome, "{what}");
+        let egress = egress_of(records, &call.call_id);
+        let Some(verdict) = step.action.verdict() else {
+            assert!(egress.is_empty(), "{what} made no connection: {egress:?}");
+            continue;
+        };
+        let port = match step.action {
+            FetchDeclared => incident.declared.addr.port(),
+            _ => incident.undeclared.port(),
+        };
+        let in_session: Vec<&Value> = egress_records(records)
+            .into_iter()
+            .filter(|r| r["session"] == session && r["port"] == port)
+            .collect();
+        assert_eq!(
+            egress.len(),
+            1,
+            "{what}: one connection record naming the call; the session's records of \
+             connections to port {port}: {in_session:#?}"
+        );
+        let record = egress[0];
+        assert_eq!(record["verdict"], verdict, "{what}: {record}");
+        assert_eq!(record["port"], port, "{what}: {record}");
+        assert_eq!(record["addr"], "127.0.0.1", "{what}: {record}");
+        assert_eq!(record["attribution"], "exact", "{what}: {record}");
+        assert_eq!(
+            record["call_ids"],
+            json!([call.call_id]),
+            "{what}: {record}"
+        );
+        assert_eq!(record["call_id"], call.call_id.as_str(), "{what}: {record}");
+        assert_eq!(record["instruction"], step.instruction, "{what}: {record}");
+        assert_eq!(record["session"], session, "{what}: {record}");
+        assert_eq!(record["server"], SERVER, "{what}: {record}");
+        let rule = match verdict {
+            "allow" => format!("{SERVER}/egress/{DECLARED_RULE}"),
+            _ => "default-deny".to_owned(),
+        };
+        assert_eq!(record["rule"], rule.as_str(), "{what}: {record}");
+    }
 }
 
 /// `audit trace --instruction ID` (JSON and text) against the log's own records.

@@ -13,11 +13,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, oneshot};
 
 use crate::audit::{AuditLog, AuditRecord};
 use crate::egress::{Egress, SessionCgroup};
 use crate::metrics::Metrics;
+use crate::proxy::{CallSpan, Proxy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -51,6 +52,9 @@ pub enum Request {
     /// An audit record from a front that runs outside the daemon (the stdio front): the log
     /// has one writer, the daemon. Answered once the record is durable.
     Audit { record: Box<AuditRecord> },
+    /// A call of such a front's session started (no `ended_ns`) or ended: the daemon needs it
+    /// to attribute the session's network connections to calls.
+    CallSpan { session: String, span: CallSpan },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -118,13 +122,17 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
+/// What the control socket serves from.
+#[derive(Clone)]
+pub struct ControlContext {
+    pub egress: Arc<Mutex<Egress>>,
+    pub metrics: Arc<Metrics>,
+    pub audit: AuditLog,
+    pub proxy: Arc<Proxy>,
+}
+
 /// Accepts clients until the listener fails.
-pub async fn serve(
-    listener: UnixListener,
-    egress: Arc<Mutex<Egress>>,
-    metrics: Arc<Metrics>,
-    audit: AuditLog,
-) {
+pub async fn serve(listener: UnixListener, context: ControlContext) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -133,11 +141,9 @@ pub async fn serve(
                 continue;
             }
         };
-        let egress = egress.clone();
-        let metrics = metrics.clone();
-        let audit = audit.clone();
+        let context = context.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_client(stream, egress, metrics, audit).await {
+            if let Err(e) = serve_client(stream, context).await {
                 tracing::warn!(error = %e, "control client");
             }
         });
@@ -151,55 +157,80 @@ fn peer_is_permitted(stream: &UnixStream) -> bool {
         .is_ok_and(|cred| cred.uid() == 0 || cred.uid() == own_uid)
 }
 
-async fn serve_client(
-    stream: UnixStream,
-    egress: Arc<Mutex<Egress>>,
-    metrics: Arc<Metrics>,
-    audit: AuditLog,
-) -> Result<(), ControlError> {
+/// Serves one client. Requests are handled concurrently (so a front's audit records share
+/// the writer's group commit) and answered in the order they came.
+async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(), ControlError> {
     let permitted = peer_is_permitted(&stream);
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
-    let mut opened: Vec<u64> = Vec::new();
-    while let Some(line) = lines.next_line().await? {
-        let response = if !permitted {
-            Response::refused(
-                "permission denied: only root or the daemon's user may connect".into(),
-            )
-        } else {
-            match serde_json::from_str::<Request>(&line) {
-                Ok(Request::OpenSession { server, session }) => {
-                    let mut egress = egress.lock().await;
-                    match egress.open_session(&server, session.as_deref()) {
-                        Ok(session) => {
-                            opened.push(session.cgroup_id);
-                            metrics.egress_sessions_opened.inc();
-                            tracing::info!(server = %session.server, session = %session.session,
-                                cgroup_id = session.cgroup_id, "session cgroup opened");
-                            Response::opened(&session)
+    let opened: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let mut answers = futures_util::stream::FuturesOrdered::new();
+    let mut reading = true;
+    while reading || !answers.is_empty() {
+        tokio::select! {
+            line = lines.next_line(), if reading => match line? {
+                Some(line) => {
+                    let context = context.clone();
+                    let opened = opened.clone();
+                    answers.push_back(async move {
+                        if permitted {
+                            answer(&line, &context, &opened).await
+                        } else {
+                            Response::refused(
+                                "permission denied: only root or the daemon's user may connect".into(),
+                            )
                         }
-                        Err(e) => Response::refused(e.to_string()),
-                    }
+                    });
                 }
-                Ok(Request::Audit { record }) => match audit.append(*record).await {
-                    Ok(_) => Response::accepted(),
-                    Err(e) => Response::refused(format!("audit log: {e}")),
-                },
-                Err(e) => Response::refused(format!("bad request: {e}")),
+                None => reading = false,
+            },
+            Some(response) = futures_util::StreamExt::next(&mut answers) => {
+                let mut text = serde_json::to_string(&response)?;
+                text.push('\n');
+                write.write_all(text.as_bytes()).await?;
             }
-        };
-        let mut text = serde_json::to_string(&response)?;
-        text.push('\n');
-        write.write_all(text.as_bytes()).await?;
+        }
     }
     // The client is gone: its sessions end once their processes have.
-    let mut egress = egress.lock().await;
+    let opened = std::mem::take(&mut *opened.lock().expect("opened lock"));
+    let mut egress = context.egress.lock().await;
     for cgroup_id in opened {
         if let Err(e) = egress.release_session(cgroup_id) {
             tracing::warn!(cgroup_id, error = %e, "closing session cgroup");
         }
     }
     Ok(())
+}
+
+async fn answer(
+    line: &str,
+    context: &ControlContext,
+    opened: &std::sync::Mutex<Vec<u64>>,
+) -> Response {
+    match serde_json::from_str::<Request>(line) {
+        Ok(Request::OpenSession { server, session }) => {
+            let mut egress = context.egress.lock().await;
+            match egress.open_session(&server, session.as_deref()) {
+                Ok(session) => {
+                    opened.lock().expect("opened lock").push(session.cgroup_id);
+                    context.metrics.egress_sessions_opened.inc();
+                    tracing::info!(server = %session.server, session = %session.session,
+                        cgroup_id = session.cgroup_id, "session cgroup opened");
+                    Response::opened(&session)
+                }
+                Err(e) => Response::refused(e.to_string()),
+            }
+        }
+        Ok(Request::Audit { record }) => match context.audit.append(*record).await {
+            Ok(_) => Response::accepted(),
+            Err(e) => Response::refused(format!("audit log: {e}")),
+        },
+        Ok(Request::CallSpan { session, span }) => {
+            context.proxy.note_external_span(&session, span);
+            Response::accepted()
+        }
+        Err(e) => Response::refused(format!("bad request: {e}")),
+    }
 }
 
 /// Client side: asks the daemon at `socket` for a session cgroup. The returned stream must be
@@ -233,12 +264,11 @@ pub async fn open_session(
     Ok((response, stream))
 }
 
-/// A connection for sending audit records to the daemon (the stdio front's audit log).
+/// A connection for sending audit records and call spans to the daemon (the stdio front).
+/// Requests are pipelined: many may be in flight, answered in order.
 pub struct AuditClient {
-    connection: Mutex<(
-        BufReader<tokio::net::unix::OwnedReadHalf>,
-        tokio::net::unix::OwnedWriteHalf,
-    )>,
+    sender: Mutex<tokio::net::unix::OwnedWriteHalf>,
+    waiting: Arc<std::sync::Mutex<std::collections::VecDeque<oneshot::Sender<Response>>>>,
 }
 
 impl AuditClient {
@@ -250,28 +280,48 @@ impl AuditClient {
                 source,
             })?;
         let (read, write) = stream.into_split();
+        let waiting: Arc<std::sync::Mutex<std::collections::VecDeque<oneshot::Sender<Response>>>> =
+            Arc::default();
+        tokio::spawn(route_answers(BufReader::new(read), waiting.clone()));
         Ok(AuditClient {
-            connection: Mutex::new((BufReader::new(read), write)),
+            sender: Mutex::new(write),
+            waiting,
         })
     }
 
     /// Sends one record; returns once the daemon has made it durable.
     pub async fn append(&self, record: AuditRecord) -> Result<(), ControlError> {
-        let request = Request::Audit {
+        self.request(&Request::Audit {
             record: Box::new(record),
-        };
-        let mut text = serde_json::to_string(&request)?;
+        })
+        .await
+    }
+
+    /// Tells the daemon a call of `session` started or ended.
+    pub async fn call_span(&self, session: &str, span: CallSpan) -> Result<(), ControlError> {
+        self.request(&Request::CallSpan {
+            session: session.to_owned(),
+            span,
+        })
+        .await
+    }
+
+    async fn request(&self, request: &Request) -> Result<(), ControlError> {
+        let mut text = serde_json::to_string(request)?;
         text.push('\n');
-        let mut connection = self.connection.lock().await;
-        let (read, write) = &mut *connection;
-        write.write_all(text.as_bytes()).await?;
-        let mut line = String::new();
-        if read.read_line(&mut line).await? == 0 {
-            return Err(ControlError::Refused(
-                "the daemon closed the connection".into(),
-            ));
+        let (answered, answer) = oneshot::channel();
+        {
+            // Queued and written under one lock, so answers come back in the queue's order.
+            let mut sender = self.sender.lock().await;
+            self.waiting
+                .lock()
+                .expect("waiting lock")
+                .push_back(answered);
+            sender.write_all(text.as_bytes()).await?;
         }
-        let response: Response = serde_json::from_str(&line)?;
+        let response = answer
+            .await
+            .map_err(|_| ControlError::Refused("the daemon closed the connection".into()))?;
         if response.ok {
             Ok(())
         } else {
@@ -280,4 +330,22 @@ impl AuditClient {
             ))
         }
     }
+}
+
+async fn route_answers(
+    read: BufReader<tokio::net::unix::OwnedReadHalf>,
+    waiting: Arc<std::sync::Mutex<std::collections::VecDeque<oneshot::Sender<Response>>>>,
+) {
+    let mut lines = read.lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(response) = serde_json::from_str::<Response>(&line) else {
+            break;
+        };
+        let Some(waiter) = waiting.lock().expect("waiting lock").pop_front() else {
+            break;
+        };
+        let _ = waiter.send(response);
+    }
+    // Dropping the waiters tells every caller the daemon is gone.
+    waiting.lock().expect("waiting lock").clear();
 }

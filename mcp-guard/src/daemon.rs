@@ -153,9 +153,12 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         let listener = control::bind(&settings.control_socket)?;
         tokio::spawn(control::serve(
             listener,
-            enforcement.egress.clone(),
-            metrics.clone(),
-            audit.clone(),
+            control::ControlContext {
+                egress: enforcement.egress.clone(),
+                metrics: metrics.clone(),
+                audit: audit.clone(),
+                proxy: proxy.clone(),
+            },
         ));
     }
     if let Some(addr) = settings.metrics_listen {
@@ -422,11 +425,8 @@ async fn record_egress_events(
 
 /// The calls of the attempt's session that were running when the kernel saw it.
 async fn calls_running_at(proxy: &Proxy, attempt: &EgressAttempt) -> Vec<CallSpan> {
-    let Some(session) = attempt.session.as_deref() else {
-        return Vec::new();
-    };
-    match proxy.session(session).await {
-        Some(session) => session.calls_at(attempt.monotonic_ns),
+    match attempt.session.as_deref() {
+        Some(session) => proxy.calls_at(session, attempt.monotonic_ns).await,
         None => Vec::new(),
     }
 }

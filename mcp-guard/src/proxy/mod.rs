@@ -77,7 +77,14 @@ pub struct Proxy {
     sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
     /// Processes of servers with `"isolation": "shared"`, started with their first session.
     shared: Mutex<HashMap<String, Arc<session::SharedServer>>>,
+    /// Call spans of sessions that are not (or no longer) here: sessions of stdio fronts,
+    /// which report their calls over the control socket, and ended sessions, whose late
+    /// kernel events still need their calls. With when each was last touched.
+    spans_elsewhere: std::sync::Mutex<HashMap<String, (session::CallSpans, Instant)>>,
 }
+
+/// How long spans of a session that is not here are kept after their last change.
+const SPANS_ELSEWHERE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Proxy {
     pub fn new(
@@ -101,6 +108,7 @@ impl Proxy {
             limits,
             sessions: Mutex::new(HashMap::new()),
             shared: Mutex::new(HashMap::new()),
+            spans_elsewhere: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -131,6 +139,7 @@ impl Proxy {
         match removed {
             Some(session) => {
                 session.end().await;
+                self.keep_spans_of_ended(&session);
                 self.recorder.session_event(&session, "end").await;
                 self.metrics.active_sessions.dec();
                 true
@@ -213,6 +222,37 @@ impl Proxy {
                 session.forget_catalog().await;
             }
         }
+    }
+
+    /// A call of a session that runs elsewhere (a stdio front) started or ended.
+    pub fn note_external_span(&self, session: &str, span: CallSpan) {
+        let mut elsewhere = self.spans_elsewhere.lock().expect("spans lock");
+        let (spans, touched) = elsewhere
+            .entry(session.to_owned())
+            .or_insert_with(|| (session::CallSpans::default(), Instant::now()));
+        *touched = Instant::now();
+        match span.ended_ns {
+            None => spans.begin(span),
+            Some(ended) => spans.end(&span.call_id, ended),
+        }
+    }
+
+    fn keep_spans_of_ended(&self, session: &AgentSession) {
+        let mut elsewhere = self.spans_elsewhere.lock().expect("spans lock");
+        elsewhere.retain(|_, (_, touched)| touched.elapsed() < SPANS_ELSEWHERE_TTL);
+        elsewhere.insert(session.id.clone(), (session.take_spans(), Instant::now()));
+    }
+
+    /// The calls of `session` that were running at `ts_ns` (CLOCK_MONOTONIC).
+    pub async fn calls_at(&self, session: &str, ts_ns: u64) -> Vec<CallSpan> {
+        if let Some(live) = self.session(session).await {
+            return live.calls_at(ts_ns);
+        }
+        let elsewhere = self.spans_elsewhere.lock().expect("spans lock");
+        elsewhere
+            .get(session)
+            .map(|(spans, _)| spans.covering(ts_ns))
+            .unwrap_or_default()
     }
 
     /// Handles what an agent sent: one message or a batch. Returns what to answer (`None` when
@@ -329,8 +369,12 @@ impl Proxy {
                     &caller.principal,
                 );
                 let _running = session.begin_call(&identity);
+                if let Err(e) = self.recorder.call_started(session, &identity).await {
+                    return record::audit_unavailable(&recorded.id, &e);
+                }
                 let upstream_started = Instant::now();
                 let answer = self.forward(session, request).await;
+                self.recorder.call_ended(session, &identity);
                 let latency = Latency {
                     policy_us: Some(policy_us),
                     upstream_us: Some(upstream_started.elapsed().as_micros() as u64),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::AgentSession;
+use super::session::{monotonic_ns, span_of};
 use crate::audit::{
     AuditDecision, AuditError, AuditLog, AuditRecord, Latency, Outcome, OutcomeKind, RecordKind,
 };
@@ -118,6 +119,33 @@ impl Recorder {
         record.outcome = Some(outcome_of(answer));
         record.latency = Some(latency);
         self.append(record).await
+    }
+
+    /// Where the daemon is another process, it learns of the call (before it is forwarded, so
+    /// a connection the call makes finds it).
+    pub async fn call_started(
+        &self,
+        session: &AgentSession,
+        identity: &CallIdentity,
+    ) -> Result<(), RecordError> {
+        if let Sink::Daemon(client) = &self.sink {
+            client.call_span(&session.id, span_of(identity)).await?;
+        }
+        Ok(())
+    }
+
+    /// ... and of its end (not awaited: nothing waits on it).
+    pub fn call_ended(&self, session: &AgentSession, identity: &CallIdentity) {
+        if let Sink::Daemon(client) = &self.sink {
+            let mut span = span_of(identity);
+            span.ended_ns = Some(monotonic_ns());
+            let (client, session) = (client.clone(), session.id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = client.call_span(&session, span).await {
+                    tracing::warn!(error = %e, "telling the daemon a call ended");
+                }
+            });
+        }
     }
 
     pub async fn session_event(&self, session: &AgentSession, event: &str) {

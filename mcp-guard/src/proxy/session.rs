@@ -75,7 +75,7 @@ enum PlacedCgroup {
 /// A forwarded call and when it ran, on the kernel's clock (CLOCK_MONOTONIC), so a network
 /// connection the kernel stamped can be matched to the calls running at that instant even
 /// when its event is read later.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CallSpan {
     pub call_id: String,
     pub instruction: Option<String>,
@@ -106,7 +106,11 @@ pub struct CallSpans {
 }
 
 impl CallSpans {
-    fn end(&mut self, call_id: &str, now: u64) {
+    pub fn begin(&mut self, span: CallSpan) {
+        self.running.push(span);
+    }
+
+    pub fn end(&mut self, call_id: &str, now: u64) {
         if let Some(index) = self.running.iter().position(|c| c.call_id == call_id) {
             let mut call = self.running.swap_remove(index);
             call.ended_ns = Some(now);
@@ -121,7 +125,7 @@ impl CallSpans {
         }
     }
 
-    fn covering(&self, ts_ns: u64) -> Vec<CallSpan> {
+    pub fn covering(&self, ts_ns: u64) -> Vec<CallSpan> {
         self.running
             .iter()
             .chain(self.ended.iter())
@@ -142,6 +146,17 @@ impl Drop for CallGuard<'_> {
         let now = monotonic_ns();
         let mut calls = self.session.calls.lock().expect("calls lock");
         calls.end(&self.call_id, now);
+    }
+}
+
+/// A span for a call starting now.
+pub fn span_of(identity: &CallIdentity) -> CallSpan {
+    CallSpan {
+        call_id: identity.call_id.clone(),
+        instruction: identity.instruction.clone(),
+        trace_id: identity.trace.trace_id.clone(),
+        started_ns: monotonic_ns(),
+        ended_ns: None,
     }
 }
 
@@ -393,18 +408,16 @@ impl AgentSession {
         self.calls
             .lock()
             .expect("calls lock")
-            .running
-            .push(CallSpan {
-                call_id: identity.call_id.clone(),
-                instruction: identity.instruction.clone(),
-                trace_id: identity.trace.trace_id.clone(),
-                started_ns: monotonic_ns(),
-                ended_ns: None,
-            });
+            .begin(span_of(identity));
         CallGuard {
             session: self,
             call_id: identity.call_id.clone(),
         }
+    }
+
+    /// The session's call spans, taken when it ends (kept elsewhere for late kernel events).
+    pub fn take_spans(&self) -> CallSpans {
+        std::mem::take(&mut *self.calls.lock().expect("calls lock"))
     }
 
     /// Sends the agent's request upstream, remembering its upstream id while it runs.
