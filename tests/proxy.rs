@@ -8,7 +8,9 @@
 //! skip) and say so.
 
 use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
 
 use mcp_guard_tests::*;
 use serde_json::{Value, json};
@@ -1487,4 +1489,108 @@ fn each_session_runs_in_its_own_guarded_cgroup() {
         "a refused connect reached the listener: {:?}",
         undeclared.received()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Shared isolation and Streamable HTTP upstreams
+// ---------------------------------------------------------------------------------------------
+
+/// `"isolation": "shared"`: three agent sessions, one server process (in
+/// `<cgroup root>/<server>/shared`), each session initialised and served, each call enforced.
+#[test]
+fn shared_isolation_serves_every_session_from_one_process() {
+    let env = TestEnv::new("proxy-shared", PROBE);
+    let peers = Peers::require();
+    let mut server = stdio_server(
+        vec![FAST_SERVER.to_string()],
+        vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ],
+    );
+    server["isolation"] = json!("shared");
+    let front = Front::start(env, peers, json!({ "fast": server }));
+    let sessions: Vec<String> = (0..3)
+        .map(|_| front.open_session("fast", HANDSHAKE))
+        .collect();
+    for (i, session) in sessions.iter().enumerate() {
+        let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": format!("session {i}")}}});
+        let answer = response_message(&front.in_session("fast", session, &call));
+        assert_eq!(
+            answer["result"]["content"][0]["text"],
+            format!("session {i}"),
+            "{answer}"
+        );
+        let hidden = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+            "params": {"name": "write_note", "arguments": {"text": "x"}}});
+        let refused = response_message(&front.in_session("fast", session, &hidden));
+        assert_unknown_tool(&refused["error"], "write_note");
+    }
+    let shared = front.env.session_cgroup("fast", "shared");
+    assert_eq!(
+        cgroup_pids(&shared).len(),
+        1,
+        "one process serves every session of a shared server"
+    );
+    for session in &sessions {
+        assert!(
+            !front.env.session_cgroup("fast", session).exists(),
+            "a shared server's session has no cgroup of its own"
+        );
+    }
+}
+
+/// A server reached by `url` (Streamable HTTP upstream): mcp-guard keeps the server's session,
+/// filters its list and enforces calls as for a stdio server.
+#[test]
+fn http_upstream_is_proxied_with_the_same_enforcement() {
+    let env = TestEnv::new("proxy-http-upstream", PROBE);
+    let peers = Peers::require();
+    let mut upstream = Command::new(FAST_SERVER)
+        .args(["--http", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mcp-fast-server --http 0");
+    let stderr = BufReader::new(upstream.stderr.take().expect("stderr"));
+    let port = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| line.strip_prefix("MCP_PEER_LISTENING ").map(str::to_owned))
+        .expect("the fast server announces its port");
+    let servers = json!({
+        "remote": {
+            "url": format!("http://127.0.0.1:{port}/mcp"),
+            "rules": [
+                list_tools_rule(),
+                allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+            ],
+        },
+    });
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("remote", HANDSHAKE);
+    let list = response_message(&front.in_session(
+        "remote",
+        &session,
+        &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    ));
+    assert_eq!(tool_names(&list["result"]), set(&["echo"]), "{list}");
+    let call = response_message(&front.in_session(
+        "remote",
+        &session,
+        &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": "over http"}}}),
+    ));
+    assert_eq!(call["result"]["content"][0]["text"], "over http", "{call}");
+    let hidden = response_message(&front.in_session(
+        "remote",
+        &session,
+        &json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+            "params": {"name": "add", "arguments": {"a": 1, "b": 2}}}),
+    ));
+    assert_unknown_tool(&hidden["error"], "add");
+    let _ = upstream.kill();
+    let _ = upstream.wait();
 }
