@@ -1594,3 +1594,85 @@ fn http_upstream_is_proxied_with_the_same_enforcement() {
     let _ = upstream.kill();
     let _ = upstream.wait();
 }
+
+// ---------------------------------------------------------------------------------------------
+// 12. No unrecorded action
+// ---------------------------------------------------------------------------------------------
+
+/// Unmounts the small filesystem the audit log lives on, whatever happens.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// When the audit log cannot be written (its filesystem is full), calls are refused with
+/// -32012 and never reach the server; once space is back, calls work again.
+#[test]
+fn calls_are_refused_while_the_audit_log_cannot_be_written() {
+    let env = TestEnv::new("proxy-audit-full", PROBE);
+    let peers = Peers::require();
+    let audit_dir = env.dir().join("audit-fs");
+    std::fs::create_dir_all(&audit_dir).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&audit_dir)
+        .status()
+        .expect("mount tmpfs");
+    assert!(status.success(), "mount a small tmpfs for the audit log");
+    let _mounted = Mounted(audit_dir.clone());
+    let notes = env.dir().join("notes.txt");
+    let servers = json!({
+        "fast": stdio_server(
+            vec![FAST_SERVER.to_string(), "--notes".into(), notes.display().to_string()],
+            vec![
+                list_tools_rule(),
+                allow("notes", json!({"roles": [DEVELOPER], "tools": ["write_note"]})),
+            ],
+        ),
+    });
+    let audit_path = audit_dir.join("audit.jsonl");
+    let front = Front::start_with(env, peers, servers, |document| {
+        document["audit"]["path"] = json!(audit_path);
+    });
+    let session = front.open_session("fast", HANDSHAKE);
+    let note = |id: i64, text: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "write_note", "arguments": {"text": text}}})
+    };
+    let first = response_message(&front.in_session("fast", &session, &note(1, "recorded")));
+    assert!(first.get("result").is_some(), "{first}");
+
+    let filler = audit_dir.join("filler");
+    // Fill the filesystem: dd stops with ENOSPC, which is the point.
+    let _ = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", filler.display()))
+        .args(["bs=4k", "status=none"])
+        .status();
+    let refused = response_message(&front.in_session("fast", &session, &note(2, "unrecorded")));
+    assert_eq!(refused["error"]["code"], -32012, "{refused}");
+    let written = std::fs::read_to_string(&notes).unwrap_or_default();
+    assert!(
+        !written.contains("unrecorded"),
+        "a call that could not be recorded reached the server: {written:?}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let again = response_message(&front.in_session("fast", &session, &note(3, "recorded again")));
+    assert!(again.get("result").is_some(), "{again}");
+    let written = std::fs::read_to_string(&notes).unwrap_or_default();
+    assert!(written.contains("recorded again"), "{written:?}");
+    let verify = Command::new(daemon_binary())
+        .args(["audit", "verify"])
+        .arg(&audit_path)
+        .output()
+        .expect("audit verify");
+    assert!(
+        verify.status.success(),
+        "the log stays a valid chain across the failure: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
