@@ -191,26 +191,13 @@ pub(super) async fn start(
         }
         Target::Command { command, env } => (command, env),
     };
-    let (cgroup_path, placed) = place(placement, server, &id).await?;
-    let launch = upstream::stdio::Launch {
-        command,
-        env,
-        cgroup: cgroup_path.as_deref(),
-        identity_env: vec![
-            ("MCP_GUARD_SERVER", server.to_owned()),
-            ("MCP_GUARD_SESSION", id.clone()),
-            ("MCP_GUARD_PRINCIPAL", caller.principal.clone()),
-        ],
-        label,
-    };
-    let spawned = upstream::stdio::spawn(launch);
-    let (upstream, server_messages) = match spawned {
-        Ok(pair) => pair,
-        Err(e) => {
-            release(placed.as_ref()).await;
-            return Err(e.into());
-        }
-    };
+    let identity_env = vec![
+        ("MCP_GUARD_SERVER", server.to_owned()),
+        ("MCP_GUARD_SESSION", id.clone()),
+        ("MCP_GUARD_PRINCIPAL", caller.principal.clone()),
+    ];
+    let (upstream, server_messages, placed) =
+        spawn_placed(placement, server, &id, command, env, identity_env, label).await?;
     Ok(assemble(
         proxy,
         server,
@@ -242,24 +229,21 @@ impl SharedServer {
         env: &BTreeMap<String, String>,
         placement: &Placement,
     ) -> Result<Arc<SharedServer>, ProxyError> {
-        let (cgroup_path, placed) = place(placement, server, "shared").await?;
-        let launch = upstream::stdio::Launch {
+        let identity_env = vec![
+            ("MCP_GUARD_SERVER", server.to_owned()),
+            ("MCP_GUARD_SESSION", "shared".to_owned()),
+        ];
+        let label = Arc::from(format!("{server}/shared"));
+        let (upstream, server_messages, placed) = spawn_placed(
+            placement,
+            server,
+            "shared",
             command,
             env,
-            cgroup: cgroup_path.as_deref(),
-            identity_env: vec![
-                ("MCP_GUARD_SERVER", server.to_owned()),
-                ("MCP_GUARD_SESSION", "shared".to_owned()),
-            ],
-            label: Arc::from(format!("{server}/shared")),
-        };
-        let (upstream, server_messages) = match upstream::stdio::spawn(launch) {
-            Ok(pair) => pair,
-            Err(e) => {
-                release(placed.as_ref()).await;
-                return Err(e.into());
-            }
-        };
+            identity_env,
+            label,
+        )
+        .await?;
         let shared = Arc::new(SharedServer {
             upstream: Arc::new(upstream),
             _cgroup: placed,
@@ -578,6 +562,34 @@ impl AgentSession {
     /// Becomes true when the session ends: streams to the agent close.
     pub fn ended(&self) -> tokio::sync::watch::Receiver<bool> {
         self.ended.subscribe()
+    }
+}
+
+/// Starts a stdio server process in a cgroup `<server>/<cgroup_name>` from `placement`,
+/// giving the cgroup back if the process cannot start.
+async fn spawn_placed(
+    placement: &Placement,
+    server: &str,
+    cgroup_name: &str,
+    command: &[String],
+    env: &BTreeMap<String, String>,
+    identity_env: Vec<(&'static str, String)>,
+    label: Arc<str>,
+) -> Result<(Upstream, ServerMessages, Option<PlacedCgroup>), ProxyError> {
+    let (cgroup_path, placed) = place(placement, server, cgroup_name).await?;
+    let launch = upstream::stdio::Launch {
+        command,
+        env,
+        cgroup: cgroup_path.as_deref(),
+        identity_env,
+        label,
+    };
+    match upstream::stdio::spawn(launch) {
+        Ok((upstream, server_messages)) => Ok((upstream, server_messages, placed)),
+        Err(e) => {
+            release(placed.as_ref()).await;
+            Err(e.into())
+        }
     }
 }
 
