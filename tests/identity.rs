@@ -112,11 +112,22 @@ fn request(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> Answer {
+    request_to(addr, SERVER, method, headers, body)
+}
+
+/// Like [`request`], to the endpoint of `server`.
+fn request_to(
+    addr: SocketAddr,
+    server: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> Answer {
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect to the front");
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let body = body.map(Value::to_string).unwrap_or_default();
     let mut text = format!(
-        "{method} /servers/{SERVER}/mcp HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+        "{method} /servers/{server}/mcp HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
          Content-Length: {}\r\n",
         body.len()
     );
@@ -372,6 +383,18 @@ fn requests_without_a_valid_token_are_answered_401() {
 
     let missing = post(addr, &[], &initialize_message());
     assert_unauthorised(&missing, "no bearer token");
+    // Not even which servers exist is told to an unauthenticated caller.
+    let unknown_server = request_to(
+        addr,
+        "no-such-server",
+        "POST",
+        &[
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+        ],
+        Some(&initialize_message()),
+    );
+    assert_unauthorised(&unknown_server, "no bearer token");
 
     let expired = token(
         Algorithm::RS256,

@@ -58,6 +58,10 @@ async fn dispatch(
     body: Body,
 ) -> Response {
     if !front.proxy.model().servers.contains_key(&name) {
+        // Unauthenticated callers learn nothing, not even which server names exist.
+        if let Err(unauthenticated) = caller_for(&front, &headers) {
+            return *unauthenticated;
+        }
         return rpc_error_response(
             StatusCode::NOT_FOUND,
             RpcError::new(
