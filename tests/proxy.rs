@@ -1676,3 +1676,41 @@ fn calls_are_refused_while_the_audit_log_cannot_be_written() {
         String::from_utf8_lossy(&verify.stderr)
     );
 }
+
+/// A server that breaks the protocol (a tools/list result without a `tools` array) gets its
+/// answer refused, never passed on unfiltered.
+#[test]
+fn a_list_the_policy_cannot_filter_is_refused() {
+    let env = TestEnv::new("proxy-bad-list", PROBE);
+    let peers = Peers::require();
+    const BROKEN_SERVER: &str = r#"
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message:
+        continue
+    if message["method"] == "initialize":
+        result = {"protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "broken", "version": "0"}}
+    elif message["method"] == "tools/list":
+        result = {"tools": "not a list", "secret_tool": {"name": "hidden"}}
+    else:
+        result = {}
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+"#;
+    let servers = json!({
+        "broken": stdio_server(
+            vec!["python3".into(), "-c".into(), BROKEN_SERVER.into()],
+            vec![list_tools_rule()],
+        ),
+    });
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("broken", HANDSHAKE);
+    let list = response_message(&front.in_session(
+        "broken",
+        &session,
+        &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    ));
+    assert_eq!(list["error"]["code"], -32011, "{list}");
+    assert!(list.get("result").is_none(), "{list}");
+}

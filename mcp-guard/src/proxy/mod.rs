@@ -542,9 +542,20 @@ impl Proxy {
             .observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(mut result)) => {
-                self.filter_list(session, &request.method, &mut result)
-                    .await;
-                jsonrpc::result_response(&request.id, result)
+                match self
+                    .filter_list(session, &request.method, &mut result)
+                    .await
+                {
+                    Ok(()) => jsonrpc::result_response(&request.id, result),
+                    // A list the policy cannot filter is not passed on unfiltered.
+                    Err(violation) => {
+                        self.metrics
+                            .upstream_errors
+                            .with_label_values(&[&session.server])
+                            .inc();
+                        Refusal::upstream(&request.id, &violation).error.to_value()
+                    }
+                }
             }
             Ok(Err(error)) => json!({"jsonrpc": "2.0", "id": request.id, "error": error}),
             Err(e) => {
@@ -560,12 +571,21 @@ impl Proxy {
     }
 
     /// Keeps only the items the caller may use (first page or later: each page is filtered).
-    async fn filter_list(&self, session: &Arc<AgentSession>, method: &str, result: &mut Value) {
+    /// Errs when the server's answer is not a list of the expected shape (a protocol
+    /// violation).
+    async fn filter_list(
+        &self,
+        session: &Arc<AgentSession>,
+        method: &str,
+        result: &mut Value,
+    ) -> Result<(), String> {
         let Some((_, field, use_method, key)) = LISTS.iter().find(|(m, ..)| *m == method) else {
-            return;
+            return Ok(());
         };
         let Some(items) = result.get_mut(*field).and_then(Value::as_array_mut) else {
-            return;
+            return Err(format!(
+                "the server's {method} result has no `{field}` array"
+            ));
         };
         let policy = self.policy();
         let caller = session.caller();
@@ -586,6 +606,7 @@ impl Proxy {
         if method == "tools/list" {
             session.learn_tools(items).await;
         }
+        Ok(())
     }
 
     async fn handle_notification(

@@ -537,7 +537,10 @@ impl AgentSession {
                 .get("nextCursor")
                 .and_then(Value::as_str)
                 .map(str::to_owned);
-            proxy.filter_list(self, "tools/list", &mut result).await;
+            proxy
+                .filter_list(self, "tools/list", &mut result)
+                .await
+                .map_err(ToolCheck::Upstream)?;
             if cursor.is_none() {
                 break;
             }
