@@ -1714,3 +1714,53 @@ for line in sys.stdin:
     assert_eq!(list["error"]["code"], -32011, "{list}");
     assert!(list.get("result").is_none(), "{list}");
 }
+
+/// A stateless agent's very first request may be a call: mcp-guard learns the tool list from a
+/// stateless server with the agent's `_meta` envelope (the server refuses requests without it).
+/// Session keys are scoped by server: the same key on another endpoint is another session.
+#[test]
+fn a_stateless_session_may_start_with_a_call() {
+    let env = TestEnv::new("proxy-stateless-first-call", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "time": stdio_server(peers.time(), vec![
+            list_tools_rule(),
+            allow("current-time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
+        ]),
+        "fast": stdio_server(vec![FAST_SERVER.to_string()], vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let call = |server: &str, params: Value| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params});
+        let output = front.raw(
+            server,
+            &[
+                "--envelope",
+                STATELESS,
+                "--header",
+                "MCP-Guard-Session: shared-key",
+                "--body",
+                &body.to_string(),
+            ],
+        );
+        assert_eq!(output["status"], 200, "{server}: {output}");
+        response_message(&output)
+    };
+    let time = call(
+        "time",
+        json!({"name": "get_current_time", "arguments": {"timezone": "UTC"}}),
+    );
+    assert!(time.get("error").is_none(), "{time}");
+    assert_ne!(time["result"]["isError"], true, "{time}");
+    let echo = call(
+        "fast",
+        json!({"name": "echo", "arguments": {"text": "own session"}}),
+    );
+    assert_eq!(
+        echo["result"]["content"][0]["text"], "own session",
+        "the same key on another server's endpoint reached its own session: {echo}"
+    );
+}

@@ -221,6 +221,8 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     tracing::info!(
         "stopping; kernel enforcement stays pinned (`mcp-guard egress teardown` removes it)"
     );
+    // Server processes stop and each session's end goes on record.
+    proxy.end_all_sessions().await;
     Ok(())
 }
 

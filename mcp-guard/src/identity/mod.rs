@@ -133,8 +133,9 @@ impl CallIdentity {
         }
     }
 
-    /// Adds mcp-guard's keys to the forwarded request's `params._meta`, keeping every key the
-    /// agent set (its traceparent included: the agent's own tracing stays intact).
+    /// Adds mcp-guard's keys to the forwarded request's `params._meta`: its own facts (call id,
+    /// server, session, principal) replace whatever the agent put there; the agent's trace
+    /// context and instruction are kept.
     pub fn stamp(&self, params: &mut Option<Value>, server: &str, session: &str, principal: &str) {
         let params = params.get_or_insert_with(|| Value::Object(Map::new()));
         let Some(params) = params.as_object_mut() else {
@@ -146,13 +147,20 @@ impl CallIdentity {
         let Some(meta) = meta.as_object_mut() else {
             return;
         };
+        // mcp-guard's own facts always win: an agent must not name another principal or
+        // session to the server.
+        for (key, value) in [
+            (meta_keys::CALL_ID, self.call_id.as_str()),
+            (meta_keys::SERVER, server),
+            (meta_keys::SESSION, session),
+            (meta_keys::PRINCIPAL, principal),
+        ] {
+            meta.insert(key.to_owned(), Value::String(value.to_owned()));
+        }
+        // What the agent set of the rest (its own trace, the instruction) it keeps.
         let mut put = |key: &str, value: String| {
             meta.entry(key).or_insert(Value::String(value));
         };
-        put(meta_keys::CALL_ID, self.call_id.clone());
-        put(meta_keys::SERVER, server.to_owned());
-        put(meta_keys::SESSION, session.to_owned());
-        put(meta_keys::PRINCIPAL, principal.to_owned());
         if let Some(instruction) = &self.instruction {
             put(meta_keys::INSTRUCTION, instruction.clone());
         }
@@ -272,5 +280,6 @@ mod tests {
         let message = json!({"params": params});
         let headers = downstream_headers(&message);
         assert!(headers.contains(&("mcp-guard-principal", "alice".to_owned())));
+        assert!(!headers.contains(&("mcp-guard-principal", "someone-else".to_owned())));
     }
 }

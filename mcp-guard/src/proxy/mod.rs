@@ -456,7 +456,14 @@ impl Proxy {
             let tool = name.unwrap_or_default();
             let empty = json!({});
             let arguments = arguments.unwrap_or(&empty);
-            match session.check_tool_arguments(self, tool, arguments).await {
+            let envelope = match self.stateless_envelope(session, request).await {
+                Ok(envelope) => envelope,
+                Err(e) => return Err(Refusal::upstream(&request.id, &e.to_string())),
+            };
+            match session
+                .check_tool_arguments(self, tool, arguments, envelope.as_ref())
+                .await
+            {
                 Ok(()) => {}
                 Err(ToolCheck::Unknown) => return Err(Refusal::unknown_tool(&request.id, tool)),
                 Err(ToolCheck::Invalid(problem)) => {
@@ -495,6 +502,35 @@ impl Proxy {
         self.forward_as_is(session, request).await
     }
 
+    /// For a stateless agent's request: makes sure the server is ready (a server of the older
+    /// revisions gets initialised now), and gives the `_meta` envelope mcp-guard's own
+    /// requests to a stateless server must carry.
+    async fn stateless_envelope(
+        &self,
+        session: &Arc<AgentSession>,
+        request: &Request,
+    ) -> Result<Option<Value>, crate::upstream::UpstreamError> {
+        if !revision::is_stateless_request(request.params.as_ref()) || session.shared().is_some() {
+            return Ok(None);
+        }
+        match session.upstream_era().await? {
+            session::UpstreamEra::Stateful { .. } => Ok(None),
+            session::UpstreamEra::Stateless => Ok(request
+                .params
+                .as_ref()
+                .and_then(|p| p.get("_meta"))
+                .and_then(Value::as_object)
+                .map(|meta| {
+                    Value::Object(
+                        meta.iter()
+                            .filter(|(key, _)| key.starts_with("io.modelcontextprotocol/"))
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    )
+                })),
+        }
+    }
+
     /// A stateless agent's request to a server that only speaks the initialize-based
     /// revisions: `server/discover` is answered from the server's initialize result, and
     /// results get the `resultType` stateless agents expect.
@@ -517,9 +553,16 @@ impl Proxy {
             }
             return jsonrpc::result_response(&request.id, result);
         }
+        let is_list = LISTS.iter().any(|(m, ..)| *m == request.method);
         let mut answer = self.forward_as_is(session, request).await;
         if let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) {
             result.entry("resultType").or_insert(json!("complete"));
+            if is_list {
+                // Lists are cacheable results in the stateless revision; an older server says
+                // nothing about caching, so nothing may be cached.
+                result.entry("ttlMs").or_insert(json!(0));
+                result.entry("cacheScope").or_insert(json!("private"));
+            }
         }
         answer
     }
@@ -531,8 +574,7 @@ impl Proxy {
             (Some(shared), "initialize") => shared.initialize(request.params).await,
             _ => {
                 session
-                    .upstream()
-                    .call(&request.method, request.params)
+                    .call_upstream(&request.id, &request.method, request.params)
                     .await
             }
         };

@@ -505,11 +505,12 @@ impl AgentSession {
         proxy: &Proxy,
         tool: &str,
         arguments: &Value,
+        envelope: Option<&Value>,
     ) -> Result<(), ToolCheck> {
         if let Some(verdict) = self.check_known(tool, arguments).await {
             return verdict;
         }
-        self.fetch_tool_list(proxy).await?;
+        self.fetch_tool_list(proxy, envelope).await?;
         self.check_known(tool, arguments)
             .await
             .unwrap_or(Err(ToolCheck::Unknown))
@@ -522,12 +523,25 @@ impl AgentSession {
     }
 
     /// Reads every page of the server's tools/list, filtered as the agent would see it.
-    async fn fetch_tool_list(self: &Arc<Self>, proxy: &Proxy) -> Result<(), ToolCheck> {
+    /// `envelope`: the stateless `_meta` keys the agent's request carried, sent along to a
+    /// server that speaks the stateless revision (it refuses requests without them).
+    async fn fetch_tool_list(
+        self: &Arc<Self>,
+        proxy: &Proxy,
+        envelope: Option<&Value>,
+    ) -> Result<(), ToolCheck> {
         self.forget_catalog().await;
         let mut cursor: Option<String> = None;
         // Bounded: a server that pages forever must not hold the call forever.
         for _ in 0..100 {
-            let params = cursor.as_ref().map(|c| json!({"cursor": c}));
+            let mut params = json!({});
+            if let Some(cursor) = &cursor {
+                params["cursor"] = json!(cursor);
+            }
+            if let Some(envelope) = envelope {
+                params["_meta"] = envelope.clone();
+            }
+            let params = (params != json!({})).then_some(params);
             let mut result = match self.upstream.call("tools/list", params).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(error)) => return Err(ToolCheck::Upstream(error.to_string())),

@@ -247,7 +247,8 @@ async fn find_or_open_session(
         .map(str::to_owned)
         .or_else(|| revision::meta_session(incoming))
         .unwrap_or_else(|| format!("{}-{server}", caller.principal));
-    let id = format!("stateless-{}", sanitise(&key));
+    // Scoped by server: the same key on another server's endpoint is another session.
+    let id = format!("stateless-{server}-{}", sanitise(&key));
     if let Some(session) = proxy.session(&id).await {
         if !is_owner(front, &session, &caller) {
             return Err(rpc_error_response(
