@@ -24,7 +24,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon: kernel egress enforcement, control socket, metrics.
+    /// Run the daemon: the MCP HTTP front, kernel egress enforcement, the audit log, the
+    /// control socket and metrics.
     Run(RunArgs),
     /// Kernel egress enforcement: run a command confined, inspect or remove what is pinned.
     #[command(subcommand)]

@@ -400,8 +400,8 @@ async fn export_kernel_gauges(egress: &Mutex<Egress>, metrics: &Metrics) {
     }
 }
 
-/// Until the audit log exists (issue "Identity threading and tamper-evident audit"), each
-/// attempt is a structured log line and a metric.
+/// Each kernel event becomes an audit record (attributed to the calls running when it
+/// happened), a structured log line and a metric.
 async fn record_egress_events(
     mut events: mpsc::Receiver<EgressAttempt>,
     metrics: Arc<Metrics>,
@@ -430,6 +430,15 @@ async fn calls_running_at(proxy: &Proxy, attempt: &EgressAttempt) -> Vec<CallSpa
     match attempt.session.as_deref() {
         Some(session) => proxy.calls_at(session, attempt.monotonic_ns).await,
         None => Vec::new(),
+    }
+}
+
+/// As in the audit record.
+fn attribution_label(attribution: Attribution) -> &'static str {
+    match attribution {
+        Attribution::Exact => "exact",
+        Attribution::Ambiguous => "ambiguous",
+        Attribution::Idle => "idle",
     }
 }
 
@@ -509,7 +518,7 @@ fn log_egress(attempt: &EgressAttempt, calls: &[CallSpan], metrics: &Metrics) {
         verdict = %attempt.verdict,
         rule = %attempt.rule,
         hook = %attempt.hook,
-        attribution = ?attribution_of(calls),
+        attribution = attribution_label(attribution_of(calls)),
         call_ids = %call_ids.join(","),
         instruction = %instructions.join(","),
         at_unix_ms = attempt.at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),

@@ -697,7 +697,12 @@ impl Proxy {
         };
         self.metrics
             .decisions
-            .with_label_values(&[&session.server, &request.method, verdict, &rule])
+            .with_label_values(&[
+                &session.server,
+                known_method(&request.method),
+                verdict,
+                &rule,
+            ])
             .inc();
         if decision.effect == Effect::Allow {
             return Ok(());

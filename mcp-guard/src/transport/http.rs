@@ -33,8 +33,8 @@ const GUARD_SESSION_HEADER: &str = "mcp-guard-session";
 const GUARD_CONTEXT_HEADER: &str = "mcp-guard-context";
 const GUARD_PRINCIPAL_HEADER: &str = "mcp-guard-principal";
 
-/// What the front needs besides the proxy: how callers are identified until token identity
-/// exists (the policy's `daemon.principal`).
+/// What the front serves from: the proxy (and through it the policy, whose `identity`
+/// section says how callers are identified).
 #[derive(Clone)]
 pub struct Front {
     pub proxy: Arc<Proxy>,
