@@ -105,10 +105,11 @@ fn run_task(task: Task) -> Result<()> {
         Task::Run { daemon_args } => run_daemon(&daemon_args),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Lint => lint(),
-        Task::Bench(Bench::Egress { bench_args }) => bench_egress(&bench_args),
-        Task::Bench(Bench::Policy { bench_args }) => bench_policy(&bench_args),
+        Task::Bench(Bench::Egress { bench_args }) => bench_binary("egress-bench", &bench_args),
+        Task::Bench(Bench::Policy { bench_args }) => bench_binary("policy-bench", &bench_args),
         Task::Bench(Bench::Proxy { bench_args }) => bench_proxy(&bench_args),
-        Task::Bench(Bench::Audit { bench_args }) => bench_audit(&bench_args),
+        // audit-bench builds the release mcp-guard it times (tests/lib.rs `daemon_binary`).
+        Task::Bench(Bench::Audit { bench_args }) => bench_binary("audit-bench", &bench_args),
     }
 }
 
@@ -194,9 +195,10 @@ fn lint() -> Result<()> {
     ]))
 }
 
-fn bench_egress(bench_args: &[String]) -> Result<()> {
+/// Sets up, then runs one bench binary of the tests crate in release mode.
+fn bench_binary(name: &str, bench_args: &[String]) -> Result<()> {
     setup::setup()?;
-    stage("bench egress");
+    stage(&format!("bench {}", name.trim_end_matches("-bench")));
     process::run(
         command("cargo")?
             .args([
@@ -205,25 +207,7 @@ fn bench_egress(bench_args: &[String]) -> Result<()> {
                 "-p",
                 "mcp-guard-tests",
                 "--bin",
-                "egress-bench",
-                "--",
-            ])
-            .args(bench_args),
-    )
-}
-
-fn bench_policy(bench_args: &[String]) -> Result<()> {
-    setup::setup()?;
-    stage("bench policy");
-    process::run(
-        command("cargo")?
-            .args([
-                "run",
-                "--release",
-                "-p",
-                "mcp-guard-tests",
-                "--bin",
-                "policy-bench",
+                name,
                 "--",
             ])
             .args(bench_args),
@@ -258,25 +242,6 @@ fn bench_proxy(bench_args: &[String]) -> Result<()> {
         command(&bench.to_string_lossy())?
             .arg("--peers")
             .arg(peers::peers_dir())
-            .args(bench_args),
-    )
-}
-
-fn bench_audit(bench_args: &[String]) -> Result<()> {
-    setup::setup()?;
-    stage("bench audit");
-    // audit-bench builds the release mcp-guard it times (tests/lib.rs `daemon_binary`).
-    process::run(
-        command("cargo")?
-            .args([
-                "run",
-                "--release",
-                "-p",
-                "mcp-guard-tests",
-                "--bin",
-                "audit-bench",
-                "--",
-            ])
             .args(bench_args),
     )
 }
