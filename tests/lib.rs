@@ -141,17 +141,8 @@ fn build_daemon() -> Result<PathBuf, String> {
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on
 /// unified ones).
 pub fn cgroup2_mount() -> PathBuf {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            if right.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            Some(PathBuf::from(left.split_whitespace().nth(4)?))
-        })
-        .expect("the egress tests need a cgroup v2 mount (none in /proc/self/mountinfo)")
+    mcp_guard::egress::cgroup::cgroup2_mount()
+        .unwrap_or_else(|e| panic!("the egress tests need a cgroup v2 mount: {e}"))
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -1107,34 +1098,41 @@ pub struct InteractiveProbe {
     pub ready: Value,
 }
 
+/// Reads a piped child's output in the background: stdout line by line into a channel, stderr
+/// into a buffer that grows as the child writes.
+pub fn collect_output(child: &mut Child) -> (Receiver<String>, Arc<Mutex<String>>) {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let sink = stderr.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr_pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    (lines, stderr)
+}
+
 impl InteractiveProbe {
     fn spawn(mut cmd: Command) -> InteractiveProbe {
         let mut child = cmd.spawn().expect("spawn mcp-guard egress exec");
         let stdin = child.stdin.take();
-        let stdout = child.stdout.take().unwrap();
-        let mut stderr_pipe = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr_pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        let (lines, stderr) = collect_output(&mut child);
         let mut probe = InteractiveProbe {
             child,
             stdin,

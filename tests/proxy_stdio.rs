@@ -6,10 +6,10 @@
 //! Root only (the daemon loads its eBPF programs). The real peers come from
 //! `cargo xtask setup`; without them these tests fail (never skip) and say so.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -259,24 +259,7 @@ impl RawStdio {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn mcp-guard stdio");
-        let stdout = child.stdout.take().unwrap();
-        let mut stderr_pipe = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            let mut text = String::new();
-            let _ = std::io::Read::read_to_string(&mut stderr_pipe, &mut text);
-            sink.lock().unwrap().push_str(&text);
-        });
+        let (lines, stderr) = collect_output(&mut child);
         RawStdio {
             stdin: child.stdin.take(),
             child,

@@ -395,18 +395,7 @@ fn free_port() -> Result<u16, String> {
 }
 
 fn cgroup2_mount() -> Result<PathBuf, String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            if right.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            Some(PathBuf::from(left.split_whitespace().nth(4)?))
-        })
-        .ok_or_else(|| "no cgroup v2 mount (kernel egress enforcement needs one)".into())
+    mcp_guard::egress::cgroup::cgroup2_mount().map_err(|e| e.to_string())
 }
 
 fn require_file(path: &Path, what: &str, hint: &str) -> Result<(), String> {
