@@ -1,4 +1,5 @@
-//! The command line: `run`, `egress exec|status|teardown`, `policy check|schema`,
+//! The command line: `run`, `egress exec|status|teardown`,
+//! `policy check|schema|suggest|explain|diff`,
 //! `audit verify|trace`.
 
 use std::net::SocketAddr;
@@ -7,6 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::logging::LogFormat;
+use crate::policy::explain::ExplainFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -137,6 +139,45 @@ pub enum PolicyCommand {
     },
     /// Print the policy's JSON Schema.
     Schema,
+    /// Write the minimal policy that would have allowed exactly what learn-mode (or any)
+    /// audit logs recorded, and print the scope report: what was exposed, what was used, and
+    /// what the suggestion removes.
+    Suggest(SuggestArgs),
+    /// Render a policy in plain language for a reviewer: who may do what on which server,
+    /// under which conditions, which network destinations each server may reach, what is
+    /// refused by default and what is logged. Every sentence names its rule id.
+    Explain {
+        /// The policy file.
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExplainFormat::Markdown)]
+        format: ExplainFormat,
+    },
+    /// What NEW grants or removes compared with OLD, in the same plain language as `explain`.
+    Diff {
+        /// The policy in force.
+        old: PathBuf,
+        /// The policy proposed.
+        new: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExplainFormat::Markdown)]
+        format: ExplainFormat,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SuggestArgs {
+    /// The audit log's files (or its directory), as for `audit verify`.
+    #[arg(long = "audit", required = true, num_args = 1..)]
+    pub audit: Vec<PathBuf>,
+    /// The policy in force: the suggestion keeps its daemon, identity and audit settings, its
+    /// principals and roles, and its servers' launch settings.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Write the suggested policy here (default: stdout, after the report on stderr).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the scope report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

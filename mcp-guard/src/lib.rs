@@ -4,13 +4,15 @@
 //! `mcp` (JSON-RPC and protocol revisions), `policy` (what is allowed), `proxy` (the
 //! per-message pipeline), `upstream` (the real servers), `egress` (kernel confinement of the
 //! server processes), `control` (the local socket other fronts use to place their children),
-//! `metrics`, and `daemon` (wiring, signals, reload).
+//! `metrics`, `learn` (least-privilege policy suggestion from audit logs), and `daemon`
+//! (wiring, signals, reload).
 pub mod audit;
 pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod egress;
 pub mod identity;
+pub mod learn;
 pub mod logging;
 pub mod mcp;
 pub mod metrics;

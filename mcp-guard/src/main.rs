@@ -69,6 +69,21 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(command) => Ok(mcp_guard::audit::command::run(command)),
+        Command::Policy(PolicyCommand::Explain { file, format }) => {
+            let policy = Policy::load(&file)?.policy;
+            print!("{}", mcp_guard::policy::explain::explain(&policy, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(PolicyCommand::Diff { old, new, format }) => {
+            let old = Policy::load(&old)?.policy;
+            let new = Policy::load(&new)?.policy;
+            print!("{}", mcp_guard::policy::diff::diff(&old, &new, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(PolicyCommand::Suggest(args)) => {
+            mcp_guard::learn::suggest::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy(PolicyCommand::Schema) => {
             println!(
                 "{}",

@@ -15,7 +15,9 @@
 mod cidr;
 pub mod compile;
 mod decision;
+pub mod diff;
 mod error;
+pub mod explain;
 mod glob;
 mod methods;
 mod model;
@@ -44,8 +46,8 @@ pub use glob::matches as glob_matches;
 pub use methods::{PLUMBING_METHODS, is_plumbing};
 pub use model::{
     AuditSettings, DaemonSettings, Destination, Effect, EgressRule, IdentitySettings, Isolation,
-    JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings, POLICY_VERSION, Policy, Principal, Protocol,
-    Rule, ServerPolicy,
+    JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings, Mode, POLICY_VERSION, Policy, Principal,
+    Protocol, Rule, ServerPolicy,
 };
 pub use ports::{PortRange, PortRangeError};
 pub(crate) use validate::is_valid_principal_name;

@@ -67,6 +67,55 @@ pub struct Policy {
     /// attributed to `daemon.principal`.
     #[serde(default)]
     pub identity: IdentitySettings,
+
+    /// How the policy is applied: `enforce` (the default) refuses what the rules do not allow;
+    /// `shadow` evaluates every rule and records `would_deny` but lets everything through;
+    /// `learn` lets everything through and records what was used, for
+    /// `mcp-guard policy suggest`. A server's own `mode` overrides this one.
+    #[serde(default, skip_serializing_if = "Mode::is_default")]
+    pub mode: Mode,
+}
+
+/// How a policy, or one server's part of it, is applied.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Refuse what the rules do not allow, over MCP and in the kernel.
+    #[default]
+    Enforce,
+    /// Decide as `enforce` would, record `would_deny` (and `would_refuse` for network
+    /// connections), but let everything through.
+    Shadow,
+    /// Let everything through and record what was used: methods, tools, resources, prompts,
+    /// argument shapes, the servers' tool catalogues and every network destination.
+    Learn,
+}
+
+impl Mode {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Shadow => "shadow",
+            Self::Learn => "learn",
+        }
+    }
+
+    /// True when nothing is refused: the kernel and the proxy only record.
+    pub fn lets_everything_through(self) -> bool {
+        self != Self::Enforce
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How the HTTP front identifies its callers. With neither `jwt` nor `trust_header`, every
@@ -400,6 +449,25 @@ pub struct ServerPolicy {
     /// (`initialize`, `ping`, progress and cancellation notifications, ...) needs no rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
+
+    /// This server's mode, overriding the policy's `mode` (see there). Absent: the policy's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+
+    /// Tool names or glob patterns (as in a rule's `methods`) of tools that change something
+    /// (write, delete, send, pay). The scope report of `policy suggest` counts a tool as
+    /// write-capable when the server's `annotations` say so (`readOnlyHint` false or
+    /// `destructiveHint` true) or, where the server says nothing, when it is listed here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("items" = { "type": "string", "minLength": 1 }, "uniqueItems" = true))]
+    pub write_tools: Vec<String>,
+}
+
+impl ServerPolicy {
+    /// The mode this server runs in under `policy_mode`, the policy's own.
+    pub fn effective_mode(&self, policy_mode: Mode) -> Mode {
+        self.mode.unwrap_or(policy_mode)
+    }
 }
 
 /// How many server processes mcp-guard spawns for a `command`.

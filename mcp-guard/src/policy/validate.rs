@@ -461,6 +461,18 @@ fn check_server(
     check_env(&path, server, problems);
     check_egress(&path, &server.egress, problems);
     check_rules(&path, &server.rules, principals, problems);
+    check_write_tools(&path, &server.write_tools, problems);
+}
+
+fn check_write_tools(server_path: &str, patterns: &[String], problems: &mut Vec<Problem>) {
+    for (index, pattern) in patterns.iter().enumerate() {
+        if pattern.is_empty() {
+            problems.push(Problem::error(
+                format!("{server_path}.write_tools[{index}]"),
+                "is empty",
+            ));
+        }
+    }
 }
 
 /// A server is spawned by mcp-guard (`command`) or reached over HTTP (`url`); either way its
