@@ -300,6 +300,7 @@ struct Front {
     daemon: Daemon,
     env: TestEnv,
     addr: SocketAddr,
+    metrics: SocketAddr,
 }
 
 /// Developers and interns may list and call echo and add, but interns may not echo anything;
@@ -319,7 +320,9 @@ impl Front {
     fn start(tag: &str, identity: Value) -> Front {
         let env = TestEnv::new(tag, PROBE);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
         let mut document = env.proxy_policy(addr, fast_server());
+        document["daemon"]["metrics_listen"] = json!(metrics.to_string());
         document["principals"][CAROL] = json!({"roles": ["developer"]});
         document["principals"]["viewer-user"] = json!({"roles": ["viewer"]});
         document["identity"] = identity;
@@ -332,7 +335,12 @@ impl Front {
         }
         env.write_policy_document(&document);
         let daemon = env.start_daemon();
-        Front { daemon, env, addr }
+        Front {
+            daemon,
+            env,
+            addr,
+            metrics,
+        }
     }
 
     fn audit_lines(&self) -> Vec<Value> {
@@ -486,6 +494,43 @@ fn requests_without_a_valid_token_are_answered_401() {
             .iter()
             .any(|record| record["kind"] == "session" || record["kind"] == "call"),
         "unauthenticated requests left audit records"
+    );
+
+    // Each refusal is counted under a fixed reason, never under what the caller sent.
+    let scrape = scrape(front.metrics);
+    let failures = |reason: &str| {
+        metric(
+            &scrape,
+            "mcp_guard_auth_failures_total",
+            &[("reason", reason)],
+        )
+    };
+    let expected = [
+        ("missing", 4.0),
+        ("expired", 1.0),
+        ("not_yet_valid", 1.0),
+        ("wrong_audience", 1.0),
+        ("unknown_issuer", 1.0),
+        ("bad_signature", 2.0),
+        ("malformed", 2.0),
+    ];
+    for (reason, count) in expected {
+        assert_eq!(
+            failures(reason),
+            count,
+            "auth failures with reason {reason}"
+        );
+    }
+    let reasons: BTreeSet<&str> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "mcp_guard_auth_failures_total")
+        .filter_map(|s| s.labels.get("reason"))
+        .collect();
+    assert_eq!(
+        reasons,
+        expected.iter().map(|(reason, _)| *reason).collect(),
+        "unexpected reason labels"
     );
 }
 

@@ -1649,34 +1649,6 @@ fn audit_records_carry_identity() {
 // 4. Metrics
 // ---------------------------------------------------------------------------------------------
 
-fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
-    let (status, body) = http_get(addr, "/metrics").expect("GET /metrics");
-    assert_eq!(status, 200, "{body}");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-        .expect("Prometheus text")
-}
-
-fn sample_value(value: &prometheus_parse::Value) -> f64 {
-    match value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => *v,
-        other => panic!("not a single value: {other:?}"),
-    }
-}
-
-/// The one sample of `metric` with `labels`, or 0 when absent.
-fn metric(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let matching: Vec<f64> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| sample_value(&s.value))
-        .collect();
-    assert!(matching.len() <= 1, "{metric} {labels:?}: several samples");
-    matching.first().copied().unwrap_or(0.0)
-}
-
 /// Two sessions left open (raw initialize), one SDK session that lists tools, echoes, is
 /// refused twice by a rule and once as an unknown tool, and fetches both URLs, then ends.
 /// `mcp_guard_decisions_total` equals, label set by label set, the decision records of the

@@ -323,11 +323,18 @@ impl TestEnv {
 
     /// Like [`TestEnv::spawn_daemon`], with `extra` appended to the `mcp-guard run` command line.
     pub fn spawn_daemon_with(&self, extra: &[&str]) -> Daemon {
+        self.spawn_daemon_with_env(extra, &[])
+    }
+
+    /// Like [`TestEnv::spawn_daemon_with`], with `env` added to the daemon's environment (e.g.
+    /// systemd's `NOTIFY_SOCKET`).
+    pub fn spawn_daemon_with_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         assert!(
             self.policy_path.exists(),
             "write_policy before starting the daemon"
         );
         let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
         cmd.arg("run")
             .arg("--policy")
             .arg(&self.policy_path)
@@ -853,6 +860,35 @@ impl Daemon {
         // SAFETY: plain signal delivery to our own child.
         let rc = unsafe { libc::kill(self.pid(), libc::SIGHUP) };
         assert_eq!(rc, 0, "kill -HUP: {}", std::io::Error::last_os_error());
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) without waiting for anything.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain signal delivery to our own child.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill -{signal}: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for the daemon to exit and reaps it; fails the test (with its log) if it is still
+    /// running after [`TIMEOUT`].
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut slot = self.child.lock().unwrap();
+        let child = slot.as_mut().expect("daemon already reaped");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the daemon") {
+                slot.take();
+                return status;
+            }
+            if Instant::now() >= deadline {
+                drop(slot);
+                panic!(
+                    "mcp-guard still running after {TIMEOUT:?}. Its log:\n{}",
+                    self.log.summary(20, 20)
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL and reap: the daemon gets no chance to clean anything up.
@@ -1771,6 +1807,68 @@ pub fn response_message(output: &Value) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// Opens a session at `url` with the initialize handshake at `version` (then
+/// `notifications/initialized` and a ping inside the session) through `raw_http.py`, and
+/// returns its `Mcp-Session-Id`. For tests that keep one session across daemon-side changes.
+pub fn open_raw_session(peers: &Peers, url: &str, version: &str) -> String {
+    let ping = json!({"jsonrpc": "2.0", "id": "after-initialize", "method": "ping"});
+    let output = raw_http(
+        peers,
+        url,
+        &["--initialize", version, "--body", &ping.to_string()],
+    );
+    let initialize = &output["initialize"];
+    assert_eq!(initialize["status"], 200, "initialize: {output}");
+    assert_eq!(
+        initialize["response"]["result"]["protocolVersion"], version,
+        "initialize: {output}"
+    );
+    assert_eq!(
+        initialize["initialized_status"], 202,
+        "notifications/initialized: {output}"
+    );
+    assert_eq!(output["status"], 200, "ping in the new session: {output}");
+    initialize["session_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("initialize answered without Mcp-Session-Id: {output}"))
+        .to_string()
+}
+
+/// POSTs `body` at `url` inside the session `session` opened at `version`; what
+/// `raw_http.py` printed.
+pub fn post_in_session(
+    peers: &Peers,
+    url: &str,
+    session: &str,
+    version: &str,
+    body: &Value,
+) -> Value {
+    let version = format!("MCP-Protocol-Version: {version}");
+    raw_http(
+        peers,
+        url,
+        &[
+            "--session",
+            session,
+            "--header",
+            &version,
+            "--body",
+            &body.to_string(),
+        ],
+    )
+}
+
+/// Every record of the audit log at `path`, in file order (none while it does not exist).
+pub fn audit_records(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|err| panic!("{}: not JSON ({err}): {line}", path.display()))
+        })
+        .collect()
+}
+
 /// The status line and headers of an HTTP/1.1 response, with the connection still open (to
 /// read an SSE stream further, or to drop it).
 pub struct HttpHead {
@@ -1965,4 +2063,34 @@ pub fn list_tools_rule() -> Value {
 /// A stdio MCP server spawned per session, reaching nothing on the network.
 pub fn stdio_server(command: Vec<String>, rules: Vec<Value>) -> Value {
     json!({"command": command, "egress": [], "rules": rules})
+}
+
+/// `/metrics` of a daemon, parsed by a real Prometheus text-format parser.
+pub fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let (status, body) = http_get(addr, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text")
+}
+
+/// A counter's, gauge's or untyped sample's value.
+pub fn sample_value(value: &prometheus_parse::Value) -> f64 {
+    match value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        other => panic!("not a single value: {other:?}"),
+    }
+}
+
+/// The one sample of `metric` with `labels`, or 0 when absent.
+pub fn metric(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| sample_value(&s.value))
+        .collect();
+    assert!(matching.len() <= 1, "{metric} {labels:?}: several samples");
+    matching.first().copied().unwrap_or(0.0)
 }

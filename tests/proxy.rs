@@ -85,42 +85,12 @@ impl Front {
     /// Opens a session with the initialize handshake at `version` (then
     /// `notifications/initialized`) and returns its `Mcp-Session-Id`.
     fn open_session(&self, server: &str, version: &str) -> String {
-        let ping = json!({"jsonrpc": "2.0", "id": "after-initialize", "method": "ping"});
-        let output = self.raw(
-            server,
-            &["--initialize", version, "--body", &ping.to_string()],
-        );
-        let initialize = &output["initialize"];
-        assert_eq!(initialize["status"], 200, "initialize: {output}");
-        assert_eq!(
-            initialize["response"]["result"]["protocolVersion"], version,
-            "initialize: {output}"
-        );
-        assert_eq!(
-            initialize["initialized_status"], 202,
-            "notifications/initialized: {output}"
-        );
-        assert_eq!(output["status"], 200, "ping in the new session: {output}");
-        initialize["session_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("initialize answered without Mcp-Session-Id: {output}"))
-            .to_string()
+        open_raw_session(&self.peers, &self.url(server), version)
     }
 
     /// POSTs `body` inside an existing session.
     fn in_session(&self, server: &str, session: &str, body: &Value) -> Value {
-        let version = format!("MCP-Protocol-Version: {HANDSHAKE}");
-        self.raw(
-            server,
-            &[
-                "--session",
-                session,
-                "--header",
-                &version,
-                "--body",
-                &body.to_string(),
-            ],
-        )
+        post_in_session(&self.peers, &self.url(server), session, HANDSHAKE, body)
     }
 
     /// The one server process of a session.

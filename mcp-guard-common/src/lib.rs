@@ -33,6 +33,13 @@ pub const PROTO_UDP: u8 = 2;
 /// `EgressEvent::verdict`.
 pub const VERDICT_REFUSE: u8 = 0;
 pub const VERDICT_ALLOW: u8 = 1;
+/// No rule allows the attempt, but its cgroup is record-only ([`GUARD_FLAG_RECORD_ONLY`]), so
+/// it went ahead.
+pub const VERDICT_WOULD_REFUSE: u8 = 2;
+
+/// `GuardEntry::flags`: report what no rule allows as [`VERDICT_WOULD_REFUSE`] and let it
+/// through (a server in shadow or learn mode).
+pub const GUARD_FLAG_RECORD_ONLY: u32 = 1;
 
 /// `EgressEvent::hook`: which program judged the attempt.
 pub const HOOK_CONNECT4: u8 = 1;
@@ -48,7 +55,8 @@ pub const RULE_DEFAULT_DENY: u32 = 0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuardEntry {
     pub policy_id: u32,
-    pub _reserved: u32,
+    /// `GUARD_FLAG_*` bits.
+    pub flags: u32,
 }
 
 /// Data part of the LPM-trie key. Both address families live in one trie: IPv4 addresses are

@@ -3,7 +3,8 @@
 //!
 //! Attached at the root of mcp-guard's cgroup subtree (and at adopted cgroups). A cgroup that is
 //! neither guarded itself nor below a guarded cgroup passes untouched; a guarded one may reach
-//! only the prefixes, ports and protocols of its allow-list, everything else gets EPERM.
+//! only the prefixes, ports and protocols of its allow-list, everything else gets EPERM, unless
+//! the cgroup is record-only (shadow and learn modes): then it is reported and let through.
 #![no_std]
 #![no_main]
 
@@ -17,10 +18,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mcp_guard_common::{
-    AllowKey, AllowValue, EVENTS_BYTES, EgressEvent, GuardEntry, HOOK_CONNECT4, HOOK_CONNECT6,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, MAX_ALLOW_PREFIXES, MAX_CGROUP_DEPTH, MAX_GUARDED_CGROUPS,
-    MAX_PORT_RULES, POLICY_ID_BITS, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, VERDICT_ALLOW,
-    VERDICT_REFUSE,
+    AllowKey, AllowValue, EVENTS_BYTES, EgressEvent, GUARD_FLAG_RECORD_ONLY, GuardEntry,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, MAX_ALLOW_PREFIXES,
+    MAX_CGROUP_DEPTH, MAX_GUARDED_CGROUPS, MAX_PORT_RULES, POLICY_ID_BITS, PROTO_TCP, PROTO_UDP,
+    RULE_DEFAULT_DENY, VERDICT_ALLOW, VERDICT_REFUSE, VERDICT_WOULD_REFUSE,
 };
 
 const ALLOW: i32 = 1;
@@ -86,6 +87,8 @@ fn judge<const HOOK: u8>(ctx: &SockAddrContext) -> i32 {
     let rule_id = matching_rule(guard.policy_id, &dest);
     let verdict = if rule_id.is_some() {
         VERDICT_ALLOW
+    } else if guard.flags & GUARD_FLAG_RECORD_ONLY != 0 {
+        VERDICT_WOULD_REFUSE
     } else {
         VERDICT_REFUSE
     };
@@ -99,10 +102,10 @@ fn judge<const HOOK: u8>(ctx: &SockAddrContext) -> i32 {
     );
     // The verifier insists the return value is provably 0 or 1; LLVM folds the comparison
     // into a register whose range the verifier cannot bound, so mask behind an opaque value.
-    (core::hint::black_box(if verdict == VERDICT_ALLOW {
-        ALLOW
-    } else {
+    (core::hint::black_box(if verdict == VERDICT_REFUSE {
         REFUSE
+    } else {
+        ALLOW
     }) & 1) as i32
 }
 

@@ -77,6 +77,14 @@ pub struct RunArgs {
     /// Serve the MCP Streamable HTTP front here (overrides the policy's daemon.listen).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Append audit records to this file (overrides the policy's audit.path).
+    #[arg(long)]
+    pub audit_path: Option<PathBuf>,
+    /// The daemon was started in a cgroup delegated to it (systemd `Delegate=yes`): move into
+    /// `<that cgroup>/daemon` and create the server cgroups beside it (overrides
+    /// --cgroup-root and the policy's daemon.cgroup_root).
+    #[arg(long, conflicts_with = "cgroup_root")]
+    pub delegated_cgroup: bool,
 }
 
 /// Paths that override the policy's `daemon` section.
@@ -169,13 +177,14 @@ pub struct SuggestArgs {
     #[arg(long = "audit", required = true, num_args = 1..)]
     pub audit: Vec<PathBuf>,
     /// The policy in force: the suggestion keeps its daemon, identity and audit settings, its
-    /// principals and roles, and its servers' launch settings.
+    /// principals and roles, its servers' launch settings and its deny rules, and the report
+    /// compares against it. Without it, the suggestion has defaults to fill in.
     #[arg(long)]
     pub policy: Option<PathBuf>,
-    /// Write the suggested policy here (default: stdout, after the report on stderr).
+    /// Write the suggested policy here (default: stdout; the report is then on stderr).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Print the scope report as JSON instead of text.
+    /// Print the scope report as JSON instead of text: on stdout with --out, else on stderr.
     #[arg(long)]
     pub json: bool,
 }

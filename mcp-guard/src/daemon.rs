@@ -1,6 +1,8 @@
 //! `mcp-guard run`: loads the policy, sets up kernel egress enforcement, serves the control
 //! socket and metrics, and reacts to signals (SIGHUP or a changed policy file: reload;
-//! SIGTERM/SIGINT: stop, leaving the pinned programs enforcing).
+//! SIGTERM/SIGINT: stop taking calls, let those in flight finish within
+//! `daemon.shutdown_grace_seconds`, end the sessions and exit, leaving the pinned programs
+//! enforcing). Under systemd it reports each of these steps (see [`crate::service`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,9 +20,12 @@ use crate::egress::{
     Attachment, Egress, EgressAttempt, EgressError, EgressLayout, ServerEgress, from_policy,
 };
 use crate::metrics::{self, Metrics};
-use crate::policy::{CompiledPolicy, DaemonSettings, LoadedPolicy, Policy, PolicyError};
+use crate::policy::{
+    AuditSettings, CompiledPolicy, DaemonSettings, LoadedPolicy, Mode, Policy, PolicyError,
+};
 use crate::proxy::record::Recorder;
 use crate::proxy::{CallSpan, Placement, Proxy};
+use crate::service::Notifier;
 use crate::transport::http;
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -61,9 +66,17 @@ pub struct Overrides {
     pub control_socket: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub listen: Option<SocketAddr>,
+    /// Overrides the policy's `audit.path`.
+    pub audit_path: Option<PathBuf>,
 }
 
 impl Overrides {
+    pub fn apply_audit(&self, settings: &mut AuditSettings) {
+        if let Some(path) = &self.audit_path {
+            settings.path = path.clone();
+        }
+    }
+
     pub fn apply(&self, settings: &mut DaemonSettings) {
         if let Some(bpffs) = &self.bpffs {
             settings.bpffs = bpffs.clone();
@@ -87,6 +100,12 @@ pub struct RunOptions {
     pub policy_path: PathBuf,
     pub no_egress: bool,
     pub overrides: Overrides,
+    /// Use the cgroup the daemon was started in (delegated by systemd) as the cgroup root, the
+    /// daemon itself moving into its `daemon` leaf.
+    pub delegated_cgroup: bool,
+    /// The service manager to report readiness, reloads and stopping to (systemd's
+    /// `Type=notify`); inactive outside systemd.
+    pub service: Notifier,
 }
 
 /// Kernel enforcement as the running daemon holds it.
@@ -103,6 +122,11 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let loaded = load_policy(&options.policy_path)?;
     let mut settings = loaded.policy.daemon.clone();
     options.overrides.apply(&mut settings);
+    if options.delegated_cgroup && !options.no_egress {
+        let root = crate::egress::cgroup::enter_delegated_subtree().map_err(EgressError::from)?;
+        tracing::info!(cgroup_root = %root.display(), "using the delegated cgroup subtree");
+        settings.cgroup_root = Some(root);
+    }
     let metrics = Metrics::new();
 
     let mut enforcement = if options.no_egress {
@@ -119,8 +143,10 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         Some(enforcement) => Placement::Local(enforcement.egress.clone()),
         None => Placement::Unconfined,
     };
-    let audit = AuditLog::open_with_counters(&loaded.policy.audit, metrics.audit.clone())?;
-    record_policy_event(&audit, "load", &options.policy_path, None).await;
+    let mut audit_settings = loaded.policy.audit.clone();
+    options.overrides.apply_audit(&mut audit_settings);
+    let audit = AuditLog::open_with_counters(&audit_settings, metrics.audit.clone())?;
+    record_start(&audit, &options.policy_path).await;
     let proxy = Proxy::new(
         loaded.policy.clone(),
         compiled,
@@ -136,6 +162,8 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             audit.clone(),
         ));
     }
+    let (stop_front, front_stopped) = tokio::sync::watch::channel(false);
+    let mut front_task = None;
     if let Some(addr) = settings.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -143,11 +171,15 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         let front = http::Front {
             proxy: proxy.clone(),
         };
-        tokio::spawn(async move {
-            if let Err(e) = http::serve(listener, front).await {
+        let mut stopped = front_stopped.clone();
+        front_task = Some(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            if let Err(e) = http::serve_until(listener, front, shutdown).await {
                 tracing::error!(error = %e, "MCP listener stopped");
             }
-        });
+        }));
     }
     if let Some(enforcement) = &enforcement {
         let listener = control::bind(&settings.control_socket)?;
@@ -174,6 +206,13 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     let mut policy_stamp = file_stamp(&options.policy_path);
+    let service = &options.service;
+    let status = service_status(&loaded.policy, enforcement.is_some(), &settings);
+    // Everything is attached, loaded and bound by now: the moment systemd may start what
+    // depends on the daemon.
+    notify(service.ready(&status));
+    let watchdog_every = service.watchdog_interval();
+    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     tracing::info!(
         policy = %options.policy_path.display(),
         servers = loaded.policy.servers.len(),
@@ -188,17 +227,22 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         let dns_due = dns_refresh_due(enforcement.as_ref());
         tokio::select! {
             _ = hangup.recv() => {
+                notify(service.reloading());
                 reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics).await;
+                notify(service.ready(&service_status(&proxy.model(), enforcement.is_some(), &settings)));
                 policy_stamp = file_stamp(&options.policy_path);
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            _ = watchdog.tick(), if watchdog_every.is_some() => notify(service.watchdog()),
             _ = poll.tick() => {
                 let stamp = file_stamp(&options.policy_path);
                 if stamp != policy_stamp {
                     policy_stamp = stamp;
                     tracing::info!("policy file changed");
+                    notify(service.reloading());
                     reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics).await;
+                    notify(service.ready(&service_status(&proxy.model(), enforcement.is_some(), &settings)));
                 }
                 if let Some(enforcement) = &enforcement {
                     export_kernel_gauges(&enforcement.egress, &metrics).await;
@@ -218,12 +262,51 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             }
         }
     }
+    let grace = Duration::from_secs(settings.shutdown_grace_seconds.into());
+    notify(service.stopping(&format!(
+        "stopping: finishing calls in flight (up to {}s)",
+        grace.as_secs()
+    )));
     tracing::info!(
+        grace_seconds = grace.as_secs(),
         "stopping; kernel enforcement stays pinned (`mcp-guard egress teardown` removes it)"
     );
+    let _ = stop_front.send(true);
+    if let Some(mut task) = front_task
+        && tokio::time::timeout(grace, &mut task).await.is_err()
+    {
+        tracing::warn!(
+            grace_seconds = grace.as_secs(),
+            "calls still in flight after the shutdown grace period are cut off"
+        );
+        task.abort();
+    }
+    notify(service.status("stopping: ending sessions"));
     // Server processes stop and each session's end goes on record.
     proxy.end_all_sessions().await;
+    if let Err(e) = audit.sync() {
+        tracing::error!(error = %e, "audit: flushing the log at shutdown");
+    }
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// A failed notification is worth a warning, never a stop: the daemon enforces either way.
+fn notify(sent: Result<(), crate::service::ServiceError>) {
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "service manager notification failed");
+    }
+}
+
+/// The one-line `STATUS=` systemd shows in `systemctl status`.
+fn service_status(policy: &Policy, egress: bool, settings: &DaemonSettings) -> String {
+    format!(
+        "enforcing {} server(s); kernel egress {}; MCP front {}; metrics {}",
+        policy.servers.len(),
+        if egress { "on" } else { "OFF" },
+        display_addr(settings.listen),
+        display_addr(settings.metrics_listen),
+    )
 }
 
 fn load_policy(path: &Path) -> Result<LoadedPolicy, PolicyError> {
@@ -414,7 +497,11 @@ async fn record_egress_events(
         for attempt in batch.drain(..) {
             let calls = calls_running_at(&proxy, &attempt).await;
             log_egress(&attempt, &calls, &metrics);
-            records.push(egress_record(&attempt, &calls));
+            let mode = attempt
+                .server
+                .as_deref()
+                .map_or(Mode::Enforce, |server| proxy.mode_of(server));
+            records.push(egress_record(&attempt, &calls, mode));
         }
         // Appended together: the writer commits them with one fsync.
         let appended =
@@ -450,7 +537,7 @@ fn attribution_of(calls: &[CallSpan]) -> Attribution {
     }
 }
 
-fn egress_record(attempt: &EgressAttempt, calls: &[CallSpan]) -> AuditRecord {
+fn egress_record(attempt: &EgressAttempt, calls: &[CallSpan], mode: Mode) -> AuditRecord {
     let mut record = AuditRecord::new(RecordKind::Egress);
     record.server = attempt.server.as_deref().map(str::to_owned);
     record.session = attempt.session.as_deref().map(str::to_owned);
@@ -475,6 +562,7 @@ fn egress_record(attempt: &EgressAttempt, calls: &[CallSpan]) -> AuditRecord {
     record.verdict = Some(match attempt.verdict {
         crate::egress::events::Verdict::Allow => crate::audit::Verdict::Allow,
         crate::egress::events::Verdict::Refuse => crate::audit::Verdict::Refuse,
+        crate::egress::events::Verdict::WouldRefuse => crate::audit::Verdict::WouldRefuse,
     });
     record.rule = Some(attempt.rule.to_string());
     record.hook = Some(attempt.hook.to_string());
@@ -483,6 +571,8 @@ fn egress_record(attempt: &EgressAttempt, calls: &[CallSpan]) -> AuditRecord {
     record.cgroup_id = Some(attempt.cgroup_id);
     record.attribution = Some(attribution_of(calls));
     record.call_ids = Some(calls.iter().map(|c| c.call_id.clone()).collect());
+    record.mode = mode.lets_everything_through().then_some(mode);
+    record.host = attempt.host.as_deref().map(str::to_owned);
     record
 }
 
@@ -517,6 +607,7 @@ fn log_egress(attempt: &EgressAttempt, calls: &[CallSpan], metrics: &Metrics) {
         port = attempt.port,
         verdict = %attempt.verdict,
         rule = %attempt.rule,
+        host = attempt.host.as_deref().unwrap_or(""),
         hook = %attempt.hook,
         attribution = attribution_label(attribution_of(calls)),
         call_ids = %call_ids.join(","),
@@ -527,6 +618,25 @@ fn log_egress(attempt: &EgressAttempt, calls: &[CallSpan], metrics: &Metrics) {
 }
 
 async fn record_policy_event(audit: &AuditLog, event: &str, path: &Path, reason: Option<&str>) {
+    let mut record = policy_record(event, path);
+    record.reason = reason.map(str::to_owned);
+    append_policy_record(audit, record).await;
+}
+
+/// The start-up policy record; it also says when opening the log cut off what a crash left
+/// half-written, so the chain itself shows where a recovery happened.
+async fn record_start(audit: &AuditLog, path: &Path) {
+    let mut record = policy_record("load", path);
+    let cut = audit.torn_bytes_cut();
+    if cut > 0
+        && let Some(detail) = record.detail.as_mut()
+    {
+        detail.insert("audit_torn_bytes_cut".into(), cut.into());
+    }
+    append_policy_record(audit, record).await;
+}
+
+fn policy_record(event: &str, path: &Path) -> AuditRecord {
     let mut record = AuditRecord::event(RecordKind::Policy, event);
     if let Some(detail) = record.detail.as_mut() {
         detail.insert(
@@ -534,7 +644,10 @@ async fn record_policy_event(audit: &AuditLog, event: &str, path: &Path, reason:
             serde_json::Value::String(path.display().to_string()),
         );
     }
-    record.reason = reason.map(str::to_owned);
+    record
+}
+
+async fn append_policy_record(audit: &AuditLog, record: AuditRecord) {
     if let Err(e) = audit.append(record).await {
         tracing::error!(error = %e, "audit: policy record not written");
     }

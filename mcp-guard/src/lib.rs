@@ -18,6 +18,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod service;
 pub mod transport;
 pub mod upstream;
 

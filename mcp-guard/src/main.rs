@@ -32,13 +32,18 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => {
+            // SAFETY: no other thread exists yet; the runtime starts below.
+            let service = unsafe { mcp_guard::service::Notifier::take_from_env() }?;
             let options = RunOptions {
                 policy_path: args.policy,
                 no_egress: args.no_egress,
                 overrides: Overrides {
                     listen: args.listen,
+                    audit_path: args.audit_path,
                     ..overrides(&args.paths, args.metrics_listen)
                 },
+                delegated_cgroup: args.delegated_cgroup,
+                service,
             };
             runtime()?.block_on(daemon::run(options))?;
             Ok(ExitCode::SUCCESS)
@@ -81,7 +86,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(PolicyCommand::Suggest(args)) => {
-            mcp_guard::learn::suggest::run(&args)?;
+            mcp_guard::learn::command::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(PolicyCommand::Schema) => {
@@ -108,6 +113,7 @@ fn overrides(paths: &PathArgs, metrics_listen: Option<std::net::SocketAddr>) -> 
         control_socket: paths.control_socket.clone(),
         metrics_listen,
         listen: None,
+        audit_path: None,
     }
 }
 

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub active_sessions: IntGauge,
     pub upstream_errors: IntCounterVec,
+    /// Requests the HTTP front refused before any policy decision because the caller could
+    /// not be authenticated, by reason (a fixed set, see `AuthError::kind`).
+    pub auth_failures: IntCounterVec,
     /// Audit records written and audit write failures (shared with the audit writer).
     pub audit: crate::audit::AuditCounters,
 }
@@ -87,7 +90,7 @@ impl Metrics {
             decisions: IntCounterVec::new(
                 Opts::new(
                     "mcp_guard_decisions_total",
-                    "Authorisation decisions, by server, method, decision (allow, deny) and rule id",
+                    "Authorisation decisions, by server, method, decision (allow, deny, would_deny) and rule id",
                 ),
                 &["server", "method", "decision", "rule"],
             )
@@ -117,6 +120,14 @@ impl Metrics {
                 &["server"],
             )
             .expect("metric"),
+            auth_failures: IntCounterVec::new(
+                Opts::new(
+                    "mcp_guard_auth_failures_total",
+                    "Requests refused with HTTP 401 because the caller's bearer token was missing or invalid, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
             audit: crate::audit::AuditCounters::default(),
             registry,
         };
@@ -129,13 +140,14 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(self.audit.records_written.clone()),
             Box::new(self.audit.failures.clone()),
             Box::new(self.decisions.clone()),
             Box::new(self.request_duration.clone()),
             Box::new(self.active_sessions.clone()),
             Box::new(self.upstream_errors.clone()),
+            Box::new(self.auth_failures.clone()),
             Box::new(self.egress_attempts.clone()),
             Box::new(self.egress_events_lost.clone()),
             Box::new(self.egress_guarded_cgroups.clone()),

@@ -2,7 +2,7 @@
 //! proxy benchmark (it answers in microseconds, so what is measured through mcp-guard is
 //! mcp-guard's own cost) and a peer whose every answer the tests can predict.
 //!
-//! Usage: `mcp-fast-server [--http PORT] [--notes FILE]`
+//! Usage: `mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS]`
 //!
 //! - stdio, always: newline-delimited JSON-RPC on stdin/stdout, one message (or batch) a line.
 //! - `--http PORT`: also Streamable HTTP at `http://127.0.0.1:PORT/mcp` (POST answered with
@@ -11,6 +11,8 @@
 //!   stdin closes, until it is killed.
 //! - `--notes FILE`: every successful `write_note` call appends its text and a newline to FILE,
 //!   so a test can prove whether a call reached the server.
+//! - `--call-delay-ms MS`: every `tools/call` is answered MS milliseconds after it arrives, so
+//!   a test can have a call in flight while it does something to mcp-guard.
 //!
 //! Protocol revisions: `initialize` accepts 2025-06-18 and 2025-11-25 (echoed back; anything
 //! else is answered with 2025-11-25); a request whose `params._meta` carries
@@ -58,6 +60,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut http_port = None;
     let mut notes = None;
+    let mut call_delay = std::time::Duration::ZERO;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match (arg.as_str(), rest.next()) {
@@ -65,11 +68,16 @@ fn main() {
                 http_port = Some(port.parse::<u16>().unwrap_or_else(|_| usage()))
             }
             ("--notes", Some(file)) => notes = Some(PathBuf::from(file)),
+            ("--call-delay-ms", Some(ms)) => {
+                call_delay =
+                    std::time::Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()))
+            }
             _ => usage(),
         }
     }
     let server = Arc::new(Server {
         notes,
+        call_delay,
         sessions: Mutex::new(HashSet::new()),
     });
     let http = http_port.map(|port| {
@@ -92,12 +100,13 @@ fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: mcp-fast-server [--http PORT] [--notes FILE]");
+    eprintln!("usage: mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS]");
     std::process::exit(2);
 }
 
 struct Server {
     notes: Option<PathBuf>,
+    call_delay: std::time::Duration,
     sessions: Mutex<HashSet<String>>,
 }
 
@@ -329,6 +338,7 @@ impl Server {
     /// Unknown tools are protocol errors; bad arguments are tool errors (`isError`), which the
     /// caller (a model) can read and correct, as the 2025-11-25 revision asks.
     fn call_tool(&self, name: &str, arguments: &Value) -> Result<Value, RpcError> {
+        thread::sleep(self.call_delay);
         let text_argument = || arguments.get("text").and_then(Value::as_str);
         let outcome = match name {
             "echo" => text_argument()
@@ -898,6 +908,7 @@ mod tests {
     fn server() -> Server {
         Server {
             notes: None,
+            call_delay: std::time::Duration::ZERO,
             sessions: Mutex::new(HashSet::new()),
         }
     }

@@ -24,6 +24,27 @@ The script is a JSON list of operations (or `{"ops": [...]}`):
     {"op": "list_prompts"}
     {"op": "get_prompt", "name": "greet", "arguments": {"name": "Ada"}}
     {"op": "ping"}                      (handshake-era only; removed in 2026-07-28)
+    {"op": "call_tool", ..., "progress": true}
+                                        (sends a progressToken; the line gets "progress": the
+                                        notifications/progress received for the call, in order)
+    {"op": "cancel_tool", "name": ..., "arguments": ..., "after_ms": 500 [, "progress": true]}
+                                        (starts the call, then abandons it after `after_ms`: the
+                                        SDK sends notifications/cancelled for it. Result:
+                                        {"cancelled": true, "elapsed_ms": ...}, or
+                                        {"cancelled": false, "elapsed_ms": ..., "result": {...}}
+                                        when the answer came first)
+    {"op": "sleep", "ms": 500}          (lets server-initiated traffic arrive between ops)
+    {"op": "configure", "sampling": "TEXT", "elicitation": {...}, "roots": [{"uri": ..., "name": ...}]}
+                                        (client callbacks, each optional; see below)
+
+Server-to-client requests: the callbacks a `configure` op names are registered before the
+client connects, wherever the op stands in the script (their capabilities are declared at
+connect), and the op answers in its place with what it registered. `sampling` answers every
+sampling/createMessage with an assistant message of that text (model "mcp-guard-tests"),
+`elicitation` accepts every elicitation/create with that content, `roots` answers roots/list
+with that list. Without a callback the SDK declines such requests and declares no capability.
+With any callback configured, every later line carries "callbacks": the invocations since the
+previous line, in order, each {"callback": "sampling"|"elicitation"|"roots", "params": {...}}.
 
 Every operation may carry `"meta": {...}` (sent as the request's `params._meta`, next to the
 keys the SDK stamps itself) and, over HTTP, `"headers": {...}` (added to that operation's HTTP
@@ -59,6 +80,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -165,14 +187,110 @@ class ScopedHeaders:
                 self.http_client.headers[name] = value
 
 
-async def run_op(client: Client, op: dict[str, Any]) -> Any:
+SAMPLING_MODEL = "mcp-guard-tests"
+
+
+class ServerRequests:
+    """The callbacks for server-to-client requests that `configure` ops register, and a record
+    of every time the server's request reached one of them."""
+
+    def __init__(self, script: list[dict[str, Any]]):
+        self.sampling_text: str | None = None
+        self.elicitation_content: dict[str, Any] | None = None
+        self.roots: list[dict[str, Any]] | None = None
+        for op in script:
+            if op["op"] == "configure":
+                self.sampling_text = op.get("sampling", self.sampling_text)
+                self.elicitation_content = op.get("elicitation", self.elicitation_content)
+                self.roots = op.get("roots", self.roots)
+        self.invocations: list[dict[str, Any]] = []
+
+    @property
+    def configured(self) -> bool:
+        return any(x is not None for x in (self.sampling_text, self.elicitation_content, self.roots))
+
+    def registered(self) -> dict[str, bool]:
+        return {
+            "sampling": self.sampling_text is not None,
+            "elicitation": self.elicitation_content is not None,
+            "roots": self.roots is not None,
+        }
+
+    def client_arguments(self) -> dict[str, Any]:
+        """`Client(...)` keyword arguments: only the callbacks configured, so the SDK declares
+        only their capabilities."""
+        arguments: dict[str, Any] = {}
+        if self.sampling_text is not None:
+            arguments["sampling_callback"] = self.sample
+        if self.elicitation_content is not None:
+            arguments["elicitation_callback"] = self.elicit
+        if self.roots is not None:
+            arguments["list_roots_callback"] = self.list_roots
+        return arguments
+
+    def drain(self) -> list[dict[str, Any]]:
+        """The invocations since the last drain."""
+        taken, self.invocations = self.invocations, []
+        return taken
+
+    async def sample(self, context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        self.invocations.append({"callback": "sampling", "params": dump(params)})
+        return types.CreateMessageResult(
+            role="assistant",
+            content=types.TextContent(type="text", text=self.sampling_text or ""),
+            model=SAMPLING_MODEL,
+            stop_reason="endTurn",
+        )
+
+    async def elicit(self, context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        self.invocations.append({"callback": "elicitation", "params": dump(params)})
+        return types.ElicitResult(action="accept", content=self.elicitation_content)
+
+    async def list_roots(self, context: Any) -> types.ListRootsResult:
+        self.invocations.append({"callback": "roots", "params": None})
+        return types.ListRootsResult(roots=[types.Root.model_validate(root) for root in self.roots or []])
+
+
+class ProgressLog:
+    """A `progress_callback` that keeps every notifications/progress of one call."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+
+    async def __call__(self, progress: float, total: float | None, message: str | None) -> None:
+        self.received.append({"progress": progress, "total": total, "message": message})
+
+
+async def run_op(client: Client, op: dict[str, Any], extra: dict[str, Any]) -> Any:
+    """Runs one operation and returns its result; `extra` gets fields for the output line
+    (progress received, also when the operation fails)."""
     kind = op["op"]
     meta = op.get("meta")
+    progress = None
+    if op.get("progress"):
+        progress = ProgressLog()
+        extra["progress"] = progress.received
     if kind in LIST_OPS:
         method = getattr(client, LIST_OPS[kind])
         return await method(cursor=op.get("cursor"), meta=meta)
     if kind == "call_tool":
-        return await client.call_tool(op["name"], op.get("arguments"), meta=meta)
+        return await client.call_tool(op["name"], op.get("arguments"), progress_callback=progress, meta=meta)
+    if kind == "cancel_tool":
+        started = time.monotonic()
+        result = None
+        # Leaving the scope cancels the call: the SDK then sends notifications/cancelled for it.
+        with anyio.move_on_after(op["after_ms"] / 1000) as scope:
+            result = await client.call_tool(op["name"], op.get("arguments"), progress_callback=progress, meta=meta)
+        outcome: dict[str, Any] = {
+            "cancelled": scope.cancelled_caught,
+            "elapsed_ms": round((time.monotonic() - started) * 1000),
+        }
+        if not scope.cancelled_caught:
+            outcome["result"] = dump(result)
+        return outcome
+    if kind == "sleep":
+        await anyio.sleep(op["ms"] / 1000)
+        return {}
     if kind == "read_resource":
         return await client.read_resource(op["uri"], meta=meta)
     if kind == "get_prompt":
@@ -228,12 +346,14 @@ async def drive(args: argparse.Namespace, script: list[dict[str, Any]]) -> int:
         env.update(dict(args.env))
         server = StdioServerParameters(command=args.command[0], args=args.command[1:], env=env, cwd=args.cwd)
 
+    server_requests = ServerRequests(script)
     client = Client(
         server,
         mode=mode,
         cache=None,  # every operation must reach the wire
         read_timeout_seconds=args.timeout,
         client_info=types.Implementation(name="mcp-guard-tests", version="0"),
+        **server_requests.client_arguments(),
     )
     try:
         async with http_client if http_client is not None else _nullcontext():
@@ -247,12 +367,20 @@ async def drive(args: argparse.Namespace, script: list[dict[str, Any]]) -> int:
                     return 1
                 emit(initialize_record(client, args.protocol_version))
                 for op in script:
+                    extra: dict[str, Any] = {}
                     try:
                         with ScopedHeaders(http_client, op.get("headers")), anyio.fail_after(args.timeout):
-                            result = await run_op(client, op)
-                        emit({"op": op["op"], "ok": True, "result": dump(result)})
+                            if op["op"] == "configure":
+                                result = server_requests.registered()
+                            else:
+                                result = await run_op(client, op, extra)
+                        record = {"op": op["op"], "ok": True, "result": dump(result)}
                     except Exception as error:  # noqa: BLE001 - one failed op must not end the script
-                        emit(error_record(op["op"], error))
+                        record = error_record(op["op"], error)
+                    record.update(extra)
+                    if server_requests.configured:
+                        record["callbacks"] = server_requests.drain()
+                    emit(record)
     except Exception as error:  # noqa: BLE001
         if args.verbose:
             traceback.print_exc()

@@ -2,6 +2,7 @@
 //! tests and benchmarks. Work that needs root or a special toolchain lives here so the
 //! workspace itself builds with a plain `cargo build`.
 
+mod install;
 mod peers;
 mod process;
 mod setup;
@@ -55,6 +56,11 @@ enum Task {
     /// Set up and run a benchmark
     #[command(subcommand)]
     Bench(Bench),
+    /// Install the binary, systemd unit, default policy and docs (`--root` stages elsewhere)
+    Install(install::InstallArgs),
+    /// Remove what `install` put in place; an edited policy and the audit log stay unless
+    /// `--purge`
+    Uninstall(install::UninstallArgs),
 }
 
 #[derive(Subcommand)]
@@ -110,6 +116,8 @@ fn run_task(task: Task) -> Result<()> {
         Task::Bench(Bench::Proxy { bench_args }) => bench_proxy(&bench_args),
         // audit-bench builds the release mcp-guard it times (tests/lib.rs `daemon_binary`).
         Task::Bench(Bench::Audit { bench_args }) => bench_binary("audit-bench", &bench_args),
+        Task::Install(args) => install::install(&args),
+        Task::Uninstall(args) => install::uninstall(&args),
     }
 }
 

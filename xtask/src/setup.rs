@@ -19,7 +19,30 @@ const NIGHTLY: &str = "nightly";
 pub fn setup() -> Result<()> {
     ensure_nightly_with_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_systemd_analyze()?;
     setup_mcp_peers()
+}
+
+/// `systemd-analyze verify` checks the shipped unit (tests/service.rs). It comes with Debian's
+/// `systemd` package, which installs and runs fine where systemd is not PID 1.
+fn ensure_systemd_analyze() -> Result<()> {
+    const STEP: &str = "systemd-analyze (Debian package systemd)";
+    if process::succeeds(command("systemd-analyze")?.arg("--version")) {
+        report(STEP, Outcome::AlreadyPresent);
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("systemd-analyze is missing: install the `systemd` package (as root)");
+    }
+    let apt = || -> Result<Command> {
+        let mut apt = command("apt-get")?;
+        apt.env("DEBIAN_FRONTEND", "noninteractive");
+        Ok(apt)
+    };
+    process::run(apt()?.args(["update", "-q"]))?;
+    process::run(apt()?.args(["install", "-y", "-q", "--no-install-recommends", "systemd"]))?;
+    report(STEP, Outcome::Installed);
+    Ok(())
 }
 
 enum Outcome {

@@ -27,16 +27,21 @@ pub fn arguments_digest(arguments: &Value) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
 }
 
-/// `arguments` with the value of every object field named in `names` (compared without
-/// regard to ASCII case), at any depth, replaced by [`REDACTED`].
+/// Whether a field called `key` is one of the redacted `names` (compared without regard to
+/// ASCII case).
+pub fn is_redacted(key: &str, names: &[String]) -> bool {
+    names.iter().any(|name| name.eq_ignore_ascii_case(key))
+}
+
+/// `arguments` with the value of every object field named in `names` (see [`is_redacted`]),
+/// at any depth, replaced by [`REDACTED`].
 pub fn redact(arguments: &Value, names: &[String]) -> Value {
-    let is_redacted = |key: &str| names.iter().any(|name| name.eq_ignore_ascii_case(key));
     match arguments {
         Value::Object(fields) => Value::Object(
             fields
                 .iter()
                 .map(|(key, value)| {
-                    let value = if is_redacted(key) {
+                    let value = if is_redacted(key, names) {
                         Value::String(REDACTED.into())
                     } else {
                         redact(value, names)

@@ -187,6 +187,52 @@ pub(super) fn read_tail(path: &Path) -> io::Result<Tail> {
     }
 }
 
+/// Cuts an incomplete last line off `path`: the bytes after its last newline. Returns how many
+/// bytes were cut (0 when the file ends with a newline, is empty or is missing).
+///
+/// Only a write cut short leaves such a line (a crash mid-write; a power loss with the tail
+/// zero-filled). The writer acknowledges a record only once the whole group that holds it,
+/// final newline included, is written and flushed, so the cut line was never acknowledged:
+/// no call went ahead on it.
+pub(super) fn cut_torn_tail(path: &Path) -> io::Result<u64> {
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => return Err(error),
+    };
+    let metadata = file.metadata()?;
+    // Only a regular file can hold a torn line (the log may be a device, as in the tests).
+    if !metadata.is_file() || metadata.len() == 0 {
+        return Ok(0);
+    }
+    let len = metadata.len();
+    let mut end = len;
+    let mut buffer = vec![0u8; 64 * 1024];
+    let keep = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(buffer.len() as u64);
+        let chunk = &mut buffer[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if end == len && chunk.last() == Some(&b'\n') {
+            return Ok(0);
+        }
+        if let Some(newline) = memchr::memrchr(b'\n', chunk) {
+            break start + newline as u64 + 1;
+        }
+        end = start;
+    };
+    file.set_len(keep)?;
+    file.sync_all()?;
+    Ok(len - keep)
+}
+
 fn count_newlines(path: &Path) -> io::Result<u64> {
     let mut file = File::open(path)?;
     let mut buffer = vec![0u8; 1 << 20];

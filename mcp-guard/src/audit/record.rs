@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use crate::policy::Protocol;
+pub use crate::policy::{Mode, Protocol};
 
 /// `prev` of the first record ever written: 64 zeros.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -109,10 +109,13 @@ pub struct Latency {
 
 /// What the kernel did with a connection attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Verdict {
     Allow,
     Refuse,
+    /// Shadow or learn mode: no egress rule allows it, so enforce would have refused it, but
+    /// it went ahead.
+    WouldRefuse,
 }
 
 impl Verdict {
@@ -120,8 +123,20 @@ impl Verdict {
         match self {
             Self::Allow => "allow",
             Self::Refuse => "refuse",
+            Self::WouldRefuse => "would_refuse",
         }
     }
+}
+
+/// A tool as the server offered it in a tools/list page, before any filtering, with the
+/// hints its `annotations` gave (absent when the server gave none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolSeen {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destructive: Option<bool>,
 }
 
 /// How an egress record was tied to calls: the session had exactly one call in flight
@@ -212,6 +227,26 @@ pub struct AuditRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call_ids: Option<Vec<String>>,
 
+    /// The caller's roles, sorted, on call decision records (absent when there are none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+    /// The server's mode when it is `shadow` or `learn` (absent under `enforce`), on call
+    /// decision and outcome records and on egress records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// Learn mode, decisions on `tools/call` and `prompts/get`: a bounded summary of each
+    /// top-level argument (see [`crate::learn::shape`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argument_shapes: Option<Map<String, Value>>,
+    /// Shadow and learn modes, outcomes of `tools/list`: every tool the server offered on
+    /// that page, before filtering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools_seen: Option<Vec<ToolSeen>>,
+    /// Egress: the policy `host` whose resolution gave this destination address, when it is
+    /// one mcp-guard resolved for the server's egress rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+
     /// Free-form facts of session and policy records, e.g. `{"event": "start"}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<Map<String, Value>>,
@@ -247,6 +282,11 @@ impl AuditRecord {
             cgroup_id: None,
             attribution: None,
             call_ids: None,
+            roles: None,
+            mode: None,
+            argument_shapes: None,
+            tools_seen: None,
+            host: None,
             detail: None,
         }
     }

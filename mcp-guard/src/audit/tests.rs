@@ -166,12 +166,14 @@ async fn concurrent_appends_get_distinct_consecutive_seqs() {
 }
 
 #[tokio::test]
-async fn opening_refuses_to_continue_from_a_truncated_last_line() {
+async fn opening_cuts_a_torn_last_line_and_continues_the_chain() {
     let dir = tempfile::tempdir().unwrap();
     let settings = settings(dir.path());
     let log = AuditLog::open(&settings).unwrap();
     append_calls(&log, 3).await;
     drop(log);
+    let whole = lines(&settings.path);
+    // A crash in the middle of writing the third record.
     let len = std::fs::metadata(&settings.path).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -179,14 +181,35 @@ async fn opening_refuses_to_continue_from_a_truncated_last_line() {
         .unwrap()
         .set_len(len - 10)
         .unwrap();
+    let log = AuditLog::open(&settings).unwrap();
+    assert_eq!(log.torn_bytes_cut(), whole[2].len() as u64 + 1 - 10);
+    assert_eq!(lines(&settings.path), whole[..2]);
+    assert_eq!(log.append(call("after")).await.unwrap(), 3);
+    drop(log);
+    assert_eq!(verify_log(dir.path()).unwrap().records, 3);
+    // A sound file is left alone.
+    let log = AuditLog::open(&settings).unwrap();
+    assert_eq!(log.torn_bytes_cut(), 0);
+}
+
+#[tokio::test]
+async fn opening_refuses_a_cut_last_line_that_was_given_a_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    append_calls(&log, 3).await;
+    drop(log);
+    let text = std::fs::read_to_string(&settings.path).unwrap();
+    std::fs::write(&settings.path, format!("{}\n", &text[..text.len() - 10])).unwrap();
     let error = AuditLog::open(&settings).err().expect("refused");
     assert!(
         matches!(&error, AuditError::Damaged { path, line: 3, .. } if *path == settings.path),
         "{error:?}"
     );
-    let message = error.to_string();
-    assert!(message.contains("audit.jsonl:3: truncated"), "{message}");
-    assert!(message.contains("mcp-guard audit verify"), "{message}");
+    assert!(
+        error.to_string().contains("mcp-guard audit verify"),
+        "{error}"
+    );
 }
 
 #[tokio::test]

@@ -35,7 +35,7 @@ use serde_json::{Map, Value};
 
 use super::record::Attribution;
 use super::record::{
-    AuditDecision, AuditRecord, Latency, Outcome, Protocol, RecordKind, StoredRecord, Verdict,
+    AuditDecision, AuditRecord, Latency, Mode, Outcome, Protocol, RecordKind, StoredRecord, Verdict,
 };
 
 /// Files are read this much at a time.
@@ -147,6 +147,9 @@ pub struct CallNode {
     pub rule: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `shadow` or `learn` when the server ran in that mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -171,9 +174,13 @@ pub struct EgressNode {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub verdict: Option<Verdict>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attribution: Option<Attribution>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -550,6 +557,7 @@ impl CallNode {
             decision: None,
             rule: None,
             reason: None,
+            mode: None,
             outcome: None,
             latency: None,
             arguments_digest: None,
@@ -571,6 +579,7 @@ impl CallNode {
         fill(&mut self.decision, &record.decision);
         fill(&mut self.rule, &record.rule);
         fill(&mut self.reason, &record.reason);
+        fill(&mut self.mode, &record.mode);
         fill(&mut self.arguments_digest, &record.arguments_digest);
         fill(&mut self.instruction, &record.instruction);
         fill(&mut self.session, &record.session);
@@ -594,8 +603,10 @@ impl EgressNode {
             addr: record.addr,
             port: record.port,
             protocol: record.protocol,
+            host: record.host.clone(),
             verdict: record.verdict,
             rule: record.rule.clone(),
+            mode: record.mode,
             attribution: record.attribution,
             call_ids: record.call_ids.clone(),
             hook: record.hook.clone(),
@@ -686,6 +697,9 @@ fn call_summary(call: &CallNode) -> String {
         }
         parts.push(text);
     }
+    if let Some(mode) = call.mode {
+        parts.push(format!("[{mode}]"));
+    }
     if let Some(outcome) = &call.outcome {
         let mut text = format!("-> {}", outcome.kind.as_str());
         if let Some(code) = outcome.code {
@@ -722,6 +736,9 @@ fn egress_summary(egress: &EgressNode) -> String {
         _ => "?".into(),
     };
     let mut parts = vec![egress.ts.clone(), format!("connect {destination}")];
+    if let Some(host) = &egress.host {
+        parts.push(format!("({host})"));
+    }
     if let Some(protocol) = egress.protocol {
         parts.push(
             match protocol {
@@ -737,6 +754,9 @@ fn egress_summary(egress: &EgressNode) -> String {
             write!(text, " (rule {rule})").expect("writing to a String");
         }
         parts.push(text);
+    }
+    if let Some(mode) = egress.mode {
+        parts.push(format!("[{mode}]"));
     }
     if let Some(attribution) = egress.attribution {
         let mut text = attribution.as_str().to_owned();

@@ -10,6 +10,12 @@
 //! of the group reached the file), fails every append of the group, and keeps the chain where
 //! it was; the next group tries again. So while the disk is full or the file unwritable, every
 //! append fails, and the daemon refuses the calls it would have recorded.
+//!
+//! After a crash (kill -9, power loss) the live file may end in an incomplete line: the part
+//! of a group that reached the file before the process died. No record of that group was
+//! acknowledged, so opening cuts the incomplete line off, says so in a warning (and the daemon
+//! in its start-up record), and continues the chain from the last whole record. A whole last
+//! line that does not check is different (an edit, not a crash): opening refuses it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -75,6 +81,7 @@ pub struct AuditLog {
 }
 
 struct Shared {
+    torn_bytes_cut: u64,
     settings: AuditSettings,
     counters: AuditCounters,
     failing: AtomicBool,
@@ -104,6 +111,7 @@ impl AuditLog {
         let writer = Writer::open(settings.clone())?;
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let shared = Arc::new(Shared {
+            torn_bytes_cut: writer.torn_bytes_cut,
             settings: settings.clone(),
             counters,
             failing: AtomicBool::new(false),
@@ -154,6 +162,25 @@ impl AuditLog {
         self.shared.failing.load(Ordering::Relaxed)
     }
 
+    /// Bytes of an incomplete last line that opening cut off the live file (0 normally): the
+    /// remains of a write a crash interrupted, which held no acknowledged record.
+    pub fn torn_bytes_cut(&self) -> u64 {
+        self.shared.torn_bytes_cut
+    }
+
+    /// Flushes the live file to the disk, for a clean shutdown when `fsync` is off (with it
+    /// on, every acknowledged record already is).
+    pub fn sync(&self) -> Result<(), AuditError> {
+        let path = &self.shared.settings.path;
+        File::open(path)
+            .and_then(|file| file.sync_all())
+            .map_err(|source| AuditError::Io {
+                what: "flushing",
+                path: path.clone(),
+                source,
+            })
+    }
+
     /// Makes the next `writes` writes put half their bytes in the file and then fail.
     #[cfg(test)]
     pub(super) fn fail_next_writes(&self, writes: usize) {
@@ -166,6 +193,8 @@ impl AuditLog {
 struct Writer {
     /// Held while the writer lives: one writer per chain, across processes.
     _lock: Flock<File>,
+    /// Bytes of an incomplete last line cut off at open (see [`files::cut_torn_tail`]).
+    torn_bytes_cut: u64,
     path: PathBuf,
     rotate_bytes: u64,
     fsync: bool,
@@ -193,6 +222,16 @@ impl Writer {
                 .map_err(io_error("creating the directory", dir))?;
         }
         let lock = lock(&path)?;
+        let torn_bytes_cut = files::cut_torn_tail(&path)
+            .map_err(io_error("cutting the torn last line of", &path))?;
+        if torn_bytes_cut > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                bytes = torn_bytes_cut,
+                "audit log ended in an incomplete line (a write cut short by a crash); cut it \
+                 off: it held no acknowledged record"
+            );
+        }
         let rotated = files::rotated_numbers(&path)
             .map_err(io_error("listing the rotated files beside", &path))?;
         let committed_len = match std::fs::metadata(&path) {
@@ -227,6 +266,7 @@ impl Writer {
         };
         let mut writer = Writer {
             _lock: lock,
+            torn_bytes_cut,
             rotate_bytes: settings.rotate_bytes,
             fsync: settings.fsync,
             file: None,

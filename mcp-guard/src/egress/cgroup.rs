@@ -66,6 +66,42 @@ fn unescape_mountinfo(field: &str) -> String {
     out
 }
 
+/// The leaf the daemon moves itself into inside a delegated subtree.
+pub const DAEMON_LEAF: &str = "daemon";
+
+/// For a daemon started in a cgroup delegated to it (systemd `Delegate=yes`): moves the whole
+/// process into `<own cgroup>/daemon` and returns `<own cgroup>`, to be the cgroup root.
+///
+/// systemd's rule for delegated subtrees is that processes live only in leaves, so the daemon
+/// cannot stay in the cgroup whose children are the server cgroups. Started again in its own
+/// leaf (re-exec), it stays there and the parent is the root.
+pub fn enter_delegated_subtree() -> Result<PathBuf, CgroupError> {
+    let mount = cgroup2_mount()?;
+    let own = own_cgroup(&mount)?;
+    let root = if own.file_name().is_some_and(|name| name == DAEMON_LEAF) {
+        own.parent().map(Path::to_owned).unwrap_or(own)
+    } else {
+        own
+    };
+    let leaf = root.join(DAEMON_LEAF);
+    ensure_dir(&leaf)?;
+    let procs = leaf.join("cgroup.procs");
+    // "0" is the writing process, all its threads with it.
+    fs::write(&procs, "0").map_err(io_error(&procs))?;
+    Ok(root)
+}
+
+/// This process's cgroup v2 directory, from /proc/self/cgroup (`0::/system.slice/x.service`).
+fn own_cgroup(mount: &Path) -> Result<PathBuf, CgroupError> {
+    let file = Path::new("/proc/self/cgroup");
+    let text = fs::read_to_string(file).map_err(io_error(file))?;
+    let relative = text
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .ok_or(CgroupError::NoCgroup2)?;
+    Ok(mount.join(relative.trim_start_matches('/')))
+}
+
 /// The cgroup id the kernel reports (`bpf_get_current_cgroup_id`) is the inode number of the
 /// cgroup's directory in cgroupfs.
 pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {

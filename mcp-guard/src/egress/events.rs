@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use aya::maps::{MapData, RingBuf};
 use mcp_guard_common::{
     EgressEvent, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, RULE_DEFAULT_DENY,
-    VERDICT_ALLOW,
+    VERDICT_ALLOW, VERDICT_WOULD_REFUSE,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
@@ -20,10 +20,12 @@ use super::{Directory, SharedDirectory};
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Verdict {
     Allow,
     Refuse,
+    /// No rule allows it, but the server is in shadow or learn mode: it went ahead.
+    WouldRefuse,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -87,6 +89,8 @@ pub struct EgressAttempt {
     /// `server/egress/<rule id>` of the allowing rule, or `default-deny`.
     pub rule: Arc<str>,
     pub hook: Hook,
+    /// The policy `host` this address was resolved from for the server's egress rules.
+    pub host: Option<Arc<str>>,
 }
 
 /// Turns raw kernel events into attributed attempts.
@@ -169,6 +173,11 @@ pub fn attribute(
     clock: &MonotonicClock,
 ) -> EgressAttempt {
     let owner = directory.owners.get(&raw.guarded_cgroup_id);
+    let addr = unmapped(raw.addr);
+    let host = owner
+        .and_then(|o| directory.hosts.get(&o.server))
+        .and_then(|hosts| hosts.get(&addr))
+        .cloned();
     let rule = if raw.verdict == VERDICT_ALLOW || raw.rule_id != RULE_DEFAULT_DENY {
         directory
             .rules
@@ -198,12 +207,13 @@ pub fn attribute(
             libc::IPPROTO_UDP => Protocol::Udp,
             _ => Protocol::Other,
         },
-        addr: unmapped(raw.addr),
+        addr,
         port: raw.port,
-        verdict: if raw.verdict == VERDICT_ALLOW {
-            Verdict::Allow
-        } else {
-            Verdict::Refuse
+        verdict: match raw.verdict {
+            VERDICT_ALLOW => Verdict::Allow,
+            VERDICT_WOULD_REFUSE => Verdict::WouldRefuse,
+            // Anything else is a refusal: what the kernel did not allow it refused.
+            _ => Verdict::Refuse,
         },
         rule,
         hook: match raw.hook {
@@ -213,6 +223,7 @@ pub fn attribute(
             HOOK_SENDMSG6 => Hook::Sendmsg6,
             _ => Hook::Unknown,
         },
+        host,
     }
 }
 
@@ -251,6 +262,7 @@ mod tests {
     use super::*;
     use crate::egress::CgroupOwner;
     use mcp_guard_common::VERDICT_REFUSE;
+    use std::collections::HashMap;
 
     fn raw(addr: [u8; 16], verdict: u8, rule_id: u32) -> EgressEvent {
         let mut comm = [0u8; 16];
@@ -285,6 +297,10 @@ mod tests {
             },
         );
         directory.rules.insert(5, Arc::from("web/egress/api"));
+        directory.hosts.insert(
+            Arc::from("web"),
+            HashMap::from([("10.0.0.1".parse().unwrap(), Arc::from("api.example.com"))]),
+        );
         directory
     }
 
@@ -303,6 +319,20 @@ mod tests {
         assert_eq!(attempt.comm, "node");
         assert_eq!(attempt.protocol, Protocol::Tcp);
         assert_eq!(attempt.hook, Hook::Connect6);
+        assert_eq!(attempt.host.as_deref(), Some("api.example.com"));
+    }
+
+    #[test]
+    fn record_only_refusals_are_would_refuse_by_the_default_deny() {
+        let attempt = attribute(
+            &raw(Ipv6Addr::LOCALHOST.octets(), VERDICT_WOULD_REFUSE, 0),
+            &directory(),
+            &MonotonicClock::now(),
+        );
+        assert_eq!(attempt.verdict, Verdict::WouldRefuse);
+        assert_eq!(attempt.verdict.to_string(), "would_refuse");
+        assert_eq!(&*attempt.rule, "default-deny");
+        assert_eq!(attempt.host, None, "not an address resolved for web");
     }
 
     #[test]

@@ -22,8 +22,8 @@ pub fn host_names(policy: &Policy) -> BTreeSet<String> {
         .collect()
 }
 
-/// The allow-list of every server in the policy. Rule ids are the rule's position in the
-/// server's `egress` list; `Egress::apply` renumbers them host-wide.
+/// The allow-list and mode of every server in the policy. Rule ids are the rule's position in
+/// the server's `egress` list; `Egress::apply` renumbers them host-wide.
 pub fn server_egress(policy: &Policy, resolver: &HostResolver) -> BTreeMap<String, ServerEgress> {
     policy
         .servers
@@ -31,6 +31,7 @@ pub fn server_egress(policy: &Policy, resolver: &HostResolver) -> BTreeMap<Strin
         .map(|(name, server)| {
             let mut wanted = ServerEgress {
                 adopt_cgroup: server.adopt_cgroup.clone(),
+                record_only: server.effective_mode(policy.mode).lets_everything_through(),
                 ..ServerEgress::default()
             };
             for (index, rule) in server.egress.iter().enumerate() {
@@ -39,6 +40,11 @@ pub fn server_egress(policy: &Policy, resolver: &HostResolver) -> BTreeMap<Strin
                     .rule_names
                     .insert(rule_id, format!("{name}/egress/{}", rule.id));
                 wanted.entries.extend(entries_for(rule, rule_id, resolver));
+                if let Some(Destination::Host(host)) = rule.destination() {
+                    for addr in resolver.addresses(&host) {
+                        wanted.hosts.entry(addr).or_insert_with(|| host.clone());
+                    }
+                }
             }
             (name.clone(), wanted)
         })

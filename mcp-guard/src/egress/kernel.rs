@@ -13,7 +13,7 @@ use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, loaded_programs};
 use aya::{Ebpf, EbpfLoader};
-use mcp_guard_common::{AllowKey, AllowValue, GuardEntry, names};
+use mcp_guard_common::{AllowKey, AllowValue, GUARD_FLAG_RECORD_ONLY, GuardEntry, names};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 use super::cgroup;
@@ -418,6 +418,9 @@ pub struct PinnedState {
     /// Pinned links, `program@cgroup-id`.
     pub programs: Vec<String>,
     pub guarded_cgroups: usize,
+    /// Guarded cgroups whose server runs in shadow or learn mode: what no rule allows is
+    /// reported and let through.
+    pub record_only_cgroups: usize,
     pub allow_prefixes: usize,
     pub lost_events: u64,
 }
@@ -428,6 +431,7 @@ pub fn pinned_state(pins: &PinLayout) -> Result<PinnedState, KernelError> {
             pinned: false,
             programs: pins.pinned_links(),
             guarded_cgroups: 0,
+            record_only_cgroups: 0,
             allow_prefixes: 0,
             lost_events: 0,
         });
@@ -452,6 +456,11 @@ pub fn pinned_state(pins: &PinLayout) -> Result<PinnedState, KernelError> {
         pinned: true,
         programs: pins.pinned_links(),
         guarded_cgroups: guarded.keys().count(),
+        record_only_cgroups: guarded
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| entry.flags & GUARD_FLAG_RECORD_ONLY != 0)
+            .count(),
         allow_prefixes: allow.keys().count(),
         lost_events,
     })

@@ -8,7 +8,9 @@
 //!
 //! A policy generation gets fresh policy ids: the new allow-lists are written first, each
 //! guarded cgroup is switched to its new id in one map update, then the old entries go. A
-//! cgroup therefore always sees one complete allow-list, old or new.
+//! cgroup therefore always sees one complete allow-list, old or new. The same update carries
+//! the server's mode: a record-only cgroup (shadow, learn) has what no rule allows reported
+//! as `would_refuse` and let through.
 
 pub mod allowlist;
 pub mod cgroup;
@@ -19,19 +21,23 @@ pub mod resolve;
 pub mod spawn;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use mcp_guard_common::GuardEntry;
+use mcp_guard_common::{GUARD_FLAG_RECORD_ONLY, GuardEntry};
 
 pub use allowlist::AllowEntry;
 pub use events::{EgressAttempt, EventReader};
 pub use kernel::{Attachment, KernelError, PinLayout};
 
 /// The policy id no allow-list entry ever uses: cgroups of servers the policy no longer names
-/// are switched to it, so they reach nothing.
-const DENY_ALL_POLICY_ID: u32 = 0;
+/// are switched to it (enforcing), so they reach nothing.
+const DENY_ALL: GuardEntry = GuardEntry {
+    policy_id: 0,
+    flags: 0,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EgressError {
@@ -79,6 +85,11 @@ pub struct ServerEgress {
     pub rule_names: BTreeMap<u32, String>,
     /// An existing cgroup (a service mcp-guard does not spawn) to guard with this allow-list.
     pub adopt_cgroup: Option<PathBuf>,
+    /// Shadow or learn mode: what no rule allows is reported and let through.
+    pub record_only: bool,
+    /// The policy `host` each address in `entries` was resolved from (the first such host
+    /// when several resolve to it), for the records of connections to it.
+    pub hosts: BTreeMap<IpAddr, String>,
 }
 
 /// Who a guarded cgroup belongs to: the key for attributing kernel events.
@@ -95,6 +106,8 @@ pub struct CgroupOwner {
 pub struct Directory {
     pub owners: HashMap<u64, CgroupOwner>,
     pub rules: HashMap<u32, Arc<str>>,
+    /// Per server, the policy `host` behind each address resolved for its egress rules.
+    pub hosts: HashMap<Arc<str>, HashMap<IpAddr, Arc<str>>>,
 }
 
 pub type SharedDirectory = Arc<RwLock<Directory>>;
@@ -123,8 +136,8 @@ pub struct Egress {
     kernel: kernel::KernelPrograms,
     layout: EgressLayout,
     directory: SharedDirectory,
-    /// Current policy id per server.
-    policy_ids: BTreeMap<String, u32>,
+    /// Current guard entry (policy id and flags) per server.
+    guards: BTreeMap<String, GuardEntry>,
     /// Adopted cgroup id per server.
     adopted: BTreeMap<String, u64>,
     next_policy_id: u32,
@@ -152,7 +165,7 @@ impl Egress {
             kernel,
             layout,
             directory: SharedDirectory::default(),
-            policy_ids: BTreeMap::new(),
+            guards: BTreeMap::new(),
             adopted: BTreeMap::new(),
             next_policy_id: max_policy_id + 1,
             next_rule_id: max_rule_id + 1,
@@ -187,7 +200,8 @@ impl Egress {
     pub fn apply(&mut self, servers: &BTreeMap<String, ServerEgress>) -> Result<(), EgressError> {
         let mut compiled = Vec::new();
         let mut rule_names = HashMap::new();
-        let mut new_ids = BTreeMap::new();
+        let mut hosts = HashMap::new();
+        let mut new_guards = BTreeMap::new();
         for (server, wanted) in servers {
             let policy_id = self.allocate_policy_id();
             let (entries, names) = self.renumber_rules(server, wanted);
@@ -199,7 +213,18 @@ impl Egress {
             })?;
             compiled.push(trie);
             rule_names.extend(names);
-            new_ids.insert(server.clone(), policy_id);
+            let flags = if wanted.record_only {
+                GUARD_FLAG_RECORD_ONLY
+            } else {
+                0
+            };
+            new_guards.insert(server.clone(), GuardEntry { policy_id, flags });
+            let resolved = wanted
+                .hosts
+                .iter()
+                .map(|(addr, host)| (*addr, Arc::from(host.as_str())))
+                .collect();
+            hosts.insert(Arc::from(server.as_str()), resolved);
         }
         for (key, value) in compiled.iter().flatten() {
             self.kernel
@@ -207,8 +232,12 @@ impl Egress {
                 .insert(key, value, 0)
                 .map_err(|e| EgressError::MapUpdate(crate::error_chain(&e)))?;
         }
-        self.directory.write().expect("directory lock").rules = rule_names;
-        self.policy_ids = new_ids;
+        {
+            let mut directory = self.directory.write().expect("directory lock");
+            directory.rules = rule_names;
+            directory.hosts = hosts;
+        }
+        self.guards = new_guards;
         self.sync_adopted_cgroups(servers)?;
         self.switch_guarded_cgroups()?;
         self.remove_stale_allow_entries()?;
@@ -253,14 +282,11 @@ impl Egress {
         id
     }
 
-    fn policy_id_of(&self, server: &str) -> u32 {
-        self.policy_ids
-            .get(server)
-            .copied()
-            .unwrap_or(DENY_ALL_POLICY_ID)
+    fn guard_of(&self, server: &str) -> GuardEntry {
+        self.guards.get(server).copied().unwrap_or(DENY_ALL)
     }
 
-    /// Points every guarded cgroup at its server's current allow-list.
+    /// Points every guarded cgroup at its server's current allow-list and mode.
     fn switch_guarded_cgroups(&mut self) -> Result<(), EgressError> {
         let owners: Vec<(u64, Arc<str>)> = {
             let directory = self.directory.read().expect("directory lock");
@@ -272,17 +298,13 @@ impl Egress {
         };
         for (cgroup_id, server) in owners {
             if !self.retired.iter().any(|(id, _)| *id == cgroup_id) {
-                self.guard(cgroup_id, self.policy_id_of(&server))?;
+                self.guard(cgroup_id, self.guard_of(&server))?;
             }
         }
         Ok(())
     }
 
-    fn guard(&mut self, cgroup_id: u64, policy_id: u32) -> Result<(), EgressError> {
-        let entry = GuardEntry {
-            policy_id,
-            _reserved: 0,
-        };
+    fn guard(&mut self, cgroup_id: u64, entry: GuardEntry) -> Result<(), EgressError> {
         self.kernel
             .guarded
             .insert(cgroup_id, entry, 0)
@@ -297,7 +319,7 @@ impl Egress {
     }
 
     fn remove_stale_allow_entries(&mut self) -> Result<(), EgressError> {
-        let live: HashSet<u32> = self.policy_ids.values().copied().collect();
+        let live: HashSet<u32> = self.guards.values().map(|g| g.policy_id).collect();
         let stale: Vec<_> = self
             .kernel
             .allow
@@ -353,7 +375,7 @@ impl Egress {
         server: &str,
         session: Option<&str>,
     ) -> Result<SessionCgroup, EgressError> {
-        let Some(&policy_id) = self.policy_ids.get(server) else {
+        let Some(&entry) = self.guards.get(server) else {
             return Err(EgressError::UnknownServer(server.to_owned()));
         };
         let session = match session {
@@ -369,7 +391,7 @@ impl Egress {
         let cgroup_id = cgroup::cgroup_id(&path)?;
         // Registered before anyone can be placed in it: the first connect is already judged.
         self.record_owner(cgroup_id, server, Some(&session), path.clone());
-        self.guard(cgroup_id, policy_id)?;
+        self.guard(cgroup_id, entry)?;
         self.held.insert(cgroup_id);
         Ok(SessionCgroup {
             server: server.to_owned(),

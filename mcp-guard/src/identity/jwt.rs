@@ -120,6 +120,25 @@ pub enum AuthError {
     BadPrincipal(String),
 }
 
+impl AuthError {
+    /// A short, fixed name for the kind of failure: a metric label, so it must never carry
+    /// what the caller sent.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::NotBearer | Self::Malformed => "malformed",
+            Self::MissingClaim(_) | Self::MalformedClaim(_) | Self::BadPrincipal(_) => "bad_claims",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::AlgorithmNotAccepted(_) | Self::UnknownKey | Self::BadSignature => {
+                "bad_signature"
+            }
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::WrongAudience => "wrong_audience",
+        }
+    }
+}
+
 /// The verifier of the generation last asked for, keyed by that generation's allocation. The
 /// `Weak` keeps the allocation (not the policy) alive, so its address cannot be reused by a
 /// later generation while it is the key.

@@ -78,7 +78,18 @@ pub struct Policy {
 
 /// How a policy, or one server's part of it, is applied.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
@@ -375,6 +386,11 @@ pub struct DaemonSettings {
     /// Longest time, in seconds, an address resolved from an egress rule's `host` is kept
     /// before the name is resolved again, whatever the DNS record's TTL says.
     pub dns_max_ttl_seconds: u32,
+
+    /// On SIGTERM, how long, in seconds, calls already in flight may take to finish once the
+    /// daemon stops accepting new ones; whatever is still running then is cut off. Default 10.
+    /// Keep systemd's `TimeoutStopSec` above it.
+    pub shutdown_grace_seconds: u32,
 }
 
 impl Default for DaemonSettings {
@@ -391,12 +407,13 @@ impl Default for DaemonSettings {
             cgroup_root: None,
             dns_min_ttl_seconds: 5,
             dns_max_ttl_seconds: 300,
+            shutdown_grace_seconds: 10,
         }
     }
 }
 
 /// What mcp-guard knows and enforces about one MCP server.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServerPolicy {
     /// Free text for people reading the policy.
@@ -450,6 +467,17 @@ pub struct ServerPolicy {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
 
+    /// Longest time, in seconds, mcp-guard waits for the server's answer to one request.
+    /// When it passes, the agent gets a JSON-RPC error (-32011), the server gets
+    /// `notifications/cancelled` for the request, and the outcome is recorded as a transport
+    /// error; the session goes on. At least 1. Default 300.
+    #[serde(
+        default = "default_request_timeout_seconds",
+        skip_serializing_if = "is_default_request_timeout"
+    )]
+    #[schemars(range(min = 1))]
+    pub request_timeout_seconds: u64,
+
     /// This server's mode, overriding the policy's `mode` (see there). Absent: the policy's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
@@ -463,7 +491,41 @@ pub struct ServerPolicy {
     pub write_tools: Vec<String>,
 }
 
+const DEFAULT_REQUEST_TIMEOUT_SECONDS: u64 = 300;
+
+fn default_request_timeout_seconds() -> u64 {
+    DEFAULT_REQUEST_TIMEOUT_SECONDS
+}
+
+fn is_default_request_timeout(seconds: &u64) -> bool {
+    *seconds == DEFAULT_REQUEST_TIMEOUT_SECONDS
+}
+
+impl Default for ServerPolicy {
+    fn default() -> Self {
+        Self {
+            description: None,
+            command: None,
+            url: None,
+            isolation: Isolation::default(),
+            principal: None,
+            env: BTreeMap::new(),
+            adopt_cgroup: None,
+            egress: Vec::new(),
+            rules: Vec::new(),
+            request_timeout_seconds: DEFAULT_REQUEST_TIMEOUT_SECONDS,
+            mode: None,
+            write_tools: Vec::new(),
+        }
+    }
+}
+
 impl ServerPolicy {
+    /// How long one request to this server may take.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.request_timeout_seconds)
+    }
+
     /// The mode this server runs in under `policy_mode`, the policy's own.
     pub fn effective_mode(&self, policy_mode: Mode) -> Mode {
         self.mode.unwrap_or(policy_mode)

@@ -462,6 +462,12 @@ fn check_server(
     check_egress(&path, &server.egress, problems);
     check_rules(&path, &server.rules, principals, problems);
     check_write_tools(&path, &server.write_tools, problems);
+    if server.request_timeout_seconds == 0 {
+        problems.push(Problem::error(
+            format!("{path}.request_timeout_seconds"),
+            "must be at least 1",
+        ));
+    }
 }
 
 fn check_write_tools(server_path: &str, patterns: &[String], problems: &mut Vec<Problem>) {

@@ -4,6 +4,12 @@
 //!
 //! Fails closed: a refusal, or any failure on the way (policy, parse, upstream), answers the
 //! agent with a JSON-RPC error and nothing reaches the server.
+//!
+//! A server in `shadow` or `learn` mode (see [`Mode`]) gets every judgement made as under
+//! `enforce`, but a refusal of the policy (a rule, a hidden tool, arguments its schema or the
+//! rule refuses) is recorded as `would_deny` and the request goes on, and lists are not
+//! filtered. What makes a message unprocessable (malformed, a failing server, an unwritable
+//! audit log) is refused in every mode.
 
 mod catalog;
 pub mod record;
@@ -34,7 +40,7 @@ use crate::mcp::jsonrpc::{
 };
 use crate::mcp::revision;
 use crate::metrics::Metrics;
-use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Isolation, Policy};
+use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Isolation, Mode, Policy};
 use crate::upstream::UpstreamError;
 pub use session::{AgentSession, CallSpan, Caller};
 
@@ -120,6 +126,16 @@ impl Proxy {
         self.model.read().expect("policy lock").clone()
     }
 
+    /// How the policy in force applies to `server` (read per message, so a reload changes
+    /// it from the next message on). A server the policy does not name is enforced.
+    pub fn mode_of(&self, server: &str) -> Mode {
+        let model = self.model.read().expect("policy lock");
+        model
+            .servers
+            .get(server)
+            .map_or(Mode::Enforce, |s| s.effective_mode(model.mode))
+    }
+
     /// Installs a new policy generation. Sessions forget the tool lists they learned, so the
     /// next list or call is filtered by the new rules.
     pub async fn replace_policy(&self, policy: Policy, compiled: CompiledPolicy) {
@@ -181,18 +197,25 @@ impl Proxy {
             (None, None) => return Err(ProxyError::NotSpawnable(server.to_owned())),
         };
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let request_timeout = server_policy.request_timeout();
         if let (Isolation::Shared, session::Target::Command { command, env }) =
             (server_policy.isolation, &target)
         {
-            let shared = self.shared_server(server, command, env).await?;
+            let shared = self
+                .shared_server(server, command, env, request_timeout)
+                .await?;
             let session = shared.join(server, id.clone(), caller);
             self.sessions.lock().await.insert(id, session.clone());
             self.metrics.active_sessions.inc();
             self.recorder.session_event(&session, "start").await;
             return Ok(session);
         }
+        let launch = session::Launch {
+            target,
+            request_timeout,
+        };
         let session =
-            session::start(self, server, id.clone(), caller, target, &self.placement).await?;
+            session::start(self, server, id.clone(), caller, launch, &self.placement).await?;
         self.sessions.lock().await.insert(id, session.clone());
         self.metrics.active_sessions.inc();
         self.recorder.session_event(&session, "start").await;
@@ -204,13 +227,17 @@ impl Proxy {
         server: &str,
         command: &[String],
         env: &std::collections::BTreeMap<String, String>,
+        request_timeout: std::time::Duration,
     ) -> Result<Arc<session::SharedServer>, ProxyError> {
         let mut shared = self.shared.lock().await;
         if let Some(existing) = shared.get(server) {
             return Ok(existing.clone());
         }
-        let started =
-            session::SharedServer::start(self, server, command, env, &self.placement).await?;
+        let launch = session::Launch {
+            target: session::Target::Command { command, env },
+            request_timeout,
+        };
+        let started = session::SharedServer::start(self, server, launch, &self.placement).await?;
         shared.insert(server.to_owned(), started.clone());
         Ok(started)
     }
@@ -312,15 +339,25 @@ impl Proxy {
     ) -> Value {
         let started = Instant::now();
         let identity = CallIdentity::for_request(request.params.as_ref(), hints);
-        let verdict = self.authorise(session, &request).await;
+        let mode = self.mode_of(&session.server);
+        let verdict = match self.authorise(session, &request).await {
+            // Shadow and learn record what enforce would have refused, and forward it.
+            Err(refusal) if refusal.by_policy && mode.lets_everything_through() => Ok(Allowed {
+                rule: refusal.rule,
+                reason: refusal.error.message,
+                decision: AuditDecision::WouldDeny,
+            }),
+            verdict => verdict,
+        };
         let policy_us = started.elapsed().as_micros() as u64;
+        let model = self.model();
         let answer = match verdict {
             Err(refusal) => {
                 self.log_decision(
                     session,
                     &request,
                     &identity,
-                    "deny",
+                    AuditDecision::Deny,
                     &refusal.rule,
                     policy_us,
                 );
@@ -329,6 +366,8 @@ impl Proxy {
                     rule: &refusal.rule,
                     reason: &refusal.error.message,
                     policy_us,
+                    mode,
+                    redact: &model.audit.redact,
                 };
                 // Refused either way; an unwritable log is counted and logged by the writer.
                 let _ = self
@@ -342,15 +381,17 @@ impl Proxy {
                     session,
                     &request,
                     &identity,
-                    "allow",
+                    allowed.decision,
                     &allowed.rule,
                     policy_us,
                 );
                 let facts = DecisionFacts {
-                    decision: AuditDecision::Allow,
+                    decision: allowed.decision,
                     rule: &allowed.rule,
                     reason: &allowed.reason,
                     policy_us,
+                    mode,
+                    redact: &model.audit.redact,
                 };
                 // Nothing is forwarded before its decision is on record.
                 if let Err(e) = self
@@ -383,7 +424,7 @@ impl Proxy {
                 // Nor is an answer returned before its outcome is.
                 match self
                     .recorder
-                    .outcome(session, &recorded, &identity, &answer, latency)
+                    .outcome(session, &recorded, &identity, &answer, latency, mode)
                     .await
                 {
                     Ok(()) => answer,
@@ -443,6 +484,7 @@ impl Proxy {
         if decision.effect == Effect::Deny {
             return Err(Refusal {
                 rule: rule.clone(),
+                by_policy: true,
                 error: RpcError::new(
                     Some(request.id.clone()),
                     codes::POLICY_DENIED,
@@ -469,6 +511,7 @@ impl Proxy {
                 Err(ToolCheck::Invalid(problem)) => {
                     return Err(Refusal {
                         rule,
+                        by_policy: true,
                         error: RpcError::new(
                             Some(request.id.clone()),
                             codes::INVALID_PARAMS,
@@ -482,7 +525,11 @@ impl Proxy {
                 }
             }
         }
-        Ok(Allowed { rule, reason })
+        Ok(Allowed {
+            rule,
+            reason,
+            decision: AuditDecision::Allow,
+        })
     }
 
     async fn forward(&self, session: &Arc<AgentSession>, request: Request) -> Value {
@@ -629,6 +676,14 @@ impl Proxy {
                 "the server's {method} result has no `{field}` array"
             ));
         };
+        if self.mode_of(&session.server).lets_everything_through() {
+            // The agent sees what it would see without mcp-guard, and the session learns
+            // every tool's schema, so that calls to tools enforce would hide are validated.
+            if method == "tools/list" {
+                session.learn_tools(items).await;
+            }
+            return Ok(());
+        }
         let policy = self.policy();
         let caller = session.caller();
         items.retain(|item| {
@@ -656,11 +711,13 @@ impl Proxy {
         session: &Arc<AgentSession>,
         mut notification: Notification,
     ) {
-        if notification.method == "notifications/cancelled"
-            && !point_cancellation_upstream(session, &mut notification)
-        {
+        let mut cancelled = None;
+        if notification.method == "notifications/cancelled" {
             // Not a request of this agent in flight: nothing upstream to cancel.
-            return;
+            let Some(upstream_id) = point_cancellation_upstream(session, &mut notification) else {
+                return;
+            };
+            cancelled = Some(upstream_id);
         }
         if let Err(e) = session
             .upstream()
@@ -668,6 +725,11 @@ impl Proxy {
             .await
         {
             tracing::warn!(session = %session.id, error = %e, "forwarding a notification");
+        }
+        if let Some(upstream_id) = cancelled {
+            // The server will not answer it: the call ends now (outcome recorded, span closed),
+            // not at the request timeout.
+            session.upstream().abandon(upstream_id).await;
         }
     }
 
@@ -690,24 +752,37 @@ impl Proxy {
             context: &caller.context,
         });
         let rule = rule_label(decision.rule, decision.effect);
-        let verdict = if decision.effect == Effect::Allow {
-            "allow"
-        } else {
-            "deny"
+        let relaxed = self.mode_of(&session.server).lets_everything_through();
+        let verdict = match (decision.effect, relaxed) {
+            (Effect::Allow, _) => AuditDecision::Allow,
+            (Effect::Deny, true) => AuditDecision::WouldDeny,
+            (Effect::Deny, false) => AuditDecision::Deny,
         };
         self.metrics
             .decisions
             .with_label_values(&[
                 &session.server,
                 known_method(&request.method),
-                verdict,
+                verdict.as_str(),
                 &rule,
             ])
             .inc();
-        if decision.effect == Effect::Allow {
-            return Ok(());
-        }
         let reason = decision.reason.to_string();
+        match verdict {
+            AuditDecision::Allow => return Ok(()),
+            AuditDecision::WouldDeny => {
+                tracing::info!(
+                    server = %session.server,
+                    session = %session.id,
+                    method = %request.method,
+                    rule,
+                    reason,
+                    "server request would be refused; let through (shadow or learn mode)"
+                );
+                return Ok(());
+            }
+            AuditDecision::Deny => {}
+        }
         Err(RpcError::new(
             Some(request.id.clone()),
             codes::POLICY_DENIED,
@@ -721,10 +796,11 @@ impl Proxy {
         session: &AgentSession,
         request: &Request,
         identity: &CallIdentity,
-        decision: &str,
+        decision: AuditDecision,
         rule: &str,
         policy_us: u64,
     ) {
+        let decision = decision.as_str();
         let method = known_method(&request.method);
         self.metrics
             .decisions
@@ -750,15 +826,22 @@ impl Proxy {
     }
 }
 
-/// A request that may go on: the rule that allowed it and why.
+/// A request that may go on: the rule that allowed it (or, in shadow and learn modes, would
+/// have refused it) and why.
 struct Allowed {
     rule: String,
     reason: String,
+    /// `Allow`, or `WouldDeny` for a refusal that shadow or learn mode let through.
+    decision: AuditDecision,
 }
 
 /// A refusal: the rule behind it and the error for the agent.
 struct Refusal {
     rule: String,
+    /// A judgement of the policy (rules, visibility, argument validation), which shadow and
+    /// learn modes only record; otherwise the message could not be processed (malformed, the
+    /// server failed), which every mode refuses.
+    by_policy: bool,
     error: RpcError,
 }
 
@@ -766,6 +849,7 @@ impl Refusal {
     fn unknown_tool(id: &Id, tool: &str) -> Refusal {
         Refusal {
             rule: "unknown-tool".into(),
+            by_policy: true,
             error: RpcError::new(
                 Some(id.clone()),
                 codes::INVALID_PARAMS,
@@ -777,6 +861,7 @@ impl Refusal {
     fn invalid(id: &Id, message: &str) -> Refusal {
         Refusal {
             rule: "invalid".into(),
+            by_policy: false,
             error: RpcError::new(Some(id.clone()), codes::INVALID_PARAMS, message),
         }
     }
@@ -784,6 +869,7 @@ impl Refusal {
     fn upstream(id: &Id, error: &str) -> Refusal {
         Refusal {
             rule: "upstream-error".into(),
+            by_policy: false,
             error: RpcError::new(
                 Some(id.clone()),
                 codes::UPSTREAM_ERROR,
@@ -800,27 +886,21 @@ pub(crate) enum ToolCheck {
     Upstream(String),
 }
 
-/// Rewrites a cancellation's `requestId` from the agent's id to the upstream one; false when
-/// that request is not in flight.
-fn point_cancellation_upstream(session: &AgentSession, notification: &mut Notification) -> bool {
-    let Some(params) = notification.params.as_mut().and_then(Value::as_object_mut) else {
-        return false;
+/// Rewrites a cancellation's `requestId` from the agent's id to the upstream one, which it
+/// returns; `None` when that request is not in flight.
+fn point_cancellation_upstream(
+    session: &AgentSession,
+    notification: &mut Notification,
+) -> Option<i64> {
+    let params = notification.params.as_mut()?.as_object_mut()?;
+    let agent_id = match params.get("requestId")? {
+        Value::String(s) => Id::String(s.clone()),
+        Value::Number(n) => Id::Number(n.as_i64()?),
+        _ => return None,
     };
-    let agent_id = match params.get("requestId") {
-        Some(Value::String(s)) => Id::String(s.clone()),
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(n) => Id::Number(n),
-            None => return false,
-        },
-        _ => return false,
-    };
-    match session.upstream_id_of(&agent_id) {
-        Some(upstream_id) => {
-            params.insert("requestId".into(), json!(upstream_id));
-            true
-        }
-        None => false,
-    }
+    let upstream_id = session.upstream_id_of(&agent_id)?;
+    params.insert("requestId".into(), json!(upstream_id));
+    Some(upstream_id)
 }
 
 /// The rule id for logs and metrics: plumbing passes as `protocol`, and a refusal no rule

@@ -13,11 +13,13 @@ use super::AgentSession;
 use super::session::{monotonic_ns, span_of};
 use crate::audit::{
     AuditDecision, AuditError, AuditLog, AuditRecord, Latency, Outcome, OutcomeKind, RecordKind,
+    ToolSeen,
 };
 use crate::control::{AuditClient, ControlError};
 use crate::identity::CallIdentity;
+use crate::learn::shape::summarize_arguments;
 use crate::mcp::jsonrpc::{Id, Request, RpcError, codes};
-use crate::policy::AuditSettings;
+use crate::policy::{AuditSettings, Mode};
 
 /// The audit log as the pipeline uses it.
 #[derive(Clone, Default)]
@@ -51,6 +53,10 @@ pub struct DecisionFacts<'a> {
     pub rule: &'a str,
     pub reason: &'a str,
     pub policy_us: u64,
+    /// The server's mode when the call was judged.
+    pub mode: Mode,
+    /// The policy's `audit.redact` names, which learn mode's argument summaries honour.
+    pub redact: &'a [String],
 }
 
 impl Recorder {
@@ -92,7 +98,7 @@ impl Recorder {
         identity: &CallIdentity,
         facts: DecisionFacts<'_>,
     ) -> Result<(), RecordError> {
-        let mut record = call_record(session, request, identity);
+        let mut record = call_record(session, request, identity, facts.mode);
         record.decision = Some(facts.decision);
         record.rule = Some(facts.rule.to_owned());
         record.reason = Some(facts.reason.to_owned());
@@ -101,8 +107,20 @@ impl Recorder {
             upstream_us: None,
             total_us: None,
         });
-        if let Some(arguments) = request.params.as_ref().and_then(|p| p.get("arguments")) {
+        let roles = &session.caller().roles;
+        if !roles.is_empty() {
+            let mut sorted = roles.clone();
+            sorted.sort();
+            record.roles = Some(sorted);
+        }
+        let arguments = request.params.as_ref().and_then(|p| p.get("arguments"));
+        if let Some(arguments) = arguments {
             record.set_arguments(&self.settings(), arguments);
+        }
+        if facts.mode == Mode::Learn
+            && matches!(request.method.as_str(), "tools/call" | "prompts/get")
+        {
+            record.argument_shapes = Some(summarize_arguments(arguments, facts.redact));
         }
         self.append(record).await
     }
@@ -114,10 +132,15 @@ impl Recorder {
         identity: &CallIdentity,
         answer: &Value,
         latency: Latency,
+        mode: Mode,
     ) -> Result<(), RecordError> {
-        let mut record = call_record(session, request, identity);
+        let mut record = call_record(session, request, identity, mode);
         record.outcome = Some(outcome_of(answer));
         record.latency = Some(latency);
+        if mode.lets_everything_through() && request.method == "tools/list" {
+            // Lists are not filtered in these modes: the answer holds every tool offered.
+            record.tools_seen = tools_seen(answer);
+        }
         self.append(record).await
     }
 
@@ -159,8 +182,14 @@ impl Recorder {
     }
 }
 
-fn call_record(session: &AgentSession, request: &Request, identity: &CallIdentity) -> AuditRecord {
+fn call_record(
+    session: &AgentSession,
+    request: &Request,
+    identity: &CallIdentity,
+    mode: Mode,
+) -> AuditRecord {
     let mut record = AuditRecord::new(RecordKind::Call);
+    record.mode = mode.lets_everything_through().then_some(mode);
     record.principal = Some(session.caller().principal.clone());
     record.session = Some(session.id.clone());
     record.instruction = identity.instruction.clone();
@@ -170,6 +199,29 @@ fn call_record(session: &AgentSession, request: &Request, identity: &CallIdentit
     record.method = Some(request.method.clone());
     record.tool = super::target_name(&request.method, request.params.as_ref()).map(str::to_owned);
     record
+}
+
+/// The tools of a tools/list answer with their read-only and destructive hints; `None` when
+/// the answer is not a list of tools.
+fn tools_seen(answer: &Value) -> Option<Vec<ToolSeen>> {
+    let tools = answer.get("result")?.get("tools")?.as_array()?;
+    Some(
+        tools
+            .iter()
+            .filter_map(|tool| {
+                let hint = |name: &str| {
+                    tool.get("annotations")
+                        .and_then(|a| a.get(name))
+                        .and_then(Value::as_bool)
+                };
+                Some(ToolSeen {
+                    name: tool.get("name")?.as_str()?.to_owned(),
+                    read_only: hint("readOnlyHint"),
+                    destructive: hint("destructiveHint"),
+                })
+            })
+            .collect(),
+    )
 }
 
 /// Transport failure, JSON-RPC error and a tool's own `isError` are kept apart.
@@ -232,5 +284,26 @@ mod tests {
         assert_eq!(outcome_of(&tool).kind, OutcomeKind::ToolError);
         let ok = json!({"result": {"content": []}});
         assert_eq!(outcome_of(&ok).kind, OutcomeKind::Result);
+    }
+
+    #[test]
+    fn tools_seen_keeps_names_and_the_hints_given() {
+        let answer = json!({"result": {"tools": [
+            {"name": "read", "annotations": {"readOnlyHint": true}},
+            {"name": "wipe", "annotations": {"readOnlyHint": false, "destructiveHint": true}},
+            {"name": "plain", "inputSchema": {"type": "object"}},
+            {"no": "name"},
+        ]}});
+        let seen = tools_seen(&answer).unwrap();
+        let line = serde_json::to_value(&seen).unwrap();
+        assert_eq!(
+            line,
+            json!([
+                {"name": "read", "read_only": true},
+                {"name": "wipe", "read_only": false, "destructive": true},
+                {"name": "plain"},
+            ])
+        );
+        assert_eq!(tools_seen(&json!({"error": {"code": 1}})), None);
     }
 }

@@ -172,13 +172,15 @@ pub(super) async fn start(
     server: &str,
     id: String,
     caller: Caller,
-    target: Target<'_>,
+    launch: Launch<'_>,
     placement: &Placement,
 ) -> Result<Arc<AgentSession>, ProxyError> {
     let label: Arc<str> = Arc::from(format!("{server}/{id}"));
-    let (command, env) = match target {
+    let request_timeout = launch.request_timeout;
+    let (command, env) = match launch.target {
         Target::Url(url) => {
             let (upstream, server_messages) = upstream::http::connect(url, label)?;
+            let upstream = upstream.with_request_timeout(request_timeout);
             return Ok(assemble(
                 proxy,
                 server,
@@ -198,6 +200,7 @@ pub(super) async fn start(
     ];
     let (upstream, server_messages, placed) =
         spawn_placed(placement, server, &id, command, env, identity_env, label).await?;
+    let upstream = upstream.with_request_timeout(request_timeout);
     Ok(assemble(
         proxy,
         server,
@@ -225,10 +228,12 @@ impl SharedServer {
     pub(super) async fn start(
         proxy: &Arc<Proxy>,
         server: &str,
-        command: &[String],
-        env: &BTreeMap<String, String>,
+        launch: Launch<'_>,
         placement: &Placement,
     ) -> Result<Arc<SharedServer>, ProxyError> {
+        let Target::Command { command, env } = launch.target else {
+            return Err(ProxyError::NotSpawnable(server.to_owned()));
+        };
         let identity_env = vec![
             ("MCP_GUARD_SERVER", server.to_owned()),
             ("MCP_GUARD_SESSION", "shared".to_owned()),
@@ -244,6 +249,7 @@ impl SharedServer {
             label,
         )
         .await?;
+        let upstream = upstream.with_request_timeout(launch.request_timeout);
         let shared = Arc::new(SharedServer {
             upstream: Arc::new(upstream),
             _cgroup: placed,
@@ -333,6 +339,12 @@ async fn fan_out_server_messages(
 }
 
 /// What a session talks to: a stdio command mcp-guard spawns, or a Streamable HTTP URL.
+/// How a session's server is reached, and how long each request to it may take.
+pub struct Launch<'a> {
+    pub target: Target<'a>,
+    pub request_timeout: std::time::Duration,
+}
+
 pub enum Target<'a> {
     Command {
         command: &'a [String],

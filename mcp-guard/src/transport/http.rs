@@ -50,6 +50,18 @@ pub async fn serve(listener: tokio::net::TcpListener, front: Front) -> std::io::
     axum::serve(listener, router(front)).await
 }
 
+/// [`serve`] until `shutdown` completes; then no new connection or request is taken, and this
+/// returns once the requests already in flight are answered and their connections closed.
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    front: Front,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(front))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 async fn dispatch(
     State(front): State<Front>,
     Path(name): Path<String>,
@@ -316,6 +328,14 @@ fn caller_for(front: &Front, headers: &HeaderMap) -> Result<Caller, Box<Response
         Some(Ok(verifier)) => match verifier.authenticate(header_str(headers, "authorization")) {
             Ok(identity) => (identity.principal, identity.roles),
             Err(error) => {
+                // Counted, not audited: unauthenticated senders must not be able to grow the
+                // audit log.
+                front
+                    .proxy
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&[error.kind()])
+                    .inc();
                 tracing::debug!(reason = %error, "request refused: no valid bearer token");
                 return Err(Box::new(unauthorised(&verifier, &error)));
             }

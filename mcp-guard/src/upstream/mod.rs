@@ -9,6 +9,7 @@ pub mod stdio;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -28,7 +29,16 @@ pub enum UpstreamError {
     NoCommand,
     #[error("{0}")]
     Unsupported(String),
+    #[error("the server did not answer {method} within {seconds} s")]
+    TimedOut { method: String, seconds: u64 },
 }
+
+/// How long a request may wait for its answer unless the session says otherwise.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The error code of a request its sender cancelled (LSP's `RequestCancelled`; MCP defines
+/// none, and the canceller ignores the answer anyway).
+const REQUEST_CANCELLED: i64 = -32800;
 
 /// The result of a request: the server's `result`, or its `error` object.
 pub type Outcome = Result<Value, Value>;
@@ -42,6 +52,8 @@ pub struct Upstream {
     next_id: AtomicI64,
     /// The server process mcp-guard spawned, if any; stopped by `stop` or when dropped.
     process: std::sync::Mutex<Option<stdio::ServerProcess>>,
+    /// A hung server must not hold an agent's call (and its audit span) open forever.
+    request_timeout: Duration,
 }
 
 /// Requests and notifications the server sends on its own (sampling, elicitation, roots,
@@ -59,7 +71,14 @@ impl Upstream {
             pending,
             next_id: AtomicI64::new(1),
             process: std::sync::Mutex::new(process),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
+    }
+
+    /// Sets how long each request waits for its answer.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Upstream {
+        self.request_timeout = timeout;
+        self
     }
 
     /// Stops the server process now (its output then ends, which ends everything reading it).
@@ -96,7 +115,40 @@ impl Upstream {
             self.pending.lock().await.remove(&id);
             return Err(UpstreamError::Closed);
         }
-        receiver.await.map_err(|_| UpstreamError::Closed)
+        match tokio::time::timeout(self.request_timeout, receiver).await {
+            Ok(answer) => answer.map_err(|_| UpstreamError::Closed),
+            Err(_) => {
+                self.give_up(id).await;
+                Err(UpstreamError::TimedOut {
+                    method: method.to_owned(),
+                    seconds: self.request_timeout.as_secs(),
+                })
+            }
+        }
+    }
+
+    /// Forgets a request that took too long and tells the server to stop working on it; a
+    /// late answer is then dropped as one mcp-guard did not send.
+    async fn give_up(&self, id: i64) {
+        self.pending.lock().await.remove(&id);
+        let cancelled = json!({
+            "requestId": id,
+            "reason": "mcp-guard: no answer within the server's request_timeout_seconds",
+        });
+        // Best effort: a server that is gone needs no cancellation.
+        let _ = self
+            .notify("notifications/cancelled", Some(cancelled))
+            .await;
+    }
+
+    /// Stops waiting for request `id`, which its sender cancelled: the server does not answer
+    /// a cancelled request, so its caller gets a "cancelled" error now instead of waiting for
+    /// the timeout; a late answer is dropped as one mcp-guard did not send.
+    pub async fn abandon(&self, id: i64) {
+        if let Some(waiter) = self.pending.lock().await.remove(&id) {
+            let error = json!({"code": REQUEST_CANCELLED, "message": "cancelled by the agent"});
+            let _ = waiter.send(Err(error));
+        }
     }
 
     pub async fn notify(&self, method: &str, params: Option<Value>) -> Result<(), UpstreamError> {

@@ -1,0 +1,643 @@
+//! What flows beside an agent's own requests passes through the same pipeline (issue 3):
+//! requests the server sends the agent (`sampling/createMessage`, `elicitation/create`,
+//! `roots/list`) reach the agent only when a rule allows their method, and a refused one is
+//! answered to the server with mcp-guard's error; progress notifications reach the agent;
+//! an agent's cancellation reaches the server under the id mcp-guard gave the request
+//! upstream; and a server that takes longer than `request_timeout_seconds` is given up on
+//! (-32011 to the agent, `notifications/cancelled` to the server) without ending the session.
+//!
+//! Against the real `@modelcontextprotocol/server-everything`, driven by the official Python
+//! SDK client (`tests/clients/mcp_client.py`, whose `configure` op registers the sampling,
+//! elicitation and roots callbacks and reports each invocation), through the daemon's
+//! Streamable HTTP front and through `mcp-guard stdio`.
+//!
+//! Root only (the daemon loads its eBPF programs). The peers come from `cargo xtask setup`;
+//! without them these tests fail (never skip) and say so.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use mcp_guard_tests::*;
+use serde_json::{Value, json};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
+const HANDSHAKE: &str = "2025-11-25";
+
+/// The server-everything tools these tests call.
+const TOOLS: [&str; 5] = [
+    "echo",
+    "trigger-sampling-request",
+    "trigger-elicitation-request",
+    "get-roots-list",
+    "trigger-long-running-operation",
+];
+
+/// What the test's sampling callback answers, and the model it names.
+const SAMPLED_TEXT: &str = "sampled by the agent's model";
+const SAMPLING_MODEL: &str = "mcp-guard-tests";
+
+// ---------------------------------------------------------------------------------------------
+// A daemon in front of server-everything
+// ---------------------------------------------------------------------------------------------
+
+/// A running daemon with its MCP front and `/metrics` on loopback ports of their own. Fields
+/// drop in order: the daemon stops before the environment tears its cgroups and pins down.
+struct Guard {
+    daemon: Daemon,
+    env: TestEnv,
+    peers: Peers,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Guard {
+    /// `servers` maps a server name to the extra rules it gets beside listing and calling
+    /// [`TOOLS`]; every server is server-everything over stdio, one process per session.
+    /// `tweak` may change each server's entry (e.g. `request_timeout_seconds`).
+    fn start(tag: &str, servers: &[(&str, Vec<Value>)], tweak: impl Fn(&str, &mut Value)) -> Guard {
+        let env = TestEnv::new(tag, PROBE);
+        let peers = Peers::require();
+        let mut entries = serde_json::Map::new();
+        for (name, extra_rules) in servers {
+            let mut rules = vec![
+                list_tools_rule(),
+                allow("tools", json!({"roles": [DEVELOPER], "tools": TOOLS})),
+            ];
+            rules.extend(extra_rules.iter().cloned());
+            let mut entry = stdio_server(peers.everything(), rules);
+            tweak(name, &mut entry);
+            entries.insert(name.to_string(), entry);
+        }
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+        let mut document = env.proxy_policy(addr, Value::Object(entries));
+        document["daemon"]["metrics_listen"] = json!(metrics.to_string());
+        env.write_policy_document(&document);
+        let daemon = env.start_daemon();
+        Guard {
+            daemon,
+            env,
+            peers,
+            addr,
+            metrics,
+        }
+    }
+
+    /// The SDK client over Streamable HTTP through mcp-guard.
+    fn client(&self, server: &str, script: &Value) -> ClientRun {
+        let url = format!("http://{}/servers/{server}/mcp", self.addr);
+        mcp_client(&self.peers, Transport::Http(&url), HANDSHAKE, script)
+    }
+
+    /// The SDK client through `mcp-guard stdio`, as an agent would launch it (the server runs
+    /// in a cgroup the daemon hands out; records go to the daemon's audit log).
+    fn stdio_client(&self, server: &str, script: &Value) -> ClientRun {
+        let command = vec![
+            self.env.daemon_bin.display().to_string(),
+            "stdio".into(),
+            "--server".into(),
+            server.into(),
+            "--policy".into(),
+            self.env.policy_path.display().to_string(),
+            "--principal".into(),
+            AGENT.into(),
+            "--control-socket".into(),
+            self.env.control_socket.display().to_string(),
+        ];
+        mcp_client(&self.peers, Transport::Stdio(&command), HANDSHAKE, script)
+    }
+
+    /// `mcp_guard_decisions_total` for `server` and `method` with this decision and rule.
+    fn decisions(&self, server: &str, method: &str, decision: &str, rule: &str) -> f64 {
+        metric(
+            &scrape(self.metrics),
+            "mcp_guard_decisions_total",
+            &[
+                ("server", server),
+                ("method", method),
+                ("decision", decision),
+                ("rule", rule),
+            ],
+        )
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        audit_records(&self.env.audit_path())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading answers and records
+// ---------------------------------------------------------------------------------------------
+
+/// Every record of an audit log, in order.
+fn audit_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|err| panic!("read the audit log {}: {err}", path.display()))
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}")))
+        .collect()
+}
+
+/// The outcome records (`kind` call with an `outcome`) of `tool`, in order.
+fn outcomes<'a>(records: &'a [Value], tool: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|r| r["kind"] == "call" && r["tool"] == tool && r.get("outcome").is_some())
+        .collect()
+}
+
+/// Records naming a server→client method (none are written today: see the report).
+fn server_request_records<'a>(records: &'a [Value], method: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["method"] == method).collect()
+}
+
+/// The texts of a tool result's content, joined by newlines.
+fn text(result: &Value) -> String {
+    result["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no content in {result}"))
+        .iter()
+        .filter_map(|item| item["text"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every callback invocation the client reported, over all its lines, in order.
+fn callbacks(run: &ClientRun) -> Vec<Value> {
+    run.results
+        .iter()
+        .flat_map(|line| line["callbacks"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The invocations of one callback (`sampling`, `elicitation`, `roots`).
+fn invocations(run: &ClientRun, callback: &str) -> Vec<Value> {
+    callbacks(run)
+        .into_iter()
+        .filter(|c| c["callback"] == callback)
+        .collect()
+}
+
+/// The client's `configure` op registering every callback the tests use.
+fn configure_callbacks() -> Value {
+    json!({
+        "op": "configure",
+        "sampling": SAMPLED_TEXT,
+        "elicitation": {"name": "Ada Lovelace", "check": true},
+        "roots": [{"uri": "file:///srv/guarded-project", "name": "guarded-project"}],
+    })
+}
+
+/// Asserts `error_text` (what server-everything reports of the error it got) is mcp-guard's
+/// policy refusal of `method`.
+fn assert_refused_upstream(error_text: &str, method: &str) {
+    assert!(
+        error_text.contains("-32010")
+            && error_text.contains(&format!("mcp-guard refused {method}")),
+        "the server did not get mcp-guard's refusal of {method}: {error_text}"
+    );
+}
+
+fn rule_for(id: &str, method: &str) -> Value {
+    allow(id, json!({"roles": [DEVELOPER], "methods": [method]}))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server→client requests
+// ---------------------------------------------------------------------------------------------
+
+/// `sampling/createMessage`: where a rule allows it, the server's request reaches the agent's
+/// sampling callback and the sampled text comes back in the tool result; where no rule does,
+/// the callback is never invoked, the server gets mcp-guard's -32010 (which the tool reports),
+/// and the refusal is counted under `default-deny`.
+#[test]
+fn sampling_reaches_the_agent_only_when_a_rule_allows_it() {
+    let guard = Guard::start(
+        "server-req-sampling",
+        &[
+            ("open", vec![rule_for("sampling", "sampling/createMessage")]),
+            ("closed", vec![]),
+        ],
+        |_, _| {},
+    );
+    let script = json!([
+        configure_callbacks(),
+        {"op": "call_tool", "name": "trigger-sampling-request",
+         "arguments": {"prompt": "summarise the incident", "maxTokens": 50}},
+        {"op": "call_tool", "name": "echo", "arguments": {"message": "still here"}},
+    ]);
+
+    let open = guard.client("open", &script);
+    let result = open.ok(1);
+    assert_ne!(result["isError"], true, "{result}");
+    let sampled = text(result);
+    assert!(
+        sampled.contains(SAMPLED_TEXT) && sampled.contains(SAMPLING_MODEL),
+        "the tool result lacks the agent's sampled message: {sampled}"
+    );
+    let asked = invocations(&open, "sampling");
+    assert_eq!(asked.len(), 1, "{:?}", callbacks(&open));
+    assert_eq!(
+        asked[0]["params"]["messages"][0]["content"]["text"],
+        "Resource trigger-sampling-request context: summarise the incident",
+        "the agent got another request than the server sent: {}",
+        asked[0]
+    );
+    assert_eq!(asked[0]["params"]["maxTokens"], 50, "{}", asked[0]);
+    assert_eq!(
+        guard.decisions("open", "sampling/createMessage", "allow", "sampling"),
+        1.0
+    );
+
+    let closed = guard.client("closed", &script);
+    assert!(
+        invocations(&closed, "sampling").is_empty(),
+        "a refused sampling request reached the agent: {:?}",
+        callbacks(&closed)
+    );
+    let result = closed.ok(1);
+    assert_eq!(result["isError"], true, "{result}");
+    assert_refused_upstream(&text(result), "sampling/createMessage");
+    assert_eq!(text(closed.ok(2)), "Echo: still here");
+    assert_eq!(
+        guard.decisions("closed", "sampling/createMessage", "deny", "default-deny"),
+        1.0
+    );
+    assert_eq!(
+        guard.decisions("closed", "sampling/createMessage", "allow", "sampling"),
+        0.0
+    );
+
+    // The calls are on record with what the agent got; the server's request itself is not.
+    let records = guard.audit();
+    let kinds: Vec<&Value> = outcomes(&records, "trigger-sampling-request")
+        .iter()
+        .map(|r| &r["outcome"]["kind"])
+        .collect();
+    assert_eq!(
+        kinds,
+        [&json!("result"), &json!("tool_error")],
+        "{records:#?}"
+    );
+    assert!(
+        server_request_records(&records, "sampling/createMessage").is_empty(),
+        "{records:#?}"
+    );
+}
+
+/// `elicitation/create`: where a rule allows it, the agent's elicitation callback answers and
+/// the server reports the accepted content; where a deny rule names the method, the callback
+/// is never invoked, the server gets the -32010 naming that rule, and the refusal is counted
+/// under it.
+#[test]
+fn elicitation_reaches_the_agent_only_when_a_rule_allows_it() {
+    let guard = Guard::start(
+        "server-req-elicitation",
+        &[
+            ("open", vec![rule_for("elicitation", "elicitation/create")]),
+            (
+                "closed",
+                vec![deny(
+                    "no-elicitation",
+                    json!({"methods": ["elicitation/create"]}),
+                )],
+            ),
+        ],
+        |_, _| {},
+    );
+    let script = json!([
+        configure_callbacks(),
+        {"op": "call_tool", "name": "trigger-elicitation-request", "arguments": {}},
+        {"op": "call_tool", "name": "echo", "arguments": {"message": "still here"}},
+    ]);
+
+    let open = guard.client("open", &script);
+    let result = open.ok(1);
+    assert_ne!(result["isError"], true, "{result}");
+    let reported = text(result);
+    assert!(
+        reported.contains("- Name: Ada Lovelace") && reported.contains("- Agreed to terms: true"),
+        "the server did not get the agent's answer: {reported}"
+    );
+    let asked = invocations(&open, "elicitation");
+    assert_eq!(asked.len(), 1, "{:?}", callbacks(&open));
+    assert_eq!(
+        asked[0]["params"]["message"], "Please provide inputs for the following fields:",
+        "{}",
+        asked[0]
+    );
+    assert_eq!(
+        asked[0]["params"]["requestedSchema"]["required"],
+        json!(["name"]),
+        "{}",
+        asked[0]
+    );
+    assert_eq!(
+        guard.decisions("open", "elicitation/create", "allow", "elicitation"),
+        1.0
+    );
+
+    let closed = guard.client("closed", &script);
+    assert!(
+        invocations(&closed, "elicitation").is_empty(),
+        "a refused elicitation reached the agent: {:?}",
+        callbacks(&closed)
+    );
+    let result = closed.ok(1);
+    assert_eq!(result["isError"], true, "{result}");
+    assert_refused_upstream(&text(result), "elicitation/create");
+    assert_eq!(text(closed.ok(2)), "Echo: still here");
+    assert_eq!(
+        guard.decisions("closed", "elicitation/create", "deny", "no-elicitation"),
+        1.0
+    );
+
+    let records = guard.audit();
+    let kinds: Vec<&Value> = outcomes(&records, "trigger-elicitation-request")
+        .iter()
+        .map(|r| &r["outcome"]["kind"])
+        .collect();
+    assert_eq!(
+        kinds,
+        [&json!("result"), &json!("tool_error")],
+        "{records:#?}"
+    );
+    assert!(
+        server_request_records(&records, "elicitation/create").is_empty(),
+        "{records:#?}"
+    );
+}
+
+/// `roots/list`: server-everything asks for the roots on its own shortly after initialize,
+/// and again from `get-roots-list` while it has none. Where a rule allows the method, every
+/// request counted as allowed reached the agent's roots callback and the tool lists the
+/// agent's root; where none does, no request reached the agent and the server has no roots.
+#[test]
+fn roots_list_reaches_the_agent_only_when_a_rule_allows_it() {
+    let guard = Guard::start(
+        "server-req-roots",
+        &[
+            ("open", vec![rule_for("roots", "roots/list")]),
+            ("closed", vec![]),
+        ],
+        |_, _| {},
+    );
+    let script = json!([
+        configure_callbacks(),
+        // Past the server's own roots/list after initialize, so that one is judged too.
+        {"op": "sleep", "ms": 1000},
+        {"op": "call_tool", "name": "get-roots-list", "arguments": {}},
+    ]);
+
+    let open = guard.client("open", &script);
+    let listed = text(open.ok(2));
+    assert!(
+        listed.contains("Current MCP Roots (1 total)")
+            && listed.contains("guarded-project")
+            && listed.contains("file:///srv/guarded-project"),
+        "the server did not get the agent's roots: {listed}"
+    );
+    let asked = invocations(&open, "roots").len();
+    assert!(asked >= 1, "{:?}", callbacks(&open));
+    assert_eq!(
+        guard.decisions("open", "roots/list", "allow", "roots"),
+        asked as f64,
+        "every allowed roots/list reaches the agent"
+    );
+
+    let closed = guard.client("closed", &script);
+    assert!(
+        invocations(&closed, "roots").is_empty(),
+        "a refused roots/list reached the agent: {:?}",
+        callbacks(&closed)
+    );
+    let listed = text(closed.ok(2));
+    assert!(
+        listed.contains("no roots are currently configured"),
+        "the server got roots although roots/list was refused: {listed}"
+    );
+    assert!(
+        guard.decisions("closed", "roots/list", "deny", "default-deny") >= 1.0,
+        "the refused roots/list is not counted"
+    );
+    assert_eq!(
+        guard.decisions("closed", "roots/list", "allow", "roots"),
+        0.0
+    );
+}
+
+/// Through `mcp-guard stdio` the same judgements hold: sampling allowed by a rule reaches the
+/// agent, elicitation without one does not, and progress notifications come through.
+#[test]
+fn the_stdio_front_judges_server_requests_the_same_way() {
+    let guard = Guard::start(
+        "server-req-stdio",
+        &[(
+            "everything",
+            vec![rule_for("sampling", "sampling/createMessage")],
+        )],
+        |_, _| {},
+    );
+    let run = guard.stdio_client(
+        "everything",
+        &json!([
+            configure_callbacks(),
+            {"op": "call_tool", "name": "trigger-sampling-request",
+             "arguments": {"prompt": "over stdio"}},
+            {"op": "call_tool", "name": "trigger-elicitation-request", "arguments": {}},
+            {"op": "call_tool", "name": "trigger-long-running-operation",
+             "arguments": {"duration": 1, "steps": 3}, "progress": true},
+        ]),
+    );
+    let sampled = text(run.ok(1));
+    assert!(sampled.contains(SAMPLED_TEXT), "{sampled}");
+    assert_eq!(
+        invocations(&run, "sampling").len(),
+        1,
+        "{:?}",
+        callbacks(&run)
+    );
+
+    let refused = run.ok(2);
+    assert_eq!(refused["isError"], true, "{refused}");
+    assert_refused_upstream(&text(refused), "elicitation/create");
+    assert!(
+        invocations(&run, "elicitation").is_empty(),
+        "{:?}",
+        callbacks(&run)
+    );
+
+    assert_eq!(
+        text(run.ok(3)),
+        "Long running operation completed. Duration: 1 seconds, Steps: 3."
+    );
+    assert_progress(&run.results[3], 3);
+
+    // The stdio front records to the daemon's log.
+    let records = guard.audit();
+    let kinds: Vec<&Value> = ["trigger-sampling-request", "trigger-elicitation-request"]
+        .iter()
+        .flat_map(|tool| outcomes(&records, tool))
+        .map(|r| &r["outcome"]["kind"])
+        .collect();
+    assert_eq!(
+        kinds,
+        [&json!("result"), &json!("tool_error")],
+        "{records:#?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress, cancellation, timeouts
+// ---------------------------------------------------------------------------------------------
+
+/// Asserts an op's line holds `steps` progress notifications, 1..=steps of `steps`, in order.
+fn assert_progress(line: &Value, steps: u64) {
+    let received = line["progress"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no progress recorded: {line}"));
+    let expected: Vec<Value> = (1..=steps)
+        .map(|i| json!({"progress": i as f64, "total": steps as f64, "message": null}))
+        .collect();
+    assert_eq!(received, &expected, "{line}");
+}
+
+/// The warning the daemon logs when a server answers a request mcp-guard no longer waits for.
+const LATE_ANSWER: &str = "server answered a request mcp-guard did not send; dropped";
+
+fn late_answers(daemon: &Daemon) -> Vec<Value> {
+    daemon
+        .log
+        .lines()
+        .into_iter()
+        .filter(|l| message(l) == Some(LATE_ANSWER))
+        .collect()
+}
+
+/// A call made with a progressToken gets every notifications/progress the server sends for
+/// it, in order, through the HTTP front, and then its result.
+#[test]
+fn progress_notifications_reach_the_agent() {
+    let guard = Guard::start("server-req-progress", &[("everything", vec![])], |_, _| {});
+    let run = guard.client(
+        "everything",
+        &json!([
+            {"op": "call_tool", "name": "trigger-long-running-operation",
+             "arguments": {"duration": 2, "steps": 4}, "progress": true},
+        ]),
+    );
+    assert_eq!(
+        text(run.ok(0)),
+        "Long running operation completed. Duration: 2 seconds, Steps: 4."
+    );
+    assert_progress(&run.results[0], 4);
+}
+
+/// The agent abandons a long-running call (the SDK sends notifications/cancelled naming the
+/// agent's request id). mcp-guard forwards the cancellation under the id it gave the request
+/// upstream, and ends the call then: its outcome is recorded as cancelled, before anything
+/// else the session does. The server honours it: it never answers the call (an answer would
+/// be logged as one mcp-guard no longer waits for), even after the operation's own end; and
+/// the session goes on.
+#[test]
+fn a_cancelled_call_is_cancelled_upstream_and_ends() {
+    let guard = Guard::start("server-req-cancel", &[("everything", vec![])], |_, _| {});
+    let run = guard.client(
+        "everything",
+        &json!([
+            {"op": "cancel_tool", "name": "trigger-long-running-operation",
+             "arguments": {"duration": 3, "steps": 3}, "after_ms": 700},
+            // Past the operation's own end: a server that missed the cancellation answers.
+            {"op": "sleep", "ms": 4000},
+            {"op": "call_tool", "name": "echo", "arguments": {"message": "after the cancel"}},
+        ]),
+    );
+    assert_eq!(run.ok(0)["cancelled"], true, "{}", run.results[0]);
+    assert_eq!(text(run.ok(2)), "Echo: after the cancel");
+
+    let records = guard.audit();
+    let cancelled = outcomes(&records, "trigger-long-running-operation");
+    assert_eq!(cancelled.len(), 1, "{records:#?}");
+    let outcome = &cancelled[0]["outcome"];
+    assert_eq!(outcome["kind"], "error", "{outcome}");
+    assert!(
+        outcome["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cancelled by the agent")),
+        "{outcome}"
+    );
+    let echo_decision = records
+        .iter()
+        .find(|r| r["tool"] == "echo" && r.get("decision").is_some())
+        .unwrap_or_else(|| panic!("no decision record for echo: {records:#?}"));
+    let seq = |record: &Value| record["seq"].as_u64().expect("seq");
+    assert!(
+        seq(cancelled[0]) < seq(echo_decision),
+        "the cancelled call ended only after the session went on: {records:#?}"
+    );
+    assert_eq!(
+        late_answers(&guard.daemon),
+        Vec::<Value>::new(),
+        "the server answered the cancelled call: the cancellation did not reach it"
+    );
+}
+
+/// `request_timeout_seconds: 1` and an operation of 4 s: the agent gets -32011 saying the
+/// server did not answer in time, before the operation's last progress; the outcome is
+/// recorded as a transport error; mcp-guard cancelled the request upstream, so the server
+/// never answers it; and the next call in the same session is answered.
+#[test]
+fn a_call_over_the_request_timeout_gets_32011_and_the_session_goes_on() {
+    let guard = Guard::start(
+        "server-req-timeout",
+        &[("everything", vec![])],
+        |_, entry| {
+            entry["request_timeout_seconds"] = json!(1);
+        },
+    );
+    let run = guard.client(
+        "everything",
+        &json!([
+            {"op": "call_tool", "name": "trigger-long-running-operation",
+             "arguments": {"duration": 4, "steps": 4}, "progress": true},
+            // Past the operation's own end: a server that missed the cancellation answers.
+            {"op": "sleep", "ms": 4500},
+            {"op": "call_tool", "name": "echo", "arguments": {"message": "after the timeout"}},
+        ]),
+    );
+    let error = run.error(0);
+    assert_eq!(error["code"], -32011, "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("did not answer tools/call within 1 s")),
+        "{error}"
+    );
+    let progress = run.results[0]["progress"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", run.results[0]));
+    assert!(
+        progress.len() < 4,
+        "the error came only after the operation finished: {}",
+        run.results[0]
+    );
+    assert_eq!(text(run.ok(2)), "Echo: after the timeout");
+
+    let records = guard.audit();
+    let timed_out = outcomes(&records, "trigger-long-running-operation");
+    assert_eq!(timed_out.len(), 1, "{records:#?}");
+    assert_eq!(
+        timed_out[0]["outcome"]["kind"], "transport_error",
+        "{records:#?}"
+    );
+    assert_eq!(timed_out[0]["outcome"]["code"], -32011, "{records:#?}");
+    let echoed = outcomes(&records, "echo");
+    assert_eq!(echoed.len(), 1, "{records:#?}");
+    assert_eq!(echoed[0]["outcome"]["kind"], "result", "{records:#?}");
+    assert_eq!(
+        late_answers(&guard.daemon),
+        Vec::<Value>::new(),
+        "the server answered the timed-out call: mcp-guard's cancellation did not reach it"
+    );
+}
