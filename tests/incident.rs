@@ -14,7 +14,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use mcp_guard_tests::*;
 use serde_json::{Value, json};
@@ -558,17 +557,6 @@ fn wait_for_egress_records(incident: &Incident, declared: usize, undeclared: usi
         counts.1,
         incident.daemon().log.summary(10, 30)
     );
-}
-
-/// `mcp-guard ARGS...`, run to completion.
-fn mcp_guard(args: &[&str]) -> ProbeRun {
-    let mut cmd = Command::new(daemon_binary());
-    cmd.args(args);
-    run_command(cmd, &format!("mcp-guard {}", args.join(" ")))
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 path")
 }
 
 // ---------------------------------------------------------------------------------------------

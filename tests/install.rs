@@ -9,13 +9,20 @@ use std::process::Command;
 use mcp_guard_tests::daemon_binary;
 
 /// `cargo xtask <args>` from the workspace root, with the built daemon as `--binary` so that
-/// nothing is compiled in release mode.
+/// nothing is compiled in release mode. Under `cargo xtask test` the running xtask binary is
+/// named by `MCP_GUARD_XTASK` and run directly; otherwise it is built and run by cargo.
 fn xtask(args: &[&str], root: &Path) {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
+    let mut command = match std::env::var_os("MCP_GUARD_XTASK") {
+        Some(xtask) => Command::new(xtask),
+        None => {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cargo = Command::new(cargo);
+            cargo.args(["run", "--quiet", "--package", "xtask", "--"]);
+            cargo
+        }
+    };
     command
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .args(["run", "--quiet", "--package", "xtask", "--"])
         .args(args)
         .arg("--root")
         .arg(root);

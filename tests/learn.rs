@@ -12,7 +12,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::Command;
 
 use mcp_guard_tests::*;
 use serde_json::{Value, json};
@@ -83,16 +82,6 @@ fn check_workflow(run: &ClientRun, what: &str) {
         let result = run.ok(i);
         assert_ne!(result["isError"], true, "{what}: operation {i}: {result}");
     }
-}
-
-fn mcp_guard(args: &[&str]) -> ProbeRun {
-    let mut cmd = Command::new(daemon_binary());
-    cmd.args(args);
-    run_command(cmd, &format!("mcp-guard {}", args.join(" ")))
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 path")
 }
 
 /// Waits until the log at `path` holds an egress record to each of `ports`.

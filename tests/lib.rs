@@ -2094,3 +2094,14 @@ pub fn metric(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, 
     assert!(matching.len() <= 1, "{metric} {labels:?}: several samples");
     matching.first().copied().unwrap_or(0.0)
 }
+
+/// Runs the `mcp-guard` CLI with `args` and collects what it printed.
+pub fn mcp_guard(args: &[&str]) -> ProbeRun {
+    let mut cmd = Command::new(daemon_binary());
+    cmd.args(args);
+    run_command(cmd, &format!("mcp-guard {}", args.join(" ")))
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}

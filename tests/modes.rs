@@ -426,16 +426,8 @@ fn learn_mode_records_roles_argument_shapes_and_the_catalogue() {
     let lists = tools_list_outcomes(&records);
     assert_eq!(lists[0]["tools_seen"], expected_tools_seen(run.ok(0)));
 
-    let verified = std::process::Command::new(&guarded.env.daemon_bin)
-        .args(["audit", "verify"])
-        .arg(guarded.env.audit_path())
-        .output()
-        .expect("run mcp-guard audit verify");
-    assert!(
-        verified.status.success(),
-        "audit verify: {}",
-        String::from_utf8_lossy(&verified.stderr)
-    );
+    let audit = guarded.env.audit_path();
+    mcp_guard(&["audit", "verify", path_str(&audit)]).assert_success();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -527,16 +519,13 @@ fn learn_mode_lets_undeclared_connections_through_and_reports_them() {
 
     // `audit trace` of the session shows the connection as would_refuse, in learn mode.
     let session = undeclared_call["session"].as_str().unwrap();
-    let trace = std::process::Command::new(&guarded.env.daemon_bin)
-        .args(["audit", "trace", "--session", session])
-        .arg(guarded.env.audit_path())
-        .output()
-        .expect("run mcp-guard audit trace");
-    let text = String::from_utf8_lossy(&trace.stdout);
+    let audit = guarded.env.audit_path();
+    let trace = mcp_guard(&["audit", "trace", "--session", session, path_str(&audit)]);
+    trace.assert_success();
     assert!(
-        trace.status.success() && text.contains("would_refuse") && text.contains("[learn]"),
-        "audit trace: {text}{}",
-        String::from_utf8_lossy(&trace.stderr)
+        trace.stdout.contains("would_refuse") && trace.stdout.contains("[learn]"),
+        "audit trace: {}",
+        trace.stdout
     );
 }
 

@@ -9,7 +9,7 @@ mod setup;
 
 use std::{env, path::PathBuf, process::ExitCode};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::process::{command, workspace_root};
@@ -170,11 +170,15 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
     setup::setup()?;
     lint()?;
     stage("test");
+    // The install tests run this very binary rather than `cargo run -p xtask`, which would
+    // wait on the build directory lock this `cargo test` holds.
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
     process::run(
         command("cargo")?
             .arg("test")
             .args(HOST_PACKAGES)
-            .args(cargo_test_args),
+            .args(cargo_test_args)
+            .env("MCP_GUARD_XTASK", xtask),
     )
 }
 
