@@ -1725,7 +1725,26 @@ fn metrics_count_decisions_and_audit_records() {
     let records = read_records(&incident.audit_path());
 
     // Decisions: label set by label set, as in the log.
-    let mut from_log: BTreeMap<(String, String, String, String), f64> = BTreeMap::new();
+    // The `tool` label is the tool's name for tools the server listed to the session (no rule
+    // of this policy names a tool the server does not list), and `other` for anything else a
+    // caller sends, so that label values stay bounded.
+    let listed: BTreeSet<String> = run.ok(0)["tools"]
+        .as_array()
+        .expect("the tools/list result")
+        .iter()
+        .filter_map(|tool| tool["name"].as_str().map(str::to_owned))
+        .collect();
+    let tool_label = |record: &Value| match (text_of(record, "method"), text_of(record, "tool")) {
+        (Some(method), Some(tool)) if method == "tools/call" => {
+            if listed.contains(&tool) {
+                tool
+            } else {
+                "other".to_owned()
+            }
+        }
+        _ => String::new(),
+    };
+    let mut from_log: BTreeMap<(String, String, String, String, String), f64> = BTreeMap::new();
     for record in records
         .iter()
         .filter(|r| r["kind"] == "call" && !r["decision"].is_null())
@@ -1733,12 +1752,13 @@ fn metrics_count_decisions_and_audit_records() {
         let key = (
             text_of(record, "server").unwrap_or_default(),
             text_of(record, "method").unwrap_or_default(),
+            tool_label(record),
             text_of(record, "decision").unwrap_or_default(),
             text_of(record, "rule").unwrap_or_default(),
         );
         *from_log.entry(key).or_default() += 1.0;
     }
-    let from_metrics: BTreeMap<(String, String, String, String), f64> = scraped
+    let from_metrics: BTreeMap<(String, String, String, String, String), f64> = scraped
         .samples
         .iter()
         .filter(|s| s.metric == "mcp_guard_decisions_total")
@@ -1748,6 +1768,7 @@ fn metrics_count_decisions_and_audit_records() {
                 (
                     label("server"),
                     label("method"),
+                    label("tool"),
                     label("decision"),
                     label("rule"),
                 ),
@@ -1759,23 +1780,31 @@ fn metrics_count_decisions_and_audit_records() {
         from_metrics, from_log,
         "mcp_guard_decisions_total vs the audit log"
     );
-    let decisions = |method: &str, decision: &str, rule: &str| {
+    let decisions = |method: &str, tool: &str, decision: &str, rule: &str| {
         metric(
             &scraped,
             "mcp_guard_decisions_total",
             &[
                 ("server", SERVER),
                 ("method", method),
+                ("tool", tool),
                 ("decision", decision),
                 ("rule", rule),
             ],
         )
     };
-    assert_eq!(decisions("tools/call", "allow", "echo"), 3.0);
-    assert_eq!(decisions("tools/call", "deny", "no-secrets"), 2.0);
-    assert_eq!(decisions("tools/call", "deny", "unknown-tool"), 1.0);
-    assert_eq!(decisions("tools/call", "allow", "fetch"), 2.0);
-    assert_eq!(decisions("tools/list", "allow", "list-tools"), 1.0);
+    assert_eq!(decisions("tools/call", "echo", "allow", "echo"), 3.0);
+    assert_eq!(decisions("tools/call", "echo", "deny", "no-secrets"), 2.0);
+    assert_eq!(
+        decisions("tools/call", "other", "deny", "unknown-tool"),
+        1.0,
+        "get-sum, which the server did not list to this caller, is counted as `other`"
+    );
+    assert_eq!(
+        decisions("tools/call", "gzip-file-as-resource", "allow", "fetch"),
+        2.0
+    );
+    assert_eq!(decisions("tools/list", "", "allow", "list-tools"), 1.0);
     let initializes: f64 = from_metrics
         .iter()
         .filter(|((_, method, ..), _)| method == "initialize")
@@ -1804,7 +1833,7 @@ fn metrics_count_decisions_and_audit_records() {
     let all_decisions: f64 = from_metrics.values().sum();
     let allowed: f64 = from_metrics
         .iter()
-        .filter(|((_, _, decision, _), _)| decision == "allow")
+        .filter(|((_, _, _, decision, _), _)| decision == "allow")
         .map(|(_, n)| n)
         .sum();
     let stage_count = |stage: &str| -> f64 {

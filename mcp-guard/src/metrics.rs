@@ -21,7 +21,7 @@ pub struct Metrics {
     pub egress_dns_resolutions: IntCounterVec,
     pub policy_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
-    /// Every authorisation decision, by server, method, decision and rule id.
+    /// Every authorisation decision, by server, method, tool, decision and rule id.
     pub decisions: IntCounterVec,
     /// Time per request, by server and stage (policy, upstream, total).
     pub request_duration: HistogramVec,
@@ -90,9 +90,9 @@ impl Metrics {
             decisions: IntCounterVec::new(
                 Opts::new(
                     "mcp_guard_decisions_total",
-                    "Authorisation decisions, by server, method, decision (allow, deny, would_deny) and rule id",
+                    "Authorisation decisions, by server, method, tool (named in the policy or listed by the server, else other), decision (allow, deny, would_deny) and rule id",
                 ),
-                &["server", "method", "decision", "rule"],
+                &["server", "method", "tool", "decision", "rule"],
             )
             .expect("metric"),
             request_duration: HistogramVec::new(

@@ -135,6 +135,18 @@ impl CompiledPolicy {
         )
     }
 
+    /// Whether a rule of `server` names the tool `tool` exactly (not through a pattern):
+    /// such names are a bounded set the policy's author wrote down, fit for metric labels.
+    pub fn names_tool(&self, server: &str, tool: &str) -> bool {
+        let Some(rules) = self.servers.get(server) else {
+            return false;
+        };
+        let Some(slot) = methods::named_slot("tools/call") else {
+            return false;
+        };
+        rules.deny.by_name[slot].has_exact(tool) || rules.allow.by_name[slot].has_exact(tool)
+    }
+
     /// The names of the servers the policy guards, in order.
     pub fn server_names(&self) -> impl Iterator<Item = &str> {
         self.servers.keys().map(String::as_str)

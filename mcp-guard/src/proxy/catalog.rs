@@ -35,6 +35,10 @@ impl ToolCatalog {
         ToolCatalog { validators }
     }
 
+    pub fn contains(&self, tool: &str) -> bool {
+        self.validators.contains_key(tool)
+    }
+
     pub fn extend(&mut self, other: ToolCatalog) {
         self.validators.extend(other.validators);
     }

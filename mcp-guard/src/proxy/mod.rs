@@ -360,7 +360,8 @@ impl Proxy {
                     AuditDecision::Deny,
                     &refusal.rule,
                     policy_us,
-                );
+                )
+                .await;
                 let facts = DecisionFacts {
                     decision: AuditDecision::Deny,
                     rule: &refusal.rule,
@@ -384,7 +385,8 @@ impl Proxy {
                     allowed.decision,
                     &allowed.rule,
                     policy_us,
-                );
+                )
+                .await;
                 let facts = DecisionFacts {
                     decision: allowed.decision,
                     rule: &allowed.rule,
@@ -763,6 +765,7 @@ impl Proxy {
             .with_label_values(&[
                 &session.server,
                 known_method(&request.method),
+                "",
                 verdict.as_str(),
                 &rule,
             ])
@@ -791,7 +794,7 @@ impl Proxy {
         .with_data(json!({"rule": rule, "reason": reason})))
     }
 
-    fn log_decision(
+    async fn log_decision(
         &self,
         session: &AgentSession,
         request: &Request,
@@ -802,9 +805,10 @@ impl Proxy {
     ) {
         let decision = decision.as_str();
         let method = known_method(&request.method);
+        let tool_label = self.tool_label(session, request).await;
         self.metrics
             .decisions
-            .with_label_values(&[&session.server, method, decision, rule])
+            .with_label_values(&[&session.server, method, tool_label, decision, rule])
             .inc();
         let tool = target_name(&request.method, request.params.as_ref()).unwrap_or("");
         // Debug, not info: the audit log is the record of every decision; this is for tracing.
@@ -823,6 +827,30 @@ impl Proxy {
             policy_us,
             "decision"
         );
+    }
+}
+
+/// The `tool` label of a decision whose tool is neither named in the policy nor listed by
+/// the server: whatever a caller sends must not become a label value.
+const UNLISTED_TOOL_LABEL: &str = "other";
+
+impl Proxy {
+    /// The `tool` label of a decision: empty for methods other than tools/call; the tool's
+    /// name when a rule names it exactly or the server listed it to this session (both bounded
+    /// sets); else [`UNLISTED_TOOL_LABEL`].
+    async fn tool_label<'r>(&self, session: &AgentSession, request: &'r Request) -> &'r str {
+        if request.method != "tools/call" {
+            return "";
+        }
+        let Some(tool) = target_name(&request.method, request.params.as_ref()) else {
+            return "";
+        };
+        let named = self.policy().names_tool(&session.server, tool);
+        if named || session.has_listed(tool).await {
+            tool
+        } else {
+            UNLISTED_TOOL_LABEL
+        }
     }
 }
 

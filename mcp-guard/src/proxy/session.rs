@@ -510,6 +510,15 @@ impl AgentSession {
         }
     }
 
+    /// Whether the server listed `tool` to this session (without asking the server now).
+    pub(super) async fn has_listed(&self, tool: &str) -> bool {
+        self.catalog
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|catalog| catalog.contains(tool))
+    }
+
     /// Checks a tools/call against the tool's own inputSchema, fetching the tool list from the
     /// server first if this session has not seen it.
     pub(super) async fn check_tool_arguments(
