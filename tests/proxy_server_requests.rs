@@ -15,7 +15,6 @@
 //! without them these tests fail (never skip) and say so.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
 
 use mcp_guard_tests::*;
 use serde_json::{Value, json};
@@ -129,15 +128,6 @@ impl Guard {
 // ---------------------------------------------------------------------------------------------
 // Reading answers and records
 // ---------------------------------------------------------------------------------------------
-
-/// Every record of an audit log, in order.
-fn audit_records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|err| panic!("read the audit log {}: {err}", path.display()))
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}")))
-        .collect()
-}
 
 /// The outcome records (`kind` call with an `outcome`) of `tool`, in order.
 fn outcomes<'a>(records: &'a [Value], tool: &str) -> Vec<&'a Value> {
@@ -639,5 +629,61 @@ fn a_call_over_the_request_timeout_gets_32011_and_the_session_goes_on() {
         late_answers(&guard.daemon),
         Vec::<Value>::new(),
         "the server answered the timed-out call: mcp-guard's cancellation did not reach it"
+    );
+}
+
+/// An agent that drops its HTTP connection while a call runs has not cancelled it (Streamable
+/// HTTP: a disconnection is not a cancellation): the call runs to its end and its outcome is
+/// recorded, so the log never holds a decision without an outcome; the session goes on.
+#[test]
+fn a_call_whose_agent_disconnects_still_ends_with_its_outcome_on_record() {
+    let guard = Guard::start("server-req-disconnect", &[("everything", vec![])], |_, _| {});
+    let url = format!("http://{}/servers/everything/mcp", guard.addr);
+    let session = open_raw_session(&guard.peers, &url, HANDSHAKE);
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+        "name": "trigger-long-running-operation", "arguments": {"duration": 2, "steps": 2}}});
+    let body = call.to_string();
+    {
+        let mut stream = std::net::TcpStream::connect(guard.addr).expect("connect to the front");
+        let request = format!(
+            "POST /servers/everything/mcp HTTP/1.1\r\nHost: {}\r\n\
+             Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n\
+             Mcp-Session-Id: {session}\r\nMCP-Protocol-Version: {HANDSHAKE}\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            guard.addr,
+            body.len()
+        );
+        std::io::Write::write_all(&mut stream, request.as_bytes()).expect("send the call");
+        // Gone before the server answers: the decision is on record, the call upstream.
+        assert!(
+            poll_until(TIMEOUT, || guard
+                .audit()
+                .iter()
+                .any(|r| r["tool"] == "trigger-long-running-operation"
+                    && r.get("decision").is_some())),
+            "no decision record for the call"
+        );
+    }
+    assert!(
+        poll_until(TIMEOUT, || !outcomes(
+            &guard.audit(),
+            "trigger-long-running-operation"
+        )
+        .is_empty()),
+        "the call of the agent that went away has no outcome record: {:#?}",
+        guard.audit()
+    );
+    let records = guard.audit();
+    let ended = outcomes(&records, "trigger-long-running-operation");
+    assert_eq!(ended.len(), 1, "{records:#?}");
+    assert_eq!(ended[0]["outcome"]["kind"], "result", "{records:#?}");
+    let echo = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": "still here"}}});
+    let answer = post_in_session(&guard.peers, &url, &session, HANDSHAKE, &echo);
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert_eq!(
+        text(&response_message(&answer)["result"]),
+        "Echo: still here",
+        "{answer}"
     );
 }

@@ -51,7 +51,15 @@ pub enum Request {
     },
     /// An audit record from a front that runs outside the daemon (the stdio front): the log
     /// has one writer, the daemon. Answered once the record is durable.
-    Audit { record: Box<AuditRecord> },
+    ///
+    /// `span`, with a call's decision record, says the call starts (noted only once the
+    /// record is written); with its outcome record, that it ended (noted either way). So a
+    /// call costs the front two round trips, not four.
+    Audit {
+        record: Box<AuditRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        span: Option<CallSpan>,
+    },
     /// A call of such a front's session started (no `ended_ns`) or ended: the daemon needs it
     /// to attribute the session's network connections to calls.
     CallSpan { session: String, span: CallSpan },
@@ -221,10 +229,31 @@ async fn answer(
                 Err(e) => Response::refused(e.to_string()),
             }
         }
-        Ok(Request::Audit { record }) => match context.audit.append(*record).await {
-            Ok(_) => Response::accepted(),
-            Err(e) => Response::refused(format!("audit log: {e}")),
-        },
+        Ok(Request::Audit { record, span }) => {
+            let session = record.session.clone();
+            let noted = |span: CallSpan| match &session {
+                Some(session) => context.proxy.note_external_span(session, span),
+                None => tracing::warn!("a call span without a session; ignored"),
+            };
+            // An ended call is ended whatever happens to its record; a call whose decision
+            // is not on record does not start.
+            let span = match span {
+                Some(span) if span.ended_ns.is_some() => {
+                    noted(span);
+                    None
+                }
+                span => span,
+            };
+            match context.audit.append(*record).await {
+                Ok(_) => {
+                    if let Some(span) = span {
+                        noted(span);
+                    }
+                    Response::accepted()
+                }
+                Err(e) => Response::refused(format!("audit log: {e}")),
+            }
+        }
         Ok(Request::CallSpan { session, span }) => {
             context.proxy.note_external_span(&session, span);
             Response::accepted()
@@ -289,10 +318,16 @@ impl AuditClient {
         })
     }
 
-    /// Sends one record; returns once the daemon has made it durable.
-    pub async fn append(&self, record: AuditRecord) -> Result<(), ControlError> {
+    /// Sends one record; returns once the daemon has made it durable. With `span`, the
+    /// daemon also learns that the record's call started or ended (see [`Request::Audit`]).
+    pub async fn append(
+        &self,
+        record: AuditRecord,
+        span: Option<CallSpan>,
+    ) -> Result<(), ControlError> {
         self.request(&Request::Audit {
             record: Box::new(record),
+            span,
         })
         .await
     }

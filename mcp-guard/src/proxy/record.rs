@@ -15,6 +15,7 @@ use crate::audit::{
     AuditDecision, AuditError, AuditLog, AuditRecord, Latency, Outcome, OutcomeKind, RecordKind,
     ToolSeen,
 };
+use super::CallSpan;
 use crate::control::{AuditClient, ControlError};
 use crate::identity::CallIdentity;
 use crate::learn::shape::summarize_arguments;
@@ -75,10 +76,24 @@ impl Recorder {
     }
 
     async fn append(&self, record: AuditRecord) -> Result<(), RecordError> {
+        self.append_with_span(record, None).await
+    }
+
+    /// The daemon is another process, which learns of calls with their records.
+    fn is_elsewhere(&self) -> bool {
+        matches!(self.sink, Sink::Daemon(_))
+    }
+
+    /// `span` only travels where the daemon is another process (see [`Self::call_started`]).
+    async fn append_with_span(
+        &self,
+        record: AuditRecord,
+        span: Option<CallSpan>,
+    ) -> Result<(), RecordError> {
         match &self.sink {
             Sink::Nowhere => Ok(()),
             Sink::Local(log) => Ok(log.append(record).await.map(|_| ())?),
-            Sink::Daemon(client) => Ok(client.append(record).await?),
+            Sink::Daemon(client) => Ok(client.append(record, span).await?),
         }
     }
 
@@ -122,7 +137,11 @@ impl Recorder {
         {
             record.argument_shapes = Some(summarize_arguments(arguments, facts.redact));
         }
-        self.append(record).await
+        // A call that goes on starts with its decision record (one round trip to a daemon
+        // that is another process, instead of two).
+        let starts = facts.decision != AuditDecision::Deny && self.is_elsewhere();
+        let span = starts.then(|| span_of(identity));
+        self.append_with_span(record, span).await
     }
 
     pub async fn outcome(
@@ -141,35 +160,29 @@ impl Recorder {
             // Lists are not filtered in these modes: the answer holds every tool offered.
             record.tools_seen = tools_seen(answer);
         }
-        self.append(record).await
+        // The call's end travels with its outcome record (see `call_ended`).
+        let span = self.is_elsewhere().then(|| CallSpan {
+            ended_ns: Some(monotonic_ns()),
+            ..span_of(identity)
+        });
+        self.append_with_span(record, span).await
     }
 
-    /// Where the daemon is another process, it learns of the call (before it is forwarded, so
-    /// a connection the call makes finds it).
+    /// Where the daemon is another process, it must learn of a call before the call is
+    /// forwarded, so that a connection the call makes finds it. The span went with the
+    /// call's decision record, which [`Self::decision`] sent and the daemon noted before
+    /// acknowledging it; nothing is left to do here.
     pub async fn call_started(
         &self,
-        session: &AgentSession,
-        identity: &CallIdentity,
+        _session: &AgentSession,
+        _identity: &CallIdentity,
     ) -> Result<(), RecordError> {
-        if let Sink::Daemon(client) = &self.sink {
-            client.call_span(&session.id, span_of(identity)).await?;
-        }
         Ok(())
     }
 
-    /// ... and of its end (not awaited: nothing waits on it).
-    pub fn call_ended(&self, session: &AgentSession, identity: &CallIdentity) {
-        if let Sink::Daemon(client) = &self.sink {
-            let mut span = span_of(identity);
-            span.ended_ns = Some(monotonic_ns());
-            let (client, session) = (client.clone(), session.id.clone());
-            tokio::spawn(async move {
-                if let Err(e) = client.call_span(&session, span).await {
-                    tracing::warn!(error = %e, "telling the daemon a call ended");
-                }
-            });
-        }
-    }
+    /// ... and of its end: that goes with the call's outcome record, which
+    /// [`Self::outcome`] sends right after this.
+    pub fn call_ended(&self, _session: &AgentSession, _identity: &CallIdentity) {}
 
     pub async fn session_event(&self, session: &AgentSession, event: &str) {
         let mut record = AuditRecord::event(RecordKind::Session, event);

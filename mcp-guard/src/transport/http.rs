@@ -185,7 +185,10 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
         };
     let opened_now = is_initialize(&incoming);
     let hints = TransportHints::from_headers(|name| header_str(headers, name));
-    let answer = proxy.handle(&session, incoming, &hints).await;
+    let answer = match handle_to_completion(proxy, &session, incoming, hints).await {
+        Ok(answer) => answer,
+        Err(response) => return *response,
+    };
     let mut response = match answer {
         None => StatusCode::ACCEPTED.into_response(),
         Some(answer) if accepts(headers, "application/json") => axum::Json(answer).into_response(),
@@ -195,6 +198,29 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
         response.headers_mut().insert(SESSION_HEADER, value);
     }
     response
+}
+
+/// Runs the pipeline on its own task, so that it finishes (the server's answer awaited, the
+/// outcome recorded, the call's span closed) even when the agent drops the connection first.
+/// Streamable HTTP says a disconnection is not a cancellation; an agent that wants the work
+/// stopped sends `notifications/cancelled`.
+async fn handle_to_completion(
+    proxy: &Arc<Proxy>,
+    session: &Arc<AgentSession>,
+    incoming: Incoming,
+    hints: TransportHints,
+) -> Result<Option<Value>, Box<Response>> {
+    let proxy = Arc::clone(proxy);
+    let session = Arc::clone(session);
+    let handling =
+        tokio::spawn(async move { proxy.handle(&session, incoming, &hints).await });
+    handling.await.map_err(|error| {
+        tracing::error!(error = %error, "the request pipeline failed");
+        Box::new(rpc_error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            RpcError::new(None, codes::INTERNAL_ERROR, "mcp-guard failed handling the request"),
+        ))
+    })
 }
 
 fn is_initialize(incoming: &Incoming) -> bool {
