@@ -5,6 +5,9 @@
 //! an agent's cancellation reaches the server under the id mcp-guard gave the request
 //! upstream; and a server that takes longer than `request_timeout_seconds` is given up on
 //! (-32011 to the agent, `notifications/cancelled` to the server) without ending the session.
+//! How long things last: a call whose agent disconnects still ends on record, and a session
+//! idle past `daemon.session_idle_timeout_seconds` is ended (one with a GET stream open is
+//! not idle).
 //!
 //! Against the real `@modelcontextprotocol/server-everything`, driven by the official Python
 //! SDK client (`tests/clients/mcp_client.py`, whose `configure` op registers the sampling,
@@ -637,7 +640,11 @@ fn a_call_over_the_request_timeout_gets_32011_and_the_session_goes_on() {
 /// recorded, so the log never holds a decision without an outcome; the session goes on.
 #[test]
 fn a_call_whose_agent_disconnects_still_ends_with_its_outcome_on_record() {
-    let guard = Guard::start("server-req-disconnect", &[("everything", vec![])], |_, _| {});
+    let guard = Guard::start(
+        "server-req-disconnect",
+        &[("everything", vec![])],
+        |_, _| {},
+    );
     let url = format!("http://{}/servers/everything/mcp", guard.addr);
     let session = open_raw_session(&guard.peers, &url, HANDSHAKE);
     let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
@@ -685,5 +692,63 @@ fn a_call_whose_agent_disconnects_still_ends_with_its_outcome_on_record() {
         text(&response_message(&answer)["result"]),
         "Echo: still here",
         "{answer}"
+    );
+}
+
+/// `daemon.session_idle_timeout_seconds: 2`: a session nobody uses is ended (its `end` record
+/// says `idle`, and the agent's next request gets 404, the Streamable HTTP signal to
+/// initialise again); a session whose agent holds a GET stream open is listening, not idle,
+/// and is ended only once the stream closes.
+#[test]
+fn idle_sessions_end_but_listening_ones_do_not() {
+    let guard = Guard::start("server-req-idle", &[("everything", vec![])], |_, _| {});
+    let mut document: Value =
+        serde_json::from_str(&std::fs::read_to_string(&guard.env.policy_path).unwrap()).unwrap();
+    document["daemon"]["session_idle_timeout_seconds"] = json!(2);
+    guard.env.write_policy_document(&document);
+    guard.daemon.signal(libc::SIGHUP);
+    guard.daemon.wait_for_message("policy reloaded", TIMEOUT);
+
+    let url = format!("http://{}/servers/everything/mcp", guard.addr);
+    let idle = open_raw_session(&guard.peers, &url, HANDSHAKE);
+    let listening = open_raw_session(&guard.peers, &url, HANDSHAKE);
+    let stream = http_request_head(
+        guard.addr,
+        "GET",
+        "/servers/everything/mcp",
+        &[
+            ("Accept", "text/event-stream"),
+            ("Mcp-Session-Id", &listening),
+            ("MCP-Protocol-Version", HANDSHAKE),
+        ],
+    )
+    .expect("open the GET stream");
+    assert_eq!(stream.status, 200, "GET stream of {listening}");
+
+    let ended = |session: &str| {
+        guard.audit().into_iter().find(|r| {
+            r["kind"] == "session" && r["session"] == session && r["detail"]["event"] == "end"
+        })
+    };
+    assert!(
+        poll_until(TIMEOUT, || ended(&idle).is_some()),
+        "the idle session {idle} was not ended: {:#?}",
+        guard.audit()
+    );
+    assert_eq!(ended(&idle).unwrap()["detail"]["reason"], "idle");
+    let ping = json!({"jsonrpc": "2.0", "id": 1, "method": "ping"});
+    let answer = post_in_session(&guard.peers, &url, &idle, HANDSHAKE, &ping);
+    assert_eq!(answer["status"], 404, "{answer}");
+    // Well past the timeout, the listening session is still there.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert!(ended(&listening).is_none(), "{:#?}", guard.audit());
+    let answer = post_in_session(&guard.peers, &url, &listening, HANDSHAKE, &ping);
+    assert_eq!(answer["status"], 200, "{answer}");
+
+    drop(stream);
+    assert!(
+        poll_until(TIMEOUT, || ended(&listening).is_some()),
+        "the session whose stream closed was not ended: {:#?}",
+        guard.audit()
     );
 }

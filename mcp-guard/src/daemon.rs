@@ -247,6 +247,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
                 if let Some(enforcement) = &enforcement {
                     export_kernel_gauges(&enforcement.egress, &metrics).await;
                 }
+                end_idle_sessions(&proxy);
             }
             _ = sweep.tick() => {
                 if let Some(enforcement) = &enforcement
@@ -662,4 +663,17 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
+/// Ends the sessions idle for longer than the policy in force allows, off the signal loop
+/// (stopping server processes takes a moment).
+fn end_idle_sessions(proxy: &Arc<Proxy>) {
+    let seconds = proxy.model().daemon.session_idle_timeout_seconds;
+    if seconds == 0 {
+        return;
+    }
+    let proxy = Arc::clone(proxy);
+    tokio::spawn(async move {
+        proxy.end_idle_sessions(Duration::from_secs(seconds)).await;
+    });
 }

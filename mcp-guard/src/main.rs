@@ -70,7 +70,13 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Policy(PolicyCommand::Check { file }) => Ok(check_policy(&file)),
         Command::Stdio(args) => {
-            runtime()?.block_on(stdio_front(args))?;
+            // One session, one agent: a single-threaded runtime passes each message between
+            // the agent, the pipeline and the server without waking another thread.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(stdio_front(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(command) => Ok(mcp_guard::audit::command::run(command)),

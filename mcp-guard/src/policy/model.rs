@@ -391,6 +391,14 @@ pub struct DaemonSettings {
     /// daemon stops accepting new ones; whatever is still running then is cut off. Default 10.
     /// Keep systemd's `TimeoutStopSec` above it.
     pub shutdown_grace_seconds: u32,
+
+    /// How long, in seconds, an agent session on the HTTP front may stay idle (no request in
+    /// flight, no GET stream open, nothing sent) before mcp-guard ends it: its server process
+    /// stops and an `end` record with `"reason": "idle"` is written. Agents that vanish
+    /// without a `DELETE` would otherwise keep a server process each for ever; an agent that
+    /// comes back gets 404 and initialises again, as Streamable HTTP prescribes. 0 never ends
+    /// idle sessions. Default 3600.
+    pub session_idle_timeout_seconds: u64,
 }
 
 impl Default for DaemonSettings {
@@ -408,6 +416,7 @@ impl Default for DaemonSettings {
             dns_min_ttl_seconds: 5,
             dns_max_ttl_seconds: 300,
             shutdown_grace_seconds: 10,
+            session_idle_timeout_seconds: 3600,
         }
     }
 }

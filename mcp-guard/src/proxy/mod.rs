@@ -150,13 +150,40 @@ impl Proxy {
         self.sessions.lock().await.get(id).cloned()
     }
 
+    /// Ends every session idle for longer than `max_idle` (see
+    /// `daemon.session_idle_timeout_seconds`); returns how many it ended.
+    pub async fn end_idle_sessions(&self, max_idle: std::time::Duration) -> usize {
+        let now = session::monotonic_ns();
+        let sessions: Vec<Arc<AgentSession>> =
+            self.sessions.lock().await.values().cloned().collect();
+        let mut ended = 0;
+        for session in sessions {
+            let Some(idle) = session.idle_for(now).await else {
+                continue;
+            };
+            if idle > max_idle && self.end_session_because(&session.id, "idle").await {
+                tracing::info!(session = %session.id, server = %session.server,
+                    idle_seconds = idle.as_secs(), "ended an idle session");
+                ended += 1;
+            }
+        }
+        ended
+    }
+
     pub async fn end_session(&self, id: &str) -> bool {
+        self.end_session_because(id, "delete").await
+    }
+
+    /// Ends a session; `reason` goes into its `end` record.
+    async fn end_session_because(&self, id: &str, reason: &str) -> bool {
         let removed = self.sessions.lock().await.remove(id);
         match removed {
             Some(session) => {
                 session.end().await;
                 self.keep_spans_of_ended(&session);
-                self.recorder.session_event(&session, "end").await;
+                self.recorder
+                    .session_event_because(&session, "end", Some(reason))
+                    .await;
                 self.metrics.active_sessions.dec();
                 true
             }
@@ -169,7 +196,9 @@ impl Proxy {
         let sessions: Vec<_> = self.sessions.lock().await.drain().collect();
         for (_, session) in sessions {
             session.end().await;
-            self.recorder.session_event(&session, "end").await;
+            self.recorder
+                .session_event_because(&session, "end", Some("shutdown"))
+                .await;
             self.metrics.active_sessions.dec();
         }
         self.shared.lock().await.clear();
@@ -290,6 +319,7 @@ impl Proxy {
         incoming: Incoming,
         hints: &TransportHints,
     ) -> Option<Value> {
+        let _busy = session.busy();
         match incoming {
             Incoming::Single(message) => self.handle_message(session, message, hints).await,
             Incoming::Batch(items) => {

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::AgentSession;
+use super::CallSpan;
 use super::session::{monotonic_ns, span_of};
 use crate::audit::{
     AuditDecision, AuditError, AuditLog, AuditRecord, Latency, Outcome, OutcomeKind, RecordKind,
     ToolSeen,
 };
-use super::CallSpan;
 use crate::control::{AuditClient, ControlError};
 use crate::identity::CallIdentity;
 use crate::learn::shape::summarize_arguments;
@@ -185,7 +185,20 @@ impl Recorder {
     pub fn call_ended(&self, _session: &AgentSession, _identity: &CallIdentity) {}
 
     pub async fn session_event(&self, session: &AgentSession, event: &str) {
+        self.session_event_because(session, event, None).await;
+    }
+
+    /// A session record whose `detail` also says why (`"reason": "idle"`).
+    pub async fn session_event_because(
+        &self,
+        session: &AgentSession,
+        event: &str,
+        reason: Option<&str>,
+    ) {
         let mut record = AuditRecord::event(RecordKind::Session, event);
+        if let (Some(reason), Some(detail)) = (reason, record.detail.as_mut()) {
+            detail.insert("reason".into(), reason.into());
+        }
         record.principal = Some(session.caller().principal.clone());
         record.session = Some(session.id.clone());
         record.server = Some(session.server.clone());

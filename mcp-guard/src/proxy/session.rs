@@ -2,6 +2,7 @@
 //! they may see, and the channel for what the server sends on its own.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use serde_json::{Value, json};
@@ -49,6 +50,28 @@ pub struct AgentSession {
     upstream_ids: std::sync::Mutex<HashMap<Id, i64>>,
     /// Which revision era the server speaks, learned at the first stateless request.
     era: tokio::sync::OnceCell<UpstreamEra>,
+    /// What the idle timeout looks at: when the agent last did something, and how many of
+    /// its messages are being handled now.
+    activity: SessionActivity,
+}
+
+struct SessionActivity {
+    last_ns: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// Marks a session busy while an agent's message is handled.
+pub struct Busy<'a> {
+    activity: &'a SessionActivity,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.activity
+            .last_ns
+            .store(monotonic_ns(), Ordering::Relaxed);
+        self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a server speaks, as seen by a stateless (2026-07-28) agent.
@@ -290,6 +313,7 @@ impl SharedServer {
             ended: tokio::sync::watch::Sender::new(false),
             upstream_ids: std::sync::Mutex::new(HashMap::new()),
             era: tokio::sync::OnceCell::new(),
+            activity: SessionActivity::fresh(),
         })
     }
 
@@ -376,6 +400,7 @@ fn assemble(
         ended: tokio::sync::watch::Sender::new(false),
         upstream_ids: std::sync::Mutex::new(HashMap::new()),
         era: tokio::sync::OnceCell::new(),
+        activity: SessionActivity::fresh(),
     });
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
@@ -386,7 +411,35 @@ fn assemble(
     session
 }
 
+impl SessionActivity {
+    fn fresh() -> SessionActivity {
+        SessionActivity {
+            last_ns: AtomicU64::new(monotonic_ns()),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+}
+
 impl AgentSession {
+    /// Marks the session busy until the guard is dropped (then idle from that moment).
+    pub fn busy(&self) -> Busy<'_> {
+        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy {
+            activity: &self.activity,
+        }
+    }
+
+    /// How long the session has been idle at `now_ns`: `None` while a message is being
+    /// handled or a GET stream holds the session's outbox (an agent listening is not idle).
+    pub async fn idle_for(&self, now_ns: u64) -> Option<std::time::Duration> {
+        if self.activity.in_flight.load(Ordering::Relaxed) > 0 || self.outbox.lock().await.is_none()
+        {
+            return None;
+        }
+        let last = self.activity.last_ns.load(Ordering::Relaxed);
+        Some(std::time::Duration::from_nanos(now_ns.saturating_sub(last)))
+    }
+
     pub fn caller(&self) -> &Caller {
         &self.caller
     }

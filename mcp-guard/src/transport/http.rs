@@ -212,13 +212,16 @@ async fn handle_to_completion(
 ) -> Result<Option<Value>, Box<Response>> {
     let proxy = Arc::clone(proxy);
     let session = Arc::clone(session);
-    let handling =
-        tokio::spawn(async move { proxy.handle(&session, incoming, &hints).await });
+    let handling = tokio::spawn(async move { proxy.handle(&session, incoming, &hints).await });
     handling.await.map_err(|error| {
         tracing::error!(error = %error, "the request pipeline failed");
         Box::new(rpc_error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
-            RpcError::new(None, codes::INTERNAL_ERROR, "mcp-guard failed handling the request"),
+            RpcError::new(
+                None,
+                codes::INTERNAL_ERROR,
+                "mcp-guard failed handling the request",
+            ),
         ))
     })
 }

@@ -3,35 +3,42 @@
 //! runs every message through the same pipeline as the HTTP front; newline-delimited JSON-RPC
 //! on stdin/stdout, diagnostics on stderr.
 //!
-//! Requests are handled concurrently (pipelined requests may be answered in any order); one
-//! writer task owns stdout so lines never interleave.
+//! Requests are handled concurrently (pipelined requests may be answered in any order). Each
+//! answer is written to stdout whole, with one `write`, under a lock, so lines never
+//! interleave.
+//!
+//! When stdin and stdout are pipes or sockets (as an agent sets them up), they are read and
+//! written directly by the runtime's event loop: tokio's own stdin and stdout hand every read
+//! and write to a blocking thread, a thread hop each way per message.
 
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::mpsc;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::Mutex;
 
 use crate::identity::TransportHints;
 use crate::mcp::jsonrpc;
 use crate::proxy::{AgentSession, Proxy};
 
 /// Serves one agent on stdin/stdout until stdin ends.
-pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> std::io::Result<()> {
-    let (to_stdout, lines_out) = mpsc::channel::<Value>(256);
-    let writer = tokio::spawn(write_stdout(lines_out));
+pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<()> {
+    let stdout = Arc::new(Mutex::new(Output::stdout()));
     let forwarder = session.take_outbox().await.map(|mut outbox| {
-        let to_stdout = to_stdout.clone();
+        let stdout = stdout.clone();
         tokio::spawn(async move {
             while let Some(message) = outbox.recv().await {
-                if to_stdout.send(message).await.is_err() {
+                if stdout.lock().await.send(&message).await.is_err() {
                     break;
                 }
             }
         })
     });
     let mut handlers = tokio::task::JoinSet::new();
-    let mut stdin = BufReader::new(tokio::io::stdin());
+    let mut stdin = BufReader::with_capacity(64 * 1024, Input::stdin());
     loop {
         // Raw bytes, not text: a line that is not UTF-8 gets a JSON-RPC error, not an exit.
         let mut line = Vec::new();
@@ -43,7 +50,7 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> std::io::Re
         }
         let proxy = proxy.clone();
         let session = session.clone();
-        let to_stdout = to_stdout.clone();
+        let stdout = stdout.clone();
         handlers.spawn(async move {
             let answer = match jsonrpc::parse(&line, &proxy.limits) {
                 Ok(incoming) => {
@@ -54,29 +61,153 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> std::io::Re
                 Err(error) => Some(error.to_value()),
             };
             if let Some(answer) = answer {
-                let _ = to_stdout.send(answer).await;
+                // A closed stdout: the agent is gone, and stdin ends next.
+                let _ = stdout.lock().await.send(&answer).await;
             }
         });
+        // Reap finished handlers as we go, so the set does not grow with the session.
+        while handlers.try_join_next().is_some() {}
     }
     // The agent closed stdin: answer what is in flight, then stop the server.
     while handlers.join_next().await.is_some() {}
     if let Some(forwarder) = forwarder {
         forwarder.abort();
     }
-    drop(to_stdout);
     proxy.end_all_sessions().await;
     drop(session);
-    let _ = writer.await;
     Ok(())
 }
 
-async fn write_stdout(mut lines: mpsc::Receiver<Value>) {
-    let mut stdout = tokio::io::stdout();
-    while let Some(value) = lines.recv().await {
-        let mut line = value.to_string();
-        line.push('\n');
-        if stdout.write_all(line.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
-            break;
+/// Where answers go: stdout, and a reused buffer each line is serialised into.
+struct Output {
+    sink: Box<dyn AsyncWrite + Send + Unpin>,
+    line: Vec<u8>,
+}
+
+impl Output {
+    fn stdout() -> Output {
+        let sink: Box<dyn AsyncWrite + Send + Unpin> = match Pollable::dup(&io::stdout()) {
+            Some(pipe) => Box::new(pipe),
+            None => Box::new(tokio::io::stdout()),
+        };
+        Output {
+            sink,
+            line: Vec::with_capacity(4096),
         }
+    }
+
+    /// Writes `message` and its newline with one write (two only when the pipe is full).
+    async fn send(&mut self, message: &Value) -> io::Result<()> {
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, message).map_err(io::Error::other)?;
+        self.line.push(b'\n');
+        self.sink.write_all(&self.line).await?;
+        self.sink.flush().await
+    }
+}
+
+/// What requests come from.
+enum Input {
+    Pollable(Pollable),
+    Std(tokio::io::Stdin),
+}
+
+impl Input {
+    fn stdin() -> Input {
+        match Pollable::dup(&io::stdin()) {
+            Some(pipe) => Input::Pollable(pipe),
+            None => Input::Std(tokio::io::stdin()),
+        }
+    }
+}
+
+impl AsyncRead for Input {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Input::Pollable(pipe) => std::pin::Pin::new(pipe).poll_read(cx, buf),
+            Input::Std(stdin) => std::pin::Pin::new(stdin).poll_read(cx, buf),
+        }
+    }
+}
+
+/// A pipe or socket on the runtime's event loop (a copy of stdin's or stdout's descriptor,
+/// made non-blocking).
+struct Pollable(AsyncFd<OwnedFd>);
+
+impl Pollable {
+    /// `None` when `fd` is not a pipe or socket (a terminal, a file): tokio's blocking-thread
+    /// stdin and stdout serve those, and their flags are left alone.
+    fn dup(fd: &impl AsFd) -> Option<Pollable> {
+        use nix::sys::stat::{SFlag, fstat};
+        let mode = SFlag::from_bits_truncate(fstat(fd.as_fd()).ok()?.st_mode);
+        if !(mode.contains(SFlag::S_IFIFO) || mode.contains(SFlag::S_IFSOCK)) {
+            return None;
+        }
+        let owned = fd.as_fd().try_clone_to_owned().ok()?;
+        // The flag is the open file description's, shared with the original descriptor:
+        // mcp-guard is the only reader of its stdin and writer of its stdout.
+        let flags = nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_GETFL).ok()?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFL(flags)).ok()?;
+        // SAFETY: `owned` is an open descriptor the AsyncFd owns (and closes) from here on.
+        unsafe { AsyncFd::register(owned) }.ok().map(Pollable)
+    }
+}
+
+impl AsyncRead for Pollable {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        loop {
+            let mut ready = std::task::ready!(self.0.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match ready.try_io(|fd| {
+                nix::unistd::read(fd.get_ref().as_fd(), unfilled).map_err(io::Error::from)
+            }) {
+                Ok(Ok(read)) => {
+                    buf.advance(read);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Ok(Err(error)) => return std::task::Poll::Ready(Err(error)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Pollable {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        loop {
+            let mut ready = std::task::ready!(self.0.poll_write_ready(cx))?;
+            match ready.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
+                Ok(result) => return std::task::Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
