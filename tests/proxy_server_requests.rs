@@ -140,9 +140,40 @@ fn outcomes<'a>(records: &'a [Value], tool: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-/// Records naming a server→client method (none are written today: see the report).
+/// Records naming a server→client method.
 fn server_request_records<'a>(records: &'a [Value], method: &str) -> Vec<&'a Value> {
     records.iter().filter(|r| r["method"] == method).collect()
+}
+
+/// The server's `method` requests are on record, one decision per server, each tied to the
+/// agent's `tool` call that was running when it came (its `call_ids`, its instruction and
+/// trace): `expected` lists (server, decision, rule).
+fn assert_server_requests_recorded(
+    records: &[Value],
+    method: &str,
+    tool: &str,
+    expected: &[(&str, &str, &str)],
+) {
+    let found = server_request_records(records, method);
+    assert_eq!(found.len(), expected.len(), "{records:#?}");
+    for (record, (server, decision, rule)) in found.iter().zip(expected) {
+        assert_eq!(record["kind"], "call", "{record}");
+        assert_eq!(record["server"], *server, "{record}");
+        assert_eq!(record["decision"], *decision, "{record}");
+        assert_eq!(record["rule"], *rule, "{record}");
+        let cause = records
+            .iter()
+            .find(|r| {
+                r["server"] == *server
+                    && r["tool"] == tool
+                    && r.get("decision").is_some()
+                    && r["session"] == record["session"]
+            })
+            .unwrap_or_else(|| panic!("no {tool} call on {server}: {records:#?}"));
+        assert_eq!(record["call_ids"], json!([cause["call_id"]]), "{record}");
+        assert_eq!(record["trace_id"], cause["trace_id"], "{record}");
+        assert_ne!(record["call_id"], cause["call_id"], "{record}");
+    }
 }
 
 /// The texts of a tool result's content, joined by newlines.
@@ -262,7 +293,7 @@ fn sampling_reaches_the_agent_only_when_a_rule_allows_it() {
         0.0
     );
 
-    // The calls are on record with what the agent got; the server's request itself is not.
+    // The calls are on record with what the agent got, and so is the server's request.
     let records = guard.audit();
     let kinds: Vec<&Value> = outcomes(&records, "trigger-sampling-request")
         .iter()
@@ -273,9 +304,14 @@ fn sampling_reaches_the_agent_only_when_a_rule_allows_it() {
         [&json!("result"), &json!("tool_error")],
         "{records:#?}"
     );
-    assert!(
-        server_request_records(&records, "sampling/createMessage").is_empty(),
-        "{records:#?}"
+    assert_server_requests_recorded(
+        &records,
+        "sampling/createMessage",
+        "trigger-sampling-request",
+        &[
+            ("open", "allow", "sampling"),
+            ("closed", "deny", "default-deny"),
+        ],
     );
 }
 
@@ -356,9 +392,14 @@ fn elicitation_reaches_the_agent_only_when_a_rule_allows_it() {
         [&json!("result"), &json!("tool_error")],
         "{records:#?}"
     );
-    assert!(
-        server_request_records(&records, "elicitation/create").is_empty(),
-        "{records:#?}"
+    assert_server_requests_recorded(
+        &records,
+        "elicitation/create",
+        "trigger-elicitation-request",
+        &[
+            ("open", "allow", "elicitation"),
+            ("closed", "deny", "no-elicitation"),
+        ],
     );
 }
 

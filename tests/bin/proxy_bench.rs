@@ -44,6 +44,10 @@
 //! HTTP), so that on a small machine it takes as little CPU from the daemon and the servers as
 //! possible; it is the same client in every configuration.
 //!
+//! After every round the bench itself appends 50 record-sized lines (600 bytes) to a file in
+//! the audit log's directory, each followed by `fdatasync`, and reports their p50 and p99: what
+//! the disk alone costs one durable record in this run, to set against the added latency.
+//!
 //! Targets (for comparison, not assertions): at most 100 µs added at p50 and 500 µs at p99.
 //!
 //! Needs root. Flags: `--rounds N` (12), `--calls N` per round and cell at concurrency 1 (500),
@@ -1196,14 +1200,38 @@ async fn run(options: Options) -> Result<(), String> {
         let _ = dir.keep();
         eprintln!("proxy-bench: logs kept in {}", kept.display());
     }
-    let cells = outcome?;
+    let (cells, disk_ns) = outcome?;
     let started = Instant::now();
     host.teardown()?;
     eprintln!(
         "proxy-bench: daemon stopped, egress torn down ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
-    report(&options, &configs, &cells);
+    report(&options, &configs, &cells, &disk_ns);
+    Ok(())
+}
+
+/// Appends of one audit-record-sized line, each followed by `fdatasync`, per round: what the
+/// disk itself costs a durable record, measured in the audit log's own directory.
+const DISK_SAMPLES_PER_ROUND: usize = 50;
+const DISK_RECORD_BYTES: usize = 600;
+
+/// Times `samples` append + `fdatasync` of a record-sized line to `file`.
+fn disk_samples(
+    file: &mut std::fs::File,
+    samples: usize,
+    out: &mut Vec<u64>,
+) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut line = vec![b'x'; DISK_RECORD_BYTES - 1];
+    line.push(b'\n');
+    for _ in 0..samples {
+        let started = Instant::now();
+        file.write_all(&line)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| format!("disk probe: {e}"))?;
+        out.push(started.elapsed().as_nanos() as u64);
+    }
     Ok(())
 }
 
@@ -1211,7 +1239,13 @@ async fn measure(
     options: &Options,
     configs: &[&'static Config],
     host: &Host,
-) -> Result<Vec<Cell>, String> {
+) -> Result<(Vec<Cell>, Vec<u64>), String> {
+    let mut disk_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(host.dir.path().join("disk-probe.jsonl"))
+        .map_err(|e| format!("disk probe: {e}"))?;
+    let mut disk_ns = Vec::new();
     let metrics_client = http_client()?;
     let highest = *options.concurrency.iter().max().expect("some concurrency");
     let mut sessions = Vec::new();
@@ -1276,6 +1310,7 @@ async fn measure(
             cell.latencies_ns.extend(latencies);
             cell.wall += wall;
         }
+        disk_samples(&mut disk_file, DISK_SAMPLES_PER_ROUND, &mut disk_ns)?;
         eprintln!(
             "proxy-bench: round {}/{} done ({:.1} s)",
             round + 1,
@@ -1305,7 +1340,8 @@ async fn measure(
     for cell in &mut cells {
         cell.latencies_ns.sort_unstable();
     }
-    Ok(cells)
+    disk_ns.sort_unstable();
+    Ok((cells, disk_ns))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1377,8 +1413,9 @@ fn rows(configs: &[&'static Config], cells: &[Cell]) -> Vec<Row> {
     rows
 }
 
-fn report(options: &Options, configs: &[&'static Config], cells: &[Cell]) {
+fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], disk_ns: &[u64]) {
     let rows = rows(configs, cells);
+    let disk_us = |p| percentile(disk_ns, p) as f64 / 1000.0;
     if options.json {
         let results: Vec<Value> = rows
             .iter()
@@ -1427,6 +1464,12 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell]) {
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             },
             "targets": {"added_p50_us": TARGET_ADDED_P50_US, "added_p99_us": TARGET_ADDED_P99_US},
+            "disk_append_fdatasync_us": {
+                "p50": round2(disk_us(0.5)),
+                "p99": round2(disk_us(0.99)),
+                "samples": disk_ns.len(),
+                "record_bytes": DISK_RECORD_BYTES,
+            },
             "results": results,
         });
         println!(
@@ -1517,6 +1560,19 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell]) {
             daemon
         );
     }
+    let _ = writeln!(
+        out,
+        "\ndisk: append of a {DISK_RECORD_BYTES}-byte line + fdatasync in the audit log's directory, \
+         {} samples across the rounds: p50 {:.1} us, p99 {:.1} us{}",
+        disk_ns.len(),
+        disk_us(0.5),
+        disk_us(0.99),
+        if options.audit_fsync {
+            ""
+        } else {
+            " (the daemon's log ran without fsync)"
+        }
+    );
     let _ = writeln!(
         out,
         "\n* over a target. Paths:\n{}",

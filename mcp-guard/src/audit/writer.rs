@@ -6,6 +6,11 @@
 //! only then answers every append of the group. Under concurrency groups grow, so the cost of
 //! a flush is shared by more records and throughput holds.
 //!
+//! With `fsync` off there is no flush to share, and the hop to the writer thread and back (two
+//! thread wake-ups) would cost more than the write itself: each append then stamps, hashes and
+//! writes its record itself, under the lock that orders the chain (a `write` to the page
+//! cache, a few microseconds).
+//!
 //! A failed write leaves the file as it was before the group (the writer cuts whatever part
 //! of the group reached the file), fails every append of the group, and keeps the chain where
 //! it was; the next group tries again. So while the disk is full or the file unwritable, every
@@ -76,11 +81,14 @@ impl Default for AuditCounters {
 /// what is queued) when the last clone is dropped.
 #[derive(Clone)]
 pub struct AuditLog {
-    queue: mpsc::Sender<Pending>,
+    /// The writer thread's queue; `None` when appends write themselves (`fsync` off).
+    queue: Option<mpsc::Sender<Pending>>,
     shared: Arc<Shared>,
 }
 
 struct Shared {
+    /// The writer, when appends write themselves (`fsync` off).
+    inline: Option<std::sync::Mutex<Writer>>,
     torn_bytes_cut: u64,
     settings: AuditSettings,
     counters: AuditCounters,
@@ -109,15 +117,28 @@ impl AuditLog {
         counters: AuditCounters,
     ) -> Result<AuditLog, AuditError> {
         let writer = Writer::open(settings.clone())?;
-        let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let torn_bytes_cut = writer.torn_bytes_cut;
+        let (writer, thread) = if settings.fsync {
+            (None, Some(writer))
+        } else {
+            (Some(std::sync::Mutex::new(writer)), None)
+        };
         let shared = Arc::new(Shared {
-            torn_bytes_cut: writer.torn_bytes_cut,
+            inline: writer,
+            torn_bytes_cut,
             settings: settings.clone(),
             counters,
             failing: AtomicBool::new(false),
             #[cfg(test)]
             fail_writes: Default::default(),
         });
+        let Some(writer) = thread else {
+            return Ok(AuditLog {
+                queue: None,
+                shared,
+            });
+        };
+        let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -127,15 +148,31 @@ impl AuditLog {
                 path: settings.path.clone(),
                 source,
             })?;
-        Ok(AuditLog { queue, shared })
+        Ok(AuditLog {
+            queue: Some(queue),
+            shared,
+        })
     }
 
     /// Appends `record` and returns its `seq` once it is durable: written, and flushed to the
     /// disk when `fsync` is on. An error means the record is not in the log.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         let body = serde_json::to_vec(&record).expect("an audit record always serialises");
+        let Some(queue) = &self.queue else {
+            let inline = self
+                .shared
+                .inline
+                .as_ref()
+                .expect("no queue: appends write");
+            // Poisoned only by a panic mid-commit, which leaves the state as it was before.
+            let mut writer = inline.lock().unwrap_or_else(|poison| poison.into_inner());
+            let result = writer.commit([body.as_slice()], &self.shared);
+            return writer
+                .settle(result, 1, &self.shared)
+                .map_err(|source| writer.write_error(source));
+        };
         let (ack, answer) = oneshot::channel();
-        self.queue
+        queue
             .send(Pending { body, ack })
             .await
             .map_err(|_| AuditError::Closed)?;
@@ -297,43 +334,71 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            match self.commit(&group, shared) {
+            let result = self.commit(group.iter().map(|p| p.body.as_slice()), shared);
+            match self.settle(result, group.len(), shared) {
                 Ok(first_seq) => {
-                    shared.failing.store(false, Ordering::Relaxed);
-                    shared.counters.records_written.inc_by(group.len() as u64);
                     for (index, pending) in group.drain(..).enumerate() {
                         let _ = pending.ack.send(Ok(first_seq + index as u64));
                     }
                 }
                 Err(source) => {
-                    shared.failing.store(true, Ordering::Relaxed);
-                    shared.counters.failures.inc_by(group.len() as u64);
-                    tracing::error!(
-                        path = %self.path.display(),
-                        records = group.len(),
-                        error = %source,
-                        "audit log write failed: the records were not written"
-                    );
                     for pending in group.drain(..) {
-                        let _ = pending.ack.send(Err(AuditError::Write {
-                            path: self.path.clone(),
-                            source: Arc::clone(&source),
-                        }));
+                        let _ = pending.ack.send(Err(self.write_error(Arc::clone(&source))));
                     }
                 }
             }
         }
     }
 
-    /// Writes `group` as one write (and one flush); returns the first record's seq.
-    fn commit(&mut self, group: &[Pending], shared: &Shared) -> Result<u64, Arc<io::Error>> {
+    /// Counts (and logs) how a commit of `records` went; the first record's seq, or why none
+    /// of them is in the log.
+    fn settle(
+        &self,
+        result: Result<u64, Arc<io::Error>>,
+        records: usize,
+        shared: &Shared,
+    ) -> Result<u64, Arc<io::Error>> {
+        match result {
+            Ok(first_seq) => {
+                shared.failing.store(false, Ordering::Relaxed);
+                shared.counters.records_written.inc_by(records as u64);
+                Ok(first_seq)
+            }
+            Err(source) => {
+                shared.failing.store(true, Ordering::Relaxed);
+                shared.counters.failures.inc_by(records as u64);
+                tracing::error!(
+                    path = %self.path.display(),
+                    records,
+                    error = %source,
+                    "audit log write failed: the records were not written"
+                );
+                Err(source)
+            }
+        }
+    }
+
+    fn write_error(&self, source: Arc<io::Error>) -> AuditError {
+        AuditError::Write {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Writes `bodies` (serialised records) as one write (and one flush); returns the first
+    /// record's seq.
+    fn commit<'a>(
+        &mut self,
+        bodies: impl IntoIterator<Item = &'a [u8]>,
+        shared: &Shared,
+    ) -> Result<u64, Arc<io::Error>> {
         let first_seq = self.next_seq;
         let mut seq = first_seq;
         let mut prev = self.last_hash;
         self.buffer.clear();
-        for pending in group {
+        for body in bodies {
             let ts = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
-            prev = chain::seal(&mut self.buffer, &pending.body, seq, &ts, &prev);
+            prev = chain::seal(&mut self.buffer, body, seq, &ts, &prev);
             seq += 1;
         }
         if let Err(error) = self.write_buffer(shared) {

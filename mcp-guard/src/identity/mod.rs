@@ -133,6 +133,26 @@ impl CallIdentity {
         }
     }
 
+    /// The identity of a request the server sends the agent during a call (sampling,
+    /// elicitation, roots): a call id of its own, in the instruction and trace of the call
+    /// that caused it when that one is known.
+    pub fn caused_by(instruction: Option<String>, trace_id: Option<&str>) -> CallIdentity {
+        let trace = match trace_id {
+            Some(trace_id) => TraceContext {
+                trace_id: trace_id.to_owned(),
+                span_id: random_hex(8),
+                flags: "01".to_owned(),
+                tracestate: None,
+            },
+            None => TraceContext::continue_or_start(None, None),
+        };
+        CallIdentity {
+            call_id: uuid::Uuid::new_v4().simple().to_string(),
+            instruction,
+            trace,
+        }
+    }
+
     /// Adds mcp-guard's keys to the forwarded request's `params._meta`: its own facts (call id,
     /// server, session, principal) replace whatever the agent put there; the agent's trace
     /// context and instruction are kept.

@@ -766,12 +766,15 @@ impl Proxy {
     }
 
     /// Judges a request the server sent to the agent (sampling, elicitation, roots): refused
-    /// ones never reach the agent, and the server gets the error.
-    pub(crate) fn authorise_server_request(
+    /// ones never reach the agent, and the server gets the error. Every decision is on record
+    /// (tied to the agent's calls running at the time) before the request goes on; one that
+    /// cannot be recorded is refused.
+    pub(crate) async fn authorise_server_request(
         &self,
         session: &AgentSession,
         request: &Request,
     ) -> Result<(), RpcError> {
+        let started = Instant::now();
         let policy = self.policy();
         let caller = session.caller();
         let decision = policy.decide(&DecisionRequest {
@@ -784,8 +787,9 @@ impl Proxy {
             context: &caller.context,
         });
         let rule = rule_label(decision.rule, decision.effect);
-        let relaxed = self.mode_of(&session.server).lets_everything_through();
-        let verdict = match (decision.effect, relaxed) {
+        let reason = decision.reason.to_string();
+        let mode = self.mode_of(&session.server);
+        let verdict = match (decision.effect, mode.lets_everything_through()) {
             (Effect::Allow, _) => AuditDecision::Allow,
             (Effect::Deny, true) => AuditDecision::WouldDeny,
             (Effect::Deny, false) => AuditDecision::Deny,
@@ -800,10 +804,25 @@ impl Proxy {
                 &rule,
             ])
             .inc();
-        let reason = decision.reason.to_string();
-        match verdict {
-            AuditDecision::Allow => return Ok(()),
-            AuditDecision::WouldDeny => {
+        let refusal = |reason: &str| {
+            RpcError::new(
+                Some(request.id.clone()),
+                codes::POLICY_DENIED,
+                format!("mcp-guard refused {}: {reason}", request.method),
+            )
+            .with_data(json!({"rule": rule, "reason": reason}))
+        };
+        let recorded = self
+            .record_server_request(session, request, verdict, &rule, &reason, started, mode)
+            .await;
+        match (verdict, recorded) {
+            (AuditDecision::Deny, _) => Err(refusal(&reason)),
+            (_, Err(e)) => Err(RpcError::new(
+                Some(request.id.clone()),
+                codes::AUDIT_UNAVAILABLE,
+                format!("mcp-guard cannot record {}: {e}", request.method),
+            )),
+            (AuditDecision::WouldDeny, Ok(())) => {
                 tracing::info!(
                     server = %session.server,
                     session = %session.id,
@@ -812,16 +831,47 @@ impl Proxy {
                     reason,
                     "server request would be refused; let through (shadow or learn mode)"
                 );
-                return Ok(());
+                Ok(())
             }
-            AuditDecision::Deny => {}
+            (AuditDecision::Allow, Ok(())) => Ok(()),
         }
-        Err(RpcError::new(
-            Some(request.id.clone()),
-            codes::POLICY_DENIED,
-            format!("mcp-guard refused {}: {reason}", request.method),
-        )
-        .with_data(json!({"rule": rule, "reason": reason})))
+    }
+
+    /// The decision record of a server request, in the instruction and trace of the agent's
+    /// call that caused it when exactly one was running.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_server_request(
+        &self,
+        session: &AgentSession,
+        request: &Request,
+        decision: AuditDecision,
+        rule: &str,
+        reason: &str,
+        started: Instant,
+        mode: Mode,
+    ) -> Result<(), record::RecordError> {
+        let running: Vec<CallSpan> = session
+            .calls_at(session::monotonic_ns())
+            .into_iter()
+            .filter(|span| span.ended_ns.is_none())
+            .collect();
+        let identity = match running.as_slice() {
+            [cause] => CallIdentity::caused_by(cause.instruction.clone(), Some(&cause.trace_id)),
+            _ => CallIdentity::caused_by(None, None),
+        };
+        let model = self.model();
+        let facts = DecisionFacts {
+            decision,
+            rule,
+            reason,
+            policy_us: started.elapsed().as_micros() as u64,
+            mode,
+            redact: &model.audit.redact,
+        };
+        let causes = running.into_iter().map(|span| span.call_id).collect();
+        self.recorder
+            .server_request_decision(session, request, &identity, facts, causes)
+            .await
     }
 
     async fn log_decision(

@@ -144,6 +144,29 @@ impl Recorder {
         self.append_with_span(record, span).await
     }
 
+    /// The decision on a request the server sent the agent (sampling, elicitation, roots).
+    /// `call_ids` names the agent's calls that were running when it came: what caused it.
+    pub async fn server_request_decision(
+        &self,
+        session: &AgentSession,
+        request: &Request,
+        identity: &CallIdentity,
+        facts: DecisionFacts<'_>,
+        call_ids: Vec<String>,
+    ) -> Result<(), RecordError> {
+        let mut record = call_record(session, request, identity, facts.mode);
+        record.decision = Some(facts.decision);
+        record.rule = Some(facts.rule.to_owned());
+        record.reason = Some(facts.reason.to_owned());
+        record.latency = Some(Latency {
+            policy_us: Some(facts.policy_us),
+            upstream_us: None,
+            total_us: None,
+        });
+        record.call_ids = (!call_ids.is_empty()).then_some(call_ids);
+        self.append(record).await
+    }
+
     pub async fn outcome(
         &self,
         session: &AgentSession,

@@ -736,7 +736,7 @@ async fn relay_server_messages(
         };
         match message {
             Message::Request(request) => {
-                if let Err(refusal) = proxy.authorise_server_request(&session, &request) {
+                if let Err(refusal) = proxy.authorise_server_request(&session, &request).await {
                     let _ = session
                         .upstream
                         .reply(&request.id, Err(refusal.to_value()["error"].clone()))
