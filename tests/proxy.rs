@@ -523,6 +523,58 @@ fn tools_list_is_filtered_to_what_the_caller_may_call() {
     );
 }
 
+/// A rule's `when` reads the context of each request, not only the session's: get-sum is
+/// allowed only while the workflow step is `review`. In one session, a request without the
+/// step neither lists nor may call get-sum; with `MCP-Guard-Context: step=review` (header) or
+/// `_meta["io.mcp-guard/context"]` it lists and calls it; the next request without it is
+/// refused again, and another step is refused too.
+#[test]
+fn when_conditions_follow_the_context_of_each_request() {
+    let front = everything_front(
+        "proxy-when",
+        vec![allow(
+            "sum-in-review",
+            json!({"roles": [DEVELOPER], "tools": ["get-sum"], "when": {"step": ["review"]}}),
+        )],
+    );
+    let review = json!({"MCP-Guard-Context": "step=review"});
+    let meta_review = json!({"io.mcp-guard/context": {"step": "review"}});
+    let sum = json!({"a": 2, "b": 3});
+    let run = front.client(
+        "everything",
+        HANDSHAKE,
+        &json!([
+            {"op": "list_tools"},
+            {"op": "call_tool", "name": "get-sum", "arguments": sum},
+            {"op": "list_tools", "headers": review},
+            {"op": "call_tool", "name": "get-sum", "arguments": sum, "headers": review},
+            {"op": "call_tool", "name": "get-sum", "arguments": sum, "meta": meta_review},
+            {"op": "call_tool", "name": "get-sum", "arguments": sum},
+            {"op": "call_tool", "name": "get-sum", "arguments": sum,
+             "headers": {"MCP-Guard-Context": "step=draft"}},
+        ]),
+    );
+    assert_eq!(tool_names(run.ok(0)), set(&["echo"]), "without a step");
+    assert_unknown_tool(run.error(1), "get-sum");
+    assert_eq!(
+        tool_names(run.ok(2)),
+        set(&["echo", "get-sum"]),
+        "during review"
+    );
+    assert!(
+        text(run.ok(3)).contains('5'),
+        "header context: {}",
+        run.ok(3)
+    );
+    assert!(
+        text(run.ok(4)).contains('5'),
+        "_meta context: {}",
+        run.ok(4)
+    );
+    assert_unknown_tool(run.error(5), "get-sum");
+    assert_unknown_tool(run.error(6), "get-sum");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Argument constraints
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@
 //! - instruction: `params._meta["io.mcp-guard/instruction"]`, header `MCP-Guard-Instruction`,
 //!   W3C `baggage` entry `mcp.instruction`;
 //! - trace: `params._meta["traceparent"]` / `["tracestate"]`, then the same HTTP headers; a new
-//!   trace is started when none is valid.
+//!   trace is started when none is valid;
+//! - context (for rules' `when`): the session's, overlaid by header `MCP-Guard-Context`, overlaid
+//!   by `params._meta["io.mcp-guard/context"]`.
 
 pub mod jwt;
 
@@ -15,6 +17,8 @@ use serde_json::{Map, Value};
 /// `params._meta` keys mcp-guard reads and writes.
 pub mod meta_keys {
     pub const INSTRUCTION: &str = "io.mcp-guard/instruction";
+    /// Context values for rules' `when` conditions, as an object of strings.
+    pub const CONTEXT: &str = "io.mcp-guard/context";
     pub const SESSION: &str = "io.mcp-guard/session";
     pub const PRINCIPAL: &str = "io.mcp-guard/principal";
     pub const CALL_ID: &str = "io.mcp-guard/call-id";
@@ -30,6 +34,8 @@ pub struct TransportHints {
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
     pub baggage: Option<String>,
+    /// Context values of this request (header `MCP-Guard-Context`).
+    pub context: std::collections::BTreeMap<String, String>,
 }
 
 impl TransportHints {
@@ -40,8 +46,38 @@ impl TransportHints {
             traceparent: get("traceparent").map(str::to_owned),
             tracestate: get("tracestate").map(str::to_owned),
             baggage: get("baggage").map(str::to_owned),
+            context: get("mcp-guard-context")
+                .map(parse_context_header)
+                .unwrap_or_default(),
         }
     }
+}
+
+/// `MCP-Guard-Context: key=value; key=value`; pairs without `=` are ignored.
+pub fn parse_context_header(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.split(';')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// The context values a request carries: the transport's (a header), overlaid by the
+/// request's own `params._meta["io.mcp-guard/context"]` (string values only).
+pub fn request_context(
+    params: Option<&Value>,
+    hints: &TransportHints,
+) -> std::collections::BTreeMap<String, String> {
+    let mut context = hints.context.clone();
+    let meta = params
+        .and_then(|p| p.get("_meta"))
+        .and_then(|m| m.get(meta_keys::CONTEXT))
+        .and_then(Value::as_object);
+    for (key, value) in meta.into_iter().flatten() {
+        if let Some(value) = value.as_str() {
+            context.insert(key.clone(), value.to_owned());
+        }
+    }
+    context
 }
 
 /// W3C trace context of one hop.

@@ -1,5 +1,6 @@
-//! The tools a session's caller may see, with each tool's own `inputSchema` compiled, learned
-//! from the server's (filtered) tools/list.
+//! The tools the server listed to a session, with each tool's own `inputSchema` compiled:
+//! what a tools/call's arguments are validated against. Whether the caller may call a tool at
+//! all is the policy's question, asked per call.
 
 use std::collections::HashMap;
 

@@ -369,8 +369,10 @@ impl Proxy {
     ) -> Value {
         let started = Instant::now();
         let identity = CallIdentity::for_request(request.params.as_ref(), hints);
+        let context = crate::identity::request_context(request.params.as_ref(), hints);
+        let caller = session.caller().with_context(context);
         let mode = self.mode_of(&session.server);
-        let verdict = match self.authorise(session, &request).await {
+        let verdict = match self.authorise(session, &request, &caller).await {
             // Shadow and learn record what enforce would have refused, and forward it.
             Err(refusal) if refusal.by_policy && mode.lets_everything_through() => Ok(Allowed {
                 rule: refusal.rule,
@@ -434,7 +436,6 @@ impl Proxy {
                     return record::audit_unavailable(&request.id, &e);
                 }
                 let recorded = request.clone();
-                let caller = session.caller();
                 identity.stamp(
                     &mut request.params,
                     &session.server,
@@ -446,7 +447,7 @@ impl Proxy {
                     return record::audit_unavailable(&recorded.id, &e);
                 }
                 let upstream_started = Instant::now();
-                let answer = self.forward(session, request).await;
+                let answer = self.forward(session, request, &caller).await;
                 self.recorder.call_ended(session, &identity);
                 let latency = Latency {
                     policy_us: Some(policy_us),
@@ -476,13 +477,13 @@ impl Proxy {
         &self,
         session: &Arc<AgentSession>,
         request: &Request,
+        caller: &Caller,
     ) -> Result<Allowed, Refusal> {
         let started = Instant::now();
         let policy = self.policy();
         let params = request.params.as_ref();
         let name = target_name(&request.method, params);
         let arguments = params.and_then(|p| p.get("arguments"));
-        let caller = session.caller();
         let decision_request = DecisionRequest {
             server: &session.server,
             principal: &caller.principal,
@@ -564,11 +565,18 @@ impl Proxy {
         })
     }
 
-    async fn forward(&self, session: &Arc<AgentSession>, request: Request) -> Value {
+    async fn forward(
+        &self,
+        session: &Arc<AgentSession>,
+        request: Request,
+        caller: &Caller,
+    ) -> Value {
         if revision::is_stateless_request(request.params.as_ref()) && session.shared().is_none() {
             match session.upstream_era().await {
                 Ok(session::UpstreamEra::Stateful { initialize }) => {
-                    return self.forward_bridged(session, request, &initialize).await;
+                    return self
+                        .forward_bridged(session, request, &initialize, caller)
+                        .await;
                 }
                 Ok(session::UpstreamEra::Stateless) => {}
                 Err(e) => {
@@ -578,7 +586,7 @@ impl Proxy {
                 }
             }
         }
-        self.forward_as_is(session, request).await
+        self.forward_as_is(session, request, caller).await
     }
 
     /// For a stateless agent's request: makes sure the server is ready (a server of the older
@@ -618,6 +626,7 @@ impl Proxy {
         session: &Arc<AgentSession>,
         request: Request,
         initialize: &Value,
+        caller: &Caller,
     ) -> Value {
         if request.method == "server/discover" {
             let mut result = json!({
@@ -633,7 +642,7 @@ impl Proxy {
             return jsonrpc::result_response(&request.id, result);
         }
         let is_list = LISTS.iter().any(|(m, ..)| *m == request.method);
-        let mut answer = self.forward_as_is(session, request).await;
+        let mut answer = self.forward_as_is(session, request, caller).await;
         if let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) {
             result.entry("resultType").or_insert(json!("complete"));
             if is_list {
@@ -646,7 +655,12 @@ impl Proxy {
         answer
     }
 
-    async fn forward_as_is(&self, session: &Arc<AgentSession>, request: Request) -> Value {
+    async fn forward_as_is(
+        &self,
+        session: &Arc<AgentSession>,
+        request: Request,
+        caller: &Caller,
+    ) -> Value {
         let started = Instant::now();
         let outcome = match (session.shared(), request.method.as_str()) {
             // A shared process is initialised once; later sessions get the same answer.
@@ -664,7 +678,7 @@ impl Proxy {
         match outcome {
             Ok(Ok(mut result)) => {
                 match self
-                    .filter_list(session, &request.method, &mut result)
+                    .filter_list(session, caller, &request.method, &mut result)
                     .await
                 {
                     Ok(()) => jsonrpc::result_response(&request.id, result),
@@ -691,12 +705,14 @@ impl Proxy {
         }
     }
 
-    /// Keeps only the items the caller may use (first page or later: each page is filtered).
+    /// Keeps only the items `caller` may use (first page or later: each page is filtered).
     /// Errs when the server's answer is not a list of the expected shape (a protocol
-    /// violation).
-    async fn filter_list(
+    /// violation). The session learns every tool's schema from a tools/list page, visible or
+    /// not: whether a caller may call a tool is the policy's question, asked per call.
+    pub(super) async fn filter_list(
         &self,
         session: &Arc<AgentSession>,
+        caller: &Caller,
         method: &str,
         result: &mut Value,
     ) -> Result<(), String> {
@@ -708,16 +724,14 @@ impl Proxy {
                 "the server's {method} result has no `{field}` array"
             ));
         };
+        if method == "tools/list" {
+            session.learn_tools(items).await;
+        }
         if self.mode_of(&session.server).lets_everything_through() {
-            // The agent sees what it would see without mcp-guard, and the session learns
-            // every tool's schema, so that calls to tools enforce would hide are validated.
-            if method == "tools/list" {
-                session.learn_tools(items).await;
-            }
+            // The agent sees what it would see without mcp-guard.
             return Ok(());
         }
         let policy = self.policy();
-        let caller = session.caller();
         items.retain(|item| {
             let Some(name) = item.get(*key).and_then(Value::as_str) else {
                 return false;
@@ -732,9 +746,6 @@ impl Proxy {
                 context: &caller.context,
             })
         });
-        if method == "tools/list" {
-            session.learn_tools(items).await;
-        }
         Ok(())
     }
 

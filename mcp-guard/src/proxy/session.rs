@@ -27,6 +27,18 @@ pub struct Caller {
     pub context: BTreeMap<String, String>,
 }
 
+impl Caller {
+    /// This caller for one request: the session's context values, overlaid by the request's.
+    pub fn with_context(&self, request: BTreeMap<String, String>) -> std::borrow::Cow<'_, Caller> {
+        if request.is_empty() {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut caller = self.clone();
+        caller.context.extend(request);
+        std::borrow::Cow::Owned(caller)
+    }
+}
+
 /// How many server-initiated messages wait for the agent to collect them.
 const AGENT_OUTBOX: usize = 256;
 
@@ -553,7 +565,7 @@ impl AgentSession {
         *self.catalog.lock().await = None;
     }
 
-    /// Remembers the tools of a filtered tools/list page (later pages add to earlier ones).
+    /// Remembers the tools of a tools/list page (later pages add to earlier ones).
     pub(super) async fn learn_tools(&self, tools: &[Value]) {
         let learned = ToolCatalog::from_tools(tools);
         let mut catalog = self.catalog.lock().await;
@@ -626,7 +638,7 @@ impl AgentSession {
                 .and_then(Value::as_str)
                 .map(str::to_owned);
             proxy
-                .filter_list(self, "tools/list", &mut result)
+                .filter_list(self, &self.caller, "tools/list", &mut result)
                 .await
                 .map_err(ToolCheck::Upstream)?;
             if cursor.is_none() {

@@ -413,12 +413,7 @@ fn caller_for(front: &Front, headers: &HeaderMap) -> Result<Caller, Box<Response
         }
     }
     let context: BTreeMap<String, String> = header_str(headers, GUARD_CONTEXT_HEADER)
-        .map(|text| {
-            text.split(';')
-                .filter_map(|pair| pair.split_once('='))
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .collect()
-        })
+        .map(crate::identity::parse_context_header)
         .unwrap_or_default();
     Ok(Caller {
         principal,
