@@ -180,14 +180,6 @@ fn fast_policy(env: &TestEnv, listen: SocketAddr, server_args: &[&str]) -> Value
     policy
 }
 
-fn audit_records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-        .collect()
-}
-
 /// `mcp-guard audit verify FILE` must pass.
 fn assert_audit_verifies(env: &TestEnv) {
     let output = Command::new(&env.daemon_bin)
@@ -519,6 +511,49 @@ fn sigterm_lets_a_call_in_flight_finish_then_exits_zero() {
             && r["session"] == session_id.as_str()
             && r["detail"]["event"] == "end"),
         "the session's end is not on record"
+    );
+}
+
+/// An agent's open GET stream is not a call in flight: on SIGTERM it is closed at once, so a
+/// stop does not wait out `shutdown_grace_seconds` (60 here) for it. The stream reaches its
+/// end well inside the test's safety timeout, and the daemon exits 0 without cutting
+/// anything off.
+#[test]
+fn sigterm_closes_open_get_streams_at_once() {
+    let env = TestEnv::new("svc-stream", PROBE);
+    let listen = loopback(free_loopback_port());
+    let mut policy = fast_policy(&env, listen, &[]);
+    policy["daemon"]["shutdown_grace_seconds"] = json!(60);
+    env.write_policy_document(&policy);
+    let mut daemon = env.start_daemon();
+    let session = McpSession::open(listen).expect("open a session");
+    let stream = http_request_head(
+        listen,
+        "GET",
+        &format!("/servers/{SERVER}/mcp"),
+        &[
+            ("Accept", "text/event-stream"),
+            ("Mcp-Session-Id", &session.id),
+            ("MCP-Protocol-Version", "2025-11-25"),
+        ],
+    )
+    .expect("open the GET stream");
+    assert_eq!(stream.status, 200);
+
+    daemon.signal(libc::SIGTERM);
+    stream
+        .read_until_closed(TIMEOUT)
+        .expect("the GET stream closed after SIGTERM");
+    let status = daemon.wait_exit();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    assert!(
+        !daemon
+            .log
+            .lines()
+            .iter()
+            .any(|line| message(line).is_some_and(|m| m.contains("cut off"))),
+        "the stop waited out its grace period: {}",
+        daemon.log.summary(10, 30)
     );
 }
 

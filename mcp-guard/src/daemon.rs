@@ -170,6 +170,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             .map_err(|source| DaemonError::Listen { addr, source })?;
         let front = http::Front {
             proxy: proxy.clone(),
+            stopping: front_stopped.clone(),
         };
         let mut stopped = front_stopped.clone();
         front_task = Some(tokio::spawn(async move {

@@ -38,6 +38,9 @@ const GUARD_PRINCIPAL_HEADER: &str = "mcp-guard-principal";
 #[derive(Clone)]
 pub struct Front {
     pub proxy: Arc<Proxy>,
+    /// Turns true when the daemon stops: GET streams then close at once (they are not calls
+    /// in flight, and would otherwise hold the stop for its whole grace period).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn router(front: Front) -> Router {
@@ -504,10 +507,12 @@ async fn get(front: &Front, server: &str, headers: &HeaderMap) -> Response {
         );
     };
     let ended = tokio_stream::wrappers::WatchStream::new(session.ended());
+    let stopping = tokio_stream::wrappers::WatchStream::new(front.stopping.clone());
     Sse::new(OutboxStream {
         outbox: Some(outbox),
         session: Arc::downgrade(&session),
         ended,
+        stopping,
     })
     .keep_alive(axum::response::sse::KeepAlive::default())
     .into_response()
@@ -520,6 +525,7 @@ struct OutboxStream {
     /// Weak: an open stream must not keep an ended session (and its server process) alive.
     session: std::sync::Weak<AgentSession>,
     ended: tokio_stream::wrappers::WatchStream<bool>,
+    stopping: tokio_stream::wrappers::WatchStream<bool>,
 }
 
 impl Stream for OutboxStream {
@@ -533,6 +539,11 @@ impl Stream for OutboxStream {
         while let std::task::Poll::Ready(state) = self.ended.poll_next_unpin(cx) {
             if state != Some(false) {
                 self.outbox = None;
+                return std::task::Poll::Ready(None);
+            }
+        }
+        while let std::task::Poll::Ready(state) = self.stopping.poll_next_unpin(cx) {
+            if state != Some(false) {
                 return std::task::Poll::Ready(None);
             }
         }
