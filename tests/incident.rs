@@ -1677,6 +1677,7 @@ fn metrics_count_decisions_and_audit_records() {
         {"op": "call_tool", "name": "gzip-file-as-resource",
          "arguments": {"name": "m.gz", "data": format!("http://{}/metrics-run", incident.undeclared.addr)},
          "headers": header},
+        {"op": "call_tool", "name": "no-such-tool", "arguments": {}, "headers": header},
     ]);
     let run = mcp_client(&incident.peers, Transport::Http(&url), HANDSHAKE, &script);
     for i in [0, 1, 2, 3, 7] {
@@ -1686,6 +1687,7 @@ fn metrics_count_decisions_and_audit_records() {
         assert_eq!(run.error(i)["data"]["rule"], "no-secrets");
     }
     assert_eq!(run.error(6)["message"], "Unknown tool: get-sum");
+    assert_eq!(run.error(9)["message"], "Unknown tool: no-such-tool");
 
     // Settled: the SDK session ended, both connections were judged.
     let mut last = scrape(metrics_addr);
@@ -1725,21 +1727,15 @@ fn metrics_count_decisions_and_audit_records() {
     let records = read_records(&incident.audit_path());
 
     // Decisions: label set by label set, as in the log.
-    // The `tool` label is the tool's name for tools the server listed to the session (no rule
-    // of this policy names a tool the server does not list), and `other` for anything else a
-    // caller sends, so that label values stay bounded.
-    let listed: BTreeSet<String> = run.ok(0)["tools"]
-        .as_array()
-        .expect("the tools/list result")
-        .iter()
-        .filter_map(|tool| tool["name"].as_str().map(str::to_owned))
-        .collect();
+    // The `tool` label is the tool's name for tools the server offers (get-sum too, which
+    // this caller may not see) and `other` for a name the server does not know, so that label
+    // values stay bounded whatever callers send.
     let tool_label = |record: &Value| match (text_of(record, "method"), text_of(record, "tool")) {
         (Some(method), Some(tool)) if method == "tools/call" => {
-            if listed.contains(&tool) {
-                tool
-            } else {
+            if tool == "no-such-tool" {
                 "other".to_owned()
+            } else {
+                tool
             }
         }
         _ => String::new(),
@@ -1796,9 +1792,13 @@ fn metrics_count_decisions_and_audit_records() {
     assert_eq!(decisions("tools/call", "echo", "allow", "echo"), 3.0);
     assert_eq!(decisions("tools/call", "echo", "deny", "no-secrets"), 2.0);
     assert_eq!(
+        decisions("tools/call", "get-sum", "deny", "unknown-tool"),
+        1.0
+    );
+    assert_eq!(
         decisions("tools/call", "other", "deny", "unknown-tool"),
         1.0,
-        "get-sum, which the server did not list to this caller, is counted as `other`"
+        "a tool the server does not offer is counted as `other`"
     );
     assert_eq!(
         decisions("tools/call", "gzip-file-as-resource", "allow", "fetch"),
