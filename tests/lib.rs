@@ -1625,6 +1625,17 @@ impl Peers {
         ]
     }
 
+    /// `mcp-server-time` (PyPI) served over Streamable HTTP by `time_http_server.py` (see
+    /// PEERS.md), on a free port it announces as `MCP_PEER_LISTENING <port>` on stderr.
+    pub fn time_http(&self, extra: &[&str]) -> Vec<String> {
+        let mut command = vec![
+            self.dir.join("venv/bin/python").display().to_string(),
+            client_script("time_http_server.py").display().to_string(),
+        ];
+        command.extend(extra.iter().map(|arg| arg.to_string()));
+        command
+    }
+
     /// `mcp-server-time` (PyPI) over stdio, local time zone UTC.
     pub fn time(&self) -> Vec<String> {
         vec![

@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use mcp_guard_tests::*;
@@ -1613,6 +1614,148 @@ fn http_upstream_is_proxied_with_the_same_enforcement() {
             "params": {"name": "add", "arguments": {"a": 1, "b": 2}}}),
     ));
     assert_unknown_tool(&hidden["error"], "add");
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}
+
+/// Runs `openssl` with `args` in `dir`, quietly.
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success(), "openssl {args:?} failed");
+}
+
+/// A private CA and a server certificate for 127.0.0.1 it signed, made in `dir` with the
+/// openssl command line: (CA certificate, server certificate, server key).
+fn private_ca_and_server_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    const P256: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=mcp-guard test CA",
+    ];
+    ca.extend(P256);
+    ca.extend(["-keyout", "ca-key.pem", "-out", "ca.pem"]);
+    openssl(dir, &ca);
+    let mut request = vec!["req", "-nodes", "-subj", "/CN=127.0.0.1"];
+    request.extend(P256);
+    request.extend(["-keyout", "server-key.pem", "-out", "server.csr"]);
+    openssl(dir, &request);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server-key.pem"),
+    )
+}
+
+/// The real `mcp-server-time` served over https (the Python SDK's Streamable HTTP under
+/// uvicorn) behind an `https://` `url`, its certificate signed by a private CA: with that CA
+/// in `tls_ca_file` the call goes through and gets the server's answer; without it (the
+/// system's roots do not know the CA) the agent's initialize is refused with -32011 naming the
+/// certificate problem — never a connection that skipped verification. The server answers
+/// over SSE (with CRLF line endings), as the SDK's server does by default.
+#[test]
+fn https_upstream_is_verified_against_the_configured_ca() {
+    let env = TestEnv::new("proxy-https-upstream", PROBE);
+    let peers = Peers::require();
+    let (ca, cert, key) = private_ca_and_server_certificate(env.dir());
+    let command = peers.time_http(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let mut upstream = Command::new(&command[0])
+        .args(&command[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start time_http_server.py");
+    let stderr = BufReader::new(upstream.stderr.take().expect("stderr"));
+    let port = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| line.strip_prefix("MCP_PEER_LISTENING ").map(str::to_owned))
+        .expect("the time server announces its port");
+    let url = format!("https://127.0.0.1:{port}/mcp");
+    let rules = json!([
+        list_tools_rule(),
+        allow(
+            "time",
+            json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})
+        ),
+    ]);
+    let servers = json!({
+        "trusted": {"url": url, "tls_ca_file": ca, "rules": rules},
+        "untrusted": {"url": url, "rules": rules},
+    });
+    let front = Front::start(env, peers, servers);
+
+    let run = front.client(
+        "trusted",
+        HANDSHAKE,
+        &json!([
+            {"op": "list_tools"},
+            {"op": "call_tool", "name": "get_current_time", "arguments": {"timezone": "UTC"}},
+        ]),
+    );
+    assert_eq!(tool_names(run.ok(0)), set(&["get_current_time"]));
+    let answer: Value = serde_json::from_str(text(run.ok(1))).expect("the time as JSON");
+    assert_eq!(answer["timezone"], "UTC", "{answer}");
+
+    let refused = front.raw(
+        "untrusted",
+        &[
+            "--initialize",
+            HANDSHAKE,
+            "--body",
+            r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
+        ],
+    );
+    // A `url` server is reached on the agent's first message: its initialize is answered
+    // with -32011, naming why the server's certificate was not accepted.
+    let error = &refused["initialize"]["response"]["error"];
+    assert_eq!(error["code"], -32011, "{refused}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("invalid peer certificate: UnknownIssuer")),
+        "{refused}"
+    );
     let _ = upstream.kill();
     let _ = upstream.wait();
 }

@@ -9,6 +9,7 @@ Streamable HTTP transport, which answers both protocol eras: the initialize hand
 
     <peers>/venv/bin/python tests/clients/time_http_server.py [--port 0] [--path /mcp]
         [--json-response] [--stateless] [--local-timezone UTC]
+        [--tls-cert CERT.pem --tls-key KEY.pem]     (serve https:// instead of http://)
 
 It binds before serving and prints one line `MCP_PEER_LISTENING <port>` on stderr, so
 `--port 0` (the default) gives a free port without a race. SIGTERM/SIGINT stop it.
@@ -37,7 +38,12 @@ async def serve(args):
     sock.listen(128)
     sys.stderr.write(f"MCP_PEER_LISTENING {sock.getsockname()[1]}\n")
     sys.stderr.flush()
-    config = uvicorn.Config(app, log_level="warning")
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        ssl_certfile=args.tls_cert,
+        ssl_keyfile=args.tls_key,
+    )
     await uvicorn.Server(config).serve(sockets=[sock])
 
 
@@ -48,6 +54,8 @@ def main():
     parser.add_argument("--json-response", action="store_true", help="answer POSTs with JSON, not SSE")
     parser.add_argument("--stateless", action="store_true", help="no Mcp-Session-Id for the handshake era")
     parser.add_argument("--local-timezone", default="UTC")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve https")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     anyio.run(serve, parser.parse_args())
 
 

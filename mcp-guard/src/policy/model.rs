@@ -442,6 +442,12 @@ pub struct ServerPolicy {
     #[schemars(url)]
     pub url: Option<String>,
 
+    /// PEM file of CA certificates an `https://` `url` server's certificate may chain to, on
+    /// top of the system's trusted roots (for servers with certificates of a private CA).
+    /// Must be an absolute path; read when a session opens. Only with `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+
     /// How many processes of `command` run: `per_session` (the default) spawns one per agent
     /// session, so sessions cannot see each other's state; `shared` spawns one for everyone.
     /// Only meaningful with `command`.
@@ -516,6 +522,7 @@ impl Default for ServerPolicy {
             description: None,
             command: None,
             url: None,
+            tls_ca_file: None,
             isolation: Isolation::default(),
             principal: None,
             env: BTreeMap::new(),

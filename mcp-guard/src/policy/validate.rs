@@ -524,6 +524,19 @@ fn check_launch(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) 
     if let Some(cgroup) = &server.adopt_cgroup {
         check_absolute(&format!("{path}.adopt_cgroup"), cgroup, problems);
     }
+    if let Some(ca_file) = &server.tls_ca_file {
+        check_absolute(&format!("{path}.tls_ca_file"), ca_file, problems);
+        if !server
+            .url
+            .as_deref()
+            .is_some_and(|url| url.starts_with("https://"))
+        {
+            problems.push(Problem::warning(
+                format!("{path}.tls_ca_file"),
+                "has no effect without an `https://` `url`",
+            ));
+        }
+    }
 }
 
 /// An upstream endpoint must be an absolute `http` or `https` URL with a host.

@@ -222,7 +222,10 @@ impl Proxy {
                 command,
                 env: &server_policy.env,
             },
-            (None, Some(url)) => session::Target::Url(url),
+            (None, Some(url)) => session::Target::Url {
+                url,
+                tls_ca_file: server_policy.tls_ca_file.as_deref(),
+            },
             (None, None) => return Err(ProxyError::NotSpawnable(server.to_owned())),
         };
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());

@@ -16,7 +16,7 @@ use crate::identity::CallIdentity;
 use crate::mcp::jsonrpc::{Id, Message};
 use crate::upstream::{self, ServerMessages, Upstream};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Who is calling: the principal, their roles, and context values (e.g. a workflow step)
 /// that rules' `when` conditions read.
@@ -213,8 +213,8 @@ pub(super) async fn start(
     let label: Arc<str> = Arc::from(format!("{server}/{id}"));
     let request_timeout = launch.request_timeout;
     let (command, env) = match launch.target {
-        Target::Url(url) => {
-            let (upstream, server_messages) = upstream::http::connect(url, label)?;
+        Target::Url { url, tls_ca_file } => {
+            let (upstream, server_messages) = upstream::http::connect(url, tls_ca_file, label)?;
             let upstream = upstream.with_request_timeout(request_timeout);
             return Ok(assemble(
                 proxy,
@@ -386,7 +386,10 @@ pub enum Target<'a> {
         command: &'a [String],
         env: &'a BTreeMap<String, String>,
     },
-    Url(&'a str),
+    Url {
+        url: &'a str,
+        tls_ca_file: Option<&'a Path>,
+    },
 }
 
 fn assemble(

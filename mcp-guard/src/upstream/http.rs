@@ -3,6 +3,7 @@
 //! as a stdio server's output. The server's `Mcp-Session-Id` and negotiated protocol version
 //! are kept per agent session and sent on every later POST.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -11,6 +12,40 @@ use tokio::sync::{Mutex, RwLock, mpsc};
 
 use super::{ServerMessages, Upstream, UpstreamError, route_server_output};
 use crate::mcp::jsonrpc::codes;
+
+/// A client for one session's server: TLS with the `ring` provider, installed once for the
+/// process (reqwest asks for a process default when built without its own).
+fn client_trusting(tls_ca_file: Option<&Path>) -> Result<reqwest::Client, UpstreamError> {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        // Err only when another provider is already installed, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = tls_ca_file {
+        let pem = std::fs::read(path).map_err(|source| UpstreamError::CaFile {
+            path: path.to_owned(),
+            reason: source.to_string(),
+        })?;
+        let certificates =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| UpstreamError::CaFile {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        if certificates.is_empty() {
+            return Err(UpstreamError::CaFile {
+                path: path.to_owned(),
+                reason: "no PEM certificate in it".into(),
+            });
+        }
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| UpstreamError::Unsupported(crate::error_chain(&e)))
+}
 
 /// Per-session state the server gave us.
 #[derive(Default)]
@@ -28,15 +63,19 @@ struct Connection {
 }
 
 /// Connects (lazily: the first POST is the agent's first message) to the server at `url`.
-pub fn connect(url: &str, label: Arc<str>) -> Result<(Upstream, ServerMessages), UpstreamError> {
-    if !url.starts_with("http://") {
+/// An `https://` server's certificate must chain to the system's roots or to one of the PEM
+/// certificates in `tls_ca_file`.
+pub fn connect(
+    url: &str,
+    tls_ca_file: Option<&Path>,
+    label: Arc<str>,
+) -> Result<(Upstream, ServerMessages), UpstreamError> {
+    if !url.starts_with("http://") && !url.starts_with("https://") {
         return Err(UpstreamError::Unsupported(format!(
-            "{url}: only http:// upstream URLs are supported in this build"
+            "{url}: upstream URLs must be http:// or https://"
         )));
     }
-    let client = reqwest::Client::builder()
-        .build()
-        .map_err(|e| UpstreamError::Unsupported(e.to_string()))?;
+    let client = client_trusting(tls_ca_file)?;
     let (to_server, outgoing) = mpsc::channel::<Value>(256);
     let (incoming_sender, incoming) = mpsc::channel::<Value>(256);
     let (session_sender, server_messages) = mpsc::channel(256);
@@ -98,7 +137,14 @@ async fn post(connection: &Connection, message: Value) {
     }
     let response = match request.send().await {
         Ok(response) => response,
-        Err(e) => return fail(connection, request_id, &format!("POST failed: {e}")).await,
+        Err(e) => {
+            return fail(
+                connection,
+                request_id,
+                &format!("POST failed: {}", crate::error_chain(&e)),
+            )
+            .await;
+        }
     };
     let status = response.status();
     if is_initialize
@@ -147,32 +193,71 @@ async fn post(connection: &Connection, message: Value) {
     }
 }
 
-/// Feeds each SSE `data:` payload to the router as it arrives.
+/// Feeds each SSE event's data to the router as it arrives.
 async fn read_event_stream(
     connection: &Connection,
     response: reqwest::Response,
     is_initialize: bool,
 ) {
     let mut body = response.bytes_stream();
-    let mut buffer = String::new();
+    let mut decoder = SseDecoder::default();
     while let Some(chunk) = body.next().await {
         let Ok(chunk) = chunk else { break };
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let data: Vec<&str> = event
-                .lines()
-                .filter_map(|line| line.strip_prefix("data:"))
-                .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                .collect();
-            if data.is_empty() {
-                continue;
-            }
-            match serde_json::from_str::<Value>(&data.join("\n")) {
+        for data in decoder.feed(&chunk) {
+            match serde_json::from_str::<Value>(&data) {
                 Ok(value) => deliver(connection, value, is_initialize).await,
                 Err(e) => tracing::warn!(server = %connection.label, error = %e,
                     "server sent an SSE event that is not JSON; dropped"),
             }
+        }
+    }
+}
+
+/// Splits a `text/event-stream` body into the data of its events, as the format defines it:
+/// lines end in CRLF, LF or CR (servers differ: Starlette's use CRLF), a blank line ends an
+/// event, and several `data` lines are joined with LF. Works on bytes, so neither a line
+/// ending nor a UTF-8 character split across chunks is misread.
+#[derive(Default)]
+struct SseDecoder {
+    line: Vec<u8>,
+    data: Vec<String>,
+    after_cr: bool,
+}
+
+impl SseDecoder {
+    /// The data of every event `bytes` completes.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut events = Vec::new();
+        for &byte in bytes {
+            let after_cr = std::mem::take(&mut self.after_cr);
+            match byte {
+                b'\n' if after_cr => {}
+                b'\r' | b'\n' => {
+                    self.after_cr = byte == b'\r';
+                    self.end_line(&mut events);
+                }
+                _ => self.line.push(byte),
+            }
+        }
+        events
+    }
+
+    fn end_line(&mut self, events: &mut Vec<String>) {
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            if !self.data.is_empty() {
+                events.push(self.data.join("\n"));
+                self.data.clear();
+            }
+            return;
+        }
+        // Other fields (event, id, retry) and comments carry nothing mcp-guard forwards.
+        let line = String::from_utf8_lossy(&line);
+        if let Some(value) = line.strip_prefix("data:") {
+            self.data
+                .push(value.strip_prefix(' ').unwrap_or(value).to_owned());
+        } else if line == "data" {
+            self.data.push(String::new());
         }
     }
 }
@@ -204,5 +289,29 @@ async fn fail(connection: &Connection, request_id: Option<Value>, problem: &str)
             "message": format!("upstream server: {problem}"),
         }});
         let _ = connection.incoming.send(error).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SseDecoder;
+
+    #[test]
+    fn events_end_at_blank_lines_whatever_the_line_endings() {
+        let mut decoder = SseDecoder::default();
+        let stream =
+            b"event: message\r\ndata: {\"a\":1}\r\n\r\n: keep-alive\n\ndata: x\rdata: y\r\r";
+        assert_eq!(decoder.feed(stream), ["{\"a\":1}", "x\ny"]);
+    }
+
+    #[test]
+    fn chunks_may_split_line_endings_and_characters() {
+        let mut decoder = SseDecoder::default();
+        let stream = "data: {\"t\":\"caf\u{e9}\"}\r\n\r\n".as_bytes();
+        let mut events = Vec::new();
+        for byte in stream {
+            events.extend(decoder.feed(std::slice::from_ref(byte)));
+        }
+        assert_eq!(events, ["{\"t\":\"caf\u{e9}\"}"]);
     }
 }

@@ -29,6 +29,11 @@ pub enum UpstreamError {
     NoCommand,
     #[error("{0}")]
     Unsupported(String),
+    #[error("tls_ca_file {}: {reason}", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("the server did not answer {method} within {seconds} s")]
     TimedOut { method: String, seconds: u64 },
 }
