@@ -329,24 +329,46 @@ impl TestEnv {
     /// Like [`TestEnv::spawn_daemon_with`], with `env` added to the daemon's environment (e.g.
     /// systemd's `NOTIFY_SOCKET`).
     pub fn spawn_daemon_with_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = self.run_command();
+        cmd.envs(env.iter().copied())
+            .arg("--cgroup-root")
+            .arg(&self.cgroup_root)
+            .args(extra);
+        self.spawn(cmd)
+    }
+
+    /// Starts `mcp-guard run --delegated-cgroup` inside the cgroup `unit`, as systemd starts
+    /// a unit with `Delegate=yes`, and waits until it is ready.
+    pub fn start_delegated_daemon(&self, unit: &Path) -> Daemon {
+        let mut cmd = self.run_command();
+        cmd.arg("--delegated-cgroup");
+        mcp_guard::egress::spawn::place_in_cgroup(&mut cmd, unit)
+            .unwrap_or_else(|err| panic!("place the daemon in {}: {err}", unit.display()));
+        let daemon = self.spawn(cmd);
+        daemon.wait_for_message("ready", TIMEOUT);
+        daemon
+    }
+
+    /// `mcp-guard run` on this environment's policy, pins and control socket, logging JSON.
+    fn run_command(&self) -> Command {
         assert!(
             self.policy_path.exists(),
             "write_policy before starting the daemon"
         );
         let mut cmd = self.command();
-        cmd.envs(env.iter().copied());
         cmd.arg("run")
             .arg("--policy")
             .arg(&self.policy_path)
             .args(["--log-format", "json"])
             .arg("--bpffs")
             .arg(&self.bpffs)
-            .arg("--cgroup-root")
-            .arg(&self.cgroup_root)
             .arg("--control-socket")
-            .arg(&self.control_socket)
-            .args(extra)
-            .stdin(Stdio::null())
+            .arg(&self.control_socket);
+        cmd
+    }
+
+    fn spawn(&self, mut cmd: Command) -> Daemon {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd

@@ -557,6 +557,49 @@ fn sigterm_closes_open_get_streams_at_once() {
     );
 }
 
+/// `run --delegated-cgroup`, started inside a cgroup as systemd starts a `Delegate=yes` unit:
+/// the daemon moves itself into the leaf `<unit>/daemon` (processes only in leaves), makes
+/// `<unit>` its cgroup root (the policy's `cgroup_root` notwithstanding), places session
+/// servers beside its leaf, and enforces there: a probe in a session of the server, which
+/// declares no destination, is refused.
+#[test]
+fn a_delegated_cgroup_becomes_the_root_with_the_daemon_in_a_leaf() {
+    let env = TestEnv::new("svc-delegated", PROBE);
+    let listen = loopback(free_loopback_port());
+    env.write_policy_document(&fast_policy(&env, listen, &[]));
+    let unit = env.cgroup_root.join("unit.service");
+    std::fs::create_dir_all(&unit).expect("create the unit's cgroup");
+    let daemon = env.start_delegated_daemon(&unit);
+
+    let relative =
+        |path: &Path| format!("/{}", path.strip_prefix(cgroup2_mount()).unwrap().display());
+    assert_eq!(
+        process_cgroup(daemon.pid()).as_deref(),
+        Some(relative(&unit.join("daemon")).as_str()),
+        "the daemon's own cgroup"
+    );
+
+    let session = McpSession::open(listen).expect("open a session");
+    let server_cgroup = unit.join(SERVER).join(&session.id);
+    assert!(
+        poll_until(TIMEOUT, || !cgroup_pids(&server_cgroup).is_empty()),
+        "no server process in {}",
+        server_cgroup.display()
+    );
+
+    let refused = attempt("tcp", listen);
+    let run = env.exec_probe(SERVER, Some("sess-delegated"), &[&refused]);
+    run.assert_results(&[(&refused, "EPERM")]);
+    let (pid, _) = run.identity();
+    let event = daemon.wait_for_event("the probe's refused connect", |e| {
+        as_u64(field(e, "tgid")) == Some(pid)
+    });
+    assert_eq!(
+        as_text(field(&event, "session")).as_deref(),
+        Some("sess-delegated")
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // kill -9 under load
 // ---------------------------------------------------------------------------------------------
