@@ -49,7 +49,9 @@ fn text(result: &Value) -> &str {
 
 /// With the daemon running, the SDK client talks to server-filesystem through `mcp-guard
 /// stdio`: the allowed read returns the file, the write a rule refuses is answered -32010
-/// naming the rule and never happens, a tool nobody allowed is unknown.
+/// naming the rule and never happens, a tool nobody allowed is unknown. The daemon records
+/// the front's decisions as its own: arguments kept as the daemon's policy says
+/// (`store_arguments` with `content` redacted), and each decision counted in its `/metrics`.
 #[test]
 fn stdio_front_enforces_the_policy() {
     let env = TestEnv::new("stdio-front-policy", PROBE);
@@ -74,6 +76,13 @@ fn stdio_front_enforces_the_policy() {
             ]),
         }),
     );
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
+    let mut document: Value =
+        serde_json::from_str(&std::fs::read_to_string(&env.policy_path).unwrap()).unwrap();
+    document["daemon"]["metrics_listen"] = json!(metrics.to_string());
+    document["audit"]["store_arguments"] = json!(true);
+    document["audit"]["redact"] = json!(["content"]);
+    env.write_policy_document(&document);
     let _daemon = env.start_daemon();
     let command = stdio_front(&env, "files", &env.control_socket);
     let path = |name: &str| root.join(name).display().to_string();
@@ -116,6 +125,35 @@ fn stdio_front_enforces_the_policy() {
         root.join("readme.txt").exists() && !root.join("moved.txt").exists(),
         "the refused move happened"
     );
+
+    let records = audit_records(&env.audit_path());
+    let write = records
+        .iter()
+        .find(|r| r["tool"] == "write_file" && r.get("decision").is_some())
+        .unwrap_or_else(|| panic!("no decision record of the write: {records:#?}"));
+    assert_eq!(
+        write["arguments"],
+        json!({"path": path("app.conf"), "content": "[redacted]"}),
+        "{write}"
+    );
+    let scraped = scrape(metrics);
+    let decisions = |tool: &str, decision: &str, rule: &str| {
+        metric(
+            &scraped,
+            "mcp_guard_decisions_total",
+            &[
+                ("server", "files"),
+                ("method", "tools/call"),
+                ("tool", tool),
+                ("decision", decision),
+                ("rule", rule),
+            ],
+        )
+    };
+    assert_eq!(decisions("read_text_file", "allow", "read-files"), 1.0);
+    assert_eq!(decisions("write_file", "deny", "no-config-writes"), 1.0);
+    // move_file is named by no rule of this policy: not a label value of its own.
+    assert_eq!(decisions("other", "deny", "unknown-tool"), 1.0);
 }
 
 /// With the daemon running, the server behind the stdio front runs in a guarded session

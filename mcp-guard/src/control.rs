@@ -229,7 +229,11 @@ async fn answer(
                 Err(e) => Response::refused(e.to_string()),
             }
         }
-        Ok(Request::Audit { record, span }) => {
+        Ok(Request::Audit { mut record, span }) => {
+            // The daemon's own settings decide what its log keeps of the arguments.
+            if let Some(arguments) = record.arguments.take() {
+                record.set_arguments(context.audit.settings(), &arguments);
+            }
             let session = record.session.clone();
             let noted = |span: CallSpan| match &session {
                 Some(session) => context.proxy.note_external_span(session, span),
@@ -244,6 +248,8 @@ async fn answer(
                 }
                 span => span,
             };
+            // Counted as the daemon counts its own: when decided, whatever the log says.
+            context.proxy.count_recorded_decision(&record);
             match context.audit.append(*record).await {
                 Ok(_) => {
                     if let Some(span) = span {

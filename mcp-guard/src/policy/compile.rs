@@ -147,6 +147,13 @@ impl CompiledPolicy {
         rules.deny.by_name[slot].has_exact(tool) || rules.allow.by_name[slot].has_exact(tool)
     }
 
+    /// Whether `server` has a rule with this id.
+    pub fn has_rule(&self, server: &str, id: &str) -> bool {
+        self.servers
+            .get(server)
+            .is_some_and(|rules| rules.rules.iter().any(|rule| rule.id == id))
+    }
+
     /// The names of the servers the policy guards, in order.
     pub fn server_names(&self) -> impl Iterator<Item = &str> {
         self.servers.keys().map(String::as_str)

@@ -1027,6 +1027,47 @@ fn point_cancellation_upstream(
 
 /// The rule id for logs and metrics: plumbing passes as `protocol`, and a refusal no rule
 /// made is the `default-deny`.
+/// The `rule` labels of decisions no policy rule made.
+const BUILT_IN_RULES: [&str; 5] = [
+    "protocol",
+    "default-deny",
+    "unknown-tool",
+    "invalid",
+    "upstream-error",
+];
+
+impl Proxy {
+    /// Counts the decision a stdio front recorded through the daemon (its own metrics die
+    /// with it). Labels are bounded by this daemon's policy whatever the record says: an
+    /// unknown server is not counted, an unknown rule counts as `other`.
+    pub fn count_recorded_decision(&self, record: &crate::audit::AuditRecord) {
+        let (Some(decision), Some(server), Some(method)) =
+            (record.decision, &record.server, &record.method)
+        else {
+            return;
+        };
+        let policy = self.policy();
+        if !policy.server_names().any(|name| name == server) {
+            return;
+        }
+        let rule = record.rule.as_deref().unwrap_or("");
+        let rule = if BUILT_IN_RULES.contains(&rule) || policy.has_rule(server, rule) {
+            rule
+        } else {
+            "other"
+        };
+        let tool = match (method.as_str(), record.tool.as_deref()) {
+            ("tools/call", Some(tool)) if policy.names_tool(server, tool) => tool,
+            ("tools/call", _) => UNLISTED_TOOL_LABEL,
+            _ => "",
+        };
+        self.metrics
+            .decisions
+            .with_label_values(&[server, known_method(method), tool, decision.as_str(), rule])
+            .inc();
+    }
+}
+
 fn rule_label(rule: Option<&str>, effect: Effect) -> String {
     match (rule, effect) {
         (Some(rule), _) => rule.to_owned(),

@@ -97,12 +97,18 @@ impl Recorder {
         }
     }
 
-    /// How arguments are kept: the daemon's settings where it writes itself; a digest (the
-    /// default) when records travel to the daemon.
+    /// How arguments are kept: the log's settings where mcp-guard writes it itself. Records
+    /// that travel to the daemon carry the arguments as they are, over its local socket, and
+    /// the daemon keeps them as its own policy says (digest, or stored with fields redacted).
     fn settings(&self) -> AuditSettings {
         match &self.sink {
             Sink::Local(log) => log.settings().clone(),
-            _ => AuditSettings::default(),
+            Sink::Daemon(_) => AuditSettings {
+                store_arguments: true,
+                redact: Vec::new(),
+                ..AuditSettings::default()
+            },
+            Sink::Nowhere => AuditSettings::default(),
         }
     }
 
