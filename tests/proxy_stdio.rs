@@ -280,6 +280,65 @@ fn stdio_front_without_a_daemon_still_enforces_the_policy() {
 // ---------------------------------------------------------------------------------------------
 
 /// `mcp-guard stdio` driven line by line.
+/// An agent that pipelines `initialize`, `notifications/initialized` and `tools/list` without
+/// waiting (the front handles messages concurrently) still has its server see `initialize`
+/// first: the real `mcp-server-time` (Python SDK, which refuses requests before it is
+/// initialised) answers both requests, and the audit log shows `tools/list` decided only
+/// after `initialize` was answered.
+#[test]
+fn requests_sent_after_initialize_wait_for_its_answer() {
+    let env = TestEnv::new("stdio-front-handshake", PROBE);
+    let peers = Peers::require();
+    write_policy(
+        &env,
+        json!({"time": stdio_server(peers.time(), vec![
+            list_tools_rule(),
+            allow("time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
+        ])}),
+    );
+    let _daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&stdio_front(&env, "time", &env.control_socket));
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": HANDSHAKE, "capabilities": {},
+        "clientInfo": {"name": "stdio-pipelined", "version": "0"}}});
+    let lines = [
+        initialize.to_string(),
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_owned(),
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#.to_owned(),
+    ];
+    front.send(lines.join("\n").as_bytes());
+    let mut answers = front.responses(2, "the initialize and tools/list answers");
+    answers.sort_by_key(|answer| answer["id"].as_i64());
+    assert_eq!(
+        answers[0]["result"]["protocolVersion"], HANDSHAKE,
+        "{answers:?}"
+    );
+    let tools = answers[1]["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("tools/list failed: {answers:?}"));
+    assert!(
+        tools.iter().any(|tool| tool["name"] == "get_current_time"),
+        "{answers:?}"
+    );
+
+    let records = audit_records(&env.audit_path());
+    let seq_of = |found: Option<&Value>| found.and_then(|r| r["seq"].as_u64());
+    let initialized = seq_of(
+        records
+            .iter()
+            .find(|r| r["method"] == "initialize" && r.get("outcome").is_some()),
+    );
+    let listed = seq_of(
+        records
+            .iter()
+            .find(|r| r["method"] == "tools/list" && r.get("decision").is_some()),
+    );
+    assert!(
+        matches!((initialized, listed), (Some(i), Some(l)) if i < l),
+        "tools/list was decided before initialize was answered: {records:#?}"
+    );
+}
+
 struct RawStdio {
     child: Child,
     stdin: Option<ChildStdin>,

@@ -314,6 +314,21 @@ impl Proxy {
             .unwrap_or_default()
     }
 
+    /// Notes, in arrival order and before handling starts, what the order of an agent's
+    /// messages means to the pipeline: an `initialize` makes later requests wait for its
+    /// answer. Fronts that handle messages concurrently call it as each message arrives.
+    pub fn note_arrival(&self, session: &AgentSession, incoming: &Incoming) {
+        let is_initialize =
+            |message: &Message| matches!(message, Message::Request(r) if r.method == "initialize");
+        let initializes = match incoming {
+            Incoming::Single(message) => is_initialize(message),
+            Incoming::Batch(items) => items.iter().flatten().any(is_initialize),
+        };
+        if initializes {
+            session.note_initialize_sent();
+        }
+    }
+
     /// Handles what an agent sent: one message or a batch. Returns what to answer (`None` when
     /// it held no request).
     pub async fn handle(
@@ -370,6 +385,10 @@ impl Proxy {
         mut request: Request,
         hints: &TransportHints,
     ) -> Value {
+        let initializing = (request.method == "initialize").then(|| session.initializing());
+        if initializing.is_none() && request.method != "ping" {
+            session.after_initialize().await;
+        }
         let started = Instant::now();
         let identity = CallIdentity::for_request(request.params.as_ref(), hints);
         let context = crate::identity::request_context(request.params.as_ref(), hints);

@@ -65,6 +65,29 @@ pub struct AgentSession {
     /// What the idle timeout looks at: when the agent last did something, and how many of
     /// its messages are being handled now.
     activity: SessionActivity,
+    /// Where the agent's `initialize` is: requests sent after it wait for its answer.
+    handshake: tokio::sync::watch::Sender<Handshake>,
+}
+
+/// The initialize handshake of a session, as far as mcp-guard has seen it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handshake {
+    NotStarted,
+    /// `initialize` sent, not yet answered: other requests wait (a server must see its
+    /// `initialize` first, and the pipelined requests of an agent are handled concurrently).
+    InProgress,
+    Done,
+}
+
+/// Marks the handshake done when dropped, however handling the `initialize` ended.
+pub struct Initializing<'a> {
+    handshake: &'a tokio::sync::watch::Sender<Handshake>,
+}
+
+impl Drop for Initializing<'_> {
+    fn drop(&mut self) {
+        self.handshake.send_replace(Handshake::Done);
+    }
 }
 
 struct SessionActivity {
@@ -326,6 +349,7 @@ impl SharedServer {
             upstream_ids: std::sync::Mutex::new(HashMap::new()),
             era: tokio::sync::OnceCell::new(),
             activity: SessionActivity::fresh(),
+            handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
         })
     }
 
@@ -416,6 +440,7 @@ fn assemble(
         upstream_ids: std::sync::Mutex::new(HashMap::new()),
         era: tokio::sync::OnceCell::new(),
         activity: SessionActivity::fresh(),
+        handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
     });
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
@@ -436,6 +461,34 @@ impl SessionActivity {
 }
 
 impl AgentSession {
+    /// Notes that the agent sent `initialize`, in the order its messages arrived (before any
+    /// of them is handled), so that requests sent after it wait for its answer.
+    pub fn note_initialize_sent(&self) {
+        self.handshake.send_if_modified(|state| {
+            let starts = *state == Handshake::NotStarted;
+            if starts {
+                *state = Handshake::InProgress;
+            }
+            starts
+        });
+    }
+
+    /// Handling of the agent's `initialize` begins; the handshake is done when the guard goes.
+    pub fn initializing(&self) -> Initializing<'_> {
+        self.note_initialize_sent();
+        Initializing {
+            handshake: &self.handshake,
+        }
+    }
+
+    /// Waits while the agent's `initialize` is unanswered (returns at once otherwise).
+    pub async fn after_initialize(&self) {
+        let mut state = self.handshake.subscribe();
+        let _ = state
+            .wait_for(|state| *state != Handshake::InProgress)
+            .await;
+    }
+
     /// Marks the session busy until the guard is dropped (then idle from that moment).
     pub fn busy(&self) -> Busy<'_> {
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);

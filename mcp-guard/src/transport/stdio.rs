@@ -48,11 +48,15 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        let parsed = jsonrpc::parse(&line, &proxy.limits);
+        if let Ok(incoming) = &parsed {
+            proxy.note_arrival(&session, incoming);
+        }
         let proxy = proxy.clone();
         let session = session.clone();
         let stdout = stdout.clone();
         handlers.spawn(async move {
-            let answer = match jsonrpc::parse(&line, &proxy.limits) {
+            let answer = match parsed {
                 Ok(incoming) => {
                     proxy
                         .handle(&session, incoming, &TransportHints::default())
