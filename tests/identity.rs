@@ -643,6 +643,33 @@ fn sessions_stay_bound_to_their_principal() {
     assert_eq!(end.status, 404, "{end:?}");
     // Still alice's, and alice may end it.
     assert_eq!(alice.tool_names(), names(&["add", "echo"]));
+
+    // Each request is judged with the roles its own token carries: alice's session, opened
+    // as a developer, is an intern's while she presents an intern's token (her echo is
+    // refused by `interns-may-not-echo`), and a developer's again with a developer's token.
+    let intern_auth = bearer(&token(Algorithm::RS256, &claims(ALICE, json!(["intern"]))));
+    let as_intern = [("Authorization", intern_auth.as_str())];
+    let echo = rpc(
+        7,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"text": "as an intern"}}),
+    );
+    let refused = alice.post_as(&as_intern, &echo);
+    assert_eq!(refused.status, 200, "{refused:?}");
+    assert_policy_denied(&refused.body, "interns-may-not-echo");
+    let echoed = alice.echo("as a developer again");
+    assert!(echoed.get("error").is_none(), "{echoed}");
+    let decided_roles: Vec<Value> = front
+        .audit_lines()
+        .iter()
+        .filter(|r| r["tool"] == "echo" && r.get("decision").is_some())
+        .map(|r| r["roles"].clone())
+        .collect();
+    assert_eq!(
+        decided_roles,
+        [json!(["intern"]), json!(["developer"])],
+        "the decision records name the roles each request was judged with"
+    );
     let alice_auth = bearer(&alice_token);
     let end = request(
         addr,

@@ -36,6 +36,9 @@ pub struct TransportHints {
     pub baggage: Option<String>,
     /// Context values of this request (header `MCP-Guard-Context`).
     pub context: std::collections::BTreeMap<String, String>,
+    /// The caller's roles as this request's credentials and the policy in force give them
+    /// (set by the HTTP front; `None`: the session's).
+    pub roles: Option<Vec<String>>,
 }
 
 impl TransportHints {
@@ -49,6 +52,7 @@ impl TransportHints {
             context: get("mcp-guard-context")
                 .map(parse_context_header)
                 .unwrap_or_default(),
+            roles: None,
         }
     }
 }

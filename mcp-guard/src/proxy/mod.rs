@@ -392,7 +392,9 @@ impl Proxy {
         let started = Instant::now();
         let identity = CallIdentity::for_request(request.params.as_ref(), hints);
         let context = crate::identity::request_context(request.params.as_ref(), hints);
-        let caller = session.caller().with_context(context);
+        let caller = session
+            .caller()
+            .for_request(hints.roles.as_deref(), context);
         let mode = self.mode_of(&session.server);
         let verdict = match self.authorise(session, &request, &caller).await {
             // Shadow and learn record what enforce would have refused, and forward it.
@@ -423,6 +425,7 @@ impl Proxy {
                     policy_us,
                     mode,
                     redact: &model.audit.redact,
+                    roles: &caller.roles,
                 };
                 // Refused either way; an unwritable log is counted and logged by the writer.
                 let _ = self
@@ -448,6 +451,7 @@ impl Proxy {
                     policy_us,
                     mode,
                     redact: &model.audit.redact,
+                    roles: &caller.roles,
                 };
                 // Nothing is forwarded before its decision is on record.
                 if let Err(e) = self
@@ -900,6 +904,7 @@ impl Proxy {
             policy_us: started.elapsed().as_micros() as u64,
             mode,
             redact: &model.audit.redact,
+            roles: &session.caller().roles,
         };
         let causes = running.into_iter().map(|span| span.call_id).collect();
         self.recorder

@@ -58,6 +58,9 @@ pub struct DecisionFacts<'a> {
     pub mode: Mode,
     /// The policy's `audit.redact` names, which learn mode's argument summaries honour.
     pub redact: &'a [String],
+    /// The roles the call was judged with (this request's, which may differ from those the
+    /// session opened with).
+    pub roles: &'a [String],
 }
 
 impl Recorder {
@@ -128,9 +131,9 @@ impl Recorder {
             upstream_us: None,
             total_us: None,
         });
-        let roles = &session.caller().roles;
+        let roles = facts.roles;
         if !roles.is_empty() {
-            let mut sorted = roles.clone();
+            let mut sorted = roles.to_vec();
             sorted.sort();
             record.roles = Some(sorted);
         }

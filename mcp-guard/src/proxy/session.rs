@@ -28,13 +28,23 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// This caller for one request: the session's context values, overlaid by the request's.
-    pub fn with_context(&self, request: BTreeMap<String, String>) -> std::borrow::Cow<'_, Caller> {
-        if request.is_empty() {
+    /// This caller for one request: the roles the request's own credentials give, where the
+    /// front has them (a bearer token, judged anew with the policy in force), else the
+    /// session's; and the session's context values overlaid by the request's.
+    pub fn for_request(
+        &self,
+        roles: Option<&[String]>,
+        context: BTreeMap<String, String>,
+    ) -> std::borrow::Cow<'_, Caller> {
+        let same_roles = roles.is_none_or(|roles| roles == self.roles.as_slice());
+        if same_roles && context.is_empty() {
             return std::borrow::Cow::Borrowed(self);
         }
         let mut caller = self.clone();
-        caller.context.extend(request);
+        if let Some(roles) = roles {
+            caller.roles = roles.to_vec();
+        }
+        caller.context.extend(context);
         std::borrow::Cow::Owned(caller)
     }
 }

@@ -180,6 +180,7 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
             ),
         );
     }
+    let (principal, roles) = (caller.principal.clone(), caller.roles.clone());
     let session =
         match find_or_open_session(front, server, headers, &incoming, header_version, caller).await
         {
@@ -187,7 +188,12 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
             Err(response) => return response,
         };
     let opened_now = is_initialize(&incoming);
-    let hints = TransportHints::from_headers(|name| header_str(headers, name));
+    let mut hints = TransportHints::from_headers(|name| header_str(headers, name));
+    // Roles as of this request (its token, the policy in force), for the session's principal;
+    // a session attributed to a configured principal that a reload renamed keeps its own.
+    if principal == session.caller().principal {
+        hints.roles = Some(roles);
+    }
     let answer = match handle_to_completion(proxy, &session, incoming, hints).await {
         Ok(answer) => answer,
         Err(response) => return *response,
