@@ -1629,6 +1629,19 @@ impl Peers {
         self.dir.join("venv").join("bin").join("mcp-server-time")
     }
 
+    /// `@modelcontextprotocol/server-everything` over Streamable HTTP on 127.0.0.1 (its
+    /// `streamableHttp` transport, pinned to loopback by `listen_localhost.mjs`); run it with
+    /// `PORT=0` and read `MCP_PEER_LISTENING <port>` from its stderr.
+    pub fn everything_http(&self) -> Vec<String> {
+        vec![
+            self.node.display().to_string(),
+            "--import".into(),
+            client_script("listen_localhost.mjs").display().to_string(),
+            self.everything_entry().display().to_string(),
+            "streamableHttp".into(),
+        ]
+    }
+
     /// `@modelcontextprotocol/server-everything` over stdio.
     pub fn everything(&self) -> Vec<String> {
         vec![
@@ -1917,6 +1930,56 @@ impl HttpHead {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Reads the response (an SSE stream, say) until what arrived contains `needle`; what
+    /// arrived so far. `timeout` is a safety net, as for [`HttpHead::read_until_closed`].
+    pub fn read_until_contains(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> std::io::Result<String> {
+        let deadline = Instant::now() + timeout;
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "closed before {needle:?}: {}",
+                            String::from_utf8_lossy(&seen)
+                        ),
+                    ));
+                }
+                Ok(n) => {
+                    seen.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&seen);
+                    if text.contains(needle) {
+                        return Ok(text.into_owned());
+                    }
+                }
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(err) => return Err(err),
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no {needle:?} within {timeout:?}; received: {:?}",
+                        String::from_utf8_lossy(&seen)
+                    ),
+                ));
+            }
+        }
     }
 
     /// Reads the rest of the response until the server closes the connection. An SSE stream

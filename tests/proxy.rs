@@ -1618,6 +1618,90 @@ fn http_upstream_is_proxied_with_the_same_enforcement() {
     let _ = upstream.wait();
 }
 
+/// Behind a `url`, the real server-everything (Streamable HTTP) sends what it sends on its
+/// own (here: simulated log messages, outside any request) on the GET stream mcp-guard keeps
+/// open to it; they reach the agent's GET stream. The agent's DELETE ends the server's
+/// session too.
+#[test]
+fn http_upstream_streams_server_messages_and_ends_its_session() {
+    let env = TestEnv::new("proxy-http-upstream-stream", PROBE);
+    let peers = Peers::require();
+    let command = peers.everything_http();
+    let mut upstream = Command::new(&command[0])
+        .args(&command[1..])
+        .env("PORT", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start server-everything streamableHttp");
+    // It logs on stdout; the port is announced on stderr.
+    let (server_says, announced) = collect_output(&mut upstream);
+    let mut port = None;
+    assert!(
+        poll_until(TIMEOUT, || {
+            port = announced
+                .lock()
+                .unwrap()
+                .lines()
+                .find_map(|line| line.strip_prefix("MCP_PEER_LISTENING ").map(str::to_owned));
+            port.is_some()
+        }),
+        "server-everything did not announce its port: {}",
+        announced.lock().unwrap()
+    );
+    let port = port.unwrap();
+    let servers = json!({
+        "remote": {
+            "url": format!("http://127.0.0.1:{port}/mcp"),
+            "rules": [
+                list_tools_rule(),
+                allow("logging", json!({"roles": [DEVELOPER], "tools": ["toggle-simulated-logging"]})),
+            ],
+        },
+    });
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("remote", HANDSHAKE);
+    let mut stream = http_request_head(
+        front.addr,
+        "GET",
+        "/servers/remote/mcp",
+        &[
+            ("Accept", "text/event-stream"),
+            ("Mcp-Session-Id", &session),
+            ("MCP-Protocol-Version", HANDSHAKE),
+        ],
+    )
+    .expect("open the agent's GET stream");
+    assert_eq!(stream.status, 200);
+    let toggled = response_message(&front.in_session(
+        "remote",
+        &session,
+        &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "toggle-simulated-logging", "arguments": {}}}),
+    ));
+    assert!(
+        text(&toggled["result"]).contains("Started simulated"),
+        "{toggled}"
+    );
+    let received = stream
+        .read_until_contains("notifications/message", TIMEOUT)
+        .expect("a log message from the server on the agent's GET stream");
+    assert!(received.contains("-level message"), "{received}");
+
+    let deleted = front.raw("remote", &["--session", &session, "--method", "DELETE"]);
+    assert_eq!(deleted["status"], 204, "{deleted}");
+    let ended = (0..)
+        .map_while(|_| server_says.recv_timeout(TIMEOUT).ok())
+        .any(|line| line.contains("Received session termination request"));
+    assert!(
+        ended,
+        "server-everything never got the DELETE of its session"
+    );
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}
+
 /// Runs `openssl` with `args` in `dir`, quietly.
 fn openssl(dir: &Path, args: &[&str]) {
     let status = Command::new("openssl")

@@ -250,7 +250,12 @@ async fn answer(
             };
             // Counted as the daemon counts its own: when decided, whatever the log says.
             context.proxy.count_recorded_decision(&record);
-            match context.audit.append(*record).await {
+            // A record that starts a call is its decision record, written as the daemon's own.
+            let appended = match span {
+                Some(_) => context.audit.append_decision(*record).await,
+                None => context.audit.append(*record).await,
+            };
+            match appended {
                 Ok(_) => {
                     if let Some(span) = span {
                         noted(span);

@@ -55,7 +55,9 @@
 //! `--concurrency A,B,..` (1,32), `--only NAME,NAME,..`, `--no-real` (leave out
 //! server-everything), `--daemon-log LEVEL` (`RUST_LOG` for the daemon and the stdio fronts;
 //! default: theirs), `--no-audit-fsync` (the audit log, in the bench's temporary directory on
-//! the disk, is durable by default), `--json`. Binaries: `--guard PATH` and `--fast-server
+//! the disk, is durable by default), `--durable-before forward|answer` (the policy's
+//! `audit.durable_before`; left out of the policy unless given, so an older `--guard` runs),
+//! `--json`. Binaries: `--guard PATH` and `--fast-server
 //! PATH` (default: next to this one), `--peers DIR` (default `$MCP_GUARD_PEERS_DIR` or
 //! `target/mcp-peers`).
 
@@ -95,6 +97,7 @@ struct Options {
     real: bool,
     daemon_log: Option<String>,
     audit_fsync: bool,
+    durable_before: Option<String>,
     json: bool,
     guard: PathBuf,
     fast_server: PathBuf,
@@ -117,6 +120,7 @@ fn parse_options() -> Result<Options, String> {
         real: true,
         daemon_log: None,
         audit_fsync: true,
+        durable_before: None,
         json: false,
         guard: here.join("mcp-guard"),
         fast_server: here.join("mcp-fast-server"),
@@ -137,6 +141,15 @@ fn parse_options() -> Result<Options, String> {
             "--no-real" => options.real = false,
             "--daemon-log" => options.daemon_log = Some(value()?),
             "--no-audit-fsync" => options.audit_fsync = false,
+            "--durable-before" => {
+                let when = value()?;
+                if when != "forward" && when != "answer" {
+                    return Err(format!(
+                        "--durable-before: {when:?} is not forward or answer"
+                    ));
+                }
+                options.durable_before = Some(when);
+            }
             "--json" => options.json = true,
             "--guard" => options.guard = PathBuf::from(value()?),
             "--fast-server" => options.fast_server = PathBuf::from(value()?),
@@ -323,6 +336,7 @@ struct Host {
     everything: Option<Vec<String>>,
     daemon_log: Option<String>,
     audit_fsync: bool,
+    durable_before: Option<String>,
     http_server: Option<std::process::Child>,
     daemon: Option<std::process::Child>,
 }
@@ -468,6 +482,14 @@ fn policy(host: &Host) -> Value {
             "rules": rules,
         });
     }
+    // On the disk, not tmpfs, so that a durable log costs what it costs in production.
+    let mut audit = json!({
+        "path": host.dir.path().join("audit.jsonl"),
+        "fsync": host.audit_fsync,
+    });
+    if let Some(when) = &host.durable_before {
+        audit["durable_before"] = json!(when);
+    }
     json!({
         "version": 1,
         "daemon": {
@@ -480,11 +502,7 @@ fn policy(host: &Host) -> Value {
         },
         "principals": {PRINCIPAL: {"roles": ["bench"]}},
         "servers": servers,
-        // On the disk, not tmpfs, so that a durable log costs what it costs in production.
-        "audit": {
-            "path": host.dir.path().join("audit.jsonl"),
-            "fsync": host.audit_fsync,
-        },
+        "audit": audit,
     })
 }
 
@@ -525,6 +543,7 @@ fn start_host(options: &Options) -> Result<Host, String> {
         everything,
         daemon_log: options.daemon_log.clone(),
         audit_fsync: options.audit_fsync,
+        durable_before: options.durable_before.clone(),
         http_server: None,
         daemon: None,
         dir,
@@ -1460,6 +1479,7 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], disk_n
                 "concurrency": options.concurrency,
                 "daemon_log": options.daemon_log,
                 "audit_fsync": options.audit_fsync,
+                "audit_durable_before": options.durable_before,
                 "workspace_at_run": source_revision(),
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             },
@@ -1567,10 +1587,12 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], disk_n
         disk_ns.len(),
         disk_us(0.5),
         disk_us(0.99),
-        if options.audit_fsync {
-            ""
-        } else {
-            " (the daemon's log ran without fsync)"
+        match (options.audit_fsync, options.durable_before.as_deref()) {
+            (false, _) => " (the daemon's log ran without fsync)",
+            (true, Some("answer")) => {
+                " (the daemon's log: durable_before \"answer\", one flush per call)"
+            }
+            (true, _) => "",
         }
     );
     let _ = writeln!(

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use super::*;
-use crate::policy::AuditSettings;
+use crate::policy::{AuditSettings, DurableBefore};
 
 fn settings(dir: &Path) -> AuditSettings {
     AuditSettings {
@@ -251,6 +251,97 @@ async fn a_failed_write_fails_its_appends_leaves_no_trace_and_the_next_write_rec
     assert_eq!(lines.len(), 3);
     assert!(!lines.iter().any(|line| line.contains("lost")));
     assert_eq!(verify_log(dir.path()).unwrap().records, 3);
+}
+
+fn outcome_of(tool: &str) -> AuditRecord {
+    AuditRecord {
+        decision: None,
+        outcome: Some(Outcome {
+            kind: OutcomeKind::Result,
+            code: None,
+            message: None,
+        }),
+        ..call(tool)
+    }
+}
+
+#[tokio::test]
+async fn by_default_a_decision_record_is_flushed_before_append_decision_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    assert_eq!(settings.durable_before, DurableBefore::Forward);
+    let log = AuditLog::open(&settings).unwrap();
+    assert_eq!(log.append_decision(call("read")).await.unwrap(), 1);
+    assert_eq!(log.flushes().await, 1);
+    assert_eq!(log.append(outcome_of("read")).await.unwrap(), 2);
+    assert_eq!(log.flushes().await, 2);
+    drop(log);
+    assert_eq!(verify_log(dir.path()).unwrap().records, 2);
+}
+
+#[tokio::test]
+async fn durable_before_answer_writes_the_decision_and_flushes_it_with_the_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = AuditSettings {
+        durable_before: DurableBefore::Answer,
+        ..settings(dir.path())
+    };
+    let log = AuditLog::open(&settings).unwrap();
+    assert_eq!(log.append_decision(call("read")).await.unwrap(), 1);
+    // In the file (a crash of the process loses nothing), not yet flushed.
+    assert_eq!(lines(&settings.path).len(), 1);
+    assert_eq!(log.flushes().await, 0);
+    // The outcome's one flush covers both records.
+    assert_eq!(log.append(outcome_of("read")).await.unwrap(), 2);
+    assert_eq!(log.flushes().await, 1);
+    // Records other than a call's decision are flushed as always.
+    assert_eq!(log.append(call("denied")).await.unwrap(), 3);
+    assert_eq!(log.flushes().await, 2);
+    assert_eq!(log.records_written(), 3);
+    drop(log);
+    let lines = lines(&settings.path);
+    assert_eq!(
+        parsed(&lines[0]).record.decision,
+        Some(AuditDecision::Allow)
+    );
+    assert!(parsed(&lines[1]).record.outcome.is_some());
+    assert_eq!(verify_log(dir.path()).unwrap().records, 3);
+}
+
+#[tokio::test]
+async fn durable_before_answer_flushes_a_file_before_rotating_it_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = AuditSettings {
+        durable_before: DurableBefore::Answer,
+        rotate_bytes: 1,
+        ..settings(dir.path())
+    };
+    let log = AuditLog::open(&settings).unwrap();
+    log.append_decision(call("read")).await.unwrap();
+    // The next flush goes to the next file, so the rotation flushed this one.
+    assert_eq!(log.flushes().await, 1);
+    log.append(outcome_of("read")).await.unwrap();
+    drop(log);
+    assert_eq!(verify_log(dir.path()).unwrap().records, 2);
+}
+
+#[tokio::test]
+async fn durable_before_answer_fails_a_decision_that_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = AuditSettings {
+        durable_before: DurableBefore::Answer,
+        ..settings(dir.path())
+    };
+    let log = AuditLog::open(&settings).unwrap();
+    log.fail_next_writes(1);
+    let error = log.append_decision(call("lost")).await.unwrap_err();
+    assert!(error.to_string().contains("No space left"), "{error}");
+    assert!(log.failing());
+    assert_eq!(log.append_decision(call("kept")).await.unwrap(), 1);
+    log.append(outcome_of("kept")).await.unwrap();
+    drop(log);
+    assert!(!lines(&settings.path).iter().any(|l| l.contains("lost")));
+    assert_eq!(verify_log(dir.path()).unwrap().records, 2);
 }
 
 #[tokio::test]

@@ -11,6 +11,13 @@
 //! writes its record itself, under the lock that orders the chain (a `write` to the page
 //! cache, a few microseconds).
 //!
+//! With `durable_before: "answer"` (and `fsync` on), a forwarded call's decision record goes
+//! through [`AuditLog::append_decision`], which stamps, hashes and writes it on the caller's
+//! task (under the same lock) and returns without a flush: the kernel has it, so it survives a
+//! crash of mcp-guard. The call's outcome record then goes through the writer thread as usual;
+//! its `fdatasync` flushes the whole file, so one flush makes both records durable before the
+//! answer is returned. A file is never rotated away with records still unflushed in it.
+//!
 //! A failed write leaves the file as it was before the group (the writer cuts whatever part
 //! of the group reached the file), fails every append of the group, and keeps the chain where
 //! it was; the next group tries again. So while the disk is full or the file unwritable, every
@@ -35,13 +42,13 @@ use chrono::{SecondsFormat, Utc};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use prometheus::IntCounter;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::chain::{self, HexHash};
 use super::files::{self, Tail};
 use super::record::GENESIS_PREV;
 use super::{AuditError, AuditRecord};
-use crate::policy::AuditSettings;
+use crate::policy::{AuditSettings, DurableBefore};
 
 /// Records waiting for the writer; appends wait (without blocking a thread) when it is full.
 const QUEUE_CAPACITY: usize = 16 * 1024;
@@ -53,7 +60,8 @@ const MAX_GROUP_BYTES: usize = 4 << 20;
 /// them.
 #[derive(Clone)]
 pub struct AuditCounters {
-    /// Records durably written.
+    /// Records durably written (with `durable_before: "answer"`, a decision record counts
+    /// once written: the flush that follows it comes with the call's outcome record).
     pub records_written: IntCounter,
     /// Appends that failed because the log could not be written.
     pub failures: IntCounter,
@@ -87,8 +95,11 @@ pub struct AuditLog {
 }
 
 struct Shared {
-    /// The writer, when appends write themselves (`fsync` off).
-    inline: Option<std::sync::Mutex<Writer>>,
+    /// The file and the chain's end. Held by the writer thread for a group's write and flush,
+    /// and by an append that writes itself (`fsync` off, or a decision record written
+    /// before its flush); a tokio lock, so that such an append waits for a running flush
+    /// without blocking a runtime thread.
+    writer: Mutex<Writer>,
     torn_bytes_cut: u64,
     settings: AuditSettings,
     counters: AuditCounters,
@@ -118,13 +129,8 @@ impl AuditLog {
     ) -> Result<AuditLog, AuditError> {
         let writer = Writer::open(settings.clone())?;
         let torn_bytes_cut = writer.torn_bytes_cut;
-        let (writer, thread) = if settings.fsync {
-            (None, Some(writer))
-        } else {
-            (Some(std::sync::Mutex::new(writer)), None)
-        };
         let shared = Arc::new(Shared {
-            inline: writer,
+            writer: Mutex::new(writer),
             torn_bytes_cut,
             settings: settings.clone(),
             counters,
@@ -132,17 +138,17 @@ impl AuditLog {
             #[cfg(test)]
             fail_writes: Default::default(),
         });
-        let Some(writer) = thread else {
+        if !settings.fsync {
             return Ok(AuditLog {
                 queue: None,
                 shared,
             });
-        };
+        }
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(receiver, &thread_shared))
+            .spawn(move || run(receiver, &thread_shared))
             .map_err(|source| AuditError::Io {
                 what: "starting the writer thread for",
                 path: settings.path.clone(),
@@ -159,17 +165,7 @@ impl AuditLog {
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         let body = serde_json::to_vec(&record).expect("an audit record always serialises");
         let Some(queue) = &self.queue else {
-            let inline = self
-                .shared
-                .inline
-                .as_ref()
-                .expect("no queue: appends write");
-            // Poisoned only by a panic mid-commit, which leaves the state as it was before.
-            let mut writer = inline.lock().unwrap_or_else(|poison| poison.into_inner());
-            let result = writer.commit([body.as_slice()], &self.shared);
-            return writer
-                .settle(result, 1, &self.shared)
-                .map_err(|source| writer.write_error(source));
+            return self.write_unflushed(&body).await;
         };
         let (ack, answer) = oneshot::channel();
         queue
@@ -177,6 +173,30 @@ impl AuditLog {
             .await
             .map_err(|_| AuditError::Closed)?;
         answer.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Appends the decision record of a call about to be forwarded. With `durable_before:
+    /// "forward"` (or `fsync` off) this is [`Self::append`]. With `"answer"` and `fsync` on, it
+    /// returns once the record is written to the file, not yet flushed: the next flushed
+    /// append (the call's outcome record, which must come before its answer is returned)
+    /// flushes the file and so makes this record durable too. An error means the record is
+    /// not in the log.
+    pub async fn append_decision(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        let settings = &self.shared.settings;
+        if !settings.fsync || settings.durable_before == DurableBefore::Forward {
+            return self.append(record).await;
+        }
+        let body = serde_json::to_vec(&record).expect("an audit record always serialises");
+        self.write_unflushed(&body).await
+    }
+
+    /// Stamps, hashes and writes one record on the caller's task, without a flush.
+    async fn write_unflushed(&self, body: &[u8]) -> Result<u64, AuditError> {
+        let mut writer = self.shared.writer.lock().await;
+        let result = writer.commit([body], false, &self.shared);
+        writer
+            .settle(result, 1, &self.shared)
+            .map_err(|source| writer.write_error(source))
     }
 
     /// The settings the log was opened with (for [`AuditRecord::set_arguments`]).
@@ -218,6 +238,12 @@ impl AuditLog {
             })
     }
 
+    /// Flushes of the file's data so far.
+    #[cfg(test)]
+    pub(super) async fn flushes(&self) -> u64 {
+        self.shared.writer.lock().await.flushes
+    }
+
     /// Makes the next `writes` writes put half their bytes in the file and then fail.
     #[cfg(test)]
     pub(super) fn fail_next_writes(&self, writes: usize) {
@@ -225,7 +251,42 @@ impl AuditLog {
     }
 }
 
-/// The writer thread's state. `committed_len`, `next_seq` and `last_hash` describe the log as
+/// The writer thread (`fsync` on): takes everything queued, writes it as one group with one
+/// flush, and answers every append of the group.
+fn run(mut queue: mpsc::Receiver<Pending>, shared: &Shared) {
+    let mut group: Vec<Pending> = Vec::new();
+    while let Some(first) = queue.blocking_recv() {
+        let mut bytes = first.body.len();
+        group.push(first);
+        while group.len() < MAX_GROUP_RECORDS && bytes < MAX_GROUP_BYTES {
+            match queue.try_recv() {
+                Ok(pending) => {
+                    bytes += pending.body.len();
+                    group.push(pending);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut writer = shared.writer.blocking_lock();
+        let result = writer.commit(group.iter().map(|p| p.body.as_slice()), true, shared);
+        match writer.settle(result, group.len(), shared) {
+            Ok(first_seq) => {
+                for (index, pending) in group.drain(..).enumerate() {
+                    let _ = pending.ack.send(Ok(first_seq + index as u64));
+                }
+            }
+            Err(source) => {
+                for pending in group.drain(..) {
+                    let _ = pending
+                        .ack
+                        .send(Err(writer.write_error(Arc::clone(&source))));
+                }
+            }
+        }
+    }
+}
+
+/// The writer's state. `committed_len`, `next_seq` and `last_hash` describe the log as
 /// it is durably on disk; they move only after a group is written and flushed.
 struct Writer {
     /// Held while the writer lives: one writer per chain, across processes.
@@ -242,6 +303,10 @@ struct Writer {
     last_hash: HexHash,
     next_rotation: u64,
     buffer: Vec<u8>,
+    /// Records were written to `file` without a flush (`durable_before: "answer"`).
+    unflushed: bool,
+    /// Flushes of the file's data so far (for tests).
+    flushes: u64,
 }
 
 impl Writer {
@@ -312,42 +377,14 @@ impl Writer {
             last_hash,
             next_rotation: rotated.last().map_or(1, |n| n + 1),
             buffer: Vec::with_capacity(64 * 1024),
+            unflushed: false,
+            flushes: 0,
             path,
         };
         // Open now, so that a log the daemon cannot write stops it at start-up.
         let path = writer.path.clone();
         writer.file().map_err(io_error("opening", &path))?;
         Ok(writer)
-    }
-
-    fn run(mut self, mut queue: mpsc::Receiver<Pending>, shared: &Shared) {
-        let mut group: Vec<Pending> = Vec::new();
-        while let Some(first) = queue.blocking_recv() {
-            let mut bytes = first.body.len();
-            group.push(first);
-            while group.len() < MAX_GROUP_RECORDS && bytes < MAX_GROUP_BYTES {
-                match queue.try_recv() {
-                    Ok(pending) => {
-                        bytes += pending.body.len();
-                        group.push(pending);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let result = self.commit(group.iter().map(|p| p.body.as_slice()), shared);
-            match self.settle(result, group.len(), shared) {
-                Ok(first_seq) => {
-                    for (index, pending) in group.drain(..).enumerate() {
-                        let _ = pending.ack.send(Ok(first_seq + index as u64));
-                    }
-                }
-                Err(source) => {
-                    for pending in group.drain(..) {
-                        let _ = pending.ack.send(Err(self.write_error(Arc::clone(&source))));
-                    }
-                }
-            }
-        }
     }
 
     /// Counts (and logs) how a commit of `records` went; the first record's seq, or why none
@@ -385,11 +422,12 @@ impl Writer {
         }
     }
 
-    /// Writes `bodies` (serialised records) as one write (and one flush); returns the first
-    /// record's seq.
+    /// Writes `bodies` (serialised records) as one write, and flushes the file when `flush`
+    /// and `fsync` are on; returns the first record's seq.
     fn commit<'a>(
         &mut self,
         bodies: impl IntoIterator<Item = &'a [u8]>,
+        flush: bool,
         shared: &Shared,
     ) -> Result<u64, Arc<io::Error>> {
         let first_seq = self.next_seq;
@@ -401,7 +439,7 @@ impl Writer {
             prev = chain::seal(&mut self.buffer, body, seq, &ts, &prev);
             seq += 1;
         }
-        if let Err(error) = self.write_buffer(shared) {
+        if let Err(error) = self.write_buffer(flush, shared) {
             // Whatever part reached the file is cut before the next write (see `file`).
             self.file = None;
             return Err(Arc::new(error));
@@ -423,7 +461,7 @@ impl Writer {
         Ok(first_seq)
     }
 
-    fn write_buffer(&mut self, _shared: &Shared) -> io::Result<()> {
+    fn write_buffer(&mut self, flush: bool, _shared: &Shared) -> io::Result<()> {
         self.file()?;
         let file = self.file.as_mut().expect("opened just above");
         #[cfg(test)]
@@ -437,7 +475,14 @@ impl Writer {
         }
         file.write_all(&self.buffer)?;
         if self.fsync {
-            file.sync_data()?;
+            if flush {
+                // Flushes the whole file: records written earlier without a flush too.
+                file.sync_data()?;
+                self.unflushed = false;
+                self.flushes += 1;
+            } else {
+                self.unflushed = true;
+            }
         }
         Ok(())
     }
@@ -474,6 +519,12 @@ impl Writer {
 
     /// Renames the file to the next `<path>.N` and starts a fresh one.
     fn rotate(&mut self) -> io::Result<()> {
+        // The flush that would have covered them goes to the next file.
+        if self.unflushed {
+            self.file()?.sync_data()?;
+            self.unflushed = false;
+            self.flushes += 1;
+        }
         let target = loop {
             let target = files::rotated_path(&self.path, self.next_rotation);
             self.next_rotation += 1;

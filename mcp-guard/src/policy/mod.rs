@@ -45,9 +45,9 @@ pub use error::{PolicyError, Problem, Severity};
 pub use glob::matches as glob_matches;
 pub use methods::{PLUMBING_METHODS, is_plumbing};
 pub use model::{
-    AuditSettings, DaemonSettings, Destination, Effect, EgressRule, IdentitySettings, Isolation,
-    JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings, Mode, POLICY_VERSION, Policy, Principal,
-    Protocol, Rule, ServerPolicy,
+    AuditSettings, DaemonSettings, Destination, DurableBefore, Effect, EgressRule,
+    IdentitySettings, Isolation, JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings, Mode,
+    POLICY_VERSION, Policy, Principal, Protocol, Rule, ServerPolicy,
 };
 pub use ports::{PortRange, PortRangeError};
 pub(crate) use validate::is_valid_principal_name;

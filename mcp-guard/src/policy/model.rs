@@ -303,6 +303,28 @@ pub struct AuditSettings {
     /// Records are committed in groups, so this costs one flush per group, not per record.
     /// Off, a crash of the machine may lose the last records. Default true.
     pub fsync: bool,
+
+    /// With `fsync` on, what a call's decision record must be before the call is forwarded.
+    /// `"forward"` (default): flushed to the disk, like every record. `"answer"`: written to
+    /// the file (the kernel has it, so a crash of mcp-guard loses nothing) but flushed only
+    /// with the call's outcome record, by one flush before the answer is returned: a call then
+    /// waits for one flush instead of two. What a crash of the machine can then lose: the
+    /// decision record of a call that was forwarded but whose answer was never returned.
+    /// Denials, and every other record, are always flushed before anything goes on. No
+    /// effect with `fsync` off.
+    pub durable_before: DurableBefore,
+}
+
+/// When a forwarded call's decision record is flushed to the disk (`audit.durable_before`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DurableBefore {
+    /// Before the call is forwarded.
+    #[default]
+    Forward,
+    /// Written before the call is forwarded, flushed (with the outcome record) before its
+    /// answer is returned.
+    Answer,
 }
 
 impl Default for AuditSettings {
@@ -313,6 +335,7 @@ impl Default for AuditSettings {
             store_arguments: false,
             redact: Vec::new(),
             fsync: true,
+            durable_before: DurableBefore::Forward,
         }
     }
 }

@@ -9,8 +9,8 @@ use std::path::Path;
 use super::cidr::is_ipv4_mapped;
 use super::error::Problem;
 use super::model::{
-    AuditSettings, DaemonSettings, EgressRule, IdentitySettings, Isolation, JwtIssuer, JwtKeys,
-    JwtSettings, POLICY_VERSION, Policy, Principal, Protocol, ServerPolicy,
+    AuditSettings, DaemonSettings, DurableBefore, EgressRule, IdentitySettings, Isolation,
+    JwtIssuer, JwtKeys, JwtSettings, POLICY_VERSION, Policy, Principal, Protocol, ServerPolicy,
 };
 use super::validate_rules::check_rules;
 
@@ -123,6 +123,12 @@ fn check_audit(audit: &AuditSettings, problems: &mut Vec<Problem>) {
             "is off: records are acknowledged before they reach the disk, so a crash of the \
              machine can lose the last ones",
         ));
+        if audit.durable_before == DurableBefore::Answer {
+            problems.push(Problem::warning(
+                "audit.durable_before",
+                "\"answer\" has no effect while audit.fsync is false: no record is flushed",
+            ));
+        }
     }
 }
 

@@ -146,10 +146,16 @@ impl Recorder {
         {
             record.argument_shapes = Some(summarize_arguments(arguments, facts.redact));
         }
+        let goes_on = facts.decision != AuditDecision::Deny;
+        if let (true, Sink::Local(log)) = (goes_on, &self.sink) {
+            // Flushed before forwarding, or (`audit.durable_before: "answer"`) with the
+            // outcome record before the answer.
+            return Ok(log.append_decision(record).await.map(|_| ())?);
+        }
         // A call that goes on starts with its decision record (one round trip to a daemon
-        // that is another process, instead of two).
-        let starts = facts.decision != AuditDecision::Deny && self.is_elsewhere();
-        let span = starts.then(|| span_of(identity));
+        // that is another process, instead of two); the daemon, seeing it start a call,
+        // writes it as its own decision records.
+        let span = (goes_on && self.is_elsewhere()).then(|| span_of(identity));
         self.append_with_span(record, span).await
     }
 

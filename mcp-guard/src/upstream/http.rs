@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, RwLock, mpsc};
+use tokio::sync::{Mutex, RwLock, mpsc, watch};
 
 use super::{ServerMessages, Upstream, UpstreamError, route_server_output};
 use crate::mcp::jsonrpc::codes;
@@ -99,16 +99,95 @@ pub fn connect(
 
 /// Sends every outgoing message as its own POST, concurrently (pipelined requests are
 /// answered in any order), except that nothing else starts until `initialize` is answered:
-/// later POSTs need the session id it returns.
+/// later POSTs need the session id it returns. Once the session is initialised, a GET stream
+/// carries what the server sends on its own; when the agent's session ends (the `Upstream`
+/// is dropped), the stream stops and the server's session is ended with `DELETE`.
 async fn post_each(connection: Arc<Connection>, mut outgoing: mpsc::Receiver<Value>) {
+    let (stop_listening, stopped) = watch::channel(false);
+    let mut listening = false;
     while let Some(message) = outgoing.recv().await {
-        let is_initialize = message.get("method").and_then(Value::as_str) == Some("initialize");
+        let method = message.get("method").and_then(Value::as_str);
+        let (is_initialize, is_initialized) = (
+            method == Some("initialize"),
+            method == Some("notifications/initialized"),
+        );
         let connection = connection.clone();
         if is_initialize {
             post(&connection, message).await;
-        } else {
-            tokio::spawn(async move { post(&connection, message).await });
+            continue;
         }
+        if is_initialized {
+            post(&connection, message).await;
+            if !listening && connection.session.read().await.id.is_some() {
+                listening = true;
+                tokio::spawn(listen(connection.clone(), stopped.clone()));
+            }
+            continue;
+        }
+        tokio::spawn(async move { post(&connection, message).await });
+    }
+    let _ = stop_listening.send(true);
+    end_server_session(&connection).await;
+}
+
+/// Keeps a GET stream open for what the server sends outside any request (notifications,
+/// its own requests), reconnecting after a drop, until `stop`. A server that offers no
+/// stream (405) is not asked again.
+async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
+    const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+    loop {
+        let mut request = connection
+            .client
+            .get(&connection.url)
+            .header("accept", "text/event-stream");
+        {
+            let session = connection.session.read().await;
+            if let Some(id) = &session.id {
+                request = request.header("mcp-session-id", id);
+            }
+            if let Some(version) = &session.protocol_version {
+                request = request.header("mcp-protocol-version", version);
+            }
+        }
+        let response = tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            response = request.send() => response,
+        };
+        match response {
+            Ok(response) if response.status() == reqwest::StatusCode::METHOD_NOT_ALLOWED => {
+                return;
+            }
+            Ok(response) if response.status().is_success() => {
+                tokio::select! {
+                    _ = stop.wait_for(|stopped| *stopped) => return,
+                    () = read_event_stream(&connection, response, false) => {}
+                }
+            }
+            Ok(response) => tracing::debug!(server = %connection.label,
+                status = %response.status(), "the server refused a GET stream"),
+            Err(e) => tracing::debug!(server = %connection.label,
+                error = %crate::error_chain(&e), "GET stream failed"),
+        }
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            () = tokio::time::sleep(RETRY_AFTER) => {}
+        }
+    }
+}
+
+/// Tells the server its session is over (best effort: a server that is gone has ended it).
+async fn end_server_session(connection: &Connection) {
+    let Some(id) = connection.session.read().await.id.clone() else {
+        return;
+    };
+    let request = connection
+        .client
+        .delete(&connection.url)
+        .header("mcp-session-id", id)
+        .timeout(std::time::Duration::from_secs(5));
+    if let Err(e) = request.send().await {
+        tracing::debug!(server = %connection.label, error = %crate::error_chain(&e),
+            "ending the server's session");
     }
 }
 

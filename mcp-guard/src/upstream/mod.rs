@@ -52,13 +52,38 @@ type Pending = Arc<Mutex<HashMap<i64, oneshot::Sender<Outcome>>>>;
 
 /// A live connection to one server process.
 pub struct Upstream {
-    to_server: mpsc::Sender<Value>,
+    to_server: Outbound,
     pending: Pending,
     next_id: AtomicI64,
     /// The server process mcp-guard spawned, if any; stopped by `stop` or when dropped.
     process: std::sync::Mutex<Option<stdio::ServerProcess>>,
     /// A hung server must not hold an agent's call (and its audit span) open forever.
     request_timeout: Duration,
+}
+
+/// How messages reach the server.
+enum Outbound {
+    /// Through a task that delivers each one (HTTP: a POST each).
+    Channel(mpsc::Sender<Value>),
+    /// Written to the server's stdin by the sender itself, one `write` per message under the
+    /// lock (no hand-off to a writer task).
+    Pipe(Mutex<stdio::LineWriter>),
+}
+
+impl Outbound {
+    async fn send(&self, message: Value) -> Result<(), UpstreamError> {
+        match self {
+            Outbound::Channel(sender) => sender
+                .send(message)
+                .await
+                .map_err(|_| UpstreamError::Closed),
+            Outbound::Pipe(writer) => {
+                let mut line = serde_json::to_vec(&message).expect("a JSON value serialises");
+                line.push(b'\n');
+                writer.lock().await.send(&line).await
+            }
+        }
+    }
 }
 
 /// Requests and notifications the server sends on its own (sampling, elicitation, roots,
@@ -68,6 +93,14 @@ pub type ServerMessages = mpsc::Receiver<Message>;
 impl Upstream {
     fn new(
         to_server: mpsc::Sender<Value>,
+        pending: Pending,
+        process: Option<stdio::ServerProcess>,
+    ) -> Upstream {
+        Self::with_outbound(Outbound::Channel(to_server), pending, process)
+    }
+
+    fn with_outbound(
+        to_server: Outbound,
         pending: Pending,
         process: Option<stdio::ServerProcess>,
     ) -> Upstream {
@@ -116,9 +149,9 @@ impl Upstream {
         if let Some(params) = params {
             message["params"] = params;
         }
-        if self.to_server.send(message).await.is_err() {
+        if let Err(error) = self.to_server.send(message).await {
             self.pending.lock().await.remove(&id);
-            return Err(UpstreamError::Closed);
+            return Err(error);
         }
         match tokio::time::timeout(self.request_timeout, receiver).await {
             Ok(answer) => answer.map_err(|_| UpstreamError::Closed),
@@ -161,10 +194,7 @@ impl Upstream {
         if let Some(params) = params {
             message["params"] = params;
         }
-        self.to_server
-            .send(message)
-            .await
-            .map_err(|_| UpstreamError::Closed)
+        self.to_server.send(message).await
     }
 
     /// Answers a request the server sent (with the server's own id).
@@ -173,10 +203,7 @@ impl Upstream {
             Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
             Err(error) => json!({"jsonrpc": "2.0", "id": id, "error": error}),
         };
-        self.to_server
-            .send(message)
-            .await
-            .map_err(|_| UpstreamError::Closed)
+        self.to_server.send(message).await
     }
 
     /// Process id of the server, where mcp-guard spawned it.
@@ -197,31 +224,55 @@ async fn route_server_output(
     to_session: mpsc::Sender<Message>,
     label: Arc<str>,
 ) {
+    let router = Router {
+        pending,
+        to_session,
+        label,
+    };
     while let Some(value) = from_server.recv().await {
+        if !router.route(value).await {
+            break;
+        }
+    }
+    router.end().await;
+}
+
+/// Where the server's messages go: responses to their waiting callers, everything else to
+/// the session. Used by whatever reads the server's output, with no task in between.
+struct Router {
+    pending: Pending,
+    to_session: mpsc::Sender<Message>,
+    label: Arc<str>,
+}
+
+impl Router {
+    /// Delivers one message; false once the session is gone.
+    async fn route(&self, value: Value) -> bool {
         match crate::mcp::jsonrpc::message_from_value(value) {
             Ok(Message::Response(response)) => {
                 let waiter = match &response.id {
-                    Id::Number(n) => pending.lock().await.remove(n),
+                    Id::Number(n) => self.pending.lock().await.remove(n),
                     Id::String(_) => None,
                 };
                 match waiter {
                     Some(waiter) => {
                         let _ = waiter.send(response.outcome);
                     }
-                    None => tracing::warn!(server = %label, id = %response.id,
+                    None => tracing::warn!(server = %self.label, id = %response.id,
                         "server answered a request mcp-guard did not send; dropped"),
                 }
+                true
             }
-            Ok(other) => {
-                if to_session.send(other).await.is_err() {
-                    break;
-                }
-            }
+            Ok(other) => self.to_session.send(other).await.is_ok(),
             Err(e) => {
-                tracing::warn!(server = %label, error = %e, "server sent an invalid JSON-RPC message; dropped")
+                tracing::warn!(server = %self.label, error = %e, "server sent an invalid JSON-RPC message; dropped");
+                true
             }
         }
     }
-    // Dropping the waiters tells every caller the server is gone.
-    pending.lock().await.clear();
+
+    /// The server's output ended: dropping the waiters tells every caller the server is gone.
+    async fn end(&self) {
+        self.pending.lock().await.clear();
+    }
 }

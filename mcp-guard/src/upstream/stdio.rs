@@ -1,6 +1,10 @@
 //! stdio servers: mcp-guard spawns the command (inside the session's guarded cgroup when
 //! kernel enforcement is on) and speaks newline-delimited JSON-RPC on its stdin/stdout. The
 //! server's stderr goes to mcp-guard's log.
+//!
+//! Each answer crosses one task hand-off: a sender writes its message to the server's stdin
+//! itself (one `write` per message, under a lock), and one task reads the server's stdout and
+//! routes each message straight to its waiting caller or the session.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,10 +13,10 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{Mutex, mpsc};
 
-use super::{ServerMessages, Upstream, UpstreamError, route_server_output};
+use super::{Outbound, Router, ServerMessages, Upstream, UpstreamError};
 use crate::egress::spawn::place_in_cgroup;
 
 /// What to run, and who it runs for.
@@ -71,45 +75,70 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
 
-    let (to_server, outgoing) = mpsc::channel::<Value>(256);
-    let (incoming_sender, incoming) = mpsc::channel::<Value>(256);
     let (session_sender, server_messages) = mpsc::channel(256);
     let pending = Arc::new(Mutex::new(Default::default()));
-    tokio::spawn(write_lines(stdin, outgoing));
-    tokio::spawn(read_lines(stdout, incoming_sender, launch.label.clone()));
-    tokio::spawn(log_stderr(stderr, launch.label.clone()));
-    tokio::spawn(route_server_output(
-        incoming,
-        Arc::clone(&pending),
-        session_sender,
-        launch.label,
-    ));
-    let upstream = Upstream::new(to_server, pending, Some(ServerProcess { child }));
+    let label = launch.label;
+    tokio::spawn(log_stderr(stderr, label.clone()));
+    let router = Router {
+        pending: Arc::clone(&pending),
+        to_session: session_sender,
+        label: label.clone(),
+    };
+    tokio::spawn(read_and_route(stdout, router, label));
+    let writer = Mutex::new(LineWriter {
+        stdin,
+        unsent: Vec::new(),
+        sent: 0,
+        broken: false,
+    });
+    let process = Some(ServerProcess { child });
+    let upstream = Upstream::with_outbound(Outbound::Pipe(writer), pending, process);
     Ok((upstream, server_messages))
 }
 
-async fn write_lines(mut stdin: tokio::process::ChildStdin, mut outgoing: mpsc::Receiver<Value>) {
-    while let Some(message) = outgoing.recv().await {
-        let mut line = message.to_string();
-        line.push('\n');
-        if stdin.write_all(line.as_bytes()).await.is_err() {
-            break;
+/// The server's stdin. A sender whose task is cancelled mid-write leaves the rest of its
+/// line in `unsent`, and the next sender finishes it first, so lines never interleave.
+pub(super) struct LineWriter {
+    stdin: ChildStdin,
+    unsent: Vec<u8>,
+    /// Bytes of `unsent` already written.
+    sent: usize,
+    /// A write failed: the server is gone (or its stdin closed).
+    broken: bool,
+}
+
+impl LineWriter {
+    /// Writes `line` (a message and its newline) after whatever an earlier sender left.
+    pub(super) async fn send(&mut self, line: &[u8]) -> Result<(), UpstreamError> {
+        if self.broken {
+            return Err(UpstreamError::Closed);
         }
+        self.unsent.extend_from_slice(line);
+        while self.sent < self.unsent.len() {
+            match self.stdin.write(&self.unsent[self.sent..]).await {
+                Ok(written) if written > 0 => self.sent += written,
+                _ => {
+                    self.broken = true;
+                    return Err(UpstreamError::Closed);
+                }
+            }
+        }
+        self.unsent.clear();
+        self.sent = 0;
+        Ok(())
     }
 }
 
-async fn read_lines(
-    stdout: tokio::process::ChildStdout,
-    incoming: mpsc::Sender<Value>,
-    label: Arc<str>,
-) {
+/// Reads the server's stdout, one JSON-RPC message per line, and routes each message as it
+/// comes; when the output ends, every waiting caller learns the server is gone.
+async fn read_and_route(stdout: tokio::process::ChildStdout, router: Router, label: Arc<str>) {
     let mut lines = BufReader::new(stdout).lines();
     loop {
         match lines.next_line().await {
             Ok(Some(line)) if line.trim().is_empty() => continue,
             Ok(Some(line)) => match serde_json::from_str::<Value>(&line) {
                 Ok(value) => {
-                    if incoming.send(value).await.is_err() {
+                    if !router.route(value).await {
                         break;
                     }
                 }
@@ -124,6 +153,7 @@ async fn read_lines(
             }
         }
     }
+    router.end().await;
 }
 
 async fn log_stderr(stderr: tokio::process::ChildStderr, label: Arc<str>) {
