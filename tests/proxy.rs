@@ -1702,6 +1702,62 @@ fn http_upstream_streams_server_messages_and_ends_its_session() {
     let _ = upstream.wait();
 }
 
+/// A server with `"user": "nobody"` runs as that user (uid, gid, no supplementary groups),
+/// still inside its session's guarded cgroup, and answers as before. (The program is copied
+/// where `nobody` may run it: the build directory need not be open to other users.)
+#[test]
+fn a_server_runs_as_the_user_the_policy_names() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = TestEnv::new("proxy-run-as", PROBE);
+    let peers = Peers::require();
+    let shelf = tempfile::Builder::new()
+        .prefix("mcp-guard-run-as")
+        .tempdir_in("/tmp")
+        .expect("a directory for the server program");
+    std::fs::set_permissions(shelf.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = shelf.path().join("mcp-fast-server");
+    std::fs::copy(FAST_SERVER, &program).expect("copy mcp-fast-server");
+    let mut server = stdio_server(
+        vec![program.display().to_string()],
+        vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ],
+    );
+    server["user"] = json!("nobody");
+    let front = Front::start(env, peers, json!({"fast": server}));
+    let session = front.open_session("fast", HANDSHAKE);
+    let pid = front.session_pid("fast", &session);
+
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|rest| rest.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let (uid, gid) = (field("Uid:"), field("Gid:"));
+    assert_eq!(uid, "65534 65534 65534 65534", "{status}");
+    assert_eq!(gid, "65534 65534 65534 65534", "{status}");
+    assert_eq!(field("Groups:"), "", "{status}");
+    assert_eq!(
+        process_cgroup(pid).as_deref(),
+        Some(format!("/{}/fast/{session}", front.env.name).as_str()),
+        "/proc/{pid}/cgroup"
+    );
+    let echoed = response_message(&front.in_session(
+        "fast",
+        &session,
+        &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": "as nobody"}}}),
+    ));
+    assert_eq!(
+        echoed["result"]["content"][0]["text"], "as nobody",
+        "{echoed}"
+    );
+}
+
 /// Runs `openssl` with `args` in `dir`, quietly.
 fn openssl(dir: &Path, args: &[&str]) {
     let status = Command::new("openssl")

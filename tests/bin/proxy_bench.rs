@@ -757,6 +757,9 @@ impl Session {
 }
 
 fn http_client() -> Result<reqwest::Client, String> {
+    // reqwest is built without a TLS provider (see tests/Cargo.toml); Err when one is already
+    // installed, which serves as well.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(1024)

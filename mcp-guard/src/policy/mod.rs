@@ -45,7 +45,7 @@ pub use error::{PolicyError, Problem, Severity};
 pub use glob::matches as glob_matches;
 pub use methods::{PLUMBING_METHODS, is_plumbing};
 pub use model::{
-    AuditSettings, DaemonSettings, Destination, DurableBefore, Effect, EgressRule,
+    Account, AuditSettings, DaemonSettings, Destination, DurableBefore, Effect, EgressRule,
     IdentitySettings, Isolation, JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings, Mode,
     POLICY_VERSION, Policy, Principal, Protocol, Rule, ServerPolicy,
 };

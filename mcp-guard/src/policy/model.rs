@@ -484,6 +484,20 @@ pub struct ServerPolicy {
     #[schemars(pattern(PRINCIPAL_PATTERN))]
     pub principal: Option<String>,
 
+    /// User `command` runs as: a name or a numeric uid. Its primary group is the group
+    /// unless `group` says otherwise; supplementary groups are dropped. Absent: the daemon's
+    /// user, which for a daemon run as root means a compromised server could move itself out
+    /// of its guarded cgroup (root owns the cgroup files), so set it. Only with `command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub user: Option<String>,
+
+    /// Group `command` runs as: a name or a numeric gid. Absent: `user`'s primary group (or
+    /// the daemon's group without `user`). Only with `command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub group: Option<String>,
+
     /// Environment variables set for `command`, on top of the daemon's environment.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -548,6 +562,8 @@ impl Default for ServerPolicy {
             tls_ca_file: None,
             isolation: Isolation::default(),
             principal: None,
+            user: None,
+            group: None,
             env: BTreeMap::new(),
             adopt_cgroup: None,
             egress: Vec::new(),
@@ -559,7 +575,35 @@ impl Default for ServerPolicy {
     }
 }
 
+/// The uid and gid a server's `command` runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Account {
+    pub uid: u32,
+    pub gid: u32,
+}
+
 impl ServerPolicy {
+    /// The account `command` runs as, from `user` and `group` resolved on this host; `None`
+    /// when neither is given (the daemon's own). `Err`: the field that cannot be resolved
+    /// (`user` or `group`) and why.
+    pub fn account(&self) -> Result<Option<Account>, (&'static str, String)> {
+        if self.user.is_none() && self.group.is_none() {
+            return Ok(None);
+        }
+        let (uid, primary_gid) = match &self.user {
+            Some(user) => resolve_user(user).map_err(|reason| ("user", reason))?,
+            None => (
+                nix::unistd::getuid().as_raw(),
+                nix::unistd::getgid().as_raw(),
+            ),
+        };
+        let gid = match &self.group {
+            Some(group) => resolve_group(group).map_err(|reason| ("group", reason))?,
+            None => primary_gid,
+        };
+        Ok(Some(Account { uid, gid }))
+    }
+
     /// How long one request to this server may take.
     pub fn request_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.request_timeout_seconds)
@@ -785,4 +829,33 @@ pub enum Protocol {
     Tcp,
     /// UDP, judged at `connect()` and for each datagram sent without one.
     Udp,
+}
+
+/// A user name or numeric uid: its uid and primary gid.
+fn resolve_user(user: &str) -> Result<(u32, u32), String> {
+    let found = match user.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+        Err(_) => nix::unistd::User::from_name(user),
+    };
+    match found {
+        Ok(Some(entry)) => Ok((entry.uid.as_raw(), entry.gid.as_raw())),
+        Ok(None) => match user.parse::<u32>() {
+            // A bare uid need not have a passwd entry; its group is then its own number.
+            Ok(uid) => Ok((uid, uid)),
+            Err(_) => Err(format!("no user named \"{user}\" on this host")),
+        },
+        Err(e) => Err(format!("looking up user \"{user}\": {e}")),
+    }
+}
+
+/// A group name or numeric gid: its gid.
+fn resolve_group(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(entry)) => Ok(entry.gid.as_raw()),
+        Ok(None) => Err(format!("no group named \"{group}\" on this host")),
+        Err(e) => Err(format!("looking up group \"{group}\": {e}")),
+    }
 }

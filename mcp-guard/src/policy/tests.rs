@@ -1658,3 +1658,25 @@ fn identity_the_schema_describes_the_identity_section() {
     jwt_issuer(&mut no_algorithms)["algorithms"] = json!([]);
     assert!(!validator.is_valid(&no_algorithms));
 }
+
+#[test]
+fn a_server_account_must_exist_on_this_host() {
+    let mut policy = valid();
+    policy["servers"]["fetch"]["user"] = json!("no-such-user-mcp-guard");
+    assert_error_at(
+        policy.clone(),
+        "servers.fetch.user",
+        "no user named \"no-such-user-mcp-guard\"",
+    );
+    policy["servers"]["fetch"]["user"] = json!("nobody");
+    policy["servers"]["fetch"]["group"] = json!("no-such-group-mcp-guard");
+    assert_error_at(
+        policy.clone(),
+        "servers.fetch.group",
+        "no group named \"no-such-group-mcp-guard\"",
+    );
+    policy["servers"]["fetch"]["group"] = json!("65534");
+    let loaded = load_value(policy).expect("nobody with a numeric group");
+    let account = loaded.policy.servers["fetch"].account().unwrap().unwrap();
+    assert_eq!((account.uid, account.gid), (65534, 65534));
+}

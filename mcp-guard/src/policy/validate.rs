@@ -530,6 +530,16 @@ fn check_launch(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) 
     if let Some(cgroup) = &server.adopt_cgroup {
         check_absolute(&format!("{path}.adopt_cgroup"), cgroup, problems);
     }
+    if (server.user.is_some() || server.group.is_some()) && server.command.is_none() {
+        problems.push(Problem::warning(
+            path,
+            "`user` and `group` have no effect without `command`: only processes mcp-guard \
+             spawns run as them",
+        ));
+    }
+    if let Err((field, reason)) = server.account() {
+        problems.push(Problem::error(format!("{path}.{field}"), reason));
+    }
     if let Some(ca_file) = &server.tls_ca_file {
         check_absolute(&format!("{path}.tls_ca_file"), ca_file, problems);
         if !server

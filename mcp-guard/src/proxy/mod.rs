@@ -58,6 +58,8 @@ pub enum ProxyError {
     Control(#[from] crate::control::ControlError),
     #[error("placing the server process: {0}")]
     Placement(String),
+    #[error("the account the server runs as: {0}")]
+    Account(String),
 }
 
 /// Methods that list things the policy filters, and the method that uses each listed item.
@@ -218,10 +220,13 @@ impl Proxy {
             .get(server)
             .ok_or_else(|| ProxyError::UnknownServer(server.to_owned()))?;
         let target = match (&server_policy.command, &server_policy.url) {
-            (Some(command), _) => session::Target::Command {
+            (Some(command), _) => session::Target::Command(session::Program {
                 command,
                 env: &server_policy.env,
-            },
+                account: server_policy
+                    .account()
+                    .map_err(|(field, reason)| ProxyError::Account(format!("{field}: {reason}")))?,
+            }),
             (None, Some(url)) => session::Target::Url {
                 url,
                 tls_ca_file: server_policy.tls_ca_file.as_deref(),
@@ -230,11 +235,11 @@ impl Proxy {
         };
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         let request_timeout = server_policy.request_timeout();
-        if let (Isolation::Shared, session::Target::Command { command, env }) =
+        if let (Isolation::Shared, session::Target::Command(program)) =
             (server_policy.isolation, &target)
         {
             let shared = self
-                .shared_server(server, command, env, request_timeout)
+                .shared_server(server, *program, request_timeout)
                 .await?;
             let session = shared.join(server, id.clone(), caller);
             self.sessions.lock().await.insert(id, session.clone());
@@ -257,8 +262,7 @@ impl Proxy {
     async fn shared_server(
         self: &Arc<Self>,
         server: &str,
-        command: &[String],
-        env: &std::collections::BTreeMap<String, String>,
+        program: session::Program<'_>,
         request_timeout: std::time::Duration,
     ) -> Result<Arc<session::SharedServer>, ProxyError> {
         let mut shared = self.shared.lock().await;
@@ -266,7 +270,7 @@ impl Proxy {
             return Ok(existing.clone());
         }
         let launch = session::Launch {
-            target: session::Target::Command { command, env },
+            target: session::Target::Command(program),
             request_timeout,
         };
         let started = session::SharedServer::start(self, server, launch, &self.placement).await?;

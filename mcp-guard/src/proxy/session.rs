@@ -2,6 +2,8 @@
 //! they may see, and the channel for what the server sends on its own.
 
 use std::collections::BTreeMap;
+
+use crate::policy::Account;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -245,7 +247,7 @@ pub(super) async fn start(
 ) -> Result<Arc<AgentSession>, ProxyError> {
     let label: Arc<str> = Arc::from(format!("{server}/{id}"));
     let request_timeout = launch.request_timeout;
-    let (command, env) = match launch.target {
+    let program = match launch.target {
         Target::Url { url, tls_ca_file } => {
             let (upstream, server_messages) = upstream::http::connect(url, tls_ca_file, label)?;
             let upstream = upstream.with_request_timeout(request_timeout);
@@ -259,7 +261,7 @@ pub(super) async fn start(
                 None,
             ));
         }
-        Target::Command { command, env } => (command, env),
+        Target::Command(program) => program,
     };
     let identity_env = vec![
         ("MCP_GUARD_SERVER", server.to_owned()),
@@ -267,7 +269,7 @@ pub(super) async fn start(
         ("MCP_GUARD_PRINCIPAL", caller.principal.clone()),
     ];
     let (upstream, server_messages, placed) =
-        spawn_placed(placement, server, &id, command, env, identity_env, label).await?;
+        spawn_placed(placement, server, &id, program, identity_env, label).await?;
     let upstream = upstream.with_request_timeout(request_timeout);
     Ok(assemble(
         proxy,
@@ -299,7 +301,7 @@ impl SharedServer {
         launch: Launch<'_>,
         placement: &Placement,
     ) -> Result<Arc<SharedServer>, ProxyError> {
-        let Target::Command { command, env } = launch.target else {
+        let Target::Command(program) = launch.target else {
             return Err(ProxyError::NotSpawnable(server.to_owned()));
         };
         let identity_env = vec![
@@ -307,16 +309,8 @@ impl SharedServer {
             ("MCP_GUARD_SESSION", "shared".to_owned()),
         ];
         let label = Arc::from(format!("{server}/shared"));
-        let (upstream, server_messages, placed) = spawn_placed(
-            placement,
-            server,
-            "shared",
-            command,
-            env,
-            identity_env,
-            label,
-        )
-        .await?;
+        let (upstream, server_messages, placed) =
+            spawn_placed(placement, server, "shared", program, identity_env, label).await?;
         let upstream = upstream.with_request_timeout(launch.request_timeout);
         let shared = Arc::new(SharedServer {
             upstream: Arc::new(upstream),
@@ -415,11 +409,17 @@ pub struct Launch<'a> {
     pub request_timeout: std::time::Duration,
 }
 
+/// A stdio server's program: what runs, with which environment, as whom.
+#[derive(Clone, Copy)]
+pub struct Program<'a> {
+    pub command: &'a [String],
+    pub env: &'a BTreeMap<String, String>,
+    /// Who the process runs as (`user`/`group`); `None`: the daemon's account.
+    pub account: Option<Account>,
+}
+
 pub enum Target<'a> {
-    Command {
-        command: &'a [String],
-        env: &'a BTreeMap<String, String>,
-    },
+    Command(Program<'a>),
     Url {
         url: &'a str,
         tls_ca_file: Option<&'a Path>,
@@ -740,15 +740,15 @@ async fn spawn_placed(
     placement: &Placement,
     server: &str,
     cgroup_name: &str,
-    command: &[String],
-    env: &BTreeMap<String, String>,
+    program: Program<'_>,
     identity_env: Vec<(&'static str, String)>,
     label: Arc<str>,
 ) -> Result<(Upstream, ServerMessages, Option<PlacedCgroup>), ProxyError> {
     let (cgroup_path, placed) = place(placement, server, cgroup_name).await?;
     let launch = upstream::stdio::Launch {
-        command,
-        env,
+        command: program.command,
+        env: program.env,
+        account: program.account,
         cgroup: cgroup_path.as_deref(),
         identity_env,
         label,

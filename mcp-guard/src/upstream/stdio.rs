@@ -23,6 +23,8 @@ use crate::egress::spawn::place_in_cgroup;
 pub struct Launch<'a> {
     pub command: &'a [String],
     pub env: &'a BTreeMap<String, String>,
+    /// The uid and gid to run as; `None`: the daemon's.
+    pub account: Option<crate::policy::Account>,
     /// The guarded cgroup to start in; `None` without kernel enforcement.
     pub cgroup: Option<&'a Path>,
     /// Identity the server can read (`MCP_GUARD_*` variables).
@@ -67,6 +69,12 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if let Some(account) = launch.account {
+        // Dropped by the child before exec (supplementary groups too, when the daemon is
+        // root). The cgroup move still works after it: cgroup.procs was opened by the daemon,
+        // and the kernel checks the opener's credentials.
+        command.uid(account.uid).gid(account.gid);
+    }
     if let Some(cgroup) = launch.cgroup {
         place_in_cgroup(command.as_std_mut(), cgroup).map_err(spawn_error)?;
     }

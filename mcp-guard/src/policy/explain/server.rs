@@ -23,6 +23,7 @@ pub fn how_it_runs(name: &str, server: &ServerPolicy, policy_mode: Mode) -> Vec<
     let mut statements = Vec::new();
     if let Some(command) = &server.command {
         statements.push(spawned(name, command, server.isolation));
+        statements.push(account_statement(name, server));
         if !server.env.is_empty() {
             let sentence = Sentence::new()
                 .text("It is started with the environment variables ")
@@ -85,6 +86,34 @@ fn spawned(name: &str, command: &[String], isolation: Isolation) -> Statement {
         statement.cites.push(server_path(name, "isolation"));
     }
     statement
+}
+
+/// Who the spawned process runs as; a reviewer must see when that is the daemon's own
+/// account (root, on a packaged install).
+fn account_statement(name: &str, server: &ServerPolicy) -> Statement {
+    let (sentence, field) = match (&server.user, &server.group) {
+        (Some(user), group) => {
+            let mut sentence = Sentence::new().text("It runs as user ").code(user);
+            if let Some(group) = group {
+                sentence = sentence.text(", group ").code(group);
+            }
+            (sentence, "user")
+        }
+        (None, Some(group)) => (
+            Sentence::new()
+                .text("It runs as the daemon's user, in group ")
+                .code(group),
+            "group",
+        ),
+        (None, None) => (
+            Sentence::new()
+                .text("It runs as the daemon's own user (root on a packaged install), as no ")
+                .code("user")
+                .text(" is set"),
+            "user",
+        ),
+    };
+    Statement::new(sentence, server_path(name, field))
 }
 
 /// A server mcp-guard neither spawns nor adopts has no processes mcp-guard confines; the
