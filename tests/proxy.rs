@@ -576,6 +576,74 @@ fn when_conditions_follow_the_context_of_each_request() {
     assert_unknown_tool(run.error(6), "get-sum");
 }
 
+/// When the server's tool list changes (mcp-fast-server's `unlock` adds `unlocked_tool` and
+/// `forbidden_tool`, and says `notifications/tools/list_changed`), the agent hears of it on
+/// its GET stream, and the list it asks for next is filtered again: the new tool a rule allows
+/// is listed and callable, the one no rule allows is neither.
+#[test]
+fn a_changed_tool_list_is_announced_and_filtered_again() {
+    let env = TestEnv::new("proxy-list-changed", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "fast": stdio_server(vec![FAST_SERVER.to_string()], vec![
+            list_tools_rule(),
+            allow("tools", json!({"roles": [DEVELOPER], "tools": ["echo", "unlock", "unlocked_tool"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("fast", HANDSHAKE);
+    let mut stream = http_request_head(
+        front.addr,
+        "GET",
+        "/servers/fast/mcp",
+        &[
+            ("Accept", "text/event-stream"),
+            ("Mcp-Session-Id", &session),
+            ("MCP-Protocol-Version", HANDSHAKE),
+        ],
+    )
+    .expect("open the agent's GET stream");
+    assert_eq!(stream.status, 200);
+    let call = |id: i64, method: &str, params: Value| {
+        response_message(&front.in_session(
+            "fast",
+            &session,
+            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
+        ))
+    };
+
+    let before = call(2, "tools/list", json!({}));
+    assert_eq!(
+        tool_names(&before["result"]),
+        set(&["echo", "unlock"]),
+        "{before}"
+    );
+    let unlocked = call(3, "tools/call", json!({"name": "unlock", "arguments": {}}));
+    assert_eq!(text(&unlocked["result"]), "unlocked", "{unlocked}");
+    stream
+        .read_until_contains("notifications/tools/list_changed", TIMEOUT)
+        .expect("the list change reaches the agent's GET stream");
+
+    let after = call(4, "tools/list", json!({}));
+    assert_eq!(
+        tool_names(&after["result"]),
+        set(&["echo", "unlock", "unlocked_tool"]),
+        "{after}"
+    );
+    let allowed = call(
+        5,
+        "tools/call",
+        json!({"name": "unlocked_tool", "arguments": {}}),
+    );
+    assert_eq!(text(&allowed["result"]), "unlocked_tool ran", "{allowed}");
+    let hidden = call(
+        6,
+        "tools/call",
+        json!({"name": "forbidden_tool", "arguments": {}}),
+    );
+    assert_unknown_tool(&hidden["error"], "forbidden_tool");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Argument constraints
 // ---------------------------------------------------------------------------------------------

@@ -20,16 +20,17 @@
 //! `resultType`/`ttlMs`/`cacheScope` in results, `ping` removed; over HTTP the
 //! `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` headers must match the body).
 //!
-//! Surface: tools `echo` {text}, `add` {a, b} and `write_note` {text} (destructive); resource
-//! `note://hello`; prompt `greet` {name}. Notifications are accepted silently; unknown methods
-//! get -32601.
+//! Surface: tools `echo` {text}, `add` {a, b}, `write_note` {text} (destructive) and `unlock`
+//! {}; resource `note://hello`; prompt `greet` {name}. `unlock` adds the tools `unlocked_tool`
+//! and `forbidden_tool` and, on stdio, sends `notifications/tools/list_changed` before its
+//! answer. Notifications are accepted silently; unknown methods get -32601.
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -79,6 +80,8 @@ fn main() {
         notes,
         call_delay,
         sessions: Mutex::new(HashSet::new()),
+        unlocked: AtomicBool::new(false),
+        list_changed: AtomicBool::new(false),
     });
     let http = http_port.map(|port| {
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|error| {
@@ -108,6 +111,10 @@ struct Server {
     notes: Option<PathBuf>,
     call_delay: std::time::Duration,
     sessions: Mutex<HashSet<String>>,
+    /// `unlock` was called: two more tools are listed.
+    unlocked: AtomicBool,
+    /// The tool list changed since the last `notifications/tools/list_changed` went out.
+    list_changed: AtomicBool,
 }
 
 /// A JSON-RPC error, as it goes on the wire.
@@ -291,7 +298,7 @@ impl Server {
                 "capabilities": capabilities(),
             })),
             "ping" if era == Era::Handshake => Ok(json!({})),
-            "tools/list" => Ok(json!({"tools": tools()})),
+            "tools/list" => Ok(json!({"tools": self.tools()})),
             "tools/call" => {
                 let name = param("name").and_then(Value::as_str).unwrap_or_default();
                 let empty = Value::Object(Map::new());
@@ -348,6 +355,15 @@ impl Server {
                 (Some(Value::Number(a)), Some(Value::Number(b))) => Ok(sum(a, b)),
                 _ => Err("add needs numbers `a` and `b`"),
             },
+            "unlock" => {
+                if !self.unlocked.swap(true, Ordering::SeqCst) {
+                    self.list_changed.store(true, Ordering::SeqCst);
+                }
+                Ok("unlocked".to_owned())
+            }
+            "unlocked_tool" | "forbidden_tool" if self.unlocked.load(Ordering::SeqCst) => {
+                Ok(format!("{name} ran"))
+            }
             "write_note" => match text_argument() {
                 Some(text) => self
                     .write_note(text)
@@ -415,10 +431,33 @@ fn server_info() -> Value {
 }
 
 fn capabilities() -> Value {
-    json!({"tools": {}, "resources": {}, "prompts": {}})
+    json!({"tools": {"listChanged": true}, "resources": {}, "prompts": {}})
 }
 
-fn tools() -> Value {
+impl Server {
+    /// The base tools, and the unlocked two once `unlock` was called.
+    fn tools(&self) -> Value {
+        let mut tools = base_tools();
+        let list = tools.as_array_mut().expect("an array");
+        list.push(json!({
+            "name": "unlock",
+            "description": "Adds two tools to the list (and announces the change)",
+            "inputSchema": {"type": "object"},
+        }));
+        if self.unlocked.load(Ordering::SeqCst) {
+            for name in ["unlocked_tool", "forbidden_tool"] {
+                list.push(json!({
+                    "name": name,
+                    "description": "Listed once `unlock` was called",
+                    "inputSchema": {"type": "object"},
+                }));
+            }
+        }
+        tools
+    }
+}
+
+fn base_tools() -> Value {
     let read_only = json!({"readOnlyHint": true, "destructiveHint": false, "idempotentHint": true, "openWorldHint": false});
     json!([
         {
@@ -472,6 +511,15 @@ fn serve_stdio(server: &Server) {
                 )),
             )),
         };
+        if server.list_changed.swap(false, Ordering::SeqCst) {
+            let changed = json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"});
+            let written = serde_json::to_writer(&mut stdout, &changed)
+                .map_err(io::Error::from)
+                .and_then(|()| stdout.write_all(b"\n"));
+            if written.is_err() {
+                return;
+            }
+        }
         let Some(answer) = answer else { continue };
         let written = serde_json::to_writer(&mut stdout, &answer)
             .map_err(io::Error::from)
@@ -910,6 +958,8 @@ mod tests {
             notes: None,
             call_delay: std::time::Duration::ZERO,
             sessions: Mutex::new(HashSet::new()),
+            unlocked: AtomicBool::new(false),
+            list_changed: AtomicBool::new(false),
         }
     }
 
