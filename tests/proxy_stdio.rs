@@ -17,6 +17,7 @@ use mcp_guard_tests::*;
 use serde_json::{Value, json};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
+const FAST_SERVER: &str = env!("CARGO_BIN_EXE_mcp-fast-server");
 const HANDSHAKE: &str = "2025-11-25";
 
 /// `mcp-guard stdio` for `server`, as an agent would launch it.
@@ -337,6 +338,64 @@ fn requests_sent_after_initialize_wait_for_its_answer() {
         matches!((initialized, listed), (Some(i), Some(l)) if i < l),
         "tools/list was decided before initialize was answered: {records:#?}"
     );
+}
+
+/// With `audit.durable_before: "answer"` (one flush per call, before the answer), calls through
+/// the HTTP front and through a stdio front recording via the daemon are answered, every
+/// forwarded call has its decision and its outcome on record, and `audit verify` passes.
+#[test]
+fn durable_before_answer_keeps_every_record() {
+    let env = TestEnv::new("stdio-front-durable-answer", PROBE);
+    let peers = Peers::require();
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
+    let mut document = env.proxy_policy(
+        listen,
+        json!({"fast": stdio_server(vec![FAST_SERVER.to_string()], vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ])}),
+    );
+    document["audit"]["fsync"] = json!(true);
+    document["audit"]["durable_before"] = json!("answer");
+    env.write_policy_document(&document);
+    let _daemon = env.start_daemon();
+    let script = |front: &str| {
+        json!([
+            {"op": "call_tool", "name": "echo", "arguments": {"text": format!("{front} 1")}},
+            {"op": "call_tool", "name": "echo", "arguments": {"text": format!("{front} 2")}},
+        ])
+    };
+    let url = format!("http://{listen}/servers/fast/mcp");
+    let over_http = mcp_client(&peers, Transport::Http(&url), HANDSHAKE, &script("http"));
+    let command = stdio_front(&env, "fast", &env.control_socket);
+    let over_stdio = mcp_client(
+        &peers,
+        Transport::Stdio(&command),
+        HANDSHAKE,
+        &script("stdio"),
+    );
+    for (run, front) in [(&over_http, "http"), (&over_stdio, "stdio")] {
+        for i in 0..2 {
+            assert_eq!(text(run.ok(i)), format!("{front} {}", i + 1));
+        }
+    }
+
+    let records = audit_records(&env.audit_path());
+    let forwarded: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["tool"] == "echo" && r["decision"] == "allow")
+        .collect();
+    assert_eq!(forwarded.len(), 4, "{records:#?}");
+    for decision in forwarded {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["call_id"] == decision["call_id"] && r["outcome"]["kind"] == "result"),
+            "no outcome for {decision}"
+        );
+    }
+    let verify = mcp_guard(&["audit", "verify", path_str(&env.audit_path())]);
+    assert!(verify.status.success(), "{}", verify.report());
 }
 
 struct RawStdio {
