@@ -1939,6 +1939,27 @@ impl HttpHead {
         needle: &str,
         timeout: Duration,
     ) -> std::io::Result<String> {
+        match self.read_until(timeout, |seen| {
+            String::from_utf8_lossy(seen).contains(needle)
+        })? {
+            (seen, true) => Ok(String::from_utf8_lossy(&seen).into_owned()),
+            (seen, false) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "closed before {needle:?}: {}",
+                    String::from_utf8_lossy(&seen)
+                ),
+            )),
+        }
+    }
+
+    /// Reads until `done` says what arrived is enough (`true` with it) or the connection
+    /// closes (`false`); a `TimedOut` error once `timeout` passes.
+    fn read_until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&[u8]) -> bool,
+    ) -> std::io::Result<(Vec<u8>, bool)> {
         let deadline = Instant::now() + timeout;
         self.reader
             .get_ref()
@@ -1947,20 +1968,11 @@ impl HttpHead {
         let mut buf = [0u8; 4096];
         loop {
             match self.reader.read(&mut buf) {
-                Ok(0) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "closed before {needle:?}: {}",
-                            String::from_utf8_lossy(&seen)
-                        ),
-                    ));
-                }
+                Ok(0) => return Ok((seen, false)),
                 Ok(n) => {
                     seen.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&seen);
-                    if text.contains(needle) {
-                        return Ok(text.into_owned());
+                    if done(&seen) {
+                        return Ok((seen, true));
                     }
                 }
                 Err(err)
@@ -1974,7 +1986,7 @@ impl HttpHead {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!(
-                        "no {needle:?} within {timeout:?}; received: {:?}",
+                        "nothing conclusive within {timeout:?}; received: {:?}",
                         String::from_utf8_lossy(&seen)
                     ),
                 ));
@@ -1982,46 +1994,15 @@ impl HttpHead {
         }
     }
 
-    /// Reads the rest of the response until the server closes the connection. An SSE stream
-    /// that keeps sending (keep-alive comments) never times out on its own, so `timeout` (a
-    /// safety net) bounds the whole read: an error of kind `TimedOut` if it passes first.
     /// Reads the rest of the response until the server ends it: the connection closes or the
-    /// chunked body's last chunk arrives.
+    /// chunked body's last chunk arrives. An SSE stream that keeps sending (keep-alive
+    /// comments) never times out on its own, so `timeout` (a safety net) bounds the whole
+    /// read: an error of kind `TimedOut` if it passes first.
     pub fn read_until_closed(mut self, timeout: Duration) -> std::io::Result<String> {
-        let deadline = Instant::now() + timeout;
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_millis(200)))?;
-        let mut rest = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.reader.read(&mut buf) {
-                Ok(0) => return Ok(String::from_utf8_lossy(&rest).into_owned()),
-                Ok(n) => {
-                    rest.extend_from_slice(&buf[..n]);
-                    // A chunked body ends with the zero-length chunk; the connection itself may
-                    // stay open for keep-alive.
-                    if rest.ends_with(b"0\r\n\r\n") {
-                        return Ok(String::from_utf8_lossy(&rest).into_owned());
-                    }
-                }
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(err) => return Err(err),
-            }
-            if Instant::now() >= deadline {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "still open after {timeout:?}; received: {:?}",
-                        String::from_utf8_lossy(&rest)
-                    ),
-                ));
-            }
-        }
+        // A chunked body ends with the zero-length chunk; the connection itself may stay open
+        // for keep-alive.
+        let (rest, _) = self.read_until(timeout, |seen| seen.ends_with(b"0\r\n\r\n"))?;
+        Ok(String::from_utf8_lossy(&rest).into_owned())
     }
 }
 

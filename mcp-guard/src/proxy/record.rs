@@ -122,15 +122,7 @@ impl Recorder {
         identity: &CallIdentity,
         facts: DecisionFacts<'_>,
     ) -> Result<(), RecordError> {
-        let mut record = call_record(session, request, identity, facts.mode);
-        record.decision = Some(facts.decision);
-        record.rule = Some(facts.rule.to_owned());
-        record.reason = Some(facts.reason.to_owned());
-        record.latency = Some(Latency {
-            policy_us: Some(facts.policy_us),
-            upstream_us: None,
-            total_us: None,
-        });
+        let mut record = decision_record(session, request, identity, &facts);
         let roles = facts.roles;
         if !roles.is_empty() {
             let mut sorted = roles.to_vec();
@@ -169,15 +161,7 @@ impl Recorder {
         facts: DecisionFacts<'_>,
         call_ids: Vec<String>,
     ) -> Result<(), RecordError> {
-        let mut record = call_record(session, request, identity, facts.mode);
-        record.decision = Some(facts.decision);
-        record.rule = Some(facts.rule.to_owned());
-        record.reason = Some(facts.reason.to_owned());
-        record.latency = Some(Latency {
-            policy_us: Some(facts.policy_us),
-            upstream_us: None,
-            total_us: None,
-        });
+        let mut record = decision_record(session, request, identity, &facts);
         record.call_ids = (!call_ids.is_empty()).then_some(call_ids);
         self.append(record).await
     }
@@ -244,6 +228,25 @@ impl Recorder {
             tracing::error!(session = %session.id, error = %e, "audit: session record not written");
         }
     }
+}
+
+/// A call record with what the decision says: verdict, rule, reason and the policy's time.
+fn decision_record(
+    session: &AgentSession,
+    request: &Request,
+    identity: &CallIdentity,
+    facts: &DecisionFacts<'_>,
+) -> AuditRecord {
+    let mut record = call_record(session, request, identity, facts.mode);
+    record.decision = Some(facts.decision);
+    record.rule = Some(facts.rule.to_owned());
+    record.reason = Some(facts.reason.to_owned());
+    record.latency = Some(Latency {
+        policy_us: Some(facts.policy_us),
+        upstream_us: None,
+        total_us: None,
+    });
+    record
 }
 
 fn call_record(
