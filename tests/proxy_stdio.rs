@@ -398,6 +398,63 @@ fn durable_before_answer_keeps_every_record() {
     assert!(verify.status.success(), "{}", verify.report());
 }
 
+/// A stdio front follows its policy file as the daemon does: once the file allows echo only
+/// to another role, the agent's next echo is refused as an unknown tool; a policy that does
+/// not load is refused on stderr and the one in force stays.
+#[test]
+fn stdio_front_reloads_its_policy_when_the_file_changes() {
+    let env = TestEnv::new("stdio-front-reload", PROBE);
+    let servers = |roles: Value| {
+        json!({"fast": stdio_server(vec![FAST_SERVER.to_string()], vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": roles, "tools": ["echo"]})),
+        ])})
+    };
+    write_policy(&env, servers(json!([DEVELOPER])));
+    // No daemon: the front runs standalone, with the policy file as its only source.
+    let missing = env.dir().join("no-daemon.sock");
+    let mut front = RawStdio::spawn(&stdio_front(&env, "fast", &missing));
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": HANDSHAKE, "capabilities": {},
+        "clientInfo": {"name": "stdio-reload", "version": "0"}}});
+    front.send(initialize.to_string().as_bytes());
+    front.responses(1, "the initialize answer");
+    front.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+    let echo = |id: i64| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": "echo", "arguments": {"text": "hi"}}})
+        .to_string()
+    };
+    front.send(echo(2).as_bytes());
+    let allowed = front.responses(1, "the first echo");
+    assert_eq!(
+        allowed[0]["result"]["content"][0]["text"], "hi",
+        "{allowed:?}"
+    );
+
+    write_policy(&env, servers(json!(["auditor"])));
+    assert!(
+        poll_until(TIMEOUT, || front.stderr_text().contains("policy reloaded")),
+        "the front did not reload: {}",
+        front.stderr_text()
+    );
+    front.send(echo(3).as_bytes());
+    let refused = front.responses(1, "the echo after the reload");
+    assert_eq!(refused[0]["error"]["code"], -32602, "{refused:?}");
+
+    std::fs::write(&env.policy_path, "{ not a policy").unwrap();
+    assert!(
+        poll_until(TIMEOUT, || front
+            .stderr_text()
+            .contains("policy reload refused")),
+        "the broken policy was not refused: {}",
+        front.stderr_text()
+    );
+    front.send(echo(4).as_bytes());
+    let still = front.responses(1, "the echo after the refused reload");
+    assert_eq!(still[0]["error"]["code"], -32602, "{still:?}");
+}
+
 struct RawStdio {
     child: Child,
     stdin: Option<ChildStdin>,
@@ -440,6 +497,10 @@ impl RawStdio {
             self.child.try_wait().ok().flatten(),
             self.stderr.lock().unwrap()
         )
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// The next `count` responses (notifications from the server are skipped).

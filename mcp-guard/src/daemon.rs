@@ -206,7 +206,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut poll = tokio::time::interval(POLL_INTERVAL);
-    let mut policy_stamp = file_stamp(&options.policy_path);
+    let mut policy_stamp = crate::policy::file_stamp(&options.policy_path);
     let service = &options.service;
     let status = service_status(&loaded.policy, enforcement.is_some(), &settings);
     // Everything is attached, loaded and bound by now: the moment systemd may start what
@@ -231,13 +231,13 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
                 notify(service.reloading());
                 reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics).await;
                 notify(service.ready(&service_status(&proxy.model(), enforcement.is_some(), &settings)));
-                policy_stamp = file_stamp(&options.policy_path);
+                policy_stamp = crate::policy::file_stamp(&options.policy_path);
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = watchdog.tick(), if watchdog_every.is_some() => notify(service.watchdog()),
             _ = poll.tick() => {
-                let stamp = file_stamp(&options.policy_path);
+                let stamp = crate::policy::file_stamp(&options.policy_path);
                 if stamp != policy_stamp {
                     policy_stamp = stamp;
                     tracing::info!("policy file changed");
@@ -660,11 +660,6 @@ fn display_addr(addr: Option<SocketAddr>) -> String {
 }
 
 /// Identity of a file's current content, to notice edits without inotify.
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len(), meta.ino()))
-}
 
 /// Ends the sessions idle for longer than the policy in force allows, off the signal loop
 /// (stopping server processes takes a moment).

@@ -204,6 +204,10 @@ async fn stdio_front(args: StdioArgs) -> Result<()> {
         context: Default::default(),
     };
     let session = proxy.open_session(&args.server, caller, None).await?;
+    tokio::spawn(mcp_guard::transport::stdio::follow_policy(
+        proxy.clone(),
+        args.policy.clone(),
+    ));
     mcp_guard::transport::stdio::serve(proxy, session).await?;
     Ok(())
 }

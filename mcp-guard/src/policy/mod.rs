@@ -92,6 +92,14 @@ impl Policy {
     }
 }
 
+/// What tells a changed policy file from the one loaded: modification time, size and inode
+/// (an editor that saves by renaming changes the inode). `None` while the file is missing.
+pub fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
 /// The policy's JSON Schema (draft 2020-12), as published by `mcp-guard policy schema`.
 pub fn json_schema() -> serde_json::Value {
     SchemaSettings::draft2020_12()

@@ -13,6 +13,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -22,6 +23,7 @@ use tokio::sync::Mutex;
 
 use crate::identity::TransportHints;
 use crate::mcp::jsonrpc;
+use crate::policy::{CompiledPolicy, Policy};
 use crate::proxy::{AgentSession, Proxy};
 
 /// Serves one agent on stdin/stdout until stdin ends.
@@ -58,9 +60,8 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<
         handlers.spawn(async move {
             let answer = match parsed {
                 Ok(incoming) => {
-                    proxy
-                        .handle(&session, incoming, &TransportHints::default())
-                        .await
+                    let hints = current_roles(&proxy, &session);
+                    proxy.handle(&session, incoming, &hints).await
                 }
                 Err(error) => Some(error.to_value()),
             };
@@ -80,6 +81,63 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<
     proxy.end_all_sessions().await;
     drop(session);
     Ok(())
+}
+
+/// The front's principal's roles as the policy in force gives them (the front has no
+/// credentials of its own to carry roles), so a reload that changes them applies at once.
+fn current_roles(proxy: &Proxy, session: &AgentSession) -> TransportHints {
+    let roles = proxy
+        .policy()
+        .roles_of(&session.caller().principal)
+        .to_vec();
+    TransportHints {
+        roles: Some(roles),
+        ..TransportHints::default()
+    }
+}
+
+/// Keeps the front's policy current, as the daemon keeps its own: the file is read again on
+/// SIGHUP or when it changes. A policy that does not load is refused with a line on stderr,
+/// and the one in force stays.
+pub async fn follow_policy(proxy: Arc<Proxy>, path: PathBuf) {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .inspect_err(|e| tracing::warn!(error = %e, "SIGHUP will not reload the policy"))
+        .ok();
+    let mut poll = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut stamp = crate::policy::file_stamp(&path);
+    loop {
+        tokio::select! {
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            _ = poll.tick() => {
+                let now = crate::policy::file_stamp(&path);
+                if now == stamp {
+                    continue;
+                }
+                stamp = now;
+            }
+        }
+        reload(&proxy, &path).await;
+    }
+}
+
+async fn reload(proxy: &Proxy, path: &std::path::Path) {
+    let loaded = Policy::load(path).and_then(|loaded| {
+        let compiled = CompiledPolicy::compile(&loaded.policy)?;
+        Ok((loaded.policy, compiled))
+    });
+    match loaded {
+        Ok((policy, compiled)) => {
+            proxy.replace_policy(policy, compiled).await;
+            tracing::info!(policy = %path.display(), "policy reloaded");
+        }
+        Err(e) => tracing::error!(policy = %path.display(), error = %e,
+            "policy reload refused; the previous policy stays in force"),
+    }
 }
 
 /// Where answers go: stdout, and a reused buffer each line is serialised into.
