@@ -659,8 +659,6 @@ fn display_addr(addr: Option<SocketAddr>) -> String {
     addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into())
 }
 
-/// Identity of a file's current content, to notice edits without inotify.
-
 /// Ends the sessions idle for longer than the policy in force allows, off the signal loop
 /// (stopping server processes takes a moment).
 fn end_idle_sessions(proxy: &Arc<Proxy>) {
