@@ -11,8 +11,7 @@
 //! ES256 through a JWKS file, HS256 through an inline secret). Root only.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -88,20 +87,17 @@ fn bearer(token: &str) -> String {
 // Raw HTTP
 // ---------------------------------------------------------------------------------------------
 
-/// One HTTP answer: status, headers (names lower-cased) and the JSON body (null if none).
+/// One HTTP answer of the front, its body parsed as JSON (null if none).
 #[derive(Debug)]
 struct Answer {
     status: u16,
-    headers: Vec<(String, String)>,
     body: Value,
+    http: HttpAnswer,
 }
 
 impl Answer {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.http.header(name)
     }
 }
 
@@ -123,38 +119,14 @@ fn request_to(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> Answer {
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect to the front");
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let body = body.map(Value::to_string).unwrap_or_default();
-    let mut text = format!(
-        "{method} /servers/{server}/mcp HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        text.push_str(&format!("{name}: {value}\r\n"));
-    }
-    text.push_str("\r\n");
-    text.push_str(&body);
-    stream.write_all(text.as_bytes()).expect("send the request");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read the answer");
-    let raw = String::from_utf8_lossy(&raw);
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
-    let headers = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
+    let path = format!("/servers/{server}/mcp");
+    let answer = http_exchange(addr, method, &path, headers, &body)
+        .unwrap_or_else(|err| panic!("{method} {path}: {err}"));
     Answer {
-        status,
-        headers,
-        body: serde_json::from_str(body).unwrap_or(Value::Null),
+        status: answer.status,
+        body: answer.json(),
+        http: answer,
     }
 }
 

@@ -294,16 +294,8 @@ impl Incident {
 
     /// The stdio front (`mcp-guard stdio --principal NAME`), placed by the running daemon.
     fn stdio_front(&self, principal: &str) -> Vec<String> {
-        vec![
-            self.env.daemon_bin.display().to_string(),
-            "stdio".into(),
-            "--server".into(),
-            SERVER.into(),
-            "--policy".into(),
-            self.env.policy_path.display().to_string(),
-            "--principal".into(),
-            principal.into(),
-        ]
+        self.env
+            .stdio_front(SERVER, principal, &self.env.control_socket)
     }
 
     /// Stops the daemon (SIGTERM, waiting for it to exit), so the log is complete and still.

@@ -349,6 +349,24 @@ impl TestEnv {
         daemon
     }
 
+    /// `mcp-guard stdio` for `server` on this environment's policy, as an agent would launch
+    /// it, acting as `principal` and reaching the daemon at `control_socket` (where no daemon
+    /// listens, the front runs standalone).
+    pub fn stdio_front(&self, server: &str, principal: &str, control_socket: &Path) -> Vec<String> {
+        vec![
+            self.daemon_bin.display().to_string(),
+            "stdio".into(),
+            "--server".into(),
+            server.into(),
+            "--policy".into(),
+            self.policy_path.display().to_string(),
+            "--principal".into(),
+            principal.into(),
+            "--control-socket".into(),
+            control_socket.display().to_string(),
+        ]
+    }
+
     /// `mcp-guard run` on this environment's policy, pins and control socket, logging JSON.
     fn run_command(&self) -> Command {
         assert!(
@@ -1102,12 +1120,54 @@ pub fn free_loopback_port() -> u16 {
 /// `GET path` over plain HTTP/1.1 (`Connection: close`): the status code and the body
 /// (de-chunked if the server chunked it).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let answer = http_exchange(addr, "GET", path, &[("Accept", "text/plain")], "")?;
+    Ok((answer.status, answer.body))
+}
+
+/// One HTTP answer: status, headers (names lower-cased, in order) and the body text.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON, or `null` when it is not (an empty 202, say).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// Sends one request on its own connection (`Connection: close`, `Content-Length`) and reads
+/// the whole answer, de-chunked. An error when no whole answer came back (the server died, a
+/// body shorter than its `Content-Length`).
+pub fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpAnswer> {
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -1115,33 +1175,51 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| bad("no header end"))?;
-    let status = head
-        .lines()
+    let mut lines = head.lines();
+    let status = lines
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad("no status line"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if !chunked {
-        return Ok((status, body.to_string()));
-    }
-    let mut out = String::new();
-    let mut rest = body;
-    loop {
-        let (size, after) = rest.split_once("\r\n").ok_or_else(|| bad("bad chunk"))?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| bad("bad chunk size"))?;
-        if size == 0 {
-            return Ok((status, out));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let has = |name: &str, what: &str| {
+        headers
+            .iter()
+            .any(|(n, v)| n == name && v.to_ascii_lowercase().contains(what))
+    };
+    let body = if has("transfer-encoding", "chunked") {
+        dechunk(body).ok_or_else(|| bad("bad chunked body"))?
+    } else {
+        let length = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        if length.is_some_and(|length| body.len() < length) {
+            return Err(bad("short body"));
         }
-        let chunk = after.get(..size).ok_or_else(|| bad("short chunk"))?;
-        out.push_str(chunk);
-        rest = after[size..]
-            .strip_prefix("\r\n")
-            .ok_or_else(|| bad("chunk end"))?;
+        body.to_owned()
+    };
+    Ok(HttpAnswer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// The content of a chunked body; `None` when it is malformed or cut short.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..size)?);
+        rest = after[size..].strip_prefix("\r\n")?;
     }
 }
 

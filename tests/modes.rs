@@ -69,16 +69,9 @@ impl Guarded {
     /// The SDK client through the stdio front (`mcp-guard stdio`) as [`AGENT`], placed by the
     /// daemon.
     fn stdio_client(&self, script: &Value) -> ClientRun {
-        let front = [
-            self.env.daemon_bin.display().to_string(),
-            "stdio".into(),
-            "--server".into(),
-            SERVER.into(),
-            "--policy".into(),
-            self.env.policy_path.display().to_string(),
-            "--principal".into(),
-            AGENT.into(),
-        ];
+        let front = self
+            .env
+            .stdio_front(SERVER, AGENT, &self.env.control_socket);
         mcp_client(&self.peers, Transport::Stdio(&front), HANDSHAKE, script)
     }
 

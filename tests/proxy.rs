@@ -237,19 +237,10 @@ fn allowed_calls_return_what_the_server_returns_directly() {
         ]),
     });
     let front = Front::start(env, peers, servers);
-    let stdio_front = |server: &str| -> Vec<String> {
-        vec![
-            front.env.daemon_bin.display().to_string(),
-            "stdio".into(),
-            "--server".into(),
-            server.into(),
-            "--policy".into(),
-            front.env.policy_path.display().to_string(),
-            "--principal".into(),
-            AGENT.into(),
-            "--control-socket".into(),
-            front.env.control_socket.display().to_string(),
-        ]
+    let stdio_front = |server: &str| {
+        front
+            .env
+            .stdio_front(server, AGENT, &front.env.control_socket)
     };
 
     // server-everything: echo.

@@ -94,18 +94,9 @@ impl Guard {
     /// The SDK client through `mcp-guard stdio`, as an agent would launch it (the server runs
     /// in a cgroup the daemon hands out; records go to the daemon's audit log).
     fn stdio_client(&self, server: &str, script: &Value) -> ClientRun {
-        let command = vec![
-            self.env.daemon_bin.display().to_string(),
-            "stdio".into(),
-            "--server".into(),
-            server.into(),
-            "--policy".into(),
-            self.env.policy_path.display().to_string(),
-            "--principal".into(),
-            AGENT.into(),
-            "--control-socket".into(),
-            self.env.control_socket.display().to_string(),
-        ];
+        let command = self
+            .env
+            .stdio_front(server, AGENT, &self.env.control_socket);
         mcp_client(&self.peers, Transport::Stdio(&command), HANDSHAKE, script)
     }
 

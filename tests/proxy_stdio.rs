@@ -7,7 +7,6 @@
 //! `cargo xtask setup`; without them these tests fail (never skip) and say so.
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -19,22 +18,6 @@ use serde_json::{Value, json};
 const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
 const FAST_SERVER: &str = env!("CARGO_BIN_EXE_mcp-fast-server");
 const HANDSHAKE: &str = "2025-11-25";
-
-/// `mcp-guard stdio` for `server`, as an agent would launch it.
-fn stdio_front(env: &TestEnv, server: &str, control_socket: &Path) -> Vec<String> {
-    vec![
-        env.daemon_bin.display().to_string(),
-        "stdio".into(),
-        "--server".into(),
-        server.into(),
-        "--policy".into(),
-        env.policy_path.display().to_string(),
-        "--principal".into(),
-        AGENT.into(),
-        "--control-socket".into(),
-        control_socket.display().to_string(),
-    ]
-}
 
 /// The policy with `servers`; the HTTP front is not used here.
 fn write_policy(env: &TestEnv, servers: Value) {
@@ -85,7 +68,7 @@ fn stdio_front_enforces_the_policy() {
     document["audit"]["redact"] = json!(["content"]);
     env.write_policy_document(&document);
     let _daemon = env.start_daemon();
-    let command = stdio_front(&env, "files", &env.control_socket);
+    let command = env.stdio_front("files", AGENT, &env.control_socket);
     let path = |name: &str| root.join(name).display().to_string();
     let run = mcp_client(
         &peers,
@@ -175,7 +158,7 @@ fn stdio_front_places_the_server_in_a_guarded_cgroup() {
     );
     let daemon = env.start_daemon();
     let undeclared = Listener::tcp(LOCALHOST_V4);
-    let command = stdio_front(&env, "everything", &env.control_socket);
+    let command = env.stdio_front("everything", AGENT, &env.control_socket);
     let run = mcp_client(
         &peers,
         Transport::Stdio(&command),
@@ -257,7 +240,7 @@ fn stdio_front_without_a_daemon_still_enforces_the_policy() {
         }),
     );
     let missing_socket = env.dir().join("no-daemon.sock");
-    let command = stdio_front(&env, "everything", &missing_socket);
+    let command = env.stdio_front("everything", AGENT, &missing_socket);
     let run = mcp_client(
         &peers,
         Transport::Stdio(&command),
@@ -298,7 +281,7 @@ fn requests_sent_after_initialize_wait_for_its_answer() {
         ])}),
     );
     let _daemon = env.start_daemon();
-    let mut front = RawStdio::spawn(&stdio_front(&env, "time", &env.control_socket));
+    let mut front = RawStdio::spawn(&env.stdio_front("time", AGENT, &env.control_socket));
     let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": HANDSHAKE, "capabilities": {},
         "clientInfo": {"name": "stdio-pipelined", "version": "0"}}});
@@ -367,7 +350,7 @@ fn durable_before_answer_keeps_every_record() {
     };
     let url = format!("http://{listen}/servers/fast/mcp");
     let over_http = mcp_client(&peers, Transport::Http(&url), HANDSHAKE, &script("http"));
-    let command = stdio_front(&env, "fast", &env.control_socket);
+    let command = env.stdio_front("fast", AGENT, &env.control_socket);
     let over_stdio = mcp_client(
         &peers,
         Transport::Stdio(&command),
@@ -413,7 +396,7 @@ fn stdio_front_reloads_its_policy_when_the_file_changes() {
     write_policy(&env, servers(json!([DEVELOPER])));
     // No daemon: the front runs standalone, with the policy file as its only source.
     let missing = env.dir().join("no-daemon.sock");
-    let mut front = RawStdio::spawn(&stdio_front(&env, "fast", &missing));
+    let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &missing));
     let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": HANDSHAKE, "capabilities": {},
         "clientInfo": {"name": "stdio-reload", "version": "0"}}});
@@ -562,7 +545,7 @@ fn stdio_front_answers_bad_lines_and_keeps_serving() {
     document["daemon"]["max_message_bytes"] = json!(2048);
     env.write_policy_document(&document);
     let _daemon = env.start_daemon();
-    let mut front = RawStdio::spawn(&stdio_front(&env, "everything", &env.control_socket));
+    let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
 
     let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": HANDSHAKE, "capabilities": {},

@@ -16,7 +16,7 @@
 //! Root only (real daemons, real kernel enforcement).
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -50,16 +50,13 @@ fn loopback(port: u16) -> SocketAddr {
 
 struct Answer {
     status: u16,
-    headers: Vec<(String, String)>,
     body: Value,
+    http: HttpAnswer,
 }
 
 impl Answer {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.http.header(name)
     }
 }
 
@@ -71,47 +68,20 @@ fn post(
     session: Option<&str>,
     message: &Value,
 ) -> std::io::Result<Answer> {
-    let body = message.to_string();
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    let mut request = format!(
-        "POST /servers/{server}/mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: {HANDSHAKE}\r\n\
-         Connection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    let mut headers = vec![
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json, text/event-stream"),
+        ("MCP-Protocol-Version", HANDSHAKE),
+    ];
     if let Some(session) = session {
-        request.push_str(&format!("Mcp-Session-Id: {session}\r\n"));
+        headers.push(("Mcp-Session-Id", session));
     }
-    request.push_str("\r\n");
-    request.push_str(&body);
-    stream.write_all(request.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let raw = String::from_utf8_lossy(&raw);
-    let incomplete = || std::io::Error::other(format!("incomplete HTTP answer: {raw:?}"));
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(incomplete)?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(incomplete)?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let length = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .and_then(|(_, v)| v.parse::<usize>().ok());
-    if length.is_some_and(|length| body.len() < length) {
-        return Err(incomplete());
-    }
+    let path = format!("/servers/{server}/mcp");
+    let answer = http_exchange(addr, "POST", &path, &headers, &message.to_string())?;
     Ok(Answer {
-        status,
-        headers,
-        body: serde_json::from_str(body).unwrap_or(Value::Null),
+        status: answer.status,
+        body: answer.json(),
+        http: answer,
     })
 }
 

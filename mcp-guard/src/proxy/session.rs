@@ -247,29 +247,20 @@ pub(super) async fn start(
 ) -> Result<Arc<AgentSession>, ProxyError> {
     let label: Arc<str> = Arc::from(format!("{server}/{id}"));
     let request_timeout = launch.request_timeout;
-    let program = match launch.target {
+    let (upstream, server_messages, placed) = match launch.target {
         Target::Url { url, tls_ca_file } => {
             let (upstream, server_messages) = upstream::http::connect(url, tls_ca_file, label)?;
-            let upstream = upstream.with_request_timeout(request_timeout);
-            return Ok(assemble(
-                proxy,
-                server,
-                id,
-                caller,
-                upstream,
-                server_messages,
-                None,
-            ));
+            (upstream, server_messages, None)
         }
-        Target::Command(program) => program,
+        Target::Command(program) => {
+            let identity_env = vec![
+                ("MCP_GUARD_SERVER", server.to_owned()),
+                ("MCP_GUARD_SESSION", id.clone()),
+                ("MCP_GUARD_PRINCIPAL", caller.principal.clone()),
+            ];
+            spawn_placed(placement, server, &id, program, identity_env, label).await?
+        }
     };
-    let identity_env = vec![
-        ("MCP_GUARD_SERVER", server.to_owned()),
-        ("MCP_GUARD_SESSION", id.clone()),
-        ("MCP_GUARD_PRINCIPAL", caller.principal.clone()),
-    ];
-    let (upstream, server_messages, placed) =
-        spawn_placed(placement, server, &id, program, identity_env, label).await?;
     let upstream = upstream.with_request_timeout(request_timeout);
     Ok(assemble(
         proxy,
