@@ -166,7 +166,7 @@ fn peer_is_permitted(stream: &UnixStream) -> bool {
 }
 
 /// Serves one client. Requests are handled concurrently (so a front's audit records share
-/// the writer's group commit) and answered in the order they came.
+/// flushes) and answered in the order they came.
 async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(), ControlError> {
     let permitted = peer_is_permitted(&stream);
     let (read, mut write) = stream.into_split();
@@ -180,7 +180,9 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
                 Some(line) => {
                     let context = context.clone();
                     let opened = opened.clone();
-                    answers.push_back(async move {
+                    // A task each: an append that runs a flush holds its thread meanwhile,
+                    // and the client's other requests must go on being written.
+                    answers.push_back(tokio::spawn(async move {
                         if permitted {
                             answer(&line, &context, &opened).await
                         } else {
@@ -188,11 +190,15 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
                                 "permission denied: only root or the daemon's user may connect".into(),
                             )
                         }
-                    });
+                    }));
                 }
                 None => reading = false,
             },
             Some(response) = futures_util::StreamExt::next(&mut answers) => {
+                let response = response.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "control request handler failed");
+                    Response::refused("internal error".into())
+                });
                 let mut text = serde_json::to_string(&response)?;
                 text.push('\n');
                 write.write_all(text.as_bytes()).await?;

@@ -505,10 +505,8 @@ async fn record_egress_events(
                 .map_or(Mode::Enforce, |server| proxy.mode_of(server));
             records.push(egress_record(&attempt, &calls, mode));
         }
-        // Appended together: the writer commits them with one fsync.
-        let appended =
-            futures_util::future::join_all(records.into_iter().map(|r| audit.append(r))).await;
-        if let Some(Err(e)) = appended.into_iter().find(Result::is_err) {
+        // Appended together: committed as one group, with one fsync.
+        if let Err(e) = audit.append_all(&records).await {
             tracing::error!(error = %e, "audit: egress records not written");
         }
     }

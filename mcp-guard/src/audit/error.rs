@@ -47,7 +47,7 @@ pub enum AuditError {
         source: Arc<std::io::Error>,
     },
 
-    /// The writer thread is gone (it panicked, or the runtime is shutting down).
+    /// The append committing this record's group stopped before answering (it panicked).
     #[error("the audit log writer has stopped")]
     Closed,
 }

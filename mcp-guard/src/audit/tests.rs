@@ -1,6 +1,7 @@
 //! The writer, verify and trace together, on real files.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -166,6 +167,92 @@ async fn concurrent_appends_get_distinct_consecutive_seqs() {
 }
 
 #[tokio::test]
+async fn appends_written_during_a_flush_share_the_next_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    let running = log.hold_flush();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(call(&format!("t{i}"))).await.unwrap() })
+        })
+        .collect();
+    // Each is written at once, then waits for the running flush to end.
+    while lines(&settings.path).len() < 50 {
+        tokio::task::yield_now().await;
+    }
+    assert!(tasks.iter().all(|task| !task.is_finished()));
+    drop(running);
+    let mut seqs = Vec::new();
+    for task in tasks {
+        seqs.push(task.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=50).collect::<Vec<u64>>());
+    assert_eq!(log.flushes(), 1);
+    assert_eq!(verify_log(dir.path()).unwrap().records, 50);
+}
+
+#[tokio::test]
+async fn an_append_given_up_while_handed_the_next_flush_hands_it_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    let running = log.hold_flush();
+    let append = |tool: &'static str| {
+        let log = log.clone();
+        tokio::spawn(async move { log.append(call(tool)).await })
+    };
+    let first = append("first");
+    tokio::task::yield_now().await;
+    let second = append("second");
+    while lines(&settings.path).len() < 2 {
+        tokio::task::yield_now().await;
+    }
+    // The next flush goes to the first waiting, which is gone before it can start it.
+    drop(running);
+    first.abort();
+    let second = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the second append is not left waiting for a flush nobody runs");
+    assert_eq!(second.unwrap().unwrap(), 2);
+    assert!(first.await.unwrap_err().is_cancelled());
+    assert_eq!(log.flushes(), 1);
+}
+
+#[tokio::test]
+async fn append_all_commits_its_records_in_order_with_one_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(&settings(dir.path())).unwrap();
+    append_calls(&log, 1).await;
+    let records: Vec<_> = (0..5).map(|i| call(&format!("batch{i}"))).collect();
+    assert_eq!(log.append_all(&records).await.unwrap(), 2);
+    assert_eq!(log.flushes(), 2);
+    let lines = lines(&dir.path().join("audit.jsonl"));
+    assert!(lines[5].contains("batch4"), "{}", lines[5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_on_the_multi_threaded_runtime_are_all_committed_in_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(&settings(dir.path())).unwrap();
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(call(&format!("t{i}"))).await.unwrap() })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for task in tasks {
+        seqs.push(task.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+    assert_eq!(verify_log(dir.path()).unwrap().records, 300);
+}
+
+#[tokio::test]
 async fn opening_cuts_a_torn_last_line_and_continues_the_chain() {
     let dir = tempfile::tempdir().unwrap();
     let settings = settings(dir.path());
@@ -253,6 +340,26 @@ async fn a_failed_write_fails_its_appends_leaves_no_trace_and_the_next_write_rec
     assert_eq!(verify_log(dir.path()).unwrap().records, 3);
 }
 
+#[tokio::test]
+async fn a_failed_flush_fails_the_appends_waiting_for_it_and_the_next_flush_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    append_calls(&log, 1).await;
+    log.fail_next_flushes(1);
+    let error = log.append(call("unsure")).await.unwrap_err();
+    assert!(matches!(error, AuditError::Write { .. }), "{error:?}");
+    assert!(error.to_string().contains("Input/output error"), "{error}");
+    assert!(log.failing());
+    assert_eq!(log.failures(), 1);
+    // Written but not known durable: the chain runs through it, and the next flush covers it.
+    assert_eq!(log.append(call("after")).await.unwrap(), 3);
+    assert!(!log.failing());
+    assert_eq!(log.flushes(), 2);
+    drop(log);
+    assert_eq!(verify_log(dir.path()).unwrap().records, 3);
+}
+
 fn outcome_of(tool: &str) -> AuditRecord {
     AuditRecord {
         decision: None,
@@ -272,9 +379,9 @@ async fn by_default_a_decision_record_is_flushed_before_append_decision_returns(
     assert_eq!(settings.durable_before, DurableBefore::Forward);
     let log = AuditLog::open(&settings).unwrap();
     assert_eq!(log.append_decision(call("read")).await.unwrap(), 1);
-    assert_eq!(log.flushes().await, 1);
+    assert_eq!(log.flushes(), 1);
     assert_eq!(log.append(outcome_of("read")).await.unwrap(), 2);
-    assert_eq!(log.flushes().await, 2);
+    assert_eq!(log.flushes(), 2);
     drop(log);
     assert_eq!(verify_log(dir.path()).unwrap().records, 2);
 }
@@ -290,13 +397,13 @@ async fn durable_before_answer_writes_the_decision_and_flushes_it_with_the_outco
     assert_eq!(log.append_decision(call("read")).await.unwrap(), 1);
     // In the file (a crash of the process loses nothing), not yet flushed.
     assert_eq!(lines(&settings.path).len(), 1);
-    assert_eq!(log.flushes().await, 0);
+    assert_eq!(log.flushes(), 0);
     // The outcome's one flush covers both records.
     assert_eq!(log.append(outcome_of("read")).await.unwrap(), 2);
-    assert_eq!(log.flushes().await, 1);
+    assert_eq!(log.flushes(), 1);
     // Records other than a call's decision are flushed as always.
     assert_eq!(log.append(call("denied")).await.unwrap(), 3);
-    assert_eq!(log.flushes().await, 2);
+    assert_eq!(log.flushes(), 2);
     assert_eq!(log.records_written(), 3);
     drop(log);
     let lines = lines(&settings.path);
@@ -319,7 +426,7 @@ async fn durable_before_answer_flushes_a_file_before_rotating_it_away() {
     let log = AuditLog::open(&settings).unwrap();
     log.append_decision(call("read")).await.unwrap();
     // The next flush goes to the next file, so the rotation flushed this one.
-    assert_eq!(log.flushes().await, 1);
+    assert_eq!(log.flushes(), 1);
     log.append(outcome_of("read")).await.unwrap();
     drop(log);
     assert_eq!(verify_log(dir.path()).unwrap().records, 2);

@@ -1,27 +1,33 @@
-//! The writer: one thread owns the file and commits records in groups.
+//! The writer: each append writes its own record; flushes are shared.
 //!
-//! [`AuditLog::append`] serialises its record on the caller's task and queues it. The writer
-//! thread takes everything queued at once, stamps each record with `seq`, `ts` and `prev`,
-//! hashes it, writes the whole group with one `write`, flushes it with one `fdatasync`, and
-//! only then answers every append of the group. Under concurrency groups grow, so the cost of
-//! a flush is shared by more records and throughput holds.
+//! [`AuditLog::append`] serialises its record on the caller's task, then, under the lock that
+//! orders the chain (held for microseconds, never across a flush), stamps it with `seq`, `ts`
+//! and `prev`, hashes it and writes it to the file (a `write` to the page cache). With `fsync`
+//! on it then waits until a flush covers its record. If no flush is running, it runs one
+//! itself, on its own thread: one `fdatasync` makes every record written so far durable, and
+//! every append waiting for one of them returns. Appends written during a flush wait for it to
+//! end, and the first of them to look runs the next one for all of them. So alone, an append
+//! waits for the disk and nothing else (no hand-off to another thread: a dedicated writer
+//! thread cost two thread wake-ups per flush, more than the flush itself on a busy 2-CPU
+//! machine), and under concurrency the cost of a flush is shared by more records, so
+//! throughput holds. Writes never wait for a flush. On tokio's multi-threaded runtime the
+//! flush runs in `block_in_place`, so the runtime moves the worker's other tasks elsewhere
+//! while it waits for the disk.
 //!
-//! With `fsync` off there is no flush to share, and the hop to the writer thread and back (two
-//! thread wake-ups) would cost more than the write itself: each append then stamps, hashes and
-//! writes its record itself, under the lock that orders the chain (a `write` to the page
-//! cache, a few microseconds).
+//! With `fsync` off appends return once written.
 //!
 //! With `durable_before: "answer"` (and `fsync` on), a forwarded call's decision record goes
-//! through [`AuditLog::append_decision`], which stamps, hashes and writes it on the caller's
-//! task (under the same lock) and returns without a flush: the kernel has it, so it survives a
-//! crash of mcp-guard. The call's outcome record then goes through the writer thread as usual;
-//! its `fdatasync` flushes the whole file, so one flush makes both records durable before the
-//! answer is returned. A file is never rotated away with records still unflushed in it.
+//! through [`AuditLog::append_decision`], which returns once it is written: the kernel has it,
+//! so it survives a crash of mcp-guard. The call's outcome record then waits for a flush as
+//! usual; `fdatasync` flushes the whole file, so one flush makes both records durable before
+//! the answer is returned. A file is rotated away only after a flush.
 //!
-//! A failed write leaves the file as it was before the group (the writer cuts whatever part
-//! of the group reached the file), fails every append of the group, and keeps the chain where
-//! it was; the next group tries again. So while the disk is full or the file unwritable, every
-//! append fails, and the daemon refuses the calls it would have recorded.
+//! A failed write leaves the file as it was before it (whatever part reached the file is cut
+//! before the next write), fails its appends, and keeps the chain where it was; the next write
+//! tries again. So while the disk is full or the file unwritable, every append fails, and the
+//! daemon refuses the calls it would have recorded. A failed flush fails every append waiting
+//! for it; their records stay in the file (the chain runs through them), and the next flush
+//! tries again.
 //!
 //! After a crash (kill -9, power loss) the live file may end in an incomplete line: the part
 //! of a group that reached the file before the process died. No record of that group was
@@ -33,28 +39,22 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use prometheus::IntCounter;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::sync::oneshot;
 
 use super::chain::{self, HexHash};
 use super::files::{self, Tail};
 use super::record::GENESIS_PREV;
 use super::{AuditError, AuditRecord};
 use crate::policy::{AuditSettings, DurableBefore};
-
-/// Records waiting for the writer; appends wait (without blocking a thread) when it is full.
-const QUEUE_CAPACITY: usize = 16 * 1024;
-/// A group is cut at whichever comes first, so that one write stays a bounded size.
-const MAX_GROUP_RECORDS: usize = 4096;
-const MAX_GROUP_BYTES: usize = 4 << 20;
 
 /// Counters the log keeps; pass registered ones to [`AuditLog::open_with_counters`] to export
 /// them.
@@ -85,21 +85,17 @@ impl Default for AuditCounters {
     }
 }
 
-/// The audit log, open for appending. Cheap to clone; the writer thread ends (after writing
-/// what is queued) when the last clone is dropped.
+/// The audit log, open for appending. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    /// The writer thread's queue; `None` when appends write themselves (`fsync` off).
-    queue: Option<mpsc::Sender<Pending>>,
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    /// The file and the chain's end. Held by the writer thread for a group's write and flush,
-    /// and by an append that writes itself (`fsync` off, or a decision record written
-    /// before its flush); a tokio lock, so that such an append waits for a running flush
-    /// without blocking a runtime thread.
-    writer: Mutex<Writer>,
+    /// The file and the chain's end: held to stamp and write records, never across a flush.
+    writer: std::sync::Mutex<Writer>,
+    /// How far the file is flushed, whether a flush is running, and who waits for one.
+    flushes: std::sync::Mutex<Flushes>,
     torn_bytes_cut: u64,
     settings: AuditSettings,
     counters: AuditCounters,
@@ -107,11 +103,65 @@ struct Shared {
     /// Tests make this many upcoming writes fail halfway, as a full disk would.
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicUsize,
+    /// Tests make this many upcoming flushes fail, as a failing disk would.
+    #[cfg(test)]
+    fail_flushes: std::sync::atomic::AtomicUsize,
 }
 
-struct Pending {
-    body: Vec<u8>,
-    ack: oneshot::Sender<Result<u64, AuditError>>,
+#[derive(Default)]
+struct Flushes {
+    /// Every record up to this seq is flushed.
+    durable: u64,
+    /// A flush is running, or handed to a waiting append that has yet to start it.
+    running: bool,
+    /// Appends waiting for a flush to cover their records, in the order they came.
+    waiting: Vec<Waiting>,
+    /// Flushes so far (for tests).
+    count: u64,
+}
+
+impl Flushes {
+    /// Gives the next flush to the first append still waiting, or ends the running.
+    fn hand_on(&mut self) {
+        while !self.waiting.is_empty() {
+            let next = self.waiting.remove(0);
+            if next.wake.send(FlushEnded::YourTurn).is_ok() {
+                return;
+            }
+        }
+        self.running = false;
+    }
+}
+
+struct Waiting {
+    seq: u64,
+    wake: oneshot::Sender<FlushEnded>,
+}
+
+/// What a waiting append hears when a flush ends.
+#[derive(Clone)]
+enum FlushEnded {
+    /// Its record is durable.
+    Covered,
+    /// The flush failed; its record is not known to be durable.
+    Failed(Arc<io::Error>),
+    /// Its record came too late for that flush: it runs the next one.
+    YourTurn,
+}
+
+/// A waiting append's place in line. Dropped (the append given up) after it was handed the
+/// next flush, it hands that flush on, so that the others are not left waiting.
+struct Turn<'a> {
+    log: &'a AuditLog,
+    woken: oneshot::Receiver<FlushEnded>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if let Ok(FlushEnded::YourTurn) = self.woken.try_recv() {
+            self.log.lock_flushes().hand_on();
+        }
+    }
 }
 
 impl AuditLog {
@@ -128,75 +178,197 @@ impl AuditLog {
         counters: AuditCounters,
     ) -> Result<AuditLog, AuditError> {
         let writer = Writer::open(settings.clone())?;
-        let torn_bytes_cut = writer.torn_bytes_cut;
         let shared = Arc::new(Shared {
-            writer: Mutex::new(writer),
-            torn_bytes_cut,
+            torn_bytes_cut: writer.torn_bytes_cut,
+            flushes: std::sync::Mutex::new(Flushes {
+                // What the file held at open is as durable as it will get.
+                durable: writer.next_seq - 1,
+                ..Flushes::default()
+            }),
+            writer: std::sync::Mutex::new(writer),
             settings: settings.clone(),
             counters,
             failing: AtomicBool::new(false),
             #[cfg(test)]
             fail_writes: Default::default(),
+            #[cfg(test)]
+            fail_flushes: Default::default(),
         });
-        if !settings.fsync {
-            return Ok(AuditLog {
-                queue: None,
-                shared,
-            });
-        }
-        let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        let thread_shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || run(receiver, &thread_shared))
-            .map_err(|source| AuditError::Io {
-                what: "starting the writer thread for",
-                path: settings.path.clone(),
-                source,
-            })?;
-        Ok(AuditLog {
-            queue: Some(queue),
-            shared,
-        })
+        Ok(AuditLog { shared })
     }
 
     /// Appends `record` and returns its `seq` once it is durable: written, and flushed to the
     /// disk when `fsync` is on. An error means the record is not in the log.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        let body = serde_json::to_vec(&record).expect("an audit record always serialises");
-        let Some(queue) = &self.queue else {
-            return self.write_unflushed(&body).await;
+        let written = self.write(&[serialise(&record)]);
+        let durable = match written {
+            Ok(seq) => self.flush_through(seq).await.map(|()| seq),
+            Err(error) => Err(error),
         };
-        let (ack, answer) = oneshot::channel();
-        queue
-            .send(Pending { body, ack })
-            .await
-            .map_err(|_| AuditError::Closed)?;
-        answer.await.map_err(|_| AuditError::Closed)?
+        self.settle(durable, 1)
+    }
+
+    /// Appends `records` together (one write and one flush), and returns their first `seq`
+    /// once they are durable; the others follow it in order.
+    pub async fn append_all(&self, records: &[AuditRecord]) -> Result<u64, AuditError> {
+        if records.is_empty() {
+            return Ok(self.lock_writer().next_seq);
+        }
+        let bodies: Vec<Vec<u8>> = records.iter().map(serialise).collect();
+        let durable = match self.write(&bodies) {
+            Ok(first) => {
+                let last = first + records.len() as u64 - 1;
+                self.flush_through(last).await.map(|()| first)
+            }
+            Err(error) => Err(error),
+        };
+        self.settle(durable, records.len())
     }
 
     /// Appends the decision record of a call about to be forwarded. With `durable_before:
     /// "forward"` (or `fsync` off) this is [`Self::append`]. With `"answer"` and `fsync` on, it
-    /// returns once the record is written to the file, not yet flushed: the next flushed
-    /// append (the call's outcome record, which must come before its answer is returned)
-    /// flushes the file and so makes this record durable too. An error means the record is
-    /// not in the log.
+    /// returns once the record is written to the file, not yet flushed: the next flush (the one
+    /// the call's outcome record waits for before its answer is returned) makes this record
+    /// durable too. An error means the record is not in the log.
     pub async fn append_decision(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        let settings = &self.shared.settings;
-        if !settings.fsync || settings.durable_before == DurableBefore::Forward {
+        if self.shared.settings.durable_before == DurableBefore::Forward {
             return self.append(record).await;
         }
-        let body = serde_json::to_vec(&record).expect("an audit record always serialises");
-        self.write_unflushed(&body).await
+        let written = self.write(&[serialise(&record)]);
+        self.settle(written, 1)
     }
 
-    /// Stamps, hashes and writes one record on the caller's task, without a flush.
-    async fn write_unflushed(&self, body: &[u8]) -> Result<u64, AuditError> {
-        let mut writer = self.shared.writer.lock().await;
-        let result = writer.commit([body], false, &self.shared);
-        writer
-            .settle(result, 1, &self.shared)
-            .map_err(|source| writer.write_error(source))
+    /// Stamps, hashes and writes `bodies` with one write; the first one's seq.
+    fn write(&self, bodies: &[Vec<u8>]) -> Result<u64, AuditError> {
+        let mut writer = self.lock_writer();
+        let written = writer.commit(bodies.iter().map(Vec::as_slice), &self.shared);
+        written.map_err(|source| {
+            tracing::error!(
+                path = %writer.path.display(),
+                records = bodies.len(),
+                error = %source,
+                "audit log write failed: the records were not written"
+            );
+            writer.write_error(source)
+        })
+    }
+
+    /// Waits until a flush covers every record up to `seq`, running one when none is running
+    /// or when the flush before hands this append the next one.
+    async fn flush_through(&self, seq: u64) -> Result<(), AuditError> {
+        if !self.shared.settings.fsync {
+            return Ok(());
+        }
+        let woken = {
+            let mut flushes = self.lock_flushes();
+            if flushes.durable >= seq {
+                return Ok(());
+            }
+            if flushes.running {
+                let (wake, woken) = oneshot::channel();
+                flushes.waiting.push(Waiting { seq, wake });
+                Some(woken)
+            } else {
+                flushes.running = true;
+                None
+            }
+        };
+        if let Some(woken) = woken {
+            let mut turn = Turn { log: self, woken };
+            match (&mut turn.woken).await {
+                Ok(FlushEnded::Covered) => return Ok(()),
+                Ok(FlushEnded::Failed(source)) => {
+                    return Err(self.lock_writer().write_error(source));
+                }
+                // This append runs the next flush; `running` stays set for it.
+                Ok(FlushEnded::YourTurn) => {}
+                Err(_) => return Err(AuditError::Closed),
+            }
+        }
+        self.run_flush(seq)
+    }
+
+    /// Flushes every record written so far, answers the appends it covers, and hands the
+    /// next flush to the first append still waiting; whether `seq` is durable.
+    fn run_flush(&self, seq: u64) -> Result<(), AuditError> {
+        let target = {
+            let mut writer = self.lock_writer();
+            let through = writer.next_seq - 1;
+            writer.shared_file().map(|file| (file, through))
+        };
+        let flushed = target.and_then(|(file, through)| {
+            #[cfg(test)]
+            if take_one(&self.shared.fail_flushes) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            outside_the_runtime(|| file.sync_data())?;
+            Ok(through)
+        });
+        let mut flushes = self.lock_flushes();
+        let outcome = match flushed {
+            Ok(through) => {
+                flushes.durable = flushes.durable.max(through);
+                flushes.count += 1;
+                FlushEnded::Covered
+            }
+            Err(error) => {
+                tracing::error!(
+                    path = %self.shared.settings.path.display(),
+                    error = %error,
+                    "audit log flush failed: the records waiting for it were not made durable"
+                );
+                FlushEnded::Failed(Arc::new(error))
+            }
+        };
+        // Every append waiting now wrote its record before this flush ended; those whose
+        // records it took are answered, and the rest wait for the next one.
+        let durable = flushes.durable;
+        let (answered, still) = std::mem::take(&mut flushes.waiting)
+            .into_iter()
+            .partition::<Vec<_>, _>(|waiting| match &outcome {
+                FlushEnded::Failed(_) => true,
+                _ => waiting.seq <= durable,
+            });
+        flushes.waiting = still;
+        for waiting in answered {
+            let _ = waiting.wake.send(outcome.clone());
+        }
+        flushes.hand_on();
+        match outcome {
+            FlushEnded::Failed(source) => Err(self.lock_writer().write_error(source)),
+            _ if durable >= seq => Ok(()),
+            _ => unreachable!("a successful flush covers every record written before it"),
+        }
+    }
+
+    /// Counts how an append of `records` went.
+    fn settle<T>(&self, result: Result<T, AuditError>, records: usize) -> Result<T, AuditError> {
+        let records = records as u64;
+        match &result {
+            Ok(_) => {
+                self.shared.failing.store(false, Ordering::Relaxed);
+                self.shared.counters.records_written.inc_by(records);
+            }
+            Err(_) => {
+                self.shared.failing.store(true, Ordering::Relaxed);
+                self.shared.counters.failures.inc_by(records);
+            }
+        }
+        result
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.shared
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_flushes(&self) -> std::sync::MutexGuard<'_, Flushes> {
+        self.shared
+            .flushes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The settings the log was opened with (for [`AuditRecord::set_arguments`]).
@@ -214,7 +386,7 @@ impl AuditLog {
         self.shared.counters.failures.get()
     }
 
-    /// True while the last write failed (until a write succeeds again).
+    /// True while the last append failed (until one succeeds again).
     pub fn failing(&self) -> bool {
         self.shared.failing.load(Ordering::Relaxed)
     }
@@ -238,10 +410,24 @@ impl AuditLog {
             })
     }
 
-    /// Flushes of the file's data so far.
+    /// Flushes of the file's data so far (rotations included).
     #[cfg(test)]
-    pub(super) async fn flushes(&self) -> u64 {
-        self.shared.writer.lock().await.flushes
+    pub(super) fn flushes(&self) -> u64 {
+        self.lock_flushes().count + self.lock_writer().rotation_flushes
+    }
+
+    /// Marks a flush as running, as a slow one would be, until the guard is dropped; then
+    /// the first append waiting runs the next.
+    #[cfg(test)]
+    pub(super) fn hold_flush(&self) -> impl Drop + '_ {
+        struct Held<'a>(&'a AuditLog);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                self.0.lock_flushes().hand_on();
+            }
+        }
+        self.lock_flushes().running = true;
+        Held(self)
     }
 
     /// Makes the next `writes` writes put half their bytes in the file and then fail.
@@ -249,46 +435,39 @@ impl AuditLog {
     pub(super) fn fail_next_writes(&self, writes: usize) {
         self.shared.fail_writes.store(writes, Ordering::SeqCst);
     }
+
+    /// Makes the next `flushes` flushes fail with EIO.
+    #[cfg(test)]
+    pub(super) fn fail_next_flushes(&self, flushes: usize) {
+        self.shared.fail_flushes.store(flushes, Ordering::SeqCst);
+    }
 }
 
-/// The writer thread (`fsync` on): takes everything queued, writes it as one group with one
-/// flush, and answers every append of the group.
-fn run(mut queue: mpsc::Receiver<Pending>, shared: &Shared) {
-    let mut group: Vec<Pending> = Vec::new();
-    while let Some(first) = queue.blocking_recv() {
-        let mut bytes = first.body.len();
-        group.push(first);
-        while group.len() < MAX_GROUP_RECORDS && bytes < MAX_GROUP_BYTES {
-            match queue.try_recv() {
-                Ok(pending) => {
-                    bytes += pending.body.len();
-                    group.push(pending);
-                }
-                Err(_) => break,
-            }
-        }
-        let mut writer = shared.writer.blocking_lock();
-        let result = writer.commit(group.iter().map(|p| p.body.as_slice()), true, shared);
-        match writer.settle(result, group.len(), shared) {
-            Ok(first_seq) => {
-                for (index, pending) in group.drain(..).enumerate() {
-                    let _ = pending.ack.send(Ok(first_seq + index as u64));
-                }
-            }
-            Err(source) => {
-                for pending in group.drain(..) {
-                    let _ = pending
-                        .ack
-                        .send(Err(writer.write_error(Arc::clone(&source))));
-                }
-            }
-        }
+/// Takes one from a test's count of failures to come; false when none is left.
+#[cfg(test)]
+fn take_one(failures: &std::sync::atomic::AtomicUsize) -> bool {
+    failures
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+fn serialise(record: &AuditRecord) -> Vec<u8> {
+    serde_json::to_vec(record).expect("an audit record always serialises")
+}
+
+/// Runs `blocking` (a write and a flush) on this thread, telling tokio's multi-threaded
+/// runtime first so that it moves this worker's other tasks to another thread meanwhile. On a
+/// current-thread runtime (the stdio front, tests) there is nothing to move.
+fn outside_the_runtime<T>(blocking: impl FnOnce() -> T) -> T {
+    match Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) if false => tokio::task::block_in_place(blocking),
+        _ => blocking(),
     }
 }
 
 /// The writer's state. `committed_len`, `next_seq` and `last_hash` describe the log as
 /// it is durably on disk; they move only after a group is written and flushed.
-struct Writer {
+pub(super) struct Writer {
     /// Held while the writer lives: one writer per chain, across processes.
     _lock: Flock<File>,
     /// Bytes of an incomplete last line cut off at open (see [`files::cut_torn_tail`]).
@@ -296,17 +475,16 @@ struct Writer {
     path: PathBuf,
     rotate_bytes: u64,
     fsync: bool,
-    /// None after a failure or a rotation: (re)opened before the next write.
-    file: Option<File>,
+    /// None after a failure or a rotation: (re)opened before the next write. Shared with a
+    /// flush running outside the lock.
+    file: Option<Arc<File>>,
     committed_len: u64,
     next_seq: u64,
     last_hash: HexHash,
     next_rotation: u64,
     buffer: Vec<u8>,
-    /// Records were written to `file` without a flush (`durable_before: "answer"`).
-    unflushed: bool,
-    /// Flushes of the file's data so far (for tests).
-    flushes: u64,
+    /// Flushes of a file about to be rotated away (for tests).
+    rotation_flushes: u64,
 }
 
 impl Writer {
@@ -377,42 +555,13 @@ impl Writer {
             last_hash,
             next_rotation: rotated.last().map_or(1, |n| n + 1),
             buffer: Vec::with_capacity(64 * 1024),
-            unflushed: false,
-            flushes: 0,
+            rotation_flushes: 0,
             path,
         };
         // Open now, so that a log the daemon cannot write stops it at start-up.
         let path = writer.path.clone();
         writer.file().map_err(io_error("opening", &path))?;
         Ok(writer)
-    }
-
-    /// Counts (and logs) how a commit of `records` went; the first record's seq, or why none
-    /// of them is in the log.
-    fn settle(
-        &self,
-        result: Result<u64, Arc<io::Error>>,
-        records: usize,
-        shared: &Shared,
-    ) -> Result<u64, Arc<io::Error>> {
-        match result {
-            Ok(first_seq) => {
-                shared.failing.store(false, Ordering::Relaxed);
-                shared.counters.records_written.inc_by(records as u64);
-                Ok(first_seq)
-            }
-            Err(source) => {
-                shared.failing.store(true, Ordering::Relaxed);
-                shared.counters.failures.inc_by(records as u64);
-                tracing::error!(
-                    path = %self.path.display(),
-                    records,
-                    error = %source,
-                    "audit log write failed: the records were not written"
-                );
-                Err(source)
-            }
-        }
     }
 
     fn write_error(&self, source: Arc<io::Error>) -> AuditError {
@@ -422,12 +571,10 @@ impl Writer {
         }
     }
 
-    /// Writes `bodies` (serialised records) as one write, and flushes the file when `flush`
-    /// and `fsync` are on; returns the first record's seq.
+    /// Writes `bodies` (serialised records) as one write; returns the first record's seq.
     fn commit<'a>(
         &mut self,
         bodies: impl IntoIterator<Item = &'a [u8]>,
-        flush: bool,
         shared: &Shared,
     ) -> Result<u64, Arc<io::Error>> {
         let first_seq = self.next_seq;
@@ -439,7 +586,7 @@ impl Writer {
             prev = chain::seal(&mut self.buffer, body, seq, &ts, &prev);
             seq += 1;
         }
-        if let Err(error) = self.write_buffer(flush, shared) {
+        if let Err(error) = self.write_buffer(shared) {
             // Whatever part reached the file is cut before the next write (see `file`).
             self.file = None;
             return Err(Arc::new(error));
@@ -461,36 +608,26 @@ impl Writer {
         Ok(first_seq)
     }
 
-    fn write_buffer(&mut self, flush: bool, _shared: &Shared) -> io::Result<()> {
-        self.file()?;
-        let file = self.file.as_mut().expect("opened just above");
+    fn write_buffer(&mut self, _shared: &Shared) -> io::Result<()> {
+        let file = self.shared_file()?;
+        let mut file: &File = &file;
         #[cfg(test)]
-        if _shared
-            .fail_writes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
+        if take_one(&_shared.fail_writes) {
             file.write_all(&self.buffer[..self.buffer.len() / 2])?;
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        file.write_all(&self.buffer)?;
-        if self.fsync {
-            if flush {
-                // Flushes the whole file: records written earlier without a flush too.
-                file.sync_data()?;
-                self.unflushed = false;
-                self.flushes += 1;
-            } else {
-                self.unflushed = true;
-            }
-        }
-        Ok(())
+        file.write_all(&self.buffer)
+    }
+
+    /// The open file (see [`Self::file`]), to write or flush without holding the writer.
+    fn shared_file(&mut self) -> io::Result<Arc<File>> {
+        self.file().map(Arc::clone)
     }
 
     /// The open file, opening it first when needed. A file longer than the committed chain
     /// holds the remains of a failed write, which are cut; a shorter one was cut by someone
     /// else, and is not written to.
-    fn file(&mut self) -> io::Result<&mut File> {
+    fn file(&mut self) -> io::Result<&Arc<File>> {
         if self.file.is_none() {
             let existed = self.path.exists();
             let file = OpenOptions::new()
@@ -512,18 +649,18 @@ impl Writer {
             if !existed {
                 sync_parent(&self.path)?;
             }
-            self.file = Some(file);
+            self.file = Some(Arc::new(file));
         }
-        Ok(self.file.as_mut().expect("just opened"))
+        Ok(self.file.as_ref().expect("just opened"))
     }
 
     /// Renames the file to the next `<path>.N` and starts a fresh one.
     fn rotate(&mut self) -> io::Result<()> {
-        // The flush that would have covered them goes to the next file.
-        if self.unflushed {
+        // Records not yet flushed may be in it; a flush running meanwhile flushes this file
+        // too, but one starting later flushes the next.
+        if self.fsync {
             self.file()?.sync_data()?;
-            self.unflushed = false;
-            self.flushes += 1;
+            self.rotation_flushes += 1;
         }
         let target = loop {
             let target = files::rotated_path(&self.path, self.next_rotation);
