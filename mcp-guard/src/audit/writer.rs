@@ -6,7 +6,8 @@
 //! on it then waits until a flush covers its record. If no flush is running, it runs one
 //! itself, on its own thread: one `fdatasync` makes every record written so far durable, and
 //! every append waiting for one of them returns. Appends written during a flush wait for it to
-//! end, and the first of them to look runs the next one for all of them. So alone, an append
+//! end; the flush that ends hands the next one to the first of them, which runs it for all of
+//! them (one wake-up, not all of them racing for it). So alone, an append
 //! waits for the disk and nothing else (no hand-off to another thread: a dedicated writer
 //! thread cost two thread wake-ups per flush, more than the flush itself on a busy 2-CPU
 //! machine), and under concurrency the cost of a flush is shared by more records, so
@@ -30,7 +31,7 @@
 //! tries again.
 //!
 //! After a crash (kill -9, power loss) the live file may end in an incomplete line: the part
-//! of a group that reached the file before the process died. No record of that group was
+//! of a write that reached the file before the process died. No record of that write was
 //! acknowledged, so opening cuts the incomplete line off, says so in a warning (and the daemon
 //! in its start-up record), and continues the chain from the last whole record. A whole last
 //! line that does not check is different (an edit, not a crash): opening refuses it.
