@@ -6,8 +6,8 @@
 //! on it then waits until a flush covers its record. If no flush is running, it runs one
 //! itself, on its own thread: one `fdatasync` makes every record written so far durable, and
 //! every append waiting for one of them returns. Appends written during a flush wait for it to
-//! end; the flush that ends hands the next one to the first of them, which runs it for all of
-//! them (one wake-up, not all of them racing for it). So alone, an append
+//! end; the flush that ends starts the next one for them at once, on a blocking thread, which
+//! goes on flushing back to back for as long as appends are waiting. So alone, an append
 //! waits for the disk and nothing else (no hand-off to another thread: a dedicated writer
 //! thread cost two thread wake-ups per flush, more than the flush itself on a busy 2-CPU
 //! machine), and under concurrency the cost of a flush is shared by more records, so
@@ -113,25 +113,12 @@ struct Shared {
 struct Flushes {
     /// Every record up to this seq is flushed.
     durable: u64,
-    /// A flush is running, or handed to a waiting append that has yet to start it.
+    /// A flush is running (or about to: handed to the flusher thread).
     running: bool,
     /// Appends waiting for a flush to cover their records, in the order they came.
     waiting: Vec<Waiting>,
     /// Flushes so far (for tests).
     count: u64,
-}
-
-impl Flushes {
-    /// Gives the next flush to the first append still waiting, or ends the running.
-    fn hand_on(&mut self) {
-        while !self.waiting.is_empty() {
-            let next = self.waiting.remove(0);
-            if next.wake.send(FlushEnded::YourTurn).is_ok() {
-                return;
-            }
-        }
-        self.running = false;
-    }
 }
 
 struct Waiting {
@@ -146,23 +133,13 @@ enum FlushEnded {
     Covered,
     /// The flush failed; its record is not known to be durable.
     Failed(Arc<io::Error>),
-    /// Its record came too late for that flush: it runs the next one.
-    YourTurn,
 }
 
-/// A waiting append's place in line. Dropped (the append given up) after it was handed the
-/// next flush, it hands that flush on, so that the others are not left waiting.
-struct Turn<'a> {
-    log: &'a AuditLog,
-    woken: oneshot::Receiver<FlushEnded>,
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        if let Ok(FlushEnded::YourTurn) = self.woken.try_recv() {
-            self.log.lock_flushes().hand_on();
-        }
-    }
+/// Who runs a flush: an append on its own task, or the blocking thread of [`AuditLog::hand_on`].
+#[derive(Clone, Copy)]
+enum Caller {
+    Append,
+    Flusher,
 }
 
 impl AuditLog {
@@ -254,8 +231,8 @@ impl AuditLog {
         })
     }
 
-    /// Waits until a flush covers every record up to `seq`, running one when none is running
-    /// or when the flush before hands this append the next one.
+    /// Waits until a flush covers every record up to `seq`, running one itself when none is
+    /// running.
     async fn flush_through(&self, seq: u64) -> Result<(), AuditError> {
         if !self.shared.settings.fsync {
             return Ok(());
@@ -274,24 +251,22 @@ impl AuditLog {
                 None
             }
         };
-        if let Some(woken) = woken {
-            let mut turn = Turn { log: self, woken };
-            match (&mut turn.woken).await {
-                Ok(FlushEnded::Covered) => return Ok(()),
-                Ok(FlushEnded::Failed(source)) => {
-                    return Err(self.lock_writer().write_error(source));
-                }
-                // This append runs the next flush; `running` stays set for it.
-                Ok(FlushEnded::YourTurn) => {}
-                Err(_) => return Err(AuditError::Closed),
+        let outcome = match woken {
+            Some(woken) => woken.await.map_err(|_| AuditError::Closed)?,
+            None => {
+                let outcome = self.flush_and_answer(Caller::Append);
+                self.hand_on();
+                outcome
             }
+        };
+        match outcome {
+            FlushEnded::Covered => Ok(()),
+            FlushEnded::Failed(source) => Err(self.lock_writer().write_error(source)),
         }
-        self.run_flush(seq)
     }
 
-    /// Flushes every record written so far, answers the appends it covers, and hands the
-    /// next flush to the first append still waiting; whether `seq` is durable.
-    fn run_flush(&self, seq: u64) -> Result<(), AuditError> {
+    /// Flushes every record written so far and answers the appends waiting for one of them.
+    fn flush_and_answer(&self, caller: Caller) -> FlushEnded {
         let target = {
             let mut writer = self.lock_writer();
             let through = writer.next_seq - 1;
@@ -302,7 +277,10 @@ impl AuditLog {
             if take_one(&self.shared.fail_flushes) {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
-            outside_the_runtime(|| file.sync_data())?;
+            match caller {
+                Caller::Append => outside_the_runtime(|| file.sync_data())?,
+                Caller::Flusher => file.sync_data()?,
+            }
             Ok(through)
         });
         let mut flushes = self.lock_flushes();
@@ -321,24 +299,50 @@ impl AuditLog {
                 FlushEnded::Failed(Arc::new(error))
             }
         };
-        // Every append waiting now wrote its record before this flush ended; those whose
-        // records it took are answered, and the rest wait for the next one.
+        // Those whose records it took are answered; the rest (written during the flush)
+        // wait for the next one. A failed flush fails all of them.
         let durable = flushes.durable;
         let (answered, still) = std::mem::take(&mut flushes.waiting)
             .into_iter()
             .partition::<Vec<_>, _>(|waiting| match &outcome {
                 FlushEnded::Failed(_) => true,
-                _ => waiting.seq <= durable,
+                FlushEnded::Covered => waiting.seq <= durable,
             });
         flushes.waiting = still;
+        drop(flushes);
         for waiting in answered {
             let _ = waiting.wake.send(outcome.clone());
         }
-        flushes.hand_on();
-        match outcome {
-            FlushEnded::Failed(source) => Err(self.lock_writer().write_error(source)),
-            _ if durable >= seq => Ok(()),
-            _ => unreachable!("a successful flush covers every record written before it"),
+        outcome
+    }
+
+    /// Ends the running flush, or, with appends still waiting, runs the next flushes on a
+    /// blocking thread until none is left waiting. Under load that thread flushes back to
+    /// back, as a dedicated writer thread would; woken appends are not kept waiting for one of
+    /// them to be scheduled (behind every other append the flush woke) to start the next.
+    fn hand_on(&self) {
+        let mut flushes = self.lock_flushes();
+        if flushes.waiting.is_empty() {
+            flushes.running = false;
+            return;
+        }
+        drop(flushes);
+        let log = self.clone();
+        let flusher = move || log.flush_while_waited_for();
+        match Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(flusher)),
+            Err(_) => drop(std::thread::spawn(flusher)),
+        }
+    }
+
+    fn flush_while_waited_for(&self) {
+        loop {
+            self.flush_and_answer(Caller::Flusher);
+            let mut flushes = self.lock_flushes();
+            if flushes.waiting.is_empty() {
+                flushes.running = false;
+                return;
+            }
         }
     }
 
@@ -418,13 +422,13 @@ impl AuditLog {
     }
 
     /// Marks a flush as running, as a slow one would be, until the guard is dropped; then
-    /// the first append waiting runs the next.
+    /// the appends waiting get the next.
     #[cfg(test)]
     pub(super) fn hold_flush(&self) -> impl Drop + '_ {
         struct Held<'a>(&'a AuditLog);
         impl Drop for Held<'_> {
             fn drop(&mut self) {
-                self.0.lock_flushes().hand_on();
+                self.0.hand_on();
             }
         }
         self.lock_flushes().running = true;
