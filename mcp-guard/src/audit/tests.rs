@@ -146,21 +146,31 @@ async fn after_a_rotation_with_no_live_file_the_chain_continues_from_the_rotated
     assert_eq!(verify_log(dir.path()).unwrap().records, 4);
 }
 
-#[tokio::test]
-async fn concurrent_appends_get_distinct_consecutive_seqs() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(&settings(dir.path())).unwrap();
-    let tasks: Vec<_> = (0..200)
+/// Spawns `count` appends at once, each a task of its own.
+fn spawn_appends(log: &AuditLog, count: usize) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..count)
         .map(|i| {
             let log = log.clone();
             tokio::spawn(async move { log.append(call(&format!("t{i}"))).await.unwrap() })
         })
-        .collect();
+        .collect()
+}
+
+/// The seqs the appends got, in ascending order.
+async fn seqs_of(tasks: Vec<tokio::task::JoinHandle<u64>>) -> Vec<u64> {
     let mut seqs = Vec::new();
     for task in tasks {
         seqs.push(task.await.unwrap());
     }
     seqs.sort_unstable();
+    seqs
+}
+
+#[tokio::test]
+async fn concurrent_appends_get_distinct_consecutive_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(&settings(dir.path())).unwrap();
+    let seqs = seqs_of(spawn_appends(&log, 200)).await;
     assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
     assert_eq!(verify_log(dir.path()).unwrap().records, 200);
 }
@@ -171,24 +181,14 @@ async fn appends_written_during_a_flush_share_the_next_flush() {
     let settings = settings(dir.path());
     let log = AuditLog::open(&settings).unwrap();
     let running = log.hold_flush();
-    let tasks: Vec<_> = (0..50)
-        .map(|i| {
-            let log = log.clone();
-            tokio::spawn(async move { log.append(call(&format!("t{i}"))).await.unwrap() })
-        })
-        .collect();
+    let tasks = spawn_appends(&log, 50);
     // Each is written at once, then waits for the running flush to end.
     while lines(&settings.path).len() < 50 {
         tokio::task::yield_now().await;
     }
     assert!(tasks.iter().all(|task| !task.is_finished()));
     drop(running);
-    let mut seqs = Vec::new();
-    for task in tasks {
-        seqs.push(task.await.unwrap());
-    }
-    seqs.sort_unstable();
-    assert_eq!(seqs, (1..=50).collect::<Vec<u64>>());
+    assert_eq!(seqs_of(tasks).await, (1..=50).collect::<Vec<u64>>());
     assert_eq!(log.flushes(), 1);
     assert_eq!(verify_log(dir.path()).unwrap().records, 50);
 }
@@ -209,17 +209,7 @@ async fn append_all_commits_its_records_in_order_with_one_flush() {
 async fn concurrent_appends_on_the_multi_threaded_runtime_are_all_committed_in_one_chain() {
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::open(&settings(dir.path())).unwrap();
-    let tasks: Vec<_> = (0..300)
-        .map(|i| {
-            let log = log.clone();
-            tokio::spawn(async move { log.append(call(&format!("t{i}"))).await.unwrap() })
-        })
-        .collect();
-    let mut seqs = Vec::new();
-    for task in tasks {
-        seqs.push(task.await.unwrap());
-    }
-    seqs.sort_unstable();
+    let seqs = seqs_of(spawn_appends(&log, 300)).await;
     assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
     assert_eq!(verify_log(dir.path()).unwrap().records, 300);
 }
