@@ -182,11 +182,12 @@ async fn appends_written_during_a_flush_share_the_next_flush() {
     let log = AuditLog::open(&settings).unwrap();
     let running = log.hold_flush();
     let tasks = spawn_appends(&log, 50);
-    // Each is written at once, then waits for the running flush to end.
-    while lines(&settings.path).len() < 50 {
+    // Each queues for the next flush, which writes them all with one write.
+    while log.queued() < 50 {
         tokio::task::yield_now().await;
     }
     assert!(tasks.iter().all(|task| !task.is_finished()));
+    assert!(lines(&settings.path).is_empty());
     drop(running);
     assert_eq!(seqs_of(tasks).await, (1..=50).collect::<Vec<u64>>());
     assert_eq!(log.flushes(), 1);
@@ -320,6 +321,60 @@ async fn a_failed_flush_fails_the_appends_waiting_for_it_and_the_next_flush_reco
     assert_eq!(log.flushes(), 2);
     drop(log);
     assert_eq!(verify_log(dir.path()).unwrap().records, 3);
+}
+
+/// Three appends queued behind a running flush, then handed to the next one.
+async fn queue_three_then_flush(log: &AuditLog) -> Vec<Result<u64, AuditError>> {
+    let running = log.hold_flush();
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(call(&format!("queued{i}"))).await })
+        })
+        .collect();
+    while log.queued() < 3 {
+        tokio::task::yield_now().await;
+    }
+    drop(running);
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
+#[tokio::test]
+async fn a_failed_write_of_a_queued_group_fails_every_append_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    log.fail_next_writes(1);
+    for result in queue_three_then_flush(&log).await {
+        let error = result.unwrap_err();
+        assert!(error.to_string().contains("No space left"), "{error}");
+    }
+    assert_eq!(log.failures(), 3);
+    assert_eq!(log.append(call("kept")).await.unwrap(), 1);
+    drop(log);
+    assert!(!lines(&settings.path).iter().any(|l| l.contains("queued")));
+    assert_eq!(verify_log(dir.path()).unwrap().records, 1);
+}
+
+#[tokio::test]
+async fn a_failed_flush_of_a_queued_group_fails_every_append_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    log.fail_next_flushes(1);
+    for result in queue_three_then_flush(&log).await {
+        let error = result.unwrap_err();
+        assert!(error.to_string().contains("Input/output error"), "{error}");
+    }
+    assert_eq!(log.failures(), 3);
+    // Written, not known durable: the chain runs through them.
+    assert_eq!(log.append(call("after")).await.unwrap(), 4);
+    drop(log);
+    assert_eq!(verify_log(dir.path()).unwrap().records, 4);
 }
 
 fn outcome_of(tool: &str) -> AuditRecord {

@@ -1,34 +1,37 @@
-//! The writer: each append writes its own record; flushes are shared.
+//! The writer: a call alone writes and flushes its own record; under load, records are
+//! written and flushed in groups.
 //!
-//! [`AuditLog::append`] serialises its record on the caller's task, then, under the lock that
-//! orders the chain (held for microseconds, never across a flush), stamps it with `seq`, `ts`
-//! and `prev`, hashes it and writes it to the file (a `write` to the page cache). With `fsync`
-//! on it then waits until a flush covers its record. If no flush is running, it runs one
-//! itself, on its own thread: one `fdatasync` makes every record written so far durable, and
-//! every append waiting for one of them returns. Appends written during a flush wait for it to
-//! end; the flush that ends starts the next one for them at once, on a blocking thread, which
-//! goes on flushing back to back for as long as appends are waiting. So alone, an append
-//! waits for the disk and nothing else (no hand-off to another thread: a dedicated writer
-//! thread cost two thread wake-ups per flush, more than the flush itself on a busy 2-CPU
-//! machine), and under concurrency the cost of a flush is shared by more records, so
-//! throughput holds. Writes never wait for a flush. On tokio's multi-threaded runtime the
-//! flush runs in `block_in_place`, so the runtime moves the worker's other tasks elsewhere
-//! while it waits for the disk.
+//! Records are stamped with `seq`, `ts` and `prev`, hashed and written under the lock that
+//! orders the chain, which is held for microseconds and never across a flush. With `fsync` on,
+//! [`AuditLog::append`] returns once an `fdatasync` made its record durable:
+//!
+//! - If no flush is running, the append writes its record (with any queued meanwhile) and runs
+//!   the `fdatasync` itself, on its own thread. A call alone waits for the disk and nothing
+//!   else: no hand-off to another thread (a dedicated writer thread cost two thread wake-ups
+//!   per flush, more than the flush itself on a busy 2-CPU machine). On tokio's
+//!   multi-threaded runtime the flush runs in `block_in_place`, so the runtime moves the
+//!   worker's other tasks elsewhere while it waits for the disk.
+//! - If one is running, the append queues its record for the next flush. When a flush ends
+//!   with records queued, a blocking thread takes them all, writes them with one `write`,
+//!   flushes them with one `fdatasync`, answers their appends, and goes on group after group
+//!   for as long as records queue: the old writer thread, now only under load. Groups grow with
+//!   concurrency, so the cost of a write and a flush is shared by more records and throughput
+//!   holds.
 //!
 //! With `fsync` off appends return once written.
 //!
 //! With `durable_before: "answer"` (and `fsync` on), a forwarded call's decision record goes
-//! through [`AuditLog::append_decision`], which returns once it is written: the kernel has it,
-//! so it survives a crash of mcp-guard. The call's outcome record then waits for a flush as
-//! usual; `fdatasync` flushes the whole file, so one flush makes both records durable before
+//! through [`AuditLog::append_decision`], which writes it at once (never queued) and returns:
+//! the kernel has it, so it survives a crash of mcp-guard. The call's outcome record then
+//! waits for a flush as usual; `fdatasync` flushes the whole file, so one flush makes both records durable before
 //! the answer is returned. A file is rotated away only after a flush.
 //!
 //! A failed write leaves the file as it was before it (whatever part reached the file is cut
-//! before the next write), fails its appends, and keeps the chain where it was; the next write
-//! tries again. So while the disk is full or the file unwritable, every append fails, and the
-//! daemon refuses the calls it would have recorded. A failed flush fails every append waiting
-//! for it; their records stay in the file (the chain runs through them), and the next flush
-//! tries again.
+//! before the next write), fails every append of its group, and keeps the chain where it was;
+//! the next write tries again. So while the disk is full or the file unwritable, every append
+//! fails, and the daemon refuses the calls it would have recorded. A failed flush fails every
+//! append of its group; their records stay in the file (the chain runs through them), and the
+//! next flush covers them.
 //!
 //! After a crash (kill -9, power loss) the live file may end in an incomplete line: the part
 //! of a write that reached the file before the process died. No record of that write was
@@ -111,28 +114,26 @@ struct Shared {
 
 #[derive(Default)]
 struct Flushes {
-    /// Every record up to this seq is flushed.
-    durable: u64,
     /// A flush is running (or about to: handed to the flusher thread).
     running: bool,
-    /// Appends waiting for a flush to cover their records, in the order they came.
-    waiting: Vec<Waiting>,
+    /// Appends waiting for the next flush to write and flush their records, in order.
+    queued: Vec<Queued>,
     /// Flushes so far (for tests).
     count: u64,
 }
 
-struct Waiting {
-    seq: u64,
-    wake: oneshot::Sender<FlushEnded>,
+struct Queued {
+    bodies: Vec<Vec<u8>>,
+    /// Gets the first seq of `bodies` once they are durable, or why they are not.
+    sender: oneshot::Sender<Result<u64, AuditError>>,
 }
 
-/// What a waiting append hears when a flush ends.
-#[derive(Clone)]
-enum FlushEnded {
-    /// Its record is durable.
-    Covered,
-    /// The flush failed; its record is not known to be durable.
-    Failed(Arc<io::Error>),
+/// What an append does about its records when `fsync` is on.
+enum Next {
+    /// Write and flush them itself: no flush is running.
+    Run(Vec<Vec<u8>>),
+    /// Wait for the running flush's successor to write and flush them.
+    Wait(oneshot::Receiver<Result<u64, AuditError>>),
 }
 
 /// Who runs a flush: an append on its own task, or the blocking thread of [`AuditLog::hand_on`].
@@ -158,11 +159,7 @@ impl AuditLog {
         let writer = Writer::open(settings.clone())?;
         let shared = Arc::new(Shared {
             torn_bytes_cut: writer.torn_bytes_cut,
-            flushes: std::sync::Mutex::new(Flushes {
-                // What the file held at open is as durable as it will get.
-                durable: writer.next_seq - 1,
-                ..Flushes::default()
-            }),
+            flushes: Default::default(),
             writer: std::sync::Mutex::new(writer),
             settings: settings.clone(),
             counters,
@@ -178,12 +175,8 @@ impl AuditLog {
     /// Appends `record` and returns its `seq` once it is durable: written, and flushed to the
     /// disk when `fsync` is on. An error means the record is not in the log.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        let written = self.write(&[serialise(&record)]);
-        let durable = match written {
-            Ok(seq) => self.flush_through(seq).await.map(|()| seq),
-            Err(error) => Err(error),
-        };
-        self.settle(durable, 1)
+        let appended = self.append_bodies(vec![serialise(&record)]).await;
+        self.settle(appended, 1)
     }
 
     /// Appends `records` together (one write and one flush), and returns their first `seq`
@@ -192,15 +185,10 @@ impl AuditLog {
         if records.is_empty() {
             return Ok(self.lock_writer().next_seq);
         }
-        let bodies: Vec<Vec<u8>> = records.iter().map(serialise).collect();
-        let durable = match self.write(&bodies) {
-            Ok(first) => {
-                let last = first + records.len() as u64 - 1;
-                self.flush_through(last).await.map(|()| first)
-            }
-            Err(error) => Err(error),
-        };
-        self.settle(durable, records.len())
+        let appended = self
+            .append_bodies(records.iter().map(serialise).collect())
+            .await;
+        self.settle(appended, records.len())
     }
 
     /// Appends the decision record of a call about to be forwarded. With `durable_before:
@@ -218,77 +206,104 @@ impl AuditLog {
 
     /// Stamps, hashes and writes `bodies` with one write; the first one's seq.
     fn write(&self, bodies: &[Vec<u8>]) -> Result<u64, AuditError> {
+        let slices: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+        self.write_slices(&slices)
+            .map(|(first, _)| first)
+            .map_err(|source| self.write_error(source))
+    }
+
+    /// [`Self::write`], also returning the file the records went to (to flush it).
+    fn write_slices(&self, bodies: &[&[u8]]) -> Result<(u64, Arc<File>), Arc<io::Error>> {
         let mut writer = self.lock_writer();
-        let written = writer.commit(bodies.iter().map(Vec::as_slice), &self.shared);
-        written.map_err(|source| {
+        let written = writer
+            .commit(bodies.iter().copied(), &self.shared)
+            .and_then(|first| Ok((first, writer.shared_file().map_err(Arc::new)?)));
+        if let Err(source) = &written {
             tracing::error!(
                 path = %writer.path.display(),
                 records = bodies.len(),
                 error = %source,
                 "audit log write failed: the records were not written"
             );
-            writer.write_error(source)
-        })
+        }
+        written
     }
 
-    /// Waits until a flush covers every record up to `seq`, running one itself when none is
-    /// running.
-    async fn flush_through(&self, seq: u64) -> Result<(), AuditError> {
+    /// Appends `bodies` and returns the first one's seq once they are durable. With `fsync`
+    /// on and no flush running, this append writes and flushes them itself (taking along what
+    /// queued meanwhile); with one running, they queue for the next, which writes everything
+    /// queued with one write and flushes it with one `fdatasync`.
+    async fn append_bodies(&self, bodies: Vec<Vec<u8>>) -> Result<u64, AuditError> {
         if !self.shared.settings.fsync {
-            return Ok(());
+            return self.write(&bodies);
         }
-        let woken = {
+        let next = {
             let mut flushes = self.lock_flushes();
-            if flushes.durable >= seq {
-                return Ok(());
-            }
             if flushes.running {
-                let (wake, woken) = oneshot::channel();
-                flushes.waiting.push(Waiting { seq, wake });
-                Some(woken)
+                let (sender, written) = oneshot::channel();
+                flushes.queued.push(Queued { bodies, sender });
+                Next::Wait(written)
             } else {
                 flushes.running = true;
-                None
+                Next::Run(bodies)
             }
         };
-        let outcome = match woken {
-            Some(woken) => woken.await.map_err(|_| AuditError::Closed)?,
-            None => {
-                let outcome = self.flush_and_answer(Caller::Append);
+        match next {
+            Next::Wait(durable) => durable.await.map_err(|_| AuditError::Closed)?,
+            Next::Run(bodies) => {
+                let durable = self.write_and_flush(&bodies, Caller::Append);
                 self.hand_on();
-                outcome
+                durable
             }
-        };
-        match outcome {
-            FlushEnded::Covered => Ok(()),
-            FlushEnded::Failed(source) => Err(self.lock_writer().write_error(source)),
         }
     }
 
-    /// Flushes every record written so far and answers the appends waiting for one of them.
-    fn flush_and_answer(&self, caller: Caller) -> FlushEnded {
-        let target = {
-            let mut writer = self.lock_writer();
-            let through = writer.next_seq - 1;
-            writer.shared_file().map(|file| (file, through))
-        };
-        let flushed = target.and_then(|(file, through)| {
-            #[cfg(test)]
-            if take_one(&self.shared.fail_flushes) {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            match caller {
-                Caller::Append => outside_the_runtime(|| file.sync_data())?,
-                Caller::Flusher => file.sync_data()?,
-            }
-            Ok(through)
+    /// Writes `own` and everything queued with one write, flushes the file, and answers the
+    /// queued appends; the first seq of `own` (meaningless when it is empty), once durable.
+    fn write_and_flush(&self, own: &[Vec<u8>], caller: Caller) -> Result<u64, AuditError> {
+        let queued = std::mem::take(&mut self.lock_flushes().queued);
+        let all: Vec<&[u8]> = own
+            .iter()
+            .chain(queued.iter().flat_map(|q| &q.bodies))
+            .map(Vec::as_slice)
+            .collect();
+        let durable = self.write_slices(&all).and_then(|(first, file)| {
+            self.flush(&file, caller)?;
+            Ok(first)
         });
-        let mut flushes = self.lock_flushes();
-        let outcome = match flushed {
-            Ok(through) => {
-                flushes.durable = flushes.durable.max(through);
-                flushes.count += 1;
-                FlushEnded::Covered
+        let mut seq = durable.as_ref().map_or(0, |first| first + own.len() as u64);
+        for queued in queued {
+            let answer = match &durable {
+                Ok(_) => Ok(seq),
+                Err(source) => Err(self.write_error(Arc::clone(source))),
+            };
+            seq += queued.bodies.len() as u64;
+            let _ = queued.sender.send(answer);
+        }
+        durable.map_err(|source| self.write_error(source))
+    }
+
+    fn write_error(&self, source: Arc<io::Error>) -> AuditError {
+        AuditError::Write {
+            path: self.shared.settings.path.clone(),
+            source,
+        }
+    }
+
+    /// Flushes `file` (the live file when its records were written).
+    fn flush(&self, file: &File, caller: Caller) -> Result<(), Arc<io::Error>> {
+        #[cfg(test)]
+        let flushed = if take_one(&self.shared.fail_flushes) {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            self.sync_file(file, caller)
+        };
+        #[cfg(not(test))]
+        let flushed = self.sync_file(file, caller);
+        match flushed {
+            Ok(()) => {
+                self.lock_flushes().count += 1;
+                Ok(())
             }
             Err(error) => {
                 tracing::error!(
@@ -296,53 +311,47 @@ impl AuditLog {
                     error = %error,
                     "audit log flush failed: the records waiting for it were not made durable"
                 );
-                FlushEnded::Failed(Arc::new(error))
+                Err(Arc::new(error))
             }
-        };
-        // Those whose records it took are answered; the rest (written during the flush)
-        // wait for the next one. A failed flush fails all of them.
-        let durable = flushes.durable;
-        let (answered, still) = std::mem::take(&mut flushes.waiting)
-            .into_iter()
-            .partition::<Vec<_>, _>(|waiting| match &outcome {
-                FlushEnded::Failed(_) => true,
-                FlushEnded::Covered => waiting.seq <= durable,
-            });
-        flushes.waiting = still;
-        drop(flushes);
-        for waiting in answered {
-            let _ = waiting.wake.send(outcome.clone());
         }
-        outcome
     }
 
-    /// Ends the running flush, or, with appends still waiting, runs the next flushes on a
-    /// blocking thread until none is left waiting. Under load that thread flushes back to
-    /// back, as a dedicated writer thread would; woken appends are not kept waiting for one of
-    /// them to be scheduled (behind every other append the flush woke) to start the next.
+    fn sync_file(&self, file: &File, caller: Caller) -> io::Result<()> {
+        match caller {
+            Caller::Append => outside_the_runtime(|| file.sync_data()),
+            Caller::Flusher => file.sync_data(),
+        }
+    }
+
+    /// Ends the running flush, or, with appends queued, runs the next flushes on a blocking
+    /// thread until none is left queued. Under load that thread writes and flushes group
+    /// after group, as a dedicated writer thread would, and appends are not kept waiting for
+    /// one of them to be scheduled (behind every other append the last flush woke).
     fn hand_on(&self) {
         let mut flushes = self.lock_flushes();
-        if flushes.waiting.is_empty() {
+        if flushes.queued.is_empty() {
             flushes.running = false;
             return;
         }
         drop(flushes);
         let log = self.clone();
-        let flusher = move || log.flush_while_waited_for();
+        let flusher = move || log.flush_while_queued();
         match Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn_blocking(flusher)),
             Err(_) => drop(std::thread::spawn(flusher)),
         }
     }
 
-    fn flush_while_waited_for(&self) {
+    fn flush_while_queued(&self) {
         loop {
-            self.flush_and_answer(Caller::Flusher);
-            let mut flushes = self.lock_flushes();
-            if flushes.waiting.is_empty() {
-                flushes.running = false;
-                return;
+            {
+                let mut flushes = self.lock_flushes();
+                if flushes.queued.is_empty() {
+                    flushes.running = false;
+                    return;
+                }
             }
+            let _ = self.write_and_flush(&[], Caller::Flusher);
         }
     }
 
@@ -419,6 +428,12 @@ impl AuditLog {
     #[cfg(test)]
     pub(super) fn flushes(&self) -> u64 {
         self.lock_flushes().count + self.lock_writer().rotation_flushes
+    }
+
+    /// Appends waiting for the next flush.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.lock_flushes().queued.len()
     }
 
     /// Marks a flush as running, as a slow one would be, until the guard is dropped; then
@@ -567,13 +582,6 @@ impl Writer {
         let path = writer.path.clone();
         writer.file().map_err(io_error("opening", &path))?;
         Ok(writer)
-    }
-
-    fn write_error(&self, source: Arc<io::Error>) -> AuditError {
-        AuditError::Write {
-            path: self.path.clone(),
-            source,
-        }
     }
 
     /// Writes `bodies` (serialised records) as one write; returns the first record's seq.
