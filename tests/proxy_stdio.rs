@@ -81,6 +81,7 @@ fn stdio_front_enforces_the_policy() {
              "arguments": {"path": path("app.conf"), "content": "must never be written"}},
             {"op": "call_tool", "name": "move_file",
              "arguments": {"source": path("readme.txt"), "destination": path("moved.txt")}},
+            {"op": "call_tool", "name": "no_such_tool", "arguments": {}},
         ]),
     );
     let names: Vec<&str> = run.ok(0)["tools"]
@@ -136,7 +137,10 @@ fn stdio_front_enforces_the_policy() {
     };
     assert_eq!(decisions("read_text_file", "allow", "read-files"), 1.0);
     assert_eq!(decisions("write_file", "deny", "no-config-writes"), 1.0);
-    // move_file is named by no rule of this policy: not a label value of its own.
+    // move_file is named by no rule, but the server listed it (the front says so): a label
+    // value of its own, as for the daemon's own sessions. A name the server never listed is
+    // not.
+    assert_eq!(decisions("move_file", "deny", "unknown-tool"), 1.0);
     assert_eq!(decisions("other", "deny", "unknown-tool"), 1.0);
 }
 

@@ -59,6 +59,10 @@ pub enum Request {
         record: Box<AuditRecord>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         span: Option<CallSpan>,
+        /// The front's server listed the record's tool to its session: the daemon's metrics
+        /// may name it (see `DecisionFacts::tool_listed`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        tool_listed: bool,
     },
     /// A call of such a front's session started (no `ended_ns`) or ended: the daemon needs it
     /// to attribute the session's network connections to calls.
@@ -235,7 +239,11 @@ async fn answer(
                 Err(e) => Response::refused(e.to_string()),
             }
         }
-        Ok(Request::Audit { mut record, span }) => {
+        Ok(Request::Audit {
+            mut record,
+            span,
+            tool_listed,
+        }) => {
             // The daemon's own settings decide what its log keeps of the arguments.
             if let Some(arguments) = record.arguments.take() {
                 record.set_arguments(context.audit.settings(), &arguments);
@@ -255,7 +263,7 @@ async fn answer(
                 span => span,
             };
             // Counted as the daemon counts its own: when decided, whatever the log says.
-            context.proxy.count_recorded_decision(&record);
+            context.proxy.count_recorded_decision(&record, tool_listed);
             // A record that starts a call is its decision record, written as the daemon's own.
             let appended = match span {
                 Some(_) => context.audit.append_decision(*record).await,
@@ -341,10 +349,12 @@ impl AuditClient {
         &self,
         record: AuditRecord,
         span: Option<CallSpan>,
+        tool_listed: bool,
     ) -> Result<(), ControlError> {
         self.request(&Request::Audit {
             record: Box::new(record),
             span,
+            tool_listed,
         })
         .await
     }

@@ -413,15 +413,16 @@ impl Proxy {
         let model = self.model();
         let answer = match verdict {
             Err(refusal) => {
-                self.log_decision(
-                    session,
-                    &request,
-                    &identity,
-                    AuditDecision::Deny,
-                    &refusal.rule,
-                    policy_us,
-                )
-                .await;
+                let tool_listed = self
+                    .log_decision(
+                        session,
+                        &request,
+                        &identity,
+                        AuditDecision::Deny,
+                        &refusal.rule,
+                        policy_us,
+                    )
+                    .await;
                 let facts = DecisionFacts {
                     decision: AuditDecision::Deny,
                     rule: &refusal.rule,
@@ -430,6 +431,7 @@ impl Proxy {
                     mode,
                     redact: &model.audit.redact,
                     roles: &caller.roles,
+                    tool_listed,
                 };
                 // Refused either way; an unwritable log is counted and logged by the writer.
                 let _ = self
@@ -439,15 +441,16 @@ impl Proxy {
                 refusal.error.to_value()
             }
             Ok(allowed) => {
-                self.log_decision(
-                    session,
-                    &request,
-                    &identity,
-                    allowed.decision,
-                    &allowed.rule,
-                    policy_us,
-                )
-                .await;
+                let tool_listed = self
+                    .log_decision(
+                        session,
+                        &request,
+                        &identity,
+                        allowed.decision,
+                        &allowed.rule,
+                        policy_us,
+                    )
+                    .await;
                 let facts = DecisionFacts {
                     decision: allowed.decision,
                     rule: &allowed.rule,
@@ -456,6 +459,7 @@ impl Proxy {
                     mode,
                     redact: &model.audit.redact,
                     roles: &caller.roles,
+                    tool_listed,
                 };
                 // Nothing is forwarded before its decision is on record.
                 if let Err(e) = self
@@ -909,6 +913,7 @@ impl Proxy {
             mode,
             redact: &model.audit.redact,
             roles: &session.caller().roles,
+            tool_listed: false,
         };
         let causes = running.into_iter().map(|span| span.call_id).collect();
         self.recorder
@@ -916,6 +921,8 @@ impl Proxy {
             .await
     }
 
+    /// Counts and traces a decision; whether its `tool` label names the tool (see
+    /// [`Self::tool_label`]).
     async fn log_decision(
         &self,
         session: &AgentSession,
@@ -924,7 +931,7 @@ impl Proxy {
         decision: AuditDecision,
         rule: &str,
         policy_us: u64,
-    ) {
+    ) -> bool {
         let decision = decision.as_str();
         let method = known_method(&request.method);
         let tool_label = self.tool_label(session, request).await;
@@ -949,6 +956,7 @@ impl Proxy {
             policy_us,
             "decision"
         );
+        !matches!(tool_label, "" | UNLISTED_TOOL_LABEL)
     }
 }
 
@@ -1068,7 +1076,7 @@ impl Proxy {
     /// Counts the decision a stdio front recorded through the daemon (its own metrics die
     /// with it). Labels are bounded by this daemon's policy whatever the record says: an
     /// unknown server is not counted, an unknown rule counts as `other`.
-    pub fn count_recorded_decision(&self, record: &crate::audit::AuditRecord) {
+    pub fn count_recorded_decision(&self, record: &crate::audit::AuditRecord, tool_listed: bool) {
         let (Some(decision), Some(server), Some(method)) =
             (record.decision, &record.server, &record.method)
         else {
@@ -1085,7 +1093,7 @@ impl Proxy {
             "other"
         };
         let tool = match (method.as_str(), record.tool.as_deref()) {
-            ("tools/call", Some(tool)) if policy.names_tool(server, tool) => tool,
+            ("tools/call", Some(tool)) if tool_listed || policy.names_tool(server, tool) => tool,
             ("tools/call", _) => UNLISTED_TOOL_LABEL,
             _ => "",
         };

@@ -61,6 +61,9 @@ pub struct DecisionFacts<'a> {
     /// The roles the call was judged with (this request's, which may differ from those the
     /// session opened with).
     pub roles: &'a [String],
+    /// The server listed the call's tool to this session, so a daemon counting the decision
+    /// for a front may use the tool's name as a label value (a bounded set).
+    pub tool_listed: bool,
 }
 
 impl Recorder {
@@ -79,7 +82,7 @@ impl Recorder {
     }
 
     async fn append(&self, record: AuditRecord) -> Result<(), RecordError> {
-        self.append_with_span(record, None).await
+        self.append_with_span(record, None, false).await
     }
 
     /// The daemon is another process, which learns of calls with their records.
@@ -87,16 +90,18 @@ impl Recorder {
         matches!(self.sink, Sink::Daemon(_))
     }
 
-    /// `span` only travels where the daemon is another process (see [`Self::call_started`]).
+    /// `span` and `tool_listed` only travel where the daemon is another process (see
+    /// [`Self::call_started`] and [`DecisionFacts::tool_listed`]).
     async fn append_with_span(
         &self,
         record: AuditRecord,
         span: Option<CallSpan>,
+        tool_listed: bool,
     ) -> Result<(), RecordError> {
         match &self.sink {
             Sink::Nowhere => Ok(()),
             Sink::Local(log) => Ok(log.append(record).await.map(|_| ())?),
-            Sink::Daemon(client) => Ok(client.append(record, span).await?),
+            Sink::Daemon(client) => Ok(client.append(record, span, tool_listed).await?),
         }
     }
 
@@ -148,7 +153,7 @@ impl Recorder {
         // that is another process, instead of two); the daemon, seeing it start a call,
         // writes it as its own decision records.
         let span = (goes_on && self.is_elsewhere()).then(|| span_of(identity));
-        self.append_with_span(record, span).await
+        self.append_with_span(record, span, facts.tool_listed).await
     }
 
     /// The decision on a request the server sent the agent (sampling, elicitation, roots).
@@ -187,7 +192,7 @@ impl Recorder {
             ended_ns: Some(monotonic_ns()),
             ..span_of(identity)
         });
-        self.append_with_span(record, span).await
+        self.append_with_span(record, span, false).await
     }
 
     /// Where the daemon is another process, it must learn of a call before the call is
