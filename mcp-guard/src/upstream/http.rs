@@ -1,18 +1,16 @@
-//! Streamable HTTP servers: each message mcp-guard sends is a POST to the server's URL, made
-//! by the task that sends it; what comes back (a JSON message or batch, or an SSE stream of
-//! messages) goes straight to the same router as a stdio server's output, with no task in
-//! between. The server's `Mcp-Session-Id` and negotiated protocol version are kept per agent
-//! session and sent on every later POST.
+//! Streamable HTTP servers: each message mcp-guard sends is a POST to the server's URL; what
+//! comes back (a JSON message or batch, or an SSE stream of messages) feeds the same router
+//! as a stdio server's output. The server's `Mcp-Session-Id` and negotiated protocol version
+//! are kept per agent session and sent on every later POST.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, RwLock, mpsc, watch};
 
-use super::{Outbound, Router, ServerMessages, Upstream, UpstreamError};
+use super::{ServerMessages, Upstream, UpstreamError, route_server_output};
 use crate::mcp::jsonrpc::codes;
 
 /// A client for one session's server: TLS with the `ring` provider, installed once for the
@@ -56,74 +54,12 @@ struct ServerSession {
     protocol_version: Option<String>,
 }
 
-pub(super) struct Connection {
+struct Connection {
     client: reqwest::Client,
     url: String,
     session: RwLock<ServerSession>,
-    router: Router,
+    incoming: mpsc::Sender<Value>,
     label: Arc<str>,
-    /// A GET stream was started (after `notifications/initialized`).
-    listening: AtomicBool,
-    /// Stops the GET stream.
-    stop_listening: watch::Sender<bool>,
-    /// An `initialize` is being posted: later POSTs need the session id its answer brings, so
-    /// they wait for it.
-    initializing: watch::Sender<bool>,
-}
-
-/// The agent session's hold on its server: when the session ends (this is dropped), the GET
-/// stream stops and the server's session is ended with `DELETE`.
-pub(super) struct HttpServer(Arc<Connection>);
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.0.stop_listening.send(true);
-        let connection = Arc::clone(&self.0);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                end_server_session(&connection).await;
-                connection.router.end().await;
-            });
-        }
-    }
-}
-
-impl HttpServer {
-    /// POSTs `message` (see [`post`]), as a future that owns what it needs, so that a POST
-    /// still reading when its answer is in can be finished in the background.
-    pub(super) fn post(&self, message: Value) -> impl Future<Output = ()> + Send + 'static {
-        let connection = Arc::clone(&self.0);
-        // Marked now, in the order messages are sent, not when the POST starts.
-        let initializing = (message.get("method").and_then(Value::as_str) == Some("initialize"))
-            .then(|| Initializing::start(&connection));
-        async move {
-            match initializing {
-                Some(_initializing) => post(&connection, message).await,
-                None => {
-                    let mut initializing = connection.initializing.subscribe();
-                    let _ = initializing.wait_for(|busy| !busy).await;
-                    post_and_follow(connection, message).await;
-                }
-            }
-        }
-    }
-}
-
-/// An `initialize` being posted; dropped (answered, failed or given up), it lets the POSTs
-/// waiting for it go.
-struct Initializing(Arc<Connection>);
-
-impl Initializing {
-    fn start(connection: &Arc<Connection>) -> Self {
-        connection.initializing.send_replace(true);
-        Initializing(Arc::clone(connection))
-    }
-}
-
-impl Drop for Initializing {
-    fn drop(&mut self) {
-        self.0.initializing.send_replace(false);
-    }
 }
 
 /// Connects (lazily: the first POST is the agent's first message) to the server at `url`.
@@ -140,42 +76,58 @@ pub fn connect(
         )));
     }
     let client = client_trusting(tls_ca_file)?;
+    let (to_server, outgoing) = mpsc::channel::<Value>(256);
+    let (incoming_sender, incoming) = mpsc::channel::<Value>(256);
     let (session_sender, server_messages) = mpsc::channel(256);
     let pending = Arc::new(Mutex::new(Default::default()));
     let connection = Arc::new(Connection {
         client,
         url: url.to_owned(),
         session: RwLock::new(ServerSession::default()),
-        router: Router {
-            pending: Arc::clone(&pending),
-            to_session: session_sender,
-            label: label.clone(),
-        },
-        label,
-        listening: AtomicBool::new(false),
-        stop_listening: watch::channel(false).0,
-        initializing: watch::channel(false).0,
+        incoming: incoming_sender,
+        label: label.clone(),
     });
-    let server = HttpServer(connection);
-    Ok((
-        Upstream::with_outbound(Outbound::Http(server), pending, None),
-        server_messages,
-    ))
+    tokio::spawn(post_each(connection, outgoing));
+    tokio::spawn(route_server_output(
+        incoming,
+        Arc::clone(&pending),
+        session_sender,
+        label,
+    ));
+    Ok((Upstream::new(to_server, pending, None), server_messages))
 }
 
-/// POSTs `message`; once the session is initialised (`notifications/initialized` accepted),
-/// opens the GET stream that carries what the server sends on its own.
-async fn post_and_follow(connection: Arc<Connection>, message: Value) {
-    let is_initialized =
-        message.get("method").and_then(Value::as_str) == Some("notifications/initialized");
-    post(&connection, message).await;
-    if is_initialized
-        && connection.session.read().await.id.is_some()
-        && !connection.listening.swap(true, Ordering::Relaxed)
-    {
-        let stop = connection.stop_listening.subscribe();
-        tokio::spawn(listen(Arc::clone(&connection), stop));
+/// Sends every outgoing message as its own POST, concurrently (pipelined requests are
+/// answered in any order), except that nothing else starts until `initialize` is answered:
+/// later POSTs need the session id it returns. Once the session is initialised, a GET stream
+/// carries what the server sends on its own; when the agent's session ends (the `Upstream`
+/// is dropped), the stream stops and the server's session is ended with `DELETE`.
+async fn post_each(connection: Arc<Connection>, mut outgoing: mpsc::Receiver<Value>) {
+    let (stop_listening, stopped) = watch::channel(false);
+    let mut listening = false;
+    while let Some(message) = outgoing.recv().await {
+        let method = message.get("method").and_then(Value::as_str);
+        let (is_initialize, is_initialized) = (
+            method == Some("initialize"),
+            method == Some("notifications/initialized"),
+        );
+        let connection = connection.clone();
+        if is_initialize {
+            post(&connection, message).await;
+            continue;
+        }
+        if is_initialized {
+            post(&connection, message).await;
+            if !listening && connection.session.read().await.id.is_some() {
+                listening = true;
+                tokio::spawn(listen(connection.clone(), stopped.clone()));
+            }
+            continue;
+        }
+        tokio::spawn(async move { post(&connection, message).await });
     }
+    let _ = stop_listening.send(true);
+    end_server_session(&connection).await;
 }
 
 /// Keeps a GET stream open for what the server sends outside any request (notifications,
@@ -403,7 +355,7 @@ async fn deliver(connection: &Connection, value: Value, is_initialize: bool) {
         {
             connection.session.write().await.protocol_version = Some(version.to_owned());
         }
-        connection.router.route(message).await;
+        let _ = connection.incoming.send(message).await;
     }
 }
 
@@ -415,7 +367,7 @@ async fn fail(connection: &Connection, request_id: Option<Value>, problem: &str)
             "code": codes::UPSTREAM_ERROR,
             "message": format!("upstream server: {problem}"),
         }});
-        connection.router.route(error).await;
+        let _ = connection.incoming.send(error).await;
     }
 }
 

@@ -63,10 +63,8 @@ pub struct Upstream {
 
 /// How messages reach the server.
 enum Outbound {
-    /// A POST each. A request's POST is made by its caller's task, alongside waiting for the
-    /// answer it carries back; notifications and replies are posted in a task of their own, so
-    /// that a slow server does not hold up their sender.
-    Http(http::HttpServer),
+    /// Through a task that delivers each one (HTTP: a POST each).
+    Channel(mpsc::Sender<Value>),
     /// Written to the server's stdin by the sender itself, one `write` per message under the
     /// lock (no hand-off to a writer task).
     Pipe(Mutex<stdio::LineWriter>),
@@ -75,10 +73,10 @@ enum Outbound {
 impl Outbound {
     async fn send(&self, message: Value) -> Result<(), UpstreamError> {
         match self {
-            Outbound::Http(server) => {
-                tokio::spawn(server.post(message));
-                Ok(())
-            }
+            Outbound::Channel(sender) => sender
+                .send(message)
+                .await
+                .map_err(|_| UpstreamError::Closed),
             Outbound::Pipe(writer) => {
                 let mut line = serde_json::to_vec(&message).expect("a JSON value serialises");
                 line.push(b'\n');
@@ -93,6 +91,14 @@ impl Outbound {
 pub type ServerMessages = mpsc::Receiver<Message>;
 
 impl Upstream {
+    fn new(
+        to_server: mpsc::Sender<Value>,
+        pending: Pending,
+        process: Option<stdio::ServerProcess>,
+    ) -> Upstream {
+        Self::with_outbound(Outbound::Channel(to_server), pending, process)
+    }
+
     fn with_outbound(
         to_server: Outbound,
         pending: Pending,
@@ -137,29 +143,17 @@ impl Upstream {
     ) -> Result<Outcome, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         assigned(id);
-        let (sender, mut receiver) = oneshot::channel();
+        let (sender, receiver) = oneshot::channel();
         self.pending.lock().await.insert(id, sender);
         let mut message = json!({"jsonrpc": "2.0", "id": id, "method": method});
         if let Some(params) = params {
             message["params"] = params;
         }
-        let posting = match &self.to_server {
-            Outbound::Http(server) => Some(server.post(message)),
-            outbound => {
-                if let Err(error) = outbound.send(message).await {
-                    self.pending.lock().await.remove(&id);
-                    return Err(error);
-                }
-                None
-            }
-        };
-        let answer = async {
-            match posting {
-                Some(posting) => answer_while_posting(posting, &mut receiver).await,
-                None => (&mut receiver).await,
-            }
-        };
-        match tokio::time::timeout(self.request_timeout, answer).await {
+        if let Err(error) = self.to_server.send(message).await {
+            self.pending.lock().await.remove(&id);
+            return Err(error);
+        }
+        match tokio::time::timeout(self.request_timeout, receiver).await {
             Ok(answer) => answer.map_err(|_| UpstreamError::Closed),
             Err(_) => {
                 self.give_up(id).await;
@@ -222,25 +216,25 @@ impl Upstream {
     }
 }
 
-/// Waits for the answer to a request while its POST, which carries the answer back, runs in
-/// the same task (no hand-off to another task either way). A POST still reading when the
-/// answer is in (the end of an SSE stream, say) is finished in the background, so that its
-/// connection goes back to the pool.
-async fn answer_while_posting(
-    posting: impl Future<Output = ()> + Send + 'static,
-    answer: &mut oneshot::Receiver<Outcome>,
-) -> Result<Outcome, oneshot::error::RecvError> {
-    let mut posting = Box::pin(posting);
-    tokio::select! {
-        biased;
-        outcome = &mut *answer => {
-            // Not finished: it was pending when last polled, and the answer came from it or
-            // from a cancellation.
-            tokio::spawn(posting);
-            outcome
+/// Routes what the server sends: responses to their waiting callers, everything else to the
+/// session. Ends (failing every waiting caller) when the server's output ends.
+async fn route_server_output(
+    mut from_server: mpsc::Receiver<Value>,
+    pending: Pending,
+    to_session: mpsc::Sender<Message>,
+    label: Arc<str>,
+) {
+    let router = Router {
+        pending,
+        to_session,
+        label,
+    };
+    while let Some(value) = from_server.recv().await {
+        if !router.route(value).await {
+            break;
         }
-        () = &mut posting => answer.await,
     }
+    router.end().await;
 }
 
 /// Where the server's messages go: responses to their waiting callers, everything else to
