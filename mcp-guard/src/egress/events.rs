@@ -174,9 +174,17 @@ pub fn attribute(
 ) -> EgressAttempt {
     let owner = directory.owners.get(&raw.guarded_cgroup_id);
     let addr = unmapped(raw.addr);
-    let host = owner
-        .and_then(|o| directory.hosts.get(&o.server))
-        .and_then(|hosts| hosts.get(&addr))
+    // The host rule that allowed it names the host; else any host rule of the server that
+    // resolved to this address.
+    let allowed_by_host_rule = (raw.rule_id != RULE_DEFAULT_DENY)
+        .then(|| directory.rule_hosts.get(&raw.rule_id))
+        .flatten();
+    let host = allowed_by_host_rule
+        .or_else(|| {
+            owner
+                .and_then(|o| directory.hosts.get(&o.server))
+                .and_then(|hosts| hosts.get(&addr))
+        })
         .cloned();
     let rule = if raw.verdict == VERDICT_ALLOW || raw.rule_id != RULE_DEFAULT_DENY {
         directory
@@ -320,6 +328,32 @@ mod tests {
         assert_eq!(attempt.protocol, Protocol::Tcp);
         assert_eq!(attempt.hook, Hook::Connect6);
         assert_eq!(attempt.host.as_deref(), Some("api.example.com"));
+    }
+
+    #[test]
+    fn the_host_rule_that_allowed_a_connection_names_its_host() {
+        // Two host rules resolve to 10.0.0.1 (a shared front end, say); the address map keeps
+        // the first, but rule 6, which allowed this connection, is for the other host.
+        let mut directory = directory();
+        directory.rules.insert(6, Arc::from("web/egress/billing"));
+        directory.rule_hosts.insert(5, Arc::from("api.example.com"));
+        directory
+            .rule_hosts
+            .insert(6, Arc::from("billing.example.com"));
+        let addr = "::ffff:10.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        let allowed = attribute(
+            &raw(addr, VERDICT_ALLOW, 6),
+            &directory,
+            &MonotonicClock::now(),
+        );
+        assert_eq!(allowed.host.as_deref(), Some("billing.example.com"));
+        // A refused connection (no rule matched its port) falls back to the address's host.
+        let refused = attribute(
+            &raw(addr, VERDICT_REFUSE, 0),
+            &directory,
+            &MonotonicClock::now(),
+        );
+        assert_eq!(refused.host.as_deref(), Some("api.example.com"));
     }
 
     #[test]

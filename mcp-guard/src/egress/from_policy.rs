@@ -44,6 +44,7 @@ pub fn server_egress(policy: &Policy, resolver: &HostResolver) -> BTreeMap<Strin
                     for addr in resolver.addresses(&host) {
                         wanted.hosts.entry(addr).or_insert_with(|| host.clone());
                     }
+                    wanted.rule_hosts.insert(rule_id, host);
                 }
             }
             (name.clone(), wanted)

@@ -83,6 +83,8 @@ pub struct ServerEgress {
     pub entries: Vec<AllowEntry>,
     /// Printable name of each `rule_id` used in `entries` (`server/egress/<rule id>`).
     pub rule_names: BTreeMap<u32, String>,
+    /// The policy `host` of each host rule, by the same ids.
+    pub rule_hosts: BTreeMap<u32, String>,
     /// An existing cgroup (a service mcp-guard does not spawn) to guard with this allow-list.
     pub adopt_cgroup: Option<PathBuf>,
     /// Shadow or learn mode: what no rule allows is reported and let through.
@@ -108,6 +110,9 @@ pub struct Directory {
     pub rules: HashMap<u32, Arc<str>>,
     /// Per server, the policy `host` behind each address resolved for its egress rules.
     pub hosts: HashMap<Arc<str>, HashMap<IpAddr, Arc<str>>>,
+    /// The policy `host` of each host rule, by (host-wide) rule id: the host a connection that
+    /// rule allowed went to, even where several hosts resolve to its address.
+    pub rule_hosts: HashMap<u32, Arc<str>>,
 }
 
 pub type SharedDirectory = Arc<RwLock<Directory>>;
@@ -200,11 +205,12 @@ impl Egress {
     pub fn apply(&mut self, servers: &BTreeMap<String, ServerEgress>) -> Result<(), EgressError> {
         let mut compiled = Vec::new();
         let mut rule_names = HashMap::new();
+        let mut rule_hosts = HashMap::new();
         let mut hosts = HashMap::new();
         let mut new_guards = BTreeMap::new();
         for (server, wanted) in servers {
             let policy_id = self.allocate_policy_id();
-            let (entries, names) = self.renumber_rules(server, wanted);
+            let (entries, renumbered) = self.renumber_rules(wanted);
             let trie = allowlist::compile(policy_id, &entries).map_err(|source| {
                 EgressError::AllowList {
                     server: server.clone(),
@@ -212,7 +218,17 @@ impl Egress {
                 }
             })?;
             compiled.push(trie);
-            rule_names.extend(names);
+            for (id, local_id) in renumbered {
+                let name = wanted
+                    .rule_names
+                    .get(&local_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("{server}/egress/#{local_id}"));
+                rule_names.insert(id, Arc::from(name));
+                if let Some(host) = wanted.rule_hosts.get(&local_id) {
+                    rule_hosts.insert(id, Arc::from(host.as_str()));
+                }
+            }
             let flags = if wanted.record_only {
                 GUARD_FLAG_RECORD_ONLY
             } else {
@@ -235,6 +251,7 @@ impl Egress {
         {
             let mut directory = self.directory.write().expect("directory lock");
             directory.rules = rule_names;
+            directory.rule_hosts = rule_hosts;
             directory.hosts = hosts;
         }
         self.guards = new_guards;
@@ -244,14 +261,11 @@ impl Egress {
         Ok(())
     }
 
-    /// Gives each entry a host-unique rule id (events name rules by it) and records its name.
-    fn renumber_rules(
-        &mut self,
-        server: &str,
-        wanted: &ServerEgress,
-    ) -> (Vec<AllowEntry>, Vec<(u32, Arc<str>)>) {
+    /// Gives each entry a host-unique rule id (events name rules by it); the entries, and each
+    /// new id with the server's own id of its rule.
+    fn renumber_rules(&mut self, wanted: &ServerEgress) -> (Vec<AllowEntry>, Vec<(u32, u32)>) {
         let mut ids: HashMap<u32, u32> = HashMap::new();
-        let mut names = Vec::new();
+        let mut renumbered = Vec::new();
         let entries = wanted
             .entries
             .iter()
@@ -259,12 +273,7 @@ impl Egress {
                 let id = *ids.entry(entry.rule_id).or_insert_with(|| {
                     let id = self.next_rule_id;
                     self.next_rule_id += 1;
-                    let name = wanted
-                        .rule_names
-                        .get(&entry.rule_id)
-                        .cloned()
-                        .unwrap_or_else(|| format!("{server}/egress/#{}", entry.rule_id));
-                    names.push((id, Arc::from(name)));
+                    renumbered.push((id, entry.rule_id));
                     id
                 });
                 AllowEntry {
@@ -273,7 +282,7 @@ impl Egress {
                 }
             })
             .collect();
-        (entries, names)
+        (entries, renumbered)
     }
 
     fn allocate_policy_id(&mut self) -> u32 {
