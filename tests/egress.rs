@@ -844,3 +844,220 @@ fn teardown_removes_pins_and_cgroups() {
         env.cgroup_root.display()
     );
 }
+
+/// (h) A daemon finding pinned programs that differ from its own (an earlier version's)
+/// replaces them: here one pinned link of the guarded root is swapped, with the daemon down,
+/// for a link to a one-instruction program that allows every connect, as an older build that
+/// let everything through would. Meanwhile the running probe's undeclared connect goes
+/// through; the next daemon says it replaced pinned programs, the older program is gone from
+/// the kernel, and the same probe is refused again.
+#[test]
+fn a_new_daemon_replaces_the_pinned_programs_of_an_earlier_version() {
+    let world = World::new();
+    let (env, mut daemon) = start("replace", &world);
+    let undeclared = tcp(world.undeclared_tcp4.addr);
+    let mut running = env.interactive_probe(SERVER, Some("sess-replace"));
+    assert_guarded(&env, &running.ready);
+    assert_eq!(running.result(&undeclared), "EPERM", "with our programs");
+    let status = daemon.kill9();
+    assert!(!status.success(), "the daemon was killed: {status}");
+
+    let pin = connect4_link_pin(&env);
+    let older = raw_bpf::allow_all_connect4();
+    let cgroup = std::fs::File::open(&env.cgroup_root).expect("open the cgroup root");
+    let link = raw_bpf::link_create(&older, &cgroup);
+    std::fs::remove_file(&pin).expect("remove the pinned connect4 link");
+    raw_bpf::pin(&link, &pin);
+    let older_id = raw_bpf::prog_id(&older);
+    // The pin now holds the only reference to the older program.
+    drop((older, link));
+    assert_eq!(
+        running.result(&undeclared),
+        "ok",
+        "the older program lets every connect through"
+    );
+
+    let second = env.spawn_daemon();
+    second.wait_for_message("replaced pinned programs of an earlier version", TIMEOUT);
+    second.wait_for_message("ready", TIMEOUT);
+    assert!(
+        poll_until(TIMEOUT, || !raw_bpf::prog_exists(older_id)),
+        "the older program (id {older_id}) is still loaded"
+    );
+    assert_eq!(
+        running.result(&undeclared),
+        "EPERM",
+        "the same probe under the new daemon"
+    );
+}
+
+/// The pinned link of the connect4 program on the test's guarded root.
+fn connect4_link_pin(env: &TestEnv) -> std::path::PathBuf {
+    let links = env.bpffs.join("links");
+    std::fs::read_dir(&links)
+        .expect("the links directory")
+        .map(|entry| entry.unwrap().path())
+        .find(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("connect4@"))
+        })
+        .unwrap_or_else(|| panic!("no connect4 link pinned in {}", links.display()))
+}
+
+/// Just enough of bpf(2) to stand in for an earlier build's program: load a cgroup connect4
+/// program, link it to a cgroup, pin the link, and look programs up by id.
+mod raw_bpf {
+    use std::ffi::CString;
+    use std::fs::File;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+
+    fn bpf<T>(command: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+        // SAFETY: `attr` is a zero-padded bpf_attr prefix for `command`, valid for the call.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                command,
+                attr as *mut T as *mut libc::c_void,
+                std::mem::size_of::<T>() as libc::c_uint,
+            )
+        };
+        if result < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(result)
+        }
+    }
+
+    fn owned(fd: libc::c_long) -> OwnedFd {
+        // SAFETY: a file descriptor bpf(2) just returned, owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+
+    /// `r0 = 1; exit`: allow.
+    pub fn allow_all_connect4() -> OwnedFd {
+        let insns: [u64; 2] = [
+            // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 1 (little-endian layout).
+            0xb7 | (1u64 << 32),
+            // BPF_JMP | BPF_EXIT.
+            0x95,
+        ];
+        let license = CString::new("GPL").unwrap();
+        let mut attr = ProgLoad {
+            prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+            ..ProgLoad::default()
+        };
+        attr.prog_name[..7].copy_from_slice(b"older_c");
+        owned(bpf(BPF_PROG_LOAD, &mut attr).expect("load the stand-in program"))
+    }
+
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        rest: [u64; 4],
+    }
+
+    pub fn link_create(program: &OwnedFd, cgroup: &File) -> OwnedFd {
+        let mut attr = LinkCreate {
+            prog_fd: program.as_raw_fd() as u32,
+            target_fd: cgroup.as_raw_fd() as u32,
+            attach_type: BPF_CGROUP_INET4_CONNECT,
+            flags: 0,
+            rest: [0; 4],
+        };
+        owned(bpf(BPF_LINK_CREATE, &mut attr).expect("link the stand-in program"))
+    }
+
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+
+    pub fn pin(link: &OwnedFd, path: &Path) {
+        let path = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let mut attr = ObjPin {
+            pathname: path.as_ptr() as u64,
+            bpf_fd: link.as_raw_fd() as u32,
+            file_flags: 0,
+        };
+        bpf(BPF_OBJ_PIN, &mut attr).expect("pin the stand-in link");
+    }
+
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+
+    pub fn prog_id(program: &OwnedFd) -> u32 {
+        // bpf_prog_info starts with `type` and `id`; the rest stays zero.
+        let mut info = [0u32; 64];
+        let mut attr = InfoByFd {
+            bpf_fd: program.as_raw_fd() as u32,
+            info_len: std::mem::size_of_val(&info) as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).expect("read the stand-in program's id");
+        info[1]
+    }
+
+    #[repr(C)]
+    struct GetFdById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+
+    /// Whether a program with this id is still loaded.
+    pub fn prog_exists(id: u32) -> bool {
+        let mut attr = GetFdById {
+            id,
+            next_id: 0,
+            open_flags: 0,
+        };
+        match bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) {
+            Ok(fd) => {
+                drop(owned(fd));
+                true
+            }
+            Err(error) => error.raw_os_error() != Some(libc::ENOENT),
+        }
+    }
+}
