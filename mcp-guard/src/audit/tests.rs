@@ -175,7 +175,9 @@ async fn concurrent_appends_get_distinct_consecutive_seqs() {
     assert_eq!(verify_log(dir.path()).unwrap().records, 200);
 }
 
-#[tokio::test]
+// On the multi-threaded runtime, as in the daemon: the next flush runs on a blocking thread,
+// which must be able to call `block_in_place`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_written_during_a_flush_share_the_next_flush() {
     let dir = tempfile::tempdir().unwrap();
     let settings = settings(dir.path());

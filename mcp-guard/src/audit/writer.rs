@@ -23,8 +23,8 @@
 //! With `durable_before: "answer"` (and `fsync` on), a forwarded call's decision record goes
 //! through [`AuditLog::append_decision`], which writes it at once (never queued) and returns:
 //! the kernel has it, so it survives a crash of mcp-guard. The call's outcome record then
-//! waits for a flush as usual; `fdatasync` flushes the whole file, so one flush makes both records durable before
-//! the answer is returned. A file is rotated away only after a flush.
+//! waits for a flush as usual; `fdatasync` flushes the whole file, so one flush makes both
+//! records durable before the answer is returned. A file is rotated away only after a flush.
 //!
 //! A failed write leaves the file as it was before it (whatever part reached the file is cut
 //! before the next write), fails every append of its group, and keeps the chain where it was;
@@ -98,7 +98,7 @@ pub struct AuditLog {
 struct Shared {
     /// The file and the chain's end: held to stamp and write records, never across a flush.
     writer: std::sync::Mutex<Writer>,
-    /// How far the file is flushed, whether a flush is running, and who waits for one.
+    /// Whether a flush is running, and the records queued for the next.
     flushes: std::sync::Mutex<Flushes>,
     torn_bytes_cut: u64,
     settings: AuditSettings,
@@ -134,13 +134,6 @@ enum Next {
     Run(Vec<Vec<u8>>),
     /// Wait for the running flush's successor to write and flush them.
     Wait(oneshot::Receiver<Result<u64, AuditError>>),
-}
-
-/// Who runs a flush: an append on its own task, or the blocking thread of [`AuditLog::hand_on`].
-#[derive(Clone, Copy)]
-enum Caller {
-    Append,
-    Flusher,
 }
 
 impl AuditLog {
@@ -251,7 +244,7 @@ impl AuditLog {
         match next {
             Next::Wait(durable) => durable.await.map_err(|_| AuditError::Closed)?,
             Next::Run(bodies) => {
-                let durable = self.write_and_flush(&bodies, Caller::Append);
+                let durable = self.write_and_flush(&bodies);
                 self.hand_on();
                 durable
             }
@@ -260,7 +253,7 @@ impl AuditLog {
 
     /// Writes `own` and everything queued with one write, flushes the file, and answers the
     /// queued appends; the first seq of `own` (meaningless when it is empty), once durable.
-    fn write_and_flush(&self, own: &[Vec<u8>], caller: Caller) -> Result<u64, AuditError> {
+    fn write_and_flush(&self, own: &[Vec<u8>]) -> Result<u64, AuditError> {
         let queued = std::mem::take(&mut self.lock_flushes().queued);
         let all: Vec<&[u8]> = own
             .iter()
@@ -268,7 +261,7 @@ impl AuditLog {
             .map(Vec::as_slice)
             .collect();
         let durable = self.write_slices(&all).and_then(|(first, file)| {
-            self.flush(&file, caller)?;
+            self.flush(&file)?;
             Ok(first)
         });
         let mut seq = durable.as_ref().map_or(0, |first| first + own.len() as u64);
@@ -291,15 +284,15 @@ impl AuditLog {
     }
 
     /// Flushes `file` (the live file when its records were written).
-    fn flush(&self, file: &File, caller: Caller) -> Result<(), Arc<io::Error>> {
+    fn flush(&self, file: &File) -> Result<(), Arc<io::Error>> {
         #[cfg(test)]
         let flushed = if take_one(&self.shared.fail_flushes) {
             Err(io::Error::from_raw_os_error(libc::EIO))
         } else {
-            self.sync_file(file, caller)
+            outside_the_runtime(|| file.sync_data())
         };
         #[cfg(not(test))]
-        let flushed = self.sync_file(file, caller);
+        let flushed = outside_the_runtime(|| file.sync_data());
         match flushed {
             Ok(()) => {
                 self.lock_flushes().count += 1;
@@ -313,13 +306,6 @@ impl AuditLog {
                 );
                 Err(Arc::new(error))
             }
-        }
-    }
-
-    fn sync_file(&self, file: &File, caller: Caller) -> io::Result<()> {
-        match caller {
-            Caller::Append => outside_the_runtime(|| file.sync_data()),
-            Caller::Flusher => file.sync_data(),
         }
     }
 
@@ -351,7 +337,7 @@ impl AuditLog {
                     return;
                 }
             }
-            let _ = self.write_and_flush(&[], Caller::Flusher);
+            let _ = self.write_and_flush(&[]);
         }
     }
 
@@ -475,12 +461,13 @@ fn serialise(record: &AuditRecord) -> Vec<u8> {
     serde_json::to_vec(record).expect("an audit record always serialises")
 }
 
-/// Runs `blocking` (a write and a flush) on this thread, telling tokio's multi-threaded
-/// runtime first so that it moves this worker's other tasks to another thread meanwhile. On a
-/// current-thread runtime (the stdio front, tests) there is nothing to move.
+/// Runs `blocking` (a flush) on this thread, telling tokio's multi-threaded runtime first so
+/// that it moves this worker's other tasks to another thread meanwhile. On a current-thread
+/// runtime (the stdio front, tests) there is nothing to move; on a blocking thread (the
+/// flusher of [`AuditLog::hand_on`]) `block_in_place` just runs it.
 fn outside_the_runtime<T>(blocking: impl FnOnce() -> T) -> T {
     match Handle::try_current().map(|handle| handle.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) if false => tokio::task::block_in_place(blocking),
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(blocking),
         _ => blocking(),
     }
 }
