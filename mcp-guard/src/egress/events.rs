@@ -174,12 +174,11 @@ pub fn attribute(
 ) -> EgressAttempt {
     let owner = directory.owners.get(&raw.guarded_cgroup_id);
     let addr = unmapped(raw.addr);
-    // The host rule that allowed it names the host; else any host rule of the server that
-    // resolved to this address.
-    let allowed_by_host_rule = (raw.rule_id != RULE_DEFAULT_DENY)
-        .then(|| directory.rule_hosts.get(&raw.rule_id))
-        .flatten();
-    let host = allowed_by_host_rule
+    // The host rule that matched names the host (a refusal's RULE_DEFAULT_DENY is no rule's
+    // id); else any host rule of the server that resolved to this address.
+    let host = directory
+        .rule_hosts
+        .get(&raw.rule_id)
         .or_else(|| {
             owner
                 .and_then(|o| directory.hosts.get(&o.server))
