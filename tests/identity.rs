@@ -87,27 +87,13 @@ fn bearer(token: &str) -> String {
 // Raw HTTP
 // ---------------------------------------------------------------------------------------------
 
-/// One HTTP answer of the front, its body parsed as JSON (null if none).
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    body: Value,
-    http: HttpAnswer,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.http.header(name)
-    }
-}
-
 /// Sends one request on its own connection (`Connection: close`) and reads the whole answer.
 fn request(
     addr: SocketAddr,
     method: &str,
     headers: &[(&str, &str)],
     body: Option<&Value>,
-) -> Answer {
+) -> JsonAnswer {
     request_to(addr, SERVER, method, headers, body)
 }
 
@@ -118,20 +104,16 @@ fn request_to(
     method: &str,
     headers: &[(&str, &str)],
     body: Option<&Value>,
-) -> Answer {
+) -> JsonAnswer {
     let body = body.map(Value::to_string).unwrap_or_default();
     let path = format!("/servers/{server}/mcp");
-    let answer = http_exchange(addr, method, &path, headers, &body)
-        .unwrap_or_else(|err| panic!("{method} {path}: {err}"));
-    Answer {
-        status: answer.status,
-        body: answer.json(),
-        http: answer,
-    }
+    http_exchange(addr, method, &path, headers, &body)
+        .unwrap_or_else(|err| panic!("{method} {path}: {err}"))
+        .into()
 }
 
 /// POSTs a JSON-RPC message with `extra` headers (the Authorization header among them).
-fn post(addr: SocketAddr, extra: &[(&str, &str)], message: &Value) -> Answer {
+fn post(addr: SocketAddr, extra: &[(&str, &str)], message: &Value) -> JsonAnswer {
     let mut headers = vec![
         ("Content-Type", "application/json"),
         ("Accept", "application/json, text/event-stream"),
@@ -184,7 +166,7 @@ impl<'a> Session<'a> {
     }
 
     /// POSTs in this session with `auth` instead of the session's own credentials.
-    fn post_as(&self, auth: &[(&str, &str)], message: &Value) -> Answer {
+    fn post_as(&self, auth: &[(&str, &str)], message: &Value) -> JsonAnswer {
         let mut headers = vec![
             ("Mcp-Session-Id", self.id.as_str()),
             ("MCP-Protocol-Version", HANDSHAKE),
@@ -237,7 +219,7 @@ fn assert_policy_denied(answer: &Value, rule: &str) {
 }
 
 /// A 401 with the Bearer challenge of mcp-guard and a JSON-RPC error body.
-fn assert_unauthorised(answer: &Answer, description: &str) {
+fn assert_unauthorised(answer: &JsonAnswer, description: &str) {
     assert_eq!(answer.status, 401, "{answer:?}");
     let challenge = answer
         .header("www-authenticate")

@@ -1146,6 +1146,30 @@ impl HttpAnswer {
     }
 }
 
+/// An HTTP answer with its body parsed as JSON (`null` when it is not JSON).
+#[derive(Debug)]
+pub struct JsonAnswer {
+    pub status: u16,
+    pub body: Value,
+    pub http: HttpAnswer,
+}
+
+impl JsonAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.http.header(name)
+    }
+}
+
+impl From<HttpAnswer> for JsonAnswer {
+    fn from(http: HttpAnswer) -> Self {
+        JsonAnswer {
+            status: http.status,
+            body: http.json(),
+            http,
+        }
+    }
+}
+
 /// Sends one request on its own connection (`Connection: close`, `Content-Length`) and reads
 /// the whole answer, de-chunked. An error when no whole answer came back (the server died, a
 /// body shorter than its `Content-Length`).

@@ -48,18 +48,6 @@ fn loopback(port: u16) -> SocketAddr {
 // A minimal MCP client over the daemon's HTTP front
 // ---------------------------------------------------------------------------------------------
 
-struct Answer {
-    status: u16,
-    body: Value,
-    http: HttpAnswer,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.http.header(name)
-    }
-}
-
 /// POSTs `message` to `/servers/{server}/mcp`; an error when no whole answer came back (the
 /// daemon died, say).
 fn post(
@@ -67,7 +55,7 @@ fn post(
     server: &str,
     session: Option<&str>,
     message: &Value,
-) -> std::io::Result<Answer> {
+) -> std::io::Result<JsonAnswer> {
     let mut headers = vec![
         ("Content-Type", "application/json"),
         ("Accept", "application/json, text/event-stream"),
@@ -77,12 +65,7 @@ fn post(
         headers.push(("Mcp-Session-Id", session));
     }
     let path = format!("/servers/{server}/mcp");
-    let answer = http_exchange(addr, "POST", &path, &headers, &message.to_string())?;
-    Ok(Answer {
-        status: answer.status,
-        body: answer.json(),
-        http: answer,
-    })
+    Ok(http_exchange(addr, "POST", &path, &headers, &message.to_string())?.into())
 }
 
 fn rpc(id: u64, method: &str, params: Value) -> Value {
