@@ -1109,12 +1109,41 @@ pub fn run_command_within(mut cmd: Command, what: &str, timeout: Duration) -> Pr
     run_to_completion_within(cmd, what, timeout)
 }
 
-/// A loopback TCP port that was free a moment ago (for a daemon to bind).
+/// A loopback TCP port that is free now, for a daemon to bind later. It is taken below the
+/// kernel's ephemeral range, so that no other socket (an outgoing connection, another test's
+/// `bind(0)`) can be given it in between: a port `bind(0)` had just handed out and released
+/// was seen taken again before the daemon started. Within this process ports are handed out in
+/// turn, from a start that differs per process.
 pub fn free_loopback_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral loopback port")
-        .port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const LOWEST: usize = 10_000;
+    let Some(ephemeral_low) = ephemeral_port_range_start().filter(|&low| low > LOWEST + 1000)
+    else {
+        return TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("bind an ephemeral loopback port")
+            .port();
+    };
+    let span = ephemeral_low - LOWEST;
+    let start = std::process::id() as usize * 7919 % span;
+    for _ in 0..span {
+        let port = LOWEST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(port).expect("below the ephemeral range");
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOWEST} and {ephemeral_low}");
+}
+
+/// The first port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
+fn ephemeral_port_range_start() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// `GET path` over plain HTTP/1.1 (`Connection: close`): the status code and the body
