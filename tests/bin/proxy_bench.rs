@@ -47,6 +47,13 @@
 //! After every round the bench itself appends 50 record-sized lines (600 bytes) to a file in
 //! the audit log's directory, each followed by `fdatasync`, and reports their p50 and p99: what
 //! the disk alone costs one durable record in this run, to set against the added latency.
+//! It also times 50 one-way wake-ups of a thread asleep on a socket, woken by a write from
+//! the other CPU (each thread pinned to one), 100 µs apart so that the sleeper's CPU goes idle
+//! for about as long as a hop's does inside a guarded call: what every extra hop on a guarded
+//! path pays before any work is done. On a KVM guest the line names `guest_halt_poll_ns` (the `haltpoll` cpuidle
+//! driver), which decides that cost: at 0 an idle CPU halts and its wake-up goes through the
+//! hypervisor. `--halt-poll-ns N` sets it for the run and puts the old value back at the end
+//! (not when the bench is killed).
 //!
 //! Targets (for comparison, not assertions): at most 100 µs added at p50 and 500 µs at p99.
 //!
@@ -57,7 +64,7 @@
 //! default: theirs), `--no-audit-fsync` (the audit log, in the bench's temporary directory on
 //! the disk, is durable by default), `--durable-before forward|answer` (the policy's
 //! `audit.durable_before`; left out of the policy unless given, so an older `--guard` runs),
-//! `--json`. Binaries: `--guard PATH` and `--fast-server
+//! `--halt-poll-ns N`, `--json`. Binaries: `--guard PATH` and `--fast-server
 //! PATH` (default: next to this one), `--peers DIR` (default `$MCP_GUARD_PEERS_DIR` or
 //! `target/mcp-peers`).
 
@@ -98,6 +105,7 @@ struct Options {
     daemon_log: Option<String>,
     audit_fsync: bool,
     durable_before: Option<String>,
+    halt_poll_ns: Option<u64>,
     json: bool,
     guard: PathBuf,
     fast_server: PathBuf,
@@ -121,6 +129,7 @@ fn parse_options() -> Result<Options, String> {
         daemon_log: None,
         audit_fsync: true,
         durable_before: None,
+        halt_poll_ns: None,
         json: false,
         guard: here.join("mcp-guard"),
         fast_server: here.join("mcp-fast-server"),
@@ -150,6 +159,7 @@ fn parse_options() -> Result<Options, String> {
                 }
                 options.durable_before = Some(when);
             }
+            "--halt-poll-ns" => options.halt_poll_ns = Some(parse(&value()?)?),
             "--json" => options.json = true,
             "--guard" => options.guard = PathBuf::from(value()?),
             "--fast-server" => options.fast_server = PathBuf::from(value()?),
@@ -1199,6 +1209,8 @@ async fn run(options: Options) -> Result<(), String> {
     if configs.is_empty() {
         return Err("no configuration selected".into());
     }
+    // Put back when the run ends, however it ends.
+    let _halt_poll = options.halt_poll_ns.map(halt_poll::set).transpose()?;
     let mut host = start_host(&options)?;
     eprintln!(
         "proxy-bench: daemon on 127.0.0.1:{} (egress on, cgroups under {}), fast server on 127.0.0.1:{}; logs in {}",
@@ -1222,14 +1234,14 @@ async fn run(options: Options) -> Result<(), String> {
         let _ = dir.keep();
         eprintln!("proxy-bench: logs kept in {}", kept.display());
     }
-    let (cells, disk_ns) = outcome?;
+    let (cells, probes) = outcome?;
     let started = Instant::now();
     host.teardown()?;
     eprintln!(
         "proxy-bench: daemon stopped, egress torn down ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
-    report(&options, &configs, &cells, &disk_ns);
+    report(&options, &configs, &cells, &probes);
     Ok(())
 }
 
@@ -1257,17 +1269,136 @@ fn disk_samples(
     Ok(())
 }
 
+/// What the machine itself costs, measured between the rounds beside the calls.
+#[derive(Default)]
+struct MachineProbes {
+    /// Append + `fdatasync` of one record-sized line: one durable record.
+    disk_ns: Vec<u64>,
+    /// One wake-up of a thread asleep on the other CPU: what each extra hop (agent → guard,
+    /// guard → server and back) pays before any work is done.
+    wake_ns: Vec<u64>,
+}
+
+const WAKE_SAMPLES_PER_ROUND: usize = 50;
+/// About as long as a guarded call leaves a hop's CPU idle (the server's or the agent's turn),
+/// so the sleeping thread's CPU goes idle as it does inside a call.
+const WAKE_GAP: Duration = Duration::from_micros(100);
+
+/// Times `samples` one-way wake-ups: a thread pinned to the first CPU writes its clock reading
+/// to a socket that a thread pinned to the second CPU sleeps on; the sleeper's clock on waking,
+/// less the reading, is one sample. With one CPU both run there unpinned.
+fn wake_samples(samples: usize, out: &mut Vec<u64>) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    let (mut waker, mut sleeper) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| format!("wake probe: {e}"))?;
+    let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let base = Instant::now();
+    std::thread::scope(|scope| {
+        let sleeping = scope.spawn(move || -> Result<Vec<u64>, String> {
+            if two_cpus {
+                pin_to_cpu(1)?;
+            }
+            let mut woken = Vec::with_capacity(samples);
+            let mut reading = [0u8; 8];
+            for _ in 0..samples {
+                sleeper
+                    .read_exact(&mut reading)
+                    .map_err(|e| format!("wake probe: {e}"))?;
+                let now = base.elapsed().as_nanos() as u64;
+                woken.push(now.saturating_sub(u64::from_le_bytes(reading)));
+            }
+            Ok(woken)
+        });
+        let waking = scope.spawn(move || -> Result<(), String> {
+            if two_cpus {
+                pin_to_cpu(0)?;
+            }
+            for _ in 0..samples {
+                std::thread::sleep(WAKE_GAP);
+                let now = base.elapsed().as_nanos() as u64;
+                waker
+                    .write_all(&now.to_le_bytes())
+                    .map_err(|e| format!("wake probe: {e}"))?;
+            }
+            Ok(())
+        });
+        waking
+            .join()
+            .map_err(|_| "wake probe: the waker panicked")??;
+        out.extend(
+            sleeping
+                .join()
+                .map_err(|_| "wake probe: the sleeper panicked")??,
+        );
+        Ok(())
+    })
+}
+
+fn pin_to_cpu(cpu: usize) -> Result<(), String> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity only read and
+    // write the set passed by reference, for the calling thread (pid 0).
+    let result = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if result != 0 {
+        return Err(format!(
+            "wake probe: pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// The guest's halt polling (Linux `haltpoll` cpuidle driver, on KVM guests): how long an idle
+/// CPU polls for work before it halts. At 0 every idle CPU halts, and waking it goes through
+/// the hypervisor, which dominates a hop on such a machine.
+mod halt_poll {
+    const PARAMETER: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
+    /// The setting, where the machine has one.
+    pub fn current() -> Option<u64> {
+        std::fs::read_to_string(PARAMETER).ok()?.trim().parse().ok()
+    }
+
+    /// Sets it for the bench's run; dropping this puts the old value back.
+    pub struct Override {
+        previous: u64,
+    }
+
+    pub fn set(ns: u64) -> Result<Override, String> {
+        let previous = current().ok_or_else(|| {
+            format!("--halt-poll-ns: {PARAMETER} is missing (not a guest with the haltpoll driver)")
+        })?;
+        std::fs::write(PARAMETER, ns.to_string())
+            .map_err(|e| format!("--halt-poll-ns: writing {PARAMETER}: {e}"))?;
+        Ok(Override { previous })
+    }
+
+    impl Drop for Override {
+        fn drop(&mut self) {
+            if let Err(e) = std::fs::write(PARAMETER, self.previous.to_string()) {
+                eprintln!(
+                    "proxy-bench: could not restore {PARAMETER} to {}: {e}",
+                    self.previous
+                );
+            }
+        }
+    }
+}
+
 async fn measure(
     options: &Options,
     configs: &[&'static Config],
     host: &Host,
-) -> Result<(Vec<Cell>, Vec<u64>), String> {
+) -> Result<(Vec<Cell>, MachineProbes), String> {
     let mut disk_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(host.dir.path().join("disk-probe.jsonl"))
         .map_err(|e| format!("disk probe: {e}"))?;
-    let mut disk_ns = Vec::new();
+    let mut probes = MachineProbes::default();
     let metrics_client = http_client()?;
     let highest = *options.concurrency.iter().max().expect("some concurrency");
     let mut sessions = Vec::new();
@@ -1332,7 +1463,8 @@ async fn measure(
             cell.latencies_ns.extend(latencies);
             cell.wall += wall;
         }
-        disk_samples(&mut disk_file, DISK_SAMPLES_PER_ROUND, &mut disk_ns)?;
+        disk_samples(&mut disk_file, DISK_SAMPLES_PER_ROUND, &mut probes.disk_ns)?;
+        wake_samples(WAKE_SAMPLES_PER_ROUND, &mut probes.wake_ns)?;
         eprintln!(
             "proxy-bench: round {}/{} done ({:.1} s)",
             round + 1,
@@ -1362,8 +1494,9 @@ async fn measure(
     for cell in &mut cells {
         cell.latencies_ns.sort_unstable();
     }
-    disk_ns.sort_unstable();
-    Ok((cells, disk_ns))
+    probes.disk_ns.sort_unstable();
+    probes.wake_ns.sort_unstable();
+    Ok((cells, probes))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1435,9 +1568,12 @@ fn rows(configs: &[&'static Config], cells: &[Cell]) -> Vec<Row> {
     rows
 }
 
-fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], disk_ns: &[u64]) {
+fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], probes: &MachineProbes) {
     let rows = rows(configs, cells);
+    let disk_ns = &probes.disk_ns;
     let disk_us = |p| percentile(disk_ns, p) as f64 / 1000.0;
+    let wake_us = |p| percentile(&probes.wake_ns, p) as f64 / 1000.0;
+    let halt_poll_ns = halt_poll::current();
     if options.json {
         let results: Vec<Value> = rows
             .iter()
@@ -1493,6 +1629,12 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], disk_n
                 "samples": disk_ns.len(),
                 "record_bytes": DISK_RECORD_BYTES,
             },
+            "cross_cpu_wake_us": {
+                "p50": round2(wake_us(0.5)),
+                "p99": round2(wake_us(0.99)),
+                "samples": probes.wake_ns.len(),
+            },
+            "guest_halt_poll_ns": halt_poll_ns,
             "results": results,
         });
         println!(
@@ -1596,6 +1738,18 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], disk_n
                 " (the daemon's log: durable_before \"answer\", one flush per call)"
             }
             (true, _) => "",
+        }
+    );
+    let _ = writeln!(
+        out,
+        "wake-up: a thread asleep on a socket, woken by a write from the other CPU, {} samples \
+         across the rounds: p50 {:.1} us, p99 {:.1} us{}",
+        probes.wake_ns.len(),
+        wake_us(0.5),
+        wake_us(0.99),
+        match halt_poll_ns {
+            Some(ns) => format!(" (guest_halt_poll_ns {ns})"),
+            None => String::new(),
         }
     );
     let _ = writeln!(

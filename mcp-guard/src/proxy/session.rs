@@ -81,6 +81,13 @@ pub struct AgentSession {
     handshake: tokio::sync::watch::Sender<Handshake>,
 }
 
+/// The server process a session talks to, and what holds it.
+struct SessionServer {
+    upstream: Arc<Upstream>,
+    shared: Option<Arc<SharedServer>>,
+    cgroup: Option<PlacedCgroup>,
+}
+
 /// The initialize handshake of a session, as far as mcp-guard has seen it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Handshake {
@@ -330,22 +337,17 @@ impl SharedServer {
             .lock()
             .expect("subscribers lock")
             .push(to_agent);
-        Arc::new(AgentSession {
+        Arc::new(AgentSession::fresh(
             id,
-            server: server.to_owned(),
+            server,
             caller,
-            upstream: self.upstream.clone(),
-            shared: Some(self.clone()),
-            catalog: Mutex::new(None),
-            outbox: Mutex::new(Some(outbox)),
-            cgroup: None,
-            calls: std::sync::Mutex::new(CallSpans::default()),
-            ended: tokio::sync::watch::Sender::new(false),
-            upstream_ids: std::sync::Mutex::new(HashMap::new()),
-            era: tokio::sync::OnceCell::new(),
-            activity: SessionActivity::fresh(),
-            handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
-        })
+            SessionServer {
+                upstream: self.upstream.clone(),
+                shared: Some(self.clone()),
+                cgroup: None,
+            },
+            outbox,
+        ))
     }
 
     /// The server's answer to the first `initialize`, sent once.
@@ -427,22 +429,17 @@ fn assemble(
     cgroup: Option<PlacedCgroup>,
 ) -> Arc<AgentSession> {
     let (to_agent, outbox) = mpsc::channel(AGENT_OUTBOX);
-    let session = Arc::new(AgentSession {
+    let session = Arc::new(AgentSession::fresh(
         id,
-        server: server.to_owned(),
+        server,
         caller,
-        upstream: Arc::new(upstream),
-        shared: None,
-        catalog: Mutex::new(None),
-        outbox: Mutex::new(Some(outbox)),
-        cgroup,
-        calls: std::sync::Mutex::new(CallSpans::default()),
-        ended: tokio::sync::watch::Sender::new(false),
-        upstream_ids: std::sync::Mutex::new(HashMap::new()),
-        era: tokio::sync::OnceCell::new(),
-        activity: SessionActivity::fresh(),
-        handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
-    });
+        SessionServer {
+            upstream: Arc::new(upstream),
+            shared: None,
+            cgroup,
+        },
+        outbox,
+    ));
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
         Arc::downgrade(&session),
@@ -462,6 +459,32 @@ impl SessionActivity {
 }
 
 impl AgentSession {
+    /// A session before its first message: no catalog, no calls, handshake not started.
+    fn fresh(
+        id: String,
+        server: &str,
+        caller: Caller,
+        process: SessionServer,
+        outbox: mpsc::Receiver<Value>,
+    ) -> Self {
+        Self {
+            id,
+            server: server.to_owned(),
+            caller,
+            upstream: process.upstream,
+            shared: process.shared,
+            catalog: Mutex::new(None),
+            outbox: Mutex::new(Some(outbox)),
+            cgroup: process.cgroup,
+            calls: std::sync::Mutex::new(CallSpans::default()),
+            ended: tokio::sync::watch::Sender::new(false),
+            upstream_ids: std::sync::Mutex::new(HashMap::new()),
+            era: tokio::sync::OnceCell::new(),
+            activity: SessionActivity::fresh(),
+            handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
+        }
+    }
+
     /// Notes that the agent sent `initialize`, in the order its messages arrived (before any
     /// of them is handled), so that requests sent after it wait for its answer.
     pub fn note_initialize_sent(&self) {
