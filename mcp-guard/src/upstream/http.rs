@@ -56,7 +56,8 @@ struct ServerSession {
 
 struct Connection {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once: every request reuses it.
+    url: reqwest::Url,
     session: RwLock<ServerSession>,
     incoming: mpsc::Sender<Value>,
     label: Arc<str>,
@@ -75,6 +76,8 @@ pub fn connect(
             "{url}: upstream URLs must be http:// or https://"
         )));
     }
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| UpstreamError::Unsupported(format!("{url}: {e}")))?;
     let client = client_trusting(tls_ca_file)?;
     let (to_server, outgoing) = mpsc::channel::<Value>(256);
     let (incoming_sender, incoming) = mpsc::channel::<Value>(256);
@@ -82,7 +85,7 @@ pub fn connect(
     let pending = Arc::new(Mutex::new(Default::default()));
     let connection = Arc::new(Connection {
         client,
-        url: url.to_owned(),
+        url: parsed,
         session: RwLock::new(ServerSession::default()),
         incoming: incoming_sender,
         label: label.clone(),
@@ -138,7 +141,7 @@ async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
     loop {
         let mut request = connection
             .client
-            .get(&connection.url)
+            .get(connection.url.clone())
             .header("accept", "text/event-stream");
         {
             let session = connection.session.read().await;
@@ -182,7 +185,7 @@ async fn end_server_session(connection: &Connection) {
     };
     let request = connection
         .client
-        .delete(&connection.url)
+        .delete(connection.url.clone())
         .header("mcp-session-id", id)
         .timeout(std::time::Duration::from_secs(5));
     if let Err(e) = request.send().await {
@@ -196,7 +199,7 @@ async fn post(connection: &Connection, message: Value) {
     let is_initialize = message.get("method").and_then(Value::as_str) == Some("initialize");
     let mut request = connection
         .client
-        .post(&connection.url)
+        .post(connection.url.clone())
         .header("accept", "application/json, text/event-stream")
         .header("content-type", "application/json");
     // The identity mcp-guard stamped into `_meta` travels as headers too (traceparent,
