@@ -265,6 +265,19 @@ impl TestEnv {
         self.dir.path()
     }
 
+    /// A fresh directory `files` in this environment, by its canonical path (what
+    /// server-filesystem compares the paths it is given with), holding `readme.txt` with
+    /// `readme` when given.
+    pub fn files_dir(&self, readme: Option<&str>) -> PathBuf {
+        let root = self.dir().join("files");
+        std::fs::create_dir(&root).expect("creating the files directory");
+        let root = std::fs::canonicalize(&root).expect("resolving the files directory");
+        if let Some(readme) = readme {
+            std::fs::write(root.join("readme.txt"), readme).expect("writing readme.txt");
+        }
+        root
+    }
+
     /// The whole policy document for `servers` (a JSON object `name → {"egress": [...]}`),
     /// with this environment's locations in the `daemon` section.
     pub fn policy(&self, servers: Value) -> Value {

@@ -329,10 +329,7 @@ fn allowed_calls_return_what_the_server_returns_directly() {
 fn denied_write_is_refused_and_never_reaches_the_server() {
     let env = TestEnv::new("proxy-deny", PROBE);
     let peers = Peers::require();
-    let root = env.dir().join("files");
-    std::fs::create_dir(&root).unwrap();
-    let root = std::fs::canonicalize(&root).unwrap();
-    std::fs::write(root.join("readme.txt"), "hello from the test\n").unwrap();
+    let root = env.files_dir(Some("hello from the test\n"));
     let servers = json!({
         "files": stdio_server(peers.filesystem(&root), vec![
             list_tools_rule(),
@@ -399,10 +396,7 @@ fn denied_write_is_refused_and_never_reaches_the_server() {
 fn explicitly_denied_tool_is_hidden_and_never_reaches_the_server() {
     let env = TestEnv::new("proxy-hidden-write", PROBE);
     let peers = Peers::require();
-    let root = env.dir().join("files");
-    std::fs::create_dir(&root).unwrap();
-    let root = std::fs::canonicalize(&root).unwrap();
-    std::fs::write(root.join("readme.txt"), "read me\n").unwrap();
+    let root = env.files_dir(Some("read me\n"));
     let servers = json!({
         "files": stdio_server(peers.filesystem(&root), vec![
             list_tools_rule(),
@@ -1146,9 +1140,7 @@ fn base64(bytes: &[u8]) -> String {
 fn every_revision_the_peers_speak_passes_through() {
     let env = TestEnv::new("proxy-revisions", PROBE);
     let peers = Peers::require();
-    let root = env.dir().join("files");
-    std::fs::create_dir(&root).unwrap();
-    let root = std::fs::canonicalize(&root).unwrap();
+    let root = env.files_dir(None);
     let servers = json!({
         "everything": stdio_server(peers.everything(), vec![
             list_tools_rule(),

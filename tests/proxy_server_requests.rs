@@ -214,6 +214,60 @@ fn assert_refused_upstream(error_text: &str, method: &str) {
     );
 }
 
+/// A request server-everything sends the agent from inside one of its tools.
+struct ServerRequest {
+    method: &'static str,
+    /// The tool that makes the server send it: the script's first call.
+    tool: &'static str,
+    /// The agent's callback that answers it.
+    callback: &'static str,
+}
+
+/// The refused half of a server→client request test, and the audit of both halves. On server
+/// `closed` the agent's callback was never invoked, the tool reported mcp-guard's refusal of the
+/// method, the script's next call (an `echo`) still worked, and the refusal was counted under
+/// `denied_by`. Both sessions' calls are on record with what the agent got (a result on `open`,
+/// where `allowed_by` let the request through; a tool error on `closed`), and so are the
+/// server's requests.
+fn assert_refused_and_on_record(
+    guard: &Guard,
+    closed: &ClientRun,
+    request: ServerRequest,
+    (allowed_by, denied_by): (&str, &str),
+) {
+    assert!(
+        invocations(closed, request.callback).is_empty(),
+        "a refused {} reached the agent: {:?}",
+        request.method,
+        callbacks(closed)
+    );
+    let result = closed.ok(1);
+    assert_eq!(result["isError"], true, "{result}");
+    assert_refused_upstream(&text(result), request.method);
+    assert_eq!(text(closed.ok(2)), "Echo: still here");
+    assert_eq!(
+        guard.decisions("closed", request.method, "deny", denied_by),
+        1.0
+    );
+
+    let records = guard.audit();
+    let kinds: Vec<&Value> = outcomes(&records, request.tool)
+        .iter()
+        .map(|r| &r["outcome"]["kind"])
+        .collect();
+    assert_eq!(
+        kinds,
+        [&json!("result"), &json!("tool_error")],
+        "{records:#?}"
+    );
+    assert_server_requests_recorded(
+        &records,
+        request.method,
+        request.tool,
+        &[("open", "allow", allowed_by), ("closed", "deny", denied_by)],
+    );
+}
+
 fn rule_for(id: &str, method: &str) -> Value {
     allow(id, json!({"roles": [DEVELOPER], "methods": [method]}))
 }
@@ -266,43 +320,19 @@ fn sampling_reaches_the_agent_only_when_a_rule_allows_it() {
     );
 
     let closed = guard.client("closed", &script);
-    assert!(
-        invocations(&closed, "sampling").is_empty(),
-        "a refused sampling request reached the agent: {:?}",
-        callbacks(&closed)
-    );
-    let result = closed.ok(1);
-    assert_eq!(result["isError"], true, "{result}");
-    assert_refused_upstream(&text(result), "sampling/createMessage");
-    assert_eq!(text(closed.ok(2)), "Echo: still here");
-    assert_eq!(
-        guard.decisions("closed", "sampling/createMessage", "deny", "default-deny"),
-        1.0
-    );
     assert_eq!(
         guard.decisions("closed", "sampling/createMessage", "allow", "sampling"),
         0.0
     );
-
-    // The calls are on record with what the agent got, and so is the server's request.
-    let records = guard.audit();
-    let kinds: Vec<&Value> = outcomes(&records, "trigger-sampling-request")
-        .iter()
-        .map(|r| &r["outcome"]["kind"])
-        .collect();
-    assert_eq!(
-        kinds,
-        [&json!("result"), &json!("tool_error")],
-        "{records:#?}"
-    );
-    assert_server_requests_recorded(
-        &records,
-        "sampling/createMessage",
-        "trigger-sampling-request",
-        &[
-            ("open", "allow", "sampling"),
-            ("closed", "deny", "default-deny"),
-        ],
+    assert_refused_and_on_record(
+        &guard,
+        &closed,
+        ServerRequest {
+            method: "sampling/createMessage",
+            tool: "trigger-sampling-request",
+            callback: "sampling",
+        },
+        ("sampling", "default-deny"),
     );
 }
 
@@ -359,38 +389,15 @@ fn elicitation_reaches_the_agent_only_when_a_rule_allows_it() {
     );
 
     let closed = guard.client("closed", &script);
-    assert!(
-        invocations(&closed, "elicitation").is_empty(),
-        "a refused elicitation reached the agent: {:?}",
-        callbacks(&closed)
-    );
-    let result = closed.ok(1);
-    assert_eq!(result["isError"], true, "{result}");
-    assert_refused_upstream(&text(result), "elicitation/create");
-    assert_eq!(text(closed.ok(2)), "Echo: still here");
-    assert_eq!(
-        guard.decisions("closed", "elicitation/create", "deny", "no-elicitation"),
-        1.0
-    );
-
-    let records = guard.audit();
-    let kinds: Vec<&Value> = outcomes(&records, "trigger-elicitation-request")
-        .iter()
-        .map(|r| &r["outcome"]["kind"])
-        .collect();
-    assert_eq!(
-        kinds,
-        [&json!("result"), &json!("tool_error")],
-        "{records:#?}"
-    );
-    assert_server_requests_recorded(
-        &records,
-        "elicitation/create",
-        "trigger-elicitation-request",
-        &[
-            ("open", "allow", "elicitation"),
-            ("closed", "deny", "no-elicitation"),
-        ],
+    assert_refused_and_on_record(
+        &guard,
+        &closed,
+        ServerRequest {
+            method: "elicitation/create",
+            tool: "trigger-elicitation-request",
+            callback: "elicitation",
+        },
+        ("elicitation", "no-elicitation"),
     );
 }
 

@@ -40,10 +40,7 @@ fn text(result: &Value) -> &str {
 fn stdio_front_enforces_the_policy() {
     let env = TestEnv::new("stdio-front-policy", PROBE);
     let peers = Peers::require();
-    let root = env.dir().join("files");
-    std::fs::create_dir(&root).unwrap();
-    let root = std::fs::canonicalize(&root).unwrap();
-    std::fs::write(root.join("readme.txt"), "through the stdio front\n").unwrap();
+    let root = env.files_dir(Some("through the stdio front\n"));
     write_policy(
         &env,
         json!({
@@ -204,11 +201,7 @@ fn stdio_front_places_the_server_in_a_guarded_cgroup() {
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let audit = std::fs::read_to_string(env.audit_path()).expect("the daemon's audit log");
-    let records: Vec<Value> = audit
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("an audit line is JSON"))
-        .collect();
+    let records = audit_records(&env.audit_path());
     let of_fetch: Vec<&Value> = records
         .iter()
         .filter(|r| r["session"] == session.as_str() && r["tool"] == "gzip-file-as-resource")
