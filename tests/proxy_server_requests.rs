@@ -124,6 +124,15 @@ impl Guard {
 // ---------------------------------------------------------------------------------------------
 
 /// The outcome records (`kind` call with an `outcome`) of `tool`, in order.
+/// The outcome kinds of the calls of `tools`, tool by tool, each in log order.
+fn outcome_kinds<'a>(records: &'a [Value], tools: &[&str]) -> Vec<&'a Value> {
+    tools
+        .iter()
+        .flat_map(|tool| outcomes(records, tool))
+        .map(|r| &r["outcome"]["kind"])
+        .collect()
+}
+
 fn outcomes<'a>(records: &'a [Value], tool: &str) -> Vec<&'a Value> {
     records
         .iter()
@@ -251,12 +260,8 @@ fn assert_refused_and_on_record(
     );
 
     let records = guard.audit();
-    let kinds: Vec<&Value> = outcomes(&records, request.tool)
-        .iter()
-        .map(|r| &r["outcome"]["kind"])
-        .collect();
     assert_eq!(
-        kinds,
+        outcome_kinds(&records, &[request.tool]),
         [&json!("result"), &json!("tool_error")],
         "{records:#?}"
     );
@@ -508,13 +513,11 @@ fn the_stdio_front_judges_server_requests_the_same_way() {
 
     // The stdio front records to the daemon's log.
     let records = guard.audit();
-    let kinds: Vec<&Value> = ["trigger-sampling-request", "trigger-elicitation-request"]
-        .iter()
-        .flat_map(|tool| outcomes(&records, tool))
-        .map(|r| &r["outcome"]["kind"])
-        .collect();
     assert_eq!(
-        kinds,
+        outcome_kinds(
+            &records,
+            &["trigger-sampling-request", "trigger-elicitation-request"]
+        ),
         [&json!("result"), &json!("tool_error")],
         "{records:#?}"
     );
