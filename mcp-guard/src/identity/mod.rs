@@ -131,11 +131,9 @@ fn parse_traceparent(text: &str) -> Option<(String, String)> {
 
 /// `bytes` (at most 16) random bytes as lowercase hex.
 fn random_hex(bytes: usize) -> String {
-    let id = uuid::Uuid::new_v4();
-    id.as_bytes()[..bytes.min(16)]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    let mut hex = uuid::Uuid::new_v4().simple().to_string();
+    hex.truncate(bytes.min(16) * 2);
+    hex
 }
 
 /// The identity of one forwarded request.
@@ -291,6 +289,13 @@ mod tests {
             let fresh = TraceContext::continue_or_start(Some(bad), None);
             assert_eq!(fresh.trace_id.len(), 32);
             assert_ne!(fresh.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+            // A started trace is one a W3C parser takes: lowercase hex, not all zeros.
+            assert_eq!(
+                parse_traceparent(&fresh.traceparent()),
+                Some((fresh.trace_id.clone(), "01".to_owned())),
+                "{}",
+                fresh.traceparent()
+            );
         }
     }
 
