@@ -10,7 +10,9 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::body::Body;
@@ -18,6 +20,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt as _;
 use futures_util::stream::Stream;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -209,10 +212,12 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
     response
 }
 
-/// Runs the pipeline on its own task, so that it finishes (the server's answer awaited, the
-/// outcome recorded, the call's span closed) even when the agent drops the connection first.
-/// Streamable HTTP says a disconnection is not a cancellation; an agent that wants the work
-/// stopped sends `notifications/cancelled`.
+/// Runs the pipeline to its end even when the agent drops the connection first (the server's
+/// answer awaited, the outcome recorded, the call's span closed): Streamable HTTP says a
+/// disconnection is not a cancellation; an agent that wants the work stopped sends
+/// `notifications/cancelled`. The pipeline runs in the connection's own task, and moves to a
+/// task of its own only if that one is dropped, so an ordinary request costs no hand-off. A
+/// panic in the pipeline is answered 500, and the daemon serves on.
 async fn handle_to_completion(
     proxy: &Arc<Proxy>,
     session: &Arc<AgentSession>,
@@ -221,18 +226,63 @@ async fn handle_to_completion(
 ) -> Result<Option<Value>, Box<Response>> {
     let proxy = Arc::clone(proxy);
     let session = Arc::clone(session);
-    let handling = tokio::spawn(async move { proxy.handle(&session, incoming, &hints).await });
-    handling.await.map_err(|error| {
-        tracing::error!(error = %error, "the request pipeline failed");
-        Box::new(rpc_error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            RpcError::new(
-                None,
-                codes::INTERNAL_ERROR,
-                "mcp-guard failed handling the request",
-            ),
-        ))
-    })
+    let handling = async move {
+        std::panic::AssertUnwindSafe(proxy.handle(&session, incoming, &hints))
+            .catch_unwind()
+            .await
+    };
+    FinishOnDrop(Some(Box::pin(handling)))
+        .await
+        .map_err(pipeline_panicked)
+}
+
+fn pipeline_panicked(panic: Box<dyn std::any::Any + Send>) -> Box<Response> {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|m| m.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = %message, "the request pipeline failed");
+    Box::new(rpc_error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        RpcError::new(
+            None,
+            codes::INTERNAL_ERROR,
+            "mcp-guard failed handling the request",
+        ),
+    ))
+}
+
+/// A future that, dropped before it completes, finishes in a task of its own.
+struct FinishOnDrop<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
+where
+    F::Output: Send;
+
+impl<F: Future + Send + 'static> Future for FinishOnDrop<F>
+where
+    F::Output: Send,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<F::Output> {
+        let running = self.0.as_mut().expect("polled after completion");
+        let output = std::task::ready!(running.as_mut().poll(context));
+        self.0 = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for FinishOnDrop<F>
+where
+    F::Output: Send,
+{
+    fn drop(&mut self) {
+        if let Some(unfinished) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(unfinished);
+        }
+    }
 }
 
 fn is_initialize(incoming: &Incoming) -> bool {
@@ -594,5 +644,36 @@ async fn delete(front: &Front, server: &str, headers: &HeaderMap) -> Response {
             StatusCode::NOT_FOUND,
             RpcError::new(None, codes::INVALID_REQUEST, "unknown or ended session"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FinishOnDrop;
+    use tokio::sync::oneshot;
+
+    /// What the pipeline relies on when an agent disconnects: the work goes on after the
+    /// connection's task drops it, and finishes.
+    #[tokio::test]
+    async fn a_dropped_future_finishes_in_a_task_of_its_own() {
+        let (go, wait) = oneshot::channel::<()>();
+        let (done, finished) = oneshot::channel::<&str>();
+        let work = FinishOnDrop(Some(Box::pin(async move {
+            let _ = wait.await;
+            let _ = done.send("finished");
+        })));
+        // Dropped while waiting: the agent's connection went away mid-call.
+        let dropped = tokio::time::timeout(std::time::Duration::from_millis(10), work).await;
+        assert!(
+            dropped.is_err(),
+            "the work cannot finish before it is let go"
+        );
+        go.send(()).expect("the work is still waiting");
+        assert_eq!(finished.await, Ok("finished"));
+    }
+
+    #[tokio::test]
+    async fn a_future_that_completes_gives_its_output() {
+        assert_eq!(FinishOnDrop(Some(Box::pin(async { 7 }))).await, 7);
     }
 }
