@@ -325,7 +325,25 @@ fn requests_sent_after_initialize_wait_for_its_answer() {
 /// forwarded call has its decision and its outcome on record, and `audit verify` passes.
 #[test]
 fn durable_before_answer_keeps_every_record() {
-    let env = TestEnv::new("stdio-front-durable-answer", PROBE);
+    every_call_is_answered_and_on_record(
+        "stdio-front-durable-answer",
+        json!({"fsync": true, "durable_before": "answer"}),
+    );
+}
+
+/// The same without fsync, where the daemon answers a stdio front's records on the
+/// connection's own task instead of a task each.
+#[test]
+fn without_fsync_every_call_is_answered_and_on_record() {
+    every_call_is_answered_and_on_record("stdio-front-no-fsync", json!({"fsync": false}));
+}
+
+/// Two calls through the HTTP front and two through a stdio front (the Python SDK client),
+/// then a burst of pipelined calls on a second stdio front: every call is answered with its
+/// own text, has a decision and an outcome in the daemon's log, and `audit verify` passes.
+fn every_call_is_answered_and_on_record(tag: &str, audit: Value) {
+    const BURST: i64 = 8;
+    let env = TestEnv::new(tag, PROBE);
     let peers = Peers::require();
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
     let mut document = env.proxy_policy(
@@ -335,8 +353,9 @@ fn durable_before_answer_keeps_every_record() {
             allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
         ])}),
     );
-    document["audit"]["fsync"] = json!(true);
-    document["audit"]["durable_before"] = json!("answer");
+    for (field, value) in audit.as_object().expect("audit settings") {
+        document["audit"][field] = value.clone();
+    }
     env.write_policy_document(&document);
     let _daemon = env.start_daemon();
     let script = |front: &str| {
@@ -360,12 +379,38 @@ fn durable_before_answer_keeps_every_record() {
         }
     }
 
+    let mut pipelined = RawStdio::spawn(&command);
+    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": HANDSHAKE, "capabilities": {},
+        "clientInfo": {"name": "pipelined", "version": "0"}}});
+    pipelined.send(initialize.to_string().as_bytes());
+    pipelined.responses(1, "the initialize answer");
+    pipelined.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+    let burst: Vec<String> = (1..=BURST)
+        .map(|id| {
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                   "params": {"name": "echo", "arguments": {"text": format!("burst {id}")}}})
+            .to_string()
+        })
+        .collect();
+    pipelined.send(burst.join("\n").as_bytes());
+    let answers = pipelined.responses(BURST as usize, "the pipelined answers");
+    for answer in &answers {
+        let id = answer["id"].as_i64().expect("an answer to a request");
+        assert_eq!(
+            answer["result"]["content"][0]["text"],
+            format!("burst {id}"),
+            "{answers:?}"
+        );
+    }
+    drop(pipelined);
+
     let records = audit_records(&env.audit_path());
     let forwarded: Vec<&Value> = records
         .iter()
         .filter(|r| r["tool"] == "echo" && r["decision"] == "allow")
         .collect();
-    assert_eq!(forwarded.len(), 4, "{records:#?}");
+    assert_eq!(forwarded.len(), 4 + BURST as usize, "{records:#?}");
     for decision in forwarded {
         assert!(
             records

@@ -178,15 +178,17 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
     let opened: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
     let mut answers = futures_util::stream::FuturesOrdered::new();
     let mut reading = true;
+    // An append that runs a flush holds its thread meanwhile, and the client's other requests
+    // must go on being written: with a durable log each request is answered in a task of its
+    // own. Without one nothing blocks, and they are answered here, with no hand-off.
+    let answer_in_tasks = context.audit.settings().fsync;
     while reading || !answers.is_empty() {
         tokio::select! {
             line = lines.next_line(), if reading => match line? {
                 Some(line) => {
                     let context = context.clone();
                     let opened = opened.clone();
-                    // A task each: an append that runs a flush holds its thread meanwhile,
-                    // and the client's other requests must go on being written.
-                    answers.push_back(tokio::spawn(async move {
+                    let answering = async move {
                         if permitted {
                             answer(&line, &context, &opened).await
                         } else {
@@ -194,15 +196,17 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
                                 "permission denied: only root or the daemon's user may connect".into(),
                             )
                         }
-                    }));
+                    };
+                    let answering: Answering = if answer_in_tasks {
+                        Box::pin(in_a_task(answering))
+                    } else {
+                        Box::pin(in_place(answering))
+                    };
+                    answers.push_back(answering);
                 }
                 None => reading = false,
             },
             Some(response) = futures_util::StreamExt::next(&mut answers) => {
-                let response = response.unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "control request handler failed");
-                    Response::refused("internal error".into())
-                });
                 let mut text = serde_json::to_string(&response)?;
                 text.push('\n');
                 write.write_all(text.as_bytes()).await?;
@@ -218,6 +222,29 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
         }
     }
     Ok(())
+}
+
+type Answering = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+
+async fn in_a_task(
+    answering: impl std::future::Future<Output = Response> + Send + 'static,
+) -> Response {
+    tokio::spawn(answering)
+        .await
+        .unwrap_or_else(|e| handler_failed(&e.to_string()))
+}
+
+async fn in_place(answering: impl std::future::Future<Output = Response> + Send) -> Response {
+    use futures_util::FutureExt as _;
+    std::panic::AssertUnwindSafe(answering)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| handler_failed("panicked"))
+}
+
+fn handler_failed(error: &str) -> Response {
+    tracing::error!(error, "control request handler failed");
+    Response::refused("internal error".into())
 }
 
 async fn answer(
