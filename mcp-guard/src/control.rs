@@ -18,6 +18,7 @@ use tokio::sync::{Mutex, oneshot};
 use crate::audit::{AuditLog, AuditRecord};
 use crate::egress::{Egress, SessionCgroup};
 use crate::metrics::Metrics;
+use crate::policy::{AuditSettings, DurableBefore};
 use crate::proxy::{CallSpan, Proxy};
 
 #[derive(Debug, thiserror::Error)]
@@ -178,26 +179,30 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
     let opened: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
     let mut answers = futures_util::stream::FuturesOrdered::new();
     let mut reading = true;
-    // An append that runs a flush holds its thread meanwhile, and the client's other requests
-    // must go on being written: with a durable log each request is answered in a task of its
-    // own. Without one nothing blocks, and they are answered here, with no hand-off.
-    let answer_in_tasks = context.audit.settings().fsync;
     while reading || !answers.is_empty() {
         tokio::select! {
             line = lines.next_line(), if reading => match line? {
                 Some(line) => {
+                    let request = serde_json::from_str::<Request>(&line);
+                    // A flush holds its thread until the disk is done, and the client's other
+                    // requests must go on being written meanwhile: a request that may flush is
+                    // answered in a task of its own, any other here, with no hand-off.
+                    let may_flush = permitted
+                        && request
+                            .as_ref()
+                            .is_ok_and(|r| may_flush(r, context.audit.settings()));
                     let context = context.clone();
                     let opened = opened.clone();
                     let answering = async move {
                         if permitted {
-                            answer(&line, &context, &opened).await
+                            answer(request, &context, &opened).await
                         } else {
                             Response::refused(
                                 "permission denied: only root or the daemon's user may connect".into(),
                             )
                         }
                     };
-                    let answering: Answering = if answer_in_tasks {
+                    let answering: Answering = if may_flush {
                         Box::pin(in_a_task(answering))
                     } else {
                         Box::pin(in_place(answering))
@@ -247,12 +252,25 @@ fn handler_failed(error: &str) -> Response {
     Response::refused("internal error".into())
 }
 
+/// Whether answering `request` may flush the audit log. A call's decision record is only
+/// written with `durable_before: "answer"` (its outcome's flush covers it); every other record
+/// is flushed when `fsync` is on; the other requests append nothing.
+fn may_flush(request: &Request, settings: &AuditSettings) -> bool {
+    match request {
+        Request::Audit { span, .. } if settings.fsync => {
+            let decides_a_call = span.as_ref().is_some_and(|span| span.ended_ns.is_none());
+            !decides_a_call || settings.durable_before == DurableBefore::Forward
+        }
+        _ => false,
+    }
+}
+
 async fn answer(
-    line: &str,
+    request: Result<Request, serde_json::Error>,
     context: &ControlContext,
     opened: &std::sync::Mutex<Vec<u64>>,
 ) -> Response {
-    match serde_json::from_str::<Request>(line) {
+    match request {
         Ok(Request::OpenSession { server, session }) => {
             let mut egress = context.egress.lock().await;
             match egress.open_session(&server, session.as_deref()) {
@@ -437,4 +455,68 @@ async fn route_answers(
     }
     // Dropping the waiters tells every caller the daemon is gone.
     waiting.lock().expect("waiting lock").clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Request, may_flush};
+    use crate::audit::{AuditRecord, RecordKind};
+    use crate::policy::{AuditSettings, DurableBefore};
+    use crate::proxy::CallSpan;
+
+    fn record(ended_ns: Option<Option<u64>>) -> Request {
+        Request::Audit {
+            record: Box::new(AuditRecord::new(RecordKind::Call)),
+            span: ended_ns.map(|ended_ns| CallSpan {
+                call_id: "c".into(),
+                instruction: None,
+                trace_id: "t".into(),
+                started_ns: 1,
+                ended_ns,
+            }),
+            tool_listed: false,
+        }
+    }
+
+    /// Only a request that may flush gets a task of its own (a flush holds its thread).
+    #[test]
+    fn only_appends_that_flush_are_answered_in_a_task() {
+        let decision = record(Some(None));
+        let outcome = record(Some(Some(2)));
+        let other_record = record(None);
+        let span = Request::CallSpan {
+            session: "s".into(),
+            span: CallSpan {
+                call_id: "c".into(),
+                instruction: None,
+                trace_id: "t".into(),
+                started_ns: 1,
+                ended_ns: None,
+            },
+        };
+        let open = Request::OpenSession {
+            server: "s".into(),
+            session: None,
+        };
+        let settings = |fsync, durable_before| AuditSettings {
+            fsync,
+            durable_before,
+            ..AuditSettings::default()
+        };
+        let forward = settings(true, DurableBefore::Forward);
+        let answer = settings(true, DurableBefore::Answer);
+        let no_fsync = settings(false, DurableBefore::Forward);
+        for request in [&decision, &outcome, &other_record] {
+            assert!(may_flush(request, &forward));
+            assert!(!may_flush(request, &no_fsync));
+        }
+        assert!(!may_flush(&decision, &answer));
+        assert!(may_flush(&outcome, &answer));
+        assert!(may_flush(&other_record, &answer));
+        for request in [&span, &open] {
+            for settings in [&forward, &answer, &no_fsync] {
+                assert!(!may_flush(request, settings));
+            }
+        }
+    }
 }
