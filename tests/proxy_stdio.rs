@@ -380,13 +380,8 @@ fn every_call_is_answered_and_on_record(tag: &str, audit: Value) {
     }
 
     let mut pipelined = RawStdio::spawn(&command);
-    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": HANDSHAKE, "capabilities": {},
-        "clientInfo": {"name": "pipelined", "version": "0"}}});
-    pipelined.send(initialize.to_string().as_bytes());
-    pipelined.responses(1, "the initialize answer");
-    pipelined.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
-    let burst: Vec<String> = (1..=BURST)
+    pipelined.handshake("pipelined");
+    let burst: Vec<String> = (2..2 + BURST)
         .map(|id| {
             json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
                    "params": {"name": "echo", "arguments": {"text": format!("burst {id}")}}})
@@ -439,12 +434,7 @@ fn stdio_front_reloads_its_policy_when_the_file_changes() {
     // No daemon: the front runs standalone, with the policy file as its only source.
     let missing = env.dir().join("no-daemon.sock");
     let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &missing));
-    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": HANDSHAKE, "capabilities": {},
-        "clientInfo": {"name": "stdio-reload", "version": "0"}}});
-    front.send(initialize.to_string().as_bytes());
-    front.responses(1, "the initialize answer");
-    front.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+    front.handshake("stdio-reload");
     let echo = |id: i64| {
         json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
                "params": {"name": "echo", "arguments": {"text": "hi"}}})
@@ -524,6 +514,17 @@ impl RawStdio {
         )
     }
 
+    /// `initialize` (id 1) as `client`, then `notifications/initialized`; the initialize answer.
+    fn handshake(&mut self, client: &str) -> Value {
+        let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": HANDSHAKE, "capabilities": {},
+            "clientInfo": {"name": client, "version": "0"}}});
+        self.send(initialize.to_string().as_bytes());
+        let answer = self.responses(1, "the initialize answer").remove(0);
+        self.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        answer
+    }
+
     fn stderr_text(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
@@ -589,16 +590,8 @@ fn stdio_front_answers_bad_lines_and_keeps_serving() {
     let _daemon = env.start_daemon();
     let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
 
-    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": HANDSHAKE, "capabilities": {},
-        "clientInfo": {"name": "stdio-raw", "version": "0"}}});
-    front.send(initialize.to_string().as_bytes());
-    let answer = front.responses(1, "the initialize answer");
-    assert_eq!(
-        answer[0]["result"]["protocolVersion"], HANDSHAKE,
-        "{answer:?}"
-    );
-    front.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+    let answer = front.handshake("stdio-raw");
+    assert_eq!(answer["result"]["protocolVersion"], HANDSHAKE, "{answer}");
 
     // One at a time, so each answer is known to belong to its line.
     let cases: [(&str, Vec<u8>, Value, i64); 5] = [
