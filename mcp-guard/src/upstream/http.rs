@@ -5,12 +5,13 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, RwLock, mpsc, watch};
 
-use super::{ServerMessages, Upstream, UpstreamError, route_server_output};
+use super::{Outbound, ServerMessages, Upstream, UpstreamError, route_server_output};
 use crate::mcp::jsonrpc::codes;
 
 /// A client for one session's server: TLS with the `ring` provider, installed once for the
@@ -61,6 +62,11 @@ struct Connection {
     session: RwLock<ServerSession>,
     incoming: mpsc::Sender<Value>,
     label: Arc<str>,
+    /// Held for writing while `initialize` and then `notifications/initialized` are posted:
+    /// a POST sent after them waits, as it needs the session id the first one returns.
+    handshake: Arc<RwLock<()>>,
+    listening: AtomicBool,
+    stop_listening: watch::Sender<bool>,
 }
 
 /// Connects (lazily: the first POST is the agent's first message) to the server at `url`.
@@ -79,7 +85,6 @@ pub fn connect(
     let parsed =
         reqwest::Url::parse(url).map_err(|e| UpstreamError::Unsupported(format!("{url}: {e}")))?;
     let client = client_trusting(tls_ca_file)?;
-    let (to_server, outgoing) = mpsc::channel::<Value>(256);
     let (incoming_sender, incoming) = mpsc::channel::<Value>(256);
     let (session_sender, server_messages) = mpsc::channel(256);
     let pending = Arc::new(Mutex::new(Default::default()));
@@ -89,48 +94,77 @@ pub fn connect(
         session: RwLock::new(ServerSession::default()),
         incoming: incoming_sender,
         label: label.clone(),
+        handshake: Arc::new(RwLock::new(())),
+        listening: AtomicBool::new(false),
+        stop_listening: watch::Sender::new(false),
     });
-    tokio::spawn(post_each(connection, outgoing));
     tokio::spawn(route_server_output(
         incoming,
         Arc::clone(&pending),
         session_sender,
         label,
     ));
-    Ok((Upstream::new(to_server, pending, None), server_messages))
+    Ok((
+        Upstream::with_outbound(Outbound::Post(Poster { connection }), pending, None),
+        server_messages,
+    ))
 }
 
 /// Sends every outgoing message as its own POST, concurrently (pipelined requests are
 /// answered in any order), except that nothing else starts until `initialize` is answered:
 /// later POSTs need the session id it returns. Once the session is initialised, a GET stream
-/// carries what the server sends on its own; when the agent's session ends (the `Upstream`
-/// is dropped), the stream stops and the server's session is ended with `DELETE`.
-async fn post_each(connection: Arc<Connection>, mut outgoing: mpsc::Receiver<Value>) {
-    let (stop_listening, stopped) = watch::channel(false);
-    let mut listening = false;
-    while let Some(message) = outgoing.recv().await {
+/// carries what the server sends on its own; when the agent's session ends (the `Upstream`,
+/// and with it this, is dropped), the stream stops and the server's session is ended with
+/// `DELETE`.
+pub(super) struct Poster {
+    connection: Arc<Connection>,
+}
+
+impl Poster {
+    /// Starts the POST of `message` in a task of its own; its answer is routed when it comes.
+    pub(super) async fn send(&self, message: Value) {
+        let connection = Arc::clone(&self.connection);
         let method = message.get("method").and_then(Value::as_str);
-        let (is_initialize, is_initialized) = (
-            method == Some("initialize"),
-            method == Some("notifications/initialized"),
-        );
-        let connection = connection.clone();
-        if is_initialize {
-            post(&connection, message).await;
-            continue;
+        if matches!(method, Some("initialize" | "notifications/initialized")) {
+            // Taken before returning, so that whatever is sent next waits for this answer.
+            let handshake = Arc::clone(&connection.handshake).write_owned().await;
+            let opens_stream = method == Some("notifications/initialized");
+            tokio::spawn(async move {
+                post(&connection, message).await;
+                drop(handshake);
+                if opens_stream {
+                    start_listening(&connection).await;
+                }
+            });
+            return;
         }
-        if is_initialized {
+        tokio::spawn(async move {
+            drop(connection.handshake.read().await);
             post(&connection, message).await;
-            if !listening && connection.session.read().await.id.is_some() {
-                listening = true;
-                tokio::spawn(listen(connection.clone(), stopped.clone()));
-            }
-            continue;
-        }
-        tokio::spawn(async move { post(&connection, message).await });
+        });
     }
-    let _ = stop_listening.send(true);
-    end_server_session(&connection).await;
+}
+
+impl Drop for Poster {
+    fn drop(&mut self) {
+        self.connection.stop_listening.send_replace(true);
+        // Outside a runtime (the daemon is exiting) there is nobody to send it; the server's
+        // session then ends when the server does.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(end_server_session(Arc::clone(&self.connection)));
+        }
+    }
+}
+
+/// Opens the GET stream once the session has an id (a server without sessions gets none).
+async fn start_listening(connection: &Arc<Connection>) {
+    if connection.session.read().await.id.is_none()
+        || connection.listening.swap(true, Ordering::AcqRel)
+    {
+        return;
+    }
+    let stopped = connection.stop_listening.subscribe();
+    tokio::spawn(listen(Arc::clone(connection), stopped));
 }
 
 /// Keeps a GET stream open for what the server sends outside any request (notifications,
@@ -179,7 +213,7 @@ async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
 }
 
 /// Tells the server its session is over (best effort: a server that is gone has ended it).
-async fn end_server_session(connection: &Connection) {
+async fn end_server_session(connection: Arc<Connection>) {
     let Some(id) = connection.session.read().await.id.clone() else {
         return;
     };

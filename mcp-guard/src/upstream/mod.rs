@@ -63,8 +63,8 @@ pub struct Upstream {
 
 /// How messages reach the server.
 enum Outbound {
-    /// Through a task that delivers each one (HTTP: a POST each).
-    Channel(mpsc::Sender<Value>),
+    /// A POST each, from a task of its own.
+    Post(http::Poster),
     /// Written to the server's stdin by the sender itself, one `write` per message under the
     /// lock (no hand-off to a writer task).
     Pipe(Mutex<stdio::LineWriter>),
@@ -73,10 +73,10 @@ enum Outbound {
 impl Outbound {
     async fn send(&self, message: Value) -> Result<(), UpstreamError> {
         match self {
-            Outbound::Channel(sender) => sender
-                .send(message)
-                .await
-                .map_err(|_| UpstreamError::Closed),
+            Outbound::Post(poster) => {
+                poster.send(message).await;
+                Ok(())
+            }
             Outbound::Pipe(writer) => {
                 let mut line = serde_json::to_vec(&message).expect("a JSON value serialises");
                 line.push(b'\n');
@@ -91,14 +91,6 @@ impl Outbound {
 pub type ServerMessages = mpsc::Receiver<Message>;
 
 impl Upstream {
-    fn new(
-        to_server: mpsc::Sender<Value>,
-        pending: Pending,
-        process: Option<stdio::ServerProcess>,
-    ) -> Upstream {
-        Self::with_outbound(Outbound::Channel(to_server), pending, process)
-    }
-
     fn with_outbound(
         to_server: Outbound,
         pending: Pending,
