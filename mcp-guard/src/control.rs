@@ -240,11 +240,9 @@ async fn in_a_task(
 }
 
 async fn in_place(answering: impl std::future::Future<Output = Response> + Send) -> Response {
-    use futures_util::FutureExt as _;
-    std::panic::AssertUnwindSafe(answering)
-        .catch_unwind()
+    crate::catch_panic(answering)
         .await
-        .unwrap_or_else(|_| handler_failed("panicked"))
+        .unwrap_or_else(|panic| handler_failed(&format!("panicked: {panic}")))
 }
 
 fn handler_failed(error: &str) -> Response {

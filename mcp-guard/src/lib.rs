@@ -38,6 +38,22 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     line
 }
 
+/// Runs `future`, turning a panic inside it into `Err` with the panic's message, so that a
+/// connection's task can answer with an error and go on serving instead of unwinding.
+pub async fn catch_panic<F: std::future::Future>(future: F) -> Result<F::Output, String> {
+    use futures_util::FutureExt as _;
+    std::panic::AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|message| message.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default()
+        })
+}
+
 #[cfg(test)]
 mod tests {
     #[derive(Debug, thiserror::Error)]
@@ -52,5 +68,14 @@ mod tests {
             source: std::io::Error::other("gone"),
         };
         assert_eq!(super::error_chain(&error), "opening x: gone");
+    }
+
+    #[tokio::test]
+    async fn a_panic_comes_back_as_its_message() {
+        assert_eq!(super::catch_panic(async { 7 }).await, Ok(7));
+        let literal = super::catch_panic(async { panic!("a literal") }).await;
+        assert_eq!(literal, Err::<(), _>("a literal".to_owned()));
+        let formatted = super::catch_panic(async { panic!("formatted {}", 2) }).await;
+        assert_eq!(formatted, Err::<(), _>("formatted 2".to_owned()));
     }
 }

@@ -472,9 +472,10 @@ fn outside_the_runtime<T>(blocking: impl FnOnce() -> T) -> T {
     }
 }
 
-/// The writer's state. `committed_len`, `next_seq` and `last_hash` describe the log as
-/// it is durably on disk; they move only after a group is written and flushed.
-pub(super) struct Writer {
+/// The writer's state. `committed_len`, `next_seq` and `last_hash` describe the log as it is
+/// in the file; they move once a write succeeds (durability is the flushes' business: see the
+/// module's documentation).
+struct Writer {
     /// Held while the writer lives: one writer per chain, across processes.
     _lock: Flock<File>,
     /// Bytes of an incomplete last line cut off at open (see [`files::cut_torn_tail`]).

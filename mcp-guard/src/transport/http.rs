@@ -20,7 +20,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::FutureExt as _;
 use futures_util::stream::Stream;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -226,22 +225,14 @@ async fn handle_to_completion(
 ) -> Result<Option<Value>, Box<Response>> {
     let proxy = Arc::clone(proxy);
     let session = Arc::clone(session);
-    let handling = async move {
-        std::panic::AssertUnwindSafe(proxy.handle(&session, incoming, &hints))
-            .catch_unwind()
-            .await
-    };
+    let handling =
+        async move { crate::catch_panic(proxy.handle(&session, incoming, &hints)).await };
     FinishOnDrop(Some(Box::pin(handling)))
         .await
         .map_err(pipeline_panicked)
 }
 
-fn pipeline_panicked(panic: Box<dyn std::any::Any + Send>) -> Box<Response> {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|m| m.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
+fn pipeline_panicked(message: String) -> Box<Response> {
     tracing::error!(panic = %message, "the request pipeline failed");
     Box::new(rpc_error_response(
         StatusCode::INTERNAL_SERVER_ERROR,
