@@ -146,31 +146,50 @@ async fn after_a_rotation_with_no_live_file_the_chain_continues_from_the_rotated
     assert_eq!(verify_log(dir.path()).unwrap().records, 4);
 }
 
-/// Spawns `count` appends at once, each a task of its own.
-fn spawn_appends(log: &AuditLog, count: usize) -> Vec<tokio::task::JoinHandle<u64>> {
+type Appending = tokio::task::JoinHandle<Result<u64, AuditError>>;
+
+/// Spawns `count` appends at once, each a task of its own, of calls to `tool<i>`.
+fn spawn_appends(log: &AuditLog, tool: &str, count: usize) -> Vec<Appending> {
     (0..count)
         .map(|i| {
-            let log = log.clone();
-            tokio::spawn(async move { log.append(call(&format!("t{i}"))).await.unwrap() })
+            let (log, record) = (log.clone(), call(&format!("{tool}{i}")));
+            tokio::spawn(async move { log.append(record).await })
         })
         .collect()
 }
 
-/// The seqs the appends got, in ascending order.
-async fn seqs_of(tasks: Vec<tokio::task::JoinHandle<u64>>) -> Vec<u64> {
-    let mut seqs = Vec::new();
+/// How the appends went, in the order they were spawned.
+async fn results_of(tasks: Vec<Appending>) -> Vec<Result<u64, AuditError>> {
+    let mut results = Vec::new();
     for task in tasks {
-        seqs.push(task.await.unwrap());
+        results.push(task.await.unwrap());
     }
+    results
+}
+
+/// The seqs the appends got, in ascending order; every one must have succeeded.
+async fn seqs_of(tasks: Vec<Appending>) -> Vec<u64> {
+    let mut seqs: Vec<u64> = results_of(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     seqs.sort_unstable();
     seqs
+}
+
+/// Waits until `count` appends are queued behind the running flush.
+async fn until_queued(log: &AuditLog, count: usize) {
+    while log.queued() < count {
+        tokio::task::yield_now().await;
+    }
 }
 
 #[tokio::test]
 async fn concurrent_appends_get_distinct_consecutive_seqs() {
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::open(&settings(dir.path())).unwrap();
-    let seqs = seqs_of(spawn_appends(&log, 200)).await;
+    let seqs = seqs_of(spawn_appends(&log, "t", 200)).await;
     assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
     assert_eq!(verify_log(dir.path()).unwrap().records, 200);
 }
@@ -183,11 +202,9 @@ async fn appends_written_during_a_flush_share_the_next_flush() {
     let settings = settings(dir.path());
     let log = AuditLog::open(&settings).unwrap();
     let running = log.hold_flush();
-    let tasks = spawn_appends(&log, 50);
+    let tasks = spawn_appends(&log, "t", 50);
     // Each queues for the next flush, which writes them all with one write.
-    while log.queued() < 50 {
-        tokio::task::yield_now().await;
-    }
+    until_queued(&log, 50).await;
     assert!(tasks.iter().all(|task| !task.is_finished()));
     assert!(lines(&settings.path).is_empty());
     drop(running);
@@ -212,7 +229,7 @@ async fn append_all_commits_its_records_in_order_with_one_flush() {
 async fn concurrent_appends_on_the_multi_threaded_runtime_are_all_committed_in_one_chain() {
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::open(&settings(dir.path())).unwrap();
-    let seqs = seqs_of(spawn_appends(&log, 300)).await;
+    let seqs = seqs_of(spawn_appends(&log, "t", 300)).await;
     assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
     assert_eq!(verify_log(dir.path()).unwrap().records, 300);
 }
@@ -328,21 +345,10 @@ async fn a_failed_flush_fails_the_appends_waiting_for_it_and_the_next_flush_reco
 /// Three appends queued behind a running flush, then handed to the next one.
 async fn queue_three_then_flush(log: &AuditLog) -> Vec<Result<u64, AuditError>> {
     let running = log.hold_flush();
-    let tasks: Vec<_> = (0..3)
-        .map(|i| {
-            let log = log.clone();
-            tokio::spawn(async move { log.append(call(&format!("queued{i}"))).await })
-        })
-        .collect();
-    while log.queued() < 3 {
-        tokio::task::yield_now().await;
-    }
+    let tasks = spawn_appends(log, "queued", 3);
+    until_queued(log, 3).await;
     drop(running);
-    let mut results = Vec::new();
-    for task in tasks {
-        results.push(task.await.unwrap());
-    }
-    results
+    results_of(tasks).await
 }
 
 #[tokio::test]
