@@ -331,6 +331,16 @@ fn durable_before_answer_keeps_every_record() {
     );
 }
 
+/// With `audit.durable_before: "interval"` (records written before what they record goes on,
+/// flushed in the background), the same.
+#[test]
+fn durable_before_interval_keeps_every_record() {
+    every_call_is_answered_and_on_record(
+        "stdio-front-durable-interval",
+        json!({"fsync": true, "durable_before": "interval", "flush_interval_ms": 5}),
+    );
+}
+
 /// The same without fsync, where the daemon answers a stdio front's records on the
 /// connection's own task instead of a task each.
 #[test]

@@ -252,10 +252,11 @@ fn handler_failed(error: &str) -> Response {
 
 /// Whether answering `request` may flush the audit log. A call's decision record is only
 /// written with `durable_before: "answer"` (its outcome's flush covers it); every other record
-/// is flushed when `fsync` is on; the other requests append nothing.
+/// is flushed when `fsync` is on, unless a background flush does it (`"interval"`); the other
+/// requests append nothing.
 fn may_flush(request: &Request, settings: &AuditSettings) -> bool {
     match request {
-        Request::Audit { span, .. } if settings.fsync => {
+        Request::Audit { span, .. } if settings.flushes_before_acknowledging() => {
             let decides_a_call = span.as_ref().is_some_and(|span| span.ended_ns.is_none());
             !decides_a_call || settings.durable_before == DurableBefore::Forward
         }
@@ -503,16 +504,18 @@ mod tests {
         };
         let forward = settings(true, DurableBefore::Forward);
         let answer = settings(true, DurableBefore::Answer);
+        let interval = settings(true, DurableBefore::Interval);
         let no_fsync = settings(false, DurableBefore::Forward);
         for request in [&decision, &outcome, &other_record] {
             assert!(may_flush(request, &forward));
+            assert!(!may_flush(request, &interval));
             assert!(!may_flush(request, &no_fsync));
         }
         assert!(!may_flush(&decision, &answer));
         assert!(may_flush(&outcome, &answer));
         assert!(may_flush(&other_record, &answer));
         for request in [&span, &open] {
-            for settings in [&forward, &answer, &no_fsync] {
+            for settings in [&forward, &answer, &interval, &no_fsync] {
                 assert!(!may_flush(request, settings));
             }
         }

@@ -62,8 +62,9 @@
 //! `--concurrency A,B,..` (1,32), `--only NAME,NAME,..`, `--no-real` (leave out
 //! server-everything), `--daemon-log LEVEL` (`RUST_LOG` for the daemon and the stdio fronts;
 //! default: theirs), `--no-audit-fsync` (the audit log, in the bench's temporary directory on
-//! the disk, is durable by default), `--durable-before forward|answer` (the policy's
-//! `audit.durable_before`; left out of the policy unless given, so an older `--guard` runs),
+//! the disk, is durable by default), `--durable-before forward|answer|interval` (the policy's
+//! `audit.durable_before`, with `interval` at the default 10 ms; left out of the policy unless
+//! given, so an older `--guard` runs),
 //! `--halt-poll-ns N`, `--json`. Binaries: `--guard PATH` and `--fast-server
 //! PATH` (default: next to this one), `--peers DIR` (default `$MCP_GUARD_PEERS_DIR` or
 //! `target/mcp-peers`).
@@ -152,9 +153,9 @@ fn parse_options() -> Result<Options, String> {
             "--no-audit-fsync" => options.audit_fsync = false,
             "--durable-before" => {
                 let when = value()?;
-                if when != "forward" && when != "answer" {
+                if !["forward", "answer", "interval"].contains(&when.as_str()) {
                     return Err(format!(
-                        "--durable-before: {when:?} is not forward or answer"
+                        "--durable-before: {when:?} is not forward, answer or interval"
                     ));
                 }
                 options.durable_before = Some(when);
@@ -1736,6 +1737,9 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], probes
             (false, _) => " (the daemon's log ran without fsync)",
             (true, Some("answer")) => {
                 " (the daemon's log: durable_before \"answer\", one flush per call)"
+            }
+            (true, Some("interval")) => {
+                " (the daemon's log: durable_before \"interval\", flushed in the background)"
             }
             (true, _) => "",
         }

@@ -476,6 +476,97 @@ async fn durable_before_answer_fails_a_decision_that_cannot_be_written() {
     assert_eq!(verify_log(dir.path()).unwrap().records, 2);
 }
 
+fn flushed_every(dir: &Path, interval_ms: u64) -> AuditSettings {
+    AuditSettings {
+        durable_before: DurableBefore::Interval,
+        flush_interval_ms: interval_ms,
+        ..settings(dir)
+    }
+}
+
+/// Waits (a while, then fails) until the background flusher has flushed `count` times.
+async fn until_flushed(log: &AuditLog, count: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while log.flushes() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} flushes, waiting for {count}",
+            log.flushes()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn durable_before_interval_acknowledges_records_once_written() {
+    let dir = tempfile::tempdir().unwrap();
+    // An interval no test outlasts: every flush below would be one an append waited for.
+    let settings = flushed_every(dir.path(), 60_000);
+    let log = AuditLog::open(&settings).unwrap();
+    assert_eq!(log.append_decision(call("read")).await.unwrap(), 1);
+    assert_eq!(log.append(outcome_of("read")).await.unwrap(), 2);
+    assert_eq!(log.append(call("denied")).await.unwrap(), 3);
+    assert_eq!(log.append_all(&[call("a"), call("b")]).await.unwrap(), 4);
+    assert_eq!(lines(&settings.path).len(), 5);
+    assert_eq!(log.flushes(), 0);
+    assert_eq!(log.records_written(), 5);
+    drop(log);
+    assert_eq!(verify_log(dir.path()).unwrap().records, 5);
+}
+
+#[tokio::test]
+async fn durable_before_interval_flushes_in_the_background_once_per_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(&flushed_every(dir.path(), 20)).unwrap();
+    append_calls(&log, 3).await;
+    until_flushed(&log, 1).await;
+    // Nothing written since: no flush is due, however long the flusher waits.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(log.flushes(), 1);
+    append_calls(&log, 1).await;
+    until_flushed(&log, 2).await;
+    drop(log);
+    assert_eq!(verify_log(dir.path()).unwrap().records, 4);
+}
+
+#[tokio::test]
+async fn durable_before_interval_refuses_appends_after_a_failed_flush_until_one_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = flushed_every(dir.path(), 10);
+    let log = AuditLog::open(&settings).unwrap();
+    // The disk fails every flush until told otherwise.
+    log.fail_next_flushes(usize::MAX);
+    assert_eq!(log.append(call("written")).await.unwrap(), 1);
+    let error = loop {
+        match log.append(call("before the failure")).await {
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
+            Err(error) => break error,
+        }
+    };
+    assert!(error.to_string().contains("Input/output error"), "{error}");
+    assert!(log.failing());
+    let written = lines(&settings.path).len();
+    assert!(log.append(call("refused")).await.is_err());
+    assert_eq!(
+        lines(&settings.path).len(),
+        written,
+        "a refused record was written"
+    );
+    // The disk recovers: the next retry flushes, and appends go on.
+    log.fail_next_flushes(0);
+    until_flushed(&log, 1).await;
+    log.append(call("after")).await.unwrap();
+    assert!(!log.failing());
+    drop(log);
+    let lines = lines(&settings.path);
+    assert!(!lines.iter().any(|line| line.contains("\"refused\"")));
+    assert_eq!(
+        parsed(lines.last().unwrap()).record.tool.as_deref(),
+        Some("after")
+    );
+    assert_eq!(verify_log(dir.path()).unwrap().records, lines.len() as u64);
+}
+
 #[tokio::test]
 async fn a_full_disk_fails_every_append_and_is_counted() {
     // /dev/full takes the open and refuses every write with ENOSPC.

@@ -26,6 +26,13 @@
 //! waits for a flush as usual; `fdatasync` flushes the whole file, so one flush makes both
 //! records durable before the answer is returned. A file is rotated away only after a flush.
 //!
+//! With `durable_before: "interval"` (and `fsync` on), no append waits for the disk: each
+//! returns once its records are written, and a background thread flushes the file
+//! `flush_interval_ms` after the first record it has not flushed yet was written. If that
+//! flush fails, appends are refused (as if the file could not be written) until a retry, one
+//! interval later, succeeds: the daemon does not go on acting while what it already recorded
+//! may not reach the disk. Dropping the log flushes what is left.
+//!
 //! A failed write leaves the file as it was before it (whatever part reached the file is cut
 //! before the next write), fails every append of its group, and keeps the chain where it was;
 //! the next write tries again. So while the disk is full or the file unwritable, every append
@@ -44,7 +51,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
@@ -65,7 +72,8 @@ use crate::policy::{AuditSettings, DurableBefore};
 #[derive(Clone)]
 pub struct AuditCounters {
     /// Records durably written (with `durable_before: "answer"`, a decision record counts
-    /// once written: the flush that follows it comes with the call's outcome record).
+    /// once written: the flush that follows it comes with the call's outcome record; with
+    /// `"interval"`, every record counts once written).
     pub records_written: IntCounter,
     /// Appends that failed because the log could not be written.
     pub failures: IntCounter,
@@ -97,13 +105,15 @@ pub struct AuditLog {
 
 struct Shared {
     /// The file and the chain's end: held to stamp and write records, never across a flush.
-    writer: std::sync::Mutex<Writer>,
+    writer: Mutex<Writer>,
     /// Whether a flush is running, and the records queued for the next.
-    flushes: std::sync::Mutex<Flushes>,
+    flushes: Mutex<Flushes>,
     torn_bytes_cut: u64,
     settings: AuditSettings,
     counters: AuditCounters,
     failing: AtomicBool,
+    /// With `durable_before: "interval"`, what the background flusher has to do.
+    background: Option<Arc<Background>>,
     /// Tests make this many upcoming writes fail halfway, as a full disk would.
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicUsize,
@@ -150,23 +160,38 @@ impl AuditLog {
         counters: AuditCounters,
     ) -> Result<AuditLog, AuditError> {
         let writer = Writer::open(settings.clone())?;
+        let background = (settings.fsync && settings.durable_before == DurableBefore::Interval)
+            .then(|| Arc::new(Background::every(settings.flush_interval_ms)));
         let shared = Arc::new(Shared {
             torn_bytes_cut: writer.torn_bytes_cut,
             flushes: Default::default(),
-            writer: std::sync::Mutex::new(writer),
+            writer: Mutex::new(writer),
             settings: settings.clone(),
             counters,
             failing: AtomicBool::new(false),
+            background: background.clone(),
             #[cfg(test)]
             fail_writes: Default::default(),
             #[cfg(test)]
             fail_flushes: Default::default(),
         });
+        if let Some(background) = background {
+            let log = Arc::downgrade(&shared);
+            std::thread::Builder::new()
+                .name("audit-flush".into())
+                .spawn(move || flush_in_the_background(&log, &background))
+                .map_err(|source| AuditError::Io {
+                    what: "starting the background flush of",
+                    path: settings.path.clone(),
+                    source,
+                })?;
+        }
         Ok(AuditLog { shared })
     }
 
     /// Appends `record` and returns its `seq` once it is durable: written, and flushed to the
-    /// disk when `fsync` is on. An error means the record is not in the log.
+    /// disk when `fsync` is on (with `durable_before: "interval"`, written; the flush comes
+    /// later). An error means the record is not in the log.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         let appended = self.append_bodies(vec![serialise(&record)]).await;
         self.settle(appended, 1)
@@ -190,7 +215,7 @@ impl AuditLog {
     /// the call's outcome record waits for before its answer is returned) makes this record
     /// durable too. An error means the record is not in the log.
     pub async fn append_decision(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        if self.shared.settings.durable_before == DurableBefore::Forward {
+        if self.shared.settings.durable_before != DurableBefore::Answer {
             return self.append(record).await;
         }
         let written = self.write(&[serialise(&record)]);
@@ -229,6 +254,9 @@ impl AuditLog {
     async fn append_bodies(&self, bodies: Vec<Vec<u8>>) -> Result<u64, AuditError> {
         if !self.shared.settings.fsync {
             return self.write(&bodies);
+        }
+        if let Some(background) = &self.shared.background {
+            return self.write_and_flush_later(&bodies, background);
         }
         let next = {
             let mut flushes = self.lock_flushes();
@@ -274,6 +302,27 @@ impl AuditLog {
             let _ = queued.sender.send(answer);
         }
         durable.map_err(|source| self.write_error(source))
+    }
+
+    /// Writes `bodies` and leaves their flush to the background flusher; refused while its
+    /// last flush failed.
+    fn write_and_flush_later(
+        &self,
+        bodies: &[Vec<u8>],
+        background: &Background,
+    ) -> Result<u64, AuditError> {
+        if let Some(failed) = background.failure() {
+            return Err(self.write_error(failed));
+        }
+        let first = self.write(bodies)?;
+        background.written();
+        Ok(first)
+    }
+
+    /// Flushes the live file (the background flusher's flush).
+    fn flush_live_file(&self) -> Result<(), Arc<io::Error>> {
+        let file = self.lock_writer().shared_file().map_err(Arc::new)?;
+        self.flush(&file)
     }
 
     fn write_error(&self, source: Arc<io::Error>) -> AuditError {
@@ -357,18 +406,12 @@ impl AuditLog {
         result
     }
 
-    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Writer> {
-        self.shared
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        locked(&self.shared.writer)
     }
 
-    fn lock_flushes(&self) -> std::sync::MutexGuard<'_, Flushes> {
-        self.shared
-            .flushes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn lock_flushes(&self) -> MutexGuard<'_, Flushes> {
+        locked(&self.shared.flushes)
     }
 
     /// The settings the log was opened with (for [`AuditRecord::set_arguments`]).
@@ -446,6 +489,136 @@ impl AuditLog {
     #[cfg(test)]
     pub(super) fn fail_next_flushes(&self, flushes: usize) {
         self.shared.fail_flushes.store(flushes, Ordering::SeqCst);
+    }
+}
+
+/// A lock whose holder panicked is still good: every holder leaves its state consistent
+/// before anything that can panic.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The background flush of `durable_before: "interval"`.
+struct Background {
+    state: Mutex<BackgroundState>,
+    /// Signalled when the first unflushed record is written, and when the log is dropped.
+    wake: Condvar,
+    interval: Duration,
+}
+
+#[derive(Default)]
+struct BackgroundState {
+    /// When the oldest record not yet flushed was written.
+    unflushed_since: Option<Instant>,
+    /// Why the last flush failed, until one succeeds.
+    failed: Option<Arc<io::Error>>,
+    /// The log was dropped.
+    stopped: bool,
+}
+
+impl Background {
+    fn every(interval_ms: u64) -> Self {
+        Self {
+            state: Default::default(),
+            wake: Condvar::new(),
+            interval: Duration::from_millis(interval_ms),
+        }
+    }
+
+    fn failure(&self) -> Option<Arc<io::Error>> {
+        locked(&self.state).failed.clone()
+    }
+
+    /// Notes records written; the first one since the last flush starts the interval.
+    fn written(&self) {
+        let mut state = locked(&self.state);
+        if state.unflushed_since.is_none() {
+            state.unflushed_since = Some(Instant::now());
+            self.wake.notify_one();
+        }
+    }
+
+    /// Waits until a flush is due (true), or the log is dropped (false). A due flush covers
+    /// every record written before this returns.
+    fn wait_until_due(&self) -> bool {
+        let mut state = locked(&self.state);
+        loop {
+            if state.stopped {
+                return false;
+            }
+            let Some(since) = state.unflushed_since else {
+                state = self
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            };
+            let now = Instant::now();
+            let due = since + self.interval;
+            if now >= due {
+                state.unflushed_since = None;
+                return true;
+            }
+            state = self
+                .wake
+                .wait_timeout(state, due - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Notes how a flush went: a failed one is retried an interval later, and appends are
+    /// refused meanwhile.
+    fn flushed(&self, result: Result<(), Arc<io::Error>>) {
+        let mut state = locked(&self.state);
+        match result {
+            Ok(()) => state.failed = None,
+            Err(error) => {
+                state.failed = Some(error);
+                state.unflushed_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// Stops the flusher; whether records are left unflushed.
+    fn stop(&self) -> bool {
+        let mut state = locked(&self.state);
+        state.stopped = true;
+        self.wake.notify_one();
+        state.unflushed_since.is_some() || state.failed.is_some()
+    }
+}
+
+/// The background flusher's thread: flushes the live file whenever a flush is due, until the
+/// log is dropped. It holds the log only while flushing, so that dropping the last
+/// [`AuditLog`] drops the log.
+fn flush_in_the_background(log: &Weak<Shared>, background: &Background) {
+    while background.wait_until_due() {
+        let Some(shared) = log.upgrade() else { return };
+        background.flushed(AuditLog { shared }.flush_live_file());
+    }
+}
+
+impl Drop for Shared {
+    /// Flushes what the background flusher has not flushed yet.
+    fn drop(&mut self) {
+        let Some(background) = &self.background else {
+            return;
+        };
+        if !background.stop() {
+            return;
+        }
+        let writer = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Err(error) = writer.file().and_then(|file| file.sync_data()) {
+            tracing::error!(
+                path = %writer.path.display(),
+                error = %error,
+                "audit log flush failed at close: the last records may not be on the disk"
+            );
+        }
     }
 }
 

@@ -310,9 +310,25 @@ pub struct AuditSettings {
     /// with the call's outcome record, by one flush before the answer is returned: a call then
     /// waits for one flush instead of two. What a crash of the machine can then lose: the
     /// decision record of a call that was forwarded but whose answer was never returned.
-    /// Denials, and every other record, are always flushed before anything goes on. No
-    /// effect with `fsync` off.
+    /// Denials, and every other record, are always flushed before anything goes on.
+    /// `"interval"`: every record is written to the file before what it records goes on (a
+    /// crash of mcp-guard loses nothing), and a background flush makes it durable at most
+    /// `flush_interval_ms` later; no call waits for the disk. What a crash of the machine can
+    /// then lose: the records of the last `flush_interval_ms`. No effect with `fsync` off.
     pub durable_before: DurableBefore,
+
+    /// With `durable_before: "interval"`, the longest a written record waits for the
+    /// background flush, in milliseconds (1 to 60000). Default 10.
+    #[schemars(range(min = 1, max = 60000))]
+    pub flush_interval_ms: u64,
+}
+
+impl AuditSettings {
+    /// Whether an append waits for a flush before it is acknowledged (some appends, with
+    /// `durable_before: "answer"`).
+    pub fn flushes_before_acknowledging(&self) -> bool {
+        self.fsync && self.durable_before != DurableBefore::Interval
+    }
 }
 
 /// When a forwarded call's decision record is flushed to the disk (`audit.durable_before`).
@@ -325,6 +341,9 @@ pub enum DurableBefore {
     /// Written before the call is forwarded, flushed (with the outcome record) before its
     /// answer is returned.
     Answer,
+    /// Written before the call is forwarded, like every record; flushed in the background at
+    /// most `flush_interval_ms` later.
+    Interval,
 }
 
 impl Default for AuditSettings {
@@ -336,6 +355,7 @@ impl Default for AuditSettings {
             redact: Vec::new(),
             fsync: true,
             durable_before: DurableBefore::Forward,
+            flush_interval_ms: 10,
         }
     }
 }

@@ -1235,6 +1235,37 @@ fn audit_without_fsync_is_a_warning() {
 }
 
 #[test]
+fn durable_before_interval_loads_with_its_interval() {
+    let mut policy = valid();
+    policy["audit"] = json!({ "durable_before": "interval", "flush_interval_ms": 250 });
+    let loaded = load_value(policy).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert_eq!(loaded.policy.audit.durable_before, DurableBefore::Interval);
+    assert_eq!(loaded.policy.audit.flush_interval_ms, 250);
+    assert!(!loaded.policy.audit.flushes_before_acknowledging());
+}
+
+#[test]
+fn a_flush_interval_out_of_range_is_an_error_with_its_path() {
+    for interval in [0, 60_001] {
+        let mut policy = valid();
+        policy["audit"] = json!({ "durable_before": "interval", "flush_interval_ms": interval });
+        let error = load_value(policy).unwrap_err().to_string();
+        assert!(error.contains("audit.flush_interval_ms"), "{error}");
+        assert!(error.contains("1 to 60000 milliseconds"), "{error}");
+    }
+}
+
+#[test]
+fn a_flush_interval_without_durable_before_interval_is_a_warning() {
+    let mut policy = valid();
+    policy["audit"] = json!({ "flush_interval_ms": 100 });
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "audit.flush_interval_ms");
+    assert!(warning.message.contains("\"interval\""), "{warning}");
+}
+
+#[test]
 fn a_tiny_rotation_size_is_a_warning() {
     let mut policy = valid();
     policy["audit"] = json!({ "rotate_bytes": 4096 });
@@ -1300,7 +1331,15 @@ fn the_schema_describes_principals_and_rules() {
     }
     let audit = &schema["$defs"]["AuditSettings"];
     assert_eq!(audit["additionalProperties"], false);
-    for field in ["path", "rotate_bytes", "store_arguments", "redact", "fsync"] {
+    for field in [
+        "path",
+        "rotate_bytes",
+        "store_arguments",
+        "redact",
+        "fsync",
+        "durable_before",
+        "flush_interval_ms",
+    ] {
         assert!(
             audit["properties"][field]["description"].is_string(),
             "{field}"

@@ -123,14 +123,33 @@ fn check_audit(audit: &AuditSettings, problems: &mut Vec<Problem>) {
             "is off: records are acknowledged before they reach the disk, so a crash of the \
              machine can lose the last ones",
         ));
-        if audit.durable_before == DurableBefore::Answer {
+        if audit.durable_before != DurableBefore::Forward {
             problems.push(Problem::warning(
                 "audit.durable_before",
-                "\"answer\" has no effect while audit.fsync is false: no record is flushed",
+                "has no effect while audit.fsync is false: no record is flushed",
             ));
         }
     }
+    if !(1..=AUDIT_MAX_FLUSH_INTERVAL_MS).contains(&audit.flush_interval_ms) {
+        problems.push(Problem::error(
+            "audit.flush_interval_ms",
+            format!(
+                "is {}: must be 1 to {AUDIT_MAX_FLUSH_INTERVAL_MS} milliseconds",
+                audit.flush_interval_ms
+            ),
+        ));
+    } else if audit.flush_interval_ms != AuditSettings::default().flush_interval_ms
+        && audit.durable_before != DurableBefore::Interval
+    {
+        problems.push(Problem::warning(
+            "audit.flush_interval_ms",
+            "has no effect unless audit.durable_before is \"interval\"",
+        ));
+    }
 }
+
+/// Past a minute, "interval" is no longer a bound on what a crash of the machine loses.
+const AUDIT_MAX_FLUSH_INTERVAL_MS: u64 = 60_000;
 
 /// RFC 7518 section 3.2: an HS256 key must have at least 256 bits.
 const HS256_MIN_SECRET_BYTES: usize = 32;

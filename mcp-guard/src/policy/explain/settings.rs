@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::super::methods::PLUMBING_METHODS;
-use super::super::model::{JwtIssuer, JwtSettings, Mode, Policy};
+use super::super::model::{AuditSettings, DurableBefore, JwtIssuer, JwtSettings, Mode, Policy};
 use super::doc::{Cite, Sentence, Statement};
 use super::server::mode_consequence;
 
@@ -279,20 +279,35 @@ pub fn logging(policy: &Policy) -> Vec<Statement> {
     )];
     statements.push(arguments_statement(policy));
     statements.extend(redaction_statement(policy));
-    statements.push(Statement::new(
-        Sentence::new().text(if audit.fsync {
-            "Each record is flushed to disk before the operation it records goes on"
-        } else {
-            "Records are not flushed to disk before the operations they record go on: a crash of the machine may lose the last ones"
-        }),
-        Cite::setting("audit.fsync"),
-    ));
+    statements.push(durability_statement(audit));
     statements.push(Statement::new(
         rotation(audit.rotate_bytes),
         Cite::setting("audit.rotate_bytes"),
     ));
     statements.push(metrics(policy));
     statements
+}
+
+fn durability_statement(audit: &AuditSettings) -> Statement {
+    let (text, setting) = match (audit.fsync, audit.durable_before) {
+        (false, _) => (
+            "Records are not flushed to disk before the operations they record go on: a crash of the machine may lose the last ones".to_string(),
+            "audit.fsync",
+        ),
+        (true, DurableBefore::Forward) => (
+            "Each record is flushed to disk before the operation it records goes on".to_string(),
+            "audit.fsync",
+        ),
+        (true, DurableBefore::Answer) => (
+            "Each record is flushed to disk before the operation it records goes on, except that an allowed call's decision is only written before the call is forwarded, and flushed with its outcome before the answer is returned: a crash of the machine may lose the decision of a call whose answer was never returned".to_string(),
+            "audit.durable_before",
+        ),
+        (true, DurableBefore::Interval) => (
+            format!("Each record is written to the log before the operation it records goes on, and flushed to disk at most {} ms later: a crash of the machine may lose the records of that last interval", audit.flush_interval_ms),
+            "audit.durable_before",
+        ),
+    };
+    Statement::new(Sentence::new().text(text), Cite::setting(setting))
 }
 
 fn arguments_statement(policy: &Policy) -> Statement {

@@ -257,3 +257,32 @@ fn roles_nobody_holds_are_pointed_out() {
          it apply to nobody [`principals`].",
     );
 }
+
+#[test]
+fn each_audit_durability_says_what_a_crash_of_the_machine_can_lose() {
+    let with_audit = |audit: Value| {
+        markdown(&load(json!({
+            "version": 1,
+            "servers": { "fs": { "command": ["mcp-fs"], "rules": [] } },
+            "audit": audit
+        })))
+    };
+    assert_says(
+        &with_audit(json!({})),
+        "Each record is flushed to disk before the operation it records goes on [`audit.fsync`].",
+    );
+    assert_says(
+        &with_audit(json!({ "durable_before": "answer" })),
+        "a crash of the machine may lose the decision of a call whose answer was never returned \
+         [`audit.durable_before`].",
+    );
+    assert_says(
+        &with_audit(json!({ "durable_before": "interval", "flush_interval_ms": 25 })),
+        "flushed to disk at most 25 ms later: a crash of the machine may lose the records of that \
+         last interval [`audit.durable_before`].",
+    );
+    assert_says(
+        &with_audit(json!({ "fsync": false })),
+        "a crash of the machine may lose the last ones [`audit.fsync`].",
+    );
+}
