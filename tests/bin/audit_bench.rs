@@ -3,7 +3,10 @@
 //!
 //! Appends: a fresh log (fsync on, group commit) and N tasks appending call records as fast as
 //! the log acknowledges them, for a few seconds per concurrency level; reported: records per
-//! second, and the median and p99 time an append waits for its record to be durable.
+//! second, and the median and p99 time an append waits for its record to be durable. Each level
+//! runs twice: with the default `durable_before: "forward"` (an append waits for the flush that
+//! covers its record) and with `"interval"` (an append waits for its write; a background thread
+//! flushes every 10 ms).
 //!
 //! Trace: a log of 1,000,000 realistic records (10,000 agent sessions, 10,000 instructions,
 //! each instruction worked on by two sessions; per session a start and an end, 32 calls each
@@ -29,7 +32,7 @@ use mcp_guard::audit::{
     Attribution, AuditDecision, AuditLog, AuditRecord, Latency, Outcome, OutcomeKind, Protocol,
     RecordKind, Verdict,
 };
-use mcp_guard::policy::AuditSettings;
+use mcp_guard::policy::{AuditSettings, DurableBefore};
 use serde_json::{Value, json};
 
 struct Options {
@@ -110,16 +113,24 @@ fn run() -> Result<(), String> {
 
     let mut appends = Vec::new();
     for &concurrency in &options.concurrency {
-        let dir = work.path().join(format!("append-{concurrency}"));
-        let result = runtime.block_on(bench_appends(&dir, concurrency, options.seconds))?;
-        if !options.json {
-            eprintln!(
-                "appends at concurrency {concurrency}: {:.0} records/s",
-                result.per_second
-            );
+        for durable_before in [DurableBefore::Forward, DurableBefore::Interval] {
+            let dir = work.path().join(format!("append-{concurrency}"));
+            let result = runtime.block_on(bench_appends(
+                &dir,
+                concurrency,
+                durable_before,
+                options.seconds,
+            ))?;
+            if !options.json {
+                eprintln!(
+                    "appends at concurrency {concurrency}, {}: {:.0} records/s",
+                    durable_before_name(durable_before),
+                    result.per_second
+                );
+            }
+            appends.push(result);
+            std::fs::remove_dir_all(&dir).map_err(|e| e.to_string())?;
         }
-        appends.push(result);
-        std::fs::remove_dir_all(&dir).map_err(|e| e.to_string())?;
     }
 
     let binary = mcp_guard_tests::daemon_binary();
@@ -173,6 +184,7 @@ fn run() -> Result<(), String> {
 
 struct AppendResult {
     concurrency: usize,
+    durable_before: DurableBefore,
     records: u64,
     per_second: f64,
     p50: Duration,
@@ -182,11 +194,13 @@ struct AppendResult {
 async fn bench_appends(
     dir: &Path,
     concurrency: usize,
+    durable_before: DurableBefore,
     seconds: f64,
 ) -> Result<AppendResult, String> {
     let settings = AuditSettings {
         path: dir.join("audit.jsonl"),
         fsync: true,
+        durable_before,
         ..AuditSettings::default()
     };
     let log = AuditLog::open(&settings).map_err(|e| e.to_string())?;
@@ -218,11 +232,20 @@ async fn bench_appends(
     let records = latencies.len() as u64;
     Ok(AppendResult {
         concurrency,
+        durable_before,
         records,
         per_second: records as f64 / elapsed,
         p50: percentile(&latencies, 50),
         p99: percentile(&latencies, 99),
     })
+}
+
+/// The policy's spelling of `durable_before`.
+fn durable_before_name(durable_before: DurableBefore) -> String {
+    serde_json::to_value(durable_before)
+        .ok()
+        .and_then(|name| name.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn percentile(sorted: &[Duration], pct: usize) -> Duration {
@@ -611,13 +634,14 @@ impl Report {
             if self.on_tmpfs { ", tmpfs!" } else { "" }
         );
         println!(
-            "{:>12} {:>12} {:>12} {:>12}",
-            "concurrency", "records/s", "p50 ms", "p99 ms"
+            "{:>12} {:>15} {:>12} {:>12} {:>12}",
+            "concurrency", "durable_before", "records/s", "p50 ms", "p99 ms"
         );
         for result in &self.appends {
             println!(
-                "{:>12} {:>12.0} {:>12.3} {:>12.3}",
+                "{:>12} {:>15} {:>12.0} {:>12.3} {:>12.3}",
                 result.concurrency,
+                durable_before_name(result.durable_before),
                 result.per_second,
                 millis(result.p50),
                 millis(result.p99)
@@ -659,6 +683,7 @@ impl Report {
             "on_tmpfs": self.on_tmpfs,
             "appends": self.appends.iter().map(|result| json!({
                 "concurrency": result.concurrency,
+                "durable_before": result.durable_before,
                 "records": result.records,
                 "records_per_second": result.per_second.round(),
                 "p50_ms": millis(result.p50),
