@@ -342,6 +342,79 @@ async fn a_failed_flush_fails_the_appends_waiting_for_it_and_the_next_flush_reco
     assert_eq!(verify_log(dir.path()).unwrap().records, 3);
 }
 
+/// Overwrites the file's bytes from `from` on with zeros: what a reboot may find where
+/// writeback failed and the kernel dropped the pages.
+fn lose_bytes_after(path: &Path, from: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[from..].fill(0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn file_len(path: &Path) -> usize {
+    std::fs::metadata(path).unwrap().len() as usize
+}
+
+#[tokio::test]
+async fn after_a_failed_flush_what_it_may_have_lost_is_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    append_calls(&log, 1).await;
+    let durable = file_len(&settings.path);
+    log.fail_next_flushes(1);
+    log.append(call("unsure")).await.unwrap_err();
+    // Linux marks the pages clean after a failed writeback: a later flush succeeds without
+    // writing them. Here they are gone from the file outright.
+    lose_bytes_after(&settings.path, durable);
+    assert_eq!(log.append(call("after")).await.unwrap(), 3);
+    drop(log);
+    let lines = lines(&settings.path);
+    assert_eq!(parsed(&lines[1]).record.tool.as_deref(), Some("unsure"));
+    assert_eq!(verify_log(dir.path()).unwrap().records, 3);
+}
+
+#[tokio::test]
+async fn flushes_failing_for_long_refuse_writes_until_a_flush_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let log = AuditLog::open(&settings).unwrap();
+    log.fail_next_flushes(usize::MAX);
+    // Each append writes and fails to flush, until the bytes kept to write again reach the
+    // cap; then the write itself is refused (the flush it tries first fails too).
+    let mut attempts = 0;
+    let error = loop {
+        attempts += 1;
+        assert!(attempts < 100, "no write was refused");
+        let error = log.append(call("unsure")).await.unwrap_err();
+        if error
+            .to_string()
+            .contains("since the last successful flush")
+        {
+            break error;
+        }
+        assert!(error.to_string().contains("Input/output error"), "{error}");
+    };
+    assert!(
+        error.to_string().contains("refusing to write more"),
+        "{error}"
+    );
+    let written = file_len(&settings.path);
+    log.append(call("refused")).await.unwrap_err();
+    assert_eq!(file_len(&settings.path), written);
+    // The disk recovers: the next append flushes what was kept, then its own record.
+    log.fail_next_flushes(0);
+    lose_bytes_after(&settings.path, 0);
+    let seq = log.append(call("after")).await.unwrap();
+    assert!(!log.failing());
+    drop(log);
+    assert_eq!(verify_log(dir.path()).unwrap().records, seq);
+    assert!(
+        !lines(&settings.path)
+            .iter()
+            .any(|l| l.contains("\"refused\""))
+    );
+}
+
 /// Three appends queued behind a running flush, then handed to the next one.
 async fn queue_three_then_flush(log: &AuditLog) -> Vec<Result<u64, AuditError>> {
     let running = log.hold_flush();
@@ -552,7 +625,9 @@ async fn durable_before_interval_refuses_appends_after_a_failed_flush_until_one_
         written,
         "a refused record was written"
     );
-    // The disk recovers: the next retry flushes, and appends go on.
+    // Nothing was ever flushed, and the kernel may have dropped all of it.
+    lose_bytes_after(&settings.path, 0);
+    // The disk recovers: the next retry writes it all again and flushes, and appends go on.
     log.fail_next_flushes(0);
     until_flushed(&log, 1).await;
     log.append(call("after")).await.unwrap();

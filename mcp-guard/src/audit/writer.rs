@@ -37,8 +37,14 @@
 //! before the next write), fails every append of its group, and keeps the chain where it was;
 //! the next write tries again. So while the disk is full or the file unwritable, every append
 //! fails, and the daemon refuses the calls it would have recorded. A failed flush fails every
-//! append of its group; their records stay in the file (the chain runs through them), and the
-//! next flush covers them.
+//! append of its group; their records stay in the file (the chain runs through them). A later
+//! flush would not cover them: when writeback fails, Linux reports the error once and marks the
+//! pages clean, so the bytes may never reach the disk while later flushes succeed. So the
+//! writer keeps the bytes written since the last successful flush, and after a failed one
+//! truncates the file back to what that flush made durable and writes them again before the
+//! next write or flush. If flushes keep failing while writes succeed, the kept bytes are capped
+//! ([`MAX_UNFLUSHED_BYTES`]): past the cap, a write first flushes what is kept, and is refused
+//! if that fails too.
 //!
 //! After a crash (kill -9, power loss) the live file may end in an incomplete line: the part
 //! of a write that reached the file before the process died. No record of that write was
@@ -230,12 +236,12 @@ impl AuditLog {
             .map_err(|source| self.write_error(source))
     }
 
-    /// [`Self::write`], also returning the file the records went to (to flush it).
-    fn write_slices(&self, bodies: &[&[u8]]) -> Result<(u64, Arc<File>), Arc<io::Error>> {
+    /// [`Self::write`], also returning what a flush of the records is to flush.
+    fn write_slices(&self, bodies: &[&[u8]]) -> Result<(u64, FlushTarget), Arc<io::Error>> {
         let mut writer = self.lock_writer();
         let written = writer
             .commit(bodies.iter().copied(), &self.shared)
-            .and_then(|first| Ok((first, writer.shared_file().map_err(Arc::new)?)));
+            .and_then(|first| Ok((first, writer.flush_target().map_err(Arc::new)?)));
         if let Err(source) = &written {
             tracing::error!(
                 path = %writer.path.display(),
@@ -288,8 +294,8 @@ impl AuditLog {
             .chain(queued.iter().flat_map(|q| &q.bodies))
             .map(Vec::as_slice)
             .collect();
-        let durable = self.write_slices(&all).and_then(|(first, file)| {
-            self.flush(&file)?;
+        let durable = self.write_slices(&all).and_then(|(first, target)| {
+            self.flush(&target)?;
             Ok(first)
         });
         let mut seq = durable.as_ref().map_or(0, |first| first + own.len() as u64);
@@ -321,8 +327,8 @@ impl AuditLog {
 
     /// Flushes the live file (the background flusher's flush).
     fn flush_live_file(&self) -> Result<(), Arc<io::Error>> {
-        let file = self.lock_writer().shared_file().map_err(Arc::new)?;
-        self.flush(&file)
+        let target = self.lock_writer().flush_target().map_err(Arc::new)?;
+        self.flush(&target)
     }
 
     fn write_error(&self, source: Arc<io::Error>) -> AuditError {
@@ -332,16 +338,11 @@ impl AuditLog {
         }
     }
 
-    /// Flushes `file` (the live file when its records were written).
-    fn flush(&self, file: &File) -> Result<(), Arc<io::Error>> {
-        #[cfg(test)]
-        let flushed = if take_one(&self.shared.fail_flushes) {
-            Err(io::Error::from_raw_os_error(libc::EIO))
-        } else {
-            outside_the_runtime(|| file.sync_data())
-        };
-        #[cfg(not(test))]
-        let flushed = outside_the_runtime(|| file.sync_data());
+    /// Flushes the file of `target` (the live file when its records were written), and tells
+    /// the writer how that went.
+    fn flush(&self, target: &FlushTarget) -> Result<(), Arc<io::Error>> {
+        let flushed = outside_the_runtime(|| sync_data(&target.file, &self.shared));
+        self.lock_writer().flushed(target, flushed.is_ok());
         match flushed {
             Ok(()) => {
                 self.lock_flushes().count += 1;
@@ -622,6 +623,15 @@ impl Drop for Shared {
     }
 }
 
+/// `fdatasync` of `file`; tests make it fail as a failing disk would.
+fn sync_data(file: &File, _shared: &Shared) -> io::Result<()> {
+    #[cfg(test)]
+    if take_one(&_shared.fail_flushes) {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    file.sync_data()
+}
+
 /// Takes one from a test's count of failures to come; false when none is left.
 #[cfg(test)]
 fn take_one(failures: &std::sync::atomic::AtomicUsize) -> bool {
@@ -666,7 +676,34 @@ struct Writer {
     buffer: Vec<u8>,
     /// Flushes of a file about to be rotated away (for tests).
     rotation_flushes: u64,
+    /// With `fsync` on: the length of the live file that a flush made durable, and the bytes
+    /// written after it, kept to write again after a failed flush (see the module's
+    /// documentation).
+    durable_len: u64,
+    unflushed: Vec<u8>,
+    /// A flush failed: the bytes after `durable_len` are to be written again before anything
+    /// else is written or flushed.
+    rewrite_needed: bool,
+    version: FileVersion,
 }
+
+/// Which bytes of which live file a flush covers: a flush started before a rotation or a
+/// rewrite says nothing about the file as it is after it.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+struct FileVersion {
+    rotations: u64,
+    rewrites: u64,
+}
+
+/// What a flush is to flush: the live file, up to `len`, as of `version`.
+struct FlushTarget {
+    file: Arc<File>,
+    version: FileVersion,
+    len: u64,
+}
+
+/// The most bytes kept for writing again while flushes fail (see the module's documentation).
+const MAX_UNFLUSHED_BYTES: usize = if cfg!(test) { 4096 } else { 64 * 1024 * 1024 };
 
 impl Writer {
     fn open(settings: AuditSettings) -> Result<Self, AuditError> {
@@ -737,11 +774,20 @@ impl Writer {
             next_rotation: rotated.last().map_or(1, |n| n + 1),
             buffer: Vec::with_capacity(64 * 1024),
             rotation_flushes: 0,
+            durable_len: committed_len,
+            unflushed: Vec::new(),
+            rewrite_needed: false,
+            version: FileVersion::default(),
             path,
         };
-        // Open now, so that a log the daemon cannot write stops it at start-up.
+        // Open now, so that a log the daemon cannot write stops it at start-up; and flush, so
+        // that what the last writer left is durable before the chain goes on from it.
         let path = writer.path.clone();
-        writer.file().map_err(io_error("opening", &path))?;
+        let fsync = writer.fsync;
+        let file = writer.file().map_err(io_error("opening", &path))?;
+        if fsync && committed_len > 0 {
+            file.sync_data().map_err(io_error("flushing", &path))?;
+        }
         Ok(writer)
     }
 
@@ -760,12 +806,19 @@ impl Writer {
             prev = chain::seal(&mut self.buffer, body, seq, &ts, &prev);
             seq += 1;
         }
-        if let Err(error) = self.write_buffer(shared) {
+        if let Err(error) = self
+            .rewrite_if_needed()
+            .and_then(|()| self.make_room_to_keep(shared))
+            .and_then(|()| self.write_buffer(shared))
+        {
             // Whatever part reached the file is cut before the next write (see `file`).
             self.file = None;
             return Err(Arc::new(error));
         }
         self.committed_len += self.buffer.len() as u64;
+        if self.fsync {
+            self.unflushed.extend_from_slice(&self.buffer);
+        }
         self.next_seq = seq;
         self.last_hash = prev;
         if self.rotate_bytes > 0
@@ -780,6 +833,78 @@ impl Writer {
             );
         }
         Ok(first_seq)
+    }
+
+    /// Makes room to keep the buffer's bytes for writing again, by flushing here what is kept
+    /// when that is over [`MAX_UNFLUSHED_BYTES`]: flushes have failed for a long while. Refuses
+    /// the write when that flush fails too.
+    fn make_room_to_keep(&mut self, shared: &Shared) -> io::Result<()> {
+        if !self.fsync || self.unflushed.len() + self.buffer.len() <= MAX_UNFLUSHED_BYTES {
+            return Ok(());
+        }
+        let target = self.flush_target()?;
+        let flushed = sync_data(&target.file, shared);
+        self.flushed(&target, flushed.is_ok());
+        flushed.map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!(
+                    "{} bytes were written since the last successful flush of the audit log, \
+                     and flushing them failed ({error}): refusing to write more until a flush \
+                     succeeds",
+                    self.unflushed.len()
+                ),
+            )
+        })
+    }
+
+    /// After a failed flush, truncates the file back to what the last successful one made
+    /// durable and writes the bytes after it again.
+    fn rewrite_if_needed(&mut self) -> io::Result<()> {
+        if !self.rewrite_needed {
+            return Ok(());
+        }
+        let file = self.shared_file()?;
+        file.set_len(self.durable_len)?;
+        (&*file).write_all(&self.unflushed)?;
+        self.rewrite_needed = false;
+        self.version.rewrites += 1;
+        tracing::warn!(
+            path = %self.path.display(),
+            bytes = self.unflushed.len(),
+            "audit log: wrote again what was written since the last successful flush, which a \
+             failed flush may have lost"
+        );
+        Ok(())
+    }
+
+    /// What a flush started now is to flush (writing again first what a failed flush may have
+    /// lost).
+    fn flush_target(&mut self) -> io::Result<FlushTarget> {
+        self.rewrite_if_needed()?;
+        Ok(FlushTarget {
+            file: self.shared_file()?,
+            version: self.version,
+            len: self.committed_len,
+        })
+    }
+
+    /// Takes note of how a flush of `target` went.
+    fn flushed(&mut self, target: &FlushTarget, succeeded: bool) {
+        if target.version.rotations != self.version.rotations {
+            // That file was flushed before it was rotated away.
+            return;
+        }
+        if !succeeded {
+            self.rewrite_needed = true;
+        } else if target.version == self.version
+            && !self.rewrite_needed
+            && target.len > self.durable_len
+        {
+            let newly_durable = (target.len - self.durable_len) as usize;
+            self.unflushed.drain(..newly_durable);
+            self.durable_len = target.len;
+        }
     }
 
     fn write_buffer(&mut self, _shared: &Shared) -> io::Result<()> {
@@ -813,7 +938,8 @@ impl Writer {
             if len > self.committed_len {
                 file.set_len(self.committed_len)?;
                 file.sync_all()?;
-            } else if len < self.committed_len {
+            } else if len < self.committed_len && !(self.rewrite_needed && len >= self.durable_len)
+            {
                 return Err(io::Error::other(format!(
                     "the file is {len} bytes, shorter than the {} bytes already written to \
                      it: it was truncated or replaced behind mcp-guard's back",
@@ -833,8 +959,13 @@ impl Writer {
         // Records not yet flushed may be in it; a flush running meanwhile flushes this file
         // too, but one starting later flushes the next.
         if self.fsync {
-            self.file()?.sync_data()?;
+            if let Err(error) = self.file()?.sync_data() {
+                self.rewrite_needed = true;
+                return Err(error);
+            }
             self.rotation_flushes += 1;
+            self.unflushed.clear();
+            self.durable_len = self.committed_len;
         }
         let target = loop {
             let target = files::rotated_path(&self.path, self.next_rotation);
@@ -851,6 +982,8 @@ impl Writer {
         };
         self.file = None;
         self.committed_len = 0;
+        self.durable_len = 0;
+        self.version.rotations += 1;
         sync_parent(&target)?;
         tracing::info!(
             rotated = %target.display(),
