@@ -1843,6 +1843,13 @@ impl TestEnv {
         document
     }
 
+    /// Sets each field of `audit` (an object) in `document`'s `audit` settings.
+    pub fn set_audit_settings(document: &mut Value, audit: &Value) {
+        for (field, value) in audit.as_object().expect("audit settings") {
+            document["audit"][field] = value.clone();
+        }
+    }
+
     /// Writes a whole policy document atomically (a reload never reads half a file).
     pub fn write_policy_document(&self, document: &Value) {
         let text = serde_json::to_string_pretty(document).unwrap();

@@ -363,9 +363,7 @@ fn every_call_is_answered_and_on_record(tag: &str, audit: Value) {
             allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
         ])}),
     );
-    for (field, value) in audit.as_object().expect("audit settings") {
-        document["audit"][field] = value.clone();
-    }
+    TestEnv::set_audit_settings(&mut document, &audit);
     env.write_policy_document(&document);
     let _daemon = env.start_daemon();
     let script = |front: &str| {

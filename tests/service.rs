@@ -559,9 +559,28 @@ fn a_delegated_cgroup_becomes_the_root_with_the_daemon_in_a_leaf() {
 
 #[test]
 fn kill9_under_load_keeps_enforcing_and_loses_no_acknowledged_record() {
-    let env = TestEnv::new("svc-crash", PROBE);
+    kill9_under_load("svc-crash", json!({}));
+}
+
+/// The same with `audit.durable_before: "interval"`: records are acknowledged once written, not
+/// flushed, and a crash of mcp-guard (not of the machine) still loses none.
+#[test]
+fn kill9_under_load_loses_no_acknowledged_record_with_a_background_flush() {
+    kill9_under_load(
+        "svc-crash-interval",
+        json!({"durable_before": "interval", "flush_interval_ms": 1000}),
+    );
+}
+
+/// Clients call through the daemon under load, the daemon is killed (SIGKILL), and a new one
+/// starts: the kernel refused an undeclared destination throughout, and every call that was
+/// answered has its decision and outcome on record, in a chain that verifies.
+fn kill9_under_load(tag: &str, audit: Value) {
+    let env = TestEnv::new(tag, PROBE);
     let listen = loopback(free_loopback_port());
-    env.write_policy_document(&fast_policy(&env, listen, &[]));
+    let mut document = fast_policy(&env, listen, &[]);
+    TestEnv::set_audit_settings(&mut document, &audit);
+    env.write_policy_document(&document);
     let mut daemon = env.start_daemon();
     let target = Listener::tcp(LOCALHOST_V4);
     let undeclared = attempt("tcp", SocketAddr::new(LOCALHOST_V4, target.port()));
