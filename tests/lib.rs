@@ -1807,9 +1807,20 @@ impl Peers {
     /// `mcp-server-time` (PyPI) served over Streamable HTTP by `time_http_server.py` (see
     /// PEERS.md), on a free port it announces as `MCP_PEER_LISTENING <port>` on stderr.
     pub fn time_http(&self, extra: &[&str]) -> Vec<String> {
+        self.python_script("time_http_server.py", extra)
+    }
+
+    /// A Python SDK server that closes a call's event stream mid-call, to be polled
+    /// (`polling_http_server.py`, see PEERS.md); it announces its port like `time_http`.
+    pub fn polling_http(&self, extra: &[&str]) -> Vec<String> {
+        self.python_script("polling_http_server.py", extra)
+    }
+
+    /// One of `tests/clients/`'s Python scripts, run by the peers' venv, with `extra` arguments.
+    fn python_script(&self, script: &str, extra: &[&str]) -> Vec<String> {
         let mut command = vec![
             self.dir.join("venv/bin/python").display().to_string(),
-            client_script("time_http_server.py").display().to_string(),
+            client_script(script).display().to_string(),
         ];
         command.extend(extra.iter().map(|arg| arg.to_string()));
         command

@@ -1615,6 +1615,17 @@ fn shared_isolation_serves_every_session_from_one_process() {
     }
 }
 
+/// The port a peer started with its stderr piped announces (`MCP_PEER_LISTENING <port>`); its
+/// stderr is read no further.
+fn announced_port(peer: &mut std::process::Child) -> String {
+    let stderr = BufReader::new(peer.stderr.take().expect("stderr"));
+    stderr
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| line.strip_prefix("MCP_PEER_LISTENING ").map(str::to_owned))
+        .expect("the peer announces its port")
+}
+
 /// A server reached by `url` (Streamable HTTP upstream): mcp-guard keeps the server's session,
 /// filters its list and enforces calls as for a stdio server.
 #[test]
@@ -1628,12 +1639,7 @@ fn http_upstream_is_proxied_with_the_same_enforcement() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start mcp-fast-server --http 0");
-    let stderr = BufReader::new(upstream.stderr.take().expect("stderr"));
-    let port = stderr
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| line.strip_prefix("MCP_PEER_LISTENING ").map(str::to_owned))
-        .expect("the fast server announces its port");
+    let port = announced_port(&mut upstream);
     let servers = json!({
         "remote": {
             "url": format!("http://127.0.0.1:{port}/mcp"),
@@ -1900,12 +1906,7 @@ fn https_upstream_is_verified_against_the_configured_ca() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start time_http_server.py");
-    let stderr = BufReader::new(upstream.stderr.take().expect("stderr"));
-    let port = stderr
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| line.strip_prefix("MCP_PEER_LISTENING ").map(str::to_owned))
-        .expect("the time server announces its port");
+    let port = announced_port(&mut upstream);
     let url = format!("https://127.0.0.1:{port}/mcp");
     let rules = json!([
         list_tools_rule(),
@@ -1950,6 +1951,50 @@ fn https_upstream_is_verified_against_the_configured_ca() {
             .as_str()
             .is_some_and(|m| m.contains("invalid peer certificate: UnknownIssuer")),
         "{refused}"
+    );
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}
+
+/// A server that closes a call's event stream before the answer, to be polled (2025-11-25; the
+/// Python SDK's `close_sse_stream` with an event store, twice in one call): mcp-guard resumes
+/// the stream with a GET carrying `Last-Event-ID`, each time, and the agent gets the answer.
+#[test]
+fn a_call_whose_event_stream_the_server_closes_is_resumed() {
+    let env = TestEnv::new("proxy-sse-polling", PROBE);
+    let peers = Peers::require();
+    let resumed = env.dir().join("resumed.txt");
+    let command = peers.polling_http(&["--resume-log", resumed.to_str().unwrap()]);
+    let mut upstream = Command::new(&command[0])
+        .args(&command[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start polling_http_server.py");
+    let port = announced_port(&mut upstream);
+    let servers = json!({
+        "polling": {
+            "url": format!("http://127.0.0.1:{port}/mcp"),
+            "rules": [
+                list_tools_rule(),
+                allow("slow", json!({"roles": [DEVELOPER], "tools": ["slow_echo"]})),
+            ],
+        },
+    });
+    let front = Front::start(env, peers, servers);
+    let run = front.client(
+        "polling",
+        HANDSHAKE,
+        &json!([
+            {"op": "call_tool", "name": "slow_echo", "arguments": {"text": "polled", "pauses": 2}},
+        ]),
+    );
+    assert_eq!(text(run.ok(0)), "polled");
+    let resumptions = std::fs::read_to_string(&resumed).unwrap_or_default();
+    assert_eq!(
+        resumptions.lines().count(),
+        2,
+        "one resumption per closed stream: {resumptions:?}"
     );
     let _ = upstream.kill();
     let _ = upstream.wait();

@@ -16,11 +16,9 @@ It binds before serving and prints one line `MCP_PEER_LISTENING <port>` on stder
 """
 
 import argparse
-import socket
-import sys
 
 import anyio
-import uvicorn
+from announced_listener import serve_announced
 from mcp_server_time.server import create_server, get_local_tz
 
 
@@ -32,19 +30,7 @@ async def serve(args):
         stateless_http=args.stateless,
         host="127.0.0.1",
     )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", args.port))
-    sock.listen(128)
-    sys.stderr.write(f"MCP_PEER_LISTENING {sock.getsockname()[1]}\n")
-    sys.stderr.flush()
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        ssl_certfile=args.tls_cert,
-        ssl_keyfile=args.tls_key,
-    )
-    await uvicorn.Server(config).serve(sockets=[sock])
+    await serve_announced(app, args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
 
 
 def main():

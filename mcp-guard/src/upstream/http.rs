@@ -2,10 +2,16 @@
 //! comes back (a JSON message or batch, or an SSE stream of messages) feeds the same router
 //! as a stdio server's output. The server's `Mcp-Session-Id` and negotiated protocol version
 //! are kept per agent session and sent on every later POST.
+//!
+//! A POST's event stream that ends before the answer is resumed when the server gave its
+//! events ids (2025-11-25 lets a server close it to be polled): a GET with `Last-Event-ID`, after
+//! the server's `retry` time, replays what was sent meanwhile and carries the rest. Without an
+//! event id, the call fails at once rather than wait for its timeout.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -170,26 +176,18 @@ async fn start_listening(connection: &Arc<Connection>) {
 /// Keeps a GET stream open for what the server sends outside any request (notifications,
 /// its own requests), reconnecting after a drop, until `stop`. A server that offers no
 /// stream (405) is not asked again.
+///
+/// A dropped stream is opened again without `Last-Event-ID`: server-everything (SDK 1.x)
+/// registers a resumed GET stream under the wrong key and then drops every message it sends on
+/// its own, so resuming it would lose more than the gap.
 async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
-    const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
     loop {
-        let mut request = connection
-            .client
-            .get(connection.url.clone())
-            .header("accept", "text/event-stream");
-        {
-            let session = connection.session.read().await;
-            if let Some(id) = &session.id {
-                request = request.header("mcp-session-id", id);
-            }
-            if let Some(version) = &session.protocol_version {
-                request = request.header("mcp-protocol-version", version);
-            }
-        }
+        let request = event_stream_request(&connection, None).await;
         let response = tokio::select! {
             _ = stop.wait_for(|stopped| *stopped) => return,
             response = request.send() => response,
         };
+        let mut decoder = SseDecoder::default();
         match response {
             Ok(response) if response.status() == reqwest::StatusCode::METHOD_NOT_ALLOWED => {
                 return;
@@ -197,7 +195,7 @@ async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
             Ok(response) if response.status().is_success() => {
                 tokio::select! {
                     _ = stop.wait_for(|stopped| *stopped) => return,
-                    () = read_event_stream(&connection, response, false) => {}
+                    _ = read_event_stream(&connection, response, &mut decoder, None) => {}
                 }
             }
             Ok(response) => tracing::debug!(server = %connection.label,
@@ -207,9 +205,32 @@ async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = stop.wait_for(|stopped| *stopped) => return,
-            () = tokio::time::sleep(RETRY_AFTER) => {}
+            () = tokio::time::sleep(decoder.reconnect_after()) => {}
         }
     }
+}
+
+/// A GET for the session's event stream; with `last_event_id`, the stream the server is to
+/// resume after that event.
+async fn event_stream_request(
+    connection: &Connection,
+    last_event_id: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let mut request = connection
+        .client
+        .get(connection.url.clone())
+        .header("accept", "text/event-stream");
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id);
+    }
+    let session = connection.session.read().await;
+    if let Some(id) = &session.id {
+        request = request.header("mcp-session-id", id);
+    }
+    if let Some(version) = &session.protocol_version {
+        request = request.header("mcp-protocol-version", version);
+    }
+    request
 }
 
 /// Tells the server its session is over (best effort: a server that is gone has ended it).
@@ -283,11 +304,18 @@ async fn post(connection: &Connection, message: Value) {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.starts_with("text/event-stream"));
     if is_sse {
-        read_event_stream(connection, response, is_initialize).await;
+        let mut decoder = SseDecoder::default();
+        let awaited = request_id.as_ref().map(|id| Awaited { id, is_initialize });
+        let answered = read_event_stream(connection, response, &mut decoder, awaited).await;
+        if let (false, Some(awaited)) = (answered, awaited) {
+            resume_until_answered(connection, decoder, awaited).await;
+        }
     } else {
         match response.bytes().await {
             Ok(body) => match serde_json::from_slice::<Value>(&body) {
-                Ok(value) => deliver(connection, value, is_initialize).await,
+                Ok(value) => {
+                    deliver(connection, value, is_initialize, None).await;
+                }
                 Err(e) => {
                     fail(
                         connection,
@@ -309,35 +337,101 @@ async fn post(connection: &Connection, message: Value) {
     }
 }
 
-/// Feeds each SSE event's data to the router as it arrives.
+/// The answer a POST's event stream is to bring.
+#[derive(Clone, Copy)]
+struct Awaited<'a> {
+    id: &'a Value,
+    is_initialize: bool,
+}
+
+/// Feeds each SSE event's data to the router as it arrives, until the stream ends; whether it
+/// brought the answer `awaited` is for.
 async fn read_event_stream(
     connection: &Connection,
     response: reqwest::Response,
-    is_initialize: bool,
-) {
+    decoder: &mut SseDecoder,
+    awaited: Option<Awaited<'_>>,
+) -> bool {
+    let is_initialize = awaited.is_some_and(|awaited| awaited.is_initialize);
+    let awaited_id = awaited.map(|awaited| awaited.id);
+    let mut answered = false;
     let mut body = response.bytes_stream();
-    let mut decoder = SseDecoder::default();
     while let Some(chunk) = body.next().await {
         let Ok(chunk) = chunk else { break };
         for data in decoder.feed(&chunk) {
             match serde_json::from_str::<Value>(&data) {
-                Ok(value) => deliver(connection, value, is_initialize).await,
+                Ok(value) => {
+                    answered |= deliver(connection, value, is_initialize, awaited_id).await;
+                }
                 Err(e) => tracing::warn!(server = %connection.label, error = %e,
                     "server sent an SSE event that is not JSON; dropped"),
             }
         }
     }
+    answered
+}
+
+/// Resumed streams in a row that may bring no event before a call is given up.
+const MAX_QUIET_RESUMES: u32 = 3;
+
+/// Resumes a POST's event stream that ended before its answer, for as long as the server
+/// keeps bringing events; fails the call when the stream cannot be resumed.
+async fn resume_until_answered(
+    connection: &Connection,
+    mut decoder: SseDecoder,
+    awaited: Awaited<'_>,
+) {
+    let mut stop = connection.stop_listening.subscribe();
+    let mut quiet = 0;
+    let problem = loop {
+        let Some(last_event_id) = decoder.last_event_id.clone() else {
+            break "the server's event stream ended before its answer".to_owned();
+        };
+        if quiet == MAX_QUIET_RESUMES {
+            break format!(
+                "the server's event stream ended before its answer, and {MAX_QUIET_RESUMES} \
+                 resumptions in a row brought nothing"
+            );
+        }
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            () = tokio::time::sleep(decoder.reconnect_after()) => {}
+        }
+        let request = event_stream_request(connection, Some(&last_event_id)).await;
+        match request.send().await {
+            Ok(response) if response.status().is_success() => {
+                if read_event_stream(connection, response, &mut decoder, Some(awaited)).await {
+                    return;
+                }
+            }
+            Ok(response) => {
+                break format!("resuming its event stream: HTTP {}", response.status());
+            }
+            Err(e) => tracing::debug!(server = %connection.label,
+                error = %crate::error_chain(&e), "resuming an event stream failed"),
+        }
+        quiet = if decoder.last_event_id.as_ref() == Some(&last_event_id) {
+            quiet + 1
+        } else {
+            0
+        };
+    };
+    fail(connection, Some(awaited.id.clone()), &problem).await;
 }
 
 /// Splits a `text/event-stream` body into the data of its events, as the format defines it:
 /// lines end in CRLF, LF or CR (servers differ: Starlette's use CRLF), a blank line ends an
 /// event, and several `data` lines are joined with LF. Works on bytes, so neither a line
-/// ending nor a UTF-8 character split across chunks is misread.
+/// ending nor a UTF-8 character split across chunks is misread. Keeps the last event id and
+/// the server's reconnection time, which resuming the stream needs. An event without data
+/// (a priming event that only sets an id) is not passed on.
 #[derive(Default)]
 struct SseDecoder {
     line: Vec<u8>,
     data: Vec<String>,
     after_cr: bool,
+    last_event_id: Option<String>,
+    retry: Option<Duration>,
 }
 
 impl SseDecoder {
@@ -361,29 +455,52 @@ impl SseDecoder {
     fn end_line(&mut self, events: &mut Vec<String>) {
         let line = std::mem::take(&mut self.line);
         if line.is_empty() {
-            if !self.data.is_empty() {
-                events.push(self.data.join("\n"));
-                self.data.clear();
+            let data = self.data.join("\n");
+            self.data.clear();
+            if !data.is_empty() {
+                events.push(data);
             }
             return;
         }
-        // Other fields (event, id, retry) and comments carry nothing mcp-guard forwards.
         let line = String::from_utf8_lossy(&line);
-        if let Some(value) = line.strip_prefix("data:") {
-            self.data
-                .push(value.strip_prefix(' ').unwrap_or(value).to_owned());
-        } else if line == "data" {
-            self.data.push(String::new());
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (&*line, ""),
+        };
+        // `event` and comments (an empty field name) carry nothing mcp-guard uses.
+        match field {
+            "data" => self.data.push(value.to_owned()),
+            "id" if !value.contains('\0') => {
+                self.last_event_id = (!value.is_empty()).then(|| value.to_owned());
+            }
+            "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+                self.retry = value.parse().ok().map(Duration::from_millis);
+            }
+            _ => {}
         }
+    }
+
+    /// How long to wait before opening the stream again: the server's `retry`, else 1 s.
+    fn reconnect_after(&self) -> Duration {
+        self.retry.unwrap_or(Duration::from_secs(1))
     }
 }
 
-async fn deliver(connection: &Connection, value: Value, is_initialize: bool) {
+/// Hands the server's message or batch to the router; whether it held the answer to
+/// `awaited_id`.
+async fn deliver(
+    connection: &Connection,
+    value: Value,
+    is_initialize: bool,
+    awaited_id: Option<&Value>,
+) -> bool {
     let messages = match value {
         Value::Array(items) => items,
         single => vec![single],
     };
+    let mut answered = false;
     for message in messages {
+        answered |= awaited_id.is_some_and(|id| answers(&message, id));
         if is_initialize
             && let Some(version) = message
                 .get("result")
@@ -394,6 +511,13 @@ async fn deliver(connection: &Connection, value: Value, is_initialize: bool) {
         }
         let _ = connection.incoming.send(message).await;
     }
+    answered
+}
+
+/// Whether `message` is the response to the request with `id`.
+fn answers(message: &Value, id: &Value) -> bool {
+    message.get("id") == Some(id)
+        && (message.get("result").is_some() || message.get("error").is_some())
 }
 
 /// Answers the waiting caller with an error when the server could not.
@@ -410,7 +534,11 @@ async fn fail(connection: &Connection, request_id: Option<Value>, problem: &str)
 
 #[cfg(test)]
 mod tests {
-    use super::SseDecoder;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::{SseDecoder, answers};
 
     #[test]
     fn events_end_at_blank_lines_whatever_the_line_endings() {
@@ -418,6 +546,46 @@ mod tests {
         let stream =
             b"event: message\r\ndata: {\"a\":1}\r\n\r\n: keep-alive\n\ndata: x\rdata: y\r\r";
         assert_eq!(decoder.feed(stream), ["{\"a\":1}", "x\ny"]);
+    }
+
+    #[test]
+    fn ids_and_retry_are_kept_and_events_without_data_are_not_passed_on() {
+        let mut decoder = SseDecoder::default();
+        assert_eq!(decoder.reconnect_after(), Duration::from_secs(1));
+        // A priming event (2025-11-25): an id and a retry time, no message.
+        let priming = b"id: s1-0\r\nretry: 250\r\ndata: \r\n\r\n";
+        assert!(decoder.feed(priming).is_empty());
+        assert_eq!(decoder.last_event_id.as_deref(), Some("s1-0"));
+        assert_eq!(decoder.reconnect_after(), Duration::from_millis(250));
+        let events = decoder.feed(b"id: s1-1\ndata: {}\n\nretry: soon\nid: a\0b\n\n");
+        assert_eq!(events, ["{}"]);
+        // A retry that is not a number and an id with NUL are ignored.
+        assert_eq!(decoder.last_event_id.as_deref(), Some("s1-1"));
+        assert_eq!(decoder.reconnect_after(), Duration::from_millis(250));
+        decoder.feed(b"id\n\n");
+        assert_eq!(decoder.last_event_id, None);
+    }
+
+    #[test]
+    fn only_a_result_or_an_error_with_the_id_answers_a_request() {
+        let id = json!(7);
+        assert!(answers(
+            &json!({"jsonrpc": "2.0", "id": 7, "result": {}}),
+            &id
+        ));
+        assert!(answers(
+            &json!({"jsonrpc": "2.0", "id": 7, "error": {"code": 1}}),
+            &id
+        ));
+        assert!(!answers(
+            &json!({"jsonrpc": "2.0", "id": 8, "result": {}}),
+            &id
+        ));
+        // The server's own request that happens to reuse the number.
+        assert!(!answers(
+            &json!({"jsonrpc": "2.0", "id": 7, "method": "ping"}),
+            &id
+        ));
     }
 
     #[test]
