@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, RwLock, mpsc, watch};
 
-use super::{Outbound, ServerMessages, Upstream, UpstreamError, route_server_output};
+use super::{Outbound, Pending, ServerMessages, Upstream, UpstreamError, route_server_output};
 use crate::mcp::jsonrpc::codes;
 
 /// A client for one session's server: TLS with the `ring` provider, installed once for the
@@ -67,6 +67,8 @@ struct Connection {
     url: reqwest::Url,
     session: RwLock<ServerSession>,
     incoming: mpsc::Sender<Value>,
+    /// The requests whose callers wait for an answer (shared with the router).
+    pending: Pending,
     label: Arc<str>,
     /// Held for writing while `initialize` and then `notifications/initialized` are posted:
     /// a POST sent after them waits, as it needs the session id the first one returns.
@@ -99,6 +101,7 @@ pub fn connect(
         url: parsed,
         session: RwLock::new(ServerSession::default()),
         incoming: incoming_sender,
+        pending: Arc::clone(&pending),
         label: label.clone(),
         handshake: Arc::new(RwLock::new(())),
         listening: AtomicBool::new(false),
@@ -355,6 +358,7 @@ async fn read_event_stream(
     let is_initialize = awaited.is_some_and(|awaited| awaited.is_initialize);
     let awaited_id = awaited.map(|awaited| awaited.id);
     let mut answered = false;
+    decoder.start_stream();
     let mut body = response.bytes_stream();
     while let Some(chunk) = body.next().await {
         let Ok(chunk) = chunk else { break };
@@ -384,6 +388,10 @@ async fn resume_until_answered(
     let mut stop = connection.stop_listening.subscribe();
     let mut quiet = 0;
     let problem = loop {
+        if !connection.awaits(awaited.id).await {
+            // Cancelled by the agent or given up on: nobody wants the rest.
+            return;
+        }
         let Some(last_event_id) = decoder.last_event_id.clone() else {
             break "the server's event stream ended before its answer".to_owned();
         };
@@ -416,7 +424,19 @@ async fn resume_until_answered(
             0
         };
     };
-    fail(connection, Some(awaited.id.clone()), &problem).await;
+    if connection.awaits(awaited.id).await {
+        fail(connection, Some(awaited.id.clone()), &problem).await;
+    }
+}
+
+impl Connection {
+    /// Whether a caller still waits for the answer to request `id`.
+    async fn awaits(&self, id: &Value) -> bool {
+        match id.as_i64() {
+            Some(id) => self.pending.lock().await.contains_key(&id),
+            None => false,
+        }
+    }
 }
 
 /// Splits a `text/event-stream` body into the data of its events, as the format defines it:
@@ -478,6 +498,14 @@ impl SseDecoder {
             }
             _ => {}
         }
+    }
+
+    /// Forgets what a stream that ended cut off (half a line, an event without its blank
+    /// line), keeping the last event id and the reconnection time for the next stream.
+    fn start_stream(&mut self) {
+        self.line.clear();
+        self.data.clear();
+        self.after_cr = false;
     }
 
     /// How long to wait before opening the stream again: the server's `retry`, else 1 s.
@@ -564,6 +592,20 @@ mod tests {
         assert_eq!(decoder.reconnect_after(), Duration::from_millis(250));
         decoder.feed(b"id\n\n");
         assert_eq!(decoder.last_event_id, None);
+    }
+
+    #[test]
+    fn a_new_stream_forgets_what_the_last_one_cut_off_but_not_its_id() {
+        let mut decoder = SseDecoder::default();
+        assert!(
+            decoder
+                .feed(b"id: 4\nretry: 50\n\ndata: {\"cut\"")
+                .is_empty()
+        );
+        decoder.start_stream();
+        assert_eq!(decoder.feed(b"data: {}\n\n"), ["{}"]);
+        assert_eq!(decoder.last_event_id.as_deref(), Some("4"));
+        assert_eq!(decoder.reconnect_after(), Duration::from_millis(50));
     }
 
     #[test]
