@@ -2120,6 +2120,54 @@ for line in sys.stdin:
     assert!(list.get("result").is_none(), "{list}");
 }
 
+/// A session's server process that exits (killed here) ends the session: its `end` record says
+/// `server_exited`, the agent's next request gets 404 (the Streamable HTTP signal to initialise
+/// again, where every call would otherwise fail), and the new session gets a new process.
+#[test]
+fn a_session_whose_server_exits_ends_and_the_next_one_gets_a_new_server() {
+    let env = TestEnv::new("proxy-server-exits", PROBE);
+    let peers = Peers::require();
+    let rules = vec![
+        list_tools_rule(),
+        allow(
+            "time",
+            json!({"roles": [DEVELOPER], "tools": ["get_current_time"]}),
+        ),
+    ];
+    let servers = json!({"time": stdio_server(peers.time(), rules)});
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("time", HANDSHAKE);
+    let pid = front.session_pid("time", &session);
+    // SAFETY: kill(2) on a pid, no memory involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+
+    let ended = || {
+        audit_records(&front.env.audit_path())
+            .into_iter()
+            .find(|r| {
+                r["kind"] == "session" && r["session"] == session && r["detail"]["event"] == "end"
+            })
+    };
+    assert!(
+        poll_until(TIMEOUT, || ended().is_some()),
+        "the session of the dead server was not ended: {:#?}",
+        audit_records(&front.env.audit_path())
+    );
+    assert_eq!(ended().unwrap()["detail"]["reason"], "server_exited");
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let answer = front.in_session("time", &session, &list);
+    assert_eq!(answer["status"], 404, "{answer}");
+
+    let again = front.open_session("time", HANDSHAKE);
+    assert_ne!(front.session_pid("time", &again), pid);
+    let listed = response_message(&front.in_session("time", &again, &list));
+    assert_eq!(
+        tool_names(&listed["result"]),
+        set(&["get_current_time"]),
+        "{listed}"
+    );
+}
+
 /// A stateless agent's very first request may be a call: mcp-guard learns the tool list from a
 /// stateless server with the agent's `_meta` envelope (the server refuses requests without it).
 /// Session keys are scoped by server: the same key on another endpoint is another session.

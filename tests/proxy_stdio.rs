@@ -573,6 +573,61 @@ impl Drop for RawStdio {
     }
 }
 
+/// The processes `pid` started that still run (its threads' children).
+fn children_of(pid: u32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .filter_map(|child| child.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// When the server process a stdio front started exits (killed here), the front does what the
+/// server would have done for the agent: it exits, non-zero, saying why on stderr, instead of
+/// answering every later call with an error.
+#[test]
+fn stdio_front_exits_when_its_server_exits() {
+    let env = TestEnv::new("stdio-front-server-exits", PROBE);
+    let peers = Peers::require();
+    write_policy(
+        &env,
+        json!({"time": stdio_server(peers.time(), vec![list_tools_rule()])}),
+    );
+    let missing = env.dir().join("no-daemon.sock");
+    let mut front = RawStdio::spawn(&env.stdio_front("time", AGENT, &missing));
+    front.handshake("stdio-server-exits");
+    let server = children_of(front.child.id());
+    assert_eq!(server.len(), 1, "the front runs one server: {server:?}");
+    // SAFETY: kill(2) on a pid, no memory involved.
+    assert_eq!(unsafe { libc::kill(server[0], libc::SIGKILL) }, 0);
+
+    let mut status = None;
+    assert!(
+        poll_until(TIMEOUT, || {
+            status = front.child.try_wait().ok().flatten();
+            status.is_some()
+        }),
+        "the front still runs after its server exited: {}",
+        front.stderr_text()
+    );
+    assert!(!status.unwrap().success(), "{status:?}");
+    assert!(
+        front
+            .stderr_text()
+            .contains("mcp-guard: the server process exited"),
+        "{}",
+        front.stderr_text()
+    );
+}
+
 /// Bad lines on the stdio front each get a JSON-RPC error, with their own id where it could
 /// be read (wrong `jsonrpc`) and a null id otherwise (invalid JSON, nesting past the limit,
 /// a line over the size limit, invalid UTF-8), and the front keeps serving: the allowed call

@@ -815,12 +815,33 @@ async fn release(placed: Option<&PlacedCgroup>) {
     }
 }
 
-/// Judges what the server sends on its own and passes the allowed part to the agent.
+/// Judges what the server sends on its own and passes the allowed part to the agent. When
+/// the server's output ends while the session is open (its process exited), ends the session:
+/// every later call would fail, and an agent that gets 404 for its session starts a new one
+/// (with a new server process); a stdio front sees its outbox close and exits.
 async fn relay_server_messages(
     proxy: Weak<Proxy>,
     session: Weak<AgentSession>,
     mut server_messages: ServerMessages,
     to_agent: mpsc::Sender<Value>,
+) {
+    relay_until_the_server_ends(&proxy, &session, &mut server_messages, &to_agent).await;
+    drop(to_agent);
+    if let (Some(proxy), Some(session)) = (proxy.upgrade(), session.upgrade())
+        && proxy
+            .end_session_because(&session.id, "server_exited")
+            .await
+    {
+        tracing::warn!(session = %session.id, server = %session.server,
+            "the session's server process exited; the session is ended");
+    }
+}
+
+async fn relay_until_the_server_ends(
+    proxy: &Weak<Proxy>,
+    session: &Weak<AgentSession>,
+    server_messages: &mut ServerMessages,
+    to_agent: &mpsc::Sender<Value>,
 ) {
     while let Some(message) = server_messages.recv().await {
         let (Some(proxy), Some(session)) = (proxy.upgrade(), session.upgrade()) else {

@@ -26,25 +26,36 @@ use crate::mcp::jsonrpc;
 use crate::policy::{CompiledPolicy, Policy};
 use crate::proxy::{AgentSession, Proxy};
 
-/// Serves one agent on stdin/stdout until stdin ends.
+/// Serves one agent on stdin/stdout until stdin ends, or until the server process exits (its
+/// messages to the agent end; the session ends with it): then, as the server itself would
+/// have, the front answers what is in flight and exits, with an error saying so.
 pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<()> {
     let stdout = Arc::new(Mutex::new(Output::stdout()));
-    let forwarder = session.take_outbox().await.map(|mut outbox| {
+    let mut forwarder = session.take_outbox().await.map(|mut outbox| {
         let stdout = stdout.clone();
         tokio::spawn(async move {
             while let Some(message) = outbox.recv().await {
                 if stdout.lock().await.send(&message).await.is_err() {
-                    break;
+                    return ForwarderEnd::AgentGone;
                 }
             }
+            ForwarderEnd::ServerEnded
         })
     });
     let mut handlers = tokio::task::JoinSet::new();
     let mut stdin = BufReader::with_capacity(64 * 1024, Input::stdin());
+    let mut server_exited = false;
     loop {
         // Raw bytes, not text: a line that is not UTF-8 gets a JSON-RPC error, not an exit.
         let mut line = Vec::new();
-        if stdin.read_until(b'\n', &mut line).await? == 0 {
+        let read = tokio::select! {
+            read = stdin.read_until(b'\n', &mut line) => read?,
+            end = until_finished(&mut forwarder) => {
+                server_exited = end == ForwarderEnd::ServerEnded;
+                break;
+            }
+        };
+        if read == 0 {
             break;
         }
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -73,14 +84,34 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<
         // Reap finished handlers as we go, so the set does not grow with the session.
         while handlers.try_join_next().is_some() {}
     }
-    // The agent closed stdin: answer what is in flight, then stop the server.
+    // The agent closed stdin (or the server exited): answer what is in flight, then stop.
     while handlers.join_next().await.is_some() {}
     if let Some(forwarder) = forwarder {
         forwarder.abort();
     }
     proxy.end_all_sessions().await;
     drop(session);
+    if server_exited {
+        return Err(io::Error::other("the server process exited"));
+    }
     Ok(())
+}
+
+/// Why the task copying the server's own messages to stdout stopped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ForwarderEnd {
+    /// The session's messages ended: the server process exited.
+    ServerEnded,
+    /// stdout is closed: the agent went away.
+    AgentGone,
+}
+
+/// Resolves once `task` has finished; never, without one.
+async fn until_finished(task: &mut Option<tokio::task::JoinHandle<ForwarderEnd>>) -> ForwarderEnd {
+    match task {
+        Some(handle) => handle.await.unwrap_or(ForwarderEnd::AgentGone),
+        None => std::future::pending().await,
+    }
 }
 
 /// The front's principal's roles as the policy in force gives them (the front has no
