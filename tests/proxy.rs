@@ -94,6 +94,25 @@ impl Front {
         post_in_session(&self.peers, &self.url(server), session, HANDSHAKE, body)
     }
 
+    /// Waits (a while, then fails) for the `end` record of `session`, and returns it.
+    fn until_session_ended(&self, session: &str) -> Value {
+        let ended = || {
+            audit_records(&self.env.audit_path()).into_iter().find(|r| {
+                r["kind"] == "session" && r["session"] == session && r["detail"]["event"] == "end"
+            })
+        };
+        let mut record = None;
+        assert!(
+            poll_until(TIMEOUT, || {
+                record = ended();
+                record.is_some()
+            }),
+            "session {session} was not ended: {:#?}",
+            audit_records(&self.env.audit_path())
+        );
+        record.unwrap()
+    }
+
     /// The one server process of a session.
     fn session_pid(&self, server: &str, session: &str) -> i32 {
         let cgroup = self.env.session_cgroup(server, session);
@@ -2141,19 +2160,10 @@ fn a_session_whose_server_exits_ends_and_the_next_one_gets_a_new_server() {
     // SAFETY: kill(2) on a pid, no memory involved.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
 
-    let ended = || {
-        audit_records(&front.env.audit_path())
-            .into_iter()
-            .find(|r| {
-                r["kind"] == "session" && r["session"] == session && r["detail"]["event"] == "end"
-            })
-    };
-    assert!(
-        poll_until(TIMEOUT, || ended().is_some()),
-        "the session of the dead server was not ended: {:#?}",
-        audit_records(&front.env.audit_path())
+    assert_eq!(
+        front.until_session_ended(&session)["detail"]["reason"],
+        "server_exited"
     );
-    assert_eq!(ended().unwrap()["detail"]["reason"], "server_exited");
     let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
     let answer = front.in_session("time", &session, &list);
     assert_eq!(answer["status"], 404, "{answer}");
@@ -2166,6 +2176,81 @@ fn a_session_whose_server_exits_ends_and_the_next_one_gets_a_new_server() {
         set(&["get_current_time"]),
         "{listed}"
     );
+}
+
+/// mcp-server-time over Streamable HTTP on `port` (0: a free one), and the port it got.
+fn start_time_http(peers: &Peers, port: &str) -> (std::process::Child, String) {
+    let command = peers.time_http(&["--port", port]);
+    let mut server = Command::new(&command[0])
+        .args(&command[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start time_http_server.py");
+    let port = announced_port(&mut server);
+    (server, port)
+}
+
+/// A `url` server that restarts no longer knows the session mcp-guard had with it, and answers
+/// 404 to its id (as the spec has it): a call that learns it gets -32011 (so may the GET stream
+/// mcp-guard reopens), and mcp-guard ends the agent's session too (`"reason": "server_ended_session"`), so the agent's next request
+/// gets 404 and it initialises again, reaching the new server, instead of failing call after
+/// call.
+#[test]
+fn a_url_server_that_forgets_its_session_ends_the_agents_session() {
+    let env = TestEnv::new("proxy-url-server-restarts", PROBE);
+    let peers = Peers::require();
+    let (mut first, port) = start_time_http(&peers, "0");
+    let servers = json!({
+        "time": {
+            "url": format!("http://127.0.0.1:{port}/mcp"),
+            "rules": [
+                list_tools_rule(),
+                allow("time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
+            ],
+        },
+    });
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("time", HANDSHAKE);
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let listed = response_message(&front.in_session("time", &session, &list));
+    assert_eq!(
+        tool_names(&listed["result"]),
+        set(&["get_current_time"]),
+        "{listed}"
+    );
+
+    let _ = first.kill();
+    let _ = first.wait();
+    let (mut second, _) = start_time_http(&front.peers, &port);
+    // Whichever reaches the new server first learns it: this call (-32011), or the GET stream
+    // mcp-guard reopens after the old one dropped (then this request already gets 404).
+    let answer = front.in_session("time", &session, &list);
+    if answer["status"] != 404 {
+        let refused = response_message(&answer);
+        assert_eq!(refused["error"]["code"], -32011, "{refused}");
+        assert!(
+            refused["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("ended its session")),
+            "{refused}"
+        );
+    }
+    assert_eq!(
+        front.until_session_ended(&session)["detail"]["reason"],
+        "server_ended_session"
+    );
+    assert_eq!(front.in_session("time", &session, &list)["status"], 404);
+
+    let again = front.open_session("time", HANDSHAKE);
+    let listed = response_message(&front.in_session("time", &again, &list));
+    assert_eq!(
+        tool_names(&listed["result"]),
+        set(&["get_current_time"]),
+        "{listed}"
+    );
+    let _ = second.kill();
+    let _ = second.wait();
 }
 
 /// A stateless agent's very first request may be a call: mcp-guard learns the tool list from a

@@ -816,7 +816,8 @@ async fn release(placed: Option<&PlacedCgroup>) {
 }
 
 /// Judges what the server sends on its own and passes the allowed part to the agent. When
-/// the server's output ends while the session is open (its process exited), ends the session:
+/// the server's output ends while the session is open (its process exited, or an HTTP server
+/// ended its session), ends the session:
 /// every later call would fail, and an agent that gets 404 for its session starts a new one
 /// (with a new server process); a stdio front sees its outbox close and exits.
 async fn relay_server_messages(
@@ -827,13 +828,12 @@ async fn relay_server_messages(
 ) {
     relay_until_the_server_ends(&proxy, &session, &mut server_messages, &to_agent).await;
     drop(to_agent);
-    if let (Some(proxy), Some(session)) = (proxy.upgrade(), session.upgrade())
-        && proxy
-            .end_session_because(&session.id, "server_exited")
-            .await
-    {
-        tracing::warn!(session = %session.id, server = %session.server,
-            "the session's server process exited; the session is ended");
+    if let (Some(proxy), Some(session)) = (proxy.upgrade(), session.upgrade()) {
+        let reason = session.upstream.end_reason();
+        if proxy.end_session_because(&session.id, reason).await {
+            tracing::warn!(session = %session.id, server = %session.server, reason,
+                "the session's server went away; the session is ended");
+        }
     }
 }
 

@@ -75,6 +75,9 @@ struct Connection {
     handshake: Arc<RwLock<()>>,
     listening: AtomicBool,
     stop_listening: watch::Sender<bool>,
+    /// Set when the server answers 404 to a request carrying its session id: it ended the
+    /// session (it expired, or the server restarted), and so does the agent's.
+    server_session_ended: watch::Sender<bool>,
 }
 
 /// Connects (lazily: the first POST is the agent's first message) to the server at `url`.
@@ -106,12 +109,14 @@ pub fn connect(
         handshake: Arc::new(RwLock::new(())),
         listening: AtomicBool::new(false),
         stop_listening: watch::Sender::new(false),
+        server_session_ended: watch::Sender::new(false),
     });
     tokio::spawn(route_server_output(
         incoming,
         Arc::clone(&pending),
         session_sender,
         label,
+        connection.server_session_ended.subscribe(),
     ));
     Ok((
         Upstream::with_outbound(Outbound::Post(Poster { connection }), pending, None),
@@ -154,6 +159,13 @@ impl Poster {
     }
 }
 
+impl Poster {
+    /// Whether the server ended its session (it answered 404 to the session's id).
+    pub(super) fn server_ended_the_session(&self) -> bool {
+        *self.connection.server_session_ended.borrow()
+    }
+}
+
 impl Drop for Poster {
     fn drop(&mut self) {
         self.connection.stop_listening.send_replace(true);
@@ -193,6 +205,13 @@ async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
         let mut decoder = SseDecoder::default();
         match response {
             Ok(response) if response.status() == reqwest::StatusCode::METHOD_NOT_ALLOWED => {
+                return;
+            }
+            Ok(response) if response.status() == reqwest::StatusCode::NOT_FOUND => {
+                tracing::warn!(server = %connection.label,
+                    "the server no longer knows its session (HTTP 404 to its GET stream): \
+                     ending the agent's session");
+                connection.end_with_the_server_session();
                 return;
             }
             Ok(response) if response.status().is_success() => {
@@ -266,8 +285,10 @@ async fn post(connection: &Connection, message: Value) {
         request = request.header(name, value);
     }
     let mut request = request.body(message.to_string());
+    let in_a_session;
     {
         let session = connection.session.read().await;
+        in_a_session = session.id.is_some();
         if let Some(id) = &session.id {
             request = request.header("mcp-session-id", id);
         }
@@ -297,6 +318,17 @@ async fn post(connection: &Connection, message: Value) {
     }
     if status == reqwest::StatusCode::ACCEPTED {
         return;
+    }
+    if status == reqwest::StatusCode::NOT_FOUND && in_a_session {
+        tracing::warn!(server = %connection.label,
+            "the server no longer knows its session (HTTP 404): ending the agent's session");
+        connection.end_with_the_server_session();
+        return fail(
+            connection,
+            request_id,
+            "the server ended its session (HTTP 404)",
+        )
+        .await;
     }
     if !status.is_success() {
         return fail(connection, request_id, &format!("HTTP {status}")).await;
@@ -430,6 +462,13 @@ async fn resume_until_answered(
 }
 
 impl Connection {
+    /// The server ended its session: stop listening to it, and end the agent's session (the
+    /// router stops, and the session's relay with it).
+    fn end_with_the_server_session(&self) {
+        self.stop_listening.send_replace(true);
+        self.server_session_ended.send_replace(true);
+    }
+
     /// Whether a caller still waits for the answer to request `id`.
     async fn awaits(&self, id: &Value) -> bool {
         match id.as_i64() {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 use crate::mcp::jsonrpc::{Id, Message};
 
@@ -109,6 +109,15 @@ impl Upstream {
     pub fn with_request_timeout(mut self, timeout: Duration) -> Upstream {
         self.request_timeout = timeout;
         self
+    }
+
+    /// Why the server's messages ended, for the session's `end` record: an HTTP server that
+    /// ended the session it had with mcp-guard, or else a server process that exited.
+    pub fn end_reason(&self) -> &'static str {
+        match &self.to_server {
+            Outbound::Post(poster) if poster.server_ended_the_session() => "server_ended_session",
+            _ => "server_exited",
+        }
     }
 
     /// Stops the server process now (its output then ends, which ends everything reading it).
@@ -209,19 +218,26 @@ impl Upstream {
 }
 
 /// Routes what the server sends: responses to their waiting callers, everything else to the
-/// session. Ends (failing every waiting caller) when the server's output ends.
+/// session. Ends (failing every waiting caller) when the server's output ends, or when `ended`
+/// says the server ended the session (an HTTP server that no longer knows its session id).
 async fn route_server_output(
     mut from_server: mpsc::Receiver<Value>,
     pending: Pending,
     to_session: mpsc::Sender<Message>,
     label: Arc<str>,
+    mut ended: watch::Receiver<bool>,
 ) {
     let router = Router {
         pending,
         to_session,
         label,
     };
-    while let Some(value) = from_server.recv().await {
+    loop {
+        let value = tokio::select! {
+            value = from_server.recv() => value,
+            _ = ended.wait_for(|ended| *ended) => None,
+        };
+        let Some(value) = value else { break };
         if !router.route(value).await {
             break;
         }
