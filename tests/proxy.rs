@@ -1634,6 +1634,49 @@ fn shared_isolation_serves_every_session_from_one_process() {
     }
 }
 
+/// A shared server's process that exits ends every session on it (`"reason": "server_exited"`,
+/// then 404), and the next session starts a new shared process that answers.
+#[test]
+fn a_shared_server_that_exits_ends_its_sessions_and_the_next_starts_a_new_one() {
+    let env = TestEnv::new("proxy-shared-exits", PROBE);
+    let peers = Peers::require();
+    let mut server = stdio_server(
+        peers.time(),
+        vec![
+            list_tools_rule(),
+            allow(
+                "time",
+                json!({"roles": [DEVELOPER], "tools": ["get_current_time"]}),
+            ),
+        ],
+    );
+    server["isolation"] = json!("shared");
+    let front = Front::start(env, peers, json!({ "time": server }));
+    let sessions: Vec<String> = (0..2)
+        .map(|_| front.open_session("time", HANDSHAKE))
+        .collect();
+    let pid = front.session_pid("time", "shared");
+    // SAFETY: kill(2) on a pid, no memory involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    for session in &sessions {
+        assert_eq!(
+            front.until_session_ended(session)["detail"]["reason"],
+            "server_exited"
+        );
+        assert_eq!(front.in_session("time", session, &list)["status"], 404);
+    }
+
+    let again = front.open_session("time", HANDSHAKE);
+    let listed = response_message(&front.in_session("time", &again, &list));
+    assert_eq!(
+        tool_names(&listed["result"]),
+        set(&["get_current_time"]),
+        "{listed}"
+    );
+    assert_ne!(front.session_pid("time", "shared"), pid);
+}
+
 /// The port a peer started with its stderr piped announces (`MCP_PEER_LISTENING <port>`); its
 /// stderr is read no further.
 fn announced_port(peer: &mut std::process::Child) -> String {

@@ -278,6 +278,37 @@ impl Proxy {
         Ok(started)
     }
 
+    /// A shared server's process exited: the next session of `server` starts a new one, and
+    /// the sessions on the old one end, as a session whose own process exited does.
+    pub(crate) async fn retire_shared_server(
+        &self,
+        server: &str,
+        exited: &Arc<session::SharedServer>,
+    ) {
+        {
+            let mut shared = self.shared.lock().await;
+            if shared.get(server).is_some_and(|s| Arc::ptr_eq(s, exited)) {
+                shared.remove(server);
+            }
+        }
+        let on_it: Vec<String> = self
+            .sessions
+            .lock()
+            .await
+            .values()
+            .filter(|s| s.shared().is_some_and(|s| Arc::ptr_eq(s, exited)))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in &on_it {
+            self.end_session_because(id, "server_exited").await;
+        }
+        tracing::warn!(
+            server,
+            sessions = on_it.len(),
+            "the shared server process exited; its sessions are ended, the next starts a new one"
+        );
+    }
+
     /// Every session of `server` forgets its tool list (a shared server's list changed).
     pub(crate) async fn forget_catalogs_of(&self, server: &str) {
         for session in self.sessions.lock().await.values() {

@@ -363,11 +363,25 @@ impl SharedServer {
     }
 }
 
+/// Passes what a shared server sends on its own to every session on it. When its output ends
+/// while it is in use (its process exited), retires it (see [`Proxy::retire_shared_server`]).
 async fn fan_out_server_messages(
     proxy: Weak<Proxy>,
     server: String,
     shared: Weak<SharedServer>,
     mut server_messages: ServerMessages,
+) {
+    fan_out_until_the_server_ends(&proxy, &server, &shared, &mut server_messages).await;
+    if let (Some(proxy), Some(shared)) = (proxy.upgrade(), shared.upgrade()) {
+        proxy.retire_shared_server(&server, &shared).await;
+    }
+}
+
+async fn fan_out_until_the_server_ends(
+    proxy: &Weak<Proxy>,
+    server: &str,
+    shared: &Weak<SharedServer>,
+    server_messages: &mut ServerMessages,
 ) {
     while let Some(message) = server_messages.recv().await {
         let (Some(proxy), Some(shared)) = (proxy.upgrade(), shared.upgrade()) else {
