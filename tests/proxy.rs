@@ -94,6 +94,15 @@ impl Front {
         post_in_session(&self.peers, &self.url(server), session, HANDSHAKE, body)
     }
 
+    /// A new session of `server`, checked to list exactly `tools`; its id.
+    fn session_listing(&self, server: &str, tools: &[&str]) -> String {
+        let session = self.open_session(server, HANDSHAKE);
+        let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+        let listed = response_message(&self.in_session(server, &session, &list));
+        assert_eq!(tool_names(&listed["result"]), set(tools), "{listed}");
+        session
+    }
+
     /// Waits (a while, then fails) for the `end` record of `session`, and returns it.
     fn until_session_ended(&self, session: &str) -> Value {
         let ended = || {
@@ -1667,13 +1676,7 @@ fn a_shared_server_that_exits_ends_its_sessions_and_the_next_starts_a_new_one() 
         assert_eq!(front.in_session("time", session, &list)["status"], 404);
     }
 
-    let again = front.open_session("time", HANDSHAKE);
-    let listed = response_message(&front.in_session("time", &again, &list));
-    assert_eq!(
-        tool_names(&listed["result"]),
-        set(&["get_current_time"]),
-        "{listed}"
-    );
+    front.session_listing("time", &["get_current_time"]);
     assert_ne!(front.session_pid("time", "shared"), pid);
 }
 
@@ -2211,14 +2214,8 @@ fn a_session_whose_server_exits_ends_and_the_next_one_gets_a_new_server() {
     let answer = front.in_session("time", &session, &list);
     assert_eq!(answer["status"], 404, "{answer}");
 
-    let again = front.open_session("time", HANDSHAKE);
+    let again = front.session_listing("time", &["get_current_time"]);
     assert_ne!(front.session_pid("time", &again), pid);
-    let listed = response_message(&front.in_session("time", &again, &list));
-    assert_eq!(
-        tool_names(&listed["result"]),
-        set(&["get_current_time"]),
-        "{listed}"
-    );
 }
 
 /// mcp-server-time over Streamable HTTP on `port` (0: a free one), and the port it got.
@@ -2285,13 +2282,7 @@ fn a_url_server_that_forgets_its_session_ends_the_agents_session() {
     );
     assert_eq!(front.in_session("time", &session, &list)["status"], 404);
 
-    let again = front.open_session("time", HANDSHAKE);
-    let listed = response_message(&front.in_session("time", &again, &list));
-    assert_eq!(
-        tool_names(&listed["result"]),
-        set(&["get_current_time"]),
-        "{listed}"
-    );
+    front.session_listing("time", &["get_current_time"]);
     let _ = second.kill();
     let _ = second.wait();
 }

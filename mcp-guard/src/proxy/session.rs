@@ -395,7 +395,7 @@ async fn fan_out_until_the_server_ends(
             }
             Message::Notification(notification) => {
                 if notification.method == "notifications/tools/list_changed" {
-                    proxy.forget_catalogs_of(&server).await;
+                    proxy.forget_catalogs_of(server).await;
                 }
                 let value = Message::Notification(notification).to_value();
                 let mut subscribers = shared.subscribers.lock().expect("subscribers lock");
