@@ -322,13 +322,10 @@ async fn post(connection: &Connection, message: Value) {
     if status == reqwest::StatusCode::NOT_FOUND && in_a_session {
         tracing::warn!(server = %connection.label,
             "the server no longer knows its session (HTTP 404): ending the agent's session");
+        // The answer reaches the router before the end does (it routes what is queued first).
+        fail(connection, request_id, SERVER_ENDED_THE_SESSION).await;
         connection.end_with_the_server_session();
-        return fail(
-            connection,
-            request_id,
-            "the server ended its session (HTTP 404)",
-        )
-        .await;
+        return;
     }
     if !status.is_success() {
         return fail(connection, request_id, &format!("HTTP {status}")).await;
@@ -460,6 +457,10 @@ async fn resume_until_answered(
         fail(connection, Some(awaited.id.clone()), &problem).await;
     }
 }
+
+/// What the calls of an agent session get when the server ended the session it had with
+/// mcp-guard.
+pub(super) const SERVER_ENDED_THE_SESSION: &str = "the server ended its session (HTTP 404)";
 
 impl Connection {
     /// The server ended its session: stop listening to it, and end the agent's session (the

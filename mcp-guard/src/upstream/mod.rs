@@ -234,6 +234,8 @@ async fn route_server_output(
     };
     loop {
         let value = tokio::select! {
+            // What the server said before it ended the session is routed first.
+            biased;
             value = from_server.recv() => value,
             _ = ended.wait_for(|ended| *ended) => None,
         };
@@ -241,6 +243,11 @@ async fn route_server_output(
         if !router.route(value).await {
             break;
         }
+    }
+    if *ended.borrow() {
+        router
+            .fail_every_caller(http::SERVER_ENDED_THE_SESSION)
+            .await;
     }
     router.end().await;
 }
@@ -276,6 +283,15 @@ impl Router {
                 tracing::warn!(server = %self.label, error = %e, "server sent an invalid JSON-RPC message; dropped");
                 true
             }
+        }
+    }
+
+    /// Answers every waiting caller with an upstream error saying `why`.
+    async fn fail_every_caller(&self, why: &str) {
+        let error = json!({"code": crate::mcp::jsonrpc::codes::UPSTREAM_ERROR,
+            "message": format!("upstream server: {why}")});
+        for (_, waiter) in self.pending.lock().await.drain() {
+            let _ = waiter.send(Err(error.clone()));
         }
     }
 
