@@ -1812,14 +1812,16 @@ fn metrics_count_decisions_and_audit_records() {
          before the scrape and {} after",
         records.len()
     );
-    assert_eq!(metric(&scraped, "mcp_guard_audit_failures_total", &[]), 0.0);
-    assert!(
-        scraped
-            .samples
-            .iter()
-            .any(|s| s.metric == "mcp_guard_audit_failures_total"),
-        "mcp_guard_audit_failures_total is exported"
-    );
+    for failures in [
+        "mcp_guard_audit_failures_total",
+        "mcp_guard_audit_flush_failures_total",
+    ] {
+        assert!(
+            scraped.samples.iter().any(|s| s.metric == failures),
+            "{failures} is exported"
+        );
+        assert_eq!(metric(&scraped, failures, &[]), 0.0, "{failures}");
+    }
 
     // Latency histogram: every request's total, every forwarded request's upstream time.
     let all_decisions: f64 = from_metrics.values().sum();

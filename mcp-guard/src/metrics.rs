@@ -140,9 +140,10 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(self.audit.records_written.clone()),
             Box::new(self.audit.failures.clone()),
+            Box::new(self.audit.flush_failures.clone()),
             Box::new(self.decisions.clone()),
             Box::new(self.request_duration.clone()),
             Box::new(self.active_sessions.clone()),

@@ -334,6 +334,7 @@ async fn a_failed_flush_fails_the_appends_waiting_for_it_and_the_next_flush_reco
     assert!(error.to_string().contains("Input/output error"), "{error}");
     assert!(log.failing());
     assert_eq!(log.failures(), 1);
+    assert_eq!(log.flush_failures(), 1);
     // Written but not known durable: the chain runs through it, and the next flush covers it.
     assert_eq!(log.append(call("after")).await.unwrap(), 3);
     assert!(!log.failing());
@@ -618,6 +619,7 @@ async fn durable_before_interval_refuses_appends_after_a_failed_flush_until_one_
     };
     assert!(error.to_string().contains("Input/output error"), "{error}");
     assert!(log.failing());
+    assert!(log.flush_failures() >= 1);
     let written = lines(&settings.path).len();
     assert!(log.append(call("refused")).await.is_err());
     assert_eq!(

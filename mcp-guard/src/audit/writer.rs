@@ -83,6 +83,8 @@ pub struct AuditCounters {
     pub records_written: IntCounter,
     /// Appends that failed because the log could not be written.
     pub failures: IntCounter,
+    /// Flushes (`fdatasync`) of the log that failed, the background flusher's included.
+    pub flush_failures: IntCounter,
 }
 
 impl Default for AuditCounters {
@@ -97,6 +99,11 @@ impl Default for AuditCounters {
             failures: IntCounter::new(
                 "mcp_guard_audit_failures_total",
                 "Audit appends that failed because the log could not be written",
+            )
+            .expect("a valid metric name"),
+            flush_failures: IntCounter::new(
+                "mcp_guard_audit_flush_failures_total",
+                "Flushes (fdatasync) of the audit log that failed",
             )
             .expect("a valid metric name"),
         }
@@ -430,6 +437,11 @@ impl AuditLog {
         self.shared.counters.failures.get()
     }
 
+    /// Flushes of the log that failed.
+    pub fn flush_failures(&self) -> u64 {
+        self.shared.counters.flush_failures.get()
+    }
+
     /// True while the last append failed (until one succeeds again).
     pub fn failing(&self) -> bool {
         self.shared.failing.load(Ordering::Relaxed)
@@ -623,13 +635,20 @@ impl Drop for Shared {
     }
 }
 
-/// `fdatasync` of `file`; tests make it fail as a failing disk would.
-fn sync_data(file: &File, _shared: &Shared) -> io::Result<()> {
+/// `fdatasync` of `file`, counting failures; tests make it fail as a failing disk would.
+fn sync_data(file: &File, shared: &Shared) -> io::Result<()> {
     #[cfg(test)]
-    if take_one(&_shared.fail_flushes) {
-        return Err(io::Error::from_raw_os_error(libc::EIO));
+    let synced = if take_one(&shared.fail_flushes) {
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    } else {
+        file.sync_data()
+    };
+    #[cfg(not(test))]
+    let synced = file.sync_data();
+    if synced.is_err() {
+        shared.counters.flush_failures.inc();
     }
-    file.sync_data()
+    synced
 }
 
 /// Takes one from a test's count of failures to come; false when none is left.
@@ -823,7 +842,7 @@ impl Writer {
         self.last_hash = prev;
         if self.rotate_bytes > 0
             && self.committed_len >= self.rotate_bytes
-            && let Err(error) = self.rotate()
+            && let Err(error) = self.rotate(shared)
         {
             // The records are safe; the file just grows until a rotation succeeds.
             tracing::warn!(
@@ -955,11 +974,11 @@ impl Writer {
     }
 
     /// Renames the file to the next `<path>.N` and starts a fresh one.
-    fn rotate(&mut self) -> io::Result<()> {
+    fn rotate(&mut self, shared: &Shared) -> io::Result<()> {
         // Records not yet flushed may be in it; a flush running meanwhile flushes this file
         // too, but one starting later flushes the next.
         if self.fsync {
-            if let Err(error) = self.file()?.sync_data() {
+            if let Err(error) = sync_data(self.file()?, shared) {
                 self.rewrite_needed = true;
                 return Err(error);
             }
