@@ -567,6 +567,37 @@ fn progress_notifications_reach_the_agent() {
         "Long running operation completed. Duration: 2 seconds, Steps: 4."
     );
     assert_progress(&run.results[0], 4);
+
+    // On the wire: the call's own POST is answered as SSE, its progress first, then the result.
+    let url = format!("http://{}/servers/everything/mcp", guard.addr);
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "trigger-long-running-operation", "arguments": {"duration": 1, "steps": 2},
+        "_meta": {"progressToken": "p-1"}}});
+    let raw = raw_http(
+        &guard.peers,
+        &url,
+        &["--initialize", HANDSHAKE, "--body", &call.to_string()],
+    );
+    assert_eq!(raw["content_type"], "text/event-stream", "{raw}");
+    let messages: Vec<&Value> = raw["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no events: {raw}"))
+        .iter()
+        .map(|event| &event["data"])
+        .collect();
+    let progress: Vec<(&Value, &Value)> = messages
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .map(|m| (&m["params"]["progressToken"], &m["params"]["progress"]))
+        .collect();
+    assert_eq!(
+        progress,
+        [(&json!("p-1"), &json!(1)), (&json!("p-1"), &json!(2))],
+        "{raw}"
+    );
+    let last = messages.last().expect("an answer");
+    assert_eq!(last["id"], 2, "the answer comes last: {raw}");
+    assert!(last["result"].is_object(), "{raw}");
 }
 
 /// The agent abandons a long-running call (the SDK sends notifications/cancelled naming the

@@ -42,7 +42,7 @@ use crate::mcp::revision;
 use crate::metrics::Metrics;
 use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Isolation, Mode, Policy};
 use crate::upstream::UpstreamError;
-pub use session::{AgentSession, CallSpan, Caller};
+pub use session::{AgentSession, CallSpan, Caller, ProgressRoute};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

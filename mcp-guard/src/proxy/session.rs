@@ -79,6 +79,30 @@ pub struct AgentSession {
     activity: SessionActivity,
     /// Where the agent's `initialize` is: requests sent after it wait for its answer.
     handshake: tokio::sync::watch::Sender<Handshake>,
+    /// Progress tokens of requests whose answer streams on their own POST (HTTP front): the
+    /// server's `notifications/progress` for them goes there, ahead of the answer, instead of
+    /// the outbox.
+    progress_routes: std::sync::Mutex<HashMap<String, mpsc::Sender<Value>>>,
+}
+
+/// A request's own route for its progress notifications; dropping it removes the route.
+pub struct ProgressRoute {
+    session: Weak<AgentSession>,
+    key: String,
+    pub notifications: mpsc::Receiver<Value>,
+}
+
+impl Drop for ProgressRoute {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.upgrade() {
+            session.progress_routes().remove(&self.key);
+        }
+    }
+}
+
+/// The key of a progress token (a string or a number in JSON).
+fn progress_key(token: &Value) -> String {
+    token.to_string()
 }
 
 /// The server process a session talks to, and what holds it.
@@ -496,6 +520,7 @@ impl AgentSession {
             era: tokio::sync::OnceCell::new(),
             activity: SessionActivity::fresh(),
             handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
+            progress_routes: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -648,6 +673,42 @@ impl AgentSession {
     /// the stdio front).
     pub async fn take_outbox(&self) -> Option<mpsc::Receiver<Value>> {
         self.outbox.lock().await.take()
+    }
+
+    /// Routes the server's progress notifications for `token` to the returned receiver until
+    /// it is dropped; None when the token is already routed (another request in flight uses
+    /// it: its notifications keep going to the outbox).
+    pub fn route_progress(self: &Arc<Self>, token: &Value) -> Option<ProgressRoute> {
+        let key = progress_key(token);
+        let mut routes = self.progress_routes();
+        if routes.contains_key(&key) {
+            return None;
+        }
+        let (sender, notifications) = mpsc::channel(AGENT_OUTBOX);
+        routes.insert(key.clone(), sender);
+        Some(ProgressRoute {
+            session: Arc::downgrade(self),
+            key,
+            notifications,
+        })
+    }
+
+    fn progress_routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Value>>> {
+        self.progress_routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Where a server notification goes when a request's own stream carries it.
+    fn progress_route_of(
+        &self,
+        notification: &crate::mcp::jsonrpc::Notification,
+    ) -> Option<mpsc::Sender<Value>> {
+        if notification.method != "notifications/progress" {
+            return None;
+        }
+        let token = notification.params.as_ref()?.get("progressToken")?;
+        self.progress_routes().get(&progress_key(token)).cloned()
     }
 
     /// Gives the outbox back when its taker goes (a GET stream that closed).
@@ -886,11 +947,15 @@ async fn relay_until_the_server_ends(
                     // The next tools/list or call re-learns, filtered by the policy.
                     session.forget_catalog().await;
                 }
-                // Best effort: never block the server's output on an agent that is not reading.
-                if to_agent
-                    .try_send(Message::Notification(notification).to_value())
-                    .is_err()
+                let route = session.progress_route_of(&notification);
+                let value = Message::Notification(notification).to_value();
+                if let Some(route) = route
+                    && route.try_send(value.clone()).is_ok()
                 {
+                    continue;
+                }
+                // Best effort: never block the server's output on an agent that is not reading.
+                if to_agent.try_send(value).is_err() {
                     tracing::debug!(session = %session.id, "notification for the agent dropped: no open stream");
                 }
             }

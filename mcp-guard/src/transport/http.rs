@@ -6,7 +6,10 @@
 //!   one named by `MCP-Guard-Session` (or `params._meta["io.mcp-guard/session"]`), else one per
 //!   principal and server. `Mcp-Method` / `Mcp-Name` headers must match the body.
 //! - GET opens the stream of server-initiated messages (SSE); DELETE ends the session.
-//! - Answers are JSON, or SSE when the agent accepts only `text/event-stream`.
+//! - Answers are JSON, or SSE when the agent accepts only `text/event-stream`. A request
+//!   with a `progressToken` is answered as SSE when the agent accepts it: the server's
+//!   progress notifications for it, then the answer, on the request's own stream (on the GET
+//!   stream they could reach the agent after the answer, which ends the request for it).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -28,7 +31,7 @@ use crate::identity::TransportHints;
 use crate::identity::jwt::{AuthError, Verifier};
 use crate::mcp::jsonrpc::{self, Incoming, Message, RpcError, codes};
 use crate::mcp::revision::{self, Revision};
-use crate::proxy::{AgentSession, Caller, Proxy};
+use crate::proxy::{AgentSession, Caller, ProgressRoute, Proxy};
 
 const SESSION_HEADER: &str = "mcp-session-id";
 const GUARD_SESSION_HEADER: &str = "mcp-guard-session";
@@ -196,14 +199,19 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
     if principal == session.caller().principal {
         hints.roles = Some(roles);
     }
-    let answer = match handle_to_completion(proxy, &session, incoming, hints).await {
-        Ok(answer) => answer,
-        Err(response) => return *response,
-    };
-    let mut response = match answer {
-        None => StatusCode::ACCEPTED.into_response(),
-        Some(answer) if accepts(headers, "application/json") => axum::Json(answer).into_response(),
-        Some(answer) => sse_of_values(answer),
+    let progress = progress_token(&incoming)
+        .filter(|_| accepts(headers, "text/event-stream"))
+        .and_then(|token| session.route_progress(&token));
+    let mut response = match progress {
+        Some(route) => answer_with_progress(proxy, &session, incoming, hints, route),
+        None => match handle_to_completion(proxy.clone(), session.clone(), incoming, hints).await {
+            Ok(None) => StatusCode::ACCEPTED.into_response(),
+            Ok(Some(answer)) if accepts(headers, "application/json") => {
+                axum::Json(answer).into_response()
+            }
+            Ok(Some(answer)) => sse_of_values(answer),
+            Err(response) => return *response,
+        },
     };
     if opened_now && let Ok(value) = HeaderValue::from_str(&session.id) {
         response.headers_mut().insert(SESSION_HEADER, value);
@@ -218,13 +226,11 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
 /// task of its own only if that one is dropped, so an ordinary request costs no hand-off. A
 /// panic in the pipeline is answered 500, and the daemon serves on.
 async fn handle_to_completion(
-    proxy: &Arc<Proxy>,
-    session: &Arc<AgentSession>,
+    proxy: Arc<Proxy>,
+    session: Arc<AgentSession>,
     incoming: Incoming,
     hints: TransportHints,
 ) -> Result<Option<Value>, Box<Response>> {
-    let proxy = Arc::clone(proxy);
-    let session = Arc::clone(session);
     let handling =
         async move { crate::catch_panic(proxy.handle(&session, incoming, &hints)).await };
     FinishOnDrop(Some(Box::pin(handling)))
@@ -498,6 +504,93 @@ fn is_owner(front: &Front, session: &AgentSession, caller: &Caller) -> bool {
     let identity = &front.proxy.model().identity;
     let per_request = identity.jwt.is_some() || identity.trust_header;
     !per_request || session.caller().principal == caller.principal
+}
+
+/// The `progressToken` of a single request, if it asks for progress.
+fn progress_token(incoming: &Incoming) -> Option<Value> {
+    let Incoming::Single(Message::Request(request)) = incoming else {
+        return None;
+    };
+    request
+        .params
+        .as_ref()?
+        .get("_meta")?
+        .get("progressToken")
+        .cloned()
+}
+
+/// The answer to a request with a progress token as SSE: each progress notification the
+/// server sends for it as it comes, then the answer. The pipeline runs as for any request
+/// (to completion, even if the agent goes); a panic becomes an internal error event.
+fn answer_with_progress(
+    proxy: &Arc<Proxy>,
+    session: &Arc<AgentSession>,
+    incoming: Incoming,
+    hints: TransportHints,
+    route: ProgressRoute,
+) -> Response {
+    let request_id = match &incoming {
+        Incoming::Single(Message::Request(request)) => Some(request.id.clone()),
+        Incoming::Single(_) | Incoming::Batch(_) => None,
+    };
+    let answer = Box::pin(handle_to_completion(
+        proxy.clone(),
+        session.clone(),
+        incoming,
+        hints,
+    ));
+    let streaming = ProgressThenAnswer {
+        answer: Some(answer),
+        route,
+        last: None,
+        request_id,
+    };
+    let events = futures_util::stream::unfold(Some(streaming), |state| async move {
+        let mut state = state?;
+        let (message, more) = state.next_message().await?;
+        let event: Result<Event, Infallible> =
+            Ok(Event::default().event("message").data(message.to_string()));
+        Some((event, more.then_some(state)))
+    });
+    Sse::new(events).into_response()
+}
+
+type Answering =
+    Pin<Box<dyn std::future::Future<Output = Result<Option<Value>, Box<Response>>> + Send>>;
+
+struct ProgressThenAnswer {
+    answer: Option<Answering>,
+    route: ProgressRoute,
+    last: Option<Value>,
+    request_id: Option<jsonrpc::Id>,
+}
+
+impl ProgressThenAnswer {
+    /// The next message for the agent, and whether more follow.
+    async fn next_message(&mut self) -> Option<(Value, bool)> {
+        if let Some(answer) = self.answer.as_mut() {
+            tokio::select! {
+                biased;
+                Some(progress) = self.route.notifications.recv() => return Some((progress, true)),
+                outcome = answer => {
+                    self.answer = None;
+                    self.last = match outcome {
+                        Ok(answer) => answer,
+                        Err(_) => Some(RpcError::new(
+                            self.request_id.clone(),
+                            codes::INTERNAL_ERROR,
+                            "internal error",
+                        ).to_value()),
+                    };
+                }
+            }
+        }
+        // The answer came: what was relayed for the request before it goes first.
+        if let Ok(progress) = self.route.notifications.try_recv() {
+            return Some((progress, true));
+        }
+        self.last.take().map(|answer| (answer, false))
+    }
 }
 
 /// The answer as a one-event SSE stream (a batch answer stays one JSON array).
