@@ -78,6 +78,21 @@ pub enum Incoming {
     Batch(Vec<Result<Message, RpcError>>),
 }
 
+impl Incoming {
+    /// The `progressToken` of a single request that asks for progress.
+    pub fn progress_token(&self) -> Option<Value> {
+        let Incoming::Single(Message::Request(request)) = self else {
+            return None;
+        };
+        request
+            .params
+            .as_ref()?
+            .get("_meta")?
+            .get("progressToken")
+            .cloned()
+    }
+}
+
 /// Limits on agent input.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {

@@ -199,7 +199,8 @@ async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> R
     if principal == session.caller().principal {
         hints.roles = Some(roles);
     }
-    let progress = progress_token(&incoming)
+    let progress = incoming
+        .progress_token()
         .filter(|_| accepts(headers, "text/event-stream"))
         .and_then(|token| session.route_progress(&token));
     let mut response = match progress {
@@ -504,19 +505,6 @@ fn is_owner(front: &Front, session: &AgentSession, caller: &Caller) -> bool {
     let identity = &front.proxy.model().identity;
     let per_request = identity.jwt.is_some() || identity.trust_header;
     !per_request || session.caller().principal == caller.principal
-}
-
-/// The `progressToken` of a single request, if it asks for progress.
-fn progress_token(incoming: &Incoming) -> Option<Value> {
-    let Incoming::Single(Message::Request(request)) = incoming else {
-        return None;
-    };
-    request
-        .params
-        .as_ref()?
-        .get("_meta")?
-        .get("progressToken")
-        .cloned()
 }
 
 /// The answer to a request with a progress token as SSE: each progress notification the

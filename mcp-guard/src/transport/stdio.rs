@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 use crate::identity::TransportHints;
 use crate::mcp::jsonrpc;
 use crate::policy::{CompiledPolicy, Policy};
-use crate::proxy::{AgentSession, Proxy};
+use crate::proxy::{AgentSession, ProgressRoute, Proxy};
 
 /// Serves one agent on stdin/stdout until stdin ends, or until the server process exits (its
 /// messages to the agent end; the session ends with it): then, as the server itself would
@@ -72,7 +72,14 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<
             let answer = match parsed {
                 Ok(incoming) => {
                     let hints = current_roles(&proxy, &session);
-                    proxy.handle(&session, incoming, &hints).await
+                    let progress = incoming
+                        .progress_token()
+                        .and_then(|token| session.route_progress(&token));
+                    let handling = proxy.handle(&session, incoming, &hints);
+                    match progress {
+                        Some(route) => with_progress_first(handling, route, &stdout).await,
+                        None => handling.await,
+                    }
                 }
                 Err(error) => Some(error.to_value()),
             };
@@ -95,6 +102,31 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<
         return Err(io::Error::other("the server process exited"));
     }
     Ok(())
+}
+
+/// Runs `handling` (a request with a progress token) while writing the server's progress
+/// notifications for it to stdout as they come, and any still on their way before the answer
+/// is written: relayed like other server messages, the last one could follow the answer, which
+/// ends the request for the agent.
+async fn with_progress_first(
+    handling: impl std::future::Future<Output = Option<Value>>,
+    mut route: ProgressRoute,
+    stdout: &Mutex<Output>,
+) -> Option<Value> {
+    tokio::pin!(handling);
+    let answer = loop {
+        tokio::select! {
+            biased;
+            Some(progress) = route.notifications.recv() => {
+                let _ = stdout.lock().await.send(&progress).await;
+            }
+            answer = &mut handling => break answer,
+        }
+    };
+    while let Ok(progress) = route.notifications.try_recv() {
+        let _ = stdout.lock().await.send(&progress).await;
+    }
+    answer
 }
 
 /// Why the task copying the server's own messages to stdout stopped.
