@@ -1965,13 +1965,7 @@ fn https_upstream_is_verified_against_the_configured_ca() {
         "--tls-key",
         key.to_str().unwrap(),
     ]);
-    let mut upstream = Command::new(&command[0])
-        .args(&command[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start time_http_server.py");
-    let port = announced_port(&mut upstream);
+    let (mut upstream, port) = start_announcing(&command);
     let url = format!("https://127.0.0.1:{port}/mcp");
     let rules = json!([
         list_tools_rule(),
@@ -2030,13 +2024,7 @@ fn a_call_whose_event_stream_the_server_closes_is_resumed() {
     let peers = Peers::require();
     let resumed = env.dir().join("resumed.txt");
     let command = peers.polling_http(&["--resume-log", resumed.to_str().unwrap()]);
-    let mut upstream = Command::new(&command[0])
-        .args(&command[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start polling_http_server.py");
-    let port = announced_port(&mut upstream);
+    let (mut upstream, port) = start_announcing(&command);
     let servers = json!({
         "polling": {
             "url": format!("http://127.0.0.1:{port}/mcp"),
@@ -2220,15 +2208,20 @@ fn a_session_whose_server_exits_ends_and_the_next_one_gets_a_new_server() {
 
 /// mcp-server-time over Streamable HTTP on `port` (0: a free one), and the port it got.
 fn start_time_http(peers: &Peers, port: &str) -> (std::process::Child, String) {
-    let command = peers.time_http(&["--port", port]);
-    let mut server = Command::new(&command[0])
+    start_announcing(&peers.time_http(&["--port", port]))
+}
+
+/// Starts a peer that announces its port on stderr (one of `tests/clients/`'s HTTP servers),
+/// and the port.
+fn start_announcing(command: &[String]) -> (std::process::Child, String) {
+    let mut peer = Command::new(&command[0])
         .args(&command[1..])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start time_http_server.py");
-    let port = announced_port(&mut server);
-    (server, port)
+        .unwrap_or_else(|e| panic!("start {command:?}: {e}"));
+    let port = announced_port(&mut peer);
+    (peer, port)
 }
 
 /// A `url` server that restarts no longer knows the session mcp-guard had with it, and answers

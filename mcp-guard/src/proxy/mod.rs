@@ -42,7 +42,7 @@ use crate::mcp::revision;
 use crate::metrics::Metrics;
 use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Isolation, Mode, Policy};
 use crate::upstream::UpstreamError;
-pub use session::{AgentSession, CallSpan, Caller, ProgressRoute};
+pub use session::{AgentSession, CallSpan, Caller, ProgressRoute, ProgressThenAnswer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

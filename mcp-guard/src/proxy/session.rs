@@ -89,7 +89,48 @@ pub struct AgentSession {
 pub struct ProgressRoute {
     session: Weak<AgentSession>,
     key: String,
-    pub notifications: mpsc::Receiver<Value>,
+    notifications: mpsc::Receiver<Value>,
+}
+
+impl ProgressRoute {
+    /// The messages for the agent while `answer` (the request's handling) runs: its progress
+    /// notifications as they come, then the answer. Relayed like other server messages, the
+    /// last notification could still be on its way when the answer is ready; it goes first.
+    pub fn ahead_of<F>(self, answer: F) -> ProgressThenAnswer<F> {
+        ProgressThenAnswer {
+            answer: Some(answer),
+            route: self,
+            last: None,
+        }
+    }
+}
+
+/// See [`ProgressRoute::ahead_of`].
+pub struct ProgressThenAnswer<F> {
+    answer: Option<F>,
+    route: ProgressRoute,
+    last: Option<Value>,
+}
+
+impl<F: std::future::Future<Output = Option<Value>> + Unpin> ProgressThenAnswer<F> {
+    /// The next message for the agent, and whether more follow; None once all went (or a
+    /// request without an answer ended).
+    pub async fn next_message(&mut self) -> Option<(Value, bool)> {
+        if let Some(answer) = self.answer.as_mut() {
+            tokio::select! {
+                biased;
+                Some(progress) = self.route.notifications.recv() => return Some((progress, true)),
+                answer = answer => {
+                    self.answer = None;
+                    self.last = answer;
+                }
+            }
+        }
+        if let Ok(progress) = self.route.notifications.try_recv() {
+            return Some((progress, true));
+        }
+        self.last.take().map(|answer| (answer, false))
+    }
 }
 
 impl Drop for ProgressRoute {
@@ -948,11 +989,12 @@ async fn relay_until_the_server_ends(
                     session.forget_catalog().await;
                 }
                 let route = session.progress_route_of(&notification);
-                let value = Message::Notification(notification).to_value();
-                if let Some(route) = route
-                    && route.try_send(value.clone()).is_ok()
-                {
-                    continue;
+                let mut value = Message::Notification(notification).to_value();
+                if let Some(route) = route {
+                    match route.try_send(value) {
+                        Ok(()) => continue,
+                        Err(unsent) => value = unsent.into_inner(),
+                    }
                 }
                 // Best effort: never block the server's output on an agent that is not reading.
                 if to_agent.try_send(value).is_err() {

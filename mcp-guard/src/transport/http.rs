@@ -23,6 +23,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt as _;
 use futures_util::stream::Stream;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -521,64 +522,21 @@ fn answer_with_progress(
         Incoming::Single(Message::Request(request)) => Some(request.id.clone()),
         Incoming::Single(_) | Incoming::Batch(_) => None,
     };
-    let answer = Box::pin(handle_to_completion(
-        proxy.clone(),
-        session.clone(),
-        incoming,
-        hints,
-    ));
-    let streaming = ProgressThenAnswer {
-        answer: Some(answer),
-        route,
-        last: None,
-        request_id,
-    };
-    let events = futures_util::stream::unfold(Some(streaming), |state| async move {
-        let mut state = state?;
-        let (message, more) = state.next_message().await?;
+    let answer =
+        handle_to_completion(proxy.clone(), session.clone(), incoming, hints).map(|outcome| {
+            outcome.unwrap_or_else(|_panicked| {
+                Some(RpcError::new(request_id, codes::INTERNAL_ERROR, "internal error").to_value())
+            })
+        });
+    let messages = route.ahead_of(Box::pin(answer));
+    let events = futures_util::stream::unfold(Some(messages), |state| async move {
+        let mut messages = state?;
+        let (message, more) = messages.next_message().await?;
         let event: Result<Event, Infallible> =
             Ok(Event::default().event("message").data(message.to_string()));
-        Some((event, more.then_some(state)))
+        Some((event, more.then_some(messages)))
     });
     Sse::new(events).into_response()
-}
-
-type Answering =
-    Pin<Box<dyn std::future::Future<Output = Result<Option<Value>, Box<Response>>> + Send>>;
-
-struct ProgressThenAnswer {
-    answer: Option<Answering>,
-    route: ProgressRoute,
-    last: Option<Value>,
-    request_id: Option<jsonrpc::Id>,
-}
-
-impl ProgressThenAnswer {
-    /// The next message for the agent, and whether more follow.
-    async fn next_message(&mut self) -> Option<(Value, bool)> {
-        if let Some(answer) = self.answer.as_mut() {
-            tokio::select! {
-                biased;
-                Some(progress) = self.route.notifications.recv() => return Some((progress, true)),
-                outcome = answer => {
-                    self.answer = None;
-                    self.last = match outcome {
-                        Ok(answer) => answer,
-                        Err(_) => Some(RpcError::new(
-                            self.request_id.clone(),
-                            codes::INTERNAL_ERROR,
-                            "internal error",
-                        ).to_value()),
-                    };
-                }
-            }
-        }
-        // The answer came: what was relayed for the request before it goes first.
-        if let Ok(progress) = self.route.notifications.try_recv() {
-            return Some((progress, true));
-        }
-        self.last.take().map(|answer| (answer, false))
-    }
 }
 
 /// The answer as a one-event SSE stream (a batch answer stays one JSON array).

@@ -110,23 +110,18 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<
 /// ends the request for the agent.
 async fn with_progress_first(
     handling: impl std::future::Future<Output = Option<Value>>,
-    mut route: ProgressRoute,
+    route: ProgressRoute,
     stdout: &Mutex<Output>,
 ) -> Option<Value> {
-    tokio::pin!(handling);
-    let answer = loop {
-        tokio::select! {
-            biased;
-            Some(progress) = route.notifications.recv() => {
-                let _ = stdout.lock().await.send(&progress).await;
-            }
-            answer = &mut handling => break answer,
+    let handling = std::pin::pin!(handling);
+    let mut messages = route.ahead_of(handling);
+    while let Some((message, more)) = messages.next_message().await {
+        if !more {
+            return Some(message);
         }
-    };
-    while let Ok(progress) = route.notifications.try_recv() {
-        let _ = stdout.lock().await.send(&progress).await;
+        let _ = stdout.lock().await.send(&message).await;
     }
-    answer
+    None
 }
 
 /// Why the task copying the server's own messages to stdout stopped.

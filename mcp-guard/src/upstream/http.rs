@@ -17,8 +17,9 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, RwLock, mpsc, watch};
 
-use super::{Outbound, Pending, ServerMessages, Upstream, UpstreamError, route_server_output};
-use crate::mcp::jsonrpc::codes;
+use super::{
+    Outbound, Pending, ServerMessages, Upstream, UpstreamError, route_server_output, upstream_error,
+};
 
 /// A client for one session's server: TLS with the `ring` provider, installed once for the
 /// process (reqwest asks for a process default when built without its own).
@@ -157,9 +158,7 @@ impl Poster {
             post(&connection, message).await;
         });
     }
-}
 
-impl Poster {
     /// Whether the server ended its session (it answered 404 to the session's id).
     pub(super) fn server_ended_the_session(&self) -> bool {
         *self.connection.server_session_ended.borrow()
@@ -245,14 +244,7 @@ async fn event_stream_request(
     if let Some(id) = last_event_id {
         request = request.header("last-event-id", id);
     }
-    let session = connection.session.read().await;
-    if let Some(id) = &session.id {
-        request = request.header("mcp-session-id", id);
-    }
-    if let Some(version) = &session.protocol_version {
-        request = request.header("mcp-protocol-version", version);
-    }
-    request
+    connection.in_the_session(request).await.0
 }
 
 /// Tells the server its session is over (best effort: a server that is gone has ended it).
@@ -284,18 +276,9 @@ async fn post(connection: &Connection, message: Value) {
     for (name, value) in crate::identity::downstream_headers(&message) {
         request = request.header(name, value);
     }
-    let mut request = request.body(message.to_string());
-    let in_a_session;
-    {
-        let session = connection.session.read().await;
-        in_a_session = session.id.is_some();
-        if let Some(id) = &session.id {
-            request = request.header("mcp-session-id", id);
-        }
-        if let Some(version) = &session.protocol_version {
-            request = request.header("mcp-protocol-version", version);
-        }
-    }
+    let (request, in_a_session) = connection
+        .in_the_session(request.body(message.to_string()))
+        .await;
     let response = match request.send().await {
         Ok(response) => response,
         Err(e) => {
@@ -463,6 +446,22 @@ async fn resume_until_answered(
 pub(super) const SERVER_ENDED_THE_SESSION: &str = "the server ended its session (HTTP 404)";
 
 impl Connection {
+    /// `request` with the session id and protocol version the server gave, if any; and
+    /// whether it had given a session id.
+    async fn in_the_session(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> (reqwest::RequestBuilder, bool) {
+        let session = self.session.read().await;
+        if let Some(id) = &session.id {
+            request = request.header("mcp-session-id", id);
+        }
+        if let Some(version) = &session.protocol_version {
+            request = request.header("mcp-protocol-version", version);
+        }
+        (request, session.id.is_some())
+    }
+
     /// The server ended its session: stop listening to it, and end the agent's session (the
     /// router stops, and the session's relay with it).
     fn end_with_the_server_session(&self) {
@@ -592,10 +591,7 @@ fn answers(message: &Value, id: &Value) -> bool {
 async fn fail(connection: &Connection, request_id: Option<Value>, problem: &str) {
     tracing::warn!(server = %connection.label, problem, "upstream HTTP request failed");
     if let Some(id) = request_id {
-        let error = json!({"jsonrpc": "2.0", "id": id, "error": {
-            "code": codes::UPSTREAM_ERROR,
-            "message": format!("upstream server: {problem}"),
-        }});
+        let error = json!({"jsonrpc": "2.0", "id": id, "error": upstream_error(problem)});
         let _ = connection.incoming.send(error).await;
     }
 }

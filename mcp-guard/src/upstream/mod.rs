@@ -217,6 +217,12 @@ impl Upstream {
     }
 }
 
+/// The error object a caller gets when the server could not answer: `problem` says why.
+fn upstream_error(problem: &str) -> Value {
+    json!({"code": crate::mcp::jsonrpc::codes::UPSTREAM_ERROR,
+        "message": format!("upstream server: {problem}")})
+}
+
 /// Routes what the server sends: responses to their waiting callers, everything else to the
 /// session. Ends (failing every waiting caller) when the server's output ends, or when `ended`
 /// says the server ended the session (an HTTP server that no longer knows its session id).
@@ -288,8 +294,7 @@ impl Router {
 
     /// Answers every waiting caller with an upstream error saying `why`.
     async fn fail_every_caller(&self, why: &str) {
-        let error = json!({"code": crate::mcp::jsonrpc::codes::UPSTREAM_ERROR,
-            "message": format!("upstream server: {why}")});
+        let error = upstream_error(why);
         for (_, waiter) in self.pending.lock().await.drain() {
             let _ = waiter.send(Err(error.clone()));
         }
