@@ -1854,10 +1854,10 @@ impl TestEnv {
         document
     }
 
-    /// Sets each field of `audit` (an object) in `document`'s `audit` settings.
-    pub fn set_audit_settings(document: &mut Value, audit: &Value) {
-        for (field, value) in audit.as_object().expect("audit settings") {
-            document["audit"][field] = value.clone();
+    /// Sets each field of `fields` (an object) in `document`'s `section` (`audit`, `daemon`).
+    pub fn set_settings(document: &mut Value, section: &str, fields: &Value) {
+        for (field, value) in fields.as_object().expect("settings") {
+            document[section][field] = value.clone();
         }
     }
 

@@ -328,6 +328,7 @@ fn durable_before_answer_keeps_every_record() {
     every_call_is_answered_and_on_record(
         "stdio-front-durable-answer",
         json!({"fsync": true, "durable_before": "answer"}),
+        json!({}),
     );
 }
 
@@ -338,6 +339,19 @@ fn durable_before_interval_keeps_every_record() {
     every_call_is_answered_and_on_record(
         "stdio-front-durable-interval",
         json!({"fsync": true, "durable_before": "interval", "flush_interval_ms": 5}),
+        json!({}),
+    );
+}
+
+/// With one worker thread and answer polling (`daemon.worker_threads` 1 and
+/// `daemon.answer_poll_us`, which the stdio fronts read from the same policy), the same; and the
+/// daemon says it runs one worker thread.
+#[test]
+fn answer_polling_on_one_worker_keeps_every_call_answered_and_on_record() {
+    every_call_is_answered_and_on_record(
+        "stdio-front-answer-polling",
+        json!({"fsync": true, "durable_before": "interval"}),
+        json!({"worker_threads": 1, "answer_poll_us": 500}),
     );
 }
 
@@ -345,13 +359,18 @@ fn durable_before_interval_keeps_every_record() {
 /// connection's own task instead of a task each.
 #[test]
 fn without_fsync_every_call_is_answered_and_on_record() {
-    every_call_is_answered_and_on_record("stdio-front-no-fsync", json!({"fsync": false}));
+    every_call_is_answered_and_on_record(
+        "stdio-front-no-fsync",
+        json!({"fsync": false}),
+        json!({}),
+    );
 }
 
 /// Two calls through the HTTP front and two through a stdio front (the Python SDK client),
 /// then a burst of pipelined calls on a second stdio front: every call is answered with its
 /// own text, has a decision and an outcome in the daemon's log, and `audit verify` passes.
-fn every_call_is_answered_and_on_record(tag: &str, audit: Value) {
+/// `audit` and `daemon` are set in the policy's sections of those names.
+fn every_call_is_answered_and_on_record(tag: &str, audit: Value, daemon: Value) {
     const BURST: i64 = 8;
     let env = TestEnv::new(tag, PROBE);
     let peers = Peers::require();
@@ -363,9 +382,14 @@ fn every_call_is_answered_and_on_record(tag: &str, audit: Value) {
             allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
         ])}),
     );
-    TestEnv::set_audit_settings(&mut document, &audit);
+    TestEnv::set_settings(&mut document, "audit", &audit);
+    TestEnv::set_settings(&mut document, "daemon", &daemon);
     env.write_policy_document(&document);
-    let _daemon = env.start_daemon();
+    let running = env.start_daemon();
+    if let Some(workers) = daemon.get("worker_threads") {
+        let ready = running.wait_for_message("ready", TIMEOUT);
+        assert_eq!(&ready["fields"]["worker_threads"], workers, "{ready}");
+    }
     let script = |front: &str| {
         json!([
             {"op": "call_tool", "name": "echo", "arguments": {"text": format!("{front} 1")}},

@@ -579,7 +579,7 @@ fn kill9_under_load(tag: &str, audit: Value) {
     let env = TestEnv::new(tag, PROBE);
     let listen = loopback(free_loopback_port());
     let mut document = fast_policy(&env, listen, &[]);
-    TestEnv::set_audit_settings(&mut document, &audit);
+    TestEnv::set_settings(&mut document, "audit", &audit);
     env.write_policy_document(&document);
     let mut daemon = env.start_daemon();
     let target = Listener::tcp(LOCALHOST_V4);

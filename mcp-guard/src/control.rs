@@ -9,12 +9,14 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, oneshot};
 
+use crate::answer_polling::AnswerPolling;
 use crate::audit::{AuditLog, AuditRecord};
 use crate::egress::{Egress, SessionCgroup};
 use crate::metrics::Metrics;
@@ -367,10 +369,15 @@ pub async fn open_session(
 pub struct AuditClient {
     sender: Mutex<tokio::net::unix::OwnedWriteHalf>,
     waiting: Arc<std::sync::Mutex<std::collections::VecDeque<oneshot::Sender<Response>>>>,
+    /// How the daemon's answers are waited for (`daemon.answer_poll_us`).
+    answer_polling: AnswerPolling,
 }
 
 impl AuditClient {
-    pub async fn connect(socket: &Path) -> Result<AuditClient, ControlError> {
+    pub async fn connect(
+        socket: &Path,
+        answer_poll: Duration,
+    ) -> Result<AuditClient, ControlError> {
         let stream = UnixStream::connect(socket)
             .await
             .map_err(|source| ControlError::Connect {
@@ -384,6 +391,7 @@ impl AuditClient {
         Ok(AuditClient {
             sender: Mutex::new(write),
             waiting,
+            answer_polling: AnswerPolling::new(answer_poll),
         })
     }
 
@@ -425,9 +433,11 @@ impl AuditClient {
                 .push_back(answered);
             sender.write_all(text.as_bytes()).await?;
         }
-        let response = answer
+        let response = self
+            .answer_polling
+            .receive(answer)
             .await
-            .map_err(|_| ControlError::Refused("the daemon closed the connection".into()))?;
+            .ok_or_else(|| ControlError::Refused("the daemon closed the connection".into()))?;
         if response.ok {
             Ok(())
         } else {

@@ -221,6 +221,8 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         control_socket = %settings.control_socket.display(),
         listen = %display_addr(settings.listen),
         metrics_listen = %display_addr(settings.metrics_listen),
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        answer_poll_us = settings.answer_poll_us,
         "ready"
     );
 

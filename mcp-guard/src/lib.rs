@@ -6,6 +6,7 @@
 //! server processes), `control` (the local socket other fronts use to place their children),
 //! `metrics`, `learn` (least-privilege policy suggestion from audit logs), and `daemon`
 //! (wiring, signals, reload).
+pub mod answer_polling;
 pub mod audit;
 pub mod cli;
 pub mod control;

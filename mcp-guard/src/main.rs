@@ -45,7 +45,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 delegated_cgroup: args.delegated_cgroup,
                 service,
             };
-            runtime()?.block_on(daemon::run(options))?;
+            daemon_runtime(&options.policy_path)?.block_on(daemon::run(options))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Egress(EgressCommand::Exec(args)) => runtime()?.block_on(exec(args)),
@@ -107,6 +107,23 @@ fn dispatch(command: Command) -> Result<ExitCode> {
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The daemon's runtime, with the policy's `daemon.worker_threads`. A policy that does not
+/// load here is reported on when the daemon loads it, right after.
+fn daemon_runtime(policy: &std::path::Path) -> Result<tokio::runtime::Runtime> {
+    let workers = Policy::load(policy)
+        .ok()
+        .and_then(|loaded| loaded.policy.daemon.worker_threads)
+        .filter(|workers| *workers > 0);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder
         .enable_all()
         .build()
         .context("starting the async runtime")
@@ -182,7 +199,9 @@ async fn stdio_front(args: StdioArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| policy.daemon.control_socket.clone());
     let (placement, recorder) = if socket.exists() {
-        let recorder = Recorder::daemon(control::AuditClient::connect(&socket).await?);
+        let recorder = Recorder::daemon(
+            control::AuditClient::connect(&socket, policy.daemon.answer_poll()).await?,
+        );
         (Placement::Remote(socket), recorder)
     } else {
         eprintln!(

@@ -65,7 +65,8 @@
 //! the disk, is durable by default), `--durable-before forward|answer|interval` (the policy's
 //! `audit.durable_before`, with `interval` at the default 10 ms; left out of the policy unless
 //! given, so an older `--guard` runs),
-//! `--halt-poll-ns N`, `--json`. Binaries: `--guard PATH` and `--fast-server
+//! `--halt-poll-ns N`, `--worker-threads N` and `--answer-poll-us N` (the policy's
+//! `daemon.worker_threads` and `daemon.answer_poll_us`, left out unless given), `--json`. Binaries: `--guard PATH` and `--fast-server
 //! PATH` (default: next to this one), `--peers DIR` (default `$MCP_GUARD_PEERS_DIR` or
 //! `target/mcp-peers`).
 
@@ -107,6 +108,9 @@ struct Options {
     audit_fsync: bool,
     durable_before: Option<String>,
     halt_poll_ns: Option<u64>,
+    /// `daemon.worker_threads` and `daemon.answer_poll_us`, left out of the policy unless given.
+    worker_threads: Option<usize>,
+    answer_poll_us: Option<u32>,
     json: bool,
     guard: PathBuf,
     fast_server: PathBuf,
@@ -131,6 +135,8 @@ fn parse_options() -> Result<Options, String> {
         audit_fsync: true,
         durable_before: None,
         halt_poll_ns: None,
+        worker_threads: None,
+        answer_poll_us: None,
         json: false,
         guard: here.join("mcp-guard"),
         fast_server: here.join("mcp-fast-server"),
@@ -161,6 +167,8 @@ fn parse_options() -> Result<Options, String> {
                 options.durable_before = Some(when);
             }
             "--halt-poll-ns" => options.halt_poll_ns = Some(parse(&value()?)?),
+            "--worker-threads" => options.worker_threads = Some(parse(&value()?)?),
+            "--answer-poll-us" => options.answer_poll_us = Some(parse(&value()?)?),
             "--json" => options.json = true,
             "--guard" => options.guard = PathBuf::from(value()?),
             "--fast-server" => options.fast_server = PathBuf::from(value()?),
@@ -348,6 +356,8 @@ struct Host {
     daemon_log: Option<String>,
     audit_fsync: bool,
     durable_before: Option<String>,
+    worker_threads: Option<usize>,
+    answer_poll_us: Option<u32>,
     http_server: Option<std::process::Child>,
     daemon: Option<std::process::Child>,
 }
@@ -501,16 +511,23 @@ fn policy(host: &Host) -> Value {
     if let Some(when) = &host.durable_before {
         audit["durable_before"] = json!(when);
     }
+    let mut daemon = json!({
+        "listen": format!("127.0.0.1:{}", host.guard_port),
+        "metrics_listen": host.metrics_addr,
+        "principal": PRINCIPAL,
+        "control_socket": host.control_socket,
+        "bpffs": host.bpffs,
+        "cgroup_root": host.cgroup_root,
+    });
+    if let Some(workers) = host.worker_threads {
+        daemon["worker_threads"] = json!(workers);
+    }
+    if let Some(micros) = host.answer_poll_us {
+        daemon["answer_poll_us"] = json!(micros);
+    }
     json!({
         "version": 1,
-        "daemon": {
-            "listen": format!("127.0.0.1:{}", host.guard_port),
-            "metrics_listen": host.metrics_addr,
-            "principal": PRINCIPAL,
-            "control_socket": host.control_socket,
-            "bpffs": host.bpffs,
-            "cgroup_root": host.cgroup_root,
-        },
+        "daemon": daemon,
         "principals": {PRINCIPAL: {"roles": ["bench"]}},
         "servers": servers,
         "audit": audit,
@@ -555,6 +572,8 @@ fn start_host(options: &Options) -> Result<Host, String> {
         daemon_log: options.daemon_log.clone(),
         audit_fsync: options.audit_fsync,
         durable_before: options.durable_before.clone(),
+        worker_threads: options.worker_threads,
+        answer_poll_us: options.answer_poll_us,
         http_server: None,
         daemon: None,
         dir,
@@ -1620,6 +1639,8 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], probes
                 "daemon_log": options.daemon_log,
                 "audit_fsync": options.audit_fsync,
                 "audit_durable_before": options.durable_before,
+                "daemon_worker_threads": options.worker_threads,
+                "daemon_answer_poll_us": options.answer_poll_us,
                 "workspace_at_run": source_revision(),
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             },
@@ -1756,6 +1777,16 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], probes
             None => String::new(),
         }
     );
+    if options.worker_threads.is_some() || options.answer_poll_us.is_some() {
+        let _ = writeln!(
+            out,
+            "daemon: worker_threads {}, answer_poll_us {}",
+            options
+                .worker_threads
+                .map_or("default".to_owned(), |n| n.to_string()),
+            options.answer_poll_us.unwrap_or(0)
+        );
+    }
     let _ = writeln!(
         out,
         "\n* over a target. Paths:\n{}",

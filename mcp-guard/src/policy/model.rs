@@ -442,6 +442,35 @@ pub struct DaemonSettings {
     /// comes back gets 404 and initialises again, as Streamable HTTP prescribes. 0 never ends
     /// idle sessions. Default 3600.
     pub session_idle_timeout_seconds: u64,
+
+    /// Threads that run the daemon's work (tokio workers), read when the daemon starts.
+    /// Absent: one per CPU (or `TOKIO_WORKER_THREADS` from the environment). One suits a
+    /// small host shared with the servers it guards, and lets `answer_poll_us` work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub worker_threads: Option<usize>,
+
+    /// How long, in microseconds, a call may poll for its server's answer (and the stdio
+    /// front for the daemon's acknowledgement of a record) before its thread sleeps. On a
+    /// virtual machine whose idle CPUs halt at once, each sleep costs a wake-up through the
+    /// hypervisor; polling spares it for answers that come within this time, and costs that
+    /// much CPU at most per call. Servers whose answers usually take longer are not polled
+    /// for. Takes effect with one worker thread: in the stdio front, and in the daemon with
+    /// `worker_threads` 1. 0 (the default) never polls; at most 10000.
+    #[serde(skip_serializing_if = "is_zero")]
+    #[schemars(range(max = 10000))]
+    pub answer_poll_us: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+impl DaemonSettings {
+    /// `answer_poll_us` as a duration.
+    pub fn answer_poll(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.answer_poll_us.into())
+    }
 }
 
 impl Default for DaemonSettings {
@@ -460,6 +489,8 @@ impl Default for DaemonSettings {
             dns_max_ttl_seconds: 300,
             shutdown_grace_seconds: 10,
             session_idle_timeout_seconds: 3600,
+            worker_threads: None,
+            answer_poll_us: 0,
         }
     }
 }

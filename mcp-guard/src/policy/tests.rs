@@ -1266,6 +1266,42 @@ fn a_flush_interval_without_durable_before_interval_is_a_warning() {
 }
 
 #[test]
+fn answer_polling_on_one_worker_loads() {
+    let mut policy = valid();
+    policy["daemon"]["worker_threads"] = json!(1);
+    policy["daemon"]["answer_poll_us"] = json!(200);
+    let loaded = load_value(policy).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert_eq!(loaded.policy.daemon.worker_threads, Some(1));
+    assert_eq!(
+        loaded.policy.daemon.answer_poll(),
+        std::time::Duration::from_micros(200)
+    );
+}
+
+#[test]
+fn answer_polling_out_of_range_and_zero_workers_are_errors_with_their_paths() {
+    let mut policy = valid();
+    policy["daemon"]["answer_poll_us"] = json!(10_001);
+    let error = load_value(policy).unwrap_err().to_string();
+    assert!(error.contains("daemon.answer_poll_us"), "{error}");
+    assert!(error.contains("0 to 10000 microseconds"), "{error}");
+    let mut policy = valid();
+    policy["daemon"]["worker_threads"] = json!(0);
+    let error = load_value(policy).unwrap_err().to_string();
+    assert!(error.contains("daemon.worker_threads"), "{error}");
+}
+
+#[test]
+fn answer_polling_with_several_workers_is_a_warning() {
+    let mut policy = valid();
+    policy["daemon"]["answer_poll_us"] = json!(200);
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "daemon.answer_poll_us");
+    assert!(warning.message.contains("worker_threads 1"), "{warning}");
+}
+
+#[test]
 fn a_tiny_rotation_size_is_a_warning() {
     let mut policy = valid();
     policy["audit"] = json!({ "rotate_bytes": 4096 });
@@ -1351,6 +1387,8 @@ fn the_schema_describes_principals_and_rules() {
         "max_message_bytes",
         "max_batch_size",
         "max_json_depth",
+        "worker_threads",
+        "answer_poll_us",
     ] {
         assert!(daemon[field]["description"].is_string(), "{field}");
     }

@@ -64,10 +64,38 @@ fn check_daemon(daemon: &DaemonSettings, principals: &Principals, problems: &mut
         check_absolute("daemon.cgroup_root", cgroup_root, problems);
     }
     check_dns_ttls(daemon, problems);
+    check_answer_polling(daemon, problems);
     if daemon.listen.is_some() && daemon.listen == daemon.metrics_listen {
         problems.push(Problem::error(
             "daemon.metrics_listen",
             "is the same address as daemon.listen: the metrics endpoint needs its own",
+        ));
+    }
+}
+
+/// Past this, polling would burn a CPU for a whole tool call rather than spare a wake-up.
+const MAX_ANSWER_POLL_US: u32 = 10_000;
+
+fn check_answer_polling(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
+    if daemon.worker_threads == Some(0) {
+        problems.push(Problem::error(
+            "daemon.worker_threads",
+            "must be at least 1",
+        ));
+    }
+    if daemon.answer_poll_us > MAX_ANSWER_POLL_US {
+        problems.push(Problem::error(
+            "daemon.answer_poll_us",
+            format!(
+                "is {}: must be 0 to {MAX_ANSWER_POLL_US} microseconds",
+                daemon.answer_poll_us
+            ),
+        ));
+    } else if daemon.answer_poll_us > 0 && daemon.worker_threads != Some(1) {
+        problems.push(Problem::warning(
+            "daemon.answer_poll_us",
+            "takes effect in the daemon only with daemon.worker_threads 1 (stdio fronts poll \
+             either way)",
         ));
     }
 }

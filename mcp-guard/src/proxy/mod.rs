@@ -234,23 +234,21 @@ impl Proxy {
             (None, None) => return Err(ProxyError::NotSpawnable(server.to_owned())),
         };
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-        let request_timeout = server_policy.request_timeout();
-        if let (Isolation::Shared, session::Target::Command(program)) =
-            (server_policy.isolation, &target)
+        let launch = session::Launch {
+            target,
+            request_timeout: server_policy.request_timeout(),
+            answer_poll: model.daemon.answer_poll(),
+        };
+        if let (Isolation::Shared, session::Target::Command(_)) =
+            (server_policy.isolation, &launch.target)
         {
-            let shared = self
-                .shared_server(server, *program, request_timeout)
-                .await?;
+            let shared = self.shared_server(server, launch).await?;
             let session = shared.join(server, id.clone(), caller);
             self.sessions.lock().await.insert(id, session.clone());
             self.metrics.active_sessions.inc();
             self.recorder.session_event(&session, "start").await;
             return Ok(session);
         }
-        let launch = session::Launch {
-            target,
-            request_timeout,
-        };
         let session =
             session::start(self, server, id.clone(), caller, launch, &self.placement).await?;
         self.sessions.lock().await.insert(id, session.clone());
@@ -262,17 +260,12 @@ impl Proxy {
     async fn shared_server(
         self: &Arc<Self>,
         server: &str,
-        program: session::Program<'_>,
-        request_timeout: std::time::Duration,
+        launch: session::Launch<'_>,
     ) -> Result<Arc<session::SharedServer>, ProxyError> {
         let mut shared = self.shared.lock().await;
         if let Some(existing) = shared.get(server) {
             return Ok(existing.clone());
         }
-        let launch = session::Launch {
-            target: session::Target::Command(program),
-            request_timeout,
-        };
         let started = session::SharedServer::start(self, server, launch, &self.placement).await?;
         shared.insert(server.to_owned(), started.clone());
         Ok(started)

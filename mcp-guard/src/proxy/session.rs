@@ -318,7 +318,7 @@ pub(super) async fn start(
     placement: &Placement,
 ) -> Result<Arc<AgentSession>, ProxyError> {
     let label: Arc<str> = Arc::from(format!("{server}/{id}"));
-    let request_timeout = launch.request_timeout;
+    let (request_timeout, answer_poll) = (launch.request_timeout, launch.answer_poll);
     let (upstream, server_messages, placed) = match launch.target {
         Target::Url { url, tls_ca_file } => {
             let (upstream, server_messages) = upstream::http::connect(url, tls_ca_file, label)?;
@@ -333,7 +333,9 @@ pub(super) async fn start(
             spawn_placed(placement, server, &id, program, identity_env, label).await?
         }
     };
-    let upstream = upstream.with_request_timeout(request_timeout);
+    let upstream = upstream
+        .with_request_timeout(request_timeout)
+        .with_answer_polling(answer_poll);
     Ok(assemble(
         proxy,
         server,
@@ -374,7 +376,9 @@ impl SharedServer {
         let label = Arc::from(format!("{server}/shared"));
         let (upstream, server_messages, placed) =
             spawn_placed(placement, server, "shared", program, identity_env, label).await?;
-        let upstream = upstream.with_request_timeout(launch.request_timeout);
+        let upstream = upstream
+            .with_request_timeout(launch.request_timeout)
+            .with_answer_polling(launch.answer_poll);
         let shared = Arc::new(SharedServer {
             upstream: Arc::new(upstream),
             _cgroup: placed,
@@ -474,11 +478,12 @@ async fn fan_out_until_the_server_ends(
     }
 }
 
-/// What a session talks to: a stdio command mcp-guard spawns, or a Streamable HTTP URL.
-/// How a session's server is reached, and how long each request to it may take.
+/// How a session's server is reached, how long each request to it may take, and how long
+/// a call polls for its answer before sleeping (`daemon.answer_poll_us`).
 pub struct Launch<'a> {
     pub target: Target<'a>,
     pub request_timeout: std::time::Duration,
+    pub answer_poll: std::time::Duration,
 }
 
 /// A stdio server's program: what runs, with which environment, as whom.

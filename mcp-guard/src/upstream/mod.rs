@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
+use crate::answer_polling::AnswerPolling;
 use crate::mcp::jsonrpc::{Id, Message};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,8 @@ pub struct Upstream {
     process: std::sync::Mutex<Option<stdio::ServerProcess>>,
     /// A hung server must not hold an agent's call (and its audit span) open forever.
     request_timeout: Duration,
+    /// How callers wait for this server's answers.
+    answer_polling: AnswerPolling,
 }
 
 /// How messages reach the server.
@@ -102,12 +105,20 @@ impl Upstream {
             next_id: AtomicI64::new(1),
             process: std::sync::Mutex::new(process),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            answer_polling: AnswerPolling::off(),
         }
     }
 
     /// Sets how long each request waits for its answer.
     pub fn with_request_timeout(mut self, timeout: Duration) -> Upstream {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Lets callers poll for this server's answers for up to `budget` before they sleep (see
+    /// [`AnswerPolling`]).
+    pub fn with_answer_polling(mut self, budget: Duration) -> Upstream {
+        self.answer_polling = AnswerPolling::new(budget);
         self
     }
 
@@ -154,8 +165,9 @@ impl Upstream {
             self.pending.lock().await.remove(&id);
             return Err(error);
         }
-        match tokio::time::timeout(self.request_timeout, receiver).await {
-            Ok(answer) => answer.map_err(|_| UpstreamError::Closed),
+        let answer = self.answer_polling.receive(receiver);
+        match tokio::time::timeout(self.request_timeout, answer).await {
+            Ok(answer) => answer.ok_or(UpstreamError::Closed),
             Err(_) => {
                 self.give_up(id).await;
                 Err(UpstreamError::TimedOut {
