@@ -14,7 +14,9 @@
 //! more, the I/O driver may be held by another worker asleep in `epoll_wait`, which the answer
 //! then wakes anyway.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -51,39 +53,34 @@ impl AnswerPolling {
     }
 
     /// Waits for what `receiver` gets: by polling while the answer is likely to come within
-    /// the budget, then asleep.
-    pub async fn receive<T>(&self, mut receiver: oneshot::Receiver<T>) -> Option<T> {
-        let started = Instant::now();
-        let answer = match self.poll(&mut receiver, started).await {
-            Some(answer) => answer,
-            None => receiver.await.ok(),
-        };
-        self.learn(started.elapsed());
-        answer
+    /// the budget, then asleep. `None`: the sender is gone.
+    pub async fn receive<T>(&self, receiver: oneshot::Receiver<T>) -> Option<T> {
+        self.wait(receiver).await.ok()
     }
 
-    /// `Some` once the answer (or the sender's end) came within the budget; `None` when the
-    /// budget ran out first, or polling does not pay for this peer.
-    async fn poll<T>(
-        &self,
-        receiver: &mut oneshot::Receiver<T>,
-        started: Instant,
-    ) -> Option<Option<T>> {
-        if !self.worth_polling() {
-            return None;
-        }
-        loop {
-            match receiver.try_recv() {
-                Ok(answer) => return Some(Some(answer)),
-                Err(oneshot::error::TryRecvError::Closed) => return Some(None),
-                Err(oneshot::error::TryRecvError::Empty) if started.elapsed() < self.budget => {
-                    // Lets the runtime poll its I/O driver without blocking, and run what
-                    // became ready (the task that reads the answer) before coming back here.
-                    tokio::task::yield_now().await
+    /// Runs `future` to its end, polling it while its end is likely to come within the
+    /// budget, then asleep until it is woken.
+    pub async fn wait<F: Future>(&self, future: F) -> F::Output {
+        let started = Instant::now();
+        let mut future = std::pin::pin!(future);
+        if self.worth_polling() {
+            loop {
+                let polled = std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx)));
+                if let Poll::Ready(output) = polled.await {
+                    self.learn(started.elapsed());
+                    return output;
                 }
-                Err(oneshot::error::TryRecvError::Empty) => return None,
+                if started.elapsed() >= self.budget {
+                    break;
+                }
+                // Lets the runtime poll its I/O driver without blocking, and run what became
+                // ready (the task that reads the answer) before coming back here.
+                tokio::task::yield_now().await;
             }
         }
+        let output = future.await;
+        self.learn(started.elapsed());
+        output
     }
 
     fn worth_polling(&self) -> bool {

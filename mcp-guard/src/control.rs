@@ -179,11 +179,28 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     let opened: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let calls = Arc::new(CallsInFlight::default());
+    // While one of the client's calls is in flight, its outcome record is due as soon as the
+    // server answers: the next line is polled for rather than slept for.
+    let polling = AnswerPolling::new(context.proxy.model().daemon.answer_poll());
     let mut answers = futures_util::stream::FuturesOrdered::new();
     let mut reading = true;
     while reading || !answers.is_empty() {
-        tokio::select! {
-            line = lines.next_line(), if reading => match line? {
+        let next = async {
+            tokio::select! {
+                line = lines.next_line(), if reading => ClientEvent::Line(line),
+                Some(response) = futures_util::StreamExt::next(&mut answers) => {
+                    ClientEvent::Answered(response)
+                }
+            }
+        };
+        let event = if calls.any() {
+            polling.wait(next).await
+        } else {
+            next.await
+        };
+        match event {
+            ClientEvent::Line(line) => match line? {
                 Some(line) => {
                     let request = serde_json::from_str::<Request>(&line);
                     // A flush holds its thread until the disk is done, and the client's other
@@ -195,12 +212,14 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
                             .is_ok_and(|r| may_flush(r, context.audit.settings()));
                     let context = context.clone();
                     let opened = opened.clone();
+                    let calls = calls.clone();
                     let answering = async move {
                         if permitted {
-                            answer(request, &context, &opened).await
+                            answer(request, &context, &opened, &calls).await
                         } else {
                             Response::refused(
-                                "permission denied: only root or the daemon's user may connect".into(),
+                                "permission denied: only root or the daemon's user may connect"
+                                    .into(),
                             )
                         }
                     };
@@ -213,7 +232,7 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
                 }
                 None => reading = false,
             },
-            Some(response) = futures_util::StreamExt::next(&mut answers) => {
+            ClientEvent::Answered(response) => {
                 let mut text = serde_json::to_string(&response)?;
                 text.push('\n');
                 write.write_all(text.as_bytes()).await?;
@@ -232,6 +251,34 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
 }
 
 type Answering = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+
+/// What a client's connection brings next: a request, or the answer to an earlier one.
+enum ClientEvent {
+    Line(std::io::Result<Option<String>>),
+    Answered(Response),
+}
+
+/// Calls of one client whose decision is on record and whose end is not yet known.
+#[derive(Default)]
+struct CallsInFlight(std::sync::atomic::AtomicUsize);
+
+impl CallsInFlight {
+    fn started(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn ended(&self) {
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |calls| calls.checked_sub(1),
+        );
+    }
+
+    fn any(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+}
 
 async fn in_a_task(
     answering: impl std::future::Future<Output = Response> + Send + 'static,
@@ -270,6 +317,7 @@ async fn answer(
     request: Result<Request, serde_json::Error>,
     context: &ControlContext,
     opened: &std::sync::Mutex<Vec<u64>>,
+    calls: &CallsInFlight,
 ) -> Response {
     match request {
         Ok(Request::OpenSession { server, session }) => {
@@ -303,6 +351,7 @@ async fn answer(
             // is not on record does not start.
             let span = match span {
                 Some(span) if span.ended_ns.is_some() => {
+                    calls.ended();
                     noted(span);
                     None
                 }
@@ -318,6 +367,7 @@ async fn answer(
             match appended {
                 Ok(_) => {
                     if let Some(span) = span {
+                        calls.started();
                         noted(span);
                     }
                     Response::accepted()
@@ -326,6 +376,9 @@ async fn answer(
             }
         }
         Ok(Request::CallSpan { session, span }) => {
+            if span.ended_ns.is_some() {
+                calls.ended();
+            }
             context.proxy.note_external_span(&session, span);
             Response::accepted()
         }
@@ -468,7 +521,7 @@ async fn route_answers(
 
 #[cfg(test)]
 mod tests {
-    use super::{Request, may_flush};
+    use super::{CallsInFlight, Request, may_flush};
     use crate::audit::{AuditRecord, RecordKind};
     use crate::policy::{AuditSettings, DurableBefore};
     use crate::proxy::CallSpan;
@@ -488,6 +541,19 @@ mod tests {
     }
 
     /// Only a request that may flush gets a task of its own (a flush holds its thread).
+    #[test]
+    fn calls_in_flight_count_starts_and_ends_and_never_go_below_none() {
+        let calls = CallsInFlight::default();
+        assert!(!calls.any());
+        calls.ended();
+        calls.started();
+        calls.started();
+        calls.ended();
+        assert!(calls.any());
+        calls.ended();
+        assert!(!calls.any());
+    }
+
     #[test]
     fn only_appends_that_flush_are_answered_in_a_task() {
         let decision = record(Some(None));
