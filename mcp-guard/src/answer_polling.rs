@@ -73,6 +73,10 @@ impl AnswerPolling {
                 if started.elapsed() >= self.budget {
                     break;
                 }
+                // Gives this CPU to any other thread that is ready to run on it (the server
+                // or the peer this call waits for may be one): a poller must not stand in
+                // the way of what it waits for.
+                std::thread::yield_now();
                 // Lets the runtime poll its I/O driver without blocking, and run what became
                 // ready (the task that reads the answer) before coming back here.
                 tokio::task::yield_now().await;
