@@ -1,6 +1,7 @@
 //! Streamable HTTP servers: each message mcp-guard sends is a POST to the server's URL; what
 //! comes back (a JSON message or batch, or an SSE stream of messages) feeds the same router
-//! as a stdio server's output. The server's `Mcp-Session-Id` and negotiated protocol version
+//! as a stdio server's output. A response that nothing of its stream preceded is handed to its
+//! waiting caller by the task that read it, with no hand-off to the router's task. The server's `Mcp-Session-Id` and negotiated protocol version
 //! are kept per agent session and sent on every later POST.
 //!
 //! A POST's event stream that ends before the answer is resumed when the server gave its
@@ -18,8 +19,10 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, RwLock, mpsc, watch};
 
 use super::{
-    Outbound, Pending, ServerMessages, Upstream, UpstreamError, route_server_output, upstream_error,
+    Outbound, Pending, ServerMessages, Upstream, UpstreamError, answer_caller, route_server_output,
+    upstream_error,
 };
+use crate::mcp::jsonrpc::Message;
 
 /// A client for one session's server: TLS with the `ring` provider, installed once for the
 /// process (reqwest asks for a process default when built without its own).
@@ -329,7 +332,7 @@ async fn post(connection: &Connection, message: Value) {
         match response.bytes().await {
             Ok(body) => match serde_json::from_slice::<Value>(&body) {
                 Ok(value) => {
-                    deliver(connection, value, is_initialize, None).await;
+                    deliver(connection, value, is_initialize, None, &mut Direct::new()).await;
                 }
                 Err(e) => {
                     fail(
@@ -370,6 +373,7 @@ async fn read_event_stream(
     let is_initialize = awaited.is_some_and(|awaited| awaited.is_initialize);
     let awaited_id = awaited.map(|awaited| awaited.id);
     let mut answered = false;
+    let mut direct = Direct::new();
     decoder.start_stream();
     let mut body = response.bytes_stream();
     while let Some(chunk) = body.next().await {
@@ -377,7 +381,8 @@ async fn read_event_stream(
         for data in decoder.feed(&chunk) {
             match serde_json::from_str::<Value>(&data) {
                 Ok(value) => {
-                    answered |= deliver(connection, value, is_initialize, awaited_id).await;
+                    answered |=
+                        deliver(connection, value, is_initialize, awaited_id, &mut direct).await;
                 }
                 Err(e) => tracing::warn!(server = %connection.label, error = %e,
                     "server sent an SSE event that is not JSON; dropped"),
@@ -560,6 +565,7 @@ async fn deliver(
     value: Value,
     is_initialize: bool,
     awaited_id: Option<&Value>,
+    direct: &mut Direct,
 ) -> bool {
     let messages = match value {
         Value::Array(items) => items,
@@ -576,9 +582,45 @@ async fn deliver(
         {
             connection.session.write().await.protocol_version = Some(version.to_owned());
         }
-        let _ = connection.incoming.send(message).await;
+        connection.route(message, direct).await;
     }
     answered
+}
+
+/// Whether a response may still go straight to its caller: until a stream (a POST's answer,
+/// an event stream) has sent anything through the router, where it could still be queued, a
+/// response of that stream cannot overtake it. (A progress notification must reach the
+/// session before the answer it precedes.)
+struct Direct(bool);
+
+impl Direct {
+    fn new() -> Direct {
+        Direct(true)
+    }
+}
+
+impl Connection {
+    /// Delivers one message of the server: a response straight to its waiting caller where
+    /// `direct` allows, with no hand-off to the router's task; anything else to the router.
+    async fn route(&self, message: Value, direct: &mut Direct) {
+        if direct.0 && is_response(&message) {
+            match crate::mcp::jsonrpc::message_from_value(message) {
+                Ok(Message::Response(response)) => {
+                    answer_caller(&self.pending, response, &self.label).await
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(server = %self.label, error = %e,
+                    "server sent an invalid JSON-RPC message; dropped"),
+            }
+            return;
+        }
+        direct.0 = false;
+        let _ = self.incoming.send(message).await;
+    }
+}
+
+fn is_response(message: &Value) -> bool {
+    message.get("method").is_none() && message.get("id").is_some()
 }
 
 /// Whether `message` is the response to the request with `id`.
@@ -602,7 +644,61 @@ mod tests {
 
     use serde_json::json;
 
-    use super::{SseDecoder, answers};
+    use super::{Connection, Direct, SseDecoder, answers};
+
+    /// A connection to nowhere, with the router's queue and one caller waiting for id 7.
+    fn waiting_connection() -> (
+        Connection,
+        tokio::sync::mpsc::Receiver<serde_json::Value>,
+        tokio::sync::oneshot::Receiver<super::super::Outcome>,
+    ) {
+        let (incoming, queued) = tokio::sync::mpsc::channel(8);
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let pending =
+            std::sync::Arc::new(tokio::sync::Mutex::new([(7, answer)].into_iter().collect()));
+        let connection = Connection {
+            client: super::client_trusting(None).unwrap(),
+            url: reqwest::Url::parse("http://127.0.0.1:9/mcp").unwrap(),
+            session: Default::default(),
+            incoming,
+            pending,
+            label: "test".into(),
+            handshake: Default::default(),
+            listening: Default::default(),
+            stop_listening: tokio::sync::watch::Sender::new(false),
+            server_session_ended: tokio::sync::watch::Sender::new(false),
+        };
+        (connection, queued, answered)
+    }
+
+    #[tokio::test]
+    async fn a_response_that_nothing_preceded_goes_straight_to_its_caller() {
+        let (connection, mut queued, answered) = waiting_connection();
+        let response = json!({"jsonrpc": "2.0", "id": 7, "result": {"ok": true}});
+        connection.route(response, &mut Direct::new()).await;
+        assert_eq!(answered.await.unwrap(), Ok(json!({"ok": true})));
+        assert!(
+            queued.try_recv().is_err(),
+            "nothing goes through the router"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_response_after_a_notification_of_its_stream_follows_it_through_the_router() {
+        let (connection, mut queued, mut answered) = waiting_connection();
+        let mut direct = Direct::new();
+        let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress",
+            "params": {"progressToken": 1, "progress": 1}});
+        let response = json!({"jsonrpc": "2.0", "id": 7, "result": {}});
+        connection.route(progress.clone(), &mut direct).await;
+        connection.route(response.clone(), &mut direct).await;
+        assert_eq!(queued.try_recv().unwrap(), progress);
+        assert_eq!(queued.try_recv().unwrap(), response);
+        assert!(
+            answered.try_recv().is_err(),
+            "the router answers it, after the progress"
+        );
+    }
 
     #[test]
     fn events_end_at_blank_lines_whatever_the_line_endings() {

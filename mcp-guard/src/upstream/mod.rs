@@ -235,6 +235,22 @@ fn upstream_error(problem: &str) -> Value {
         "message": format!("upstream server: {problem}")})
 }
 
+/// Hands a response to the caller waiting for it; one mcp-guard did not send (or gave up on)
+/// is dropped.
+async fn answer_caller(pending: &Pending, response: crate::mcp::jsonrpc::Response, label: &str) {
+    let waiter = match &response.id {
+        Id::Number(n) => pending.lock().await.remove(n),
+        Id::String(_) => None,
+    };
+    match waiter {
+        Some(waiter) => {
+            let _ = waiter.send(response.outcome);
+        }
+        None => tracing::warn!(server = %label, id = %response.id,
+            "server answered a request mcp-guard did not send; dropped"),
+    }
+}
+
 /// Routes what the server sends: responses to their waiting callers, everything else to the
 /// session. Ends (failing every waiting caller) when the server's output ends, or when `ended`
 /// says the server ended the session (an HTTP server that no longer knows its session id).
@@ -283,17 +299,7 @@ impl Router {
     async fn route(&self, value: Value) -> bool {
         match crate::mcp::jsonrpc::message_from_value(value) {
             Ok(Message::Response(response)) => {
-                let waiter = match &response.id {
-                    Id::Number(n) => self.pending.lock().await.remove(n),
-                    Id::String(_) => None,
-                };
-                match waiter {
-                    Some(waiter) => {
-                        let _ = waiter.send(response.outcome);
-                    }
-                    None => tracing::warn!(server = %self.label, id = %response.id,
-                        "server answered a request mcp-guard did not send; dropped"),
-                }
+                answer_caller(&self.pending, response, &self.label).await;
                 true
             }
             Ok(other) => self.to_session.send(other).await.is_ok(),
