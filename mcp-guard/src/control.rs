@@ -9,6 +9,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -260,23 +261,24 @@ enum ClientEvent {
 
 /// Calls of one client whose decision is on record and whose end is not yet known.
 #[derive(Default)]
-struct CallsInFlight(std::sync::atomic::AtomicUsize);
+struct CallsInFlight(AtomicUsize);
 
 impl CallsInFlight {
     fn started(&self) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Never below none: a front may report the end of a call whose start it did not.
     fn ended(&self) {
-        let _ = self.0.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |calls| calls.checked_sub(1),
-        );
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |calls| {
+                calls.checked_sub(1)
+            });
     }
 
     fn any(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed) > 0
+        self.0.load(Ordering::Relaxed) > 0
     }
 }
 
