@@ -15,6 +15,7 @@ use mcp_guard::metrics::Metrics;
 use mcp_guard::policy::{CompiledPolicy, DaemonSettings, Policy, PolicyError};
 use mcp_guard::proxy::record::Recorder;
 use mcp_guard::proxy::{Caller, Placement, Proxy};
+use mcp_guard::transport::stdio::Ending;
 use mcp_guard::{control, logging};
 
 fn main() -> ExitCode {
@@ -76,8 +77,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(stdio_front(args))?;
-            Ok(ExitCode::SUCCESS)
+                .block_on(stdio_front(args))
         }
         Command::Audit(command) => Ok(mcp_guard::audit::command::run(command)),
         Command::Policy(PolicyCommand::Explain { file, format }) => {
@@ -174,7 +174,7 @@ fn check_policy(file: &Path) -> ExitCode {
 }
 
 /// The stdio front: the agent's stdin/stdout, the policy's server behind it.
-async fn stdio_front(args: StdioArgs) -> Result<()> {
+async fn stdio_front(args: StdioArgs) -> Result<ExitCode> {
     let loaded = Policy::load(&args.policy)?;
     for warning in &loaded.warnings {
         eprintln!("mcp-guard: {}: {warning}", args.policy.display());
@@ -227,8 +227,12 @@ async fn stdio_front(args: StdioArgs) -> Result<()> {
         proxy.clone(),
         args.policy.clone(),
     ));
-    mcp_guard::transport::stdio::serve(proxy, session).await?;
-    Ok(())
+    let ending = mcp_guard::transport::stdio::serve(proxy, session).await?;
+    if let Ending::ServerExited(status) = ending {
+        let how = status.map_or_else(|| "with an unknown status".to_owned(), |s| s.to_string());
+        eprintln!("mcp-guard: the server process exited ({how})");
+    }
+    Ok(ExitCode::from(ending.exit_code()))
 }
 
 /// Runs a command as a confined session of a server, with the daemon's help.

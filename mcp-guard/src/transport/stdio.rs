@@ -26,10 +26,22 @@ use crate::mcp::jsonrpc;
 use crate::policy::{CompiledPolicy, Policy};
 use crate::proxy::{AgentSession, ProgressRoute, Proxy};
 
+/// Why the stdio front stopped serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The agent closed stdin.
+    AgentDone,
+    /// The server process exited on its own, with this status where it could be learned.
+    ServerExited(Option<std::process::ExitStatus>),
+}
+
+/// How long the front waits for a server whose output ended to exit, to learn its status.
+const SERVER_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Serves one agent on stdin/stdout until stdin ends, or until the server process exits (its
 /// messages to the agent end; the session ends with it): then, as the server itself would
-/// have, the front answers what is in flight and exits, with an error saying so.
-pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<()> {
+/// have, the front answers what is in flight and stops, saying how the server exited.
+pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<Ending> {
     let stdout = Arc::new(Mutex::new(Output::stdout()));
     let mut forwarder = session.take_outbox().await.map(|mut outbox| {
         let stdout = stdout.clone();
@@ -96,12 +108,32 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<
     if let Some(forwarder) = forwarder {
         forwarder.abort();
     }
+    let ending = if server_exited {
+        Ending::ServerExited(session.upstream().exit_status(SERVER_EXIT_WAIT).await)
+    } else {
+        Ending::AgentDone
+    };
     proxy.end_all_sessions().await;
     drop(session);
-    if server_exited {
-        return Err(io::Error::other("the server process exited"));
+    Ok(ending)
+}
+
+impl Ending {
+    /// The status the front exits with: the server's own when it exited on its own (a
+    /// signal's number plus 128, as a shell reports it; 1 when unknown), so that the agent
+    /// sees what it would have seen without mcp-guard.
+    pub fn exit_code(self) -> u8 {
+        use std::os::unix::process::ExitStatusExt;
+        match self {
+            Ending::AgentDone => 0,
+            Ending::ServerExited(Some(status)) => match (status.code(), status.signal()) {
+                (Some(code), _) => u8::try_from(code).unwrap_or(1),
+                (None, Some(signal)) => u8::try_from(128 + signal).unwrap_or(1),
+                (None, None) => 1,
+            },
+            Ending::ServerExited(None) => 1,
+        }
     }
-    Ok(())
 }
 
 /// Runs `handling` (a request with a progress token) while writing the server's progress
@@ -329,5 +361,26 @@ impl AsyncWrite for Pollable {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    use super::Ending;
+
+    #[test]
+    fn the_front_exits_as_its_server_did() {
+        // wait(2) statuses: an exit code in the second byte, a signal in the first.
+        let exited = |code: i32| Ending::ServerExited(Some(ExitStatus::from_raw(code << 8)));
+        let killed = |signal: i32| Ending::ServerExited(Some(ExitStatus::from_raw(signal)));
+        assert_eq!(Ending::AgentDone.exit_code(), 0);
+        assert_eq!(exited(0).exit_code(), 0);
+        assert_eq!(exited(3).exit_code(), 3);
+        assert_eq!(killed(libc::SIGKILL).exit_code(), 137);
+        assert_eq!(killed(libc::SIGTERM).exit_code(), 143);
+        assert_eq!(Ending::ServerExited(None).exit_code(), 1);
     }
 }

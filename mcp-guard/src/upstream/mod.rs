@@ -132,8 +132,11 @@ impl Upstream {
     }
 
     /// Stops the server process now (its output then ends, which ends everything reading it).
+    /// The process is kept, so that how it exited can still be learned.
     pub fn stop(&self) {
-        drop(self.process.lock().expect("process lock").take());
+        if let Some(process) = self.process.lock().expect("process lock").as_mut() {
+            process.kill();
+        }
     }
 
     /// Sends a request and waits for its outcome.
@@ -217,6 +220,14 @@ impl Upstream {
             Err(error) => json!({"jsonrpc": "2.0", "id": id, "error": error}),
         };
         self.to_server.send(message).await
+    }
+
+    /// How the server process mcp-guard spawned exited (its output has ended), waiting for it
+    /// up to `within`. `None`: no process, or it still runs (it is then stopped: the process
+    /// is given up here).
+    pub async fn exit_status(&self, within: Duration) -> Option<std::process::ExitStatus> {
+        let mut process = self.process.lock().expect("process lock").take()?;
+        process.exit_status(within).await
     }
 
     /// Process id of the server, where mcp-guard spawned it.

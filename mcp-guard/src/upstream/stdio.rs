@@ -42,12 +42,29 @@ impl ServerProcess {
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
+
+    /// Kills the process, if it still runs. How a process that had already exited did so
+    /// stays known.
+    pub fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    /// How the process exited, waiting for it up to `within`; `None` if it still runs.
+    pub async fn exit_status(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .ok()?
+            .ok()
+    }
 }
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         // Closing stdin asks it to stop; this makes sure it does.
-        let _ = self.child.start_kill();
+        self.kill();
     }
 }
 
