@@ -1822,6 +1822,15 @@ fn metrics_count_decisions_and_audit_records() {
         );
         assert_eq!(metric(&scraped, failures, &[]), 0.0, "{failures}");
     }
+    // Records may still be written (and so not yet flushed) while the scrape runs.
+    assert!(
+        scraped
+            .samples
+            .iter()
+            .any(|s| s.metric == "mcp_guard_audit_unflushed_bytes"),
+        "mcp_guard_audit_unflushed_bytes is exported"
+    );
+    assert!(metric(&scraped, "mcp_guard_audit_unflushed_bytes", &[]) >= 0.0);
 
     // Latency histogram: every request's total, every forwarded request's upstream time.
     let all_decisions: f64 = from_metrics.values().sum();

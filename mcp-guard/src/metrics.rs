@@ -140,10 +140,11 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
             Box::new(self.audit.records_written.clone()),
             Box::new(self.audit.failures.clone()),
             Box::new(self.audit.flush_failures.clone()),
+            Box::new(self.audit.unflushed_bytes.clone()),
             Box::new(self.decisions.clone()),
             Box::new(self.request_duration.clone()),
             Box::new(self.active_sessions.clone()),

@@ -584,6 +584,9 @@ async fn durable_before_interval_acknowledges_records_once_written() {
     assert_eq!(lines(&settings.path).len(), 5);
     assert_eq!(log.flushes(), 0);
     assert_eq!(log.records_written(), 5);
+    // Everything written is still to be flushed, and the gauge says how much.
+    let written = std::fs::metadata(&settings.path).unwrap().len();
+    assert_eq!(log.unflushed_bytes(), written as i64);
     drop(log);
     assert_eq!(verify_log(dir.path()).unwrap().records, 5);
 }
@@ -597,6 +600,7 @@ async fn durable_before_interval_flushes_in_the_background_once_per_interval() {
     // Nothing written since: no flush is due, however long the flusher waits.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(log.flushes(), 1);
+    assert_eq!(log.unflushed_bytes(), 0, "all of it was flushed");
     append_calls(&log, 1).await;
     until_flushed(&log, 2).await;
     drop(log);
@@ -620,6 +624,9 @@ async fn durable_before_interval_refuses_appends_after_a_failed_flush_until_one_
     assert!(error.to_string().contains("Input/output error"), "{error}");
     assert!(log.failing());
     assert!(log.flush_failures() >= 1);
+    // What no flush made durable is what the gauge shows.
+    let on_disk = std::fs::metadata(&settings.path).unwrap().len();
+    assert_eq!(log.unflushed_bytes(), on_disk as i64);
     let written = lines(&settings.path).len();
     assert!(log.append(call("refused")).await.is_err());
     assert_eq!(

@@ -63,7 +63,7 @@ use std::time::{Duration, Instant};
 use chrono::{SecondsFormat, Utc};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::oneshot;
 
@@ -85,6 +85,8 @@ pub struct AuditCounters {
     pub failures: IntCounter,
     /// Flushes (`fdatasync`) of the log that failed, the background flusher's included.
     pub flush_failures: IntCounter,
+    /// Bytes written to the log and not yet made durable by a flush (with `fsync` on).
+    pub unflushed_bytes: IntGauge,
 }
 
 impl Default for AuditCounters {
@@ -104,6 +106,11 @@ impl Default for AuditCounters {
             flush_failures: IntCounter::new(
                 "mcp_guard_audit_flush_failures_total",
                 "Flushes (fdatasync) of the audit log that failed",
+            )
+            .expect("a valid metric name"),
+            unflushed_bytes: IntGauge::new(
+                "mcp_guard_audit_unflushed_bytes",
+                "Bytes written to the audit log and not yet flushed (fdatasync)",
             )
             .expect("a valid metric name"),
         }
@@ -172,7 +179,7 @@ impl AuditLog {
         settings: &AuditSettings,
         counters: AuditCounters,
     ) -> Result<AuditLog, AuditError> {
-        let writer = Writer::open(settings.clone())?;
+        let writer = Writer::open(settings.clone(), counters.unflushed_bytes.clone())?;
         let background = (settings.fsync && settings.durable_before == DurableBefore::Interval)
             .then(|| Arc::new(Background::every(settings.flush_interval_ms)));
         let shared = Arc::new(Shared {
@@ -430,6 +437,11 @@ impl AuditLog {
     /// Records durably written since the log was opened (by this process).
     pub fn records_written(&self) -> u64 {
         self.shared.counters.records_written.get()
+    }
+
+    /// Bytes written and not yet flushed, as exported (`mcp_guard_audit_unflushed_bytes`).
+    pub fn unflushed_bytes(&self) -> i64 {
+        self.shared.counters.unflushed_bytes.get()
     }
 
     /// Appends that failed because the log could not be written.
@@ -700,6 +712,8 @@ struct Writer {
     /// documentation).
     durable_len: u64,
     unflushed: Vec<u8>,
+    /// Exports `unflushed.len()`: a flush that falls behind or keeps failing shows there.
+    unflushed_gauge: IntGauge,
     /// A flush failed: the bytes after `durable_len` are to be written again before anything
     /// else is written or flushed.
     rewrite_needed: bool,
@@ -725,7 +739,7 @@ struct FlushTarget {
 const MAX_UNFLUSHED_BYTES: usize = if cfg!(test) { 4096 } else { 64 * 1024 * 1024 };
 
 impl Writer {
-    fn open(settings: AuditSettings) -> Result<Self, AuditError> {
+    fn open(settings: AuditSettings, unflushed_gauge: IntGauge) -> Result<Self, AuditError> {
         let path = settings.path;
         let io_error = |what, path: &Path| {
             let path = path.to_owned();
@@ -795,6 +809,7 @@ impl Writer {
             rotation_flushes: 0,
             durable_len: committed_len,
             unflushed: Vec::new(),
+            unflushed_gauge,
             rewrite_needed: false,
             version: FileVersion::default(),
             path,
@@ -837,6 +852,7 @@ impl Writer {
         self.committed_len += self.buffer.len() as u64;
         if self.fsync {
             self.unflushed.extend_from_slice(&self.buffer);
+            self.export_unflushed();
         }
         self.next_seq = seq;
         self.last_hash = prev;
@@ -923,7 +939,13 @@ impl Writer {
             let newly_durable = (target.len - self.durable_len) as usize;
             self.unflushed.drain(..newly_durable);
             self.durable_len = target.len;
+            self.export_unflushed();
         }
+    }
+
+    fn export_unflushed(&self) {
+        self.unflushed_gauge
+            .set(i64::try_from(self.unflushed.len()).unwrap_or(i64::MAX));
     }
 
     fn write_buffer(&mut self, _shared: &Shared) -> io::Result<()> {
@@ -984,6 +1006,7 @@ impl Writer {
             }
             self.rotation_flushes += 1;
             self.unflushed.clear();
+            self.export_unflushed();
             self.durable_len = self.committed_len;
         }
         let target = loop {
