@@ -2304,6 +2304,11 @@ pub fn stdio_server(command: Vec<String>, rules: Vec<Value>) -> Value {
     json!({"command": command, "egress": [], "rules": rules})
 }
 
+/// A Streamable HTTP MCP server at `http://127.0.0.1:{port}/mcp`.
+pub fn url_server(port: impl std::fmt::Display, rules: Vec<Value>) -> Value {
+    json!({"url": format!("http://127.0.0.1:{port}/mcp"), "rules": rules})
+}
+
 /// `/metrics` of a daemon, parsed by a real Prometheus text-format parser.
 pub fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
     let (status, body) = http_get(addr, "/metrics").expect("GET /metrics");

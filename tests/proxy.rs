@@ -1706,13 +1706,10 @@ fn http_upstream_is_proxied_with_the_same_enforcement() {
         .expect("start mcp-fast-server --http 0");
     let port = announced_port(&mut upstream);
     let servers = json!({
-        "remote": {
-            "url": format!("http://127.0.0.1:{port}/mcp"),
-            "rules": [
-                list_tools_rule(),
-                allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
-            ],
-        },
+        "remote": url_server(&port, vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
     });
     let front = Front::start(env, peers, servers);
     let session = front.open_session("remote", HANDSHAKE);
@@ -1774,13 +1771,10 @@ fn http_upstream_streams_server_messages_and_ends_its_session() {
     );
     let port = port.unwrap();
     let servers = json!({
-        "remote": {
-            "url": format!("http://127.0.0.1:{port}/mcp"),
-            "rules": [
-                list_tools_rule(),
-                allow("logging", json!({"roles": [DEVELOPER], "tools": ["toggle-simulated-logging"]})),
-            ],
-        },
+        "remote": url_server(&port, vec![
+            list_tools_rule(),
+            allow("logging", json!({"roles": [DEVELOPER], "tools": ["toggle-simulated-logging"]})),
+        ]),
     });
     let front = Front::start(env, peers, servers);
     let session = front.open_session("remote", HANDSHAKE);
@@ -2026,13 +2020,10 @@ fn a_call_whose_event_stream_the_server_closes_is_resumed() {
     let command = peers.polling_http(&["--resume-log", resumed.to_str().unwrap()]);
     let (mut upstream, port) = start_announcing(&command);
     let servers = json!({
-        "polling": {
-            "url": format!("http://127.0.0.1:{port}/mcp"),
-            "rules": [
-                list_tools_rule(),
-                allow("slow", json!({"roles": [DEVELOPER], "tools": ["slow_echo"]})),
-            ],
-        },
+        "polling": url_server(&port, vec![
+            list_tools_rule(),
+            allow("slow", json!({"roles": [DEVELOPER], "tools": ["slow_echo"]})),
+        ]),
     });
     let front = Front::start(env, peers, servers);
     let run = front.client(
@@ -2235,13 +2226,10 @@ fn a_url_server_that_forgets_its_session_ends_the_agents_session() {
     let peers = Peers::require();
     let (mut first, port) = start_time_http(&peers, "0");
     let servers = json!({
-        "time": {
-            "url": format!("http://127.0.0.1:{port}/mcp"),
-            "rules": [
-                list_tools_rule(),
-                allow("time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
-            ],
-        },
+        "time": url_server(&port, vec![
+            list_tools_rule(),
+            allow("time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
+        ]),
     });
     let front = Front::start(env, peers, servers);
     let session = front.open_session("time", HANDSHAKE);

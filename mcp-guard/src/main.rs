@@ -105,28 +105,31 @@ fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
-/// The daemon's runtime, with the policy's `daemon.worker_threads`. A policy that does not
-/// load here is reported on when the daemon loads it, right after.
-fn daemon_runtime(policy: &std::path::Path) -> Result<tokio::runtime::Runtime> {
-    let workers = Policy::load(policy)
-        .ok()
-        .and_then(|loaded| loaded.policy.daemon.worker_threads)
-        .filter(|workers| *workers > 0);
+/// A multi-threaded runtime with `workers` threads; `None`: tokio's default (one per CPU, or
+/// `TOKIO_WORKER_THREADS`).
+fn runtime_with(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = workers {
+    if let Some(workers) = workers.filter(|workers| *workers > 0) {
         builder.worker_threads(workers);
     }
     builder
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    runtime_with(None)
+}
+
+/// The daemon's runtime, with the policy's `daemon.worker_threads`. A policy that does not
+/// load here is reported on when the daemon loads it, right after.
+fn daemon_runtime(policy: &std::path::Path) -> Result<tokio::runtime::Runtime> {
+    runtime_with(
+        Policy::load(policy)
+            .ok()
+            .and_then(|loaded| loaded.policy.daemon.worker_threads),
+    )
 }
 
 fn overrides(paths: &PathArgs, metrics_listen: Option<std::net::SocketAddr>) -> Overrides {

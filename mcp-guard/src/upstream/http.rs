@@ -1,8 +1,9 @@
 //! Streamable HTTP servers: each message mcp-guard sends is a POST to the server's URL; what
 //! comes back (a JSON message or batch, or an SSE stream of messages) feeds the same router
 //! as a stdio server's output. A response that nothing of its stream preceded is handed to its
-//! waiting caller by the task that read it, with no hand-off to the router's task. The server's `Mcp-Session-Id` and negotiated protocol version
-//! are kept per agent session and sent on every later POST.
+//! waiting caller by the task that read it, with no hand-off to the router's task. The
+//! server's `Mcp-Session-Id` and negotiated protocol version are kept per agent session and
+//! sent on every later POST.
 //!
 //! A POST's event stream that ends before the answer is resumed when the server gave its
 //! events ids (2025-11-25 lets a server close it to be polled): a GET with `Last-Event-ID`, after
@@ -19,10 +20,9 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, RwLock, mpsc, watch};
 
 use super::{
-    Outbound, Pending, ServerMessages, Upstream, UpstreamError, answer_caller, route_server_output,
-    upstream_error,
+    Outbound, Pending, ServerMessages, Upstream, UpstreamError, answer_or_pass_on,
+    route_server_output, upstream_error,
 };
-use crate::mcp::jsonrpc::Message;
 
 /// A client for one session's server: TLS with the `ring` provider, installed once for the
 /// process (reqwest asks for a process default when built without its own).
@@ -474,6 +474,21 @@ impl Connection {
         self.server_session_ended.send_replace(true);
     }
 
+    /// Delivers one message of the server: a response straight to its waiting caller where
+    /// `direct` allows, with no hand-off to the router's task; anything else to the router.
+    async fn route(&self, message: Value, direct: &mut Direct) {
+        let message = if direct.0 && is_response(&message) {
+            match answer_or_pass_on(&self.pending, message, &self.label).await {
+                None => return,
+                Some(other) => other.to_value(),
+            }
+        } else {
+            message
+        };
+        direct.0 = false;
+        let _ = self.incoming.send(message).await;
+    }
+
     /// Whether a caller still waits for the answer to request `id`.
     async fn awaits(&self, id: &Value) -> bool {
         match id.as_i64() {
@@ -596,26 +611,6 @@ struct Direct(bool);
 impl Direct {
     fn new() -> Direct {
         Direct(true)
-    }
-}
-
-impl Connection {
-    /// Delivers one message of the server: a response straight to its waiting caller where
-    /// `direct` allows, with no hand-off to the router's task; anything else to the router.
-    async fn route(&self, message: Value, direct: &mut Direct) {
-        if direct.0 && is_response(&message) {
-            match crate::mcp::jsonrpc::message_from_value(message) {
-                Ok(Message::Response(response)) => {
-                    answer_caller(&self.pending, response, &self.label).await
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(server = %self.label, error = %e,
-                    "server sent an invalid JSON-RPC message; dropped"),
-            }
-            return;
-        }
-        direct.0 = false;
-        let _ = self.incoming.send(message).await;
     }
 }
 

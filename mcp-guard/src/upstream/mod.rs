@@ -246,6 +246,22 @@ fn upstream_error(problem: &str) -> Value {
         "message": format!("upstream server: {problem}")})
 }
 
+/// Reads one message of the server: a response is handed to its waiting caller here, and an
+/// invalid message dropped; anything else is returned, for the session.
+async fn answer_or_pass_on(pending: &Pending, value: Value, label: &str) -> Option<Message> {
+    match crate::mcp::jsonrpc::message_from_value(value) {
+        Ok(Message::Response(response)) => {
+            answer_caller(pending, response, label).await;
+            None
+        }
+        Ok(other) => Some(other),
+        Err(e) => {
+            tracing::warn!(server = %label, error = %e, "server sent an invalid JSON-RPC message; dropped");
+            None
+        }
+    }
+}
+
 /// Hands a response to the caller waiting for it; one mcp-guard did not send (or gave up on)
 /// is dropped.
 async fn answer_caller(pending: &Pending, response: crate::mcp::jsonrpc::Response, label: &str) {
@@ -308,16 +324,9 @@ struct Router {
 impl Router {
     /// Delivers one message; false once the session is gone.
     async fn route(&self, value: Value) -> bool {
-        match crate::mcp::jsonrpc::message_from_value(value) {
-            Ok(Message::Response(response)) => {
-                answer_caller(&self.pending, response, &self.label).await;
-                true
-            }
-            Ok(other) => self.to_session.send(other).await.is_ok(),
-            Err(e) => {
-                tracing::warn!(server = %self.label, error = %e, "server sent an invalid JSON-RPC message; dropped");
-                true
-            }
+        match answer_or_pass_on(&self.pending, value, &self.label).await {
+            Some(other) => self.to_session.send(other).await.is_ok(),
+            None => true,
         }
     }
 
