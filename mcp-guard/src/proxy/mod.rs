@@ -42,7 +42,8 @@ use crate::mcp::revision;
 use crate::metrics::Metrics;
 use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Isolation, Mode, Policy};
 use crate::upstream::UpstreamError;
-pub use session::{AgentSession, CallSpan, Caller, ProgressRoute, ProgressThenAnswer};
+pub use crate::upstream::progress::{ProgressRoute, ProgressThenAnswer};
+pub use session::{AgentSession, CallSpan, Caller};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

@@ -16,6 +16,7 @@ use crate::control;
 use crate::egress::Egress;
 use crate::identity::CallIdentity;
 use crate::mcp::jsonrpc::{Id, Message};
+use crate::upstream::progress::ProgressRoute;
 use crate::upstream::{self, ServerMessages, Upstream};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -79,71 +80,6 @@ pub struct AgentSession {
     activity: SessionActivity,
     /// Where the agent's `initialize` is: requests sent after it wait for its answer.
     handshake: tokio::sync::watch::Sender<Handshake>,
-    /// Progress tokens of requests whose answer streams on their own POST (HTTP front): the
-    /// server's `notifications/progress` for them goes there, ahead of the answer, instead of
-    /// the outbox.
-    progress_routes: std::sync::Mutex<HashMap<String, mpsc::Sender<Value>>>,
-}
-
-/// A request's own route for its progress notifications; dropping it removes the route.
-pub struct ProgressRoute {
-    session: Weak<AgentSession>,
-    key: String,
-    notifications: mpsc::Receiver<Value>,
-}
-
-impl ProgressRoute {
-    /// The messages for the agent while `answer` (the request's handling) runs: its progress
-    /// notifications as they come, then the answer. Relayed like other server messages, the
-    /// last notification could still be on its way when the answer is ready; it goes first.
-    pub fn ahead_of<F>(self, answer: F) -> ProgressThenAnswer<F> {
-        ProgressThenAnswer {
-            answer: Some(answer),
-            route: self,
-            last: None,
-        }
-    }
-}
-
-/// See [`ProgressRoute::ahead_of`].
-pub struct ProgressThenAnswer<F> {
-    answer: Option<F>,
-    route: ProgressRoute,
-    last: Option<Value>,
-}
-
-impl<F: std::future::Future<Output = Option<Value>> + Unpin> ProgressThenAnswer<F> {
-    /// The next message for the agent, and whether more follow; None once all went (or a
-    /// request without an answer ended).
-    pub async fn next_message(&mut self) -> Option<(Value, bool)> {
-        if let Some(answer) = self.answer.as_mut() {
-            tokio::select! {
-                biased;
-                Some(progress) = self.route.notifications.recv() => return Some((progress, true)),
-                answer = answer => {
-                    self.answer = None;
-                    self.last = answer;
-                }
-            }
-        }
-        if let Ok(progress) = self.route.notifications.try_recv() {
-            return Some((progress, true));
-        }
-        self.last.take().map(|answer| (answer, false))
-    }
-}
-
-impl Drop for ProgressRoute {
-    fn drop(&mut self) {
-        if let Some(session) = self.session.upgrade() {
-            session.progress_routes().remove(&self.key);
-        }
-    }
-}
-
-/// The key of a progress token (a string or a number in JSON).
-fn progress_key(token: &Value) -> String {
-    token.to_string()
 }
 
 /// The server process a session talks to, and what holds it.
@@ -566,7 +502,6 @@ impl AgentSession {
             era: tokio::sync::OnceCell::new(),
             activity: SessionActivity::fresh(),
             handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
-            progress_routes: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -721,40 +656,15 @@ impl AgentSession {
         self.outbox.lock().await.take()
     }
 
-    /// Routes the server's progress notifications for `token` to the returned receiver until
-    /// it is dropped; None when the token is already routed (another request in flight uses
-    /// it: its notifications keep going to the outbox).
-    pub fn route_progress(self: &Arc<Self>, token: &Value) -> Option<ProgressRoute> {
-        let key = progress_key(token);
-        let mut routes = self.progress_routes();
-        if routes.contains_key(&key) {
+    /// Routes the server's progress notifications for `token` to the returned route until
+    /// it is dropped, ahead of the request's answer; None when the token is already routed
+    /// (its notifications keep going to the outbox), and on a shared server, whose progress
+    /// goes to every session's outbox.
+    pub fn route_progress(&self, token: &Value) -> Option<ProgressRoute> {
+        if self.shared.is_some() {
             return None;
         }
-        let (sender, notifications) = mpsc::channel(AGENT_OUTBOX);
-        routes.insert(key.clone(), sender);
-        Some(ProgressRoute {
-            session: Arc::downgrade(self),
-            key,
-            notifications,
-        })
-    }
-
-    fn progress_routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Value>>> {
-        self.progress_routes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Where a server notification goes when a request's own stream carries it.
-    fn progress_route_of(
-        &self,
-        notification: &crate::mcp::jsonrpc::Notification,
-    ) -> Option<mpsc::Sender<Value>> {
-        if notification.method != "notifications/progress" {
-            return None;
-        }
-        let token = notification.params.as_ref()?.get("progressToken")?;
-        self.progress_routes().get(&progress_key(token)).cloned()
+        self.upstream.route_progress(token)
     }
 
     /// Gives the outbox back when its taker goes (a GET stream that closed).
@@ -993,14 +903,7 @@ async fn relay_until_the_server_ends(
                     // The next tools/list or call re-learns, filtered by the policy.
                     session.forget_catalog().await;
                 }
-                let route = session.progress_route_of(&notification);
-                let mut value = Message::Notification(notification).to_value();
-                if let Some(route) = route {
-                    match route.try_send(value) {
-                        Ok(()) => continue,
-                        Err(unsent) => value = unsent.into_inner(),
-                    }
-                }
+                let value = Message::Notification(notification).to_value();
                 // Best effort: never block the server's output on an agent that is not reading.
                 if to_agent.try_send(value).is_err() {
                     tracing::debug!(session = %session.id, "notification for the agent dropped: no open stream");

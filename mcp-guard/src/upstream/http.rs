@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, RwLock, mpsc, watch};
+use tokio::sync::{RwLock, mpsc, watch};
 
 use super::{
-    Outbound, Pending, ServerMessages, Upstream, UpstreamError, answer_or_pass_on,
+    Outbound, Pending, Router, ServerMessages, Upstream, UpstreamError, answer_or_pass_on,
     route_server_output, upstream_error,
 };
 
@@ -102,30 +102,23 @@ pub fn connect(
     let client = client_trusting(tls_ca_file)?;
     let (incoming_sender, incoming) = mpsc::channel::<Value>(256);
     let (session_sender, server_messages) = mpsc::channel(256);
-    let pending = Arc::new(Mutex::new(Default::default()));
+    let router = Router::new(session_sender, label.clone());
     let connection = Arc::new(Connection {
         client,
         url: parsed,
         session: RwLock::new(ServerSession::default()),
         incoming: incoming_sender,
-        pending: Arc::clone(&pending),
-        label: label.clone(),
+        pending: Arc::clone(&router.pending),
+        label,
         handshake: Arc::new(RwLock::new(())),
         listening: AtomicBool::new(false),
         stop_listening: watch::Sender::new(false),
         server_session_ended: watch::Sender::new(false),
     });
-    tokio::spawn(route_server_output(
-        incoming,
-        Arc::clone(&pending),
-        session_sender,
-        label,
-        connection.server_session_ended.subscribe(),
-    ));
-    Ok((
-        Upstream::with_outbound(Outbound::Post(Poster { connection }), pending, None),
-        server_messages,
-    ))
+    let ended = connection.server_session_ended.subscribe();
+    let upstream = Upstream::with_outbound(Outbound::Post(Poster { connection }), &router, None);
+    tokio::spawn(route_server_output(incoming, router, ended));
+    Ok((upstream, server_messages))
 }
 
 /// Sends every outgoing message as its own POST, concurrently (pipelined requests are

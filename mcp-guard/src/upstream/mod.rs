@@ -4,6 +4,7 @@
 //! callers in whatever order the server answers.
 
 pub mod http;
+pub mod progress;
 pub mod stdio;
 
 use std::collections::HashMap;
@@ -62,6 +63,8 @@ pub struct Upstream {
     request_timeout: Duration,
     /// How callers wait for this server's answers.
     answer_polling: AnswerPolling,
+    /// Requests whose progress notifications go to routes of their own.
+    progress: progress::Routes,
 }
 
 /// How messages reach the server.
@@ -96,16 +99,17 @@ pub type ServerMessages = mpsc::Receiver<Message>;
 impl Upstream {
     fn with_outbound(
         to_server: Outbound,
-        pending: Pending,
+        router: &Router,
         process: Option<stdio::ServerProcess>,
     ) -> Upstream {
         Upstream {
             to_server,
-            pending,
+            pending: Arc::clone(&router.pending),
             next_id: AtomicI64::new(1),
             process: std::sync::Mutex::new(process),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             answer_polling: AnswerPolling::off(),
+            progress: router.progress.clone(),
         }
     }
 
@@ -137,6 +141,13 @@ impl Upstream {
         if let Some(process) = self.process.lock().expect("process lock").as_mut() {
             process.kill();
         }
+    }
+
+    /// Routes the server's progress notifications for `token` to the returned route until it
+    /// is dropped; None when the token is already routed (another request in flight uses it:
+    /// its notifications keep going to the session).
+    pub fn route_progress(&self, token: &Value) -> Option<progress::ProgressRoute> {
+        self.progress.open(token)
     }
 
     /// Sends a request and waits for its outcome.
@@ -278,21 +289,14 @@ async fn answer_caller(pending: &Pending, response: crate::mcp::jsonrpc::Respons
     }
 }
 
-/// Routes what the server sends: responses to their waiting callers, everything else to the
-/// session. Ends (failing every waiting caller) when the server's output ends, or when `ended`
-/// says the server ended the session (an HTTP server that no longer knows its session id).
+/// Routes what the server sends (see [`Router`]). Ends (failing every waiting caller) when
+/// the server's output ends, or when `ended` says the server ended the session (an HTTP server
+/// that no longer knows its session id).
 async fn route_server_output(
     mut from_server: mpsc::Receiver<Value>,
-    pending: Pending,
-    to_session: mpsc::Sender<Message>,
-    label: Arc<str>,
+    router: Router,
     mut ended: watch::Receiver<bool>,
 ) {
-    let router = Router {
-        pending,
-        to_session,
-        label,
-    };
     loop {
         let value = tokio::select! {
             // What the server said before it ended the session is routed first.
@@ -313,21 +317,40 @@ async fn route_server_output(
     router.end().await;
 }
 
-/// Where the server's messages go: responses to their waiting callers, everything else to
-/// the session. Used by whatever reads the server's output, with no task in between.
+/// Where the server's messages go: responses to their waiting callers, progress to its
+/// request's route, everything else to the session. Used by whatever reads the server's
+/// output, with no task in between.
 struct Router {
     pending: Pending,
+    progress: progress::Routes,
     to_session: mpsc::Sender<Message>,
     label: Arc<str>,
 }
 
 impl Router {
+    /// A router with no caller waiting yet, passing on to `to_session`.
+    fn new(to_session: mpsc::Sender<Message>, label: Arc<str>) -> Router {
+        Router {
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            progress: progress::Routes::default(),
+            to_session,
+            label,
+        }
+    }
+
     /// Delivers one message; false once the session is gone.
     async fn route(&self, value: Value) -> bool {
-        match answer_or_pass_on(&self.pending, value, &self.label).await {
-            Some(other) => self.to_session.send(other).await.is_ok(),
-            None => true,
-        }
+        let message = match answer_or_pass_on(&self.pending, value, &self.label).await {
+            Some(Message::Notification(notification)) => {
+                match self.progress.deliver(notification) {
+                    Ok(()) => return true,
+                    Err(other) => Message::Notification(other),
+                }
+            }
+            Some(other) => other,
+            None => return true,
+        };
+        self.to_session.send(message).await.is_ok()
     }
 
     /// Answers every waiting caller with an upstream error saying `why`.
@@ -341,5 +364,41 @@ impl Router {
     /// The server's output ended: dropping the waiters tells every caller the server is gone.
     async fn end(&self) {
         self.pending.lock().await.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn progress_reaches_its_route_before_the_answer_that_follows_it_reaches_the_caller() {
+        let (to_session, mut passed_on) = mpsc::channel(8);
+        let router = Router::new(to_session, "test".into());
+        let (answer, mut answered) = oneshot::channel();
+        router.pending.lock().await.insert(7, answer);
+        let route = router.progress.open(&json!("p")).unwrap();
+        let mut messages = route.ahead_of(Box::pin(std::future::pending::<Option<Value>>()));
+        let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress",
+            "params": {"progressToken": "p", "progress": 1}});
+        assert!(router.route(progress.clone()).await);
+        assert!(
+            router
+                .route(json!({"jsonrpc": "2.0", "id": 7, "result": {}}))
+                .await
+        );
+        assert_eq!(answered.try_recv().unwrap(), Ok(json!({})));
+        assert_eq!(
+            messages.next_message().await,
+            Some((progress, true)),
+            "on the route as soon as the answer is"
+        );
+        let other = json!({"jsonrpc": "2.0", "method": "notifications/message",
+            "params": {"level": "info", "data": "x"}});
+        assert!(router.route(other).await);
+        assert!(
+            matches!(passed_on.try_recv(), Ok(Message::Notification(n)) if n.method == "notifications/message"),
+            "other notifications go to the session"
+        );
     }
 }

@@ -101,15 +101,9 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
     let stderr = child.stderr.take().expect("stderr is piped");
 
     let (session_sender, server_messages) = mpsc::channel(256);
-    let pending = Arc::new(Mutex::new(Default::default()));
     let label = launch.label;
     tokio::spawn(log_stderr(stderr, label.clone()));
-    let router = Router {
-        pending: Arc::clone(&pending),
-        to_session: session_sender,
-        label: label.clone(),
-    };
-    tokio::spawn(read_and_route(stdout, router, label));
+    let router = Router::new(session_sender, label.clone());
     let writer = Mutex::new(LineWriter {
         stdin,
         unsent: Vec::new(),
@@ -117,7 +111,8 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
         broken: false,
     });
     let process = Some(ServerProcess { child });
-    let upstream = Upstream::with_outbound(Outbound::Pipe(writer), pending, process);
+    let upstream = Upstream::with_outbound(Outbound::Pipe(writer), &router, process);
+    tokio::spawn(read_and_route(stdout, router, label));
     Ok((upstream, server_messages))
 }
 
