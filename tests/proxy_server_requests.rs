@@ -579,25 +579,81 @@ fn progress_notifications_reach_the_agent() {
         &["--initialize", HANDSHAKE, "--body", &call.to_string()],
     );
     assert_eq!(raw["content_type"], "text/event-stream", "{raw}");
+    let (progress, last) = progress_then_answer(&raw);
+    let step = |i: u64| (json!("p-1"), json!(i), json!(2));
+    assert_eq!(progress, [step(1), step(2)], "{raw}");
+    assert_eq!(last["id"], 2, "the answer comes last: {raw}");
+    assert!(last["result"].is_object(), "{raw}");
+}
+
+/// The progress and the answer a raw POST's SSE stream carried: (token, progress, total) of
+/// each progress notification, then the last message.
+fn progress_then_answer(raw: &Value) -> (Vec<(Value, Value, Value)>, Value) {
     let messages: Vec<&Value> = raw["events"]
         .as_array()
         .unwrap_or_else(|| panic!("no events: {raw}"))
         .iter()
         .map(|event| &event["data"])
         .collect();
-    let progress: Vec<(&Value, &Value)> = messages
+    let progress = messages
         .iter()
         .filter(|m| m["method"] == "notifications/progress")
-        .map(|m| (&m["params"]["progressToken"], &m["params"]["progress"]))
+        .map(|m| {
+            let params = &m["params"];
+            let field = |name: &str| params[name].clone();
+            (field("progressToken"), field("progress"), field("total"))
+        })
         .collect();
-    assert_eq!(
-        progress,
-        [(&json!("p-1"), &json!(1)), (&json!("p-1"), &json!(2))],
-        "{raw}"
+    let last = (*messages
+        .last()
+        .unwrap_or_else(|| panic!("no answer: {raw}")))
+    .clone();
+    (progress, last)
+}
+
+/// Two agents on one shared server process call at the same time with the same progress
+/// token. Each gets the progress about its own call, under its own token, on its own POST,
+/// and none of the other's: mcp-guard sends the server a token of its own per request and
+/// puts the agent's back.
+#[test]
+fn progress_on_a_shared_server_reaches_only_the_call_it_is_about() {
+    let guard = Guard::start(
+        "server-req-shared-progress",
+        &[("everything", vec![])],
+        |_, entry| {
+            entry["isolation"] = json!("shared");
+        },
     );
-    let last = messages.last().expect("an answer");
-    assert_eq!(last["id"], 2, "the answer comes last: {raw}");
-    assert!(last["result"].is_object(), "{raw}");
+    let url = format!("http://{}/servers/everything/mcp", guard.addr);
+    let call = |steps: u64| {
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "trigger-long-running-operation",
+            "arguments": {"duration": 1, "steps": steps},
+            "_meta": {"progressToken": "same"}}})
+        .to_string()
+    };
+    let (two, three) = std::thread::scope(|scope| {
+        let run = |body: String| {
+            let (peers, url) = (&guard.peers, &url);
+            scope.spawn(move || raw_http(peers, url, &["--initialize", HANDSHAKE, "--body", &body]))
+        };
+        let (two, three) = (run(call(2)), run(call(3)));
+        (two.join().unwrap(), three.join().unwrap())
+    });
+    for (raw, steps) in [(two, 2u64), (three, 3)] {
+        let (progress, answer) = progress_then_answer(&raw);
+        let expected: Vec<(Value, Value, Value)> = (1..=steps)
+            .map(|i| (json!("same"), json!(i), json!(steps)))
+            .collect();
+        assert_eq!(progress, expected, "{raw}");
+        assert_eq!(answer["id"], 2, "the answer comes last: {raw}");
+        assert!(
+            answer["result"]["content"][0]["text"]
+                .as_str()
+                .is_some_and(|t| t.ends_with(&format!("Steps: {steps}."))),
+            "{raw}"
+        );
+    }
 }
 
 /// The agent abandons a long-running call (the SDK sends notifications/cancelled naming the

@@ -16,7 +16,7 @@ use crate::control;
 use crate::egress::Egress;
 use crate::identity::CallIdentity;
 use crate::mcp::jsonrpc::{Id, Message};
-use crate::upstream::progress::ProgressRoute;
+use crate::upstream::progress::{ProgressDestination, ProgressRoute, SessionRoutes};
 use crate::upstream::{self, ServerMessages, Upstream};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -80,6 +80,11 @@ pub struct AgentSession {
     activity: SessionActivity,
     /// Where the agent's `initialize` is: requests sent after it wait for its answer.
     handshake: tokio::sync::watch::Sender<Handshake>,
+    /// Routes of requests whose answer streams on its own (an HTTP front's POST, the stdio
+    /// front's writes), for their progress notifications.
+    progress_routes: SessionRoutes,
+    /// Where the server's progress about a request without a route goes: the outbox.
+    to_outbox: mpsc::WeakSender<Value>,
 }
 
 /// The server process a session talks to, and what holds it.
@@ -338,6 +343,7 @@ impl SharedServer {
         caller: Caller,
     ) -> Arc<AgentSession> {
         let (to_agent, outbox) = mpsc::channel(AGENT_OUTBOX);
+        let to_outbox = to_agent.downgrade();
         self.subscribers
             .lock()
             .expect("subscribers lock")
@@ -351,7 +357,7 @@ impl SharedServer {
                 shared: Some(self.clone()),
                 cgroup: None,
             },
-            outbox,
+            (to_outbox, outbox),
         ))
     }
 
@@ -368,7 +374,8 @@ impl SharedServer {
     }
 }
 
-/// Passes what a shared server sends on its own to every session on it. When its output ends
+/// Passes what a shared server sends on its own to every session on it (not its progress,
+/// which reaches the session it is about: see [`crate::upstream::progress`]). When its output ends
 /// while it is in use (its process exited), retires it (see [`Proxy::retire_shared_server`]).
 async fn fan_out_server_messages(
     proxy: Weak<Proxy>,
@@ -458,7 +465,7 @@ fn assemble(
             shared: None,
             cgroup,
         },
-        outbox,
+        (to_agent.downgrade(), outbox),
     ));
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
@@ -485,7 +492,7 @@ impl AgentSession {
         server: &str,
         caller: Caller,
         process: SessionServer,
-        outbox: mpsc::Receiver<Value>,
+        (to_outbox, outbox): (mpsc::WeakSender<Value>, mpsc::Receiver<Value>),
     ) -> Self {
         Self {
             id,
@@ -502,6 +509,8 @@ impl AgentSession {
             era: tokio::sync::OnceCell::new(),
             activity: SessionActivity::fresh(),
             handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
+            progress_routes: SessionRoutes::default(),
+            to_outbox,
         }
     }
 
@@ -588,14 +597,19 @@ impl AgentSession {
         method: &str,
         params: Option<Value>,
     ) -> Result<upstream::Outcome, upstream::UpstreamError> {
+        let progress = ProgressDestination {
+            route: self.progress_routes.route_for(params.as_ref()),
+            outbox: self.to_outbox.clone(),
+        };
+        let remember_id = |upstream_id| {
+            self.upstream_ids
+                .lock()
+                .expect("ids lock")
+                .insert(agent_id.clone(), upstream_id);
+        };
         let outcome = self
             .upstream
-            .call_as(method, params, |upstream_id| {
-                self.upstream_ids
-                    .lock()
-                    .expect("ids lock")
-                    .insert(agent_id.clone(), upstream_id);
-            })
+            .call_as(method, params, remember_id, Some(progress))
             .await;
         self.upstream_ids.lock().expect("ids lock").remove(agent_id);
         outcome
@@ -656,15 +670,12 @@ impl AgentSession {
         self.outbox.lock().await.take()
     }
 
-    /// Routes the server's progress notifications for `token` to the returned route until
-    /// it is dropped, ahead of the request's answer; None when the token is already routed
-    /// (its notifications keep going to the outbox), and on a shared server, whose progress
-    /// goes to every session's outbox.
+    /// Routes the server's progress notifications about this session's request with `token`
+    /// to the returned route until it is dropped, ahead of the request's answer; None when
+    /// the token is already routed (another request in flight uses it: its notifications go
+    /// to the outbox).
     pub fn route_progress(&self, token: &Value) -> Option<ProgressRoute> {
-        if self.shared.is_some() {
-            return None;
-        }
-        self.upstream.route_progress(token)
+        self.progress_routes.open(token)
     }
 
     /// Gives the outbox back when its taker goes (a GET stream that closed).

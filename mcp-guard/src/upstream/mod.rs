@@ -63,8 +63,8 @@ pub struct Upstream {
     request_timeout: Duration,
     /// How callers wait for this server's answers.
     answer_polling: AnswerPolling,
-    /// Requests whose progress notifications go to routes of their own.
-    progress: progress::Routes,
+    /// The requests in flight that asked for progress.
+    progress: progress::InFlight,
 }
 
 /// How messages reach the server.
@@ -143,32 +143,29 @@ impl Upstream {
         }
     }
 
-    /// Routes the server's progress notifications for `token` to the returned route until it
-    /// is dropped; None when the token is already routed (another request in flight uses it:
-    /// its notifications keep going to the session).
-    pub fn route_progress(&self, token: &Value) -> Option<progress::ProgressRoute> {
-        self.progress.open(token)
-    }
-
     /// Sends a request and waits for its outcome.
     pub async fn call(
         &self,
         method: &str,
         params: Option<Value>,
     ) -> Result<Outcome, UpstreamError> {
-        self.call_as(method, params, |_| {}).await
+        self.call_as(method, params, |_| {}, None).await
     }
 
     /// Like `call`; `assigned` learns the id mcp-guard gave the request upstream before the
-    /// answer comes, so a cancellation from the agent can name it.
+    /// answer comes, so a cancellation from the agent can name it. The server's progress
+    /// notifications about it go to `progress`, if it asks for progress.
     pub async fn call_as(
         &self,
         method: &str,
-        params: Option<Value>,
+        mut params: Option<Value>,
         assigned: impl FnOnce(i64),
+        progress: Option<progress::ProgressDestination>,
     ) -> Result<Outcome, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         assigned(id);
+        let _progress_flows =
+            progress.and_then(|to| self.progress.register(id, params.as_mut(), to));
         let (sender, receiver) = oneshot::channel();
         self.pending.lock().await.insert(id, sender);
         let mut message = json!({"jsonrpc": "2.0", "id": id, "method": method});
@@ -318,11 +315,11 @@ async fn route_server_output(
 }
 
 /// Where the server's messages go: responses to their waiting callers, progress to its
-/// request's route, everything else to the session. Used by whatever reads the server's
+/// request (see [`progress`]), everything else to the session. Used by whatever reads the server's
 /// output, with no task in between.
 struct Router {
     pending: Pending,
-    progress: progress::Routes,
+    progress: progress::InFlight,
     to_session: mpsc::Sender<Message>,
     label: Arc<str>,
 }
@@ -332,7 +329,7 @@ impl Router {
     fn new(to_session: mpsc::Sender<Message>, label: Arc<str>) -> Router {
         Router {
             pending: Arc::new(Mutex::new(HashMap::new())),
-            progress: progress::Routes::default(),
+            progress: progress::InFlight::default(),
             to_session,
             label,
         }
@@ -372,27 +369,32 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn progress_reaches_its_route_before_the_answer_that_follows_it_reaches_the_caller() {
+    async fn progress_reaches_its_request_before_the_answer_that_follows_it_reaches_the_caller() {
         let (to_session, mut passed_on) = mpsc::channel(8);
         let router = Router::new(to_session, "test".into());
         let (answer, mut answered) = oneshot::channel();
         router.pending.lock().await.insert(7, answer);
-        let route = router.progress.open(&json!("p")).unwrap();
-        let mut messages = route.ahead_of(Box::pin(std::future::pending::<Option<Value>>()));
+        let (route, mut routed) = mpsc::channel(8);
+        let (outbox, _) = mpsc::channel(8);
+        let mut params = json!({"_meta": {"progressToken": "p"}});
+        let destination = progress::ProgressDestination {
+            route: Some(route),
+            outbox: outbox.downgrade(),
+        };
+        let _flows = router.progress.register(7, Some(&mut params), destination);
         let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress",
-            "params": {"progressToken": "p", "progress": 1}});
-        assert!(router.route(progress.clone()).await);
+            "params": {"progressToken": 7, "progress": 1}});
+        assert!(router.route(progress).await);
         assert!(
             router
                 .route(json!({"jsonrpc": "2.0", "id": 7, "result": {}}))
                 .await
         );
         assert_eq!(answered.try_recv().unwrap(), Ok(json!({})));
-        assert_eq!(
-            messages.next_message().await,
-            Some((progress, true)),
-            "on the route as soon as the answer is"
-        );
+        let delivered = routed
+            .try_recv()
+            .expect("on the route as soon as the answer is");
+        assert_eq!(delivered["params"]["progressToken"], json!("p"));
         let other = json!({"jsonrpc": "2.0", "method": "notifications/message",
             "params": {"level": "info", "data": "x"}});
         assert!(router.route(other).await);

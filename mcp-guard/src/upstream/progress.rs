@@ -1,10 +1,12 @@
-//! A request's own route for the server's progress notifications about it (a request whose
-//! answer streams back on its own, like an HTTP front's POST).
+//! How the server's progress notifications find the request they are about.
 //!
-//! Whatever reads the server's output delivers a progress notification to its route itself,
-//! before it reads on: the answer, which comes after it on the same output, then cannot reach
-//! the caller ahead of it. (Handed to the session's relay like other server messages, the last
-//! notification could still be queued there when the caller already had the answer.)
+//! mcp-guard gives every forwarded request that asks for progress a token of its own (the
+//! request's upstream id): agents choose their tokens, and two sessions on a shared server, or
+//! two requests of one session, may choose the same. Whatever reads the server's output looks
+//! the token up among the requests in flight, puts the agent's own token back, and delivers
+//! the notification to the request's route or its session's outbox itself, before it reads
+//! on: the answer, which comes after it on the same output, then cannot overtake it. Progress
+//! about no request in flight (late, or a token mcp-guard never sent) reaches no agent.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -17,17 +19,125 @@ use crate::mcp::jsonrpc::{Message, Notification};
 /// How many progress notifications wait on one route for the agent to collect them.
 const ROUTE_CAPACITY: usize = 256;
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The key of a progress token (a string or a number in JSON).
+fn token_key(token: &Value) -> String {
+    token.to_string()
+}
+
+/// The progress token of a request's or a notification's params.
+fn token_in(params: Option<&Value>, within_meta: bool) -> Option<&Value> {
+    let params = params?;
+    let holder = if within_meta {
+        params.get("_meta")?
+    } else {
+        params
+    };
+    holder.get("progressToken")
+}
+
+/// Where the progress notifications about one request go.
+#[derive(Clone)]
+pub struct ProgressDestination {
+    /// The request's own route, if it has one (see [`SessionRoutes::open`]).
+    pub route: Option<mpsc::Sender<Value>>,
+    /// Its session's outbox, when it has no route or the route is full. Weak: the outbox
+    /// closes when the session's relay goes, whatever is in flight.
+    pub outbox: mpsc::WeakSender<Value>,
+}
+
+/// A request in flight upstream that asked for progress.
+struct InFlightRequest {
+    /// The token the agent gave.
+    agent_token: Value,
+    to: ProgressDestination,
+}
+
+/// The requests of one server connection that asked for progress, by mcp-guard's token.
+#[derive(Clone, Default)]
+pub(super) struct InFlight(Arc<Mutex<HashMap<i64, InFlightRequest>>>);
+
+impl InFlight {
+    /// Gives request `id`'s progress token (if it has one) the value `id`, and sends its
+    /// progress to `to` until the returned guard is dropped.
+    pub(super) fn register(
+        &self,
+        id: i64,
+        params: Option<&mut Value>,
+        to: ProgressDestination,
+    ) -> Option<InFlightGuard> {
+        let token = params?.get_mut("_meta")?.get_mut("progressToken")?;
+        let agent_token = std::mem::replace(token, Value::from(id));
+        lock(&self.0).insert(id, InFlightRequest { agent_token, to });
+        Some(InFlightGuard {
+            in_flight: self.clone(),
+            id,
+        })
+    }
+
+    /// Delivers a progress notification to its request, under the agent's token; gives
+    /// back any other notification.
+    pub(super) fn deliver(&self, notification: Notification) -> Result<(), Notification> {
+        if notification.method != "notifications/progress" {
+            return Err(notification);
+        }
+        let mut notification = notification;
+        let id = token_in(notification.params.as_ref(), false).and_then(Value::as_i64);
+        let request = id.and_then(|id| {
+            lock(&self.0)
+                .get(&id)
+                .map(|r| (r.agent_token.clone(), r.to.clone()))
+        });
+        let Some((agent_token, to)) = request else {
+            tracing::debug!("progress about no request in flight; dropped");
+            return Ok(());
+        };
+        if let Some(params) = notification.params.as_mut() {
+            params["progressToken"] = agent_token;
+        }
+        let value = Message::Notification(notification).to_value();
+        let unrouted = match &to.route {
+            Some(route) => match route.try_send(value) {
+                Ok(()) => return Ok(()),
+                Err(unsent) => unsent.into_inner(),
+            },
+            None => value,
+        };
+        // Best effort, like every notification: never block the server's output on an agent
+        // that is not reading.
+        if let Some(outbox) = to.outbox.upgrade() {
+            let _ = outbox.try_send(unrouted);
+        }
+        Ok(())
+    }
+}
+
+/// Keeps a request's progress flowing to it; dropped when its call ends.
+pub(super) struct InFlightGuard {
+    in_flight: InFlight,
+    id: i64,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        lock(&self.in_flight.0).remove(&self.id);
+    }
+}
+
 type RouteMap = HashMap<String, mpsc::Sender<Value>>;
 
-/// The routes of one server connection, by progress token.
-#[derive(Clone, Default)]
-pub(super) struct Routes(Arc<Mutex<RouteMap>>);
+/// The routes of one agent session's requests, by the agent's progress token.
+#[derive(Default)]
+pub struct SessionRoutes(Arc<Mutex<RouteMap>>);
 
-impl Routes {
-    /// Routes the notifications for `token` to the returned route until it is dropped; None
-    /// when the token is already routed (another request in flight uses it: its
-    /// notifications keep going to the session).
-    pub(super) fn open(&self, token: &Value) -> Option<ProgressRoute> {
+impl SessionRoutes {
+    /// Routes the progress notifications about the request with `token` to the returned
+    /// route until it is dropped; None when the token is already routed (another request in
+    /// flight uses it: its notifications go to the outbox).
+    pub fn open(&self, token: &Value) -> Option<ProgressRoute> {
         let key = token_key(token);
         let mut routes = lock(&self.0);
         if routes.contains_key(&key) {
@@ -42,34 +152,11 @@ impl Routes {
         })
     }
 
-    /// Delivers `notification` to its request's route; gives it back when it has none (not
-    /// progress, a token nobody routes, or a route that is full).
-    pub(super) fn deliver(&self, notification: Notification) -> Result<(), Notification> {
-        let Some(route) = self.route_of(&notification) else {
-            return Err(notification);
-        };
-        match route.try_send(Message::Notification(notification.clone()).to_value()) {
-            Ok(()) => Ok(()),
-            Err(_) => Err(notification),
-        }
-    }
-
-    fn route_of(&self, notification: &Notification) -> Option<mpsc::Sender<Value>> {
-        if notification.method != "notifications/progress" {
-            return None;
-        }
-        let token = notification.params.as_ref()?.get("progressToken")?;
+    /// The route of the request whose params carry `_meta.progressToken`, if it has one.
+    pub fn route_for(&self, params: Option<&Value>) -> Option<mpsc::Sender<Value>> {
+        let token = token_in(params, true)?;
         lock(&self.0).get(&token_key(token)).cloned()
     }
-}
-
-fn lock(routes: &Mutex<RouteMap>) -> MutexGuard<'_, RouteMap> {
-    routes.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The key of a progress token (a string or a number in JSON).
-fn token_key(token: &Value) -> String {
-    token.to_string()
 }
 
 /// A request's own route for its progress notifications; dropping it removes the route.
@@ -94,7 +181,7 @@ impl ProgressRoute {
 impl Drop for ProgressRoute {
     fn drop(&mut self) {
         if let Some(routes) = self.routes.upgrade() {
-            lock(&routes).remove(&self.key);
+            lock(&*routes).remove(&self.key);
         }
     }
 }
@@ -141,13 +228,23 @@ mod tests {
         }
     }
 
+    fn outbox() -> (mpsc::Sender<Value>, mpsc::Receiver<Value>) {
+        mpsc::channel(8)
+    }
+
     #[tokio::test]
     async fn progress_delivered_before_the_answer_goes_out_ahead_of_it() {
-        let routes = Routes::default();
+        let routes = SessionRoutes::default();
         let route = routes.open(&json!("t")).unwrap();
         let mut messages = route.ahead_of(Box::pin(async { Some(json!({"id": 1})) }));
-        routes.deliver(progress(json!("t"), 1)).unwrap();
-        routes.deliver(progress(json!("t"), 2)).unwrap();
+        let sender = routes
+            .route_for(Some(&json!({"_meta": {"progressToken": "t"}})))
+            .unwrap();
+        for step in [1, 2] {
+            sender
+                .try_send(Message::Notification(progress(json!("t"), step)).to_value())
+                .unwrap();
+        }
         let mut order = Vec::new();
         while let Some((message, more)) = messages.next_message().await {
             order.push((message["params"]["progress"].clone(), more));
@@ -159,35 +256,80 @@ mod tests {
     }
 
     #[test]
-    fn a_notification_without_a_route_is_given_back() {
-        let routes = Routes::default();
-        let _route = routes.open(&json!(7)).unwrap();
+    fn a_token_in_use_is_not_routed_twice_and_a_dropped_route_frees_it() {
+        let routes = SessionRoutes::default();
+        let first = routes.open(&json!(1)).unwrap();
+        assert!(routes.open(&json!(1)).is_none());
+        let params = json!({"_meta": {"progressToken": 1}});
+        assert!(routes.route_for(Some(&params)).is_some());
         assert!(
-            routes.deliver(progress(json!(8), 1)).is_err(),
-            "other token"
-        );
-        assert!(
-            routes.deliver(progress(json!("7"), 1)).is_err(),
+            routes
+                .route_for(Some(&json!({"_meta": {"progressToken": "1"}})))
+                .is_none(),
             "a string is not the number"
         );
-        let list_changed = Notification {
-            method: "notifications/tools/list_changed".into(),
-            params: Some(json!({"progressToken": 7})),
-        };
-        assert!(routes.deliver(list_changed).is_err(), "not progress");
-        assert!(routes.deliver(progress(json!(7), 1)).is_ok());
+        drop(first);
+        assert!(routes.route_for(Some(&params)).is_none());
+        assert!(routes.open(&json!(1)).is_some());
     }
 
     #[test]
-    fn a_token_in_use_is_not_routed_twice_and_a_dropped_route_frees_it() {
-        let routes = Routes::default();
-        let first = routes.open(&json!(1)).unwrap();
-        assert!(routes.open(&json!(1)).is_none());
-        drop(first);
-        assert!(routes.open(&json!(1)).is_some());
-        assert!(
-            routes.deliver(progress(json!(1), 1)).is_err(),
-            "dropped at once"
-        );
+    fn the_server_sees_mcp_guards_token_and_the_agent_gets_its_own_back() {
+        let in_flight = InFlight::default();
+        let (to_agent, mut agent) = outbox();
+        let to = ProgressDestination {
+            route: None,
+            outbox: to_agent.downgrade(),
+        };
+        let mut params = json!({"name": "slow", "_meta": {"progressToken": "agent's"}});
+        let guard = in_flight.register(41, Some(&mut params), to).unwrap();
+        assert_eq!(params["_meta"]["progressToken"], json!(41));
+        assert!(in_flight.deliver(progress(json!(41), 1)).is_ok());
+        let delivered = agent.try_recv().unwrap();
+        assert_eq!(delivered["params"]["progressToken"], json!("agent's"));
+        assert_eq!(delivered["params"]["progress"], json!(1));
+        drop(guard);
+        assert!(in_flight.deliver(progress(json!(41), 2)).is_ok());
+        assert!(agent.try_recv().is_err(), "the call ended: dropped");
+    }
+
+    #[test]
+    fn two_requests_with_the_same_agent_token_each_get_their_own_progress() {
+        let in_flight = InFlight::default();
+        let (to_a, mut a) = outbox();
+        let (to_b, mut b) = outbox();
+        let (route, mut routed) = mpsc::channel(8);
+        let mut params_a = json!({"_meta": {"progressToken": 1}});
+        let mut params_b = json!({"_meta": {"progressToken": 1}});
+        let to = |outbox: &mpsc::Sender<Value>, route| ProgressDestination {
+            route,
+            outbox: outbox.downgrade(),
+        };
+        let _a = in_flight.register(7, Some(&mut params_a), to(&to_a, Some(route)));
+        let _b = in_flight.register(8, Some(&mut params_b), to(&to_b, None));
+        in_flight.deliver(progress(json!(8), 5)).unwrap();
+        in_flight.deliver(progress(json!(7), 6)).unwrap();
+        in_flight.deliver(progress(json!(9), 7)).unwrap();
+        assert_eq!(routed.try_recv().unwrap()["params"]["progress"], json!(6));
+        assert_eq!(b.try_recv().unwrap()["params"]["progress"], json!(5));
+        assert!(a.try_recv().is_err() && b.try_recv().is_err() && routed.try_recv().is_err());
+    }
+
+    #[test]
+    fn requests_without_a_token_and_other_notifications_are_left_alone() {
+        let in_flight = InFlight::default();
+        let (to_agent, _agent) = outbox();
+        let to = ProgressDestination {
+            route: None,
+            outbox: to_agent.downgrade(),
+        };
+        let mut params = json!({"name": "echo"});
+        assert!(in_flight.register(1, Some(&mut params), to).is_none());
+        assert_eq!(params, json!({"name": "echo"}));
+        let list_changed = Notification {
+            method: "notifications/tools/list_changed".into(),
+            params: None,
+        };
+        assert!(in_flight.deliver(list_changed).is_err());
     }
 }
