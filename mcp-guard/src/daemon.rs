@@ -118,8 +118,13 @@ struct Enforcement {
     events: Option<mpsc::Receiver<EgressAttempt>>,
 }
 
-pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
-    let loaded = load_policy(&options.policy_path)?;
+/// The policy the daemon starts with, read once, before its runtime: `daemon.worker_threads`
+/// sizes that runtime, and [`run`] starts on this policy.
+pub fn starting_policy(path: &Path) -> Result<LoadedPolicy, DaemonError> {
+    Ok(load_policy(path)?)
+}
+
+pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), DaemonError> {
     let mut settings = loaded.policy.daemon.clone();
     options.overrides.apply(&mut settings);
     if options.delegated_cgroup && !options.no_egress {

@@ -46,7 +46,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 delegated_cgroup: args.delegated_cgroup,
                 service,
             };
-            daemon_runtime(&options.policy_path)?.block_on(daemon::run(options))?;
+            let loaded = daemon::starting_policy(&options.policy_path)?;
+            runtime_with(loaded.policy.daemon.worker_threads)?
+                .block_on(daemon::run(options, loaded))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Egress(EgressCommand::Exec(args)) => runtime()?.block_on(exec(args)),
@@ -120,16 +122,6 @@ fn runtime_with(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     runtime_with(None)
-}
-
-/// The daemon's runtime, with the policy's `daemon.worker_threads`. A policy that does not
-/// load here is reported on when the daemon loads it, right after.
-fn daemon_runtime(policy: &std::path::Path) -> Result<tokio::runtime::Runtime> {
-    runtime_with(
-        Policy::load(policy)
-            .ok()
-            .and_then(|loaded| loaded.policy.daemon.worker_threads),
-    )
 }
 
 fn overrides(paths: &PathArgs, metrics_listen: Option<std::net::SocketAddr>) -> Overrides {
