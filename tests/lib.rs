@@ -2286,6 +2286,25 @@ pub fn allow(id: &str, conditions: Value) -> Value {
     mcp_rule(id, "allow", "allowed in this test", conditions)
 }
 
+/// Rules for server-everything's resource updates: the developer may turn them on, subscribe
+/// to any URI, and read only `demo://visible/*`.
+pub fn subscribe_any_read_visible_rules() -> Vec<Value> {
+    vec![
+        allow(
+            "toggle",
+            json!({"roles": [DEVELOPER], "tools": ["toggle-subscriber-updates"]}),
+        ),
+        allow(
+            "subscribe",
+            json!({"roles": [DEVELOPER], "methods": ["resources/subscribe"]}),
+        ),
+        allow(
+            "read-visible",
+            json!({"roles": [DEVELOPER], "resources": ["demo://visible/*"]}),
+        ),
+    ]
+}
+
 /// A deny rule (see [`mcp_rule`]).
 pub fn deny(id: &str, conditions: Value) -> Value {
     mcp_rule(id, "deny", "denied in this test", conditions)

@@ -656,6 +656,65 @@ fn progress_on_a_shared_server_reaches_only_the_call_it_is_about() {
     }
 }
 
+/// On a shared server too, a resource the agent may not read does not show through its
+/// updates. The session subscribes to a hidden and a visible URI (the policy lets it subscribe
+/// to any, read only `demo://visible/*`) and turns on server-everything's updates; what its GET
+/// stream then carries holds the visible resource's update and not the hidden one's.
+#[test]
+fn a_shared_servers_resource_updates_reach_only_sessions_that_may_read_them() {
+    let rules = subscribe_any_read_visible_rules();
+    let guard = Guard::start(
+        "server-req-shared-updates",
+        &[("everything", rules)],
+        |_, entry| {
+            entry["isolation"] = json!("shared");
+        },
+    );
+    let url = format!("http://{}/servers/everything/mcp", guard.addr);
+    let request = |id: u64, method: &str, params: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
+    };
+    let subscribe = |id, uri| request(id, "resources/subscribe", json!({"uri": uri}));
+    let opened = raw_http(
+        &guard.peers,
+        &url,
+        &[
+            "--initialize",
+            HANDSHAKE,
+            "--body",
+            &subscribe(2, "demo://hidden/1"),
+        ],
+    );
+    let session = opened["initialize"]["session_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no session: {opened}"))
+        .to_owned();
+    let in_session = |body: &str| {
+        let version = format!("MCP-Protocol-Version: {HANDSHAKE}");
+        let args = ["--session", &session, "--header", &version, "--body", body];
+        let answer = response_message(&raw_http(&guard.peers, &url, &args));
+        assert!(answer["result"].is_object(), "{body}: {answer}");
+    };
+    in_session(&subscribe(3, "demo://visible/1"));
+    let toggle = json!({"name": "toggle-subscriber-updates", "arguments": {}});
+    in_session(&request(4, "tools/call", toggle));
+    // The outbox keeps what came while no GET stream was open; the next updates are 5 s away.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let stream = raw_http(
+        &guard.peers,
+        &url,
+        &["--method", "GET", "--session", &session, "--timeout", "2"],
+    );
+    let updates: Vec<&Value> = stream["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no events: {stream}"))
+        .iter()
+        .filter(|event| event["data"]["method"] == "notifications/resources/updated")
+        .map(|event| &event["data"]["params"]["uri"])
+        .collect();
+    assert_eq!(updates, [&json!("demo://visible/1")], "{stream}");
+}
+
 /// The agent abandons a long-running call (the SDK sends notifications/cancelled naming the
 /// agent's request id). mcp-guard forwards the cancellation under the id it gave the request
 /// upstream, and ends the call then: its outcome is recorded as cancelled, before anything

@@ -25,6 +25,16 @@ fn write_policy(env: &TestEnv, servers: Value) {
     env.write_policy_document(&env.proxy_policy(unused, servers));
 }
 
+/// The policy with server-everything as `everything`, its tools listed and `rules` besides.
+fn write_everything_policy(env: &TestEnv, peers: &Peers, rules: Vec<Value>) {
+    let mut all = vec![list_tools_rule()];
+    all.extend(rules);
+    write_policy(
+        env,
+        json!({"everything": stdio_server(peers.everything(), all)}),
+    );
+}
+
 fn text(result: &Value) -> &str {
     result["content"][0]["text"]
         .as_str()
@@ -148,14 +158,13 @@ fn stdio_front_enforces_the_policy() {
 fn stdio_front_places_the_server_in_a_guarded_cgroup() {
     let env = TestEnv::new("stdio-front-cgroup", PROBE);
     let peers = Peers::require();
-    write_policy(
+    write_everything_policy(
         &env,
-        json!({
-            "everything": stdio_server(peers.everything(), vec![
-                list_tools_rule(),
-                allow("fetch", json!({"roles": [DEVELOPER], "tools": ["gzip-file-as-resource"]})),
-            ]),
-        }),
+        &peers,
+        vec![allow(
+            "fetch",
+            json!({"roles": [DEVELOPER], "tools": ["gzip-file-as-resource"]}),
+        )],
     );
     let daemon = env.start_daemon();
     let undeclared = Listener::tcp(LOCALHOST_V4);
@@ -227,14 +236,13 @@ fn stdio_front_places_the_server_in_a_guarded_cgroup() {
 fn stdio_front_without_a_daemon_still_enforces_the_policy() {
     let env = TestEnv::new("stdio-front-alone", PROBE);
     let peers = Peers::require();
-    write_policy(
+    write_everything_policy(
         &env,
-        json!({
-            "everything": stdio_server(peers.everything(), vec![
-                list_tools_rule(),
-                allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
-            ]),
-        }),
+        &peers,
+        vec![allow(
+            "echo",
+            json!({"roles": [DEVELOPER], "tools": ["echo"]}),
+        )],
     );
     let missing_socket = env.dir().join("no-daemon.sock");
     let command = env.stdio_front("everything", AGENT, &missing_socket);
@@ -565,27 +573,44 @@ impl RawStdio {
     fn responses(&mut self, count: usize, what: &str) -> Vec<Value> {
         let mut out = Vec::new();
         while out.len() < count {
-            match self.lines.recv_timeout(TIMEOUT) {
-                Ok(line) => {
-                    let value: Value = serde_json::from_str(&line)
-                        .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
-                    if value.get("result").is_some() || value.get("error").is_some() {
-                        out.push(value);
-                    }
-                }
-                Err(err) => {
-                    let why = match err {
-                        RecvTimeoutError::Timeout => format!("nothing within {TIMEOUT:?}"),
-                        RecvTimeoutError::Disconnected => "stdout closed".to_string(),
-                    };
-                    panic!(
-                        "waiting for {what}: {why}; got {out:?} so far; {}",
-                        self.state()
-                    );
-                }
+            let value = self.next_message(what, &out);
+            if value.get("result").is_some() || value.get("error").is_some() {
+                out.push(value);
             }
         }
         out
+    }
+
+    /// Every message written up to and including the first that `last` picks.
+    fn messages_until(&mut self, what: &str, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let value = self.next_message(what, &out);
+            let done = last(&value);
+            out.push(value);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// The next line on stdout, as JSON; a panic naming `what` was awaited, and `so_far`,
+    /// when none comes.
+    fn next_message(&mut self, what: &str, so_far: &[Value]) -> Value {
+        match self.lines.recv_timeout(TIMEOUT) {
+            Ok(line) => serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}")),
+            Err(err) => {
+                let why = match err {
+                    RecvTimeoutError::Timeout => format!("nothing within {TIMEOUT:?}"),
+                    RecvTimeoutError::Disconnected => "stdout closed".to_string(),
+                };
+                panic!(
+                    "waiting for {what}: {why}; got {so_far:?} so far; {}",
+                    self.state()
+                );
+            }
+        }
     }
 }
 
@@ -657,6 +682,39 @@ fn stdio_front_exits_when_its_server_exits() {
     );
 }
 
+/// A resource the agent may not read does not show through its updates: the policy lets the
+/// agent subscribe to any URI but read only `demo://visible/*`, and server-everything sends
+/// `notifications/resources/updated` for each URI subscribed to, in the order subscribed. The
+/// hidden URI's update, sent first, never reaches the agent; the visible one's does.
+#[test]
+fn resource_updates_reach_the_agent_only_for_resources_it_may_read() {
+    let env = TestEnv::new("stdio-front-resource-updates", PROBE);
+    let peers = Peers::require();
+    write_everything_policy(&env, &peers, subscribe_any_read_visible_rules());
+    let _daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
+    front.handshake("stdio-resource-updates");
+    for (id, uri) in [(2, "demo://hidden/1"), (3, "demo://visible/1")] {
+        let subscribe = json!({"jsonrpc": "2.0", "id": id, "method": "resources/subscribe",
+            "params": {"uri": uri}});
+        front.send(subscribe.to_string().as_bytes());
+        let answer = front.responses(1, "the subscribe answer").remove(0);
+        assert_eq!(answer["result"], json!({}), "{answer}");
+    }
+    let toggle = json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+        "params": {"name": "toggle-subscriber-updates", "arguments": {}}});
+    front.send(toggle.to_string().as_bytes());
+    let updated_uri = |message: &Value| {
+        (message["method"] == "notifications/resources/updated")
+            .then(|| message["params"]["uri"].clone())
+    };
+    let messages = front.messages_until("the visible resource's update", |message| {
+        updated_uri(message) == Some(json!("demo://visible/1"))
+    });
+    let updates: Vec<Value> = messages.iter().filter_map(updated_uri).collect();
+    assert_eq!(updates, [json!("demo://visible/1")], "{messages:#?}");
+}
+
 /// Bad lines on the stdio front each get a JSON-RPC error, with their own id where it could
 /// be read (wrong `jsonrpc`) and a null id otherwise (invalid JSON, nesting past the limit,
 /// a line over the size limit, invalid UTF-8), and the front keeps serving: the allowed call
@@ -665,14 +723,13 @@ fn stdio_front_exits_when_its_server_exits() {
 fn stdio_front_answers_bad_lines_and_keeps_serving() {
     let env = TestEnv::new("stdio-front-bad-lines", PROBE);
     let peers = Peers::require();
-    write_policy(
+    write_everything_policy(
         &env,
-        json!({
-            "everything": stdio_server(peers.everything(), vec![
-                list_tools_rule(),
-                allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
-            ]),
-        }),
+        &peers,
+        vec![allow(
+            "echo",
+            json!({"roles": [DEVELOPER], "tools": ["echo"]}),
+        )],
     );
     let mut document: Value =
         serde_json::from_str(&std::fs::read_to_string(&env.policy_path).unwrap()).unwrap();

@@ -792,20 +792,32 @@ impl Proxy {
         }
         let policy = self.policy();
         items.retain(|item| {
-            let Some(name) = item.get(*key).and_then(Value::as_str) else {
-                return false;
-            };
-            policy.visible(&DecisionRequest {
-                server: &session.server,
-                principal: &caller.principal,
-                roles: &caller.roles,
-                method: use_method,
-                name: Some(name),
-                arguments: None,
-                context: &caller.context,
-            })
+            item.get(*key)
+                .and_then(Value::as_str)
+                .is_some_and(|name| could_use(&policy, session, caller, use_method, name))
         });
         Ok(())
+    }
+
+    /// Whether the session's agent may see a message its server sent on its own: an update
+    /// of a resource only when the agent could read that resource (as `resources/list` would
+    /// show it to them), so that a resource hidden from them does not show through its updates.
+    pub(super) fn may_see(&self, session: &AgentSession, notification: &Notification) -> bool {
+        if notification.method != "notifications/resources/updated"
+            || self.mode_of(&session.server).lets_everything_through()
+        {
+            return true;
+        }
+        let uri = notification.params.as_ref().and_then(|p| p.get("uri"));
+        uri.and_then(Value::as_str).is_some_and(|uri| {
+            could_use(
+                &self.policy(),
+                session,
+                session.caller(),
+                "resources/read",
+                uri,
+            )
+        })
     }
 
     async fn handle_notification(
@@ -1067,6 +1079,26 @@ pub(crate) enum ToolCheck {
     Unknown,
     Invalid(String),
     Upstream(String),
+}
+
+/// Whether `caller` could use the thing named `name` by `method` (`tools/call`,
+/// `resources/read`, `prompts/get`) on the session's server, as a list shows it to them.
+fn could_use(
+    policy: &CompiledPolicy,
+    session: &AgentSession,
+    caller: &Caller,
+    method: &str,
+    name: &str,
+) -> bool {
+    policy.visible(&DecisionRequest {
+        server: &session.server,
+        principal: &caller.principal,
+        roles: &caller.roles,
+        method,
+        name: Some(name),
+        arguments: None,
+        context: &caller.context,
+    })
 }
 
 /// Rewrites a cancellation's `requestId` from the agent's id to the upstream one, which it

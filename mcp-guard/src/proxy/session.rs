@@ -289,14 +289,14 @@ pub(super) async fn start(
 }
 
 /// A server process that serves every session of its server (`"isolation": "shared"`): one
-/// process, one `initialize` (later sessions get its answer), notifications fanned out to all
-/// sessions. It cannot ask one particular agent anything, so its own requests (sampling,
+/// process, one `initialize` (later sessions get its answer), notifications fanned out to the
+/// sessions that may see them. It cannot ask one particular agent anything, so its own requests (sampling,
 /// elicitation, roots) are refused.
 pub struct SharedServer {
     upstream: Arc<Upstream>,
     _cgroup: Option<PlacedCgroup>,
     initialize: tokio::sync::OnceCell<upstream::Outcome>,
-    subscribers: std::sync::Mutex<Vec<mpsc::Sender<Value>>>,
+    subscribers: std::sync::Mutex<Vec<Subscriber>>,
 }
 
 impl SharedServer {
@@ -343,12 +343,7 @@ impl SharedServer {
         caller: Caller,
     ) -> Arc<AgentSession> {
         let (to_agent, outbox) = mpsc::channel(AGENT_OUTBOX);
-        let to_outbox = to_agent.downgrade();
-        self.subscribers
-            .lock()
-            .expect("subscribers lock")
-            .push(to_agent);
-        Arc::new(AgentSession::fresh(
+        let session = Arc::new(AgentSession::fresh(
             id,
             server,
             caller,
@@ -357,8 +352,16 @@ impl SharedServer {
                 shared: Some(self.clone()),
                 cgroup: None,
             },
-            (to_outbox, outbox),
-        ))
+            (to_agent.downgrade(), outbox),
+        ));
+        self.subscribers
+            .lock()
+            .expect("subscribers lock")
+            .push(Subscriber {
+                session: Arc::downgrade(&session),
+                to_agent,
+            });
+        session
     }
 
     /// The server's answer to the first `initialize`, sent once.
@@ -374,7 +377,13 @@ impl SharedServer {
     }
 }
 
-/// Passes what a shared server sends on its own to every session on it (not its progress,
+/// A session on a shared server, and its outbox.
+struct Subscriber {
+    session: Weak<AgentSession>,
+    to_agent: mpsc::Sender<Value>,
+}
+
+/// Passes what a shared server sends on its own to every session on it that may see it (not its progress,
 /// which reaches the session it is about: see [`crate::upstream::progress`]). When its output ends
 /// while it is in use (its process exited), retires it (see [`Proxy::retire_shared_server`]).
 async fn fan_out_server_messages(
@@ -409,11 +418,17 @@ async fn fan_out_until_the_server_ends(
                 if notification.method == "notifications/tools/list_changed" {
                     proxy.forget_catalogs_of(server).await;
                 }
-                let value = Message::Notification(notification).to_value();
                 let mut subscribers = shared.subscribers.lock().expect("subscribers lock");
-                subscribers.retain(|s| !s.is_closed());
+                subscribers.retain(|s| !s.to_agent.is_closed());
+                let value = Message::Notification(notification.clone()).to_value();
                 for subscriber in subscribers.iter() {
-                    let _ = subscriber.try_send(value.clone());
+                    let may_see = subscriber
+                        .session
+                        .upgrade()
+                        .is_some_and(|session| proxy.may_see(&session, &notification));
+                    if may_see {
+                        let _ = subscriber.to_agent.try_send(value.clone());
+                    }
                 }
             }
             Message::Response(_) => {}
@@ -913,6 +928,9 @@ async fn relay_until_the_server_ends(
                 if notification.method == "notifications/tools/list_changed" {
                     // The next tools/list or call re-learns, filtered by the policy.
                     session.forget_catalog().await;
+                }
+                if !proxy.may_see(&session, &notification) {
+                    continue;
                 }
                 let value = Message::Notification(notification).to_value();
                 // Best effort: never block the server's output on an agent that is not reading.
