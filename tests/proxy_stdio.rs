@@ -715,6 +715,95 @@ fn resource_updates_reach_the_agent_only_for_resources_it_may_read() {
     assert_eq!(updates, [json!("demo://visible/1")], "{messages:#?}");
 }
 
+/// `completion/complete` completes only what the caller could use: with completion allowed,
+/// the visible prompt's and resource template's arguments are completed by the server, while
+/// a hidden prompt or template is answered as unknown (rule `unknown-reference`) and a
+/// completion without a reference is invalid.
+#[test]
+fn completion_reveals_nothing_that_lists_hide() {
+    let env = TestEnv::new("stdio-front-completion", PROBE);
+    let peers = Peers::require();
+    write_everything_policy(
+        &env,
+        &peers,
+        vec![
+            allow(
+                "complete",
+                json!({"roles": [DEVELOPER], "methods": ["completion/complete"]}),
+            ),
+            allow(
+                "prompt",
+                json!({"roles": [DEVELOPER], "prompts": ["completable-prompt"]}),
+            ),
+            allow(
+                "text",
+                json!({"roles": [DEVELOPER],
+                "resources": ["demo://resource/dynamic/text/*"]}),
+            ),
+        ],
+    );
+    let _daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
+    front.handshake("stdio-completion");
+    let mut complete = |id: u64, reference: Value, name: &str, value: &str| {
+        let params = json!({"ref": reference, "argument": {"name": name, "value": value}});
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": "completion/complete",
+            "params": params});
+        front.send(request.to_string().as_bytes());
+        front.responses(1, "the completion answer").remove(0)
+    };
+    let prompt = |name: &str| json!({"type": "ref/prompt", "name": name});
+    let template = |kind: &str| json!({"type": "ref/resource", "uri": format!("demo://resource/dynamic/{kind}/{{resourceId}}")});
+
+    let visible = complete(2, prompt("completable-prompt"), "department", "E");
+    assert_eq!(
+        visible["result"]["completion"]["values"],
+        json!(["Engineering"]),
+        "{visible}"
+    );
+    let visible = complete(3, template("text"), "resourceId", "7");
+    assert_eq!(
+        visible["result"]["completion"]["values"],
+        json!(["7"]),
+        "{visible}"
+    );
+
+    let hidden = complete(4, prompt("args-prompt"), "city", "B");
+    assert_eq!(hidden["error"]["code"], -32602, "{hidden}");
+    assert_eq!(
+        hidden["error"]["message"], "Unknown prompt: args-prompt",
+        "{hidden}"
+    );
+    let hidden = complete(5, template("blob"), "resourceId", "7");
+    assert_eq!(hidden["error"]["code"], -32602, "{hidden}");
+    assert_eq!(
+        hidden["error"]["message"], "Unknown resource: demo://resource/dynamic/blob/{resourceId}",
+        "{hidden}"
+    );
+    let without = complete(6, Value::Null, "department", "E");
+    assert_eq!(without["error"]["code"], -32602, "{without}");
+
+    let records = audit_records(&env.audit_path());
+    let rules: Vec<(&Value, &Value)> = records
+        .iter()
+        .filter(|r| r["method"] == "completion/complete" && r.get("decision").is_some())
+        .map(|r| (&r["decision"], &r["rule"]))
+        .collect();
+    let (allow, deny) = (json!("allow"), json!("deny"));
+    let (unknown, invalid) = (json!("unknown-reference"), json!("invalid"));
+    assert_eq!(
+        rules,
+        [
+            (&allow, &json!("complete")),
+            (&allow, &json!("complete")),
+            (&deny, &unknown),
+            (&deny, &unknown),
+            (&deny, &invalid),
+        ],
+        "{records:#?}"
+    );
+}
+
 /// Bad lines on the stdio front each get a JSON-RPC error, with their own id where it could
 /// be read (wrong `jsonrpc`) and a null id otherwise (invalid JSON, nesting past the limit,
 /// a line over the size limit, invalid UTF-8), and the front keeps serving: the allowed call

@@ -566,6 +566,9 @@ impl Proxy {
                 return Err(Refusal::unknown_tool(&request.id, tool));
             }
         }
+        if request.method == "completion/complete" {
+            check_completion_reference(&policy, &decision_request, request)?;
+        }
         let decision = policy.decide(&decision_request);
         let rule = rule_label(decision.rule, decision.effect);
         self.metrics
@@ -1053,6 +1056,20 @@ impl Refusal {
         }
     }
 
+    /// A completion for a prompt or resource the caller cannot see: answered as one the
+    /// server does not have.
+    fn unknown_reference(id: &Id, kind: &str, name: &str) -> Refusal {
+        Refusal {
+            rule: "unknown-reference".into(),
+            by_policy: true,
+            error: RpcError::new(
+                Some(id.clone()),
+                codes::INVALID_PARAMS,
+                format!("Unknown {kind}: {name}"),
+            ),
+        }
+    }
+
     fn invalid(id: &Id, message: &str) -> Refusal {
         Refusal {
             rule: "invalid".into(),
@@ -1079,6 +1096,40 @@ pub(crate) enum ToolCheck {
     Unknown,
     Invalid(String),
     Upstream(String),
+}
+
+/// A completion names the prompt or resource template it completes an argument of
+/// (`params.ref`); one the caller could not use is answered as unknown, so completion cannot
+/// reveal what lists hide.
+fn check_completion_reference(
+    policy: &CompiledPolicy,
+    decision_request: &DecisionRequest<'_>,
+    request: &Request,
+) -> Result<(), Refusal> {
+    let reference = request.params.as_ref().and_then(|p| p.get("ref"));
+    let field = |key: &str| reference.and_then(|r| r.get(key)).and_then(Value::as_str);
+    let named = match field("type") {
+        Some("ref/prompt") => field("name").map(|name| ("prompts/get", "prompt", name)),
+        Some("ref/resource") => field("uri").map(|uri| ("resources/read", "resource", uri)),
+        _ => None,
+    };
+    let Some((use_method, kind, name)) = named else {
+        return Err(Refusal::invalid(
+            &request.id,
+            "completion/complete needs params.ref: a ref/prompt with a name or a ref/resource with a uri",
+        ));
+    };
+    let visible = policy.visible(&DecisionRequest {
+        method: use_method,
+        name: Some(name),
+        arguments: None,
+        ..*decision_request
+    });
+    if visible {
+        Ok(())
+    } else {
+        Err(Refusal::unknown_reference(&request.id, kind, name))
+    }
 }
 
 /// Whether `caller` could use the thing named `name` by `method` (`tools/call`,
@@ -1121,10 +1172,11 @@ fn point_cancellation_upstream(
 /// The rule id for logs and metrics: plumbing passes as `protocol`, and a refusal no rule
 /// made is the `default-deny`.
 /// The `rule` labels of decisions no policy rule made.
-const BUILT_IN_RULES: [&str; 5] = [
+const BUILT_IN_RULES: [&str; 6] = [
     "protocol",
     "default-deny",
     "unknown-tool",
+    "unknown-reference",
     "invalid",
     "upstream-error",
 ];
