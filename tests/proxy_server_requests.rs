@@ -100,6 +100,30 @@ impl Guard {
         mcp_client(&self.peers, Transport::Stdio(&command), HANDSHAKE, script)
     }
 
+    /// Opens a session on `everything` with a raw `initialize` and sends `body` in it: the
+    /// session's id and the answer to `body`.
+    fn open_raw_session(&self, body: &str) -> (String, Value) {
+        let url = format!("http://{}/servers/everything/mcp", self.addr);
+        let opened = raw_http(
+            &self.peers,
+            &url,
+            &["--initialize", HANDSHAKE, "--body", body],
+        );
+        let session = opened["initialize"]["session_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {opened}"))
+            .to_owned();
+        (session, response_message(&opened))
+    }
+
+    /// The answer to `body`, sent raw in `session` on `everything`.
+    fn in_raw_session(&self, session: &str, body: &str) -> Value {
+        let url = format!("http://{}/servers/everything/mcp", self.addr);
+        let version = format!("MCP-Protocol-Version: {HANDSHAKE}");
+        let args = ["--session", session, "--header", &version, "--body", body];
+        response_message(&raw_http(&self.peers, &url, &args))
+    }
+
     /// `mcp_guard_decisions_total` for `server` and `method` with this decision and rule.
     fn decisions(&self, server: &str, method: &str, decision: &str, rule: &str) -> f64 {
         metric(
@@ -675,24 +699,9 @@ fn a_shared_servers_resource_updates_reach_only_sessions_that_may_read_them() {
         json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
     };
     let subscribe = |id, uri| request(id, "resources/subscribe", json!({"uri": uri}));
-    let opened = raw_http(
-        &guard.peers,
-        &url,
-        &[
-            "--initialize",
-            HANDSHAKE,
-            "--body",
-            &subscribe(2, "demo://hidden/1"),
-        ],
-    );
-    let session = opened["initialize"]["session_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no session: {opened}"))
-        .to_owned();
+    let (session, _) = guard.open_raw_session(&subscribe(2, "demo://hidden/1"));
     let in_session = |body: &str| {
-        let version = format!("MCP-Protocol-Version: {HANDSHAKE}");
-        let args = ["--session", &session, "--header", &version, "--body", body];
-        let answer = response_message(&raw_http(&guard.peers, &url, &args));
+        let answer = guard.in_raw_session(&session, body);
         assert!(answer["result"].is_object(), "{body}: {answer}");
     };
     in_session(&subscribe(3, "demo://visible/1"));
@@ -713,6 +722,70 @@ fn a_shared_servers_resource_updates_reach_only_sessions_that_may_read_them() {
         .map(|event| &event["data"]["params"]["uri"])
         .collect();
     assert_eq!(updates, [&json!("demo://visible/1")], "{stream}");
+}
+
+/// A shared server keeps every session's tasks in one store; through mcp-guard each session
+/// sees only its own. Session A starts a task (server-everything's simulate-research-query);
+/// session B cannot get it, fetch its result or see it in `tasks/list` (answered as an
+/// unknown task, rule `unknown-reference`), while A can do all three.
+#[test]
+fn a_shared_servers_tasks_are_seen_only_by_the_session_that_created_them() {
+    let rules = vec![
+        allow(
+            "research",
+            json!({"roles": [DEVELOPER], "tools": ["simulate-research-query"]}),
+        ),
+        allow(
+            "tasks",
+            json!({"roles": [DEVELOPER], "methods": ["tasks/*"]}),
+        ),
+    ];
+    let guard = Guard::start(
+        "server-req-shared-tasks",
+        &[("everything", rules)],
+        |_, entry| {
+            entry["isolation"] = json!("shared");
+        },
+    );
+    let request = |id: u64, method: &str, params: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
+    };
+    let research = json!({"name": "simulate-research-query", "arguments": {"topic": "tasks"},
+        "task": {"ttl": 60000}});
+    let (a, created) = guard.open_raw_session(&request(2, "tools/call", research));
+    let task_id = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no task created: {created}"))
+        .to_owned();
+    let get = |id| request(id, "tasks/get", json!({"taskId": task_id}));
+    let result = |id| request(id, "tasks/result", json!({"taskId": task_id}));
+    let list = |id| request(id, "tasks/list", json!({}));
+    let listed = |answer: &Value| -> Vec<Value> {
+        let tasks = answer["result"]["tasks"].as_array();
+        let tasks = tasks.unwrap_or_else(|| panic!("no task list: {answer}"));
+        tasks.iter().map(|task| task["taskId"].clone()).collect()
+    };
+
+    let (b, refused) = guard.open_raw_session(&get(2));
+    let unknown = format!("Unknown task: {task_id}");
+    assert_eq!(refused["error"]["code"], -32602, "{refused}");
+    assert_eq!(refused["error"]["message"], unknown.as_str(), "{refused}");
+    let refused = guard.in_raw_session(&b, &result(3));
+    assert_eq!(refused["error"]["message"], unknown.as_str(), "{refused}");
+    assert!(!listed(&guard.in_raw_session(&b, &list(4))).contains(&json!(task_id)));
+
+    let status = guard.in_raw_session(&a, &get(3));
+    assert_eq!(status["result"]["taskId"], task_id.as_str(), "{status}");
+    assert!(listed(&guard.in_raw_session(&a, &list(4))).contains(&json!(task_id)));
+    let report = guard.in_raw_session(&a, &result(5));
+    assert!(report["result"]["content"].is_array(), "{report}");
+
+    let records = guard.audit();
+    let refusals = records
+        .iter()
+        .filter(|r| r["rule"] == "unknown-reference" && r["decision"] == "deny")
+        .count();
+    assert_eq!(refusals, 2, "{records:#?}");
 }
 
 /// The agent abandons a long-running call (the SDK sends notifications/cancelled naming the

@@ -569,6 +569,7 @@ impl Proxy {
         if request.method == "completion/complete" {
             check_completion_reference(&policy, &decision_request, request)?;
         }
+        check_task_reference(session, request)?;
         let decision = policy.decide(&decision_request);
         let rule = rule_label(decision.rule, decision.effect);
         self.metrics
@@ -739,6 +740,12 @@ impl Proxy {
             .observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(mut result)) => {
+                if let Some(shared) = session.shared() {
+                    shared.note_task(&session.id, &result);
+                    if request.method == "tasks/list" {
+                        shared.keep_own_tasks(&session.id, &mut result);
+                    }
+                }
                 match self
                     .filter_list(session, caller, &request.method, &mut result)
                     .await
@@ -806,6 +813,9 @@ impl Proxy {
     /// of a resource only when the agent could read that resource (as `resources/list` would
     /// show it to them), so that a resource hidden from them does not show through its updates.
     pub(super) fn may_see(&self, session: &AgentSession, notification: &Notification) -> bool {
+        if notification.method == "notifications/tasks/status" {
+            return session_may_see_task(session, notification.params.as_ref());
+        }
         if notification.method != "notifications/resources/updated"
             || self.mode_of(&session.server).lets_everything_through()
         {
@@ -1130,6 +1140,43 @@ fn check_completion_reference(
     } else {
         Err(Refusal::unknown_reference(&request.id, kind, name))
     }
+}
+
+/// The task methods that name one task (`params.taskId`).
+const TASK_METHODS: [&str; 3] = ["tasks/get", "tasks/result", "tasks/cancel"];
+
+/// On a shared server, whose one task store holds every session's tasks, a session may name
+/// only a task it created; another's is answered as unknown. (A session's own server process
+/// holds only its tasks.)
+fn check_task_reference(session: &AgentSession, request: &Request) -> Result<(), Refusal> {
+    let Some(shared) = session.shared() else {
+        return Ok(());
+    };
+    if !TASK_METHODS.contains(&request.method.as_str()) {
+        return Ok(());
+    }
+    let task_id = request.params.as_ref().and_then(|p| p.get("taskId"));
+    let Some(task_id) = task_id.and_then(Value::as_str) else {
+        return Err(Refusal::invalid(
+            &request.id,
+            &format!("{} needs params.taskId", request.method),
+        ));
+    };
+    if shared.owns_task(&session.id, task_id) {
+        Ok(())
+    } else {
+        Err(Refusal::unknown_reference(&request.id, "task", task_id))
+    }
+}
+
+/// Whether a task's status notification is for this session: on a shared server, only for
+/// the session that created the task.
+fn session_may_see_task(session: &AgentSession, params: Option<&Value>) -> bool {
+    let Some(shared) = session.shared() else {
+        return true;
+    };
+    let task_id = params.and_then(|p| p.get("taskId")).and_then(Value::as_str);
+    task_id.is_some_and(|task_id| shared.owns_task(&session.id, task_id))
 }
 
 /// Whether `caller` could use the thing named `name` by `method` (`tools/call`,

@@ -297,6 +297,9 @@ pub struct SharedServer {
     _cgroup: Option<PlacedCgroup>,
     initialize: tokio::sync::OnceCell<upstream::Outcome>,
     subscribers: std::sync::Mutex<Vec<Subscriber>>,
+    /// The session that created each task (by task id): the process keeps every session's
+    /// tasks in one store, and each session may see only its own.
+    task_owners: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl SharedServer {
@@ -325,6 +328,7 @@ impl SharedServer {
             _cgroup: placed,
             initialize: tokio::sync::OnceCell::new(),
             subscribers: std::sync::Mutex::new(Vec::new()),
+            task_owners: std::sync::Mutex::new(HashMap::new()),
         });
         tokio::spawn(fan_out_server_messages(
             Arc::downgrade(proxy),
@@ -362,6 +366,44 @@ impl SharedServer {
                 to_agent,
             });
         session
+    }
+
+    fn task_owners(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.task_owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes the task a request's `result` created (`task.taskId`), if any, as `session`'s.
+    pub(super) fn note_task(&self, session: &str, result: &Value) {
+        if let Some(task_id) = result.pointer("/task/taskId").and_then(Value::as_str) {
+            self.task_owners()
+                .insert(task_id.to_owned(), session.to_owned());
+        }
+    }
+
+    /// Whether `session` created the task `task_id`.
+    pub(super) fn owns_task(&self, session: &str, task_id: &str) -> bool {
+        self.task_owners()
+            .get(task_id)
+            .is_some_and(|owner| owner == session)
+    }
+
+    /// Keeps in a `tasks/list` result only the tasks `session` created.
+    pub(super) fn keep_own_tasks(&self, session: &str, result: &mut Value) {
+        let owners = self.task_owners();
+        if let Some(tasks) = result.get_mut("tasks").and_then(Value::as_array_mut) {
+            tasks.retain(|task| {
+                task.get("taskId")
+                    .and_then(Value::as_str)
+                    .and_then(|id| owners.get(id))
+                    .is_some_and(|owner| owner == session)
+            });
+        }
+    }
+
+    fn forget_tasks_of(&self, session: &str) {
+        self.task_owners().retain(|_, owner| owner != session);
     }
 
     /// The server's answer to the first `initialize`, sent once.
@@ -792,8 +834,9 @@ impl AgentSession {
     /// cgroup (the periodic sweep removes it once the process has gone). A shared process
     /// stays for the other sessions.
     pub async fn end(&self) {
-        if self.shared.is_none() {
-            self.upstream.stop();
+        match &self.shared {
+            None => self.upstream.stop(),
+            Some(shared) => shared.forget_tasks_of(&self.id),
         }
         let _ = self.ended.send(true);
         release(self.cgroup.as_ref()).await;
