@@ -722,6 +722,16 @@ fn a_shared_servers_resource_updates_reach_only_sessions_that_may_read_them() {
         .map(|event| &event["data"]["params"]["uri"])
         .collect();
     assert_eq!(updates, [&json!("demo://visible/1")], "{stream}");
+    // The server logged each subscription ("Received Subscribe Resource request for URI:
+    // demo://hidden/1"): a shared process's log, which cannot say whose work it is about,
+    // reaches no agent.
+    let logs: Vec<&Value> = stream["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|event| event["data"]["method"] == "notifications/message")
+        .collect();
+    assert!(logs.is_empty(), "{stream}");
 }
 
 /// A shared server keeps every session's tasks in one store; through mcp-guard each session

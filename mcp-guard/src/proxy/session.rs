@@ -460,6 +460,13 @@ async fn fan_out_until_the_server_ends(
                 if notification.method == "notifications/tools/list_changed" {
                     proxy.forget_catalogs_of(server).await;
                 }
+                if notification.method == "notifications/message" {
+                    // A shared process's log cannot say whose work it is about, and may
+                    // name what one agent did: it goes to mcp-guard's log, not to every agent.
+                    let params = notification.params.unwrap_or_default();
+                    tracing::debug!(server, %params, "log message of a shared server");
+                    continue;
+                }
                 let mut subscribers = shared.subscribers.lock().expect("subscribers lock");
                 subscribers.retain(|s| !s.to_agent.is_closed());
                 let value = Message::Notification(notification.clone()).to_value();
