@@ -694,7 +694,6 @@ fn a_shared_servers_resource_updates_reach_only_sessions_that_may_read_them() {
             entry["isolation"] = json!("shared");
         },
     );
-    let url = format!("http://{}/servers/everything/mcp", guard.addr);
     let request = |id: u64, method: &str, params: Value| {
         json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
     };
@@ -707,31 +706,78 @@ fn a_shared_servers_resource_updates_reach_only_sessions_that_may_read_them() {
     in_session(&subscribe(3, "demo://visible/1"));
     let toggle = json!({"name": "toggle-subscriber-updates", "arguments": {}});
     in_session(&request(4, "tools/call", toggle));
-    // The outbox keeps what came while no GET stream was open; the next updates are 5 s away.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let stream = raw_http(
-        &guard.peers,
-        &url,
-        &["--method", "GET", "--session", &session, "--timeout", "2"],
+    let messages = waiting_messages(&guard, &session);
+    assert_eq!(
+        uris_updated(&messages),
+        [json!("demo://visible/1")],
+        "{messages:#?}"
     );
-    let updates: Vec<&Value> = stream["events"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no events: {stream}"))
-        .iter()
-        .filter(|event| event["data"]["method"] == "notifications/resources/updated")
-        .map(|event| &event["data"]["params"]["uri"])
-        .collect();
-    assert_eq!(updates, [&json!("demo://visible/1")], "{stream}");
     // The server logged each subscription ("Received Subscribe Resource request for URI:
     // demo://hidden/1"): a shared process's log, which cannot say whose work it is about,
     // reaches no agent.
-    let logs: Vec<&Value> = stream["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|event| event["data"]["method"] == "notifications/message")
-        .collect();
-    assert!(logs.is_empty(), "{stream}");
+    let logs = messages
+        .iter()
+        .filter(|message| message["method"] == "notifications/message");
+    assert_eq!(logs.count(), 0, "{messages:#?}");
+}
+
+/// The messages a session's GET stream brings on `everything`: what came while no stream was
+/// open (the outbox keeps it), read until 2 s pass without data.
+fn waiting_messages(guard: &Guard, session: &str) -> Vec<Value> {
+    let url = format!("http://{}/servers/everything/mcp", guard.addr);
+    let args = ["--method", "GET", "--session", session, "--timeout", "2"];
+    let stream = raw_http(&guard.peers, &url, &args);
+    let events = stream["events"].as_array();
+    let events = events.unwrap_or_else(|| panic!("no events: {stream}"));
+    events.iter().map(|event| event["data"].clone()).collect()
+}
+
+/// The URIs of the `notifications/resources/updated` among `messages`.
+fn uris_updated(messages: &[Value]) -> Vec<Value> {
+    messages
+        .iter()
+        .filter(|message| message["method"] == "notifications/resources/updated")
+        .map(|message| message["params"]["uri"].clone())
+        .collect()
+}
+
+/// A shared server holds one subscription per URI for all its sessions. Sessions A and B
+/// subscribe to the same resource, A unsubscribes: B still gets the resource's updates, and A
+/// no longer does.
+#[test]
+fn one_sessions_unsubscribe_on_a_shared_server_leaves_the_others_subscribed() {
+    let mut rules = subscribe_any_read_visible_rules();
+    rules.push(allow(
+        "unsubscribe",
+        json!({"roles": [DEVELOPER], "methods": ["resources/unsubscribe"]}),
+    ));
+    let guard = Guard::start(
+        "server-req-shared-unsubscribe",
+        &[("everything", rules)],
+        |_, entry| {
+            entry["isolation"] = json!("shared");
+        },
+    );
+    let request = |id: u64, method: &str, params: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
+    };
+    let visible = json!({"uri": "demo://visible/1"});
+    let subscribe = request(2, "resources/subscribe", visible.clone());
+    let (a, subscribed_a) = guard.open_raw_session(&subscribe);
+    let (b, subscribed_b) = guard.open_raw_session(&subscribe);
+    for answer in [subscribed_a, subscribed_b] {
+        assert_eq!(answer["result"], json!({}), "{answer}");
+    }
+    let unsubscribed = guard.in_raw_session(&a, &request(3, "resources/unsubscribe", visible));
+    assert_eq!(unsubscribed["result"], json!({}), "{unsubscribed}");
+    let toggle = json!({"name": "toggle-subscriber-updates", "arguments": {}});
+    let toggled = guard.in_raw_session(&b, &request(3, "tools/call", toggle));
+    assert!(toggled["result"].is_object(), "{toggled}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let updated = |session| uris_updated(&waiting_messages(&guard, session));
+    assert_eq!(updated(&b), [json!("demo://visible/1")]);
+    assert_eq!(updated(&a), Vec::<Value>::new());
 }
 
 /// A shared server keeps every session's tasks in one store; through mcp-guard each session

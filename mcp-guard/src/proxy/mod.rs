@@ -728,6 +728,12 @@ impl Proxy {
         let outcome = match (session.shared(), request.method.as_str()) {
             // A shared process is initialised once; later sessions get the same answer.
             (Some(shared), "initialize") => shared.initialize(request.params).await,
+            // One subscription per URI on the process, whoever of its sessions asked.
+            (Some(shared), "resources/subscribe" | "resources/unsubscribe") => {
+                shared
+                    .change_subscription(session, &request.id, &request.method, request.params)
+                    .await
+            }
             _ => {
                 session
                     .call_upstream(&request.id, &request.method, request.params)

@@ -18,7 +18,7 @@ use crate::identity::CallIdentity;
 use crate::mcp::jsonrpc::{Id, Message};
 use crate::upstream::progress::{ProgressDestination, ProgressRoute, SessionRoutes};
 use crate::upstream::{self, ServerMessages, Upstream};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// Who is calling: the principal, their roles, and context values (e.g. a workflow step)
@@ -300,6 +300,13 @@ pub struct SharedServer {
     /// The session that created each task (by task id): the process keeps every session's
     /// tasks in one store, and each session may see only its own.
     task_owners: std::sync::Mutex<HashMap<String, String>>,
+    /// URI → the sessions subscribed to its updates. The process holds one subscription per
+    /// URI for all of them: it is told when the first session subscribes and when the last
+    /// one leaves.
+    resource_subscribers: std::sync::Mutex<HashMap<String, HashSet<String>>>,
+    /// Held while the process is told of a subscription change, so that changes do not
+    /// interleave (a session subscribing while the last other one leaves).
+    subscription_changes: Mutex<()>,
 }
 
 impl SharedServer {
@@ -329,6 +336,8 @@ impl SharedServer {
             initialize: tokio::sync::OnceCell::new(),
             subscribers: std::sync::Mutex::new(Vec::new()),
             task_owners: std::sync::Mutex::new(HashMap::new()),
+            resource_subscribers: std::sync::Mutex::new(HashMap::new()),
+            subscription_changes: Mutex::new(()),
         });
         tokio::spawn(fan_out_server_messages(
             Arc::downgrade(proxy),
@@ -406,6 +415,84 @@ impl SharedServer {
         self.task_owners().retain(|_, owner| owner != session);
     }
 
+    /// `session`'s `resources/subscribe` or `resources/unsubscribe` of the URI in `params`:
+    /// sent on to the process only when no other session is subscribed to that URI, and
+    /// answered `{}` here otherwise, so that one session's unsubscribe does not end the
+    /// updates the others asked for.
+    pub(super) async fn change_subscription(
+        &self,
+        session: &AgentSession,
+        agent_id: &Id,
+        method: &str,
+        params: Option<Value>,
+    ) -> Result<upstream::Outcome, upstream::UpstreamError> {
+        let uri = params.as_ref().and_then(|p| p.get("uri"));
+        let Some(uri) = uri.and_then(Value::as_str).map(str::to_owned) else {
+            // Malformed: the server says what is wrong with it.
+            return session.call_upstream(agent_id, method, params).await;
+        };
+        let _one_change_at_a_time = self.subscription_changes.lock().await;
+        let others_subscribed = self.subscribed_to(&uri).iter().any(|id| *id != session.id);
+        let outcome = if others_subscribed {
+            Ok(json!({}))
+        } else {
+            session.call_upstream(agent_id, method, params).await?
+        };
+        if outcome.is_ok() {
+            let mut subscribers = self.resource_subscribers();
+            let sessions = subscribers.entry(uri.clone()).or_default();
+            if method == "resources/subscribe" {
+                sessions.insert(session.id.clone());
+            } else {
+                sessions.remove(&session.id);
+            }
+            if sessions.is_empty() {
+                subscribers.remove(&uri);
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn resource_subscribers(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
+        self.resource_subscribers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The sessions subscribed to `uri`'s updates.
+    fn subscribed_to(&self, uri: &str) -> HashSet<String> {
+        self.resource_subscribers()
+            .get(uri)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Drops an ending session's subscriptions. The process is told to unsubscribe from the
+    /// URIs no session wants any more, in the background (the session's end does not wait
+    /// for the server), unless a session subscribed again meanwhile.
+    fn leave_subscriptions(self: &Arc<Self>, session: &str) {
+        let mut unwanted = Vec::new();
+        self.resource_subscribers().retain(|uri, sessions| {
+            if sessions.remove(session) && sessions.is_empty() {
+                unwanted.push(uri.clone());
+            }
+            !sessions.is_empty()
+        });
+        if unwanted.is_empty() {
+            return;
+        }
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            let _one_change_at_a_time = shared.subscription_changes.lock().await;
+            for uri in unwanted {
+                if shared.subscribed_to(&uri).is_empty() {
+                    let params = Some(json!({"uri": uri}));
+                    let _ = shared.upstream.call("resources/unsubscribe", params).await;
+                }
+            }
+        });
+    }
+
     /// The server's answer to the first `initialize`, sent once.
     pub(super) async fn initialize(
         &self,
@@ -467,14 +554,24 @@ async fn fan_out_until_the_server_ends(
                     tracing::debug!(server, %params, "log message of a shared server");
                     continue;
                 }
+                // A resource's updates go to the sessions that subscribed to it.
+                let uri = notification.params.as_ref().and_then(|p| p.get("uri"));
+                let subscribed = match uri.and_then(Value::as_str) {
+                    Some(uri) if notification.method == "notifications/resources/updated" => {
+                        Some(shared.subscribed_to(uri))
+                    }
+                    _ => None,
+                };
                 let mut subscribers = shared.subscribers.lock().expect("subscribers lock");
                 subscribers.retain(|s| !s.to_agent.is_closed());
                 let value = Message::Notification(notification.clone()).to_value();
                 for subscriber in subscribers.iter() {
-                    let may_see = subscriber
-                        .session
-                        .upgrade()
-                        .is_some_and(|session| proxy.may_see(&session, &notification));
+                    let may_see = subscriber.session.upgrade().is_some_and(|session| {
+                        subscribed
+                            .as_ref()
+                            .is_none_or(|ids| ids.contains(&session.id))
+                            && proxy.may_see(&session, &notification)
+                    });
                     if may_see {
                         let _ = subscriber.to_agent.try_send(value.clone());
                     }
@@ -843,7 +940,10 @@ impl AgentSession {
     pub async fn end(&self) {
         match &self.shared {
             None => self.upstream.stop(),
-            Some(shared) => shared.forget_tasks_of(&self.id),
+            Some(shared) => {
+                shared.forget_tasks_of(&self.id);
+                shared.leave_subscriptions(&self.id);
+            }
         }
         let _ = self.ended.send(true);
         release(self.cgroup.as_ref()).await;
