@@ -14,6 +14,7 @@
 mod catalog;
 pub mod record;
 pub mod session;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -85,7 +86,7 @@ pub struct Proxy {
     pub limits: Limits,
     sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
     /// Processes of servers with `"isolation": "shared"`, started with their first session.
-    shared: Mutex<HashMap<String, Arc<session::SharedServer>>>,
+    shared: Mutex<HashMap<String, Arc<shared::SharedServer>>>,
     /// Call spans of sessions that are not (or no longer) here: sessions of stdio fronts,
     /// which report their calls over the control socket, and ended sessions, whose late
     /// kernel events still need their calls. With when each was last touched.
@@ -262,12 +263,12 @@ impl Proxy {
         self: &Arc<Self>,
         server: &str,
         launch: session::Launch<'_>,
-    ) -> Result<Arc<session::SharedServer>, ProxyError> {
+    ) -> Result<Arc<shared::SharedServer>, ProxyError> {
         let mut shared = self.shared.lock().await;
         if let Some(existing) = shared.get(server) {
             return Ok(existing.clone());
         }
-        let started = session::SharedServer::start(self, server, launch, &self.placement).await?;
+        let started = shared::SharedServer::start(self, server, launch, &self.placement).await?;
         shared.insert(server.to_owned(), started.clone());
         Ok(started)
     }
@@ -277,7 +278,7 @@ impl Proxy {
     pub(crate) async fn retire_shared_server(
         &self,
         server: &str,
-        exited: &Arc<session::SharedServer>,
+        exited: &Arc<shared::SharedServer>,
     ) {
         {
             let mut shared = self.shared.lock().await;

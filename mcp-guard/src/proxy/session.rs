@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc};
 
 use super::catalog::ToolCatalog;
+use super::shared::SharedServer;
 use super::{Placement, Proxy, ProxyError, ToolCheck};
 use crate::control;
 use crate::egress::Egress;
@@ -18,7 +19,7 @@ use crate::identity::CallIdentity;
 use crate::mcp::jsonrpc::{Id, Message};
 use crate::upstream::progress::{ProgressDestination, ProgressRoute, SessionRoutes};
 use crate::upstream::{self, ServerMessages, Upstream};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Who is calling: the principal, their roles, and context values (e.g. a workflow step)
@@ -88,10 +89,10 @@ pub struct AgentSession {
 }
 
 /// The server process a session talks to, and what holds it.
-struct SessionServer {
-    upstream: Arc<Upstream>,
-    shared: Option<Arc<SharedServer>>,
-    cgroup: Option<PlacedCgroup>,
+pub(super) struct SessionServer {
+    pub(super) upstream: Arc<Upstream>,
+    pub(super) shared: Option<Arc<SharedServer>>,
+    pub(super) cgroup: Option<PlacedCgroup>,
 }
 
 /// The initialize handshake of a session, as far as mcp-guard has seen it.
@@ -145,7 +146,7 @@ pub enum UpstreamEra {
 }
 
 /// A session cgroup and who gave it out.
-enum PlacedCgroup {
+pub(super) enum PlacedCgroup {
     /// From this daemon's egress enforcement.
     Local {
         egress: Arc<Mutex<Egress>>,
@@ -288,300 +289,6 @@ pub(super) async fn start(
     ))
 }
 
-/// A server process that serves every session of its server (`"isolation": "shared"`): one
-/// process, one `initialize` (later sessions get its answer), notifications fanned out to the
-/// sessions that may see them. It cannot ask one particular agent anything, so its own requests (sampling,
-/// elicitation, roots) are refused.
-pub struct SharedServer {
-    upstream: Arc<Upstream>,
-    _cgroup: Option<PlacedCgroup>,
-    initialize: tokio::sync::OnceCell<upstream::Outcome>,
-    subscribers: std::sync::Mutex<Vec<Subscriber>>,
-    /// The session that created each task (by task id): the process keeps every session's
-    /// tasks in one store, and each session may see only its own.
-    task_owners: std::sync::Mutex<HashMap<String, String>>,
-    /// URI → the sessions subscribed to its updates. The process holds one subscription per
-    /// URI for all of them: it is told when the first session subscribes and when the last
-    /// one leaves.
-    resource_subscribers: std::sync::Mutex<HashMap<String, HashSet<String>>>,
-    /// Held while the process is told of a subscription change, so that changes do not
-    /// interleave (a session subscribing while the last other one leaves).
-    subscription_changes: Mutex<()>,
-}
-
-impl SharedServer {
-    /// Starts the shared process for `server` in the cgroup `<server>/shared`.
-    pub(super) async fn start(
-        proxy: &Arc<Proxy>,
-        server: &str,
-        launch: Launch<'_>,
-        placement: &Placement,
-    ) -> Result<Arc<SharedServer>, ProxyError> {
-        let Target::Command(program) = launch.target else {
-            return Err(ProxyError::NotSpawnable(server.to_owned()));
-        };
-        let identity_env = vec![
-            ("MCP_GUARD_SERVER", server.to_owned()),
-            ("MCP_GUARD_SESSION", "shared".to_owned()),
-        ];
-        let label = Arc::from(format!("{server}/shared"));
-        let (upstream, server_messages, placed) =
-            spawn_placed(placement, server, "shared", program, identity_env, label).await?;
-        let upstream = upstream
-            .with_request_timeout(launch.request_timeout)
-            .with_answer_polling(launch.answer_poll);
-        let shared = Arc::new(SharedServer {
-            upstream: Arc::new(upstream),
-            _cgroup: placed,
-            initialize: tokio::sync::OnceCell::new(),
-            subscribers: std::sync::Mutex::new(Vec::new()),
-            task_owners: std::sync::Mutex::new(HashMap::new()),
-            resource_subscribers: std::sync::Mutex::new(HashMap::new()),
-            subscription_changes: Mutex::new(()),
-        });
-        tokio::spawn(fan_out_server_messages(
-            Arc::downgrade(proxy),
-            server.to_owned(),
-            Arc::downgrade(&shared),
-            server_messages,
-        ));
-        Ok(shared)
-    }
-
-    /// A new session on the shared process.
-    pub(super) fn join(
-        self: &Arc<Self>,
-        server: &str,
-        id: String,
-        caller: Caller,
-    ) -> Arc<AgentSession> {
-        let (to_agent, outbox) = mpsc::channel(AGENT_OUTBOX);
-        let session = Arc::new(AgentSession::fresh(
-            id,
-            server,
-            caller,
-            SessionServer {
-                upstream: self.upstream.clone(),
-                shared: Some(self.clone()),
-                cgroup: None,
-            },
-            (to_agent.downgrade(), outbox),
-        ));
-        self.subscribers
-            .lock()
-            .expect("subscribers lock")
-            .push(Subscriber {
-                session: Arc::downgrade(&session),
-                to_agent,
-            });
-        session
-    }
-
-    fn task_owners(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.task_owners
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Notes the task a request's `result` created (`task.taskId`), if any, as `session`'s.
-    pub(super) fn note_task(&self, session: &str, result: &Value) {
-        if let Some(task_id) = result.pointer("/task/taskId").and_then(Value::as_str) {
-            self.task_owners()
-                .insert(task_id.to_owned(), session.to_owned());
-        }
-    }
-
-    /// Whether `session` created the task `task_id`.
-    pub(super) fn owns_task(&self, session: &str, task_id: &str) -> bool {
-        self.task_owners()
-            .get(task_id)
-            .is_some_and(|owner| owner == session)
-    }
-
-    /// Keeps in a `tasks/list` result only the tasks `session` created.
-    pub(super) fn keep_own_tasks(&self, session: &str, result: &mut Value) {
-        let owners = self.task_owners();
-        if let Some(tasks) = result.get_mut("tasks").and_then(Value::as_array_mut) {
-            tasks.retain(|task| {
-                task.get("taskId")
-                    .and_then(Value::as_str)
-                    .and_then(|id| owners.get(id))
-                    .is_some_and(|owner| owner == session)
-            });
-        }
-    }
-
-    fn forget_tasks_of(&self, session: &str) {
-        self.task_owners().retain(|_, owner| owner != session);
-    }
-
-    /// `session`'s `resources/subscribe` or `resources/unsubscribe` of the URI in `params`:
-    /// sent on to the process only when no other session is subscribed to that URI, and
-    /// answered `{}` here otherwise, so that one session's unsubscribe does not end the
-    /// updates the others asked for.
-    pub(super) async fn change_subscription(
-        &self,
-        session: &AgentSession,
-        agent_id: &Id,
-        method: &str,
-        params: Option<Value>,
-    ) -> Result<upstream::Outcome, upstream::UpstreamError> {
-        let uri = params.as_ref().and_then(|p| p.get("uri"));
-        let Some(uri) = uri.and_then(Value::as_str).map(str::to_owned) else {
-            // Malformed: the server says what is wrong with it.
-            return session.call_upstream(agent_id, method, params).await;
-        };
-        let _one_change_at_a_time = self.subscription_changes.lock().await;
-        let others_subscribed = self.subscribed_to(&uri).iter().any(|id| *id != session.id);
-        let outcome = if others_subscribed {
-            Ok(json!({}))
-        } else {
-            session.call_upstream(agent_id, method, params).await?
-        };
-        if outcome.is_ok() {
-            let mut subscribers = self.resource_subscribers();
-            let sessions = subscribers.entry(uri.clone()).or_default();
-            if method == "resources/subscribe" {
-                sessions.insert(session.id.clone());
-            } else {
-                sessions.remove(&session.id);
-            }
-            if sessions.is_empty() {
-                subscribers.remove(&uri);
-            }
-        }
-        Ok(outcome)
-    }
-
-    fn resource_subscribers(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
-        self.resource_subscribers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The sessions subscribed to `uri`'s updates.
-    fn subscribed_to(&self, uri: &str) -> HashSet<String> {
-        self.resource_subscribers()
-            .get(uri)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// Drops an ending session's subscriptions. The process is told to unsubscribe from the
-    /// URIs no session wants any more, in the background (the session's end does not wait
-    /// for the server), unless a session subscribed again meanwhile.
-    fn leave_subscriptions(self: &Arc<Self>, session: &str) {
-        let mut unwanted = Vec::new();
-        self.resource_subscribers().retain(|uri, sessions| {
-            if sessions.remove(session) && sessions.is_empty() {
-                unwanted.push(uri.clone());
-            }
-            !sessions.is_empty()
-        });
-        if unwanted.is_empty() {
-            return;
-        }
-        let shared = Arc::clone(self);
-        tokio::spawn(async move {
-            let _one_change_at_a_time = shared.subscription_changes.lock().await;
-            for uri in unwanted {
-                if shared.subscribed_to(&uri).is_empty() {
-                    let params = Some(json!({"uri": uri}));
-                    let _ = shared.upstream.call("resources/unsubscribe", params).await;
-                }
-            }
-        });
-    }
-
-    /// The server's answer to the first `initialize`, sent once.
-    pub(super) async fn initialize(
-        &self,
-        params: Option<Value>,
-    ) -> Result<upstream::Outcome, upstream::UpstreamError> {
-        let outcome = self
-            .initialize
-            .get_or_try_init(|| self.upstream.call("initialize", params))
-            .await?;
-        Ok(outcome.clone())
-    }
-}
-
-/// A session on a shared server, and its outbox.
-struct Subscriber {
-    session: Weak<AgentSession>,
-    to_agent: mpsc::Sender<Value>,
-}
-
-/// Passes what a shared server sends on its own to every session on it that may see it (not its progress,
-/// which reaches the session it is about: see [`crate::upstream::progress`]). When its output ends
-/// while it is in use (its process exited), retires it (see [`Proxy::retire_shared_server`]).
-async fn fan_out_server_messages(
-    proxy: Weak<Proxy>,
-    server: String,
-    shared: Weak<SharedServer>,
-    mut server_messages: ServerMessages,
-) {
-    fan_out_until_the_server_ends(&proxy, &server, &shared, &mut server_messages).await;
-    if let (Some(proxy), Some(shared)) = (proxy.upgrade(), shared.upgrade()) {
-        proxy.retire_shared_server(&server, &shared).await;
-    }
-}
-
-async fn fan_out_until_the_server_ends(
-    proxy: &Weak<Proxy>,
-    server: &str,
-    shared: &Weak<SharedServer>,
-    server_messages: &mut ServerMessages,
-) {
-    while let Some(message) = server_messages.recv().await {
-        let (Some(proxy), Some(shared)) = (proxy.upgrade(), shared.upgrade()) else {
-            break;
-        };
-        match message {
-            Message::Request(request) => {
-                let error = json!({"code": crate::mcp::jsonrpc::codes::METHOD_NOT_FOUND,
-                    "message": "a shared server cannot send requests to one particular agent"});
-                let _ = shared.upstream.reply(&request.id, Err(error)).await;
-            }
-            Message::Notification(notification) => {
-                if notification.method == "notifications/tools/list_changed" {
-                    proxy.forget_catalogs_of(server).await;
-                }
-                if notification.method == "notifications/message" {
-                    // A shared process's log cannot say whose work it is about, and may
-                    // name what one agent did: it goes to mcp-guard's log, not to every agent.
-                    let params = notification.params.unwrap_or_default();
-                    tracing::debug!(server, %params, "log message of a shared server");
-                    continue;
-                }
-                // A resource's updates go to the sessions that subscribed to it.
-                let uri = notification.params.as_ref().and_then(|p| p.get("uri"));
-                let subscribed = match uri.and_then(Value::as_str) {
-                    Some(uri) if notification.method == "notifications/resources/updated" => {
-                        Some(shared.subscribed_to(uri))
-                    }
-                    _ => None,
-                };
-                let mut subscribers = shared.subscribers.lock().expect("subscribers lock");
-                subscribers.retain(|s| !s.to_agent.is_closed());
-                let value = Message::Notification(notification.clone()).to_value();
-                for subscriber in subscribers.iter() {
-                    let may_see = subscriber.session.upgrade().is_some_and(|session| {
-                        subscribed
-                            .as_ref()
-                            .is_none_or(|ids| ids.contains(&session.id))
-                            && proxy.may_see(&session, &notification)
-                    });
-                    if may_see {
-                        let _ = subscriber.to_agent.try_send(value.clone());
-                    }
-                }
-            }
-            Message::Response(_) => {}
-        }
-    }
-}
-
 /// How a session's server is reached, how long each request to it may take, and how long
 /// a call polls for its answer before sleeping (`daemon.answer_poll_us`).
 pub struct Launch<'a> {
@@ -616,18 +323,12 @@ fn assemble(
     server_messages: ServerMessages,
     cgroup: Option<PlacedCgroup>,
 ) -> Arc<AgentSession> {
-    let (to_agent, outbox) = mpsc::channel(AGENT_OUTBOX);
-    let session = Arc::new(AgentSession::fresh(
-        id,
-        server,
-        caller,
-        SessionServer {
-            upstream: Arc::new(upstream),
-            shared: None,
-            cgroup,
-        },
-        (to_agent.downgrade(), outbox),
-    ));
+    let process = SessionServer {
+        upstream: Arc::new(upstream),
+        shared: None,
+        cgroup,
+    };
+    let (session, to_agent) = AgentSession::open(id, server, caller, process);
     tokio::spawn(relay_server_messages(
         Arc::downgrade(proxy),
         Arc::downgrade(&session),
@@ -647,15 +348,17 @@ impl SessionActivity {
 }
 
 impl AgentSession {
-    /// A session before its first message: no catalog, no calls, handshake not started.
-    fn fresh(
+    /// A session before its first message (no catalog, no calls, handshake not started),
+    /// and the sender of its outbox, for whatever passes the server's messages on to it.
+    pub(super) fn open(
         id: String,
         server: &str,
         caller: Caller,
         process: SessionServer,
-        (to_outbox, outbox): (mpsc::WeakSender<Value>, mpsc::Receiver<Value>),
-    ) -> Self {
-        Self {
+    ) -> (Arc<Self>, mpsc::Sender<Value>) {
+        let (to_agent, outbox) = mpsc::channel(AGENT_OUTBOX);
+        let to_outbox = to_agent.downgrade();
+        let session = Self {
             id,
             server: server.to_owned(),
             caller,
@@ -672,7 +375,8 @@ impl AgentSession {
             handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
             progress_routes: SessionRoutes::default(),
             to_outbox,
-        }
+        };
+        (Arc::new(session), to_agent)
     }
 
     /// Notes that the agent sent `initialize`, in the order its messages arrived (before any
@@ -940,10 +644,7 @@ impl AgentSession {
     pub async fn end(&self) {
         match &self.shared {
             None => self.upstream.stop(),
-            Some(shared) => {
-                shared.forget_tasks_of(&self.id);
-                shared.leave_subscriptions(&self.id);
-            }
+            Some(shared) => shared.leave(&self.id),
         }
         let _ = self.ended.send(true);
         release(self.cgroup.as_ref()).await;
@@ -957,7 +658,7 @@ impl AgentSession {
 
 /// Starts a stdio server process in a cgroup `<server>/<cgroup_name>` from `placement`,
 /// giving the cgroup back if the process cannot start.
-async fn spawn_placed(
+pub(super) async fn spawn_placed(
     placement: &Placement,
     server: &str,
     cgroup_name: &str,
