@@ -783,7 +783,9 @@ fn one_sessions_unsubscribe_on_a_shared_server_leaves_the_others_subscribed() {
 /// A shared server keeps every session's tasks in one store; through mcp-guard each session
 /// sees only its own. Session A starts a task (server-everything's simulate-research-query);
 /// session B cannot get it, fetch its result or see it in `tasks/list` (answered as an
-/// unknown task, rule `unknown-reference`), while A can do all three.
+/// unknown task, rule `unknown-reference`), while A can do all three. A's later task calls,
+/// sent without an instruction, are on record under the instruction that started the task,
+/// with its `task_id`, so `audit trace --instruction` shows them.
 #[test]
 fn a_shared_servers_tasks_are_seen_only_by_the_session_that_created_them() {
     let rules = vec![
@@ -807,7 +809,7 @@ fn a_shared_servers_tasks_are_seen_only_by_the_session_that_created_them() {
         json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
     };
     let research = json!({"name": "simulate-research-query", "arguments": {"topic": "tasks"},
-        "task": {"ttl": 60000}});
+        "task": {"ttl": 60000}, "_meta": {"io.mcp-guard/instruction": "research-1"}});
     let (a, created) = guard.open_raw_session(&request(2, "tools/call", research));
     let task_id = created["result"]["task"]["taskId"]
         .as_str()
@@ -842,6 +844,31 @@ fn a_shared_servers_tasks_are_seen_only_by_the_session_that_created_them() {
         .filter(|r| r["rule"] == "unknown-reference" && r["decision"] == "deny")
         .count();
     assert_eq!(refusals, 2, "{records:#?}");
+    let created = outcomes(&records, "simulate-research-query");
+    assert_eq!(created.len(), 1, "{records:#?}");
+    assert_eq!(created[0]["task_id"], task_id.as_str(), "{records:#?}");
+    let of_a = |method: &str| -> Vec<(Value, Value)> {
+        let records = records.iter().filter(|r| r["session"] == a.as_str());
+        records
+            .filter(|r| r["method"] == method && r.get("decision").is_some())
+            .map(|r| (r["instruction"].clone(), r["task_id"].clone()))
+            .collect()
+    };
+    let under_the_instruction = vec![(json!("research-1"), json!(task_id))];
+    assert_eq!(of_a("tasks/get"), under_the_instruction, "{records:#?}");
+    assert_eq!(of_a("tasks/result"), under_the_instruction, "{records:#?}");
+    let audit = guard.env.audit_path();
+    let trace = mcp_guard(&[
+        "audit",
+        "trace",
+        "--instruction",
+        "research-1",
+        path_str(&audit),
+    ]);
+    assert!(trace.status.success(), "{}", trace.report());
+    for method in ["simulate-research-query", "tasks/get", "tasks/result"] {
+        assert!(trace.stdout.contains(method), "{method}: {}", trace.stdout);
+    }
 }
 
 /// The agent abandons a long-running call (the SDK sends notifications/cancelled naming the

@@ -186,6 +186,10 @@ pub struct AuditRecord {
     pub method: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
+    /// The task a call created (its outcome: `result.task.taskId`) or names (`tasks/get`,
+    /// `tasks/result`, `tasks/cancel`: `params.taskId`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<AuditDecision>,
     /// The MCP rule that decided a call, or the egress rule that allowed a connection.
@@ -265,6 +269,7 @@ impl AuditRecord {
             server: None,
             method: None,
             tool: None,
+            task_id: None,
             decision: None,
             rule: None,
             reason: None,

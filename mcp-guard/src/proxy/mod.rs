@@ -420,7 +420,12 @@ impl Proxy {
             session.after_initialize().await;
         }
         let started = Instant::now();
-        let identity = CallIdentity::for_request(request.params.as_ref(), hints);
+        let mut identity = CallIdentity::for_request(request.params.as_ref(), hints);
+        if identity.instruction.is_none() {
+            // Fetching a task's status or result is part of the instruction that started it.
+            identity.instruction =
+                task_named_in(&request).and_then(|t| session.task_instruction(t));
+        }
         let context = crate::identity::request_context(request.params.as_ref(), hints);
         let caller = session
             .caller()
@@ -508,6 +513,9 @@ impl Proxy {
                 }
                 let upstream_started = Instant::now();
                 let answer = self.forward(session, request, &caller).await;
+                if let Some(task_id) = task_created_by(&answer) {
+                    session.note_task(task_id, identity.instruction.clone());
+                }
                 self.recorder.call_ended(session, &identity);
                 let latency = Latency {
                     policy_us: Some(policy_us),
@@ -747,11 +755,8 @@ impl Proxy {
             .observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(mut result)) => {
-                if let Some(shared) = session.shared() {
-                    shared.note_task(&session.id, &result);
-                    if request.method == "tasks/list" {
-                        shared.keep_own_tasks(&session.id, &mut result);
-                    }
+                if session.shared().is_some() && request.method == "tasks/list" {
+                    session.keep_own_tasks(&mut result);
                 }
                 match self
                     .filter_list(session, caller, &request.method, &mut result)
@@ -1152,24 +1157,33 @@ fn check_completion_reference(
 /// The task methods that name one task (`params.taskId`).
 const TASK_METHODS: [&str; 3] = ["tasks/get", "tasks/result", "tasks/cancel"];
 
+/// The task a request names: `params.taskId` of `tasks/get`, `tasks/result`, `tasks/cancel`.
+fn task_named_in(request: &Request) -> Option<&str> {
+    if !TASK_METHODS.contains(&request.method.as_str()) {
+        return None;
+    }
+    request.params.as_ref()?.get("taskId")?.as_str()
+}
+
+/// The task an answer says its request created (`result.task.taskId`).
+fn task_created_by(answer: &Value) -> Option<&str> {
+    answer.pointer("/result/task/taskId")?.as_str()
+}
+
 /// On a shared server, whose one task store holds every session's tasks, a session may name
 /// only a task it created; another's is answered as unknown. (A session's own server process
 /// holds only its tasks.)
 fn check_task_reference(session: &AgentSession, request: &Request) -> Result<(), Refusal> {
-    let Some(shared) = session.shared() else {
-        return Ok(());
-    };
-    if !TASK_METHODS.contains(&request.method.as_str()) {
+    if session.shared().is_none() || !TASK_METHODS.contains(&request.method.as_str()) {
         return Ok(());
     }
-    let task_id = request.params.as_ref().and_then(|p| p.get("taskId"));
-    let Some(task_id) = task_id.and_then(Value::as_str) else {
+    let Some(task_id) = task_named_in(request) else {
         return Err(Refusal::invalid(
             &request.id,
             &format!("{} needs params.taskId", request.method),
         ));
     };
-    if shared.owns_task(&session.id, task_id) {
+    if session.created_task(task_id) {
         Ok(())
     } else {
         Err(Refusal::unknown_reference(&request.id, "task", task_id))
@@ -1179,11 +1193,11 @@ fn check_task_reference(session: &AgentSession, request: &Request) -> Result<(),
 /// Whether a task's status notification is for this session: on a shared server, only for
 /// the session that created the task.
 fn session_may_see_task(session: &AgentSession, params: Option<&Value>) -> bool {
-    let Some(shared) = session.shared() else {
+    if session.shared().is_none() {
         return true;
-    };
+    }
     let task_id = params.and_then(|p| p.get("taskId")).and_then(Value::as_str);
-    task_id.is_some_and(|task_id| shared.owns_task(&session.id, task_id))
+    task_id.is_some_and(|task_id| session.created_task(task_id))
 }
 
 /// Whether `caller` could use the thing named `name` by `method` (`tools/call`,

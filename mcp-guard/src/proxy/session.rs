@@ -86,6 +86,9 @@ pub struct AgentSession {
     progress_routes: SessionRoutes,
     /// Where the server's progress about a request without a route goes: the outbox.
     to_outbox: mpsc::WeakSender<Value>,
+    /// The tasks this session's calls created (by task id), with the instruction that
+    /// started each.
+    tasks: std::sync::Mutex<HashMap<String, Option<String>>>,
 }
 
 /// The server process a session talks to, and what holds it.
@@ -375,6 +378,7 @@ impl AgentSession {
             handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
             progress_routes: SessionRoutes::default(),
             to_outbox,
+            tasks: std::sync::Mutex::new(HashMap::new()),
         };
         (Arc::new(session), to_agent)
     }
@@ -447,6 +451,38 @@ impl AgentSession {
         CallGuard {
             session: self,
             call_id: identity.call_id.clone(),
+        }
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes a task a call of this session created, and the instruction behind that call.
+    pub(super) fn note_task(&self, task_id: &str, instruction: Option<String>) {
+        self.tasks().insert(task_id.to_owned(), instruction);
+    }
+
+    /// Whether a call of this session created the task `task_id`.
+    pub(super) fn created_task(&self, task_id: &str) -> bool {
+        self.tasks().contains_key(task_id)
+    }
+
+    /// The instruction behind the call that created the task `task_id`.
+    pub(super) fn task_instruction(&self, task_id: &str) -> Option<String> {
+        self.tasks().get(task_id).cloned().flatten()
+    }
+
+    /// Keeps in a `tasks/list` result only the tasks this session created.
+    pub(super) fn keep_own_tasks(&self, result: &mut Value) {
+        let tasks = self.tasks();
+        if let Some(listed) = result.get_mut("tasks").and_then(Value::as_array_mut) {
+            listed.retain(|task| {
+                let id = task.get("taskId").and_then(Value::as_str);
+                id.is_some_and(|id| tasks.contains_key(id))
+            });
         }
     }
 
@@ -644,7 +680,7 @@ impl AgentSession {
     pub async fn end(&self) {
         match &self.shared {
             None => self.upstream.stop(),
-            Some(shared) => shared.leave(&self.id),
+            Some(shared) => shared.leave_subscriptions(&self.id),
         }
         let _ = self.ended.send(true);
         release(self.cgroup.as_ref()).await;

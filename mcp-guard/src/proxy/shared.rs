@@ -24,9 +24,6 @@ pub struct SharedServer {
     _cgroup: Option<PlacedCgroup>,
     initialize: tokio::sync::OnceCell<upstream::Outcome>,
     subscribers: std::sync::Mutex<Vec<Subscriber>>,
-    /// The session that created each task (by task id): the process keeps every session's
-    /// tasks in one store, and each session may see only its own.
-    task_owners: std::sync::Mutex<HashMap<String, String>>,
     /// URI → the sessions subscribed to its updates. The process holds one subscription per
     /// URI for all of them: it is told when the first session subscribes and when the last
     /// one leaves.
@@ -62,7 +59,6 @@ impl SharedServer {
             _cgroup: placed,
             initialize: tokio::sync::OnceCell::new(),
             subscribers: std::sync::Mutex::new(Vec::new()),
-            task_owners: std::sync::Mutex::new(HashMap::new()),
             resource_subscribers: std::sync::Mutex::new(HashMap::new()),
             subscription_changes: Mutex::new(()),
         });
@@ -96,50 +92,6 @@ impl SharedServer {
                 to_agent,
             });
         session
-    }
-
-    fn task_owners(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.task_owners
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Notes the task a request's `result` created (`task.taskId`), if any, as `session`'s.
-    pub(super) fn note_task(&self, session: &str, result: &Value) {
-        if let Some(task_id) = result.pointer("/task/taskId").and_then(Value::as_str) {
-            self.task_owners()
-                .insert(task_id.to_owned(), session.to_owned());
-        }
-    }
-
-    /// Whether `session` created the task `task_id`.
-    pub(super) fn owns_task(&self, session: &str, task_id: &str) -> bool {
-        self.task_owners()
-            .get(task_id)
-            .is_some_and(|owner| owner == session)
-    }
-
-    /// Keeps in a `tasks/list` result only the tasks `session` created.
-    pub(super) fn keep_own_tasks(&self, session: &str, result: &mut Value) {
-        let owners = self.task_owners();
-        if let Some(tasks) = result.get_mut("tasks").and_then(Value::as_array_mut) {
-            tasks.retain(|task| {
-                task.get("taskId")
-                    .and_then(Value::as_str)
-                    .and_then(|id| owners.get(id))
-                    .is_some_and(|owner| owner == session)
-            });
-        }
-    }
-
-    /// Forgets an ending session: its tasks, and its resource subscriptions.
-    pub(super) fn leave(self: &Arc<Self>, session: &str) {
-        self.forget_tasks_of(session);
-        self.leave_subscriptions(session);
-    }
-
-    fn forget_tasks_of(&self, session: &str) {
-        self.task_owners().retain(|_, owner| owner != session);
     }
 
     /// `session`'s `resources/subscribe` or `resources/unsubscribe` of the URI in `params`:
@@ -197,7 +149,7 @@ impl SharedServer {
     /// Drops an ending session's subscriptions. The process is told to unsubscribe from the
     /// URIs no session wants any more, in the background (the session's end does not wait
     /// for the server), unless a session subscribed again meanwhile.
-    fn leave_subscriptions(self: &Arc<Self>, session: &str) {
+    pub(super) fn leave_subscriptions(self: &Arc<Self>, session: &str) {
         let mut unwanted = Vec::new();
         self.resource_subscribers().retain(|uri, sessions| {
             if sessions.remove(session) && sessions.is_empty() {
