@@ -86,9 +86,38 @@ pub struct AgentSession {
     progress_routes: SessionRoutes,
     /// Where the server's progress about a request without a route goes: the outbox.
     to_outbox: mpsc::WeakSender<Value>,
-    /// The tasks this session's calls created (by task id), with the instruction that
-    /// started each.
-    tasks: std::sync::Mutex<HashMap<String, Option<String>>>,
+    /// The tasks this session's calls created.
+    tasks: std::sync::Mutex<SessionTasks>,
+}
+
+/// How many tasks a session's record keeps: an agent that creates tasks without end must not
+/// grow the daemon without end. The oldest are forgotten first (on a shared server, a task
+/// forgotten is then unknown to its creator too).
+const MAX_TASKS_PER_SESSION: usize = 10_000;
+
+/// The tasks a session's calls created (by task id), with the instruction that started each.
+#[derive(Default)]
+struct SessionTasks {
+    instructions: HashMap<String, Option<String>>,
+    /// Task ids, oldest first.
+    order: std::collections::VecDeque<String>,
+}
+
+impl SessionTasks {
+    fn note(&mut self, task_id: &str, instruction: Option<String>) {
+        if self
+            .instructions
+            .insert(task_id.to_owned(), instruction)
+            .is_none()
+        {
+            self.order.push_back(task_id.to_owned());
+        }
+        while self.order.len() > MAX_TASKS_PER_SESSION {
+            if let Some(oldest) = self.order.pop_front() {
+                self.instructions.remove(&oldest);
+            }
+        }
+    }
 }
 
 /// The server process a session talks to, and what holds it.
@@ -378,7 +407,7 @@ impl AgentSession {
             handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
             progress_routes: SessionRoutes::default(),
             to_outbox,
-            tasks: std::sync::Mutex::new(HashMap::new()),
+            tasks: std::sync::Mutex::new(SessionTasks::default()),
         };
         (Arc::new(session), to_agent)
     }
@@ -454,7 +483,7 @@ impl AgentSession {
         }
     }
 
-    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+    fn tasks(&self) -> std::sync::MutexGuard<'_, SessionTasks> {
         self.tasks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -462,17 +491,17 @@ impl AgentSession {
 
     /// Notes a task a call of this session created, and the instruction behind that call.
     pub(super) fn note_task(&self, task_id: &str, instruction: Option<String>) {
-        self.tasks().insert(task_id.to_owned(), instruction);
+        self.tasks().note(task_id, instruction);
     }
 
     /// Whether a call of this session created the task `task_id`.
     pub(super) fn created_task(&self, task_id: &str) -> bool {
-        self.tasks().contains_key(task_id)
+        self.tasks().instructions.contains_key(task_id)
     }
 
     /// The instruction behind the call that created the task `task_id`.
     pub(super) fn task_instruction(&self, task_id: &str) -> Option<String> {
-        self.tasks().get(task_id).cloned().flatten()
+        self.tasks().instructions.get(task_id).cloned().flatten()
     }
 
     /// Keeps in a `tasks/list` result only the tasks this session created.
@@ -481,7 +510,7 @@ impl AgentSession {
         if let Some(listed) = result.get_mut("tasks").and_then(Value::as_array_mut) {
             listed.retain(|task| {
                 let id = task.get("taskId").and_then(Value::as_str);
-                id.is_some_and(|id| tasks.contains_key(id))
+                id.is_some_and(|id| tasks.instructions.contains_key(id))
             });
         }
     }
@@ -842,6 +871,21 @@ mod tests {
             started_ns,
             ended_ns: None,
         }
+    }
+
+    #[test]
+    fn a_sessions_task_record_keeps_the_newest_tasks_up_to_its_bound() {
+        let mut tasks = SessionTasks::default();
+        tasks.note("first", Some("i-1".into()));
+        tasks.note("first", Some("i-2".into()));
+        assert_eq!(tasks.order.len(), 1, "noted again, not twice");
+        assert_eq!(tasks.instructions["first"].as_deref(), Some("i-2"));
+        for i in 0..MAX_TASKS_PER_SESSION {
+            tasks.note(&format!("t{i}"), None);
+        }
+        assert_eq!(tasks.instructions.len(), MAX_TASKS_PER_SESSION);
+        assert!(!tasks.instructions.contains_key("first"), "the oldest went");
+        assert!(tasks.instructions.contains_key("t0"));
     }
 
     #[test]
