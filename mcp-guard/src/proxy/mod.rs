@@ -15,6 +15,7 @@ mod catalog;
 pub mod record;
 pub mod session;
 pub mod shared;
+mod visibility;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -45,6 +46,9 @@ use crate::policy::{CompiledPolicy, DecisionRequest, Effect, Isolation, Mode, Po
 use crate::upstream::UpstreamError;
 pub use crate::upstream::progress::{ProgressRoute, ProgressThenAnswer};
 pub use session::{AgentSession, CallSpan, Caller};
+use visibility::{
+    check_completion_reference, check_task_reference, could_use, task_created_by, task_named_in,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -821,30 +825,6 @@ impl Proxy {
         Ok(())
     }
 
-    /// Whether the session's agent may see a message its server sent on its own: an update
-    /// of a resource only when the agent could read that resource (as `resources/list` would
-    /// show it to them), so that a resource hidden from them does not show through its updates.
-    pub(super) fn may_see(&self, session: &AgentSession, notification: &Notification) -> bool {
-        if notification.method == "notifications/tasks/status" {
-            return session_may_see_task(session, notification.params.as_ref());
-        }
-        if notification.method != "notifications/resources/updated"
-            || self.mode_of(&session.server).lets_everything_through()
-        {
-            return true;
-        }
-        let uri = notification.params.as_ref().and_then(|p| p.get("uri"));
-        uri.and_then(Value::as_str).is_some_and(|uri| {
-            could_use(
-                &self.policy(),
-                session,
-                session.caller(),
-                "resources/read",
-                uri,
-            )
-        })
-    }
-
     async fn handle_notification(
         &self,
         session: &Arc<AgentSession>,
@@ -1078,8 +1058,8 @@ impl Refusal {
         }
     }
 
-    /// A completion for a prompt or resource the caller cannot see: answered as one the
-    /// server does not have.
+    /// A reference to a prompt, resource template or task the caller cannot see: answered as
+    /// one the server does not have.
     fn unknown_reference(id: &Id, kind: &str, name: &str) -> Refusal {
         Refusal {
             rule: "unknown-reference".into(),
@@ -1118,106 +1098,6 @@ pub(crate) enum ToolCheck {
     Unknown,
     Invalid(String),
     Upstream(String),
-}
-
-/// A completion names the prompt or resource template it completes an argument of
-/// (`params.ref`); one the caller could not use is answered as unknown, so completion cannot
-/// reveal what lists hide.
-fn check_completion_reference(
-    policy: &CompiledPolicy,
-    decision_request: &DecisionRequest<'_>,
-    request: &Request,
-) -> Result<(), Refusal> {
-    let reference = request.params.as_ref().and_then(|p| p.get("ref"));
-    let field = |key: &str| reference.and_then(|r| r.get(key)).and_then(Value::as_str);
-    let named = match field("type") {
-        Some("ref/prompt") => field("name").map(|name| ("prompts/get", "prompt", name)),
-        Some("ref/resource") => field("uri").map(|uri| ("resources/read", "resource", uri)),
-        _ => None,
-    };
-    let Some((use_method, kind, name)) = named else {
-        return Err(Refusal::invalid(
-            &request.id,
-            "completion/complete needs params.ref: a ref/prompt with a name or a ref/resource with a uri",
-        ));
-    };
-    let visible = policy.visible(&DecisionRequest {
-        method: use_method,
-        name: Some(name),
-        arguments: None,
-        ..*decision_request
-    });
-    if visible {
-        Ok(())
-    } else {
-        Err(Refusal::unknown_reference(&request.id, kind, name))
-    }
-}
-
-/// The task methods that name one task (`params.taskId`).
-const TASK_METHODS: [&str; 3] = ["tasks/get", "tasks/result", "tasks/cancel"];
-
-/// The task a request names: `params.taskId` of `tasks/get`, `tasks/result`, `tasks/cancel`.
-fn task_named_in(request: &Request) -> Option<&str> {
-    if !TASK_METHODS.contains(&request.method.as_str()) {
-        return None;
-    }
-    request.params.as_ref()?.get("taskId")?.as_str()
-}
-
-/// The task an answer says its request created (`result.task.taskId`).
-fn task_created_by(answer: &Value) -> Option<&str> {
-    answer.pointer("/result/task/taskId")?.as_str()
-}
-
-/// On a shared server, whose one task store holds every session's tasks, a session may name
-/// only a task it created; another's is answered as unknown. (A session's own server process
-/// holds only its tasks.)
-fn check_task_reference(session: &AgentSession, request: &Request) -> Result<(), Refusal> {
-    if session.shared().is_none() || !TASK_METHODS.contains(&request.method.as_str()) {
-        return Ok(());
-    }
-    let Some(task_id) = task_named_in(request) else {
-        return Err(Refusal::invalid(
-            &request.id,
-            &format!("{} needs params.taskId", request.method),
-        ));
-    };
-    if session.created_task(task_id) {
-        Ok(())
-    } else {
-        Err(Refusal::unknown_reference(&request.id, "task", task_id))
-    }
-}
-
-/// Whether a task's status notification is for this session: on a shared server, only for
-/// the session that created the task.
-fn session_may_see_task(session: &AgentSession, params: Option<&Value>) -> bool {
-    if session.shared().is_none() {
-        return true;
-    }
-    let task_id = params.and_then(|p| p.get("taskId")).and_then(Value::as_str);
-    task_id.is_some_and(|task_id| session.created_task(task_id))
-}
-
-/// Whether `caller` could use the thing named `name` by `method` (`tools/call`,
-/// `resources/read`, `prompts/get`) on the session's server, as a list shows it to them.
-fn could_use(
-    policy: &CompiledPolicy,
-    session: &AgentSession,
-    caller: &Caller,
-    method: &str,
-    name: &str,
-) -> bool {
-    policy.visible(&DecisionRequest {
-        server: &session.server,
-        principal: &caller.principal,
-        roles: &caller.roles,
-        method,
-        name: Some(name),
-        arguments: None,
-        context: &caller.context,
-    })
 }
 
 /// Rewrites a cancellation's `requestId` from the agent's id to the upstream one, which it

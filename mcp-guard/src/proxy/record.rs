@@ -183,7 +183,7 @@ impl Recorder {
         let mut record = call_record(session, request, identity, mode);
         record.outcome = Some(outcome_of(answer));
         record.latency = Some(latency);
-        if let Some(created) = super::task_created_by(answer) {
+        if let Some(created) = super::visibility::task_created_by(answer) {
             record.task_id = Some(created.to_owned());
         }
         if mode.lets_everything_through() && request.method == "tools/list" {
@@ -273,7 +273,7 @@ fn call_record(
     record.server = Some(session.server.clone());
     record.method = Some(request.method.clone());
     record.tool = super::target_name(&request.method, request.params.as_ref()).map(str::to_owned);
-    record.task_id = super::task_named_in(request).map(str::to_owned);
+    record.task_id = super::visibility::task_named_in(request).map(str::to_owned);
     record
 }
 

@@ -1,0 +1,141 @@
+//! What an agent may see beyond what it asked for by name: the prompts and resource
+//! templates a completion names, the tasks of a shared server, and the notifications a server
+//! sends on its own. Each is judged as the lists are (see `Proxy::filter_list`): nothing an
+//! agent cannot use shows through another door.
+
+use serde_json::Value;
+
+use super::session::{AgentSession, Caller};
+use super::{Proxy, Refusal};
+use crate::mcp::jsonrpc::{Notification, Request};
+use crate::policy::{CompiledPolicy, DecisionRequest};
+
+impl Proxy {
+    /// Whether the session's agent may see a message its server sent on its own: an update
+    /// of a resource only when the agent could read that resource (as `resources/list` would
+    /// show it to them), so that a resource hidden from them does not show through its
+    /// updates; a task's status, on a shared server, only when the session created the task.
+    pub(super) fn may_see(&self, session: &AgentSession, notification: &Notification) -> bool {
+        if notification.method == "notifications/tasks/status" {
+            return session_may_see_task(session, notification.params.as_ref());
+        }
+        if notification.method != "notifications/resources/updated"
+            || self.mode_of(&session.server).lets_everything_through()
+        {
+            return true;
+        }
+        let uri = notification.params.as_ref().and_then(|p| p.get("uri"));
+        uri.and_then(Value::as_str).is_some_and(|uri| {
+            could_use(
+                &self.policy(),
+                session,
+                session.caller(),
+                "resources/read",
+                uri,
+            )
+        })
+    }
+}
+
+/// A completion names the prompt or resource template it completes an argument of
+/// (`params.ref`); one the caller could not use is answered as unknown, so completion cannot
+/// reveal what lists hide.
+pub(super) fn check_completion_reference(
+    policy: &CompiledPolicy,
+    decision_request: &DecisionRequest<'_>,
+    request: &Request,
+) -> Result<(), Refusal> {
+    let reference = request.params.as_ref().and_then(|p| p.get("ref"));
+    let field = |key: &str| reference.and_then(|r| r.get(key)).and_then(Value::as_str);
+    let named = match field("type") {
+        Some("ref/prompt") => field("name").map(|name| ("prompts/get", "prompt", name)),
+        Some("ref/resource") => field("uri").map(|uri| ("resources/read", "resource", uri)),
+        _ => None,
+    };
+    let Some((use_method, kind, name)) = named else {
+        return Err(Refusal::invalid(
+            &request.id,
+            "completion/complete needs params.ref: a ref/prompt with a name or a ref/resource with a uri",
+        ));
+    };
+    let visible = policy.visible(&DecisionRequest {
+        method: use_method,
+        name: Some(name),
+        arguments: None,
+        ..*decision_request
+    });
+    if visible {
+        Ok(())
+    } else {
+        Err(Refusal::unknown_reference(&request.id, kind, name))
+    }
+}
+
+/// The task methods that name one task (`params.taskId`).
+const TASK_METHODS: [&str; 3] = ["tasks/get", "tasks/result", "tasks/cancel"];
+
+/// The task a request names: `params.taskId` of `tasks/get`, `tasks/result`, `tasks/cancel`.
+pub(super) fn task_named_in(request: &Request) -> Option<&str> {
+    if !TASK_METHODS.contains(&request.method.as_str()) {
+        return None;
+    }
+    request.params.as_ref()?.get("taskId")?.as_str()
+}
+
+/// The task an answer says its request created (`result.task.taskId`).
+pub(super) fn task_created_by(answer: &Value) -> Option<&str> {
+    answer.pointer("/result/task/taskId")?.as_str()
+}
+
+/// On a shared server, whose one task store holds every session's tasks, a session may name
+/// only a task it created; another's is answered as unknown. (A session's own server process
+/// holds only its tasks.)
+pub(super) fn check_task_reference(
+    session: &AgentSession,
+    request: &Request,
+) -> Result<(), Refusal> {
+    if session.shared().is_none() || !TASK_METHODS.contains(&request.method.as_str()) {
+        return Ok(());
+    }
+    let Some(task_id) = task_named_in(request) else {
+        return Err(Refusal::invalid(
+            &request.id,
+            &format!("{} needs params.taskId", request.method),
+        ));
+    };
+    if session.created_task(task_id) {
+        Ok(())
+    } else {
+        Err(Refusal::unknown_reference(&request.id, "task", task_id))
+    }
+}
+
+/// Whether a task's status notification is for this session: on a shared server, only for
+/// the session that created the task.
+fn session_may_see_task(session: &AgentSession, params: Option<&Value>) -> bool {
+    if session.shared().is_none() {
+        return true;
+    }
+    let task_id = params.and_then(|p| p.get("taskId")).and_then(Value::as_str);
+    task_id.is_some_and(|task_id| session.created_task(task_id))
+}
+
+/// Whether `caller` could use the thing named `name` by `method` (`tools/call`,
+/// `resources/read`, `prompts/get`) on the session's server, as a list shows it to them.
+pub(super) fn could_use(
+    policy: &CompiledPolicy,
+    session: &AgentSession,
+    caller: &Caller,
+    method: &str,
+    name: &str,
+) -> bool {
+    policy.visible(&DecisionRequest {
+        server: &session.server,
+        principal: &caller.principal,
+        roles: &caller.roles,
+        method,
+        name: Some(name),
+        arguments: None,
+        context: &caller.context,
+    })
+}
