@@ -27,12 +27,16 @@ fn write_policy(env: &TestEnv, servers: Value) {
 
 /// The policy with server-everything as `everything`, its tools listed and `rules` besides.
 fn write_everything_policy(env: &TestEnv, peers: &Peers, rules: Vec<Value>) {
+    write_everything_policy_in_mode(env, peers, rules, "enforce");
+}
+
+/// [`write_everything_policy`], with the server in `mode`.
+fn write_everything_policy_in_mode(env: &TestEnv, peers: &Peers, rules: Vec<Value>, mode: &str) {
     let mut all = vec![list_tools_rule()];
     all.extend(rules);
-    write_policy(
-        env,
-        json!({"everything": stdio_server(peers.everything(), all)}),
-    );
+    let mut server = stdio_server(peers.everything(), all);
+    server["mode"] = json!(mode);
+    write_policy(env, json!({ "everything": server }));
 }
 
 fn text(result: &Value) -> &str {
@@ -581,6 +585,16 @@ impl RawStdio {
         out
     }
 
+    /// The answer to a `completion/complete` of argument `name` (typed so far: `value`) of
+    /// `reference`.
+    fn complete(&mut self, id: u64, reference: Value, name: &str, value: &str) -> Value {
+        let params = json!({"ref": reference, "argument": {"name": name, "value": value}});
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": "completion/complete",
+            "params": params});
+        self.send(request.to_string().as_bytes());
+        self.responses(1, "the completion answer").remove(0)
+    }
+
     /// Every message written up to and including the first that `last` picks.
     fn messages_until(&mut self, what: &str, last: impl Fn(&Value) -> bool) -> Vec<Value> {
         let mut out = Vec::new();
@@ -688,9 +702,27 @@ fn stdio_front_exits_when_its_server_exits() {
 /// hidden URI's update, sent first, never reaches the agent; the visible one's does.
 #[test]
 fn resource_updates_reach_the_agent_only_for_resources_it_may_read() {
-    let env = TestEnv::new("stdio-front-resource-updates", PROBE);
+    let updates = resource_updates_through_the_front("enforce");
+    assert_eq!(updates, [json!("demo://visible/1")]);
+}
+
+/// In `shadow` mode the agent sees what it would see without mcp-guard: both updates.
+#[test]
+fn in_shadow_mode_every_resource_update_reaches_the_agent() {
+    let updates = resource_updates_through_the_front("shadow");
+    assert_eq!(
+        updates,
+        [json!("demo://hidden/1"), json!("demo://visible/1")]
+    );
+}
+
+/// The URIs of the resource updates a stdio front writes, with the server in `mode`, after
+/// subscribing to a hidden and then a visible URI and turning updates on; read up to the
+/// visible one's.
+fn resource_updates_through_the_front(mode: &str) -> Vec<Value> {
+    let env = TestEnv::new(&format!("stdio-front-resource-updates-{mode}"), PROBE);
     let peers = Peers::require();
-    write_everything_policy(&env, &peers, subscribe_any_read_visible_rules());
+    write_everything_policy_in_mode(&env, &peers, subscribe_any_read_visible_rules(), mode);
     let _daemon = env.start_daemon();
     let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
     front.handshake("stdio-resource-updates");
@@ -711,8 +743,7 @@ fn resource_updates_reach_the_agent_only_for_resources_it_may_read() {
     let messages = front.messages_until("the visible resource's update", |message| {
         updated_uri(message) == Some(json!("demo://visible/1"))
     });
-    let updates: Vec<Value> = messages.iter().filter_map(updated_uri).collect();
-    assert_eq!(updates, [json!("demo://visible/1")], "{messages:#?}");
+    messages.iter().filter_map(updated_uri).collect()
 }
 
 /// `completion/complete` completes only what the caller could use: with completion allowed,
@@ -721,37 +752,8 @@ fn resource_updates_reach_the_agent_only_for_resources_it_may_read() {
 /// completion without a reference is invalid.
 #[test]
 fn completion_reveals_nothing_that_lists_hide() {
-    let env = TestEnv::new("stdio-front-completion", PROBE);
-    let peers = Peers::require();
-    write_everything_policy(
-        &env,
-        &peers,
-        vec![
-            allow(
-                "complete",
-                json!({"roles": [DEVELOPER], "methods": ["completion/complete"]}),
-            ),
-            allow(
-                "prompt",
-                json!({"roles": [DEVELOPER], "prompts": ["completable-prompt"]}),
-            ),
-            allow(
-                "text",
-                json!({"roles": [DEVELOPER],
-                "resources": ["demo://resource/dynamic/text/*"]}),
-            ),
-        ],
-    );
-    let _daemon = env.start_daemon();
-    let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
-    front.handshake("stdio-completion");
-    let mut complete = |id: u64, reference: Value, name: &str, value: &str| {
-        let params = json!({"ref": reference, "argument": {"name": name, "value": value}});
-        let request = json!({"jsonrpc": "2.0", "id": id, "method": "completion/complete",
-            "params": params});
-        front.send(request.to_string().as_bytes());
-        front.responses(1, "the completion answer").remove(0)
-    };
+    let (env, _daemon, mut front) = completion_front("enforce");
+    let mut complete = |id, reference, name, value| front.complete(id, reference, name, value);
     let prompt = |name: &str| json!({"type": "ref/prompt", "name": name});
     let template = |kind: &str| json!({"type": "ref/resource", "uri": format!("demo://resource/dynamic/{kind}/{{resourceId}}")});
 
@@ -802,6 +804,53 @@ fn completion_reveals_nothing_that_lists_hide() {
         ],
         "{records:#?}"
     );
+}
+
+/// In `shadow` mode a completion for a hidden prompt goes to the server, as it would without
+/// mcp-guard, and is on record as what `enforce` would have refused.
+#[test]
+fn in_shadow_mode_a_hidden_completion_goes_on_and_is_recorded_as_would_deny() {
+    let (env, _daemon, mut front) = completion_front("shadow");
+    let hidden = json!({"type": "ref/prompt", "name": "args-prompt"});
+    let answer = front.complete(2, hidden, "city", "B");
+    assert!(
+        answer["result"]["completion"]["values"].is_array(),
+        "{answer}"
+    );
+    let records = audit_records(&env.audit_path());
+    let decision = records
+        .iter()
+        .find(|r| r["method"] == "completion/complete" && r.get("decision").is_some())
+        .unwrap_or_else(|| panic!("no decision record: {records:#?}"));
+    assert_eq!(decision["decision"], "would_deny", "{decision}");
+    assert_eq!(decision["rule"], "unknown-reference", "{decision}");
+}
+
+/// A stdio front on server-everything with the server in `mode`, whose policy allows
+/// completion, the prompt `completable-prompt` and the text resource template only.
+fn completion_front(mode: &str) -> (TestEnv, Daemon, RawStdio) {
+    let env = TestEnv::new(&format!("stdio-front-completion-{mode}"), PROBE);
+    let peers = Peers::require();
+    let rules = vec![
+        allow(
+            "complete",
+            json!({"roles": [DEVELOPER], "methods": ["completion/complete"]}),
+        ),
+        allow(
+            "prompt",
+            json!({"roles": [DEVELOPER], "prompts": ["completable-prompt"]}),
+        ),
+        allow(
+            "text",
+            json!({"roles": [DEVELOPER],
+            "resources": ["demo://resource/dynamic/text/*"]}),
+        ),
+    ];
+    write_everything_policy_in_mode(&env, &peers, rules, mode);
+    let daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
+    front.handshake("stdio-completion");
+    (env, daemon, front)
 }
 
 /// Bad lines on the stdio front each get a JSON-RPC error, with their own id where it could
