@@ -720,6 +720,17 @@ fn a_shared_servers_resource_updates_reach_only_sessions_that_may_read_them() {
         .iter()
         .filter(|message| message["method"] == "notifications/message");
     assert_eq!(logs.count(), 0, "{messages:#?}");
+    // Both kinds of withholding are counted, by server and method.
+    let metrics = scrape(guard.metrics);
+    let withheld = |method| {
+        let labels = [("server", "everything"), ("method", method)];
+        metric(&metrics, "mcp_guard_notifications_withheld_total", &labels)
+    };
+    assert!(withheld("notifications/resources/updated") >= 1.0);
+    assert!(
+        withheld("notifications/message") >= 2.0,
+        "one per subscription"
+    );
 }
 
 /// The messages a session's GET stream brings on `everything`: what came while no stream was

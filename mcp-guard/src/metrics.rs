@@ -27,6 +27,9 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub active_sessions: IntGauge,
     pub upstream_errors: IntCounterVec,
+    /// Server notifications kept from an agent that may not see them, by server and method
+    /// (the few methods that are ever withheld).
+    pub notifications_withheld: IntCounterVec,
     /// Requests the HTTP front refused before any policy decision because the caller could
     /// not be authenticated, by reason (a fixed set, see `AuthError::kind`).
     pub auth_failures: IntCounterVec,
@@ -120,6 +123,14 @@ impl Metrics {
                 &["server"],
             )
             .expect("metric"),
+            notifications_withheld: IntCounterVec::new(
+                Opts::new(
+                    "mcp_guard_notifications_withheld_total",
+                    "Server notifications kept from an agent that may not see them, by server and method",
+                ),
+                &["server", "method"],
+            )
+            .expect("metric"),
             auth_failures: IntCounterVec::new(
                 Opts::new(
                     "mcp_guard_auth_failures_total",
@@ -140,7 +151,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(self.audit.records_written.clone()),
             Box::new(self.audit.failures.clone()),
             Box::new(self.audit.flush_failures.clone()),
@@ -149,6 +160,7 @@ impl Metrics {
             Box::new(self.request_duration.clone()),
             Box::new(self.active_sessions.clone()),
             Box::new(self.upstream_errors.clone()),
+            Box::new(self.notifications_withheld.clone()),
             Box::new(self.auth_failures.clone()),
             Box::new(self.egress_attempts.clone()),
             Box::new(self.egress_events_lost.clone()),

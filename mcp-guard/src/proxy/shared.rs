@@ -231,6 +231,7 @@ async fn fan_out_until_the_server_ends(
                     // name what one agent did: it goes to mcp-guard's log, not to every agent.
                     let params = notification.params.unwrap_or_default();
                     tracing::debug!(server, %params, "log message of a shared server");
+                    proxy.count_withheld(server, &notification.method);
                     continue;
                 }
                 // A resource's updates go to the sessions that subscribed to it.

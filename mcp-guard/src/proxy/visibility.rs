@@ -15,13 +15,23 @@ impl Proxy {
     /// of a resource only when the agent could read that resource (as `resources/list` would
     /// show it to them), so that a resource hidden from them does not show through its
     /// updates; a task's status, on a shared server, only when the session created the task.
+    /// One withheld is counted.
     pub(super) fn may_see(&self, session: &AgentSession, notification: &Notification) -> bool {
-        if notification.method == "notifications/tasks/status" {
-            return session_may_see_task(session, notification.params.as_ref());
+        let visible = match notification.method.as_str() {
+            "notifications/tasks/status" => {
+                session_may_see_task(session, notification.params.as_ref())
+            }
+            "notifications/resources/updated" => self.may_see_update(session, notification),
+            _ => true,
+        };
+        if !visible {
+            self.count_withheld(&session.server, &notification.method);
         }
-        if notification.method != "notifications/resources/updated"
-            || self.mode_of(&session.server).lets_everything_through()
-        {
+        visible
+    }
+
+    fn may_see_update(&self, session: &AgentSession, notification: &Notification) -> bool {
+        if self.mode_of(&session.server).lets_everything_through() {
             return true;
         }
         let uri = notification.params.as_ref().and_then(|p| p.get("uri"));
@@ -34,6 +44,15 @@ impl Proxy {
                 uri,
             )
         })
+    }
+
+    /// Counts a server notification kept from an agent (`method` is one of the few that
+    /// ever are, so the label stays bounded).
+    pub(super) fn count_withheld(&self, server: &str, method: &str) {
+        self.metrics
+            .notifications_withheld
+            .with_label_values(&[server, method])
+            .inc();
     }
 }
 
