@@ -100,6 +100,14 @@ impl Guard {
         mcp_client(&self.peers, Transport::Stdio(&command), HANDSHAKE, script)
     }
 
+    /// [`Guard::start`] with server-everything as `everything`, one process shared by every
+    /// session (`"isolation": "shared"`), and `rules` besides the usual ones.
+    fn start_shared(tag: &str, rules: Vec<Value>) -> Guard {
+        Guard::start(tag, &[("everything", rules)], |_, entry| {
+            entry["isolation"] = json!("shared");
+        })
+    }
+
     /// Opens a session on `everything` with a raw `initialize` and sends `body` in it: the
     /// session's id and the answer to `body`.
     fn open_raw_session(&self, body: &str) -> (String, Value) {
@@ -641,13 +649,7 @@ fn progress_then_answer(raw: &Value) -> (Vec<(Value, Value, Value)>, Value) {
 /// puts the agent's back.
 #[test]
 fn progress_on_a_shared_server_reaches_only_the_call_it_is_about() {
-    let guard = Guard::start(
-        "server-req-shared-progress",
-        &[("everything", vec![])],
-        |_, entry| {
-            entry["isolation"] = json!("shared");
-        },
-    );
+    let guard = Guard::start_shared("server-req-shared-progress", vec![]);
     let url = format!("http://{}/servers/everything/mcp", guard.addr);
     let call = |steps: u64| {
         json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
@@ -687,16 +689,7 @@ fn progress_on_a_shared_server_reaches_only_the_call_it_is_about() {
 #[test]
 fn a_shared_servers_resource_updates_reach_only_sessions_that_may_read_them() {
     let rules = subscribe_any_read_visible_rules();
-    let guard = Guard::start(
-        "server-req-shared-updates",
-        &[("everything", rules)],
-        |_, entry| {
-            entry["isolation"] = json!("shared");
-        },
-    );
-    let request = |id: u64, method: &str, params: Value| {
-        json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
-    };
+    let guard = Guard::start_shared("server-req-shared-updates", rules);
     let subscribe = |id, uri| request(id, "resources/subscribe", json!({"uri": uri}));
     let (session, _) = guard.open_raw_session(&subscribe(2, "demo://hidden/1"));
     let in_session = |body: &str| {
@@ -733,6 +726,11 @@ fn a_shared_servers_resource_updates_reach_only_sessions_that_may_read_them() {
     );
 }
 
+/// A JSON-RPC request's text.
+fn request(id: u64, method: &str, params: Value) -> String {
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
+}
+
 /// The messages a session's GET stream brings on `everything`: what came while no stream was
 /// open (the outbox keeps it), read until 2 s pass without data.
 fn waiting_messages(guard: &Guard, session: &str) -> Vec<Value> {
@@ -763,16 +761,7 @@ fn one_sessions_unsubscribe_on_a_shared_server_leaves_the_others_subscribed() {
         "unsubscribe",
         json!({"roles": [DEVELOPER], "methods": ["resources/unsubscribe"]}),
     ));
-    let guard = Guard::start(
-        "server-req-shared-unsubscribe",
-        &[("everything", rules)],
-        |_, entry| {
-            entry["isolation"] = json!("shared");
-        },
-    );
-    let request = |id: u64, method: &str, params: Value| {
-        json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
-    };
+    let guard = Guard::start_shared("server-req-shared-unsubscribe", rules);
     let visible = json!({"uri": "demo://visible/1"});
     let subscribe = request(2, "resources/subscribe", visible.clone());
     let (a, subscribed_a) = guard.open_raw_session(&subscribe);
@@ -809,16 +798,7 @@ fn a_shared_servers_tasks_are_seen_only_by_the_session_that_created_them() {
             json!({"roles": [DEVELOPER], "methods": ["tasks/*"]}),
         ),
     ];
-    let guard = Guard::start(
-        "server-req-shared-tasks",
-        &[("everything", rules)],
-        |_, entry| {
-            entry["isolation"] = json!("shared");
-        },
-    );
-    let request = |id: u64, method: &str, params: Value| {
-        json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
-    };
+    let guard = Guard::start_shared("server-req-shared-tasks", rules);
     let research = json!({"name": "simulate-research-query", "arguments": {"topic": "tasks"},
         "task": {"ttl": 60000}, "_meta": {"io.mcp-guard/instruction": "research-1"}});
     let (a, created) = guard.open_raw_session(&request(2, "tools/call", research));

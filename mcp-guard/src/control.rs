@@ -542,7 +542,6 @@ mod tests {
         }
     }
 
-    /// Only a request that may flush gets a task of its own (a flush holds its thread).
     #[test]
     fn calls_in_flight_count_starts_and_ends_and_never_go_below_none() {
         let calls = CallsInFlight::default();
@@ -556,6 +555,7 @@ mod tests {
         assert!(!calls.any());
     }
 
+    /// Only a request that may flush gets a task of its own (a flush holds its thread).
     #[test]
     fn only_appends_that_flush_are_answered_in_a_task() {
         let decision = record(Some(None));

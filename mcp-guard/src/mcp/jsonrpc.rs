@@ -84,13 +84,13 @@ impl Incoming {
         let Incoming::Single(Message::Request(request)) = self else {
             return None;
         };
-        request
-            .params
-            .as_ref()?
-            .get("_meta")?
-            .get("progressToken")
-            .cloned()
+        requested_progress_token(request.params.as_ref()).cloned()
     }
+}
+
+/// The `progressToken` a request's params ask progress under (`_meta.progressToken`).
+pub fn requested_progress_token(params: Option<&Value>) -> Option<&Value> {
+    params?.get("_meta")?.get("progressToken")
 }
 
 /// Limits on agent input.

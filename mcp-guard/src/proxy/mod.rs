@@ -1047,22 +1047,20 @@ struct Refusal {
 
 impl Refusal {
     fn unknown_tool(id: &Id, tool: &str) -> Refusal {
-        Refusal {
-            rule: "unknown-tool".into(),
-            by_policy: true,
-            error: RpcError::new(
-                Some(id.clone()),
-                codes::INVALID_PARAMS,
-                format!("Unknown tool: {tool}"),
-            ),
-        }
+        Refusal::unknown(id, "unknown-tool", "tool", tool)
     }
 
     /// A reference to a prompt, resource template or task the caller cannot see: answered as
     /// one the server does not have.
     fn unknown_reference(id: &Id, kind: &str, name: &str) -> Refusal {
+        Refusal::unknown(id, "unknown-reference", kind, name)
+    }
+
+    /// `-32602 Unknown KIND: NAME`, as a server answers for what it does not have, under the
+    /// audit `rule` saying why mcp-guard answered so.
+    fn unknown(id: &Id, rule: &str, kind: &str, name: &str) -> Refusal {
         Refusal {
-            rule: "unknown-reference".into(),
+            rule: rule.into(),
             by_policy: true,
             error: RpcError::new(
                 Some(id.clone()),

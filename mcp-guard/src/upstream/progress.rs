@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::mcp::jsonrpc::{Message, Notification};
+use crate::mcp::jsonrpc::{Message, Notification, requested_progress_token};
 
 /// How many progress notifications wait on one route for the agent to collect them.
 const ROUTE_CAPACITY: usize = 256;
@@ -26,17 +26,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The key of a progress token (a string or a number in JSON).
 fn token_key(token: &Value) -> String {
     token.to_string()
-}
-
-/// The progress token of a request's or a notification's params.
-fn token_in(params: Option<&Value>, within_meta: bool) -> Option<&Value> {
-    let params = params?;
-    let holder = if within_meta {
-        params.get("_meta")?
-    } else {
-        params
-    };
-    holder.get("progressToken")
 }
 
 /// Where the progress notifications about one request go.
@@ -80,12 +69,14 @@ impl InFlight {
 
     /// Delivers a progress notification to its request, under the agent's token; gives
     /// back any other notification.
-    pub(super) fn deliver(&self, notification: Notification) -> Result<(), Notification> {
+    pub(super) fn deliver(&self, mut notification: Notification) -> Result<(), Notification> {
         if notification.method != "notifications/progress" {
             return Err(notification);
         }
-        let mut notification = notification;
-        let id = token_in(notification.params.as_ref(), false).and_then(Value::as_i64);
+        let params = notification.params.as_ref();
+        let id = params
+            .and_then(|p| p.get("progressToken"))
+            .and_then(Value::as_i64);
         let request = id.and_then(|id| {
             lock(&self.0)
                 .get(&id)
@@ -154,7 +145,7 @@ impl SessionRoutes {
 
     /// The route of the request whose params carry `_meta.progressToken`, if it has one.
     pub fn route_for(&self, params: Option<&Value>) -> Option<mpsc::Sender<Value>> {
-        let token = token_in(params, true)?;
+        let token = requested_progress_token(params)?;
         lock(&self.0).get(&token_key(token)).cloned()
     }
 }
