@@ -826,6 +826,74 @@ fn in_shadow_mode_a_hidden_completion_goes_on_and_is_recorded_as_would_deny() {
     assert_eq!(decision["rule"], "unknown-reference", "{decision}");
 }
 
+/// A policy learned from completions completes them again, and nothing else: in `learn`
+/// mode the agent completes arguments of a prompt and a resource template that the rules do
+/// not cover; under the policy `policy suggest` makes of that log, the same completions are
+/// answered by the server, while a template the agent never completed is unknown.
+#[test]
+fn a_policy_learned_from_completions_completes_them_again() {
+    let (env, daemon, mut front) = completion_front("learn");
+    let prompt = json!({"type": "ref/prompt", "name": "args-prompt"});
+    let template = |kind: &str| json!({"type": "ref/resource", "uri": format!("demo://resource/dynamic/{kind}/{{resourceId}}")});
+    let learned = front.complete(2, prompt.clone(), "city", "B");
+    assert!(
+        learned["result"]["completion"]["values"].is_array(),
+        "{learned}"
+    );
+    let learned = front.complete(3, template("blob"), "resourceId", "7");
+    assert_eq!(
+        learned["result"]["completion"]["values"],
+        json!(["7"]),
+        "{learned}"
+    );
+    let records = audit_records(&env.audit_path());
+    assert!(
+        records.iter().any(|r| r["reference"] == prompt),
+        "no record names the completed prompt: {records:#?}"
+    );
+    drop(front);
+    drop(daemon);
+
+    let suggested_path = env.dir().join("suggested.json");
+    let suggest = mcp_guard(&[
+        "policy",
+        "suggest",
+        "--audit",
+        path_str(&env.audit_path()),
+        "--policy",
+        path_str(&env.policy_path),
+        "--out",
+        path_str(&suggested_path),
+    ]);
+    assert!(suggest.status.success(), "{}", suggest.report());
+    let mut enforced: Value =
+        serde_json::from_str(&std::fs::read_to_string(&suggested_path).unwrap()).unwrap();
+    let enforce_log = env.dir().join("enforce.jsonl");
+    enforced["audit"]["path"] = json!(enforce_log);
+    env.write_policy_document(&enforced);
+    let _daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
+    front.handshake("stdio-completion-enforced");
+
+    let again = front.complete(2, prompt, "city", "B");
+    assert!(
+        again["result"]["completion"]["values"].is_array(),
+        "{again}"
+    );
+    let again = front.complete(3, template("blob"), "resourceId", "7");
+    assert_eq!(
+        again["result"]["completion"]["values"],
+        json!(["7"]),
+        "{again}"
+    );
+    let never = front.complete(4, template("text"), "resourceId", "7");
+    assert_eq!(never["error"]["code"], -32602, "{never}");
+    assert_eq!(
+        never["error"]["message"], "Unknown resource: demo://resource/dynamic/text/{resourceId}",
+        "{never}"
+    );
+}
+
 /// A stdio front on server-everything with the server in `mode`, whose policy allows
 /// completion, the prompt `completable-prompt` and the text resource template only.
 fn completion_front(mode: &str) -> (TestEnv, Daemon, RawStdio) {

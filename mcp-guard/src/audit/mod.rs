@@ -29,7 +29,7 @@ pub use error::AuditError;
 pub use files::chain_order;
 pub use record::{
     Attribution, AuditDecision, AuditRecord, GENESIS_PREV, Latency, Outcome, OutcomeKind, Protocol,
-    RecordKind, StoredRecord, ToolSeen, Verdict,
+    RecordKind, Reference, StoredRecord, ToolSeen, Verdict,
 };
 pub use trace::{TraceQuery, TraceReport, trace};
 pub use verify::{ChainBreak, VerifyOptions, VerifySummary, verify};

@@ -139,6 +139,18 @@ pub struct ToolSeen {
     pub destructive: Option<bool>,
 }
 
+/// What a `completion/complete` completes an argument of: its `params.ref`, as MCP spells
+/// it (`{"type": "ref/prompt", "name": …}` or `{"type": "ref/resource", "uri": …}`, the
+/// resource template's URI template).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Reference {
+    #[serde(rename = "ref/prompt")]
+    Prompt { name: String },
+    #[serde(rename = "ref/resource")]
+    Resource { uri: String },
+}
+
 /// How an egress record was tied to calls: the session had exactly one call in flight
 /// (`exact`), several (`ambiguous`: `call_ids` lists every candidate), or none (`idle`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -190,6 +202,9 @@ pub struct AuditRecord {
     /// `tasks/result`, `tasks/cancel`: `params.taskId`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,
+    /// The prompt or resource template a `completion/complete` completes an argument of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Reference>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<AuditDecision>,
     /// The MCP rule that decided a call, or the egress rule that allowed a connection.
@@ -270,6 +285,7 @@ impl AuditRecord {
             method: None,
             tool: None,
             task_id: None,
+            reference: None,
             decision: None,
             rule: None,
             reason: None,

@@ -592,6 +592,19 @@ async fn durable_before_interval_acknowledges_records_once_written() {
 }
 
 #[tokio::test]
+async fn durable_before_interval_counts_a_failed_flush_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let counters = AuditCounters::default();
+    let flush_failures = counters.flush_failures.clone();
+    // No background flush comes before the close: the close's flush is the only one.
+    let log = AuditLog::open_with_counters(&flushed_every(dir.path(), 60_000), counters).unwrap();
+    append_calls(&log, 2).await;
+    log.fail_next_flushes(1);
+    drop(log);
+    assert_eq!(flush_failures.get(), 1, "the final flush failed unseen");
+}
+
+#[tokio::test]
 async fn durable_before_interval_flushes_in_the_background_once_per_interval() {
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::open(&flushed_every(dir.path(), 20)).unwrap();

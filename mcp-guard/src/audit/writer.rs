@@ -637,9 +637,14 @@ impl Drop for Shared {
             .writer
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Err(error) = writer.file().and_then(|file| file.sync_data()) {
+        let path = writer.path.clone();
+        let flushed = writer
+            .file()
+            .cloned()
+            .and_then(|file| sync_data(&file, self));
+        if let Err(error) = flushed {
             tracing::error!(
-                path = %writer.path.display(),
+                path = %path.display(),
                 error = %error,
                 "audit log flush failed at close: the last records may not be on the disk"
             );

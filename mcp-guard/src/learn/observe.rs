@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use super::LearnError;
 use super::constraints::ArgumentStats;
-use crate::audit::record::ToolSeen;
+use crate::audit::record::{Reference, ToolSeen};
 use crate::policy::{Protocol, is_plumbing};
 
 /// Who a learned rule is for. Rules go to roles where the records name exactly one role, so
@@ -137,6 +137,9 @@ pub struct CallerUsage {
     pub prompts: BTreeMap<String, NamedUsage>,
     /// Resource URI → the methods used on it (`resources/read`, `resources/subscribe`, ...).
     pub resources: BTreeMap<String, BTreeMap<String, Usage>>,
+    /// The prompts and resource templates whose arguments `completion/complete` completed
+    /// (counted in `methods` too).
+    pub completed: BTreeMap<Reference, Usage>,
 }
 
 /// What learn makes of the hints a server gave about a tool in `tools/list`.
@@ -213,6 +216,8 @@ struct Line {
     method: Option<String>,
     #[serde(default)]
     tool: Option<String>,
+    #[serde(default)]
+    reference: Option<Reference>,
     #[serde(default)]
     decision: Option<String>,
     #[serde(default)]
@@ -351,6 +356,9 @@ impl Observations {
             (None, Some(_)) => None,
         };
         caller.add(method, line.tool.as_deref(), &line.ts, shapes.as_ref());
+        if let Some(reference) = line.reference {
+            caller.completed.entry(reference).or_default().add(&line.ts);
+        }
     }
 
     fn add_egress(&mut self, server_name: String, line: Line) {

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use super::observe::{
     CallerUsage, Destination, NamedUsage, Observations, ServerUsage, Subject, Usage, total_usage,
 };
+use crate::audit::Reference;
 use crate::policy::{
     Effect, EgressRule, Mode, POLICY_VERSION, Policy, PortRange, Principal, Protocol, Rule,
     ServerPolicy,
@@ -132,7 +133,70 @@ fn caller_rules(subject: &Subject, caller: &CallerUsage, ids: &mut RuleIds) -> V
     rules.extend(named_rules(subject, &caller.tools, Named::Tool, ids));
     rules.extend(named_rules(subject, &caller.prompts, Named::Prompt, ids));
     rules.extend(resource_rules(subject, &caller.resources, ids));
+    rules.extend(completed_rules(subject, caller, ids));
     rules
+}
+
+/// What completing an argument needs beyond `completion/complete` itself: mcp-guard completes
+/// only a prompt the caller may get and a resource template it may read (as the lists show
+/// them). One rule each for the prompts and the templates completed that no other learned
+/// rule already lets the caller use.
+fn completed_rules(subject: &Subject, caller: &CallerUsage, ids: &mut RuleIds) -> Vec<Rule> {
+    let mut prompts = BTreeMap::new();
+    let mut templates = BTreeMap::new();
+    for (reference, usage) in &caller.completed {
+        match reference {
+            Reference::Prompt { name } if !caller.prompts.contains_key(name) => {
+                prompts.insert(name.clone(), usage.clone());
+            }
+            Reference::Resource { uri } if !read_learned(caller, uri) => {
+                templates.insert(uri.clone(), usage.clone());
+            }
+            _ => {}
+        }
+    }
+    let (who, label) = (subject.id_part(), subject.label());
+    let mut rules = Vec::new();
+    if !prompts.is_empty() {
+        rules.push(Rule {
+            methods: vec![Named::Prompt.method().to_owned()],
+            prompts: Some(prompts.keys().cloned().collect()),
+            ..base_rule(
+                ids.claim(&["learned", who, "completed-prompts"]),
+                format!(
+                    "{LEARNED} lets {label} get the prompts it completed arguments of, which \
+                     completion needs: {}.",
+                    listed(&prompts, "completion")
+                ),
+                subject,
+            )
+        });
+    }
+    if !templates.is_empty() {
+        rules.push(Rule {
+            methods: vec!["resources/read".to_owned()],
+            resources: Some(templates.keys().cloned().collect()),
+            ..base_rule(
+                ids.claim(&["learned", who, "completed-templates"]),
+                format!(
+                    "{LEARNED} lets {label} see the resource templates it completed arguments \
+                     of, which completion needs (the template itself, not the resources it \
+                     names): {}.",
+                    listed(&templates, "completion")
+                ),
+                subject,
+            )
+        });
+    }
+    rules
+}
+
+/// Whether the caller's learned resource rules already let it read `uri`.
+fn read_learned(caller: &CallerUsage, uri: &str) -> bool {
+    caller
+        .resources
+        .get(uri)
+        .is_some_and(|methods| methods.contains_key("resources/read"))
 }
 
 /// Tools or prompts: the kind of named thing a rule is learned for.
@@ -566,6 +630,75 @@ mod tests {
             ("carol", none, call, Some("echo"), json!({"message": "y"})),
             ("carol", none, "tools/list", None, Value::Null),
             ("alice", dev, call, Some("rm"), Value::Null),
+        ];
+        for request in &allowed {
+            assert!(allows(&compiled, request), "refused: {request:?}");
+        }
+        for request in &refused {
+            assert!(!allows(&compiled, request), "allowed: {request:?}");
+        }
+    }
+
+    /// A completion needs the prompt or template it names to be usable: the suggestion lets
+    /// the caller use the ones it completed, and only those, without repeating a rule it
+    /// already learned.
+    #[test]
+    fn completed_prompts_and_templates_stay_completable() {
+        let completion = |reference: Value| {
+            json!({"ts": "2026-02-01T10:00:00Z", "kind": "call", "principal": "alice",
+                "roles": ["dev"], "server": "s", "method": "completion/complete",
+                "reference": reference, "decision": "allow", "mode": "learn"})
+        };
+        let fetched = json!({"ts": "2026-02-01T10:00:01Z", "kind": "call", "principal": "alice",
+            "roles": ["dev"], "server": "s", "method": "prompts/get", "tool": "fetched",
+            "decision": "allow", "mode": "learn"});
+        let lines = [
+            completion(json!({"type": "ref/prompt", "name": "only-completed"})),
+            completion(json!({"type": "ref/prompt", "name": "fetched"})),
+            fetched,
+            completion(json!({"type": "ref/resource", "uri": "demo://item/{id}"})),
+            completion(json!({"type": "ref/resource", "uri": "demo://item/{id}"})),
+        ];
+        let policy = suggest(&observe(&lines), Some(&current()));
+        let rules = &policy.servers["s"].rules;
+        let ids: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "no-rm",
+                "learned-dev-methods",
+                "learned-dev-prompts",
+                "learned-dev-completed-prompts",
+                "learned-dev-completed-templates"
+            ]
+        );
+        assert_eq!(rules[3].prompts, Some(vec!["only-completed".to_owned()]));
+        assert!(
+            rules[4]
+                .description
+                .contains("demo://item/{id} (2 completions"),
+            "{}",
+            rules[4].description
+        );
+        let compiled = CompiledPolicy::compile(&policy).expect("the suggestion is valid");
+        let dev: &[&str] = &["dev"];
+        let (get, read) = ("prompts/get", "resources/read");
+        let allowed = [
+            ("alice", dev, "completion/complete", None, Value::Null),
+            ("alice", dev, get, Some("only-completed"), Value::Null),
+            ("alice", dev, get, Some("fetched"), Value::Null),
+            ("alice", dev, read, Some("demo://item/{id}"), Value::Null),
+        ];
+        let refused = [
+            ("alice", dev, get, Some("never-completed"), Value::Null),
+            ("alice", dev, read, Some("demo://item/7"), Value::Null),
+            (
+                "alice",
+                dev,
+                "resources/subscribe",
+                Some("demo://item/{id}"),
+                Value::Null,
+            ),
         ];
         for request in &allowed {
             assert!(allows(&compiled, request), "refused: {request:?}");

@@ -274,6 +274,7 @@ fn call_record(
     record.method = Some(request.method.clone());
     record.tool = super::target_name(&request.method, request.params.as_ref()).map(str::to_owned);
     record.task_id = super::visibility::task_named_in(request).map(str::to_owned);
+    record.reference = super::visibility::completion_reference(request);
     record
 }
 

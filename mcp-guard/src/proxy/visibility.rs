@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::session::{AgentSession, Caller};
 use super::{Proxy, Refusal};
+use crate::audit::Reference;
 use crate::mcp::jsonrpc::{Notification, Request};
 use crate::policy::{CompiledPolicy, DecisionRequest};
 
@@ -64,18 +65,15 @@ pub(super) fn check_completion_reference(
     decision_request: &DecisionRequest<'_>,
     request: &Request,
 ) -> Result<(), Refusal> {
-    let reference = request.params.as_ref().and_then(|p| p.get("ref"));
-    let field = |key: &str| reference.and_then(|r| r.get(key)).and_then(Value::as_str);
-    let named = match field("type") {
-        Some("ref/prompt") => field("name").map(|name| ("prompts/get", "prompt", name)),
-        Some("ref/resource") => field("uri").map(|uri| ("resources/read", "resource", uri)),
-        _ => None,
-    };
-    let Some((use_method, kind, name)) = named else {
+    let Some(reference) = completion_reference(request) else {
         return Err(Refusal::invalid(
             &request.id,
             "completion/complete needs params.ref: a ref/prompt with a name or a ref/resource with a uri",
         ));
+    };
+    let (use_method, kind, name) = match &reference {
+        Reference::Prompt { name } => ("prompts/get", "prompt", name),
+        Reference::Resource { uri } => ("resources/read", "resource", uri),
     };
     let visible = policy.visible(&DecisionRequest {
         method: use_method,
@@ -87,6 +85,22 @@ pub(super) fn check_completion_reference(
         Ok(())
     } else {
         Err(Refusal::unknown_reference(&request.id, kind, name))
+    }
+}
+
+/// The prompt or resource template a `completion/complete` names (`params.ref`).
+pub(super) fn completion_reference(request: &Request) -> Option<Reference> {
+    if request.method != "completion/complete" {
+        return None;
+    }
+    let reference = request.params.as_ref()?.get("ref")?;
+    let field = |key: &str| Some(reference.get(key)?.as_str()?.to_owned());
+    match reference.get("type")?.as_str()? {
+        "ref/prompt" => Some(Reference::Prompt {
+            name: field("name")?,
+        }),
+        "ref/resource" => Some(Reference::Resource { uri: field("uri")? }),
+        _ => None,
     }
 }
 
