@@ -1599,6 +1599,8 @@ fn each_session_runs_in_its_own_guarded_cgroup() {
 
 /// `"isolation": "shared"`: three agent sessions, one server process (in
 /// `<cgroup root>/<server>/shared`), each session initialised and served, each call enforced.
+/// A session's `logging/setLevel` is answered by mcp-guard and never reaches the process (the
+/// fast server would answer it -32601), so no agent sets the level of every session's logs.
 #[test]
 fn shared_isolation_serves_every_session_from_one_process() {
     let env = TestEnv::new("proxy-shared", PROBE);
@@ -1608,6 +1610,10 @@ fn shared_isolation_serves_every_session_from_one_process() {
         vec![
             list_tools_rule(),
             allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+            allow(
+                "log-level",
+                json!({"roles": [DEVELOPER], "methods": ["logging/setLevel"]}),
+            ),
         ],
     );
     server["isolation"] = json!("shared");
@@ -1628,6 +1634,10 @@ fn shared_isolation_serves_every_session_from_one_process() {
             "params": {"name": "write_note", "arguments": {"text": "x"}}});
         let refused = response_message(&front.in_session("fast", session, &hidden));
         assert_unknown_tool(&refused["error"], "write_note");
+        let set_level = json!({"jsonrpc": "2.0", "id": 9, "method": "logging/setLevel",
+            "params": {"level": "emergency"}});
+        let answer = response_message(&front.in_session("fast", session, &set_level));
+        assert_eq!(answer["result"], json!({}), "{answer}");
     }
     let shared = front.env.session_cgroup("fast", "shared");
     assert_eq!(

@@ -828,6 +828,20 @@ fn a_shared_servers_tasks_are_seen_only_by_the_session_that_created_them() {
     assert!(listed(&guard.in_raw_session(&a, &list(4))).contains(&json!(task_id)));
     let report = guard.in_raw_session(&a, &result(5));
     assert!(report["result"]["content"].is_array(), "{report}");
+    // Every status of the task reached A, the first one too, which the server sends before
+    // the answer that creates the task; none reached B.
+    let statuses = |session| -> Vec<Value> {
+        let messages = waiting_messages(&guard, session);
+        let statuses = messages
+            .iter()
+            .filter(|message| message["method"] == "notifications/tasks/status");
+        statuses
+            .map(|status| status["params"]["statusMessage"].clone())
+            .collect()
+    };
+    let of_a = statuses(&a);
+    assert!(of_a.contains(&json!("Gathering sources...")), "{of_a:?}");
+    assert_eq!(statuses(&b), Vec::<Value>::new());
 
     let records = guard.audit();
     let refusals = records

@@ -741,6 +741,9 @@ impl Proxy {
         let outcome = match (session.shared(), request.method.as_str()) {
             // A shared process is initialised once; later sessions get the same answer.
             (Some(shared), "initialize") => shared.initialize(request.params).await,
+            // The process logs for every session, and its logs reach none (see
+            // `proxy::shared`): one agent's level must not change what it logs for all.
+            (Some(_), "logging/setLevel") => Ok(Ok(json!({}))),
             // One subscription per URI on the process, whoever of its sessions asked.
             (Some(shared), "resources/subscribe" | "resources/unsubscribe") => {
                 shared

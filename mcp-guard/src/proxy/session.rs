@@ -489,8 +489,17 @@ impl AgentSession {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Notes a task a call of this session created, and the instruction behind that call.
+    /// Notes a task a call of this session created, and the instruction behind that call
+    /// (on a shared server, the server hands over the statuses that came before).
     pub(super) fn note_task(&self, task_id: &str, instruction: Option<String>) {
+        match self.shared() {
+            Some(shared) => shared.task_created(self, task_id, instruction),
+            None => self.remember_task(task_id, instruction),
+        }
+    }
+
+    /// Records the task in the session's own list (see [`Self::note_task`]).
+    pub(super) fn remember_task(&self, task_id: &str, instruction: Option<String>) {
         self.tasks().note(task_id, instruction);
     }
 

@@ -2,8 +2,9 @@
 //! server. What it sends on its own is fanned out to the sessions that may see it, and what
 //! one process holds for all (tasks, resource subscriptions) is kept apart per session.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc};
@@ -31,6 +32,51 @@ pub struct SharedServer {
     /// Held while the process is told of a subscription change, so that changes do not
     /// interleave (a session subscribing while the last other one leaves).
     subscription_changes: Mutex<()>,
+    /// Task statuses no session could be given yet: the server may send a task's first
+    /// status before the answer that creates it, and until that answer nobody owns the task.
+    early_task_statuses: std::sync::Mutex<EarlyTaskStatuses>,
+}
+
+/// At most this many early task statuses are held; the oldest goes first.
+const MAX_EARLY_TASK_STATUSES: usize = 64;
+/// An early task status whose task no session noted within this long is dropped.
+const EARLY_TASK_STATUS_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Task statuses that came before their task's creation answer, oldest first.
+#[derive(Default)]
+struct EarlyTaskStatuses(VecDeque<EarlyTaskStatus>);
+
+struct EarlyTaskStatus {
+    task_id: String,
+    received: Instant,
+    message: Value,
+}
+
+impl EarlyTaskStatuses {
+    /// Holds `message`, the status of `task_id`, dropping the expired and the oldest beyond
+    /// the bound.
+    fn hold(&mut self, task_id: &str, message: Value) {
+        let now = Instant::now();
+        self.0
+            .retain(|early| now.duration_since(early.received) < EARLY_TASK_STATUS_LIFETIME);
+        if self.0.len() >= MAX_EARLY_TASK_STATUSES {
+            self.0.pop_front();
+        }
+        self.0.push_back(EarlyTaskStatus {
+            task_id: task_id.to_owned(),
+            received: now,
+            message,
+        });
+    }
+
+    /// Takes the statuses held for `task_id`, oldest first.
+    fn take(&mut self, task_id: &str) -> Vec<Value> {
+        let (theirs, others) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition::<VecDeque<_>, _>(|early| early.task_id == task_id);
+        self.0 = others;
+        theirs.into_iter().map(|early| early.message).collect()
+    }
 }
 
 impl SharedServer {
@@ -61,6 +107,7 @@ impl SharedServer {
             subscribers: std::sync::Mutex::new(Vec::new()),
             resource_subscribers: std::sync::Mutex::new(HashMap::new()),
             subscription_changes: Mutex::new(()),
+            early_task_statuses: Default::default(),
         });
         tokio::spawn(fan_out_server_messages(
             Arc::downgrade(proxy),
@@ -172,6 +219,41 @@ impl SharedServer {
         });
     }
 
+    /// Notes that `session` created the task `task_id`, and gives it the task's statuses
+    /// that came before the answer creating it.
+    pub(super) fn task_created(
+        &self,
+        session: &AgentSession,
+        task_id: &str,
+        instruction: Option<String>,
+    ) {
+        let held = {
+            // Under this lock, so that a status does not slip in between: the fan-out either
+            // sees the task as the session's or holds the status for this to hand over.
+            let mut early = self.early_task_statuses();
+            session.remember_task(task_id, instruction);
+            early.take(task_id)
+        };
+        if held.is_empty() {
+            return;
+        }
+        let subscribers = self.subscribers.lock().expect("subscribers lock");
+        let outbox = subscribers
+            .iter()
+            .find(|subscriber| std::ptr::eq(subscriber.session.as_ptr(), session));
+        for message in held {
+            if let Some(outbox) = outbox {
+                let _ = outbox.to_agent.try_send(message);
+            }
+        }
+    }
+
+    fn early_task_statuses(&self) -> std::sync::MutexGuard<'_, EarlyTaskStatuses> {
+        self.early_task_statuses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The server's answer to the first `initialize`, sent once.
     pub(super) async fn initialize(
         &self,
@@ -189,6 +271,12 @@ impl SharedServer {
 struct Subscriber {
     session: Weak<AgentSession>,
     to_agent: mpsc::Sender<Value>,
+}
+
+impl Subscriber {
+    fn created_task(&self, task_id: &str) -> bool {
+        (self.session.upgrade()).is_some_and(|session| session.created_task(task_id))
+    }
 }
 
 /// Passes what a shared server sends on its own to every session on it that may see it (not its progress,
@@ -231,7 +319,7 @@ async fn fan_out_until_the_server_ends(
                     // name what one agent did: it goes to mcp-guard's log, not to every agent.
                     let params = notification.params.unwrap_or_default();
                     tracing::debug!(server, %params, "log message of a shared server");
-                    proxy.count_withheld(server, &notification.method);
+                    proxy.count_withheld(server, &notification.method, 1);
                     continue;
                 }
                 // A resource's updates go to the sessions that subscribed to it.
@@ -242,9 +330,23 @@ async fn fan_out_until_the_server_ends(
                     }
                     _ => None,
                 };
+                // A task's status waits for its task's creator, who may not be known yet.
+                let task_status = (notification.method == "notifications/tasks/status")
+                    .then(|| notification.params.as_ref()?.get("taskId")?.as_str())
+                    .flatten();
+                let mut early = task_status.map(|_| shared.early_task_statuses());
                 let mut subscribers = shared.subscribers.lock().expect("subscribers lock");
                 subscribers.retain(|s| !s.to_agent.is_closed());
                 let value = Message::Notification(notification.clone()).to_value();
+                if let (Some(task_id), Some(early)) = (task_status, &mut early)
+                    && !subscribers.iter().any(|s| s.created_task(task_id))
+                {
+                    // Its creator is one of these sessions; the others are kept from it.
+                    let others = subscribers.len().saturating_sub(1) as u64;
+                    proxy.count_withheld(server, &notification.method, others);
+                    early.hold(task_id, value);
+                    continue;
+                }
                 for subscriber in subscribers.iter() {
                     let may_see = subscriber.session.upgrade().is_some_and(|session| {
                         subscribed
@@ -259,5 +361,36 @@ async fn fan_out_until_the_server_ends(
             }
             Message::Response(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(task_id: &str, n: u64) -> Value {
+        json!({"method": "notifications/tasks/status", "params": {"taskId": task_id, "n": n}})
+    }
+
+    #[test]
+    fn early_task_statuses_are_handed_over_per_task_in_order() {
+        let mut early = EarlyTaskStatuses::default();
+        early.hold("a", status("a", 1));
+        early.hold("b", status("b", 1));
+        early.hold("a", status("a", 2));
+        assert_eq!(early.take("a"), [status("a", 1), status("a", 2)]);
+        assert!(early.take("a").is_empty(), "handed over once");
+        assert_eq!(early.take("b"), [status("b", 1)]);
+    }
+
+    #[test]
+    fn early_task_statuses_keep_only_the_newest() {
+        let mut early = EarlyTaskStatuses::default();
+        for n in 0..(MAX_EARLY_TASK_STATUSES as u64 + 5) {
+            early.hold("a", status("a", n));
+        }
+        let held = early.take("a");
+        assert_eq!(held.len(), MAX_EARLY_TASK_STATUSES);
+        assert_eq!(held[0], status("a", 5), "the oldest went first");
     }
 }

@@ -26,7 +26,7 @@ impl Proxy {
             _ => true,
         };
         if !visible {
-            self.count_withheld(&session.server, &notification.method);
+            self.count_withheld(&session.server, &notification.method, 1);
         }
         visible
     }
@@ -47,13 +47,13 @@ impl Proxy {
         })
     }
 
-    /// Counts a server notification kept from an agent (`method` is one of the few that
-    /// ever are, so the label stays bounded).
-    pub(super) fn count_withheld(&self, server: &str, method: &str) {
+    /// Counts a server notification kept from `sessions` agents (`method` is one of the few
+    /// that ever are, so the label stays bounded).
+    pub(super) fn count_withheld(&self, server: &str, method: &str, sessions: u64) {
         self.metrics
             .notifications_withheld
             .with_label_values(&[server, method])
-            .inc();
+            .inc_by(sessions);
     }
 }
 
