@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use mcp_guard_tests::*;
 use serde_json::{Value, json};
@@ -92,6 +93,21 @@ impl Front {
     /// POSTs `body` inside an existing session.
     fn in_session(&self, server: &str, session: &str, body: &Value) -> Value {
         post_in_session(&self.peers, &self.url(server), session, HANDSHAKE, body)
+    }
+
+    /// The URIs of the resource updates waiting for `session`'s agent (its GET stream, open
+    /// for 2 s).
+    fn updates_waiting(&self, server: &str, session: &str) -> Vec<Value> {
+        let args = ["--method", "GET", "--session", session, "--timeout", "2"];
+        let stream = self.raw(server, &args);
+        let events = stream["events"].as_array();
+        let events = events.unwrap_or_else(|| panic!("no events: {stream}"));
+        let updates = events
+            .iter()
+            .filter(|event| event["data"]["method"] == "notifications/resources/updated");
+        updates
+            .map(|event| event["data"]["params"]["uri"].clone())
+            .collect()
     }
 
     /// A new session of `server`, checked to list exactly `tools`; its id.
@@ -2052,6 +2068,94 @@ fn a_call_whose_event_stream_the_server_closes_is_resumed() {
     );
     let _ = upstream.kill();
     let _ = upstream.wait();
+}
+
+/// The URIs of the resource updates a `url` server sent on its GET stream that reached the
+/// agent, in order, up to `note://after`: the server (the Python SDK's, with an event store)
+/// announces `note://before`, drops its GET stream and announces `note://missed/1` and `/2`
+/// while mcp-guard has none open, then announces `note://after` on the stream mcp-guard opens
+/// next; with the server's `resume_get_stream` as given. The second value: the resumptions the
+/// server saw (the `Last-Event-ID` of each).
+fn updates_across_a_dropped_get_stream(tag: &str, resume: bool) -> (Vec<Value>, String) {
+    let env = TestEnv::new(tag, PROBE);
+    let peers = Peers::require();
+    let resumed = env.dir().join("resumed.txt");
+    let command = peers.polling_http(&["--resume-log", resumed.to_str().unwrap()]);
+    let (mut upstream, port) = start_announcing(&command);
+    let mut server = url_server(
+        &port,
+        vec![
+            allow(
+                "announce",
+                json!({"roles": [DEVELOPER],
+                    "tools": ["announce", "drop_notification_stream"]}),
+            ),
+            // The agent sees a resource's updates only when it may read the resource.
+            allow(
+                "notes",
+                json!({"roles": [DEVELOPER], "resources": ["note://*"]}),
+            ),
+        ],
+    );
+    server["resume_get_stream"] = json!(resume);
+    let front = Front::start(env, peers, json!({ "polling": server }));
+    let session = front.open_session("polling", HANDSHAKE);
+    let call = |tool: &str, arguments: Value| {
+        let body = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments}});
+        let answer = response_message(&front.in_session("polling", &session, &body));
+        assert!(answer["result"]["content"].is_array(), "{tool}: {answer}");
+    };
+    let mut seen = Vec::new();
+    // Until mcp-guard's GET stream is open and has carried an event: the updates before it
+    // was open went nowhere.
+    let (before, after) = (json!("note://before"), json!("note://after"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.contains(&before) {
+        assert!(Instant::now() < deadline, "no update reached the agent");
+        call("announce", json!({"uri": "note://before"}));
+        seen = front.updates_waiting("polling", &session);
+    }
+    call(
+        "drop_notification_stream",
+        json!({"uris": ["note://missed/1", "note://missed/2"]}),
+    );
+    while !seen.contains(&after) {
+        assert!(
+            Instant::now() < deadline,
+            "nothing after the drop: {seen:?}"
+        );
+        // mcp-guard opens the stream again a second after the drop.
+        call("announce", json!({"uri": "note://after"}));
+        seen.extend(front.updates_waiting("polling", &session));
+    }
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+    let after_before = seen.iter().skip_while(|uri| **uri != before).skip(1);
+    let seen = after_before
+        .take_while(|uri| **uri != after)
+        .cloned()
+        .collect();
+    (seen, std::fs::read_to_string(&resumed).unwrap_or_default())
+}
+
+/// With `resume_get_stream`, a `url` server's GET stream that drops is resumed with
+/// `Last-Event-ID`: the updates the server sent while it was down are replayed, in order,
+/// before what comes after.
+#[test]
+fn a_dropped_get_stream_is_resumed_when_the_server_asks_for_it() {
+    let (missed, resumptions) = updates_across_a_dropped_get_stream("proxy-get-resume", true);
+    assert_eq!(missed, [json!("note://missed/1"), json!("note://missed/2")]);
+    assert!(!resumptions.is_empty(), "the server saw no resumption");
+}
+
+/// By default a dropped GET stream is opened afresh, without `Last-Event-ID` (servers on the
+/// TypeScript SDK 1.x mishandle a resumed one): what the server sent meanwhile is not replayed.
+#[test]
+fn a_dropped_get_stream_is_opened_afresh_by_default() {
+    let (missed, resumptions) = updates_across_a_dropped_get_stream("proxy-get-afresh", false);
+    assert_eq!(missed, Vec::<Value>::new());
+    assert_eq!(resumptions, "", "mcp-guard resumed the stream");
 }
 
 // ---------------------------------------------------------------------------------------------

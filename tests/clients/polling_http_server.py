@@ -12,8 +12,12 @@ the application, is written here (in memory).
         [--retry-ms 100] [--resume-log FILE]
 
 Tool `slow_echo(text, pauses)`: for each pause, logs `step N` to the client, closes the call's
-stream and waits 200 ms; then answers `text`. Each resumption (a GET with `Last-Event-ID`) is
-appended to `--resume-log` as one line, the event id it resumed after.
+stream and waits 200 ms; then answers `text`. Tool `announce(uri)` sends
+`notifications/resources/updated` for `uri` on the session's GET stream (the stream for what the
+server sends on its own). Tool `drop_notification_stream(uris)` closes that stream, then
+announces each of `uris`: they wait in the event store for a client that resumes the stream.
+Each resumption (a GET with `Last-Event-ID`) is appended to `--resume-log` as one line, the
+event id it resumed after.
 
 It binds before serving and prints one line `MCP_PEER_LISTENING <port>` on stderr, so
 `--port 0` (the default) gives a free port without a race. SIGTERM/SIGINT stop it.
@@ -66,6 +70,20 @@ def build_server():
             await ctx.close_sse_stream()
             await anyio.sleep(0.2)
         return text
+
+    @server.tool()
+    async def announce(uri: str, ctx: Context) -> str:
+        """Announces an update of `uri` on the session's GET stream."""
+        await ctx.session.send_resource_updated(uri)
+        return "announced"
+
+    @server.tool()
+    async def drop_notification_stream(uris: list[str], ctx: Context) -> str:
+        """Closes the session's GET stream, then announces updates of `uris` on it."""
+        await ctx.close_standalone_sse_stream()
+        for uri in uris:
+            await ctx.session.send_resource_updated(uri)
+        return "dropped"
 
     return server
 

@@ -522,6 +522,15 @@ pub struct ServerPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
 
+    /// Resume the server's GET stream after it drops with `Last-Event-ID` (the id of the last
+    /// event it carried), so that the server replays what it sent meanwhile. Off by default:
+    /// servers on the TypeScript SDK 1.x (server-everything among them) register a resumed GET
+    /// stream under the wrong key and then drop everything they send on their own. Turn it on
+    /// for servers whose resumption works (the Python SDK's, with an event store). Only with
+    /// `url`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_get_stream: bool,
+
     /// How many processes of `command` run: `per_session` (the default) spawns one per agent
     /// session, so sessions cannot see each other's state; `shared` spawns one for everyone.
     /// Only meaningful with `command`.
@@ -611,6 +620,7 @@ impl Default for ServerPolicy {
             command: None,
             url: None,
             tls_ca_file: None,
+            resume_get_stream: false,
             isolation: Isolation::default(),
             principal: None,
             user: None,

@@ -1266,6 +1266,22 @@ fn a_flush_interval_without_durable_before_interval_is_a_warning() {
 }
 
 #[test]
+fn resume_get_stream_loads_with_a_url_and_warns_without_one() {
+    let mut policy = valid();
+    policy["servers"]["fetch"]["resume_get_stream"] = json!(true);
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "servers.fetch.resume_get_stream");
+    let mut policy = valid();
+    let fetch = &mut policy["servers"]["fetch"];
+    fetch.as_object_mut().unwrap().remove("command");
+    fetch["url"] = json!("http://127.0.0.1:8000/mcp");
+    fetch["resume_get_stream"] = json!(true);
+    let loaded = load_value(policy).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert!(loaded.policy.servers["fetch"].resume_get_stream);
+}
+
+#[test]
 fn answer_polling_on_one_worker_loads() {
     let mut policy = valid();
     policy["daemon"]["worker_threads"] = json!(1);

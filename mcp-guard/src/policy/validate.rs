@@ -587,6 +587,12 @@ fn check_launch(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) 
     if let Err((field, reason)) = server.account() {
         problems.push(Problem::error(format!("{path}.{field}"), reason));
     }
+    if server.resume_get_stream && server.url.is_none() {
+        problems.push(Problem::warning(
+            format!("{path}.resume_get_stream"),
+            "has no effect without `url`",
+        ));
+    }
     if let Some(ca_file) = &server.tls_ca_file {
         check_absolute(&format!("{path}.tls_ca_file"), ca_file, problems);
         if !server

@@ -235,7 +235,10 @@ impl Proxy {
             }),
             (None, Some(url)) => session::Target::Url {
                 url,
-                tls_ca_file: server_policy.tls_ca_file.as_deref(),
+                options: crate::upstream::http::HttpOptions {
+                    tls_ca_file: server_policy.tls_ca_file.as_deref(),
+                    resume_get_stream: server_policy.resume_get_stream,
+                },
             },
             (None, None) => return Err(ProxyError::NotSpawnable(server.to_owned())),
         };

@@ -20,7 +20,7 @@ use crate::mcp::jsonrpc::{Id, Message};
 use crate::upstream::progress::{ProgressDestination, ProgressRoute, SessionRoutes};
 use crate::upstream::{self, ServerMessages, Upstream};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Who is calling: the principal, their roles, and context values (e.g. a workflow step)
 /// that rules' `when` conditions read.
@@ -294,8 +294,8 @@ pub(super) async fn start(
     let label: Arc<str> = Arc::from(format!("{server}/{id}"));
     let (request_timeout, answer_poll) = (launch.request_timeout, launch.answer_poll);
     let (upstream, server_messages, placed) = match launch.target {
-        Target::Url { url, tls_ca_file } => {
-            let (upstream, server_messages) = upstream::http::connect(url, tls_ca_file, label)?;
+        Target::Url { url, options } => {
+            let (upstream, server_messages) = upstream::http::connect(url, options, label)?;
             (upstream, server_messages, None)
         }
         Target::Command(program) => {
@@ -342,7 +342,7 @@ pub enum Target<'a> {
     Command(Program<'a>),
     Url {
         url: &'a str,
-        tls_ca_file: Option<&'a Path>,
+        options: upstream::http::HttpOptions<'a>,
     },
 }
 

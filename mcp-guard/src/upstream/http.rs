@@ -78,18 +78,28 @@ struct Connection {
     /// a POST sent after them waits, as it needs the session id the first one returns.
     handshake: Arc<RwLock<()>>,
     listening: AtomicBool,
+    /// Resume a dropped GET stream with `Last-Event-ID` (the server's `resume_get_stream`).
+    resume_get_stream: bool,
     stop_listening: watch::Sender<bool>,
     /// Set when the server answers 404 to a request carrying its session id: it ended the
     /// session (it expired, or the server restarted), and so does the agent's.
     server_session_ended: watch::Sender<bool>,
 }
 
+/// How a session's server is reached beyond its URL (the server's policy settings).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpOptions<'a> {
+    /// PEM certificates an `https://` server's certificate may chain to, besides the
+    /// system's roots.
+    pub tls_ca_file: Option<&'a Path>,
+    /// Resume a dropped GET stream with `Last-Event-ID`.
+    pub resume_get_stream: bool,
+}
+
 /// Connects (lazily: the first POST is the agent's first message) to the server at `url`.
-/// An `https://` server's certificate must chain to the system's roots or to one of the PEM
-/// certificates in `tls_ca_file`.
 pub fn connect(
     url: &str,
-    tls_ca_file: Option<&Path>,
+    options: HttpOptions<'_>,
     label: Arc<str>,
 ) -> Result<(Upstream, ServerMessages), UpstreamError> {
     if !url.starts_with("http://") && !url.starts_with("https://") {
@@ -99,7 +109,7 @@ pub fn connect(
     }
     let parsed =
         reqwest::Url::parse(url).map_err(|e| UpstreamError::Unsupported(format!("{url}: {e}")))?;
-    let client = client_trusting(tls_ca_file)?;
+    let client = client_trusting(options.tls_ca_file)?;
     let (incoming_sender, incoming) = mpsc::channel::<Value>(256);
     let (session_sender, server_messages) = mpsc::channel(256);
     let router = Router::new(session_sender, label.clone());
@@ -112,6 +122,7 @@ pub fn connect(
         label,
         handshake: Arc::new(RwLock::new(())),
         listening: AtomicBool::new(false),
+        resume_get_stream: options.resume_get_stream,
         stop_listening: watch::Sender::new(false),
         server_session_ended: watch::Sender::new(false),
     });
@@ -187,17 +198,23 @@ async fn start_listening(connection: &Arc<Connection>) {
 /// its own requests), reconnecting after a drop, until `stop`. A server that offers no
 /// stream (405) is not asked again.
 ///
-/// A dropped stream is opened again without `Last-Event-ID`: server-everything (SDK 1.x)
-/// registers a resumed GET stream under the wrong key and then drops every message it sends on
-/// its own, so resuming it would lose more than the gap.
+/// By default a dropped stream is opened again without `Last-Event-ID`: server-everything
+/// (SDK 1.x) registers a resumed GET stream under the wrong key and then drops every message
+/// it sends on its own, so resuming it would lose more than the gap. With `resume_get_stream`
+/// it is resumed after the last event it carried; a resumption that brings no event (the
+/// server did not know the id, or refused) is followed by a fresh stream.
 async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
+    let mut decoder = SseDecoder::default();
     loop {
-        let request = event_stream_request(&connection, None).await;
+        let resume_after = decoder
+            .last_event_id
+            .clone()
+            .filter(|_| connection.resume_get_stream);
+        let request = event_stream_request(&connection, resume_after.as_deref()).await;
         let response = tokio::select! {
             _ = stop.wait_for(|stopped| *stopped) => return,
             response = request.send() => response,
         };
-        let mut decoder = SseDecoder::default();
         match response {
             Ok(response) if response.status() == reqwest::StatusCode::METHOD_NOT_ALLOWED => {
                 return;
@@ -219,6 +236,11 @@ async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
                 status = %response.status(), "the server refused a GET stream"),
             Err(e) => tracing::debug!(server = %connection.label,
                 error = %crate::error_chain(&e), "GET stream failed"),
+        }
+        if resume_after.is_some() && decoder.last_event_id == resume_after {
+            tracing::debug!(server = %connection.label,
+                "resuming the GET stream brought no event: opening a fresh one next");
+            decoder.last_event_id = None;
         }
         tokio::select! {
             _ = stop.wait_for(|stopped| *stopped) => return,
@@ -653,6 +675,7 @@ mod tests {
             label: "test".into(),
             handshake: Default::default(),
             listening: Default::default(),
+            resume_get_stream: false,
             stop_listening: tokio::sync::watch::Sender::new(false),
             server_session_ended: tokio::sync::watch::Sender::new(false),
         };
