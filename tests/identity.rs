@@ -13,6 +13,7 @@
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mcp_guard_tests::*;
@@ -334,6 +335,55 @@ fn jwt_identity() -> Value {
 // ---------------------------------------------------------------------------------------------
 // identity.jwt
 // ---------------------------------------------------------------------------------------------
+
+/// An identity provider's keys rotate by replacing the JWKS file: the daemon notices the
+/// change on its own (no SIGHUP), reloads, and from then on a token signed with the key taken
+/// out is refused while the key left in still verifies.
+#[test]
+fn a_replaced_jwks_file_is_picked_up_without_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_path = dir.path().join("jwks.json");
+    let jwks: Value =
+        serde_json::from_str(&std::fs::read_to_string(testdata("jwks.json")).unwrap()).unwrap();
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let mut identity = jwt_identity();
+    identity["jwt"]["issuers"][0]["keys"]["jwks_file"] = json!(jwks_path);
+    let front = Front::start("identity-jwks-rotation", identity);
+    let (ec, rsa) = (
+        token(Algorithm::ES256, &claims(ALICE, json!(["developer"]))),
+        token(Algorithm::RS256, &claims(ALICE, json!(["developer"]))),
+    );
+    Session::open(front.addr, authorization(&ec));
+
+    let mut rotated = jwks.clone();
+    rotated["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|key| key["kid"] != "ec-1");
+    let next = dir.path().join("jwks.json.next");
+    std::fs::write(&next, rotated.to_string()).unwrap();
+    std::fs::rename(&next, &jwks_path).unwrap();
+    front
+        .daemon
+        .wait_for_message("key file changed", Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = post(
+            front.addr,
+            &[("Authorization", &bearer(&ec))],
+            &initialize_message(),
+        );
+        if answer.status == 401 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removed key still verifies: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Session::open(front.addr, authorization(&rsa));
+}
 
 /// Without a valid bearer token nothing passes the front: POST, GET and DELETE are answered
 /// 401 with the Bearer challenge naming the problem and the protected-resource metadata URL,

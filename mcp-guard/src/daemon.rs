@@ -22,6 +22,7 @@ use crate::egress::{
 use crate::metrics::{self, Metrics};
 use crate::policy::{
     AuditSettings, CompiledPolicy, DaemonSettings, LoadedPolicy, Mode, Policy, PolicyError,
+    WatchedFiles,
 };
 use crate::proxy::record::Recorder;
 use crate::proxy::{CallSpan, Placement, Proxy};
@@ -211,7 +212,7 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut poll = tokio::time::interval(POLL_INTERVAL);
-    let mut policy_stamp = crate::policy::file_stamp(&options.policy_path);
+    let mut watched = WatchedFiles::of(&options.policy_path, &loaded.policy);
     let service = &options.service;
     let status = service_status(&loaded.policy, enforcement.is_some(), &settings);
     // Everything is attached, loaded and bound by now: the moment systemd may start what
@@ -236,21 +237,22 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
         tokio::select! {
             _ = hangup.recv() => {
                 notify(service.reloading());
+                let stamped = watched.restamped();
                 reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics).await;
                 notify(service.ready(&service_status(&proxy.model(), enforcement.is_some(), &settings)));
-                policy_stamp = crate::policy::file_stamp(&options.policy_path);
+                watched = stamped.for_policy(&options.policy_path, &proxy.model());
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = watchdog.tick(), if watchdog_every.is_some() => notify(service.watchdog()),
             _ = poll.tick() => {
-                let stamp = crate::policy::file_stamp(&options.policy_path);
-                if stamp != policy_stamp {
-                    policy_stamp = stamp;
-                    tracing::info!("policy file changed");
+                if let Some(changed) = watched.changed() {
+                    log_file_change(&watched, changed);
                     notify(service.reloading());
+                    let stamped = watched.restamped();
                     reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics).await;
                     notify(service.ready(&service_status(&proxy.model(), enforcement.is_some(), &settings)));
+                    watched = stamped.for_policy(&options.policy_path, &proxy.model());
                 }
                 if let Some(enforcement) = &enforcement {
                     export_kernel_gauges(&enforcement.egress, &metrics).await;
@@ -657,6 +659,15 @@ fn policy_record(event: &str, path: &Path) -> AuditRecord {
 async fn append_policy_record(audit: &AuditLog, record: AuditRecord) {
     if let Err(e) = audit.append(record).await {
         tracing::error!(error = %e, "audit: policy record not written");
+    }
+}
+
+/// Says which watched file changed, before the reload it leads to.
+fn log_file_change(watched: &WatchedFiles, changed: &Path) {
+    if watched.is_policy_file(changed) {
+        tracing::info!("policy file changed");
+    } else {
+        tracing::info!(path = %changed.display(), "key file changed");
     }
 }
 

@@ -90,14 +90,82 @@ impl Policy {
     pub fn validate(&self) -> Vec<Problem> {
         validate::validate(self)
     }
+
+    /// The key files `identity.jwt`'s issuers are verified with (`pem_file`, `jwks_file`).
+    pub fn key_files(&self) -> impl Iterator<Item = &Path> {
+        let issuers = self.identity.jwt.iter().flat_map(|jwt| &jwt.issuers);
+        issuers.flat_map(|issuer| {
+            let keys = &issuer.keys;
+            keys.pem_file
+                .iter()
+                .chain(&keys.jwks_file)
+                .map(PathBuf::as_path)
+        })
+    }
 }
 
-/// What tells a changed policy file from the one loaded: modification time, size and inode
-/// (an editor that saves by renaming changes the inode). `None` while the file is missing.
-pub fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+/// What tells a changed file from the one read: modification time, size and inode (an
+/// editor that saves by renaming changes the inode). `None` while the file is missing.
+type FileStamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn file_stamp(path: &Path) -> FileStamp {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
+/// The files a policy in force was read from: the policy file and the key files it names
+/// (`identity.jwt` issuers' `pem_file` and `jwks_file`), as they were then. A change to any
+/// of them is a reason to load the policy again, so that rotating an identity provider's keys
+/// needs no signal.
+pub struct WatchedFiles {
+    files: Vec<(PathBuf, FileStamp)>,
+}
+
+impl WatchedFiles {
+    /// `policy_path` and the key files of `policy`, as they are now.
+    pub fn of(policy_path: &Path, policy: &Policy) -> WatchedFiles {
+        WatchedFiles { files: Vec::new() }.for_policy(policy_path, policy)
+    }
+
+    /// The same files, as they are now. Taken before a reload reads them, so that a file
+    /// replaced while the reload reads it is seen as changed at the next look.
+    pub fn restamped(&self) -> WatchedFiles {
+        let files = self
+            .files
+            .iter()
+            .map(|(path, _)| (path.clone(), file_stamp(path)));
+        WatchedFiles {
+            files: files.collect(),
+        }
+    }
+
+    /// The files of `policy` (`policy_path` and its key files): those watched here keep their
+    /// stamps, the others are stamped now.
+    pub fn for_policy(self, policy_path: &Path, policy: &Policy) -> WatchedFiles {
+        let paths = std::iter::once(policy_path).chain(policy.key_files());
+        let files = paths.map(|path| {
+            let known = self.files.iter().find(|(watched, _)| watched == path);
+            let stamp = known.map_or_else(|| file_stamp(path), |(_, stamp)| *stamp);
+            (path.to_path_buf(), stamp)
+        });
+        WatchedFiles {
+            files: files.collect(),
+        }
+    }
+
+    /// The first of the files that changed since, if any: the policy file comes first.
+    pub fn changed(&self) -> Option<&Path> {
+        self.files
+            .iter()
+            .find(|(path, stamp)| file_stamp(path) != *stamp)
+            .map(|(path, _)| path.as_path())
+    }
+
+    /// Whether `path` is the policy file (else it is a key file).
+    pub fn is_policy_file(&self, path: &Path) -> bool {
+        self.files.first().is_some_and(|(policy, _)| policy == path)
+    }
 }
 
 /// The policy's JSON Schema (draft 2020-12), as published by `mcp-guard policy schema`.

@@ -212,7 +212,8 @@ pub struct JwtIssuer {
     pub audiences: Vec<String>,
 
     /// The keys that verify this provider's signatures. Read when the policy is loaded (and
-    /// again at each reload); a file that cannot be read or parsed makes the policy invalid.
+    /// again at each reload; a changed key file reloads the policy); a file that cannot be
+    /// read or parsed makes the policy invalid.
     pub keys: JwtKeys,
 
     /// Signature algorithms accepted from this provider; a token signed with another is

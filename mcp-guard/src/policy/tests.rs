@@ -1773,3 +1773,40 @@ fn a_server_account_must_exist_on_this_host() {
     let account = loaded.policy.servers["fetch"].account().unwrap().unwrap();
     assert_eq!((account.uid, account.gid), (65534, 65534));
 }
+
+/// Replaces the file at `path` the way deployment tools do: a new file renamed over it.
+fn replace_file(path: &Path, text: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+#[test]
+fn watched_files_are_the_policy_file_and_its_key_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (policy_path, jwks) = (dir.path().join("policy.json"), dir.path().join("jwks.json"));
+    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    let mut document = valid();
+    document["identity"] = json!({"jwt": {"issuers": [{"issuer": "https://idp", "audiences": ["a"],
+        "keys": {"jwks_file": jwks}, "algorithms": ["RS256"]}]}});
+    std::fs::write(&policy_path, document.to_string()).unwrap();
+    let policy: Policy = serde_json::from_value(document).unwrap();
+    let watched = WatchedFiles::of(&policy_path, &policy);
+    assert_eq!(watched.changed(), None);
+
+    replace_file(&jwks, r#"{"keys": [ ]}"#);
+    assert_eq!(watched.changed(), Some(jwks.as_path()));
+    assert!(!watched.is_policy_file(&jwks));
+    // Stamped before a reload: nothing changed since.
+    let stamped = watched.restamped();
+    assert_eq!(stamped.changed(), None);
+    replace_file(&policy_path, &valid().to_string());
+    let watched = stamped.for_policy(&policy_path, &policy);
+    // A change after the stamps (while the reload read the file) is still seen.
+    assert_eq!(watched.changed(), Some(policy_path.as_path()));
+    assert!(watched.is_policy_file(&policy_path));
+    // A policy without key files watches only itself.
+    let without_keys = WatchedFiles::of(&policy_path, &serde_json::from_value(valid()).unwrap());
+    std::fs::remove_file(&jwks).unwrap();
+    assert_eq!(without_keys.changed(), None);
+}

@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 
 use crate::identity::TransportHints;
 use crate::mcp::jsonrpc;
-use crate::policy::{CompiledPolicy, Policy};
+use crate::policy::{CompiledPolicy, Policy, WatchedFiles};
 use crate::proxy::{AgentSession, ProgressRoute, Proxy};
 
 /// Why the stdio front stopped serving.
@@ -187,14 +187,14 @@ fn current_roles(proxy: &Proxy, session: &AgentSession) -> TransportHints {
 }
 
 /// Keeps the front's policy current, as the daemon keeps its own: the file is read again on
-/// SIGHUP or when it changes. A policy that does not load is refused with a line on stderr,
-/// and the one in force stays.
+/// SIGHUP or when it (or a key file it names) changes. A policy that does not load is refused
+/// with a line on stderr, and the one in force stays.
 pub async fn follow_policy(proxy: Arc<Proxy>, path: PathBuf) {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .inspect_err(|e| tracing::warn!(error = %e, "SIGHUP will not reload the policy"))
         .ok();
     let mut poll = tokio::time::interval(std::time::Duration::from_secs(1));
-    let mut stamp = crate::policy::file_stamp(&path);
+    let mut watched = WatchedFiles::of(&path, &proxy.model());
     loop {
         tokio::select! {
             Some(()) = async {
@@ -204,14 +204,14 @@ pub async fn follow_policy(proxy: Arc<Proxy>, path: PathBuf) {
                 }
             } => {}
             _ = poll.tick() => {
-                let now = crate::policy::file_stamp(&path);
-                if now == stamp {
+                if watched.changed().is_none() {
                     continue;
                 }
-                stamp = now;
             }
         }
+        let stamped = watched.restamped();
         reload(&proxy, &path).await;
+        watched = stamped.for_policy(&path, &proxy.model());
     }
 }
 
