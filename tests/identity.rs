@@ -273,6 +273,11 @@ fn fast_server() -> Value {
 
 impl Front {
     fn start(tag: &str, identity: Value) -> Front {
+        Front::start_with(tag, identity, json!({}))
+    }
+
+    /// [`Front::start`] with the `daemon` settings in `daemon` besides the usual ones.
+    fn start_with(tag: &str, identity: Value, daemon: Value) -> Front {
         let env = TestEnv::new(tag, PROBE);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
         let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
@@ -281,6 +286,9 @@ impl Front {
         document["principals"][CAROL] = json!({"roles": ["developer"]});
         document["principals"]["viewer-user"] = json!({"roles": ["viewer"]});
         document["identity"] = identity;
+        for (key, value) in daemon.as_object().into_iter().flatten() {
+            document["daemon"][key] = value.clone();
+        }
         if document["identity"].get("jwt").is_some() {
             // Callers are who their tokens say; daemon.principal would only draw a warning.
             document["daemon"]
@@ -717,6 +725,64 @@ fn sessions_stay_bound_to_their_principal() {
 /// Development mode: the daemon warns at start-up; `MCP-Guard-Principal` names the principal
 /// (roles from `principals`), a request without it is `daemon.principal`'s, and a malformed
 /// name is refused.
+/// Open sessions are bounded: a principal may keep `daemon.max_sessions_per_principal` open
+/// (the next is answered 429 with -32013) and the daemon `daemon.max_sessions` over all
+/// principals (503); ending a session frees its slot. Refusals are counted by reason.
+#[test]
+fn open_sessions_are_bounded_per_principal_and_in_all() {
+    let limits = json!({"max_sessions": 3, "max_sessions_per_principal": 2});
+    let front = Front::start_with(
+        "identity-session-limits",
+        json!({"trust_header": true}),
+        limits,
+    );
+    let addr = front.addr;
+    let named = |principal: &str| vec![("MCP-Guard-Principal", principal.to_owned())];
+    let first = Session::open(addr, named(CAROL));
+    Session::open(addr, named(CAROL));
+    let refused = post(
+        addr,
+        &[("MCP-Guard-Principal", CAROL)],
+        &initialize_message(),
+    );
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.body["error"]["code"], -32013, "{refused:?}");
+    let says = refused.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(says.contains("max_sessions_per_principal"), "{says}");
+
+    // A third principal's session fills the daemon's three; the daemon principal's is refused.
+    Session::open(addr, named("viewer-user"));
+    let refused = post(addr, &[], &initialize_message());
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.body["error"]["code"], -32013, "{refused:?}");
+
+    let end = request(
+        addr,
+        "DELETE",
+        &[
+            ("Mcp-Session-Id", &first.id),
+            ("MCP-Guard-Principal", CAROL),
+        ],
+        None,
+    );
+    assert!(end.status < 300, "{end:?}");
+    let agent = Session::open(addr, Vec::new());
+    assert_eq!(agent.tool_names(), names(&["add", "echo"]));
+
+    let scrape = scrape(front.metrics);
+    let refusals = |reason: &str| {
+        metric(
+            &scrape,
+            "mcp_guard_sessions_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(refusals("principal_limit"), 1.0);
+    assert_eq!(refusals("daemon_limit"), 1.0);
+}
+
 #[test]
 fn trust_header_takes_the_principal_from_the_header_and_warns() {
     let front = Front::start("identity-header", json!({"trust_header": true}));

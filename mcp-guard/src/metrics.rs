@@ -30,6 +30,9 @@ pub struct Metrics {
     /// Server notifications kept from an agent that may not see them, by server and method
     /// (the few methods that are ever withheld).
     pub notifications_withheld: IntCounterVec,
+    /// Sessions the HTTP front refused to open because a limit of open sessions was reached,
+    /// by reason (`daemon_limit`, `principal_limit`).
+    pub sessions_refused: IntCounterVec,
     /// Requests the HTTP front refused before any policy decision because the caller could
     /// not be authenticated, by reason (a fixed set, see `AuthError::kind`).
     pub auth_failures: IntCounterVec,
@@ -131,6 +134,14 @@ impl Metrics {
                 &["server", "method"],
             )
             .expect("metric"),
+            sessions_refused: IntCounterVec::new(
+                Opts::new(
+                    "mcp_guard_sessions_refused_total",
+                    "Sessions refused because the daemon's or the principal's limit of open sessions was reached, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
             auth_failures: IntCounterVec::new(
                 Opts::new(
                     "mcp_guard_auth_failures_total",
@@ -151,7 +162,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(self.audit.records_written.clone()),
             Box::new(self.audit.failures.clone()),
             Box::new(self.audit.flush_failures.clone()),
@@ -162,6 +173,7 @@ impl Metrics {
             Box::new(self.upstream_errors.clone()),
             Box::new(self.notifications_withheld.clone()),
             Box::new(self.auth_failures.clone()),
+            Box::new(self.sessions_refused.clone()),
             Box::new(self.egress_attempts.clone()),
             Box::new(self.egress_events_lost.clone()),
             Box::new(self.egress_guarded_cgroups.clone()),

@@ -24,6 +24,9 @@ pub mod codes {
     pub const UPSTREAM_ERROR: i64 = -32011;
     /// The audit log cannot be written; mcp-guard refuses to act unrecorded.
     pub const AUDIT_UNAVAILABLE: i64 = -32012;
+    /// A session could not be opened: the daemon's or the principal's limit of open sessions
+    /// is reached.
+    pub const TOO_MANY_SESSIONS: i64 = -32013;
 }
 
 /// A request id: MCP allows strings and integers (never null).

@@ -444,6 +444,19 @@ pub struct DaemonSettings {
     /// idle sessions. Default 3600.
     pub session_idle_timeout_seconds: u64,
 
+    /// Most agent sessions the HTTP front keeps open at once, over all servers and callers.
+    /// Each `per_session` server is a process: without a bound, agents could start them until
+    /// the host runs out of memory. A session beyond it is refused (HTTP 503, `-32013`).
+    /// Default 1024.
+    #[schemars(range(min = 1))]
+    pub max_sessions: usize,
+
+    /// Most agent sessions one principal may keep open at once on the HTTP front, so that one
+    /// caller cannot take every session the daemon allows. A session beyond it is refused
+    /// (HTTP 429, `-32013`). Default 128.
+    #[schemars(range(min = 1))]
+    pub max_sessions_per_principal: usize,
+
     /// Threads that run the daemon's work (tokio workers), read when the daemon starts.
     /// Absent: one per CPU (or `TOKIO_WORKER_THREADS` from the environment). One suits a
     /// small host shared with the servers it guards, and lets `answer_poll_us` work.
@@ -490,6 +503,8 @@ impl Default for DaemonSettings {
             dns_max_ttl_seconds: 300,
             shutdown_grace_seconds: 10,
             session_idle_timeout_seconds: 3600,
+            max_sessions: 1024,
+            max_sessions_per_principal: 128,
             worker_threads: None,
             answer_poll_us: 0,
         }

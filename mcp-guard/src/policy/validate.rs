@@ -403,12 +403,17 @@ fn check_keys_load(path: &str, issuer: &JwtIssuer, problems: &mut Vec<Problem>) 
     }
 }
 
-/// A zero limit would refuse every message, which no author means.
+/// A zero limit would refuse every message (or session), which no author means.
 fn check_limits(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
     let limits = [
         ("daemon.max_message_bytes", daemon.max_message_bytes),
         ("daemon.max_batch_size", daemon.max_batch_size),
         ("daemon.max_json_depth", daemon.max_json_depth),
+        ("daemon.max_sessions", daemon.max_sessions),
+        (
+            "daemon.max_sessions_per_principal",
+            daemon.max_sessions_per_principal,
+        ),
     ];
     for (path, value) in limits {
         if value == 0 {

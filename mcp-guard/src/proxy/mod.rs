@@ -15,7 +15,10 @@ mod catalog;
 pub mod record;
 pub mod session;
 pub mod shared;
+mod slots;
 mod visibility;
+
+pub use slots::SessionLimit;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -66,6 +69,8 @@ pub enum ProxyError {
     Placement(String),
     #[error("the account the server runs as: {0}")]
     Account(String),
+    #[error("too many sessions: {0}")]
+    TooManySessions(#[from] SessionLimit),
 }
 
 /// Methods that list things the policy filters, and the method that uses each listed item.
@@ -89,6 +94,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
+    /// The sessions open or being opened, counted against the daemon's limits.
+    session_slots: std::sync::Mutex<slots::SessionSlots>,
     /// Processes of servers with `"isolation": "shared"`, started with their first session.
     shared: Mutex<HashMap<String, Arc<shared::SharedServer>>>,
     /// Call spans of sessions that are not (or no longer) here: sessions of stdio fronts,
@@ -121,6 +128,7 @@ impl Proxy {
             metrics,
             limits,
             sessions: Mutex::new(HashMap::new()),
+            session_slots: Default::default(),
             shared: Mutex::new(HashMap::new()),
             spans_elsewhere: std::sync::Mutex::new(HashMap::new()),
         })
@@ -187,6 +195,7 @@ impl Proxy {
         let removed = self.sessions.lock().await.remove(id);
         match removed {
             Some(session) => {
+                self.give_back_slot(&session);
                 session.end().await;
                 self.keep_spans_of_ended(&session);
                 self.recorder
@@ -203,6 +212,7 @@ impl Proxy {
     pub async fn end_all_sessions(&self) {
         let sessions: Vec<_> = self.sessions.lock().await.drain().collect();
         for (_, session) in sessions {
+            self.give_back_slot(&session);
             session.end().await;
             self.recorder
                 .session_event_because(&session, "end", Some("shutdown"))
@@ -213,8 +223,45 @@ impl Proxy {
     }
 
     /// Starts a session of `server` for `caller`: spawns the server process in its own guarded
-    /// cgroup.
+    /// cgroup. Refused when the daemon's or the caller's limit of open sessions is reached.
     pub async fn open_session(
+        self: &Arc<Self>,
+        server: &str,
+        caller: Caller,
+        id: Option<String>,
+    ) -> Result<Arc<AgentSession>, ProxyError> {
+        let principal = caller.principal.clone();
+        self.take_slot(&principal)?;
+        let opened = self.start_session(server, caller, id).await;
+        if opened.is_err() {
+            self.slots().give_back(&principal);
+        }
+        opened
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, slots::SessionSlots> {
+        self.session_slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes a session slot for `principal`, counting a refusal.
+    fn take_slot(&self, principal: &str) -> Result<(), SessionLimit> {
+        let taken = self.slots().take(principal, &self.model().daemon);
+        if let Err(limit) = &taken {
+            self.metrics
+                .sessions_refused
+                .with_label_values(&[limit.reason()])
+                .inc();
+        }
+        taken
+    }
+
+    fn give_back_slot(&self, session: &AgentSession) {
+        self.slots().give_back(&session.caller().principal);
+    }
+
+    async fn start_session(
         self: &Arc<Self>,
         server: &str,
         caller: Caller,

@@ -32,7 +32,7 @@ use crate::identity::TransportHints;
 use crate::identity::jwt::{AuthError, Verifier};
 use crate::mcp::jsonrpc::{self, Incoming, Message, RpcError, codes};
 use crate::mcp::revision::{self, Revision};
-use crate::proxy::{AgentSession, Caller, ProgressRoute, Proxy};
+use crate::proxy::{AgentSession, Caller, ProgressRoute, Proxy, ProxyError, SessionLimit};
 
 const SESSION_HEADER: &str = "mcp-session-id";
 const GUARD_SESSION_HEADER: &str = "mcp-guard-session";
@@ -374,16 +374,32 @@ async fn open(
         .proxy
         .open_session(server, caller, id)
         .await
-        .map_err(|e| {
-            tracing::error!(server, error = %e, "opening a session");
-            rpc_error_response(
-                StatusCode::BAD_GATEWAY,
-                RpcError::new(
-                    None,
-                    codes::UPSTREAM_ERROR,
-                    format!("could not start the server: {e}"),
-                ),
-            )
+        .map_err(|e| match e {
+            ProxyError::TooManySessions(limit) => {
+                tracing::warn!(server, error = %limit, "session refused");
+                let status = match limit {
+                    SessionLimit::Principal { .. } => StatusCode::TOO_MANY_REQUESTS,
+                    SessionLimit::Daemon { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                let message = format!(
+                    "too many sessions: {limit}; end one (DELETE) or wait for an idle one to expire"
+                );
+                rpc_error_response(
+                    status,
+                    RpcError::new(None, codes::TOO_MANY_SESSIONS, message),
+                )
+            }
+            e => {
+                tracing::error!(server, error = %e, "opening a session");
+                rpc_error_response(
+                    StatusCode::BAD_GATEWAY,
+                    RpcError::new(
+                        None,
+                        codes::UPSTREAM_ERROR,
+                        format!("could not start the server: {e}"),
+                    ),
+                )
+            }
         })
 }
 
