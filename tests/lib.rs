@@ -1879,6 +1879,8 @@ impl TestEnv {
 pub enum Transport<'a> {
     /// Streamable HTTP at this URL.
     Http(&'a str),
+    /// Streamable HTTP over TLS at this `https://` URL, trusting the CA certificate in the file.
+    Https { url: &'a str, ca_file: &'a Path },
     /// A stdio server started by the client: program and arguments.
     Stdio(&'a [String]),
 }
@@ -1941,6 +1943,11 @@ pub fn mcp_client(
         Transport::Http(url) => {
             cmd.args(["--transport", "http", "--url", url]);
             format!("mcp_client.py over HTTP to {url} at {protocol_version}")
+        }
+        Transport::Https { url, ca_file } => {
+            cmd.args(["--transport", "http", "--url", url, "--ca-file"])
+                .arg(ca_file);
+            format!("mcp_client.py over HTTPS to {url} at {protocol_version}")
         }
         Transport::Stdio(command) => {
             cmd.args(["--transport", "stdio", "--command"])

@@ -1968,6 +1968,66 @@ fn private_ca_and_server_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) 
     )
 }
 
+/// Replaces the file at `path` with a copy of `from`, as deployment tools do (a rename).
+fn replace_with(path: &Path, from: &Path) {
+    let next = path.with_extension("next");
+    std::fs::copy(from, &next).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+/// With `daemon.tls` the HTTP front speaks only TLS: the Python SDK client, trusting the
+/// front's CA, calls through it over `https://`; a plain-HTTP request to the same port gets no
+/// HTTP answer. A renewed certificate (of another CA) written over the files is taken without
+/// a restart: the next client, trusting only the new CA, gets through.
+#[test]
+fn the_http_front_serves_tls_and_takes_a_renewed_certificate() {
+    let env = TestEnv::new("proxy-front-tls", PROBE);
+    let peers = Peers::require();
+    let (first, second) = (env.dir().join("first"), env.dir().join("second"));
+    std::fs::create_dir_all(&first).unwrap();
+    std::fs::create_dir_all(&second).unwrap();
+    let (first_ca, first_cert, first_key) = private_ca_and_server_certificate(&first);
+    let (second_ca, second_cert, second_key) = private_ca_and_server_certificate(&second);
+    let (cert, key) = (env.dir().join("front.pem"), env.dir().join("front-key.pem"));
+    replace_with(&cert, &first_cert);
+    replace_with(&key, &first_key);
+    let servers = json!({
+        "fast": stdio_server(
+            vec![FAST_SERVER.to_string()],
+            vec![allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]}))],
+        ),
+    });
+    let front = Front::start_with(env, peers, servers, |document| {
+        document["daemon"]["tls"] = json!({"cert_file": cert, "key_file": key});
+    });
+    let url = format!("https://{}{}", front.addr, Front::path("fast"));
+    let echo = |ca_file: &Path, text_sent: &str| {
+        let script = json!([{"op": "call_tool", "name": "echo", "arguments": {"text": text_sent}}]);
+        let https = Transport::Https { url: &url, ca_file };
+        let run = mcp_client(&front.peers, https, HANDSHAKE, &script);
+        assert_eq!(text(run.ok(0)), text_sent);
+    };
+    echo(&first_ca, "over tls");
+
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}).to_string();
+    let plain = http_exchange(front.addr, "POST", &Front::path("fast"), &[], &body);
+    assert!(
+        plain.is_err(),
+        "a plain-HTTP request was answered: {plain:?}"
+    );
+
+    let mark = front.daemon.log.mark();
+    replace_with(&cert, &second_cert);
+    replace_with(&key, &second_key);
+    front.daemon.wait_for_since(
+        mark,
+        TIMEOUT,
+        "the reload with the renewed certificate",
+        |line| message(line) == Some("policy reloaded"),
+    );
+    echo(&second_ca, "renewed");
+}
+
 /// The real `mcp-server-time` served over https (the Python SDK's Streamable HTTP under
 /// uvicorn) behind an `https://` `url`, its certificate signed by a private CA: with that CA
 /// in `tls_ca_file` the call goes through and gets the server's answer; without it (the

@@ -28,6 +28,7 @@ use crate::proxy::record::Recorder;
 use crate::proxy::{CallSpan, Placement, Proxy};
 use crate::service::Notifier;
 use crate::transport::http;
+use crate::transport::tls::{self, FrontCertificate, TlsError};
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -57,6 +58,8 @@ pub enum DaemonError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Command-line settings that override the policy's `daemon` section.
@@ -170,6 +173,10 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
     }
     let (stop_front, front_stopped) = tokio::sync::watch::channel(false);
     let mut front_task = None;
+    let front_certificate = match &settings.tls {
+        Some(tls) => Some(FrontCertificate::new(tls::load_certified_key(tls)?)),
+        None => None,
+    };
     if let Some(addr) = settings.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -179,14 +186,18 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
             stopping: front_stopped.clone(),
         };
         let mut stopped = front_stopped.clone();
-        front_task = Some(tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            };
-            if let Err(e) = http::serve_until(listener, front, shutdown).await {
-                tracing::error!(error = %e, "MCP listener stopped");
+        let shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        front_task = Some(match &front_certificate {
+            Some(certificate) => {
+                let config = tls::server_config(certificate.clone())?;
+                let listener = tls::TlsListener::new(listener, config)
+                    .map_err(|source| DaemonError::Listen { addr, source })?;
+                serve_front(listener, front, shutdown)
             }
-        }));
+            None => serve_front(listener, front, shutdown),
+        });
     }
     if let Some(enforcement) = &enforcement {
         let listener = control::bind(&settings.control_socket)?;
@@ -238,7 +249,7 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
             _ = hangup.recv() => {
                 notify(service.reloading());
                 let stamped = watched.restamped();
-                reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics).await;
+                reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics, front_certificate.as_deref()).await;
                 notify(service.ready(&service_status(&proxy.model(), enforcement.is_some(), &settings)));
                 watched = stamped.for_policy(&options.policy_path, &proxy.model());
             }
@@ -250,7 +261,7 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
                     log_file_change(&watched, changed);
                     notify(service.reloading());
                     let stamped = watched.restamped();
-                    reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics).await;
+                    reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics, front_certificate.as_deref()).await;
                     notify(service.ready(&service_status(&proxy.model(), enforcement.is_some(), &settings)));
                     watched = stamped.for_policy(&options.policy_path, &proxy.model());
                 }
@@ -422,8 +433,9 @@ async fn reload(
     proxy: &Proxy,
     audit: &AuditLog,
     metrics: &Metrics,
+    front_certificate: Option<&FrontCertificate>,
 ) {
-    match try_reload(path, enforcement, proxy, metrics).await {
+    match try_reload(path, enforcement, proxy, metrics, front_certificate).await {
         Ok(()) => {
             metrics.policy_reloads.with_label_values(&["applied"]).inc();
             record_policy_event(audit, "load", path, None).await;
@@ -442,16 +454,39 @@ async fn try_reload(
     enforcement: Option<&mut Enforcement>,
     proxy: &Proxy,
     metrics: &Metrics,
+    front_certificate: Option<&FrontCertificate>,
 ) -> Result<(), DaemonError> {
     let loaded = load_policy(path)?;
     let compiled = CompiledPolicy::compile(&loaded.policy)?;
+    let renewed = renewed_front_certificate(&loaded.policy, front_certificate)?;
     if let Some(enforcement) = enforcement {
         let wanted = resolve_and_compile(&loaded.policy, &mut enforcement.resolver, metrics).await;
         enforcement.egress.lock().await.apply(&wanted)?;
         enforcement.policy = loaded.policy.clone();
     }
     proxy.replace_policy(loaded.policy, compiled).await;
+    if let (Some(running), Some(renewed)) = (front_certificate, renewed) {
+        running.replace(renewed);
+    }
     Ok(())
+}
+
+/// The HTTP front's certificate and key as the new policy names them, read now. The front
+/// keeps TLS on or off as it started: adding or removing `daemon.tls` takes a restart.
+fn renewed_front_certificate(
+    policy: &Policy,
+    running: Option<&FrontCertificate>,
+) -> Result<Option<rustls::sign::CertifiedKey>, TlsError> {
+    match (&policy.daemon.tls, running) {
+        (Some(tls), Some(_)) => Ok(Some(tls::load_certified_key(tls)?)),
+        (Some(_), None) | (None, Some(_)) => {
+            tracing::warn!(
+                "daemon.tls was added or removed: the HTTP front keeps TLS as it started until the daemon restarts"
+            );
+            Ok(None)
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 fn dns_refresh_due(enforcement: Option<&Enforcement>) -> std::time::Instant {
@@ -660,6 +695,23 @@ async fn append_policy_record(audit: &AuditLog, record: AuditRecord) {
     if let Err(e) = audit.append(record).await {
         tracing::error!(error = %e, "audit: policy record not written");
     }
+}
+
+/// Serves the HTTP front on `listener` in a task of its own until `shutdown`.
+fn serve_front<L>(
+    listener: L,
+    front: http::Front,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
+        if let Err(e) = http::serve_until(listener, front, shutdown).await {
+            tracing::error!(error = %e, "MCP listener stopped");
+        }
+    })
 }
 
 /// Says which watched file changed, before the reload it leads to.

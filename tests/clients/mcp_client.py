@@ -8,6 +8,7 @@ Run it with the peers venv's python (see PEERS.md):
         --transport http --url http://127.0.0.1:PORT/mcp \
         [--protocol-version auto|2025-06-18|2025-11-25|2026-07-28] \
         [--header 'Name: value']... [--timeout SECONDS] [--no-output-validation] \
+        [--ca-file CA.pem]               (https:// URLs: trust this CA, not the system's) \
         --script FILE|-
 
     <peers>/venv/bin/python tests/clients/mcp_client.py \
@@ -79,12 +80,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import time
 import traceback
 from typing import Any
 
 import anyio
+import httpx2
 import mcp.client.session as sdk_session
 import mcp_types as types
 from mcp import Client
@@ -340,6 +343,13 @@ async def drive(args: argparse.Namespace, script: list[dict[str, Any]]) -> int:
     http_client = None
     if args.transport == "http":
         http_client = create_mcp_http_client(headers=dict(args.header))
+        if args.ca_file:
+            # The SDK's client, trusting the given CA instead of the system's.
+            http_client = httpx2.AsyncClient(
+                headers=dict(args.header),
+                timeout=http_client.timeout,
+                verify=ssl.create_default_context(cafile=args.ca_file),
+            )
         server: Any = streamable_http_client(args.url, http_client=http_client)
     else:
         env = dict(os.environ)
@@ -418,6 +428,7 @@ def main() -> int:
     parser.add_argument("--protocol-version", default="auto")
     parser.add_argument("--script", default="-", help="JSON file of operations, or - for stdin")
     parser.add_argument("--header", type=parse_header, action="append", default=[], help="'Name: value' for every HTTP request")
+    parser.add_argument("--ca-file", help="PEM CA certificate to trust for an https:// URL (instead of the system's)")
     parser.add_argument("--env", type=parse_env, action="append", default=[], help="KEY=VALUE for the stdio server")
     parser.add_argument("--cwd", help="working directory of the stdio server")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per operation (and for connecting)")

@@ -46,7 +46,7 @@ pub use glob::matches as glob_matches;
 pub use methods::{PLUMBING_METHODS, is_plumbing};
 pub use model::{
     Account, AuditSettings, DaemonSettings, Destination, DurableBefore, Effect, EgressRule,
-    IdentitySettings, Isolation, JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings, Mode,
+    FrontTls, IdentitySettings, Isolation, JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings, Mode,
     POLICY_VERSION, Policy, Principal, Protocol, Rule, ServerPolicy,
 };
 pub use ports::{PortRange, PortRangeError};
@@ -91,16 +91,17 @@ impl Policy {
         validate::validate(self)
     }
 
-    /// The key files `identity.jwt`'s issuers are verified with (`pem_file`, `jwks_file`).
+    /// The key files the policy names: those `identity.jwt`'s issuers are verified with
+    /// (`pem_file`, `jwks_file`), and the HTTP front's certificate and key (`daemon.tls`).
     pub fn key_files(&self) -> impl Iterator<Item = &Path> {
         let issuers = self.identity.jwt.iter().flat_map(|jwt| &jwt.issuers);
-        issuers.flat_map(|issuer| {
+        let jwt_keys = issuers.flat_map(|issuer| {
             let keys = &issuer.keys;
-            keys.pem_file
-                .iter()
-                .chain(&keys.jwks_file)
-                .map(PathBuf::as_path)
-        })
+            keys.pem_file.iter().chain(&keys.jwks_file)
+        });
+        let tls = self.daemon.tls.iter();
+        let front = tls.flat_map(|tls| [&tls.cert_file, &tls.key_file]);
+        jwt_keys.chain(front).map(PathBuf::as_path)
     }
 }
 

@@ -405,6 +405,12 @@ pub struct DaemonSettings {
     #[schemars(range(min = 1))]
     pub max_json_depth: usize,
 
+    /// TLS on the HTTP front: agents then connect with `https://`. Absent: plain HTTP (for a
+    /// front bound to loopback, or behind a TLS-terminating proxy). Bearer tokens must not
+    /// cross a network in the clear.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<FrontTls>,
+
     /// Address of the Prometheus `/metrics` endpoint. Absent: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
 
@@ -480,6 +486,20 @@ fn is_zero(value: &u32) -> bool {
     *value == 0
 }
 
+/// The HTTP front's certificate and key. Read when the policy is loaded and again at every
+/// reload (a changed file reloads the policy), so a renewed certificate needs no restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FrontTls {
+    /// PEM file of the front's certificate, followed by its intermediate certificates. Must be
+    /// an absolute path.
+    pub cert_file: PathBuf,
+
+    /// PEM file of the certificate's private key (PKCS #8, PKCS #1 or SEC 1). Must be an
+    /// absolute path, readable by the daemon only.
+    pub key_file: PathBuf,
+}
+
 impl DaemonSettings {
     /// `answer_poll_us` as a duration.
     pub fn answer_poll(&self) -> std::time::Duration {
@@ -495,6 +515,7 @@ impl Default for DaemonSettings {
             max_message_bytes: 4 * 1024 * 1024,
             max_batch_size: 64,
             max_json_depth: 64,
+            tls: None,
             metrics_listen: None,
             control_socket: PathBuf::from("/run/mcp-guard/control.sock"),
             bpffs: PathBuf::from("/sys/fs/bpf/mcp-guard"),

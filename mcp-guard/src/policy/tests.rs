@@ -1810,3 +1810,27 @@ fn watched_files_are_the_policy_file_and_its_key_files() {
     std::fs::remove_file(&jwks).unwrap();
     assert_eq!(without_keys.changed(), None);
 }
+
+#[test]
+fn front_tls_files_are_read_by_the_check_and_problems_name_the_field() {
+    let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/transport/testdata");
+    let mut policy = valid();
+    policy["daemon"]["listen"] = json!("127.0.0.1:8080");
+    policy["daemon"]["tls"] = json!({"cert_file": testdata.join("front.pem"),
+        "key_file": testdata.join("front-key.pem")});
+    let loaded = load_value(policy.clone()).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let key_files: Vec<&Path> = loaded.policy.key_files().collect();
+    assert_eq!(key_files.len(), 2, "the certificate and key are watched");
+
+    policy["daemon"]["tls"]["key_file"] = json!(testdata.join("front.pem"));
+    let problems = problems_of(policy.clone());
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].path, "daemon.tls.key_file");
+    policy["daemon"]["tls"]["cert_file"] = json!("relative.pem");
+    let paths: Vec<String> = problems_of(policy).into_iter().map(|p| p.path).collect();
+    assert!(
+        paths.contains(&"daemon.tls.cert_file".to_owned()),
+        "{paths:?}"
+    );
+}

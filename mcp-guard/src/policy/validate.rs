@@ -9,8 +9,9 @@ use std::path::Path;
 use super::cidr::is_ipv4_mapped;
 use super::error::Problem;
 use super::model::{
-    AuditSettings, DaemonSettings, DurableBefore, EgressRule, IdentitySettings, Isolation,
-    JwtIssuer, JwtKeys, JwtSettings, POLICY_VERSION, Policy, Principal, Protocol, ServerPolicy,
+    AuditSettings, DaemonSettings, DurableBefore, EgressRule, FrontTls, IdentitySettings,
+    Isolation, JwtIssuer, JwtKeys, JwtSettings, POLICY_VERSION, Policy, Principal, Protocol,
+    ServerPolicy,
 };
 use super::validate_rules::check_rules;
 
@@ -65,6 +66,9 @@ fn check_daemon(daemon: &DaemonSettings, principals: &Principals, problems: &mut
     }
     check_dns_ttls(daemon, problems);
     check_answer_polling(daemon, problems);
+    if let Some(tls) = &daemon.tls {
+        check_front_tls(daemon, tls, problems);
+    }
     if daemon.listen.is_some() && daemon.listen == daemon.metrics_listen {
         problems.push(Problem::error(
             "daemon.metrics_listen",
@@ -485,6 +489,22 @@ fn check_dns_ttls(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
 
 /// The daemon runs from `/` under systemd, so a relative path would not mean what the author
 /// saw when writing it.
+/// Reads the front's certificate and key as the daemon will, so that a file that cannot be
+/// read, or a key that is not the certificate's, makes the policy invalid.
+fn check_front_tls(daemon: &DaemonSettings, tls: &FrontTls, problems: &mut Vec<Problem>) {
+    if daemon.listen.is_none() {
+        problems.push(Problem::warning(
+            "daemon.tls",
+            "has no effect without daemon.listen: it secures the HTTP front",
+        ));
+    }
+    check_absolute("daemon.tls.cert_file", &tls.cert_file, problems);
+    check_absolute("daemon.tls.key_file", &tls.key_file, problems);
+    if let Err(error) = crate::transport::tls::load_certified_key(tls) {
+        problems.push(Problem::error(error.field_path(), error.reason()));
+    }
+}
+
 fn check_absolute(path: &str, value: &Path, problems: &mut Vec<Problem>) {
     if !value.is_absolute() {
         problems.push(Problem::error(

@@ -61,11 +61,15 @@ pub async fn serve(listener: tokio::net::TcpListener, front: Front) -> std::io::
 
 /// [`serve`] until `shutdown` completes; then no new connection or request is taken, and this
 /// returns once the requests already in flight are answered and their connections closed.
-pub async fn serve_until(
-    listener: tokio::net::TcpListener,
+pub async fn serve_until<L>(
+    listener: L,
     front: Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router(front))
         .with_graceful_shutdown(shutdown)
         .await

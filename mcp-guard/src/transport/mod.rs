@@ -1,3 +1,5 @@
-//! Fronts agents connect to: Streamable HTTP (`http`) and stdio (`stdio`).
+//! Fronts agents connect to: Streamable HTTP (`http`, over TLS with `tls`) and stdio
+//! (`stdio`).
 pub mod http;
 pub mod stdio;
+pub mod tls;

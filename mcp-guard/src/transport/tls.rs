@@ -1,0 +1,263 @@
+//! TLS on the HTTP front (`daemon.tls`): agents present bearer tokens, which must not cross a
+//! network in the clear. The certificate and key are read when the policy is loaded; a reload
+//! (a changed file is one) replaces them for new connections, so a certificate is renewed
+//! without a restart. Handshakes run in tasks of their own, so a slow or silent client holds
+//! up no other.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
+use rustls::sign::CertifiedKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::policy::FrontTls;
+
+/// How long a client may take to complete its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections handshaken and not yet taken by the server.
+const HANDSHAKEN_BACKLOG: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("daemon.tls.{field} \"{}\": {reason}", path.display())]
+    File {
+        field: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("daemon.tls.key_file \"{}\": {reason}", path.display())]
+    Key { path: PathBuf, reason: String },
+    #[error("daemon.tls: {0}")]
+    Config(String),
+}
+
+impl TlsError {
+    /// The policy field at fault.
+    pub fn field_path(&self) -> &'static str {
+        match self {
+            Self::File {
+                field: "cert_file", ..
+            } => "daemon.tls.cert_file",
+            Self::File { .. } | Self::Key { .. } => "daemon.tls.key_file",
+            Self::Config(_) => "daemon.tls",
+        }
+    }
+
+    /// What is wrong, without the field.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::File { path, reason, .. } | Self::Key { path, reason } => {
+                format!("\"{}\": {reason}", path.display())
+            }
+            Self::Config(reason) => reason.clone(),
+        }
+    }
+}
+
+/// The certificate chain and private key `tls` names, read now, checked to belong together.
+pub fn load_certified_key(tls: &FrontTls) -> Result<CertifiedKey, TlsError> {
+    let chain = read_certificates(&tls.cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| TlsError::File {
+        field: "key_file",
+        path: tls.key_file.clone(),
+        reason: format!("no private key read: {e}"),
+    })?;
+    CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider()).map_err(|e| {
+        TlsError::Key {
+            path: tls.key_file.clone(),
+            reason: format!("{e} (is it the key of cert_file?)"),
+        }
+    })
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let unreadable = |reason: String| TlsError::File {
+        field: "cert_file",
+        path: path.to_owned(),
+        reason,
+    };
+    let chain = CertificateDer::pem_file_iter(path)
+        .map_err(|e| unreadable(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unreadable(format!("not PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(unreadable(
+            "holds no CERTIFICATE block: give the server's certificate, then its chain".into(),
+        ));
+    }
+    Ok(chain)
+}
+
+/// The certificate the front presents. A reload replaces it; connections already open keep
+/// the one they were made with.
+#[derive(Debug)]
+pub struct FrontCertificate(RwLock<Arc<CertifiedKey>>);
+
+impl FrontCertificate {
+    pub fn new(key: CertifiedKey) -> Arc<FrontCertificate> {
+        Arc::new(FrontCertificate(RwLock::new(Arc::new(key))))
+    }
+
+    pub fn replace(&self, key: CertifiedKey) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(key);
+    }
+}
+
+impl ResolvesServerCert for FrontCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let current = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(Arc::clone(&current))
+    }
+}
+
+/// The front's server configuration: TLS 1.2 and 1.3 with rustls's safe defaults, HTTP/1.1.
+pub fn server_config(certificate: Arc<FrontCertificate>) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(certificate);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A listener that hands the HTTP front its connections once their TLS handshake is done.
+/// Accepting and handshaking run in a task that stops when this is dropped.
+pub struct TlsListener {
+    handshaken: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local_addr: SocketAddr,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<TlsListener> {
+        let local_addr = tcp.local_addr()?;
+        let (sender, handshaken) = mpsc::channel(HANDSHAKEN_BACKLOG);
+        let accepting = tokio::spawn(accept_and_handshake(tcp, TlsAcceptor::from(config), sender));
+        Ok(TlsListener {
+            handshaken,
+            local_addr,
+            accepting,
+        })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.handshaken.recv().await {
+            Some(connection) => connection,
+            // The accepting task ended (it only does when aborted): nothing comes any more.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local_addr)
+    }
+}
+
+async fn accept_and_handshake(
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    handshaken: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+) {
+    loop {
+        let (stream, peer) = match tcp.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, say: wait rather than spin.
+                tracing::warn!(error = %e, "accepting a connection on the HTTP front");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let handshaken = handshaken.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let _ = handshaken.send((tls, peer)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn testdata(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("src/transport/testdata")
+            .join(name)
+    }
+
+    fn front_tls(cert: &str, key: PathBuf) -> FrontTls {
+        FrontTls {
+            cert_file: testdata(cert),
+            key_file: key,
+        }
+    }
+
+    #[test]
+    fn a_certificate_and_its_key_load() {
+        let key = load_certified_key(&front_tls("front.pem", testdata("front-key.pem"))).unwrap();
+        assert_eq!(key.cert.len(), 1);
+        let config = server_config(FrontCertificate::new(key)).unwrap();
+        assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused_at_the_key_file() {
+        let other_key = testdata("../../identity/testdata/ec_private.pem");
+        let error = load_certified_key(&front_tls("front.pem", other_key)).unwrap_err();
+        assert_eq!(error.field_path(), "daemon.tls.key_file");
+        assert!(
+            error.reason().contains("is it the key of cert_file?"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn missing_or_empty_files_are_named() {
+        let missing = load_certified_key(&front_tls("absent.pem", testdata("front-key.pem")));
+        let error = missing.unwrap_err();
+        assert_eq!(error.field_path(), "daemon.tls.cert_file");
+        assert!(error.reason().contains("absent.pem"), "{error}");
+        // A key file as the certificate: PEM, but no CERTIFICATE block in it.
+        let keys_only = load_certified_key(&front_tls("front-key.pem", testdata("front-key.pem")));
+        let error = keys_only.unwrap_err();
+        assert_eq!(error.field_path(), "daemon.tls.cert_file");
+        assert!(error.reason().contains("no CERTIFICATE block"), "{error}");
+        let no_key = load_certified_key(&front_tls("front.pem", testdata("front.pem")));
+        assert_eq!(no_key.unwrap_err().field_path(), "daemon.tls.key_file");
+    }
+}
