@@ -8,7 +8,7 @@
 //! skip) and say so.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -1170,6 +1170,46 @@ fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// A client that opens a connection and never finishes a request's head (slowloris) is
+/// disconnected after `daemon.header_read_timeout_seconds`, as is one that sends nothing, and
+/// the front serves other agents meanwhile.
+#[test]
+fn connections_that_never_finish_a_request_head_are_closed() {
+    let env = TestEnv::new("proxy-header-timeout", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "fast": stdio_server(vec![FAST_SERVER.to_string()], vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
+    });
+    let front = Front::start_with(env, peers, servers, |document| {
+        document["daemon"]["header_read_timeout_seconds"] = json!(1);
+    });
+    let connect = || {
+        let stream = std::net::TcpStream::connect(front.addr).unwrap();
+        // Far past the timeout: a read that ends by this is a connection left open.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream
+    };
+    let mut dribbling = connect();
+    dribbling
+        .write_all(b"POST /servers/fast/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .unwrap();
+    let mut silent = connect();
+    front.session_listing("fast", &["echo"]);
+    for (what, stream) in [("dribbling", &mut dribbling), ("silent", &mut silent)] {
+        let mut answer = Vec::new();
+        let read = std::io::Read::read_to_end(stream, &mut answer);
+        assert!(
+            read.is_ok(),
+            "the {what} connection was left open: {read:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -189,14 +189,15 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
         let shutdown = async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
+        let header_timeout = Duration::from_secs(settings.header_read_timeout_seconds.into());
         front_task = Some(match &front_certificate {
             Some(certificate) => {
                 let config = tls::server_config(certificate.clone())?;
                 let listener = tls::TlsListener::new(listener, config)
                     .map_err(|source| DaemonError::Listen { addr, source })?;
-                serve_front(listener, front, shutdown)
+                tokio::spawn(http::serve_until(listener, front, shutdown, header_timeout))
             }
-            None => serve_front(listener, front, shutdown),
+            None => tokio::spawn(http::serve_until(listener, front, shutdown, header_timeout)),
         });
     }
     if let Some(enforcement) = &enforcement {
@@ -695,23 +696,6 @@ async fn append_policy_record(audit: &AuditLog, record: AuditRecord) {
     if let Err(e) = audit.append(record).await {
         tracing::error!(error = %e, "audit: policy record not written");
     }
-}
-
-/// Serves the HTTP front on `listener` in a task of its own until `shutdown`.
-fn serve_front<L>(
-    listener: L,
-    front: http::Front,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> tokio::task::JoinHandle<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    tokio::spawn(async move {
-        if let Err(e) = http::serve_until(listener, front, shutdown).await {
-            tracing::error!(error = %e, "MCP listener stopped");
-        }
-    })
 }
 
 /// Says which watched file changed, before the reload it leads to.

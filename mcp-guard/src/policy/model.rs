@@ -411,6 +411,13 @@ pub struct DaemonSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<FrontTls>,
 
+    /// How long, in seconds, a client of the HTTP front may take to send a request's head
+    /// once the connection waits for one (its first request, or the next on a kept-alive
+    /// connection). A connection past it is closed, so that clients that send nothing, or
+    /// dribble headers, cannot hold connections for ever. At least 1. Default 30.
+    #[schemars(range(min = 1))]
+    pub header_read_timeout_seconds: u32,
+
     /// Address of the Prometheus `/metrics` endpoint. Absent: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
 
@@ -516,6 +523,7 @@ impl Default for DaemonSettings {
             max_batch_size: 64,
             max_json_depth: 64,
             tls: None,
+            header_read_timeout_seconds: 30,
             metrics_listen: None,
             control_socket: PathBuf::from("/run/mcp-guard/control.sock"),
             bpffs: PathBuf::from("/sys/fs/bpf/mcp-guard"),

@@ -415,6 +415,10 @@ fn check_limits(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
         ("daemon.max_json_depth", daemon.max_json_depth),
         ("daemon.max_sessions", daemon.max_sessions),
         (
+            "daemon.header_read_timeout_seconds",
+            daemon.header_read_timeout_seconds as usize,
+        ),
+        (
             "daemon.max_sessions_per_principal",
             daemon.max_sessions_per_principal,
         ),
