@@ -1174,7 +1174,8 @@ fn base64(bytes: &[u8]) -> String {
 
 /// A client that opens a connection and never finishes a request's head (slowloris) is
 /// disconnected after `daemon.header_read_timeout_seconds`, as is one that sends nothing, and
-/// the front serves other agents meanwhile.
+/// the front serves other agents meanwhile. A GET stream, a request whose answer goes on, keeps
+/// its connection past that time.
 #[test]
 fn connections_that_never_finish_a_request_head_are_closed() {
     let env = TestEnv::new("proxy-header-timeout", PROBE);
@@ -1201,7 +1202,14 @@ fn connections_that_never_finish_a_request_head_are_closed() {
         .write_all(b"POST /servers/fast/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .unwrap();
     let mut silent = connect();
-    front.session_listing("fast", &["echo"]);
+    let session = front.session_listing("fast", &["echo"]);
+    let args = ["--method", "GET", "--session", &session, "--timeout", "3"];
+    let stream = front.raw("fast", &args);
+    assert_eq!(stream["status"], 200, "{stream}");
+    assert_eq!(
+        stream["timed_out"], true,
+        "the GET stream was closed within 3 s: {stream}"
+    );
     for (what, stream) in [("dribbling", &mut dribbling), ("silent", &mut silent)] {
         let mut answer = Vec::new();
         let read = std::io::Read::read_to_end(stream, &mut answer);
