@@ -781,6 +781,20 @@ fn open_sessions_are_bounded_per_principal_and_in_all() {
     };
     assert_eq!(refusals("principal_limit"), 1.0);
     assert_eq!(refusals("daemon_limit"), 1.0);
+    // And on record: who was refused, on which server, by which limit.
+    let refused: Vec<(Value, Value)> = front
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["kind"] == "session" && r["detail"]["event"] == "refused")
+        .map(|r| (r["principal"].clone(), r["detail"]["reason"].clone()))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (json!(CAROL), json!("principal_limit")),
+            (json!("agent"), json!("daemon_limit"))
+        ]
+    );
 }
 
 #[test]

@@ -231,7 +231,12 @@ impl Proxy {
         id: Option<String>,
     ) -> Result<Arc<AgentSession>, ProxyError> {
         let principal = caller.principal.clone();
-        self.take_slot(&principal)?;
+        if let Err(limit) = self.take_slot(&principal) {
+            self.recorder
+                .session_refused(server, &principal, &limit)
+                .await;
+            return Err(limit.into());
+        }
         let opened = self.start_session(server, caller, id).await;
         if opened.is_err() {
             self.slots().give_back(&principal);

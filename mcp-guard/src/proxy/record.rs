@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::AgentSession;
 use super::CallSpan;
+use super::SessionLimit;
 use super::session::{monotonic_ns, span_of};
 use crate::audit::{
     AuditDecision, AuditError, AuditLog, AuditRecord, Latency, Outcome, OutcomeKind, RecordKind,
@@ -234,6 +235,20 @@ impl Recorder {
         record.server = Some(session.server.clone());
         if let Err(e) = self.append(record).await {
             tracing::error!(session = %session.id, error = %e, "audit: session record not written");
+        }
+    }
+
+    /// A session of `server` that `principal` could not open: `limit` was reached.
+    pub async fn session_refused(&self, server: &str, principal: &str, limit: &SessionLimit) {
+        let mut record = AuditRecord::event(RecordKind::Session, "refused");
+        if let Some(detail) = record.detail.as_mut() {
+            detail.insert("reason".into(), limit.reason().into());
+        }
+        record.principal = Some(principal.to_owned());
+        record.server = Some(server.to_owned());
+        record.reason = Some(limit.to_string());
+        if let Err(e) = self.append(record).await {
+            tracing::error!(server, error = %e, "audit: session record not written");
         }
     }
 }
