@@ -2025,7 +2025,7 @@ fn replace_with(path: &Path, from: &Path) {
 
 /// With `daemon.tls` the HTTP front speaks only TLS: the Python SDK client, trusting the
 /// front's CA, calls through it over `https://`; a plain-HTTP request to the same port gets no
-/// HTTP answer. A renewed certificate (of another CA) written over the files is taken without
+/// HTTP answer, and is counted as a failed handshake. A renewed certificate (of another CA) written over the files is taken without
 /// a restart: the next client, trusting only the new CA, gets through.
 #[test]
 fn the_http_front_serves_tls_and_takes_a_renewed_certificate() {
@@ -2045,8 +2045,10 @@ fn the_http_front_serves_tls_and_takes_a_renewed_certificate() {
             vec![allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]}))],
         ),
     });
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
     let front = Front::start_with(env, peers, servers, |document| {
         document["daemon"]["tls"] = json!({"cert_file": cert, "key_file": key});
+        document["daemon"]["metrics_listen"] = json!(metrics.to_string());
     });
     let url = format!("https://{}{}", front.addr, Front::path("fast"));
     let echo = |ca_file: &Path, text_sent: &str| {
@@ -2062,6 +2064,19 @@ fn the_http_front_serves_tls_and_takes_a_renewed_certificate() {
     assert!(
         plain.is_err(),
         "a plain-HTTP request was answered: {plain:?}"
+    );
+    let failures = |reason| {
+        let labels = [("reason", reason)];
+        metric(
+            &scrape(metrics),
+            "mcp_guard_tls_handshake_failures_total",
+            &labels,
+        )
+    };
+    assert_eq!(
+        failures("error"),
+        1.0,
+        "the plain-HTTP request's failed handshake"
     );
 
     let mark = front.daemon.log.mark();

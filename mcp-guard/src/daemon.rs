@@ -193,7 +193,8 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
         front_task = Some(match &front_certificate {
             Some(certificate) => {
                 let config = tls::server_config(certificate.clone())?;
-                let listener = tls::TlsListener::new(listener, config)
+                let failures = metrics.tls_handshake_failures.clone();
+                let listener = tls::TlsListener::new(listener, config, failures)
                     .map_err(|source| DaemonError::Listen { addr, source })?;
                 tokio::spawn(http::serve_until(listener, front, shutdown, header_timeout))
             }

@@ -33,6 +33,8 @@ pub struct Metrics {
     /// Sessions the HTTP front refused to open because a limit of open sessions was reached,
     /// by reason (`daemon_limit`, `principal_limit`).
     pub sessions_refused: IntCounterVec,
+    /// TLS handshakes on the HTTP front that failed, by reason (`error`, `timeout`).
+    pub tls_handshake_failures: IntCounterVec,
     /// Requests the HTTP front refused before any policy decision because the caller could
     /// not be authenticated, by reason (a fixed set, see `AuthError::kind`).
     pub auth_failures: IntCounterVec,
@@ -142,6 +144,14 @@ impl Metrics {
                 &["reason"],
             )
             .expect("metric"),
+            tls_handshake_failures: IntCounterVec::new(
+                Opts::new(
+                    "mcp_guard_tls_handshake_failures_total",
+                    "TLS handshakes on the HTTP front that failed or timed out, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
             auth_failures: IntCounterVec::new(
                 Opts::new(
                     "mcp_guard_auth_failures_total",
@@ -162,7 +172,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
             Box::new(self.audit.records_written.clone()),
             Box::new(self.audit.failures.clone()),
             Box::new(self.audit.flush_failures.clone()),
@@ -174,6 +184,7 @@ impl Metrics {
             Box::new(self.notifications_withheld.clone()),
             Box::new(self.auth_failures.clone()),
             Box::new(self.sessions_refused.clone()),
+            Box::new(self.tls_handshake_failures.clone()),
             Box::new(self.egress_attempts.clone()),
             Box::new(self.egress_events_lost.clone()),
             Box::new(self.egress_guarded_cgroups.clone()),

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use prometheus::IntCounterVec;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
@@ -146,10 +147,17 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<TlsListener> {
+    /// Accepts on `tcp` with `config`, counting failed handshakes in `failures` (by reason:
+    /// `error`, `timeout`).
+    pub fn new(
+        tcp: TcpListener,
+        config: Arc<ServerConfig>,
+        failures: IntCounterVec,
+    ) -> std::io::Result<TlsListener> {
         let local_addr = tcp.local_addr()?;
         let (sender, handshaken) = mpsc::channel(HANDSHAKEN_BACKLOG);
-        let accepting = tokio::spawn(accept_and_handshake(tcp, TlsAcceptor::from(config), sender));
+        let acceptor = TlsAcceptor::from(config);
+        let accepting = tokio::spawn(accept_and_handshake(tcp, acceptor, sender, failures));
         Ok(TlsListener {
             handshaken,
             local_addr,
@@ -185,6 +193,7 @@ async fn accept_and_handshake(
     tcp: TcpListener,
     acceptor: TlsAcceptor,
     handshaken: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    failures: IntCounterVec,
 ) {
     loop {
         let (stream, peer) = match tcp.accept().await {
@@ -198,14 +207,24 @@ async fn accept_and_handshake(
         };
         let acceptor = acceptor.clone();
         let handshaken = handshaken.clone();
+        let failures = failures.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    let _ = handshaken.send((tls, peer)).await;
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
+            let failed =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = handshaken.send((tls, peer)).await;
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        "error"
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        "timeout"
+                    }
+                };
+            failures.with_label_values(&[failed]).inc();
         });
     }
 }
