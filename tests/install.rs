@@ -85,6 +85,7 @@ fn install_then_uninstall_into_a_staging_root() {
         "README.md",
         "policy.json",
         "prometheus.yml",
+        "prometheus-alerts.yml",
         "grafana-dashboard.json",
     ] {
         assert!(

@@ -712,11 +712,16 @@ fn dashboards_name_only_metrics_the_daemon_exports() {
     let metrics = loopback(free_loopback_port());
     let mut policy = fast_policy(&env, listen, &[]);
     policy["daemon"]["metrics_listen"] = json!(metrics.to_string());
+    policy["daemon"]["max_sessions_per_principal"] = json!(1);
     env.write_policy_document(&policy);
     let daemon = env.start_daemon();
     // Labelled series exist only once something happened: a call, a refused call, a refused
-    // connection, a reload.
+    // connection, a reload, a refused session.
     let session = McpSession::open(listen).expect("open a session");
+    assert!(
+        McpSession::open(listen).is_err(),
+        "a second session of the principal was opened past its limit of 1"
+    );
     assert_eq!(session.echo(1, "x").unwrap().as_deref(), Some("x"));
     let refused = rpc(2, "resources/list", json!({}));
     post(listen, SERVER, Some(&session.id), &refused).expect("a refusal");
@@ -774,6 +779,15 @@ fn dashboards_name_only_metrics_the_daemon_exports() {
             .into_iter()
             .filter(|name| name != "mcp_guard_"),
     );
+    let alerts = std::fs::read_to_string(repo_file("dist/prometheus-alerts.yml"))
+        .expect("prometheus-alerts.yml");
+    let alerted = metric_names(&alerts);
+    assert!(
+        alerted.contains("mcp_guard_sessions_refused_total")
+            && alerted.contains("mcp_guard_audit_failures_total"),
+        "the alert rules miss a metric: {alerted:?}"
+    );
+    used.extend(alerted);
     for expected in [
         "mcp_guard_decisions_total",
         "mcp_guard_request_duration_seconds_bucket",

@@ -24,10 +24,11 @@ use crate::process::{self, command, workspace_root};
 const UNIT: &str = "dist/mcp-guard.service";
 const POLICY: &str = "dist/policy.json";
 /// Files copied into the documentation directory, from the workspace root.
-const DOCS: [&str; 4] = [
+const DOCS: [&str; 5] = [
     "README.md",
     "dist/policy.json",
     "dist/prometheus.yml",
+    "dist/prometheus-alerts.yml",
     "dist/grafana-dashboard.json",
 ];
 /// The binary path the shipped unit names; replaced by the installed one.
