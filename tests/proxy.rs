@@ -1174,8 +1174,8 @@ fn base64(bytes: &[u8]) -> String {
 
 /// A client that opens a connection and never finishes a request's head (slowloris) is
 /// disconnected after `daemon.header_read_timeout_seconds`, as is one that sends nothing, and
-/// the front serves other agents meanwhile. A GET stream, a request whose answer goes on, keeps
-/// its connection past that time.
+/// the front serves other agents meanwhile; so is a silent connection to the metrics endpoint.
+/// A GET stream, a request whose answer goes on, keeps its connection past that time.
 #[test]
 fn connections_that_never_finish_a_request_head_are_closed() {
     let env = TestEnv::new("proxy-header-timeout", PROBE);
@@ -1186,22 +1186,26 @@ fn connections_that_never_finish_a_request_head_are_closed() {
             allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
         ]),
     });
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
     let front = Front::start_with(env, peers, servers, |document| {
         document["daemon"]["header_read_timeout_seconds"] = json!(1);
+        document["daemon"]["metrics_listen"] = json!(metrics.to_string());
     });
-    let connect = || {
-        let stream = std::net::TcpStream::connect(front.addr).unwrap();
+    let connect_to = |addr| {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
         // Far past the timeout: a read that ends by this is a connection left open.
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         stream
     };
+    let connect = || connect_to(front.addr);
     let mut dribbling = connect();
     dribbling
         .write_all(b"POST /servers/fast/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .unwrap();
     let mut silent = connect();
+    let mut silent_on_metrics = connect_to(metrics);
     let session = front.session_listing("fast", &["echo"]);
     let args = ["--method", "GET", "--session", &session, "--timeout", "3"];
     let stream = front.raw("fast", &args);
@@ -1210,7 +1214,12 @@ fn connections_that_never_finish_a_request_head_are_closed() {
         stream["timed_out"], true,
         "the GET stream was closed within 3 s: {stream}"
     );
-    for (what, stream) in [("dribbling", &mut dribbling), ("silent", &mut silent)] {
+    let connections = [
+        ("dribbling", &mut dribbling),
+        ("silent", &mut silent),
+        ("metrics endpoint's silent", &mut silent_on_metrics),
+    ];
+    for (what, stream) in connections {
         let mut answer = Vec::new();
         let read = std::io::Read::read_to_end(stream, &mut answer);
         assert!(

@@ -217,7 +217,8 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
         let listener = metrics::bind(addr)
             .await
             .map_err(|source| DaemonError::Metrics { addr, source })?;
-        tokio::spawn(metrics::serve(listener, metrics.clone()));
+        let header_timeout = Duration::from_secs(settings.header_read_timeout_seconds.into());
+        tokio::spawn(metrics::serve(listener, metrics.clone(), header_timeout));
     }
 
     let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;

@@ -212,10 +212,13 @@ impl Metrics {
 }
 
 /// Serves `/metrics` until the listener fails.
+/// Serves `/metrics` on `listener` for as long as the daemon runs, closing connections that
+/// send no request head within `header_read_timeout`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-) -> std::io::Result<()> {
+    header_read_timeout: std::time::Duration,
+) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -231,7 +234,8 @@ pub async fn serve(
             }
         }),
     );
-    axum::serve(listener, app).await
+    let forever = std::future::pending();
+    crate::transport::serve::serve_until(listener, app, forever, header_read_timeout).await;
 }
 
 /// Binds the metrics address (a clear error names it when taken).

@@ -55,44 +55,16 @@ pub fn router(front: Front) -> Router {
         .with_state(front)
 }
 
-/// Serves the front on `listener` until `shutdown` completes; then no new connection or
-/// request is taken, and this returns once the requests already in flight are answered and
-/// their connections closed. A client must send a request's head within
-/// `header_read_timeout` of the connection asking for one (its first request, or the next on
-/// a kept-alive connection), so that connections that send nothing, or dribble headers, are
-/// closed rather than held for ever.
+/// Serves the front on `listener` until `shutdown` completes (see [`super::serve`]).
 pub async fn serve_until<L>(
-    mut listener: L,
+    listener: L,
     front: Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     header_read_timeout: std::time::Duration,
 ) where
     L: axum::serve::Listener,
 {
-    let router = router(front);
-    let connections = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let io = tokio::select! {
-            (io, _) = listener.accept() => io,
-            () = &mut shutdown => break,
-        };
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
-            .serve_connection(
-                hyper_util::rt::TokioIo::new(io),
-                hyper_util::service::TowerToHyperService::new(router.clone()),
-            );
-        let connection = connections.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "HTTP front connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    connections.shutdown().await;
+    super::serve::serve_until(listener, router(front), shutdown, header_read_timeout).await;
 }
 
 async fn dispatch(

@@ -1,0 +1,45 @@
+//! Serving an HTTP application (the MCP front, the metrics endpoint) on a listener: hyper's
+//! HTTP/1.1 server, one task per connection, a request-head timeout (`axum::serve` sets none,
+//! so a client that sends nothing or dribbles a head would hold its connection for ever), and
+//! a graceful shutdown.
+
+use axum::Router;
+
+/// Serves `router` on `listener` until `shutdown` completes; then no new connection or
+/// request is taken, and this returns once the requests already in flight are answered and
+/// their connections closed. A client must send a request's head within
+/// `header_read_timeout` of the connection asking for one (its first request, or the next on
+/// a kept-alive connection), so that connections that send nothing, or dribble headers, are
+/// closed rather than held for ever.
+pub async fn serve_until<L>(
+    mut listener: L,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    header_read_timeout: std::time::Duration,
+) where
+    L: axum::serve::Listener,
+{
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let io = tokio::select! {
+            (io, _) = listener.accept() => io,
+            () = &mut shutdown => break,
+        };
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .serve_connection(
+                hyper_util::rt::TokioIo::new(io),
+                hyper_util::service::TowerToHyperService::new(router.clone()),
+            );
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
+}
