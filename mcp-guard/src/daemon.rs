@@ -131,6 +131,14 @@ pub fn starting_policy(path: &Path) -> Result<LoadedPolicy, DaemonError> {
 pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), DaemonError> {
     let mut settings = loaded.policy.daemon.clone();
     options.overrides.apply(&mut settings);
+    // The policy's own `listen` was warned about when it loaded; `--listen` was not.
+    if let Some(warning) = options
+        .overrides
+        .listen
+        .and_then(|listen| crate::policy::cleartext_front_warning(listen, &settings))
+    {
+        tracing::warn!("--listen {warning}");
+    }
     if options.delegated_cgroup && !options.no_egress {
         let root = crate::egress::cgroup::enter_delegated_subtree().map_err(EgressError::from)?;
         tracing::info!(cgroup_root = %root.display(), "using the delegated cgroup subtree");

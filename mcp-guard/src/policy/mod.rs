@@ -50,7 +50,7 @@ pub use model::{
     POLICY_VERSION, Policy, Principal, Protocol, Rule, ServerPolicy,
 };
 pub use ports::{PortRange, PortRangeError};
-pub(crate) use validate::is_valid_principal_name;
+pub(crate) use validate::{cleartext_front_warning, is_valid_principal_name};
 
 /// A policy that passed validation, with the warnings it raised (for the CLI to print).
 #[derive(Debug, Clone)]

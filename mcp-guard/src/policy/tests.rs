@@ -1812,6 +1812,22 @@ fn watched_files_are_the_policy_file_and_its_key_files() {
 }
 
 #[test]
+fn a_front_reachable_from_other_hosts_without_tls_is_a_warning() {
+    let mut policy = valid();
+    policy["daemon"]["listen"] = json!("0.0.0.0:8080");
+    let warning = only_warning(policy.clone());
+    assert_eq!(warning.path, "daemon.listen");
+    assert!(warning.message.contains("in the clear"), "{warning}");
+    policy["daemon"]["listen"] = json!("[::1]:8080");
+    let loaded = load_value(policy).unwrap();
+    assert!(
+        loaded.warnings.is_empty(),
+        "loopback: {:?}",
+        loaded.warnings
+    );
+}
+
+#[test]
 fn front_tls_files_are_read_by_the_check_and_problems_name_the_field() {
     let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/transport/testdata");
     let mut policy = valid();

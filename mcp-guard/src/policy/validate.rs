@@ -69,6 +69,12 @@ fn check_daemon(daemon: &DaemonSettings, principals: &Principals, problems: &mut
     if let Some(tls) = &daemon.tls {
         check_front_tls(daemon, tls, problems);
     }
+    if let Some(warning) = daemon
+        .listen
+        .and_then(|listen| cleartext_front_warning(listen, daemon))
+    {
+        problems.push(Problem::warning("daemon.listen", warning));
+    }
     if daemon.listen.is_some() && daemon.listen == daemon.metrics_listen {
         problems.push(Problem::error(
             "daemon.metrics_listen",
@@ -493,6 +499,21 @@ fn check_dns_ttls(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
 
 /// The daemon runs from `/` under systemd, so a relative path would not mean what the author
 /// saw when writing it.
+/// Why an HTTP front on `listen` is worth a warning: reachable from other hosts, and without
+/// TLS, what agents send (their bearer tokens among it) crosses the network in the clear.
+pub fn cleartext_front_warning(
+    listen: std::net::SocketAddr,
+    daemon: &DaemonSettings,
+) -> Option<String> {
+    (!listen.ip().is_loopback() && daemon.tls.is_none()).then(|| {
+        format!(
+            "{listen} is reachable from other hosts and daemon.tls is not set: agents' requests, \
+             bearer tokens included, cross the network in the clear; set daemon.tls, or \
+             terminate TLS in front of mcp-guard and bind loopback"
+        )
+    })
+}
+
 /// Reads the front's certificate and key as the daemon will, so that a file that cannot be
 /// read, or a key that is not the certificate's, makes the policy invalid.
 fn check_front_tls(daemon: &DaemonSettings, tls: &FrontTls, problems: &mut Vec<Problem>) {
