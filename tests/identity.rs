@@ -368,9 +368,7 @@ fn a_replaced_jwks_file_is_picked_up_without_a_signal() {
         .as_array_mut()
         .unwrap()
         .retain(|key| key["kid"] != "ec-1");
-    let next = dir.path().join("jwks.json.next");
-    std::fs::write(&next, rotated.to_string()).unwrap();
-    std::fs::rename(&next, &jwks_path).unwrap();
+    replace_file(&jwks_path, rotated.to_string().as_bytes());
     front
         .daemon
         .wait_for_message("key file changed", Duration::from_secs(30));

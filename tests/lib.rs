@@ -2288,6 +2288,14 @@ pub fn mcp_rule(id: &str, effect: &str, description: &str, conditions: Value) ->
     rule
 }
 
+/// Replaces the file at `path` with `contents` as deployment tools do: a new file renamed over
+/// it, so that a reader sees the old file or the new one, never half of it.
+pub fn replace_file(path: &Path, contents: &[u8]) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, contents).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
 /// An allow rule (see [`mcp_rule`]).
 pub fn allow(id: &str, conditions: Value) -> Value {
     mcp_rule(id, "allow", "allowed in this test", conditions)

@@ -2025,11 +2025,9 @@ fn private_ca_and_server_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) 
     )
 }
 
-/// Replaces the file at `path` with a copy of `from`, as deployment tools do (a rename).
+/// Replaces the file at `path` with a copy of `from` (see [`replace_file`]).
 fn replace_with(path: &Path, from: &Path) {
-    let next = path.with_extension("next");
-    std::fs::copy(from, &next).unwrap();
-    std::fs::rename(&next, path).unwrap();
+    replace_file(path, &std::fs::read(from).unwrap());
 }
 
 /// With `daemon.tls` the HTTP front speaks only TLS: the Python SDK client, trusting the

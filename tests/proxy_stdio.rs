@@ -835,17 +835,21 @@ fn a_policy_learned_from_completions_completes_them_again() {
     let (env, daemon, mut front) = completion_front("learn");
     let prompt = json!({"type": "ref/prompt", "name": "args-prompt"});
     let template = |kind: &str| json!({"type": "ref/resource", "uri": format!("demo://resource/dynamic/{kind}/{{resourceId}}")});
-    let learned = front.complete(2, prompt.clone(), "city", "B");
-    assert!(
-        learned["result"]["completion"]["values"].is_array(),
-        "{learned}"
-    );
-    let learned = front.complete(3, template("blob"), "resourceId", "7");
-    assert_eq!(
-        learned["result"]["completion"]["values"],
-        json!(["7"]),
-        "{learned}"
-    );
+    // The prompt `args-prompt` and the blob template, each completed by the server.
+    let completes_both = |front: &mut RawStdio| {
+        let prompted = front.complete(2, prompt.clone(), "city", "B");
+        assert!(
+            prompted["result"]["completion"]["values"].is_array(),
+            "{prompted}"
+        );
+        let templated = front.complete(3, template("blob"), "resourceId", "7");
+        assert_eq!(
+            templated["result"]["completion"]["values"],
+            json!(["7"]),
+            "{templated}"
+        );
+    };
+    completes_both(&mut front);
     let records = audit_records(&env.audit_path());
     assert!(
         records.iter().any(|r| r["reference"] == prompt),
@@ -875,17 +879,7 @@ fn a_policy_learned_from_completions_completes_them_again() {
     let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
     front.handshake("stdio-completion-enforced");
 
-    let again = front.complete(2, prompt, "city", "B");
-    assert!(
-        again["result"]["completion"]["values"].is_array(),
-        "{again}"
-    );
-    let again = front.complete(3, template("blob"), "resourceId", "7");
-    assert_eq!(
-        again["result"]["completion"]["values"],
-        json!(["7"]),
-        "{again}"
-    );
+    completes_both(&mut front);
     let never = front.complete(4, template("text"), "resourceId", "7");
     assert_eq!(never["error"]["code"], -32602, "{never}");
     assert_eq!(

@@ -27,8 +27,8 @@ use crate::policy::{
 use crate::proxy::record::Recorder;
 use crate::proxy::{CallSpan, Placement, Proxy};
 use crate::service::Notifier;
-use crate::transport::http;
 use crate::transport::tls::{self, FrontCertificate, TlsError};
+use crate::transport::{http, serve};
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -189,24 +189,24 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| DaemonError::Listen { addr, source })?;
-        let front = http::Front {
+        let app = http::router(http::Front {
             proxy: proxy.clone(),
             stopping: front_stopped.clone(),
-        };
+        });
         let mut stopped = front_stopped.clone();
         let shutdown = async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
-        let header_timeout = Duration::from_secs(settings.header_read_timeout_seconds.into());
+        let header_timeout = settings.header_read_timeout();
         front_task = Some(match &front_certificate {
             Some(certificate) => {
                 let config = tls::server_config(certificate.clone())?;
                 let failures = metrics.tls_handshake_failures.clone();
                 let listener = tls::TlsListener::new(listener, config, failures)
                     .map_err(|source| DaemonError::Listen { addr, source })?;
-                tokio::spawn(http::serve_until(listener, front, shutdown, header_timeout))
+                tokio::spawn(serve::serve_until(listener, app, shutdown, header_timeout))
             }
-            None => tokio::spawn(http::serve_until(listener, front, shutdown, header_timeout)),
+            None => tokio::spawn(serve::serve_until(listener, app, shutdown, header_timeout)),
         });
     }
     if let Some(enforcement) = &enforcement {
@@ -225,7 +225,7 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
         let listener = metrics::bind(addr)
             .await
             .map_err(|source| DaemonError::Metrics { addr, source })?;
-        let header_timeout = Duration::from_secs(settings.header_read_timeout_seconds.into());
+        let header_timeout = settings.header_read_timeout();
         tokio::spawn(metrics::serve(listener, metrics.clone(), header_timeout));
     }
 
@@ -256,30 +256,24 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
 
     loop {
         let dns_due = dns_refresh_due(enforcement.as_ref());
-        tokio::select! {
-            _ = hangup.recv() => {
-                notify(service.reloading());
-                let stamped = watched.restamped();
-                reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics, front_certificate.as_deref()).await;
-                notify(service.ready(&service_status(&proxy.model(), enforcement.is_some(), &settings)));
-                watched = stamped.for_policy(&options.policy_path, &proxy.model());
-            }
+        let reload_now = tokio::select! {
+            _ = hangup.recv() => true,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = watchdog.tick(), if watchdog_every.is_some() => notify(service.watchdog()),
+            _ = watchdog.tick(), if watchdog_every.is_some() => {
+                notify(service.watchdog());
+                false
+            }
             _ = poll.tick() => {
-                if let Some(changed) = watched.changed() {
-                    log_file_change(&watched, changed);
-                    notify(service.reloading());
-                    let stamped = watched.restamped();
-                    reload(&options.policy_path, enforcement.as_mut(), &proxy, &audit, &metrics, front_certificate.as_deref()).await;
-                    notify(service.ready(&service_status(&proxy.model(), enforcement.is_some(), &settings)));
-                    watched = stamped.for_policy(&options.policy_path, &proxy.model());
-                }
                 if let Some(enforcement) = &enforcement {
                     export_kernel_gauges(&enforcement.egress, &metrics).await;
                 }
                 end_idle_sessions(&proxy);
+                let changed = watched.changed();
+                if let Some(changed) = changed {
+                    log_file_change(&watched, changed);
+                }
+                changed.is_some()
             }
             _ = sweep.tick() => {
                 if let Some(enforcement) = &enforcement
@@ -287,12 +281,33 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
                 {
                     tracing::warn!(error = %e, "sweeping empty session cgroups");
                 }
+                false
             }
             _ = tokio::time::sleep_until(dns_due.into()) => {
                 if let Some(enforcement) = enforcement.as_mut() {
                     refresh_host_names(enforcement, &metrics).await;
                 }
+                false
             }
+        };
+        if reload_now {
+            notify(service.reloading());
+            let stamped = watched.restamped();
+            reload(
+                &options.policy_path,
+                enforcement.as_mut(),
+                &proxy,
+                &audit,
+                &metrics,
+                front_certificate.as_deref(),
+            )
+            .await;
+            notify(service.ready(&service_status(
+                &proxy.model(),
+                enforcement.is_some(),
+                &settings,
+            )));
+            watched = stamped.for_policy(&options.policy_path, &proxy.model());
         }
     }
     let grace = Duration::from_secs(settings.shutdown_grace_seconds.into());

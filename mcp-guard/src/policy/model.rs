@@ -508,6 +508,11 @@ pub struct FrontTls {
 }
 
 impl DaemonSettings {
+    /// `header_read_timeout_seconds` as a duration.
+    pub fn header_read_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.header_read_timeout_seconds.into())
+    }
+
     /// `answer_poll_us` as a duration.
     pub fn answer_poll(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.answer_poll_us.into())

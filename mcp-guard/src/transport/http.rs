@@ -55,18 +55,6 @@ pub fn router(front: Front) -> Router {
         .with_state(front)
 }
 
-/// Serves the front on `listener` until `shutdown` completes (see [`super::serve`]).
-pub async fn serve_until<L>(
-    listener: L,
-    front: Front,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    header_read_timeout: std::time::Duration,
-) where
-    L: axum::serve::Listener,
-{
-    super::serve::serve_until(listener, router(front), shutdown, header_read_timeout).await;
-}
-
 async fn dispatch(
     State(front): State<Front>,
     Path(name): Path<String>,

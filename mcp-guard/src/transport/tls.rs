@@ -29,26 +29,25 @@ const HANDSHAKEN_BACKLOG: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("daemon.tls.{field} \"{}\": {reason}", path.display())]
+    /// A file of `daemon.tls` (`field`: its policy path) that cannot be used.
+    #[error("{field} \"{}\": {reason}", path.display())]
     File {
         field: &'static str,
         path: PathBuf,
         reason: String,
     },
-    #[error("daemon.tls.key_file \"{}\": {reason}", path.display())]
-    Key { path: PathBuf, reason: String },
     #[error("daemon.tls: {0}")]
     Config(String),
 }
+
+const CERT_FILE: &str = "daemon.tls.cert_file";
+const KEY_FILE: &str = "daemon.tls.key_file";
 
 impl TlsError {
     /// The policy field at fault.
     pub fn field_path(&self) -> &'static str {
         match self {
-            Self::File {
-                field: "cert_file", ..
-            } => "daemon.tls.cert_file",
-            Self::File { .. } | Self::Key { .. } => "daemon.tls.key_file",
+            Self::File { field, .. } => field,
             Self::Config(_) => "daemon.tls",
         }
     }
@@ -56,9 +55,7 @@ impl TlsError {
     /// What is wrong, without the field.
     pub fn reason(&self) -> String {
         match self {
-            Self::File { path, reason, .. } | Self::Key { path, reason } => {
-                format!("\"{}\": {reason}", path.display())
-            }
+            Self::File { path, reason, .. } => format!("\"{}\": {reason}", path.display()),
             Self::Config(reason) => reason.clone(),
         }
     }
@@ -67,22 +64,20 @@ impl TlsError {
 /// The certificate chain and private key `tls` names, read now, checked to belong together.
 pub fn load_certified_key(tls: &FrontTls) -> Result<CertifiedKey, TlsError> {
     let chain = read_certificates(&tls.cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| TlsError::File {
-        field: "key_file",
+    let unusable_key = |reason: String| TlsError::File {
+        field: KEY_FILE,
         path: tls.key_file.clone(),
-        reason: format!("no private key read: {e}"),
-    })?;
-    CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider()).map_err(|e| {
-        TlsError::Key {
-            path: tls.key_file.clone(),
-            reason: format!("{e} (is it the key of cert_file?)"),
-        }
-    })
+        reason,
+    };
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
+        .map_err(|e| unusable_key(format!("no private key read: {e}")))?;
+    CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
+        .map_err(|e| unusable_key(format!("{e} (is it the key of cert_file?)")))
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let unreadable = |reason: String| TlsError::File {
-        field: "cert_file",
+        field: CERT_FILE,
         path: path.to_owned(),
         reason,
     };
