@@ -12,10 +12,9 @@
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::Algorithm;
 use mcp_guard_tests::*;
 use serde_json::{Value, json};
 
@@ -41,12 +40,6 @@ const CAROL: &str = "carol";
 // Tokens
 // ---------------------------------------------------------------------------------------------
 
-fn testdata(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../mcp-guard/src/identity/testdata")
-        .join(name)
-}
-
 fn now() -> i64 {
     jsonwebtoken::get_current_timestamp() as i64
 }
@@ -59,25 +52,9 @@ fn claims(sub: &str, roles: Value) -> Value {
     })
 }
 
-/// A token signed by the test key of `alg` (RS256 and ES256 with the JWKS keys `rsa-1` and
-/// `ec-1`, HS256 with [`DEV_SECRET`]).
+/// A token signed by the test key of `alg` (HS256 with [`DEV_SECRET`]).
 fn token(alg: Algorithm, claims: &Value) -> String {
-    let (key, kid) = match alg {
-        Algorithm::RS256 => (
-            EncodingKey::from_rsa_pem(&std::fs::read(testdata("rsa_private.pem")).unwrap())
-                .unwrap(),
-            Some("rsa-1"),
-        ),
-        Algorithm::ES256 => (
-            EncodingKey::from_ec_pem(&std::fs::read(testdata("ec_private.pem")).unwrap()).unwrap(),
-            Some("ec-1"),
-        ),
-        Algorithm::HS256 => (EncodingKey::from_secret(DEV_SECRET.as_bytes()), None),
-        other => panic!("no test key for {other:?}"),
-    };
-    let mut header = Header::new(alg);
-    header.kid = kid.map(str::to_owned);
-    jsonwebtoken::encode(&header, claims, &key).unwrap()
+    sign_test_token(alg, claims, DEV_SECRET).unwrap()
 }
 
 fn bearer(token: &str) -> String {
@@ -322,7 +299,7 @@ fn jwt_identity() -> Value {
                 {
                     "issuer": ISSUER,
                     "audiences": [AUDIENCE],
-                    "keys": {"jwks_file": testdata("jwks.json")},
+                    "keys": {"jwks_file": identity_testdata("jwks.json")},
                     "algorithms": ["RS256", "ES256"],
                 },
                 {
@@ -352,7 +329,8 @@ fn a_replaced_jwks_file_is_picked_up_without_a_signal() {
     let dir = tempfile::tempdir().unwrap();
     let jwks_path = dir.path().join("jwks.json");
     let jwks: Value =
-        serde_json::from_str(&std::fs::read_to_string(testdata("jwks.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(identity_testdata("jwks.json")).unwrap())
+            .unwrap();
     std::fs::write(&jwks_path, jwks.to_string()).unwrap();
     let mut identity = jwt_identity();
     identity["jwt"]["issuers"][0]["keys"]["jwks_file"] = json!(jwks_path);

@@ -2296,6 +2296,44 @@ pub fn replace_file(path: &Path, contents: &[u8]) {
     std::fs::rename(&next, path).unwrap();
 }
 
+/// A file of mcp-guard's identity test data (`mcp-guard/src/identity/testdata`): the key pairs
+/// and JWKS the bearer-token tests and the identity bench sign and verify with.
+pub fn identity_testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../mcp-guard/src/identity/testdata")
+        .join(name)
+}
+
+/// A JWT of `claims` signed with the test key of `alg`: RS256 and ES256 with the private keys
+/// of the JWKS entries `rsa-1` and `ec-1` (their `kid` in the header), HS256 with
+/// `hs256_secret`.
+pub fn sign_test_token(
+    alg: jsonwebtoken::Algorithm,
+    claims: &Value,
+    hs256_secret: &str,
+) -> Result<String, String> {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let read = |name: &str| {
+        std::fs::read(identity_testdata(name))
+            .map_err(|e| format!("{}: {e}", identity_testdata(name).display()))
+    };
+    let (key, kid) = match alg {
+        Algorithm::RS256 => (
+            EncodingKey::from_rsa_pem(&read("rsa_private.pem")?).map_err(|e| e.to_string())?,
+            Some("rsa-1"),
+        ),
+        Algorithm::ES256 => (
+            EncodingKey::from_ec_pem(&read("ec_private.pem")?).map_err(|e| e.to_string())?,
+            Some("ec-1"),
+        ),
+        Algorithm::HS256 => (EncodingKey::from_secret(hs256_secret.as_bytes()), None),
+        other => return Err(format!("no test key for {other:?}")),
+    };
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, &key).map_err(|e| e.to_string())
+}
+
 /// An allow rule (see [`mcp_rule`]).
 pub fn allow(id: &str, conditions: Value) -> Value {
     mcp_rule(id, "allow", "allowed in this test", conditions)

@@ -206,7 +206,12 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
                     .map_err(|source| DaemonError::Listen { addr, source })?;
                 tokio::spawn(serve::serve_until(listener, app, shutdown, header_timeout))
             }
-            None => tokio::spawn(serve::serve_until(listener, app, shutdown, header_timeout)),
+            None => tokio::spawn(serve::serve_until(
+                serve::without_nagle(listener),
+                app,
+                shutdown,
+                header_timeout,
+            )),
         });
     }
     if let Some(enforcement) = &enforcement {

@@ -211,7 +211,6 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` until the listener fails.
 /// Serves `/metrics` on `listener` for as long as the daemon runs, closing connections that
 /// send no request head within `header_read_timeout`.
 pub async fn serve(

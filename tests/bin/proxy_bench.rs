@@ -66,7 +66,9 @@
 //! `audit.durable_before`, with `interval` at the default 10 ms; left out of the policy unless
 //! given, so an older `--guard` runs),
 //! `--halt-poll-ns N`, `--worker-threads N` and `--answer-poll-us N` (the policy's
-//! `daemon.worker_threads` and `daemon.answer_poll_us`, left out unless given), `--json`. Binaries: `--guard PATH` and `--fast-server
+//! `daemon.worker_threads` and `daemon.answer_poll_us`, left out unless given), `--jwt
+//! hs256|rs256|es256` (the HTTP front authenticates the bench with a bearer JWT signed by
+//! that algorithm's test key: `identity.jwt` in the policy), `--json`. Binaries: `--guard PATH` and `--fast-server
 //! PATH` (default: next to this one), `--peers DIR` (default `$MCP_GUARD_PEERS_DIR` or
 //! `target/mcp-peers`).
 
@@ -111,6 +113,8 @@ struct Options {
     /// `daemon.worker_threads` and `daemon.answer_poll_us`, left out of the policy unless given.
     worker_threads: Option<usize>,
     answer_poll_us: Option<u32>,
+    /// Bearer JWTs on the HTTP front, signed with this algorithm's test key.
+    jwt: Option<jsonwebtoken::Algorithm>,
     json: bool,
     guard: PathBuf,
     fast_server: PathBuf,
@@ -137,6 +141,7 @@ fn parse_options() -> Result<Options, String> {
         halt_poll_ns: None,
         worker_threads: None,
         answer_poll_us: None,
+        jwt: None,
         json: false,
         guard: here.join("mcp-guard"),
         fast_server: here.join("mcp-fast-server"),
@@ -169,6 +174,7 @@ fn parse_options() -> Result<Options, String> {
             "--halt-poll-ns" => options.halt_poll_ns = Some(parse(&value()?)?),
             "--worker-threads" => options.worker_threads = Some(parse(&value()?)?),
             "--answer-poll-us" => options.answer_poll_us = Some(parse(&value()?)?),
+            "--jwt" => options.jwt = Some(parse_jwt_algorithm(&value()?)?),
             "--json" => options.json = true,
             "--guard" => options.guard = PathBuf::from(value()?),
             "--fast-server" => options.fast_server = PathBuf::from(value()?),
@@ -187,6 +193,15 @@ fn parse_options() -> Result<Options, String> {
 
 fn parse<T: std::str::FromStr>(text: &str) -> Result<T, String> {
     text.parse().map_err(|_| format!("not a number: {text}"))
+}
+
+fn parse_jwt_algorithm(text: &str) -> Result<jsonwebtoken::Algorithm, String> {
+    match text.to_ascii_uppercase().as_str() {
+        "HS256" => Ok(jsonwebtoken::Algorithm::HS256),
+        "RS256" => Ok(jsonwebtoken::Algorithm::RS256),
+        "ES256" => Ok(jsonwebtoken::Algorithm::ES256),
+        _ => Err(format!("--jwt: {text:?} is not hs256, rs256 or es256")),
+    }
 }
 
 /// Where `cargo xtask setup` installs the real peers (the same rule as xtask's).
@@ -358,6 +373,9 @@ struct Host {
     durable_before: Option<String>,
     worker_threads: Option<usize>,
     answer_poll_us: Option<u32>,
+    jwt: Option<jsonwebtoken::Algorithm>,
+    /// The `Authorization` value the bench's HTTP sessions to the daemon send, with `--jwt`.
+    authorization: Option<String>,
     http_server: Option<std::process::Child>,
     daemon: Option<std::process::Child>,
 }
@@ -525,13 +543,55 @@ fn policy(host: &Host) -> Value {
     if let Some(micros) = host.answer_poll_us {
         daemon["answer_poll_us"] = json!(micros);
     }
-    json!({
+    let mut policy = json!({
         "version": 1,
         "daemon": daemon,
         "principals": {PRINCIPAL: {"roles": ["bench"]}},
         "servers": servers,
         "audit": audit,
-    })
+    });
+    if let Some(alg) = host.jwt {
+        // The HTTP front's caller comes from the token; the daemon's principal would only draw
+        // a warning.
+        policy["daemon"]
+            .as_object_mut()
+            .unwrap()
+            .remove("principal");
+        policy["identity"] = jwt_identity(alg);
+    }
+    policy
+}
+
+const JWT_ISSUER: &str = "https://idp.bench";
+const JWT_AUDIENCE: &str = "mcp-guard-bench";
+const JWT_SECRET: &str = "the bench's shared secret, thirty-two bytes or more";
+
+/// `identity.jwt` trusting the test key of `alg` (the JWKS of the identity tests for RS256
+/// and ES256).
+fn jwt_identity(alg: jsonwebtoken::Algorithm) -> Value {
+    let keys = match alg {
+        jsonwebtoken::Algorithm::HS256 => json!({"hs256_secret": JWT_SECRET}),
+        _ => json!({"jwks_file": mcp_guard_tests::identity_testdata("jwks.json")}),
+    };
+    json!({"jwt": {"issuers": [{
+        "issuer": JWT_ISSUER,
+        "audiences": [JWT_AUDIENCE],
+        "keys": keys,
+        "algorithms": [format!("{alg:?}")],
+    }]}})
+}
+
+/// `Bearer <token>` for the bench principal, valid for a day.
+fn bench_token(alg: jsonwebtoken::Algorithm) -> Result<String, String> {
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = json!({
+        "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": PRINCIPAL,
+        "iat": now, "exp": now + 86_400,
+    });
+    Ok(format!(
+        "Bearer {}",
+        mcp_guard_tests::sign_test_token(alg, &claims, JWT_SECRET)?
+    ))
 }
 
 fn start_host(options: &Options) -> Result<Host, String> {
@@ -574,6 +634,8 @@ fn start_host(options: &Options) -> Result<Host, String> {
         durable_before: options.durable_before.clone(),
         worker_threads: options.worker_threads,
         answer_poll_us: options.answer_poll_us,
+        jwt: options.jwt,
+        authorization: options.jwt.map(bench_token).transpose()?,
         http_server: None,
         daemon: None,
         dir,
@@ -786,11 +848,19 @@ impl Session {
     }
 }
 
-fn http_client() -> Result<reqwest::Client, String> {
+/// A keep-alive HTTP client; `authorization` goes with every request when given.
+fn http_client(authorization: Option<&str>) -> Result<reqwest::Client, String> {
     // reqwest is built without a TLS provider (see tests/Cargo.toml); Err when one is already
     // installed, which serves as well.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(value) = authorization {
+        let value = reqwest::header::HeaderValue::from_str(value)
+            .map_err(|e| format!("the Authorization header: {e}"))?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     reqwest::Client::builder()
+        .default_headers(headers)
         .tcp_nodelay(true)
         .pool_max_idle_per_host(1024)
         .timeout(TIMEOUT)
@@ -971,10 +1041,13 @@ async fn open(config: &Config, host: &Host) -> Result<Session, String> {
         .unwrap_or_default();
     let stderr = host.log_path(config.name);
     let transport = match config.kind {
-        Kind::HttpDirect => http_transport(format!("http://127.0.0.1:{}/mcp", host.fast_port))?,
-        Kind::HttpGuardUrl | Kind::HttpGuardStdio | Kind::EverythingHttpGuard => {
-            http_transport(host.daemon_url(config.daemon_server.expect("a daemon server")))?
+        Kind::HttpDirect => {
+            http_transport(format!("http://127.0.0.1:{}/mcp", host.fast_port), None)?
         }
+        Kind::HttpGuardUrl | Kind::HttpGuardStdio | Kind::EverythingHttpGuard => http_transport(
+            host.daemon_url(config.daemon_server.expect("a daemon server")),
+            host.authorization.as_deref(),
+        )?,
         Kind::StdioDirect => Transport::Stdio(StdioSession::spawn(&fast, &[], &stderr)?),
         Kind::StdioGuard => Transport::Stdio(StdioSession::spawn(
             &stdio_guard("fast-stdio"),
@@ -1007,9 +1080,9 @@ async fn open(config: &Config, host: &Host) -> Result<Session, String> {
     Ok(session)
 }
 
-fn http_transport(url: String) -> Result<Transport, String> {
+fn http_transport(url: String, authorization: Option<&str>) -> Result<Transport, String> {
     Ok(Transport::Http(HttpSession {
-        client: http_client()?,
+        client: http_client(authorization)?,
         url,
         session_id: None,
     }))
@@ -1419,7 +1492,7 @@ async fn measure(
         .open(host.dir.path().join("disk-probe.jsonl"))
         .map_err(|e| format!("disk probe: {e}"))?;
     let mut probes = MachineProbes::default();
-    let metrics_client = http_client()?;
+    let metrics_client = http_client(None)?;
     let highest = *options.concurrency.iter().max().expect("some concurrency");
     let mut sessions = Vec::new();
     for config in configs {
@@ -1641,6 +1714,7 @@ fn report(options: &Options, configs: &[&'static Config], cells: &[Cell], probes
                 "audit_durable_before": options.durable_before,
                 "daemon_worker_threads": options.worker_threads,
                 "daemon_answer_poll_us": options.answer_poll_us,
+                "jwt": options.jwt.map(|alg| format!("{alg:?}")),
                 "workspace_at_run": source_revision(),
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             },

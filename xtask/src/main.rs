@@ -77,6 +77,13 @@ enum Bench {
         #[arg(last = true)]
         bench_args: Vec<String>,
     },
+    /// Bearer JWT verification per request (HS256, RS256, ES256): a token's first use and
+    /// the uses after
+    Identity {
+        /// Extra arguments for the identity-bench binary, e.g. `-- --tokens 2000 --json`
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
     /// tools/call latency and throughput through mcp-guard vs direct (as root): Streamable
     /// HTTP and stdio, a fast upstream and server-everything
     Proxy {
@@ -113,6 +120,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Lint => lint(),
         Task::Bench(Bench::Egress { bench_args }) => bench_binary("egress-bench", &bench_args),
         Task::Bench(Bench::Policy { bench_args }) => bench_binary("policy-bench", &bench_args),
+        Task::Bench(Bench::Identity { bench_args }) => bench_binary("identity-bench", &bench_args),
         Task::Bench(Bench::Proxy { bench_args }) => bench_proxy(&bench_args),
         // audit-bench builds the release mcp-guard it times (tests/lib.rs `daemon_binary`).
         Task::Bench(Bench::Audit { bench_args }) => bench_binary("audit-bench", &bench_args),

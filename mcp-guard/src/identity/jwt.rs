@@ -21,6 +21,15 @@
 //! and keeps it until the next generation: no file is read per request, and a reload (a new
 //! `Arc<Policy>`) re-reads the keys. A generation whose keys can no longer be read at that
 //! moment keeps refusing every request (fail closed) until the next reload.
+//!
+//! An agent sends the same token with every request until it expires, and checking an RS256
+//! or ES256 signature is the costliest step of a request on the front. So each verifier keeps
+//! the tokens it has accepted ([`VerifiedTokens`]): the same bytes, under the same keys, give
+//! the same caller, and only `exp` and `nbf` are checked again on a later request. The cache
+//! belongs to one policy generation, so a reload (new keys, another issuer) starts it empty;
+//! a refused token is never kept.
+
+use std::collections::HashMap;
 
 use std::fmt;
 use std::path::Path;
@@ -30,6 +39,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::policy::{JwtAlgorithm, JwtKeys, JwtSettings, Policy, is_valid_principal_name};
 
@@ -42,6 +52,8 @@ pub struct Verifier {
     principal_claim: String,
     roles_claim: String,
     resource_metadata_url: Option<String>,
+    clock_skew_seconds: u64,
+    accepted: VerifiedTokens,
 }
 
 struct TrustedIssuer {
@@ -203,6 +215,8 @@ impl Verifier {
             principal_claim: settings.principal_claim.clone(),
             roles_claim: settings.roles_claim.clone(),
             resource_metadata_url: settings.resource_metadata_url.clone(),
+            clock_skew_seconds: settings.clock_skew_seconds,
+            accepted: VerifiedTokens::default(),
         })
     }
 
@@ -211,8 +225,34 @@ impl Verifier {
         self.verify(bearer_token(authorization)?)
     }
 
-    /// Verifies one compact JWS token and reads the caller from it.
+    /// Verifies one compact JWS token and reads the caller from it: from the tokens already
+    /// accepted when it is one of them, else by checking its signature and claims.
     pub fn verify(&self, token: &str) -> Result<VerifiedIdentity, AuthError> {
+        self.verify_at(token, jsonwebtoken::get_current_timestamp())
+    }
+
+    /// [`Verifier::verify`] with the clock read by the caller (`now`, seconds since the
+    /// epoch), which is what an accepted token's `exp` and `nbf` are checked against.
+    fn verify_at(&self, token: &str, now: u64) -> Result<VerifiedIdentity, AuthError> {
+        let digest = token_digest(token);
+        if let Some(accepted) = self.accepted.get(&digest) {
+            accepted.validity.check(now, self.clock_skew_seconds)?;
+            return Ok(accepted.identity);
+        }
+        let (identity, validity) = self.verify_signature_and_claims(token)?;
+        if let Some(validity) = validity {
+            self.accepted
+                .insert(digest, identity.clone(), validity, now);
+        }
+        Ok(identity)
+    }
+
+    /// The full check of a token not seen before; also returns its validity window, when
+    /// `exp` (and `nbf`, if any) are whole seconds that can be checked again later.
+    fn verify_signature_and_claims(
+        &self,
+        token: &str,
+    ) -> Result<(VerifiedIdentity, Option<Validity>), AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         // Only to choose the issuer's keys: nothing of the token is trusted before its
         // signature verifies with them.
@@ -262,11 +302,12 @@ impl Verifier {
             Some(Value::String(name)) if is_valid_principal_name(name) => name.clone(),
             Some(_) => return Err(AuthError::BadPrincipal(self.principal_claim.clone())),
         };
-        Ok(VerifiedIdentity {
+        let identity = VerifiedIdentity {
             principal,
             roles: roles_in(claim_at(&claims, &self.roles_claim)),
             issuer: issuer.issuer.clone(),
-        })
+        };
+        Ok((identity, Validity::of(&claims)))
     }
 
     /// The `WWW-Authenticate` value of a 401 answer for `error` (RFC 6750 section 3, with the
@@ -274,6 +315,96 @@ impl Verifier {
     pub fn challenge(&self, error: &AuthError) -> String {
         challenge(error, self.resource_metadata_url.as_deref())
     }
+}
+
+/// The most tokens one verifier keeps. Each is about 200 bytes; agents hold one token at a
+/// time, so this covers thousands of concurrent callers.
+const ACCEPTED_TOKENS_MAX: usize = 4096;
+
+/// Tokens a verifier has accepted, by the SHA-256 of their bytes (the token itself, a
+/// credential, is not kept).
+#[derive(Default)]
+struct VerifiedTokens {
+    by_digest: Mutex<HashMap<[u8; 32], AcceptedToken>>,
+}
+
+#[derive(Clone)]
+struct AcceptedToken {
+    identity: VerifiedIdentity,
+    validity: Validity,
+}
+
+/// When a token may be used: its `exp` and `nbf` claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Validity {
+    expires: u64,
+    not_before: Option<u64>,
+}
+
+impl Validity {
+    /// `None` when `exp` or `nbf` is not a whole number of seconds (jsonwebtoken accepted it,
+    /// but this cache would have to round it): such a token is verified in full every time.
+    fn of(claims: &Map<String, Value>) -> Option<Validity> {
+        let expires = claims.get("exp")?.as_u64()?;
+        let not_before = match claims.get("nbf") {
+            None => None,
+            Some(nbf) => Some(nbf.as_u64()?),
+        };
+        Some(Validity {
+            expires,
+            not_before,
+        })
+    }
+
+    /// The same rule as jsonwebtoken's: expired once `exp` is more than `skew` seconds past,
+    /// valid once `nbf` is at most `skew` seconds ahead.
+    fn check(&self, now: u64, skew: u64) -> Result<(), AuthError> {
+        if self.expires < now.saturating_sub(skew) {
+            return Err(AuthError::Expired);
+        }
+        if self
+            .not_before
+            .is_some_and(|nbf| nbf > now.saturating_add(skew))
+        {
+            return Err(AuthError::NotYetValid);
+        }
+        Ok(())
+    }
+}
+
+impl VerifiedTokens {
+    fn get(&self, digest: &[u8; 32]) -> Option<AcceptedToken> {
+        self.lock().get(digest).cloned()
+    }
+
+    /// Keeps an accepted token. When full, tokens expired at `now` make room first; if that is
+    /// not enough, every kept token is dropped (they verify again on their next request), so a
+    /// caller minting many valid tokens cannot grow the daemon's memory.
+    fn insert(&self, digest: [u8; 32], identity: VerifiedIdentity, validity: Validity, now: u64) {
+        let mut by_digest = self.lock();
+        if by_digest.len() >= ACCEPTED_TOKENS_MAX {
+            by_digest.retain(|_, kept| kept.validity.expires >= now);
+            if by_digest.len() >= ACCEPTED_TOKENS_MAX {
+                by_digest.clear();
+            }
+        }
+        by_digest.insert(digest, AcceptedToken { identity, validity });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], AcceptedToken>> {
+        self.by_digest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 /// A `WWW-Authenticate` value: `Bearer realm="mcp-guard", error="invalid_token",
@@ -988,6 +1119,75 @@ mod tests {
         // Quoted strings never carry a quote or a backslash.
         let odd = challenge(&AuthError::MissingClaim("a\"b\\c\u{e9}".into()), None);
         assert!(odd.contains("no a?b?c? claim"), "{odd}");
+    }
+
+    #[test]
+    fn identity_an_accepted_token_is_kept_and_a_refused_one_is_not() {
+        let verifier = hs256_verifier();
+        let token = hs256(&claims());
+        let first = verifier.verify(&token).unwrap();
+        assert_eq!(verifier.accepted.len(), 1);
+        assert_eq!(verifier.verify(&token).unwrap(), first);
+        assert_eq!(verifier.accepted.len(), 1);
+
+        let expired = hs256(&with(claims(), json!({"exp": now() - 3600})));
+        assert_eq!(verifier.verify(&expired), Err(AuthError::Expired));
+        let forged = sign_with(
+            Algorithm::HS256,
+            None,
+            &claims(),
+            &EncodingKey::from_secret(b"another secret of at least thirty-two bytes"),
+        );
+        assert_eq!(verifier.verify(&forged), Err(AuthError::BadSignature));
+        // A fractional exp would have to be rounded to be checked again: verified every time.
+        let fractional = hs256(&with(claims(), json!({"exp": now() as f64 + 600.5})));
+        assert!(verifier.verify(&fractional).is_ok());
+        assert_eq!(verifier.accepted.len(), 1);
+    }
+
+    #[test]
+    fn identity_a_kept_token_still_expires_and_waits_for_nbf() {
+        let verifier = hs256_verifier();
+        let issued = now();
+        let token = hs256(&with(claims(), json!({"exp": issued + 600, "nbf": issued})));
+        assert!(verifier.verify_at(&token, issued).is_ok());
+        assert_eq!(verifier.accepted.len(), 1);
+        // clock_skew_seconds is 60 in these settings.
+        assert!(verifier.verify_at(&token, issued + 660).is_ok());
+        assert_eq!(
+            verifier.verify_at(&token, issued + 661),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            verifier.verify_at(&token, issued - 61),
+            Err(AuthError::NotYetValid)
+        );
+    }
+
+    #[test]
+    fn identity_kept_tokens_belong_to_one_verifier() {
+        let token = hs256(&claims());
+        assert!(hs256_verifier().verify(&token).is_ok());
+        let mut rotated = settings(secret_keys(), &[JwtAlgorithm::HS256]);
+        rotated.issuers[0].keys.hs256_secret =
+            Some("the secret after rotation, thirty-two bytes or more".into());
+        let after_rotation = Verifier::from_settings(&rotated).unwrap();
+        assert_eq!(after_rotation.verify(&token), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn identity_kept_tokens_are_bounded() {
+        let verifier = hs256_verifier();
+        for n in 0..ACCEPTED_TOKENS_MAX {
+            let token = hs256(&with(claims(), json!({"jti": n})));
+            verifier.verify(&token).unwrap();
+        }
+        assert_eq!(verifier.accepted.len(), ACCEPTED_TOKENS_MAX);
+        // None has expired, so the next one starts the cache again.
+        verifier
+            .verify(&hs256(&with(claims(), json!({"jti": "one more"}))))
+            .unwrap();
+        assert_eq!(verifier.accepted.len(), 1);
     }
 
     #[test]

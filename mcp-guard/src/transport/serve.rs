@@ -4,6 +4,23 @@
 //! a graceful shutdown.
 
 use axum::Router;
+use axum::serve::ListenerExt;
+use tokio::net::{TcpListener, TcpStream};
+
+/// `listener`, with [`disable_nagle`] on every connection it accepts.
+pub fn without_nagle(listener: TcpListener) -> impl axum::serve::Listener<Io = TcpStream> {
+    listener.tap_io(disable_nagle)
+}
+
+/// Turns Nagle's algorithm off on an accepted connection. An answer is often written in more
+/// than one piece (an SSE response's head, then each event as it comes, such as a progress
+/// notification and then the result), and with Nagle a piece waits until the previous one is
+/// acknowledged, which the client's delayed ACK can hold up for 40 ms.
+pub fn disable_nagle(stream: &mut TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "setting TCP_NODELAY on an accepted connection");
+    }
+}
 
 /// Serves `router` on `listener` until `shutdown` completes; then no new connection or
 /// request is taken, and this returns once the requests already in flight are answered and
@@ -42,4 +59,21 @@ pub async fn serve_until<L>(
     }
     drop(listener);
     connections.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut listener = without_nagle(listener);
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = axum::serve::Listener::accept(&mut listener).await;
+        assert!(accepted.nodelay().unwrap());
+        // Only the server's end is changed.
+        assert!(!client.nodelay().unwrap());
+    }
 }

@@ -191,7 +191,7 @@ async fn accept_and_handshake(
     failures: IntCounterVec,
 ) {
     loop {
-        let (stream, peer) = match tcp.accept().await {
+        let (mut stream, peer) = match tcp.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, say: wait rather than spin.
@@ -200,6 +200,7 @@ async fn accept_and_handshake(
                 continue;
             }
         };
+        super::serve::disable_nagle(&mut stream);
         let acceptor = acceptor.clone();
         let handshaken = handshaken.clone();
         let failures = failures.clone();
@@ -258,6 +259,44 @@ mod tests {
             error.reason().contains("is it the key of cert_file?"),
             "{error}"
         );
+    }
+
+    /// A client that trusts the self-signed test certificate completes a handshake through
+    /// [`TlsListener`], and the connection handed on has Nagle's algorithm off.
+    #[tokio::test]
+    async fn handshaken_connections_are_handed_on_without_nagle() {
+        let key = load_certified_key(&front_tls("front.pem", testdata("front-key.pem"))).unwrap();
+        let config = server_config(FrontCertificate::new(key)).unwrap();
+        let failures = IntCounterVec::new(prometheus::Opts::new("f", "f"), &["reason"]).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut listener = TlsListener::new(tcp, config, failures.clone()).unwrap();
+        let addr = axum::serve::Listener::local_addr(&listener).unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in read_certificates(&testdata("front.pem")).unwrap() {
+            roots.add(certificate).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let connecting = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            connector.connect(name, tcp).await.unwrap()
+        });
+        let handshake = connecting.await.unwrap();
+        // Bounded, so that a failed handshake fails the test rather than hangs it.
+        let accepting = axum::serve::Listener::accept(&mut listener);
+        let (accepted, _) = tokio::time::timeout(Duration::from_secs(10), accepting)
+            .await
+            .expect("the handshaken connection is handed on");
+        drop(handshake);
+        assert!(accepted.get_ref().0.nodelay().unwrap());
+        assert_eq!(failures.with_label_values(&["error"]).get(), 0);
     }
 
     #[test]
