@@ -520,6 +520,16 @@ fn requests_without_a_valid_token_are_answered_401() {
         expected.iter().map(|(reason, _)| *reason).collect(),
         "unexpected reason labels"
     );
+    // Every one of them was timed, refused or not.
+    assert_eq!(
+        metric(
+            &scrape,
+            "mcp_guard_authentication_duration_seconds_count",
+            &[]
+        ),
+        expected.iter().map(|(_, count)| count).sum::<f64>(),
+        "authentications timed"
+    );
 }
 
 /// A token's roles drive decisions: a developer (RS256) sees and calls the tools its role
@@ -594,6 +604,32 @@ fn token_roles_drive_policy_decisions() {
             && r["rule"] == "interns-may-not-echo"
     });
     assert!(bob_denied, "no deny record for bob's echo: {audit:#?}");
+
+    // Accepted tokens are timed as well: every request here was authenticated, none refused.
+    let scrape = scrape(front.metrics);
+    let timed = metric(
+        &scrape,
+        "mcp_guard_authentication_duration_seconds_count",
+        &[],
+    );
+    // Each call came in its own request (a decision and an outcome record share a call id).
+    let calls: BTreeSet<&str> = audit
+        .iter()
+        .filter(|r| r["kind"] == "call")
+        .filter_map(|r| r["call_id"].as_str())
+        .collect();
+    assert!(
+        timed >= calls.len() as f64,
+        "{timed} authentications for {} calls",
+        calls.len()
+    );
+    assert!(
+        !scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "mcp_guard_auth_failures_total"),
+        "a token was refused"
+    );
 }
 
 /// A session serves only the principal that opened it: another principal's valid token gets

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 pub struct Metrics {
@@ -38,6 +38,9 @@ pub struct Metrics {
     /// Requests the HTTP front refused before any policy decision because the caller could
     /// not be authenticated, by reason (a fixed set, see `AuthError::kind`).
     pub auth_failures: IntCounterVec,
+    /// Time to authenticate a request's bearer token (accepted or refused), outside
+    /// `request_duration`, which starts once the caller is known.
+    pub authentication_duration: Histogram,
     /// Audit records written and audit write failures (shared with the audit writer).
     pub audit: crate::audit::AuditCounters,
 }
@@ -160,6 +163,17 @@ impl Metrics {
                 &["reason"],
             )
             .expect("metric"),
+            authentication_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "mcp_guard_authentication_duration_seconds",
+                    "Time to check the bearer token of a request on the HTTP front (accepted or refused)",
+                )
+                .buckets(vec![
+                    0.000_001, 0.000_005, 0.000_01, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001,
+                    0.005,
+                ]),
+            )
+            .expect("metric"),
             audit: crate::audit::AuditCounters::default(),
             registry,
         };
@@ -172,7 +186,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
             Box::new(self.audit.records_written.clone()),
             Box::new(self.audit.failures.clone()),
             Box::new(self.audit.flush_failures.clone()),
@@ -183,6 +197,7 @@ impl Metrics {
             Box::new(self.upstream_errors.clone()),
             Box::new(self.notifications_withheld.clone()),
             Box::new(self.auth_failures.clone()),
+            Box::new(self.authentication_duration.clone()),
             Box::new(self.sessions_refused.clone()),
             Box::new(self.tls_handshake_failures.clone()),
             Box::new(self.egress_attempts.clone()),

@@ -29,7 +29,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::identity::TransportHints;
-use crate::identity::jwt::{AuthError, Verifier};
+use crate::identity::jwt::{AuthError, VerifiedIdentity, Verifier};
 use crate::mcp::jsonrpc::{self, Incoming, Message, RpcError, codes};
 use crate::mcp::revision::{self, Revision};
 use crate::proxy::{AgentSession, Caller, ProgressRoute, Proxy, ProxyError, SessionLimit};
@@ -401,6 +401,16 @@ fn sanitise(key: &str) -> String {
         .collect()
 }
 
+/// The bearer token's identity, timed in `mcp_guard_authentication_duration_seconds`.
+fn authenticate(
+    front: &Front,
+    verifier: &Verifier,
+    headers: &HeaderMap,
+) -> Result<VerifiedIdentity, AuthError> {
+    let _timer = front.proxy.metrics.authentication_duration.start_timer();
+    verifier.authenticate(header_str(headers, "authorization"))
+}
+
 /// The caller of this request, or the answer refusing it:
 /// - with `identity.jwt`, the principal and roles of the bearer token (401 without a valid
 ///   one; 503 when the policy's keys could not be loaded);
@@ -412,7 +422,7 @@ fn sanitise(key: &str) -> String {
 fn caller_for(front: &Front, headers: &HeaderMap) -> Result<Caller, Box<Response>> {
     let model = front.proxy.model();
     let (principal, mut roles) = match Verifier::for_policy(&model) {
-        Some(Ok(verifier)) => match verifier.authenticate(header_str(headers, "authorization")) {
+        Some(Ok(verifier)) => match authenticate(front, &verifier, headers) {
             Ok(identity) => (identity.principal, identity.roles),
             Err(error) => {
                 // Counted, not audited: unauthenticated senders must not be able to grow the
