@@ -46,8 +46,9 @@ pub use glob::matches as glob_matches;
 pub use methods::{PLUMBING_METHODS, is_plumbing};
 pub use model::{
     Account, AuditSettings, DaemonSettings, Destination, DurableBefore, Effect, EgressRule,
-    FrontTls, IdentitySettings, Isolation, JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings, Mode,
-    POLICY_VERSION, Policy, Principal, Protocol, Rule, ServerPolicy,
+    FrontTls, HeaderValueError, IdentitySettings, Isolation, JwtAlgorithm, JwtIssuer, JwtKeys,
+    JwtSettings, Mode, POLICY_VERSION, Policy, Principal, Protocol, RESERVED_UPSTREAM_HEADERS,
+    Rule, ServerPolicy, UpstreamHeader,
 };
 pub use ports::{PortRange, PortRangeError};
 pub(crate) use validate::{cleartext_front_warning, is_valid_principal_name};
@@ -92,7 +93,8 @@ impl Policy {
     }
 
     /// The key files the policy names: those `identity.jwt`'s issuers are verified with
-    /// (`pem_file`, `jwks_file`), and the HTTP front's certificate and key (`daemon.tls`).
+    /// (`pem_file`, `jwks_file`), the HTTP front's certificate and key (`daemon.tls`), and the
+    /// files `url` servers' `headers` are read from (their credentials).
     pub fn key_files(&self) -> impl Iterator<Item = &Path> {
         let issuers = self.identity.jwt.iter().flat_map(|jwt| &jwt.issuers);
         let jwt_keys = issuers.flat_map(|issuer| {
@@ -101,7 +103,15 @@ impl Policy {
         });
         let tls = self.daemon.tls.iter();
         let front = tls.flat_map(|tls| [&tls.cert_file, &tls.key_file]);
-        jwt_keys.chain(front).map(PathBuf::as_path)
+        let upstream_secrets = self
+            .servers
+            .values()
+            .flat_map(|server| server.headers.values())
+            .filter_map(|header| header.file.as_ref());
+        jwt_keys
+            .chain(front)
+            .chain(upstream_secrets)
+            .map(PathBuf::as_path)
     }
 }
 

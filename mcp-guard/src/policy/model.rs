@@ -581,6 +581,15 @@ pub struct ServerPolicy {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume_get_stream: bool,
 
+    /// HTTP headers mcp-guard adds to every request it makes to the `url` server (POST, GET
+    /// and DELETE), by header name: the server's own credentials (an API key, a bearer token)
+    /// held by mcp-guard, so the agent never sees them. Each value comes from exactly one of
+    /// `value`, `file` or `env`, and is read when a session opens. Headers mcp-guard sets
+    /// itself (MCP's, content negotiation, trace context, `MCP-Guard-*`) may not be named.
+    /// Only with `url`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, UpstreamHeader>,
+
     /// How many processes of `command` run: `per_session` (the default) spawns one per agent
     /// session, so sessions cannot see each other's state; `shared` spawns one for everyone.
     /// Only meaningful with `command`.
@@ -671,6 +680,7 @@ impl Default for ServerPolicy {
             url: None,
             tls_ca_file: None,
             resume_get_stream: false,
+            headers: BTreeMap::new(),
             isolation: Isolation::default(),
             principal: None,
             user: None,
@@ -685,6 +695,108 @@ impl Default for ServerPolicy {
         }
     }
 }
+
+/// Where the value of one of a server's `headers` comes from: exactly one of `value`, `file`
+/// and `env`, after `prefix`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamHeader {
+    /// The value itself. For what is not secret: whoever may read the policy reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+
+    /// Absolute path of a file holding the value (whitespace around it, such as a final
+    /// newline, is ignored), readable by the daemon only. Read when the policy is checked and
+    /// when a session opens; a changed file reloads the policy, so a rotated secret reaches
+    /// the sessions opened after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+
+    /// Name of an environment variable of the daemon holding the value (systemd's
+    /// `Environment=` or `EnvironmentFile=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+
+    /// Text put before the value, such as `Bearer `.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+/// Why the value of one of a server's `headers` cannot be had. Never carries the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderValueError {
+    #[error("give exactly one of `value`, `file` and `env`")]
+    Source,
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+    #[error("environment variable {0} is not set")]
+    EnvUnset(String),
+    #[error("the value is empty")]
+    Empty,
+    #[error("the value has a control character or a line break, which no header value may hold")]
+    NotAHeaderValue,
+}
+
+impl HeaderValueError {
+    /// The field of the header's entry at fault (empty: the entry as a whole).
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::File { .. } => "file",
+            Self::EnvUnset(_) => "env",
+            Self::Source | Self::Empty | Self::NotAHeaderValue => "",
+        }
+    }
+}
+
+impl UpstreamHeader {
+    /// The header's value now: `prefix` and what its source holds.
+    pub fn resolve(&self) -> Result<String, HeaderValueError> {
+        let held = match (&self.value, &self.file, &self.env) {
+            (Some(value), None, None) => value.clone(),
+            (None, Some(path), None) => std::fs::read_to_string(path)
+                .map_err(|e| HeaderValueError::File {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?
+                .trim()
+                .to_owned(),
+            (None, None, Some(name)) => {
+                std::env::var(name).map_err(|_| HeaderValueError::EnvUnset(name.clone()))?
+            }
+            _ => return Err(HeaderValueError::Source),
+        };
+        if held.is_empty() {
+            return Err(HeaderValueError::Empty);
+        }
+        let value = format!("{}{held}", self.prefix);
+        // RFC 9110 field values: visible characters, spaces and tabs (and obs-text).
+        if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err(HeaderValueError::NotAHeaderValue);
+        }
+        Ok(value)
+    }
+}
+
+/// Headers of a request to a `url` server that mcp-guard sets itself, so a server's `headers`
+/// may not name them (lower case; `mcp-guard-*` as well).
+pub const RESERVED_UPSTREAM_HEADERS: &[&str] = &[
+    "accept",
+    "baggage",
+    "connection",
+    "content-length",
+    "content-type",
+    "host",
+    "last-event-id",
+    "mcp-method",
+    "mcp-name",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "te",
+    "traceparent",
+    "tracestate",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// The uid and gid a server's `command` runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

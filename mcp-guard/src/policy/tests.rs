@@ -1281,6 +1281,118 @@ fn resume_get_stream_loads_with_a_url_and_warns_without_one() {
     assert!(loaded.policy.servers["fetch"].resume_get_stream);
 }
 
+/// [`valid`] with `fetch` a `url` server carrying `headers`.
+fn url_server_with_headers(headers: Value) -> Value {
+    let mut policy = valid();
+    let fetch = &mut policy["servers"]["fetch"];
+    fetch.as_object_mut().unwrap().remove("command");
+    fetch["url"] = json!("https://mcp.example.com/mcp");
+    fetch["headers"] = headers;
+    policy
+}
+
+#[test]
+fn upstream_headers_load_from_a_value_a_file_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let loaded = load_value(url_server_with_headers(json!({
+        "Authorization": {"file": token, "prefix": "Bearer "},
+        "X-Api-Version": {"value": "2025-01-01"},
+        "X-Home": {"env": "HOME"},
+    })))
+    .unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let headers = &loaded.policy.servers["fetch"].headers;
+    assert_eq!(
+        headers["Authorization"].resolve().unwrap(),
+        "Bearer s3cret-token",
+        "the file's final newline is not part of the value"
+    );
+    assert_eq!(headers["X-Api-Version"].resolve().unwrap(), "2025-01-01");
+    assert_eq!(
+        headers["X-Home"].resolve().unwrap(),
+        std::env::var("HOME").unwrap()
+    );
+    // A changed secret file reloads the policy, as a changed key file does.
+    assert!(loaded.policy.key_files().any(|path| path == token));
+}
+
+#[test]
+fn upstream_headers_are_checked_with_their_paths() {
+    let at = "servers.fetch.headers";
+    assert_error_at(
+        url_server_with_headers(json!({"Bad Name": {"value": "x"}})),
+        &format!("{at}.Bad Name"),
+        "not a valid HTTP header name",
+    );
+    for reserved in [
+        "Mcp-Session-Id",
+        "content-type",
+        "MCP-Guard-Principal",
+        "traceparent",
+    ] {
+        assert_error_at(
+            url_server_with_headers(json!({reserved: {"value": "x"}})),
+            &format!("{at}.{reserved}"),
+            "mcp-guard sets itself",
+        );
+    }
+    assert_error_at(
+        url_server_with_headers(json!({"X-Key": {"value": "a", "env": "HOME"}})),
+        &format!("{at}.X-Key"),
+        "exactly one of",
+    );
+    assert_error_at(
+        url_server_with_headers(json!({"X-Key": {"prefix": "Bearer "}})),
+        &format!("{at}.X-Key"),
+        "exactly one of",
+    );
+    assert_error_at(
+        url_server_with_headers(json!({"X-Key": {"value": "line\r\nInjected: yes"}})),
+        &format!("{at}.X-Key"),
+        "line break",
+    );
+    assert_error_at(
+        url_server_with_headers(json!({"X-Key": {"file": "/nonexistent/mcp-guard/token"}})),
+        &format!("{at}.X-Key.file"),
+        "/nonexistent/mcp-guard/token",
+    );
+    let relative = problems_of(url_server_with_headers(json!({"X-Key": {"file": "token"}})));
+    assert!(
+        relative
+            .iter()
+            .any(|p| p.path == format!("{at}.X-Key.file") && p.message.contains("absolute")),
+        "{relative:#?}"
+    );
+    assert_error_at(
+        url_server_with_headers(json!({"X-Key": {"env": "A=B"}})),
+        &format!("{at}.X-Key.env"),
+        "variable name",
+    );
+    let (json_path, message) =
+        parse_failure(url_server_with_headers(json!({"X-Key": {"unknown": "x"}})));
+    assert_eq!(json_path, format!("{at}.X-Key.unknown"));
+    assert!(message.contains("unknown field"), "{message}");
+}
+
+#[test]
+fn upstream_headers_warn_when_unset_or_without_a_url() {
+    let warning = only_warning(url_server_with_headers(
+        json!({"X-Key": {"env": "MCP_GUARD_TEST_SURELY_UNSET"}}),
+    ));
+    assert_eq!(warning.path, "servers.fetch.headers.X-Key.env");
+    assert!(
+        warning.message.contains("MCP_GUARD_TEST_SURELY_UNSET"),
+        "{warning}"
+    );
+
+    let mut policy = valid();
+    policy["servers"]["fetch"]["headers"] = json!({"X-Key": {"value": "x"}});
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "servers.fetch.headers");
+}
+
 #[test]
 fn answer_polling_on_one_worker_loads() {
     let mut policy = valid();

@@ -9,9 +9,9 @@ use std::path::Path;
 use super::cidr::is_ipv4_mapped;
 use super::error::Problem;
 use super::model::{
-    AuditSettings, DaemonSettings, DurableBefore, EgressRule, FrontTls, IdentitySettings,
-    Isolation, JwtIssuer, JwtKeys, JwtSettings, POLICY_VERSION, Policy, Principal, Protocol,
-    ServerPolicy,
+    AuditSettings, DaemonSettings, DurableBefore, EgressRule, FrontTls, HeaderValueError,
+    IdentitySettings, Isolation, JwtIssuer, JwtKeys, JwtSettings, POLICY_VERSION, Policy,
+    Principal, Protocol, RESERVED_UPSTREAM_HEADERS, ServerPolicy,
 };
 use super::validate_rules::check_rules;
 
@@ -643,6 +643,7 @@ fn check_launch(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) 
             "has no effect without `url`",
         ));
     }
+    check_upstream_headers(path, server, problems);
     if let Some(ca_file) = &server.tls_ca_file {
         check_absolute(&format!("{path}.tls_ca_file"), ca_file, problems);
         if !server
@@ -654,6 +655,61 @@ fn check_launch(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) 
                 format!("{path}.tls_ca_file"),
                 "has no effect without an `https://` `url`",
             ));
+        }
+    }
+}
+
+/// A `url` server's `headers`: valid names that mcp-guard does not set itself, and values
+/// that can be read now (a variable the daemon's environment may still have is a warning).
+fn check_upstream_headers(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) {
+    if !server.headers.is_empty() && server.url.is_none() {
+        problems.push(Problem::warning(
+            format!("{path}.headers"),
+            "has no effect without `url`",
+        ));
+    }
+    for (name, header) in &server.headers {
+        let at = format!("{path}.headers.{name}");
+        let lower = name.to_ascii_lowercase();
+        if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            problems.push(Problem::error(&at, "is not a valid HTTP header name"));
+            continue;
+        }
+        if RESERVED_UPSTREAM_HEADERS.contains(&lower.as_str()) || lower.starts_with("mcp-guard-") {
+            problems.push(Problem::error(
+                &at,
+                "is a header mcp-guard sets itself on requests to the server",
+            ));
+            continue;
+        }
+        if let Some(file) = &header.file {
+            check_absolute(&format!("{at}.file"), file, problems);
+        }
+        if let Some(variable) = &header.env
+            && (variable.is_empty() || variable.contains(['=', '\0']))
+        {
+            problems.push(Problem::error(
+                format!("{at}.env"),
+                "must be a non-empty variable name without `=` or NUL",
+            ));
+            continue;
+        }
+        match header.resolve() {
+            Ok(_) => {}
+            Err(HeaderValueError::EnvUnset(variable)) => problems.push(Problem::warning(
+                format!("{at}.env"),
+                format!(
+                    "{variable} is not set here; the daemon refuses sessions to this server \
+                     while its environment lacks it"
+                ),
+            )),
+            Err(error) => {
+                let field = match error.field() {
+                    "" => at.clone(),
+                    field => format!("{at}.{field}"),
+                };
+                problems.push(Problem::error(field, error.to_string()));
+            }
         }
     }
 }

@@ -290,6 +290,7 @@ impl Proxy {
                 options: crate::upstream::http::HttpOptions {
                     tls_ca_file: server_policy.tls_ca_file.as_deref(),
                     resume_get_stream: server_policy.resume_get_stream,
+                    headers: &server_policy.headers,
                 },
             },
             (None, None) => return Err(ProxyError::NotSpawnable(server.to_owned())),

@@ -10,6 +10,7 @@
 //! the server's `retry` time, replays what was sent meanwhile and carries the rest. Without an
 //! event id, the call fails at once rather than wait for its timeout.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,21 +20,24 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{RwLock, mpsc, watch};
 
+use crate::policy::{HeaderValueError, UpstreamHeader};
+
 use super::{
     Outbound, Pending, Router, ServerMessages, Upstream, UpstreamError, answer_or_pass_on,
     route_server_output, upstream_error,
 };
 
 /// A client for one session's server: TLS with the `ring` provider, installed once for the
-/// process (reqwest asks for a process default when built without its own).
-fn client_trusting(tls_ca_file: Option<&Path>) -> Result<reqwest::Client, UpstreamError> {
+/// process (reqwest asks for a process default when built without its own), and the server's
+/// `headers` on every request.
+fn client_for(options: HttpOptions<'_>) -> Result<reqwest::Client, UpstreamError> {
     static PROVIDER: std::sync::Once = std::sync::Once::new();
     PROVIDER.call_once(|| {
         // Err only when another provider is already installed, which serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
-    let mut builder = reqwest::Client::builder();
-    if let Some(path) = tls_ca_file {
+    let mut builder = reqwest::Client::builder().default_headers(server_headers(options.headers)?);
+    if let Some(path) = options.tls_ca_file {
         let pem = std::fs::read(path).map_err(|source| UpstreamError::CaFile {
             path: path.to_owned(),
             reason: source.to_string(),
@@ -56,6 +60,30 @@ fn client_trusting(tls_ca_file: Option<&Path>) -> Result<reqwest::Client, Upstre
     builder
         .build()
         .map_err(|e| UpstreamError::Unsupported(crate::error_chain(&e)))
+}
+
+/// The server's `headers`, read now. Marked sensitive: they are its credentials, and must not
+/// show in debug output.
+fn server_headers(
+    headers: &BTreeMap<String, UpstreamHeader>,
+) -> Result<reqwest::header::HeaderMap, UpstreamError> {
+    let mut map = reqwest::header::HeaderMap::with_capacity(headers.len());
+    for (name, header) in headers {
+        let failed = |source| UpstreamError::Header {
+            name: name.clone(),
+            source,
+        };
+        let text = header.resolve().map_err(failed)?;
+        let mut value = reqwest::header::HeaderValue::from_str(&text)
+            .map_err(|_| failed(HeaderValueError::NotAHeaderValue))?;
+        value.set_sensitive(true);
+        // Validated with the policy; a name that still fails is left out rather than sent
+        // mangled.
+        if let Ok(name) = reqwest::header::HeaderName::from_bytes(name.as_bytes()) {
+            map.insert(name, value);
+        }
+    }
+    Ok(map)
 }
 
 /// Per-session state the server gave us.
@@ -87,13 +115,15 @@ struct Connection {
 }
 
 /// How a session's server is reached beyond its URL (the server's policy settings).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct HttpOptions<'a> {
     /// PEM certificates an `https://` server's certificate may chain to, besides the
     /// system's roots.
     pub tls_ca_file: Option<&'a Path>,
     /// Resume a dropped GET stream with `Last-Event-ID`.
     pub resume_get_stream: bool,
+    /// Headers sent with every request (the server's credentials).
+    pub headers: &'a BTreeMap<String, UpstreamHeader>,
 }
 
 /// Connects (lazily: the first POST is the agent's first message) to the server at `url`.
@@ -109,7 +139,7 @@ pub fn connect(
     }
     let parsed =
         reqwest::Url::parse(url).map_err(|e| UpstreamError::Unsupported(format!("{url}: {e}")))?;
-    let client = client_trusting(options.tls_ca_file)?;
+    let client = client_for(options)?;
     let (incoming_sender, incoming) = mpsc::channel::<Value>(256);
     let (session_sender, server_messages) = mpsc::channel(256);
     let router = Router::new(session_sender, label.clone());
@@ -650,11 +680,12 @@ async fn fail(connection: &Connection, request_id: Option<Value>, problem: &str)
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::time::Duration;
 
     use serde_json::json;
 
-    use super::{Connection, Direct, SseDecoder, answers};
+    use super::{Connection, Direct, SseDecoder, UpstreamHeader, answers};
 
     /// A connection to nowhere, with the router's queue and one caller waiting for id 7.
     fn waiting_connection() -> (
@@ -667,7 +698,12 @@ mod tests {
         let pending =
             std::sync::Arc::new(tokio::sync::Mutex::new([(7, answer)].into_iter().collect()));
         let connection = Connection {
-            client: super::client_trusting(None).unwrap(),
+            client: super::client_for(super::HttpOptions {
+                tls_ca_file: None,
+                resume_get_stream: false,
+                headers: &BTreeMap::new(),
+            })
+            .unwrap(),
             url: reqwest::Url::parse("http://127.0.0.1:9/mcp").unwrap(),
             session: Default::default(),
             incoming,
@@ -709,6 +745,39 @@ mod tests {
             answered.try_recv().is_err(),
             "the router answers it, after the progress"
         );
+    }
+
+    #[test]
+    fn server_headers_are_read_and_kept_out_of_debug_output() {
+        let headers = BTreeMap::from([
+            (
+                "Authorization".to_owned(),
+                UpstreamHeader {
+                    value: Some("s3cret".into()),
+                    prefix: "Bearer ".into(),
+                    ..UpstreamHeader::default()
+                },
+            ),
+            (
+                "X-Api-Key".to_owned(),
+                UpstreamHeader {
+                    env: Some("MCP_GUARD_TEST_SURELY_UNSET".into()),
+                    ..UpstreamHeader::default()
+                },
+            ),
+        ]);
+        // An unset variable refuses the session, naming the header, never a value.
+        let error = super::server_headers(&headers).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "headers.X-Api-Key: environment variable MCP_GUARD_TEST_SURELY_UNSET is not set"
+        );
+        let only_set: BTreeMap<_, _> = headers.into_iter().take(1).collect();
+        let map = super::server_headers(&only_set).unwrap();
+        let value = &map["authorization"];
+        assert_eq!(value, "Bearer s3cret");
+        assert!(value.is_sensitive());
+        assert!(!format!("{map:?}").contains("s3cret"));
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub enum UpstreamError {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// One of the server's `headers` could not be read (never carries its value).
+    #[error("headers.{name}: {source}")]
+    Header {
+        name: String,
+        source: crate::policy::HeaderValueError,
+    },
     #[error("the server did not answer {method} within {seconds} s")]
     TimedOut { method: String, seconds: u64 },
 }
