@@ -275,10 +275,7 @@ fn allowed_calls_return_what_the_server_returns_directly() {
             list_tools_rule(),
             allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
         ]),
-        "time": stdio_server(peers.time(), vec![
-            list_tools_rule(),
-            allow("current-time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
-        ]),
+        "time": stdio_server(peers.time(), current_time_rules()),
     });
     let front = Front::start(env, peers, servers);
     let stdio_front = |server: &str| {
@@ -1251,10 +1248,7 @@ fn every_revision_the_peers_speak_passes_through() {
             list_tools_rule(),
             allow("list", json!({"roles": [DEVELOPER], "tools": ["list_directory"]})),
         ]),
-        "time": stdio_server(peers.time(), vec![
-            list_tools_rule(),
-            allow("current-time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
-        ]),
+        "time": stdio_server(peers.time(), current_time_rules()),
     });
     let front = Front::start(env, peers, servers);
     let direct_commands = [
@@ -1308,10 +1302,7 @@ fn stateless_2026_07_28_requests_are_answered() {
     let env = TestEnv::new("proxy-stateless", PROBE);
     let peers = Peers::require();
     let servers = json!({
-        "time": stdio_server(peers.time(), vec![
-            list_tools_rule(),
-            allow("current-time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
-        ]),
+        "time": stdio_server(peers.time(), current_time_rules()),
         "fast": stdio_server(vec![FAST_SERVER.to_string()], vec![
             list_tools_rule(),
             allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo", "add"]})),
@@ -2117,13 +2108,7 @@ fn https_upstream_is_verified_against_the_configured_ca() {
     ]);
     let (mut upstream, port) = start_announcing(&command);
     let url = format!("https://127.0.0.1:{port}/mcp");
-    let rules = json!([
-        list_tools_rule(),
-        allow(
-            "time",
-            json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})
-        ),
-    ]);
+    let rules = current_time_rules();
     let servers = json!({
         "trusted": {"url": url, "tls_ca_file": ca, "rules": rules},
         "untrusted": {"url": url, "rules": rules},
@@ -2161,6 +2146,127 @@ fn https_upstream_is_verified_against_the_configured_ca() {
             .is_some_and(|m| m.contains("invalid peer certificate: UnknownIssuer")),
         "{refused}"
     );
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}
+
+/// A `url` server that wants its own credentials (the real `mcp-server-time` behind a check of
+/// `Authorization: Bearer <token>`, answering 401 otherwise, as a hosted MCP server wanting an
+/// API key does) gets them from the policy's `headers`, read from a file the agent never sees:
+/// the call goes through, and the agent's own Authorization header never reaches the server.
+/// Without `headers` the agent's initialize is refused with -32011 naming the 401. When the
+/// server's token changes and the file is replaced, the daemon reloads on its own and the next
+/// session gets through with the new token.
+#[test]
+fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
+    let env = TestEnv::new("proxy-upstream-headers", PROBE);
+    let peers = Peers::require();
+    let accepted_token = env.dir().join("accepted-token");
+    std::fs::write(&accepted_token, "first-secret\n").unwrap();
+    let auth_log = env.dir().join("auth.log");
+    let command = peers.time_http(&[
+        "--require-bearer-file",
+        accepted_token.to_str().unwrap(),
+        "--auth-log",
+        auth_log.to_str().unwrap(),
+    ]);
+    let (mut upstream, port) = start_announcing(&command);
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let secret = env.dir().join("server-secret");
+    std::fs::write(&secret, "first-secret\n").unwrap();
+    let rules = current_time_rules();
+    let servers = json!({
+        "with-key": {
+            "url": url,
+            "headers": {"Authorization": {"file": secret, "prefix": "Bearer "}},
+            "rules": rules,
+        },
+        "without-key": {"url": url, "rules": rules},
+    });
+    let front = Front::start(env, peers, servers);
+    let call = |server: &str| {
+        front.raw(
+            server,
+            &[
+                "--header",
+                "Authorization: Bearer the-agents-own-token",
+                "--initialize",
+                HANDSHAKE,
+                "--body",
+                r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"get_current_time","arguments":{"timezone":"UTC"}}}"#,
+            ],
+        )
+    };
+    let time_of = |answer: &Value| -> Value {
+        let text = response_message(answer)["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no time in {answer}"));
+        serde_json::from_str(&text).expect("the time as JSON")
+    };
+
+    let answer = call("with-key");
+    assert_eq!(time_of(&answer)["timezone"], "UTC", "{answer}");
+
+    let refused = call("without-key");
+    let error = &refused["initialize"]["response"]["error"];
+    assert_eq!(error["code"], -32011, "{refused}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| m.contains("401")),
+        "{refused}"
+    );
+
+    // The server's token rotates: until the file is replaced, new sessions are refused.
+    replace_file(&accepted_token, b"second-secret\n");
+    let stale = call("with-key");
+    assert_eq!(
+        stale["initialize"]["response"]["error"]["code"], -32011,
+        "{stale}"
+    );
+    replace_file(&secret, b"second-secret\n");
+    front
+        .daemon
+        .wait_for_message("key file changed", Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = call("with-key");
+        if response_message(&answer)["result"].is_object() {
+            assert_eq!(time_of(&answer)["timezone"], "UTC", "{answer}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotated secret was not taken: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let seen = std::fs::read_to_string(&auth_log).unwrap();
+    let values: BTreeSet<&str> = seen
+        .lines()
+        .filter_map(|line| line.split_once(' ').map(|(_, value)| value))
+        .collect();
+    assert_eq!(
+        values,
+        BTreeSet::from(["Bearer first-secret", "Bearer second-secret", "-"]),
+        "what the server was sent:\n{seen}"
+    );
+    // The secret is the server's: neither the audit log nor the daemon's log holds it.
+    let audit = std::fs::read_to_string(front.env.audit_path()).unwrap();
+    let log: Vec<String> = front
+        .daemon
+        .log
+        .lines()
+        .iter()
+        .map(Value::to_string)
+        .collect();
+    for secret in ["first-secret", "second-secret"] {
+        assert!(!audit.contains(secret), "{secret} in the audit log");
+        assert!(
+            !log.iter().any(|line| line.contains(secret)),
+            "{secret} in the log"
+        );
+    }
     let _ = upstream.kill();
     let _ = upstream.wait();
 }
@@ -2441,6 +2547,17 @@ fn a_session_whose_server_exits_ends_and_the_next_one_gets_a_new_server() {
     assert_ne!(front.session_pid("time", &again), pid);
 }
 
+/// mcp-server-time's tools may be listed, and `get_current_time` called, by developers.
+fn current_time_rules() -> Vec<Value> {
+    vec![
+        list_tools_rule(),
+        allow(
+            "current-time",
+            json!({"roles": [DEVELOPER], "tools": ["get_current_time"]}),
+        ),
+    ]
+}
+
 /// mcp-server-time over Streamable HTTP on `port` (0: a free one), and the port it got.
 fn start_time_http(peers: &Peers, port: &str) -> (std::process::Child, String) {
     start_announcing(&peers.time_http(&["--port", port]))
@@ -2520,10 +2637,7 @@ fn a_stateless_session_may_start_with_a_call() {
     let env = TestEnv::new("proxy-stateless-first-call", PROBE);
     let peers = Peers::require();
     let servers = json!({
-        "time": stdio_server(peers.time(), vec![
-            list_tools_rule(),
-            allow("current-time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
-        ]),
+        "time": stdio_server(peers.time(), current_time_rules()),
         "fast": stdio_server(vec![FAST_SERVER.to_string()], vec![
             list_tools_rule(),
             allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),

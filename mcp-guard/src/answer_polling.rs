@@ -149,10 +149,24 @@ mod tests {
         })
     }
 
+    /// The fewest sleeps of a few waits. A thread can block for reasons of its own process
+    /// (a page fault waiting on the memory map's lock while other tests allocate), so one
+    /// wait may show a sleep that polling did not cause; a wait that sleeps for its answer
+    /// sleeps every time.
+    fn fewest_sleeps_waiting_for_a_socket(budget: Duration) -> i64 {
+        (0..5)
+            .map(|_| sleeps_waiting_for_a_socket(budget))
+            .min()
+            .unwrap()
+    }
+
     #[test]
     fn a_wait_that_polls_reads_the_answer_without_sleeping() {
-        assert_eq!(sleeps_waiting_for_a_socket(Duration::from_secs(30)), 0);
-        assert!(sleeps_waiting_for_a_socket(Duration::ZERO) > 0);
+        assert_eq!(
+            fewest_sleeps_waiting_for_a_socket(Duration::from_secs(30)),
+            0
+        );
+        assert!(fewest_sleeps_waiting_for_a_socket(Duration::ZERO) > 0);
     }
 
     #[test]

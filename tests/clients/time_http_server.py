@@ -10,16 +10,58 @@ Streamable HTTP transport, which answers both protocol eras: the initialize hand
     <peers>/venv/bin/python tests/clients/time_http_server.py [--port 0] [--path /mcp]
         [--json-response] [--stateless] [--local-timezone UTC]
         [--tls-cert CERT.pem --tls-key KEY.pem]     (serve https:// instead of http://)
+        [--require-bearer-file FILE] [--auth-log FILE]
+
+With `--require-bearer-file`, every HTTP request must carry `Authorization: Bearer <token>`,
+the token being what FILE holds (read per request, so a test can rotate it); others get 401,
+as a hosted MCP server that wants an API key answers. `--auth-log` appends one line per HTTP
+request: its method and the Authorization value it carried (`-` for none).
 
 It binds before serving and prints one line `MCP_PEER_LISTENING <port>` on stderr, so
 `--port 0` (the default) gives a free port without a race. SIGTERM/SIGINT stop it.
 """
 
 import argparse
+import json
 
 import anyio
 from announced_listener import serve_announced
 from mcp_server_time.server import create_server, get_local_tz
+
+
+class BearerRequired:
+    """ASGI middleware: log each request's Authorization, refuse a wrong one with 401."""
+
+    def __init__(self, app, token_file, auth_log):
+        self.app = app
+        self.token_file = token_file
+        self.auth_log = auth_log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        got = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        if self.auth_log:
+            with open(self.auth_log, "a") as log:
+                log.write(f"{scope['method']} {got or '-'}\n")
+        if self.token_file:
+            with open(self.token_file) as f:
+                expected = "Bearer " + f.read().strip()
+            if got != expected:
+                body = json.dumps({"error": "invalid_token"}).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"www-authenticate", b'Bearer realm="time"'),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 async def serve(args):
@@ -30,6 +72,8 @@ async def serve(args):
         stateless_http=args.stateless,
         host="127.0.0.1",
     )
+    if args.require_bearer_file or args.auth_log:
+        app = BearerRequired(app, args.require_bearer_file, args.auth_log)
     await serve_announced(app, args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
 
 
@@ -42,6 +86,8 @@ def main():
     parser.add_argument("--local-timezone", default="UTC")
     parser.add_argument("--tls-cert", help="PEM certificate: serve https")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--require-bearer-file", help="answer 401 unless Authorization is Bearer <what FILE holds>")
+    parser.add_argument("--auth-log", help="append each request's method and Authorization value here")
     anyio.run(serve, parser.parse_args())
 
 

@@ -37,6 +37,13 @@ pub fn how_it_runs(name: &str, server: &ServerPolicy, policy_mode: Mode) -> Vec<
             .text("mcp-guard forwards the requests it allows to the Streamable HTTP server at ")
             .code(url);
         statements.push(Statement::new(sentence, server_path(name, "url")));
+        if !server.headers.is_empty() {
+            let sentence = Sentence::new()
+                .text("Every request to it carries the headers ")
+                .then(Sentence::codes(server.headers.keys(), "and"))
+                .text(", which agents never see (values not shown)");
+            statements.push(Statement::new(sentence, server_path(name, "headers")));
+        }
     }
     if let Some(cgroup) = &server.adopt_cgroup {
         let sentence = Sentence::new()

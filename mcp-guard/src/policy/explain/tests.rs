@@ -286,3 +286,23 @@ fn each_audit_durability_says_what_a_crash_of_the_machine_can_lose() {
         "a crash of the machine may lose the last ones [`audit.fsync`].",
     );
 }
+
+#[test]
+fn server_credentials_are_named_never_shown() {
+    let policy = load(json!({
+        "version": 1,
+        "servers": { "crm": {
+            "url": "https://crm.example.com/mcp",
+            "headers": {
+                "Authorization": { "value": "Bearer do-not-print", "prefix": "" },
+                "X-Api-Key": { "env": "CRM_API_KEY" }
+            }
+        } }
+    }));
+    let text = markdown(&policy);
+    assert_says(
+        &text,
+        "Every request to it carries the headers `Authorization` and `X-Api-Key`, which agents never see (values not shown)",
+    );
+    assert!(!text.contains("do-not-print"), "{text}");
+}
