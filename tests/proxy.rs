@@ -2547,6 +2547,70 @@ fn a_session_whose_server_exits_ends_and_the_next_one_gets_a_new_server() {
     assert_ne!(front.session_pid("time", &again), pid);
 }
 
+/// A stdio server's secret comes from a file named in its `env` (server-everything's `get-env`
+/// shows what its process got): the file's content, without its final newline, next to a
+/// plain value. A variable whose source the daemon's environment lacks refuses the session,
+/// naming the variable, and no process starts without it.
+#[test]
+fn stdio_server_secrets_come_from_files_named_in_env() {
+    let env = TestEnv::new("proxy-env-secrets", PROBE);
+    let peers = Peers::require();
+    let secret = env.dir().join("crm-token");
+    std::fs::write(&secret, "token-from-a-file\n").unwrap();
+    let rules = vec![
+        list_tools_rule(),
+        allow("env", json!({"roles": [DEVELOPER], "tools": ["get-env"]})),
+    ];
+    let mut with_secret = stdio_server(peers.everything(), rules.clone());
+    with_secret["env"] = json!({"CRM_TOKEN": {"file": secret}, "CRM_REGION": "eu-west"});
+    let mut without = stdio_server(peers.everything(), rules);
+    without["env"] = json!({"CRM_TOKEN": {"env": "MCP_GUARD_TEST_SURELY_UNSET"}});
+    let servers = json!({"with-secret": with_secret, "without": without});
+    let front = Front::start(env, peers, servers);
+
+    let run = front.client(
+        "with-secret",
+        HANDSHAKE,
+        &json!([{"op": "call_tool", "name": "get-env", "arguments": {}}]),
+    );
+    let environment: Value = serde_json::from_str(text(run.ok(0))).expect("get-env gives JSON");
+    assert_eq!(
+        environment["CRM_TOKEN"], "token-from-a-file",
+        "{environment}"
+    );
+    assert_eq!(environment["CRM_REGION"], "eu-west", "{environment}");
+
+    let refused = front.raw(
+        "without",
+        &[
+            "--initialize",
+            HANDSHAKE,
+            "--body",
+            r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
+        ],
+    );
+    assert_eq!(refused["initialize"]["status"], 502, "{refused}");
+    assert_eq!(
+        refused["initialize"]["response"]["error"]["code"], -32011,
+        "{refused}"
+    );
+    let initialize = refused["initialize"].to_string();
+    assert!(
+        initialize.contains("env.CRM_TOKEN") && initialize.contains("MCP_GUARD_TEST_SURELY_UNSET"),
+        "{refused}"
+    );
+    let sessions = std::fs::read_dir(front.env.cgroup_root.join("without"))
+        .map(|dir| dir.flatten().map(|entry| entry.path()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for session in sessions.iter().filter(|path| path.is_dir()) {
+        assert!(
+            cgroup_pids(session).is_empty(),
+            "a process started without its variable in {}",
+            session.display()
+        );
+    }
+}
+
 /// mcp-server-time's tools may be listed, and `get_current_time` called, by developers.
 fn current_time_rules() -> Vec<Value> {
     vec![

@@ -46,9 +46,9 @@ pub use glob::matches as glob_matches;
 pub use methods::{PLUMBING_METHODS, is_plumbing};
 pub use model::{
     Account, AuditSettings, DaemonSettings, Destination, DurableBefore, Effect, EgressRule,
-    FrontTls, HeaderValueError, IdentitySettings, Isolation, JwtAlgorithm, JwtIssuer, JwtKeys,
-    JwtSettings, Mode, POLICY_VERSION, Policy, Principal, Protocol, RESERVED_UPSTREAM_HEADERS,
-    Rule, ServerPolicy, UpstreamHeader,
+    EnvValue, FrontTls, IdentitySettings, Isolation, JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings,
+    Mode, POLICY_VERSION, Policy, Principal, Protocol, RESERVED_UPSTREAM_HEADERS, Rule,
+    ServerPolicy, ValueSource, ValueSourceError,
 };
 pub use ports::{PortRange, PortRangeError};
 pub(crate) use validate::{cleartext_front_warning, is_valid_principal_name};
@@ -94,7 +94,7 @@ impl Policy {
 
     /// The key files the policy names: those `identity.jwt`'s issuers are verified with
     /// (`pem_file`, `jwks_file`), the HTTP front's certificate and key (`daemon.tls`), and the
-    /// files `url` servers' `headers` are read from (their credentials).
+    /// files servers' `headers` and `env` values are read from (their credentials).
     pub fn key_files(&self) -> impl Iterator<Item = &Path> {
         let issuers = self.identity.jwt.iter().flat_map(|jwt| &jwt.issuers);
         let jwt_keys = issuers.flat_map(|issuer| {
@@ -106,8 +106,14 @@ impl Policy {
         let upstream_secrets = self
             .servers
             .values()
-            .flat_map(|server| server.headers.values())
-            .filter_map(|header| header.file.as_ref());
+            .flat_map(|server| {
+                let env = server.env.values().filter_map(|value| match value {
+                    EnvValue::From(source) => Some(source),
+                    EnvValue::Text(_) => None,
+                });
+                server.headers.values().chain(env)
+            })
+            .filter_map(|source| source.file.as_ref());
         jwt_keys
             .chain(front)
             .chain(upstream_secrets)

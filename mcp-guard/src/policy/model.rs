@@ -588,7 +588,7 @@ pub struct ServerPolicy {
     /// itself (MCP's, content negotiation, trace context, `MCP-Guard-*`) may not be named.
     /// Only with `url`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, UpstreamHeader>,
+    pub headers: BTreeMap<String, ValueSource>,
 
     /// How many processes of `command` run: `per_session` (the default) spawns one per agent
     /// session, so sessions cannot see each other's state; `shared` spawns one for everyone.
@@ -617,9 +617,11 @@ pub struct ServerPolicy {
     #[schemars(length(min = 1))]
     pub group: Option<String>,
 
-    /// Environment variables set for `command`, on top of the daemon's environment.
+    /// Environment variables set for `command`, on top of the daemon's environment: each a
+    /// string, or where a secret comes from (`{"file": ...}`, `{"env": ...}`), read when the
+    /// process starts.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
 
     /// Absolute path of an existing cgroup v2 directory (e.g. a systemd service's) whose
     /// processes mcp-guard confines to `egress`, for servers it does not spawn. Not together
@@ -696,11 +698,39 @@ impl Default for ServerPolicy {
     }
 }
 
-/// Where the value of one of a server's `headers` comes from: exactly one of `value`, `file`
+/// The value of one of a server's `env` variables: the text itself, or where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum EnvValue {
+    Text(String),
+    From(ValueSource),
+}
+
+impl EnvValue {
+    /// The variable's value now (no environment variable may hold a NUL).
+    pub fn read(&self) -> Result<String, ValueSourceError> {
+        let value = match self {
+            Self::Text(text) => text.clone(),
+            Self::From(source) => source.read()?,
+        };
+        if value.contains('\0') {
+            return Err(ValueSourceError::Nul);
+        }
+        Ok(value)
+    }
+}
+
+impl From<&str> for EnvValue {
+    fn from(text: &str) -> EnvValue {
+        EnvValue::Text(text.to_owned())
+    }
+}
+
+/// Where a value of a server's `headers` or `env` comes from: exactly one of `value`, `file`
 /// and `env`, after `prefix`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct UpstreamHeader {
+pub struct ValueSource {
     /// The value itself. For what is not secret: whoever may read the policy reads it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
@@ -722,9 +752,10 @@ pub struct UpstreamHeader {
     pub prefix: String,
 }
 
-/// Why the value of one of a server's `headers` cannot be had. Never carries the value.
+/// Why a [`ValueSource`]'s value cannot be had, or cannot be used where it goes. Never carries
+/// the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HeaderValueError {
+pub enum ValueSourceError {
     #[error("give exactly one of `value`, `file` and `env`")]
     Source,
     #[error("{}: {reason}", path.display())]
@@ -735,43 +766,50 @@ pub enum HeaderValueError {
     Empty,
     #[error("the value has a control character or a line break, which no header value may hold")]
     NotAHeaderValue,
+    #[error("the value contains a NUL character")]
+    Nul,
 }
 
-impl HeaderValueError {
+impl ValueSourceError {
     /// The field of the header's entry at fault (empty: the entry as a whole).
     pub fn field(&self) -> &'static str {
         match self {
             Self::File { .. } => "file",
             Self::EnvUnset(_) => "env",
-            Self::Source | Self::Empty | Self::NotAHeaderValue => "",
+            Self::Source | Self::Empty | Self::NotAHeaderValue | Self::Nul => "",
         }
     }
 }
 
-impl UpstreamHeader {
-    /// The header's value now: `prefix` and what its source holds.
-    pub fn resolve(&self) -> Result<String, HeaderValueError> {
+impl ValueSource {
+    /// The value now: `prefix` and what its source holds (not empty).
+    pub fn read(&self) -> Result<String, ValueSourceError> {
         let held = match (&self.value, &self.file, &self.env) {
             (Some(value), None, None) => value.clone(),
             (None, Some(path), None) => std::fs::read_to_string(path)
-                .map_err(|e| HeaderValueError::File {
+                .map_err(|e| ValueSourceError::File {
                     path: path.clone(),
                     reason: e.to_string(),
                 })?
                 .trim()
                 .to_owned(),
             (None, None, Some(name)) => {
-                std::env::var(name).map_err(|_| HeaderValueError::EnvUnset(name.clone()))?
+                std::env::var(name).map_err(|_| ValueSourceError::EnvUnset(name.clone()))?
             }
-            _ => return Err(HeaderValueError::Source),
+            _ => return Err(ValueSourceError::Source),
         };
         if held.is_empty() {
-            return Err(HeaderValueError::Empty);
+            return Err(ValueSourceError::Empty);
         }
-        let value = format!("{}{held}", self.prefix);
-        // RFC 9110 field values: visible characters, spaces and tabs (and obs-text).
+        Ok(format!("{}{held}", self.prefix))
+    }
+
+    /// The value as an HTTP header's: [`ValueSource::read`], refused when it holds what no
+    /// header value may (RFC 9110: visible characters, spaces and tabs, and obs-text).
+    pub fn header_value(&self) -> Result<String, ValueSourceError> {
+        let value = self.read()?;
         if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-            return Err(HeaderValueError::NotAHeaderValue);
+            return Err(ValueSourceError::NotAHeaderValue);
         }
         Ok(value)
     }

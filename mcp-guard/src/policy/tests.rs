@@ -1305,13 +1305,16 @@ fn upstream_headers_load_from_a_value_a_file_or_the_environment() {
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     let headers = &loaded.policy.servers["fetch"].headers;
     assert_eq!(
-        headers["Authorization"].resolve().unwrap(),
+        headers["Authorization"].header_value().unwrap(),
         "Bearer s3cret-token",
         "the file's final newline is not part of the value"
     );
-    assert_eq!(headers["X-Api-Version"].resolve().unwrap(), "2025-01-01");
     assert_eq!(
-        headers["X-Home"].resolve().unwrap(),
+        headers["X-Api-Version"].header_value().unwrap(),
+        "2025-01-01"
+    );
+    assert_eq!(
+        headers["X-Home"].header_value().unwrap(),
         std::env::var("HOME").unwrap()
     );
     // A changed secret file reloads the policy, as a changed key file does.
@@ -1391,6 +1394,64 @@ fn upstream_headers_warn_when_unset_or_without_a_url() {
     policy["servers"]["fetch"]["headers"] = json!({"X-Key": {"value": "x"}});
     let warning = only_warning(policy);
     assert_eq!(warning.path, "servers.fetch.headers");
+}
+
+#[test]
+fn env_values_are_text_or_come_from_a_file_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("github-token");
+    std::fs::write(&token, "ghp_example\n").unwrap();
+    let mut policy = valid();
+    policy["servers"]["fetch"]["env"] = json!({
+        "LOG_LEVEL": "info",
+        "GITHUB_TOKEN": {"file": token},
+        "HOME_AGAIN": {"env": "HOME"},
+    });
+    let loaded = load_value(policy).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let env = &loaded.policy.servers["fetch"].env;
+    assert_eq!(env["LOG_LEVEL"], EnvValue::Text("info".into()));
+    assert_eq!(env["GITHUB_TOKEN"].read().unwrap(), "ghp_example");
+    assert_eq!(
+        env["HOME_AGAIN"].read().unwrap(),
+        std::env::var("HOME").unwrap()
+    );
+    assert!(loaded.policy.key_files().any(|path| path == token));
+    // Text stays a plain string when the policy is written back.
+    let written = serde_json::to_value(&loaded.policy).unwrap();
+    assert_eq!(written["servers"]["fetch"]["env"]["LOG_LEVEL"], "info");
+    assert_eq!(
+        written["servers"]["fetch"]["env"]["GITHUB_TOKEN"],
+        json!({"file": token})
+    );
+}
+
+#[test]
+fn env_values_that_cannot_be_read_are_reported_at_their_field() {
+    let with_env = |env: Value| {
+        let mut policy = valid();
+        policy["servers"]["fetch"]["env"] = env;
+        policy
+    };
+    assert_error_at(
+        with_env(json!({"TOKEN": {"file": "/nonexistent/mcp-guard/token"}})),
+        "servers.fetch.env.TOKEN.file",
+        "/nonexistent/mcp-guard/token",
+    );
+    assert_error_at(
+        with_env(json!({"TOKEN": {"file": "/nonexistent/a", "env": "HOME"}})),
+        "servers.fetch.env.TOKEN",
+        "exactly one of",
+    );
+    assert_error_at(
+        with_env(json!({"TOKEN": "a\0b"})),
+        "servers.fetch.env.TOKEN",
+        "NUL",
+    );
+    let warning = only_warning(with_env(
+        json!({"TOKEN": {"env": "MCP_GUARD_TEST_SURELY_UNSET"}}),
+    ));
+    assert_eq!(warning.path, "servers.fetch.env.TOKEN.env");
 }
 
 #[test]

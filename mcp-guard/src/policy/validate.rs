@@ -9,9 +9,9 @@ use std::path::Path;
 use super::cidr::is_ipv4_mapped;
 use super::error::Problem;
 use super::model::{
-    AuditSettings, DaemonSettings, DurableBefore, EgressRule, FrontTls, HeaderValueError,
-    IdentitySettings, Isolation, JwtIssuer, JwtKeys, JwtSettings, POLICY_VERSION, Policy,
-    Principal, Protocol, RESERVED_UPSTREAM_HEADERS, ServerPolicy,
+    AuditSettings, DaemonSettings, DurableBefore, EgressRule, EnvValue, FrontTls, IdentitySettings,
+    Isolation, JwtIssuer, JwtKeys, JwtSettings, POLICY_VERSION, Policy, Principal, Protocol,
+    RESERVED_UPSTREAM_HEADERS, ServerPolicy, ValueSource, ValueSourceError,
 };
 use super::validate_rules::check_rules;
 
@@ -682,34 +682,53 @@ fn check_upstream_headers(path: &str, server: &ServerPolicy, problems: &mut Vec<
             ));
             continue;
         }
-        if let Some(file) = &header.file {
-            check_absolute(&format!("{at}.file"), file, problems);
+        if check_value_source(&at, header, problems) {
+            report_unreadable(&at, header.header_value(), problems);
         }
-        if let Some(variable) = &header.env
-            && (variable.is_empty() || variable.contains(['=', '\0']))
-        {
-            problems.push(Problem::error(
-                format!("{at}.env"),
-                "must be a non-empty variable name without `=` or NUL",
-            ));
-            continue;
-        }
-        match header.resolve() {
-            Ok(_) => {}
-            Err(HeaderValueError::EnvUnset(variable)) => problems.push(Problem::warning(
-                format!("{at}.env"),
-                format!(
-                    "{variable} is not set here; the daemon refuses sessions to this server \
-                     while its environment lacks it"
-                ),
-            )),
-            Err(error) => {
-                let field = match error.field() {
-                    "" => at.clone(),
-                    field => format!("{at}.{field}"),
-                };
-                problems.push(Problem::error(field, error.to_string()));
-            }
+    }
+}
+
+/// The shape of a `headers` or `env` value's source: an absolute `file`, a usable variable
+/// name. Whether its value can be read is [`report_unreadable`]'s, asked only when this
+/// found nothing wrong (`true`), so that one mistake is reported once.
+fn check_value_source(at: &str, source: &ValueSource, problems: &mut Vec<Problem>) -> bool {
+    let before = problems.len();
+    if let Some(file) = &source.file {
+        check_absolute(&format!("{at}.file"), file, problems);
+    }
+    if let Some(variable) = &source.env
+        && (variable.is_empty() || variable.contains(['=', '\0']))
+    {
+        problems.push(Problem::error(
+            format!("{at}.env"),
+            "must be a non-empty variable name without `=` or NUL",
+        ));
+    }
+    problems.len() == before
+}
+
+/// A value read now (from the policy, a file or the environment), reported at the field at
+/// fault. A variable missing here is a warning: the daemon's environment may have it.
+fn report_unreadable(
+    at: &str,
+    read: Result<String, ValueSourceError>,
+    problems: &mut Vec<Problem>,
+) {
+    match read {
+        Ok(_) => {}
+        Err(ValueSourceError::EnvUnset(variable)) => problems.push(Problem::warning(
+            format!("{at}.env"),
+            format!(
+                "{variable} is not set here; the daemon cannot start sessions of this server \
+                 while its environment lacks it"
+            ),
+        )),
+        Err(error) => {
+            let field = match error.field() {
+                "" => at.to_owned(),
+                field => format!("{at}.{field}"),
+            };
+            problems.push(Problem::error(field, error.to_string()));
         }
     }
 }
@@ -768,8 +787,12 @@ fn check_env(path: &str, server: &ServerPolicy, problems: &mut Vec<Problem>) {
                  or NUL character",
             ));
         }
-        if value.contains('\0') {
-            problems.push(Problem::error(&key_path, "value contains a NUL character"));
+        let well_formed = match value {
+            EnvValue::From(source) => check_value_source(&key_path, source, problems),
+            EnvValue::Text(_) => true,
+        };
+        if well_formed {
+            report_unreadable(&key_path, value.read(), problems);
         }
     }
 }

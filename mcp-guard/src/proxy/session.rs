@@ -333,7 +333,7 @@ pub struct Launch<'a> {
 #[derive(Clone, Copy)]
 pub struct Program<'a> {
     pub command: &'a [String],
-    pub env: &'a BTreeMap<String, String>,
+    pub env: &'a BTreeMap<String, crate::policy::EnvValue>,
     /// Who the process runs as (`user`/`group`); `None`: the daemon's account.
     pub account: Option<Account>,
 }

@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{RwLock, mpsc, watch};
 
-use crate::policy::{HeaderValueError, UpstreamHeader};
+use crate::policy::{ValueSource, ValueSourceError};
 
 use super::{
     Outbound, Pending, Router, ServerMessages, Upstream, UpstreamError, answer_or_pass_on,
@@ -65,7 +65,7 @@ fn client_for(options: HttpOptions<'_>) -> Result<reqwest::Client, UpstreamError
 /// The server's `headers`, read now. Marked sensitive: they are its credentials, and must not
 /// show in debug output.
 fn server_headers(
-    headers: &BTreeMap<String, UpstreamHeader>,
+    headers: &BTreeMap<String, ValueSource>,
 ) -> Result<reqwest::header::HeaderMap, UpstreamError> {
     let mut map = reqwest::header::HeaderMap::with_capacity(headers.len());
     for (name, header) in headers {
@@ -73,9 +73,9 @@ fn server_headers(
             name: name.clone(),
             source,
         };
-        let text = header.resolve().map_err(failed)?;
+        let text = header.header_value().map_err(failed)?;
         let mut value = reqwest::header::HeaderValue::from_str(&text)
-            .map_err(|_| failed(HeaderValueError::NotAHeaderValue))?;
+            .map_err(|_| failed(ValueSourceError::NotAHeaderValue))?;
         value.set_sensitive(true);
         // Validated with the policy; a name that still fails is left out rather than sent
         // mangled.
@@ -123,7 +123,7 @@ pub struct HttpOptions<'a> {
     /// Resume a dropped GET stream with `Last-Event-ID`.
     pub resume_get_stream: bool,
     /// Headers sent with every request (the server's credentials).
-    pub headers: &'a BTreeMap<String, UpstreamHeader>,
+    pub headers: &'a BTreeMap<String, ValueSource>,
 }
 
 /// Connects (lazily: the first POST is the agent's first message) to the server at `url`.
@@ -685,7 +685,7 @@ mod tests {
 
     use serde_json::json;
 
-    use super::{Connection, Direct, SseDecoder, UpstreamHeader, answers};
+    use super::{Connection, Direct, SseDecoder, ValueSource, answers};
 
     /// A connection to nowhere, with the router's queue and one caller waiting for id 7.
     fn waiting_connection() -> (
@@ -752,17 +752,17 @@ mod tests {
         let headers = BTreeMap::from([
             (
                 "Authorization".to_owned(),
-                UpstreamHeader {
+                ValueSource {
                     value: Some("s3cret".into()),
                     prefix: "Bearer ".into(),
-                    ..UpstreamHeader::default()
+                    ..ValueSource::default()
                 },
             ),
             (
                 "X-Api-Key".to_owned(),
-                UpstreamHeader {
+                ValueSource {
                     env: Some("MCP_GUARD_TEST_SURELY_UNSET".into()),
-                    ..UpstreamHeader::default()
+                    ..ValueSource::default()
                 },
             ),
         ]);

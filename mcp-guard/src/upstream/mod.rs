@@ -36,11 +36,17 @@ pub enum UpstreamError {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// One of the server's `env` values could not be read (never carries it).
+    #[error("env.{name}: {source}")]
+    Env {
+        name: String,
+        source: crate::policy::ValueSourceError,
+    },
     /// One of the server's `headers` could not be read (never carries its value).
     #[error("headers.{name}: {source}")]
     Header {
         name: String,
-        source: crate::policy::HeaderValueError,
+        source: crate::policy::ValueSourceError,
     },
     #[error("the server did not answer {method} within {seconds} s")]
     TimedOut { method: String, seconds: u64 },

@@ -18,11 +18,12 @@ use tokio::sync::{Mutex, mpsc};
 
 use super::{Outbound, Router, ServerMessages, Upstream, UpstreamError};
 use crate::egress::spawn::place_in_cgroup;
+use crate::policy::EnvValue;
 
 /// What to run, and who it runs for.
 pub struct Launch<'a> {
     pub command: &'a [String],
-    pub env: &'a BTreeMap<String, String>,
+    pub env: &'a BTreeMap<String, EnvValue>,
     /// The uid and gid to run as; `None`: the daemon's.
     pub account: Option<crate::policy::Account>,
     /// The guarded cgroup to start in; `None` without kernel enforcement.
@@ -68,6 +69,19 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The server's `env`, read now (secrets from their files or the daemon's environment).
+fn server_env(env: &BTreeMap<String, EnvValue>) -> Result<Vec<(&str, String)>, UpstreamError> {
+    env.iter()
+        .map(|(name, value)| {
+            let read = value.read().map_err(|source| UpstreamError::Env {
+                name: name.clone(),
+                source,
+            })?;
+            Ok((name.as_str(), read))
+        })
+        .collect()
+}
+
 /// Starts the server and the tasks that carry its messages.
 pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamError> {
     let Some((program, args)) = launch.command.split_first() else {
@@ -77,10 +91,11 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
         command: launch.command.join(" "),
         source,
     };
+    let env = server_env(launch.env)?;
     let mut command = Command::new(program);
     command
         .args(args)
-        .envs(launch.env)
+        .envs(env)
         .envs(launch.identity_env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
