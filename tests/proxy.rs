@@ -2155,8 +2155,8 @@ fn https_upstream_is_verified_against_the_configured_ca() {
 /// API key does) gets them from the policy's `headers`, read from a file the agent never sees:
 /// the call goes through, and the agent's own Authorization header never reaches the server.
 /// Without `headers` the agent's initialize is refused with -32011 naming the 401. When the
-/// server's token changes and the file is replaced, the daemon reloads on its own and the next
-/// session gets through with the new token.
+/// server's token changes and the file is replaced, the next session gets through with the new
+/// token, and so does a session opened before the rotation.
 #[test]
 fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
     let env = TestEnv::new("proxy-upstream-headers", PROBE);
@@ -2207,6 +2207,8 @@ fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
 
     let answer = call("with-key");
     assert_eq!(time_of(&answer)["timezone"], "UTC", "{answer}");
+    // A session that stays open across the rotation below.
+    let open_before = front.open_session("with-key", HANDSHAKE);
 
     let refused = call("without-key");
     let error = &refused["initialize"]["response"]["error"];
@@ -2240,6 +2242,11 @@ fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The session opened before the rotation sends the new secret too.
+    let time_call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "get_current_time", "arguments": {"timezone": "UTC"}}});
+    let answer = front.in_session("with-key", &open_before, &time_call);
+    assert_eq!(time_of(&answer)["timezone"], "UTC", "{answer}");
 
     let seen = std::fs::read_to_string(&auth_log).unwrap();
     let values: BTreeSet<&str> = seen

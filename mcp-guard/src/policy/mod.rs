@@ -123,9 +123,9 @@ impl Policy {
 
 /// What tells a changed file from the one read: modification time, size and inode (an
 /// editor that saves by renaming changes the inode). `None` while the file is missing.
-type FileStamp = Option<(std::time::SystemTime, u64, u64)>;
+pub type FileStamp = Option<(std::time::SystemTime, u64, u64)>;
 
-fn file_stamp(path: &Path) -> FileStamp {
+pub fn file_stamp(path: &Path) -> FileStamp {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len(), meta.ino()))

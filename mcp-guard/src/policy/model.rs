@@ -737,8 +737,8 @@ pub struct ValueSource {
 
     /// Absolute path of a file holding the value (whitespace around it, such as a final
     /// newline, is ignored), readable by the daemon only. Read when the policy is checked and
-    /// when a session opens; a changed file reloads the policy, so a rotated secret reaches
-    /// the sessions opened after it.
+    /// when a session opens; a header's file again whenever it changes (a rotated token
+    /// reaches open sessions at once), an `env` value's when the next process starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
 

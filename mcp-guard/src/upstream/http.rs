@@ -20,7 +20,8 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{RwLock, mpsc, watch};
 
-use crate::policy::{ValueSource, ValueSourceError};
+use super::headers::ServerHeaders;
+use crate::policy::ValueSource;
 
 use super::{
     Outbound, Pending, Router, ServerMessages, Upstream, UpstreamError, answer_or_pass_on,
@@ -28,16 +29,15 @@ use super::{
 };
 
 /// A client for one session's server: TLS with the `ring` provider, installed once for the
-/// process (reqwest asks for a process default when built without its own), and the server's
-/// `headers` on every request.
-fn client_for(options: HttpOptions<'_>) -> Result<reqwest::Client, UpstreamError> {
+/// process (reqwest asks for a process default when built without its own).
+fn client_trusting(tls_ca_file: Option<&Path>) -> Result<reqwest::Client, UpstreamError> {
     static PROVIDER: std::sync::Once = std::sync::Once::new();
     PROVIDER.call_once(|| {
         // Err only when another provider is already installed, which serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
-    let mut builder = reqwest::Client::builder().default_headers(server_headers(options.headers)?);
-    if let Some(path) = options.tls_ca_file {
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = tls_ca_file {
         let pem = std::fs::read(path).map_err(|source| UpstreamError::CaFile {
             path: path.to_owned(),
             reason: source.to_string(),
@@ -62,30 +62,6 @@ fn client_for(options: HttpOptions<'_>) -> Result<reqwest::Client, UpstreamError
         .map_err(|e| UpstreamError::Unsupported(crate::error_chain(&e)))
 }
 
-/// The server's `headers`, read now. Marked sensitive: they are its credentials, and must not
-/// show in debug output.
-fn server_headers(
-    headers: &BTreeMap<String, ValueSource>,
-) -> Result<reqwest::header::HeaderMap, UpstreamError> {
-    let mut map = reqwest::header::HeaderMap::with_capacity(headers.len());
-    for (name, header) in headers {
-        let failed = |source| UpstreamError::Header {
-            name: name.clone(),
-            source,
-        };
-        let text = header.header_value().map_err(failed)?;
-        let mut value = reqwest::header::HeaderValue::from_str(&text)
-            .map_err(|_| failed(ValueSourceError::NotAHeaderValue))?;
-        value.set_sensitive(true);
-        // Validated with the policy; a name that still fails is left out rather than sent
-        // mangled.
-        if let Ok(name) = reqwest::header::HeaderName::from_bytes(name.as_bytes()) {
-            map.insert(name, value);
-        }
-    }
-    Ok(map)
-}
-
 /// Per-session state the server gave us.
 #[derive(Default)]
 struct ServerSession {
@@ -95,6 +71,8 @@ struct ServerSession {
 
 struct Connection {
     client: reqwest::Client,
+    /// The server's `headers`, sent with every request.
+    headers: ServerHeaders,
     /// Parsed once: every request reuses it.
     url: reqwest::Url,
     session: RwLock<ServerSession>,
@@ -139,12 +117,14 @@ pub fn connect(
     }
     let parsed =
         reqwest::Url::parse(url).map_err(|e| UpstreamError::Unsupported(format!("{url}: {e}")))?;
-    let client = client_for(options)?;
+    let client = client_trusting(options.tls_ca_file)?;
+    let headers = ServerHeaders::read(options.headers)?;
     let (incoming_sender, incoming) = mpsc::channel::<Value>(256);
     let (session_sender, server_messages) = mpsc::channel(256);
     let router = Router::new(session_sender, label.clone());
     let connection = Arc::new(Connection {
         client,
+        headers,
         url: parsed,
         session: RwLock::new(ServerSession::default()),
         incoming: incoming_sender,
@@ -288,6 +268,7 @@ async fn event_stream_request(
     let mut request = connection
         .client
         .get(connection.url.clone())
+        .headers(connection.headers.current())
         .header("accept", "text/event-stream");
     if let Some(id) = last_event_id {
         request = request.header("last-event-id", id);
@@ -303,6 +284,7 @@ async fn end_server_session(connection: Arc<Connection>) {
     let request = connection
         .client
         .delete(connection.url.clone())
+        .headers(connection.headers.current())
         .header("mcp-session-id", id)
         .timeout(std::time::Duration::from_secs(5));
     if let Err(e) = request.send().await {
@@ -317,6 +299,7 @@ async fn post(connection: &Connection, message: Value) {
     let mut request = connection
         .client
         .post(connection.url.clone())
+        .headers(connection.headers.current())
         .header("accept", "application/json, text/event-stream")
         .header("content-type", "application/json");
     // The identity mcp-guard stamped into `_meta` travels as headers too (traceparent,
@@ -685,7 +668,7 @@ mod tests {
 
     use serde_json::json;
 
-    use super::{Connection, Direct, SseDecoder, ValueSource, answers};
+    use super::{Connection, Direct, SseDecoder, answers};
 
     /// A connection to nowhere, with the router's queue and one caller waiting for id 7.
     fn waiting_connection() -> (
@@ -698,12 +681,8 @@ mod tests {
         let pending =
             std::sync::Arc::new(tokio::sync::Mutex::new([(7, answer)].into_iter().collect()));
         let connection = Connection {
-            client: super::client_for(super::HttpOptions {
-                tls_ca_file: None,
-                resume_get_stream: false,
-                headers: &BTreeMap::new(),
-            })
-            .unwrap(),
+            client: super::client_trusting(None).unwrap(),
+            headers: super::ServerHeaders::read(&BTreeMap::new()).unwrap(),
             url: reqwest::Url::parse("http://127.0.0.1:9/mcp").unwrap(),
             session: Default::default(),
             incoming,
@@ -745,39 +724,6 @@ mod tests {
             answered.try_recv().is_err(),
             "the router answers it, after the progress"
         );
-    }
-
-    #[test]
-    fn server_headers_are_read_and_kept_out_of_debug_output() {
-        let headers = BTreeMap::from([
-            (
-                "Authorization".to_owned(),
-                ValueSource {
-                    value: Some("s3cret".into()),
-                    prefix: "Bearer ".into(),
-                    ..ValueSource::default()
-                },
-            ),
-            (
-                "X-Api-Key".to_owned(),
-                ValueSource {
-                    env: Some("MCP_GUARD_TEST_SURELY_UNSET".into()),
-                    ..ValueSource::default()
-                },
-            ),
-        ]);
-        // An unset variable refuses the session, naming the header, never a value.
-        let error = super::server_headers(&headers).unwrap_err().to_string();
-        assert_eq!(
-            error,
-            "headers.X-Api-Key: environment variable MCP_GUARD_TEST_SURELY_UNSET is not set"
-        );
-        let only_set: BTreeMap<_, _> = headers.into_iter().take(1).collect();
-        let map = super::server_headers(&only_set).unwrap();
-        let value = &map["authorization"];
-        assert_eq!(value, "Bearer s3cret");
-        assert!(value.is_sensitive());
-        assert!(!format!("{map:?}").contains("s3cret"));
     }
 
     #[test]

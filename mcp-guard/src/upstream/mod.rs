@@ -3,6 +3,7 @@
 //! talks JSON-RPC to with ids of its own, so pipelined requests are routed back to their
 //! callers in whatever order the server answers.
 
+pub mod headers;
 pub mod http;
 pub mod progress;
 pub mod stdio;
