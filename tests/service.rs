@@ -795,6 +795,7 @@ fn dashboards_name_only_metrics_the_daemon_exports() {
         "mcp_guard_egress_ringbuf_events_lost_total",
         "mcp_guard_audit_failures_total",
         "mcp_guard_active_sessions",
+        "mcp_guard_authentication_duration_seconds_bucket",
     ] {
         assert!(
             used.contains(expected),
