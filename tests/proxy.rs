@@ -2183,7 +2183,17 @@ fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
         },
         "without-key": {"url": url, "rules": rules},
     });
-    let front = Front::start(env, peers, servers);
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+    let front = Front::start_with(env, peers, servers, |document| {
+        document["daemon"]["metrics_listen"] = json!(metrics.to_string());
+    });
+    let rejected = |server: &str| {
+        metric(
+            &scrape(metrics),
+            "mcp_guard_upstream_credentials_rejected_total",
+            &[("server", server)],
+        )
+    };
     let call = |server: &str| {
         front.raw(
             server,
@@ -2207,6 +2217,7 @@ fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
 
     let answer = call("with-key");
     assert_eq!(time_of(&answer)["timezone"], "UTC", "{answer}");
+    assert_eq!(rejected("with-key"), 0.0);
     // A session that stays open across the rotation below.
     let open_before = front.open_session("with-key", HANDSHAKE);
 
@@ -2217,6 +2228,7 @@ fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
         error["message"].as_str().is_some_and(|m| m.contains("401")),
         "{refused}"
     );
+    assert!(rejected("without-key") >= 1.0, "the 401 was not counted");
 
     // The server's token rotates: until the file is replaced, new sessions are refused.
     replace_file(&accepted_token, b"second-secret\n");
@@ -2224,6 +2236,10 @@ fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
     assert_eq!(
         stale["initialize"]["response"]["error"]["code"], -32011,
         "{stale}"
+    );
+    assert!(
+        rejected("with-key") >= 1.0,
+        "the stale secret's 401 was not counted"
     );
     replace_file(&secret, b"second-secret\n");
     front

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub active_sessions: IntGauge,
     pub upstream_errors: IntCounterVec,
+    /// Requests a `url` server answered 401 or 403, by server: it refuses the credentials
+    /// mcp-guard sends it (`headers`), or wants some.
+    pub upstream_credentials_rejected: IntCounterVec,
     /// Server notifications kept from an agent that may not see them, by server and method
     /// (the few methods that are ever withheld).
     pub notifications_withheld: IntCounterVec,
@@ -123,6 +126,14 @@ impl Metrics {
                 "Agent sessions currently open",
             )
             .expect("metric"),
+            upstream_credentials_rejected: IntCounterVec::new(
+                Opts::new(
+                    "mcp_guard_upstream_credentials_rejected_total",
+                    "Requests a url server answered with HTTP 401 or 403 (it refuses or lacks the credentials of the server's headers), by server",
+                ),
+                &["server"],
+            )
+            .expect("metric"),
             upstream_errors: IntCounterVec::new(
                 Opts::new(
                     "mcp_guard_upstream_errors_total",
@@ -186,7 +197,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
             Box::new(self.audit.records_written.clone()),
             Box::new(self.audit.failures.clone()),
             Box::new(self.audit.flush_failures.clone()),
@@ -195,6 +206,7 @@ impl Metrics {
             Box::new(self.request_duration.clone()),
             Box::new(self.active_sessions.clone()),
             Box::new(self.upstream_errors.clone()),
+            Box::new(self.upstream_credentials_rejected.clone()),
             Box::new(self.notifications_withheld.clone()),
             Box::new(self.auth_failures.clone()),
             Box::new(self.authentication_duration.clone()),

@@ -295,7 +295,12 @@ pub(super) async fn start(
     let (request_timeout, answer_poll) = (launch.request_timeout, launch.answer_poll);
     let (upstream, server_messages, placed) = match launch.target {
         Target::Url { url, options } => {
-            let (upstream, server_messages) = upstream::http::connect(url, options, label)?;
+            let rejected = proxy
+                .metrics
+                .upstream_credentials_rejected
+                .with_label_values(&[server]);
+            let (upstream, server_messages) =
+                upstream::http::connect(url, options, label, rejected)?;
             (upstream, server_messages, None)
         }
         Target::Command(program) => {

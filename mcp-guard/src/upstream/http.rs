@@ -73,6 +73,8 @@ struct Connection {
     client: reqwest::Client,
     /// The server's `headers`, sent with every request.
     headers: ServerHeaders,
+    /// Counts the server's 401 and 403 answers (`mcp_guard_upstream_credentials_rejected_total`).
+    credentials_rejected: prometheus::IntCounter,
     /// Parsed once: every request reuses it.
     url: reqwest::Url,
     session: RwLock<ServerSession>,
@@ -104,11 +106,13 @@ pub struct HttpOptions<'a> {
     pub headers: &'a BTreeMap<String, ValueSource>,
 }
 
-/// Connects (lazily: the first POST is the agent's first message) to the server at `url`.
+/// Connects (lazily: the first POST is the agent's first message) to the server at `url`;
+/// its 401 and 403 answers are counted in `credentials_rejected`.
 pub fn connect(
     url: &str,
     options: HttpOptions<'_>,
     label: Arc<str>,
+    credentials_rejected: prometheus::IntCounter,
 ) -> Result<(Upstream, ServerMessages), UpstreamError> {
     if !url.starts_with("http://") && !url.starts_with("https://") {
         return Err(UpstreamError::Unsupported(format!(
@@ -125,6 +129,7 @@ pub fn connect(
     let connection = Arc::new(Connection {
         client,
         headers,
+        credentials_rejected,
         url: parsed,
         session: RwLock::new(ServerSession::default()),
         incoming: incoming_sender,
@@ -242,8 +247,11 @@ async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
                     _ = read_event_stream(&connection, response, &mut decoder, None) => {}
                 }
             }
-            Ok(response) => tracing::debug!(server = %connection.label,
-                status = %response.status(), "the server refused a GET stream"),
+            Ok(response) => {
+                connection.count_if_credentials_rejected(response.status());
+                tracing::debug!(server = %connection.label,
+                    status = %response.status(), "the server refused a GET stream");
+            }
             Err(e) => tracing::debug!(server = %connection.label,
                 error = %crate::error_chain(&e), "GET stream failed"),
         }
@@ -342,6 +350,7 @@ async fn post(connection: &Connection, message: Value) {
         return;
     }
     if !status.is_success() {
+        connection.count_if_credentials_rejected(status);
         return fail(connection, request_id, &format!("HTTP {status}")).await;
     }
     let is_sse = response
@@ -479,6 +488,15 @@ async fn resume_until_answered(
 pub(super) const SERVER_ENDED_THE_SESSION: &str = "the server ended its session (HTTP 404)";
 
 impl Connection {
+    fn count_if_credentials_rejected(&self, status: reqwest::StatusCode) {
+        if matches!(
+            status,
+            reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN
+        ) {
+            self.credentials_rejected.inc();
+        }
+    }
+
     /// `request` with the session id and protocol version the server gave, if any; and
     /// whether it had given a session id.
     async fn in_the_session(
@@ -683,6 +701,7 @@ mod tests {
         let connection = Connection {
             client: super::client_trusting(None).unwrap(),
             headers: super::ServerHeaders::read(&BTreeMap::new()).unwrap(),
+            credentials_rejected: prometheus::IntCounter::new("rejected", "test").unwrap(),
             url: reqwest::Url::parse("http://127.0.0.1:9/mcp").unwrap(),
             session: Default::default(),
             incoming,
