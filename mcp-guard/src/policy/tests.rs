@@ -1281,6 +1281,30 @@ fn resume_get_stream_loads_with_a_url_and_warns_without_one() {
     assert!(loaded.policy.servers["fetch"].resume_get_stream);
 }
 
+/// A file only its owner may read, as a secret's should be.
+fn write_secret(path: &Path, contents: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn secret_files_others_may_read_are_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    write_secret(&token, "s3cret");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let warning = only_warning(url_server_with_headers(
+        json!({"Authorization": {"file": token}}),
+    ));
+    assert_eq!(warning.path, "servers.fetch.headers.Authorization.file");
+    assert!(warning.message.contains("mode 0644"), "{warning}");
+    let mut policy = valid();
+    policy["servers"]["fetch"]["env"] = json!({"TOKEN": {"file": token}});
+    assert_eq!(only_warning(policy).path, "servers.fetch.env.TOKEN.file");
+}
+
 /// [`valid`] with `fetch` a `url` server carrying `headers`.
 fn url_server_with_headers(headers: Value) -> Value {
     let mut policy = valid();
@@ -1295,7 +1319,7 @@ fn url_server_with_headers(headers: Value) -> Value {
 fn upstream_headers_load_from_a_value_a_file_or_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
-    std::fs::write(&token, "s3cret-token\n").unwrap();
+    write_secret(&token, "s3cret-token\n");
     let loaded = load_value(url_server_with_headers(json!({
         "Authorization": {"file": token, "prefix": "Bearer "},
         "X-Api-Version": {"value": "2025-01-01"},
@@ -1400,7 +1424,7 @@ fn upstream_headers_warn_when_unset_or_without_a_url() {
 fn env_values_are_text_or_come_from_a_file_or_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("github-token");
-    std::fs::write(&token, "ghp_example\n").unwrap();
+    write_secret(&token, "ghp_example\n");
     let mut policy = valid();
     policy["servers"]["fetch"]["env"] = json!({
         "LOG_LEVEL": "info",

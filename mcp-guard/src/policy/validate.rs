@@ -695,6 +695,7 @@ fn check_value_source(at: &str, source: &ValueSource, problems: &mut Vec<Problem
     let before = problems.len();
     if let Some(file) = &source.file {
         check_absolute(&format!("{at}.file"), file, problems);
+        warn_if_others_may_read(&format!("{at}.file"), file, problems);
     }
     if let Some(variable) = &source.env
         && (variable.is_empty() || variable.contains(['=', '\0']))
@@ -705,6 +706,26 @@ fn check_value_source(at: &str, source: &ValueSource, problems: &mut Vec<Problem
         ));
     }
     problems.len() == before
+}
+
+/// A secret in a file any local user may read is no secret: warned about, as ssh does for
+/// its keys. (A warning, not an error: the daemon's unit may run with a umask that fixes it.)
+fn warn_if_others_may_read(at: &str, file: &Path, problems: &mut Vec<Problem>) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(metadata) = std::fs::metadata(file) else {
+        return;
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o044 != 0 {
+        problems.push(Problem::warning(
+            at,
+            format!(
+                "{} is readable by other users (mode {mode:04o}): a secret should be readable \
+                 by the daemon's user only (chmod 600)",
+                file.display()
+            ),
+        ));
+    }
 }
 
 /// A value read now (from the policy, a file or the environment), reported at the field at
