@@ -2570,6 +2570,60 @@ fn a_session_whose_server_exits_ends_and_the_next_one_gets_a_new_server() {
     assert_ne!(front.session_pid("time", &again), pid);
 }
 
+/// A reviewer runs `policy check` without the daemon's privileges: a secret file only root may
+/// read is a warning naming its field (the daemon, as root, reads it), not an error; run as
+/// root, the same check reads it and says nothing of it.
+#[test]
+fn policy_check_by_a_user_who_may_not_read_a_secret_warns() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let open_to_all = |path: &Path| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap()
+    };
+    open_to_all(dir.path());
+    // A copy the other user can reach, wherever the workspace is.
+    let binary = dir.path().join("mcp-guard");
+    std::fs::copy(daemon_binary(), &binary).unwrap();
+    open_to_all(&binary);
+    let secret = dir.path().join("crm-token");
+    std::fs::write(&secret, "s3cret").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let policy = dir.path().join("policy.json");
+    let document = json!({"version": 1, "servers": {"crm": {
+        "url": "https://crm.example.com/mcp",
+        "headers": {"Authorization": {"file": secret, "prefix": "Bearer "}},
+    }}});
+    std::fs::write(&policy, document.to_string()).unwrap();
+    open_to_all(&policy);
+
+    // Whether `policy check` passed, and all it printed.
+    let check = |command: &mut Command| {
+        let output = command
+            .args(["policy", "check"])
+            .arg(&policy)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr).into_owned()
+            + &String::from_utf8_lossy(&output.stdout);
+        (output.status.success(), said)
+    };
+    let (passed, said) = check(
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(&binary),
+    );
+    assert!(passed, "{said}");
+    assert!(
+        said.contains("servers.crm.headers.Authorization.file")
+            && said.contains("this user may not read it"),
+        "{said}"
+    );
+
+    let (passed, said) = check(&mut Command::new(&binary));
+    assert!(passed, "{said}");
+    assert!(!said.contains("may not read"), "{said}");
+}
+
 /// A stdio server's secret comes from a file named in its `env` (server-everything's `get-env`
 /// shows what its process got): the file's content, without its final newline, next to a
 /// plain value. A variable whose source the daemon's environment lacks refuses the session,

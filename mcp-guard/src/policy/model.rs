@@ -760,6 +760,10 @@ pub enum ValueSourceError {
     Source,
     #[error("{}: {reason}", path.display())]
     File { path: PathBuf, reason: String },
+    /// The file exists but this process may not read it: a reviewer running `policy check`
+    /// without the daemon's privileges, for a secret only the daemon may read.
+    #[error("{}: this user may not read it; the daemon's user must be able to", path.display())]
+    FileNotPermitted { path: PathBuf },
     #[error("environment variable {0} is not set")]
     EnvUnset(String),
     #[error("the value is empty")]
@@ -774,7 +778,7 @@ impl ValueSourceError {
     /// The field of the header's entry at fault (empty: the entry as a whole).
     pub fn field(&self) -> &'static str {
         match self {
-            Self::File { .. } => "file",
+            Self::File { .. } | Self::FileNotPermitted { .. } => "file",
             Self::EnvUnset(_) => "env",
             Self::Source | Self::Empty | Self::NotAHeaderValue | Self::Nul => "",
         }
@@ -787,9 +791,14 @@ impl ValueSource {
         let held = match (&self.value, &self.file, &self.env) {
             (Some(value), None, None) => value.clone(),
             (None, Some(path), None) => std::fs::read_to_string(path)
-                .map_err(|e| ValueSourceError::File {
-                    path: path.clone(),
-                    reason: e.to_string(),
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => {
+                        ValueSourceError::FileNotPermitted { path: path.clone() }
+                    }
+                    _ => ValueSourceError::File {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    },
                 })?
                 .trim()
                 .to_owned(),

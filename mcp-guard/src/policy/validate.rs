@@ -729,7 +729,8 @@ fn warn_if_others_may_read(at: &str, file: &Path, problems: &mut Vec<Problem>) {
 }
 
 /// A value read now (from the policy, a file or the environment), reported at the field at
-/// fault. A variable missing here is a warning: the daemon's environment may have it.
+/// fault. A variable missing here, or a file this user may not read, is a warning: the daemon's
+/// environment and privileges may differ from those of whoever runs `policy check`.
 fn report_unreadable(
     at: &str,
     read: Result<String, ValueSourceError>,
@@ -744,6 +745,10 @@ fn report_unreadable(
                  while its environment lacks it"
             ),
         )),
+        // The daemon reads it with its own privileges (and refuses the session if it cannot).
+        Err(error @ ValueSourceError::FileNotPermitted { .. }) => {
+            problems.push(Problem::warning(format!("{at}.file"), error.to_string()))
+        }
         Err(error) => {
             let field = match error.field() {
                 "" => at.to_owned(),
