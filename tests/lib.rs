@@ -2296,6 +2296,20 @@ pub fn replace_file(path: &Path, contents: &[u8]) {
     std::fs::rename(&next, path).unwrap();
 }
 
+/// What the bench binaries (`tests/bin/*_bench.rs`) share.
+pub mod bench {
+    /// A flag's number, or the line saying it is not one.
+    pub fn parse_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+        text.parse().map_err(|_| format!("not a number: {text}"))
+    }
+
+    /// The sample at `pct` percent of `sorted` (nearest rank, rounding down; never past the
+    /// last). `sorted` must not be empty.
+    pub fn percentile(sorted: &[u64], pct: usize) -> u64 {
+        sorted[(sorted.len() * pct / 100).min(sorted.len() - 1)]
+    }
+}
+
 /// A file of mcp-guard's identity test data (`mcp-guard/src/identity/testdata`): the key pairs
 /// and JWKS the bearer-token tests and the identity bench sign and verify with.
 pub fn identity_testdata(name: &str) -> PathBuf {

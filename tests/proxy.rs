@@ -84,6 +84,20 @@ impl Front {
         raw_http(&self.peers, &self.url(server), args)
     }
 
+    /// `raw_http.py` opening a session on `server` (initialize at [`HANDSHAKE`]) and pinging in
+    /// it: for servers whose session is refused, the output's `initialize` says why.
+    fn initialize_then_ping(&self, server: &str) -> Value {
+        self.raw(
+            server,
+            &[
+                "--initialize",
+                HANDSHAKE,
+                "--body",
+                r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
+            ],
+        )
+    }
+
     /// Opens a session with the initialize handshake at `version` (then
     /// `notifications/initialized`) and returns its `Mcp-Session-Id`.
     fn open_session(&self, server: &str, version: &str) -> String {
@@ -2127,15 +2141,7 @@ fn https_upstream_is_verified_against_the_configured_ca() {
     let answer: Value = serde_json::from_str(text(run.ok(1))).expect("the time as JSON");
     assert_eq!(answer["timezone"], "UTC", "{answer}");
 
-    let refused = front.raw(
-        "untrusted",
-        &[
-            "--initialize",
-            HANDSHAKE,
-            "--body",
-            r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
-        ],
-    );
+    let refused = front.initialize_then_ping("untrusted");
     // A `url` server is reached on the agent's first message: its initialize is answered
     // with -32011, naming why the server's certificate was not accepted.
     let error = &refused["initialize"]["response"]["error"];
@@ -2657,15 +2663,7 @@ fn stdio_server_secrets_come_from_files_named_in_env() {
     );
     assert_eq!(environment["CRM_REGION"], "eu-west", "{environment}");
 
-    let refused = front.raw(
-        "without",
-        &[
-            "--initialize",
-            HANDSHAKE,
-            "--body",
-            r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
-        ],
-    );
+    let refused = front.initialize_then_ping("without");
     assert_eq!(refused["initialize"]["status"], 502, "{refused}");
     assert_eq!(
         refused["initialize"]["response"]["error"]["code"], -32011,

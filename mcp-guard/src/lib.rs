@@ -55,6 +55,18 @@ pub async fn catch_panic<F: std::future::Future>(future: F) -> Result<F::Output,
         })
 }
 
+/// What the library's unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// Replaces the file at `path` as deployment tools do: a new file renamed over it, so a
+    /// reader sees the old file or the new one, and the inode changes.
+    pub fn replace_file(path: &std::path::Path, contents: &str) {
+        let next = path.with_extension("next");
+        std::fs::write(&next, contents).unwrap();
+        std::fs::rename(&next, path).unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[derive(Debug, thiserror::Error)]

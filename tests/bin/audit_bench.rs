@@ -33,6 +33,7 @@ use mcp_guard::audit::{
     RecordKind, Verdict,
 };
 use mcp_guard::policy::{AuditSettings, DurableBefore};
+use mcp_guard_tests::bench::parse_number;
 use serde_json::{Value, json};
 
 struct Options {
@@ -61,13 +62,16 @@ fn parse_options() -> Result<Options, String> {
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--seconds" => options.seconds = parse(&value()?)?,
+            "--seconds" => options.seconds = parse_number(&value()?)?,
             "--concurrency" => {
-                options.concurrency = value()?.split(',').map(parse).collect::<Result<_, _>>()?
+                options.concurrency = value()?
+                    .split(',')
+                    .map(parse_number)
+                    .collect::<Result<_, _>>()?
             }
-            "--records" => options.records = parse(&value()?)?,
-            "--sessions" => options.sessions = parse(&value()?)?,
-            "--runs" => options.runs = parse(&value()?)?,
+            "--records" => options.records = parse_number(&value()?)?,
+            "--sessions" => options.sessions = parse_number(&value()?)?,
+            "--runs" => options.runs = parse_number(&value()?)?,
             "--dir" => options.dir = Some(PathBuf::from(value()?)),
             "--keep" => options.keep = true,
             "--json" => options.json = true,
@@ -78,10 +82,6 @@ fn parse_options() -> Result<Options, String> {
         return Err("--records must be at least --sessions, and both and --runs above 0".into());
     }
     Ok(options)
-}
-
-fn parse<T: std::str::FromStr>(text: &str) -> Result<T, String> {
-    text.parse().map_err(|_| format!("not a number: {text}"))
 }
 
 fn main() {

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net};
 use mcp_guard::egress::{AllowEntry, Egress, EgressLayout, ServerEgress, cgroup};
+use mcp_guard_tests::bench::{parse_number, percentile};
 
 struct Options {
     rounds: usize,
@@ -46,21 +47,20 @@ fn parse_options() -> Result<Options, String> {
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--rounds" => options.rounds = parse(&value()?)?,
-            "--per-round" => options.per_round = parse(&value()?)?,
-            "--seconds" => options.seconds = parse(&value()?)?,
+            "--rounds" => options.rounds = parse_number(&value()?)?,
+            "--per-round" => options.per_round = parse_number(&value()?)?,
+            "--seconds" => options.seconds = parse_number(&value()?)?,
             "--rates" => {
-                options.rates = value()?.split(',').map(parse).collect::<Result<_, _>>()?
+                options.rates = value()?
+                    .split(',')
+                    .map(parse_number)
+                    .collect::<Result<_, _>>()?
             }
             "--json" => options.json = true,
             other => return Err(format!("unknown flag {other}")),
         }
     }
     Ok(options)
-}
-
-fn parse<T: std::str::FromStr>(text: &str) -> Result<T, String> {
-    text.parse().map_err(|_| format!("not a number: {text}"))
 }
 
 fn main() {
@@ -367,10 +367,6 @@ fn paced_udp_connects(
         attempts += 1;
     }
     Ok((attempts, started.elapsed()))
-}
-
-fn percentile(sorted: &[u64], pct: usize) -> u64 {
-    sorted[(sorted.len() * pct / 100).min(sorted.len() - 1)]
 }
 
 fn report(latency: &[LatencyRow], throughput: &[ThroughputRow], options: &Options) {

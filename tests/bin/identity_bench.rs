@@ -16,6 +16,7 @@ use std::time::Instant;
 use jsonwebtoken::Algorithm;
 use mcp_guard::identity::jwt::Verifier;
 use mcp_guard::policy::{JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings};
+use mcp_guard_tests::bench::{parse_number, percentile};
 use mcp_guard_tests::{identity_testdata, sign_test_token};
 use serde_json::{Value, json};
 
@@ -39,8 +40,8 @@ fn parse_options() -> Result<Options, String> {
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--tokens" => options.tokens = parse(&value()?)?,
-            "--rounds" => options.rounds = parse(&value()?)?,
+            "--tokens" => options.tokens = parse_number(&value()?)?,
+            "--rounds" => options.rounds = parse_number(&value()?)?,
             "--json" => options.json = true,
             other => return Err(format!("unknown flag {other}")),
         }
@@ -49,10 +50,6 @@ fn parse_options() -> Result<Options, String> {
         return Err("--tokens and --rounds must be at least 1".into());
     }
     Ok(options)
-}
-
-fn parse<T: std::str::FromStr>(text: &str) -> Result<T, String> {
-    text.parse().map_err(|_| format!("not a number: {text}"))
 }
 
 fn main() {
@@ -153,10 +150,6 @@ impl Configuration {
         }
         Ok(())
     }
-}
-
-fn percentile(sorted: &[u64], pct: usize) -> u64 {
-    sorted[(sorted.len() * pct / 100).min(sorted.len() - 1)]
 }
 
 struct Summary {

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use mcp_guard::policy::{CompiledPolicy, DecisionRequest, Effect, Policy};
+use mcp_guard_tests::bench::{parse_number, percentile};
 use serde_json::{Value, json};
 
 /// Counts allocations so the bench can show the decision path makes none.
@@ -78,8 +79,8 @@ fn parse_options() -> Result<Options, String> {
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--decisions" => options.decisions = parse(&value()?)?,
-            "--rounds" => options.rounds = parse(&value()?)?,
+            "--decisions" => options.decisions = parse_number(&value()?)?,
+            "--rounds" => options.rounds = parse_number(&value()?)?,
             "--json" => options.json = true,
             other => return Err(format!("unknown flag {other}")),
         }
@@ -88,10 +89,6 @@ fn parse_options() -> Result<Options, String> {
         return Err("--decisions must be at least --rounds, and --rounds at least 1".into());
     }
     Ok(options)
-}
-
-fn parse<T: std::str::FromStr>(text: &str) -> Result<T, String> {
-    text.parse().map_err(|_| format!("not a number: {text}"))
 }
 
 fn main() {
@@ -376,10 +373,6 @@ fn measure_timer_overhead(samples: usize) -> u64 {
         .collect();
     elapsed.sort_unstable();
     percentile(&elapsed, 50)
-}
-
-fn percentile(sorted: &[u64], pct: usize) -> u64 {
-    sorted[(sorted.len() * pct / 100).min(sorted.len() - 1)]
 }
 
 struct Row<'c> {

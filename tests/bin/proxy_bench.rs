@@ -81,6 +81,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mcp_guard_tests::bench::parse_number;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -151,12 +152,15 @@ fn parse_options() -> Result<Options, String> {
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--rounds" => options.rounds = parse(&value()?)?,
-            "--calls" => options.calls = parse(&value()?)?,
-            "--concurrent-calls" => options.concurrent_calls = parse(&value()?)?,
-            "--warmup" => options.warmup = parse(&value()?)?,
+            "--rounds" => options.rounds = parse_number(&value()?)?,
+            "--calls" => options.calls = parse_number(&value()?)?,
+            "--concurrent-calls" => options.concurrent_calls = parse_number(&value()?)?,
+            "--warmup" => options.warmup = parse_number(&value()?)?,
             "--concurrency" => {
-                options.concurrency = value()?.split(',').map(parse).collect::<Result<_, _>>()?
+                options.concurrency = value()?
+                    .split(',')
+                    .map(parse_number)
+                    .collect::<Result<_, _>>()?
             }
             "--only" => options.only = Some(value()?.split(',').map(str::to_owned).collect()),
             "--no-real" => options.real = false,
@@ -171,9 +175,9 @@ fn parse_options() -> Result<Options, String> {
                 }
                 options.durable_before = Some(when);
             }
-            "--halt-poll-ns" => options.halt_poll_ns = Some(parse(&value()?)?),
-            "--worker-threads" => options.worker_threads = Some(parse(&value()?)?),
-            "--answer-poll-us" => options.answer_poll_us = Some(parse(&value()?)?),
+            "--halt-poll-ns" => options.halt_poll_ns = Some(parse_number(&value()?)?),
+            "--worker-threads" => options.worker_threads = Some(parse_number(&value()?)?),
+            "--answer-poll-us" => options.answer_poll_us = Some(parse_number(&value()?)?),
             "--jwt" => options.jwt = Some(parse_jwt_algorithm(&value()?)?),
             "--json" => options.json = true,
             "--guard" => options.guard = PathBuf::from(value()?),
@@ -189,10 +193,6 @@ fn parse_options() -> Result<Options, String> {
         return Err("--concurrency needs positive numbers".into());
     }
     Ok(options)
-}
-
-fn parse<T: std::str::FromStr>(text: &str) -> Result<T, String> {
-    text.parse().map_err(|_| format!("not a number: {text}"))
 }
 
 fn parse_jwt_algorithm(text: &str) -> Result<jsonwebtoken::Algorithm, String> {

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::test_support::replace_file;
 
 const EXAMPLE: &str = include_str!("../../../examples/policy.json");
 
@@ -1969,13 +1970,6 @@ fn a_server_account_must_exist_on_this_host() {
     let loaded = load_value(policy).expect("nobody with a numeric group");
     let account = loaded.policy.servers["fetch"].account().unwrap().unwrap();
     assert_eq!((account.uid, account.gid), (65534, 65534));
-}
-
-/// Replaces the file at `path` the way deployment tools do: a new file renamed over it.
-fn replace_file(path: &Path, text: &str) {
-    let next = path.with_extension("next");
-    std::fs::write(&next, text).unwrap();
-    std::fs::rename(&next, path).unwrap();
 }
 
 #[test]

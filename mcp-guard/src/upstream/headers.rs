@@ -38,20 +38,21 @@ impl ServerHeaders {
 
     /// The headers to send now. A changed file is read again; one that can no longer be read
     /// (replaced by a broken one, or gone) leaves the value it last held in use, and is logged.
-    /// Costs nothing beyond a copy of the map for headers not read from files.
+    /// Costs a `stat` per header file and a copy of the map; nothing is read or allocated for
+    /// the files unless one changed.
     pub fn current(&self) -> HeaderMap {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if current.stamps.is_empty() {
-            return current.map.clone();
-        }
-        let stamps = stamps_of(&self.sources);
-        if stamps != current.stamps {
+        let changed = current
+            .stamps
+            .iter()
+            .any(|(path, stamp)| file_stamp(path) != *stamp);
+        if changed {
+            current.stamps = stamps_of(&self.sources);
             match header_map(&self.sources) {
                 Ok(map) => current.map = map,
                 Err(error) => tracing::warn!(%error,
                     "a changed header file of a url server cannot be read; its last value stays in use"),
             }
-            current.stamps = stamps;
         }
         current.map.clone()
     }
@@ -90,6 +91,7 @@ fn header_map(sources: &BTreeMap<String, ValueSource>) -> Result<HeaderMap, Upst
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::replace_file;
 
     fn bearer_from(path: &std::path::Path) -> BTreeMap<String, ValueSource> {
         BTreeMap::from([(
@@ -100,13 +102,6 @@ mod tests {
                 ..ValueSource::default()
             },
         )])
-    }
-
-    /// As deployment tools replace a file: a new one renamed over it.
-    fn replace(path: &std::path::Path, contents: &str) {
-        let next = path.with_extension("next");
-        std::fs::write(&next, contents).unwrap();
-        std::fs::rename(&next, path).unwrap();
     }
 
     #[test]
@@ -150,15 +145,15 @@ mod tests {
         let headers = ServerHeaders::read(&bearer_from(&token)).unwrap();
         assert_eq!(headers.current()["authorization"], "Bearer one");
 
-        replace(&token, "two\n");
+        replace_file(&token, "two\n");
         assert_eq!(headers.current()["authorization"], "Bearer two");
 
         // Empty, then gone: the last good value stays.
-        replace(&token, "\n");
+        replace_file(&token, "\n");
         assert_eq!(headers.current()["authorization"], "Bearer two");
         std::fs::remove_file(&token).unwrap();
         assert_eq!(headers.current()["authorization"], "Bearer two");
-        replace(&token, "three");
+        replace_file(&token, "three");
         assert_eq!(headers.current()["authorization"], "Bearer three");
     }
 }
