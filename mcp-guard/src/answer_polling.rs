@@ -1,5 +1,6 @@
 //! Waiting for an answer that is due within microseconds by polling for it instead of
-//! sleeping (`daemon.answer_poll_us`).
+//! sleeping (`daemon.answer_poll_us`): a server's answer to a call ([`AnswerPolling`]), and an
+//! agent's next request after it was answered ([`Linger`]).
 //!
 //! On a virtual machine whose idle CPUs halt at once (KVM's `guest_halt_poll_ns` 0), every
 //! sleep of a thread costs a wake-up through the hypervisor, 21–29 µs measured on the
@@ -15,9 +16,13 @@
 //! then wakes anyway.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use tokio::sync::oneshot;
 
@@ -102,6 +107,137 @@ impl AnswerPolling {
         let typical = self.typical_ns.load(Ordering::Relaxed);
         let updated = typical - typical / 8 + took_ns / 8;
         self.typical_ns.store(updated, Ordering::Relaxed);
+    }
+}
+
+/// How long after an agent was last answered its next request is polled for, instead of its
+/// reader sleeping until the request comes (`daemon.answer_poll_us`, again).
+///
+/// An agent that has just been answered often sends its next request within microseconds; if
+/// the reading thread has gone to sleep by then, that request costs a wake-up of a halted CPU.
+/// Like [`AnswerPolling`], it takes effect only on a runtime with one worker thread. Shared by
+/// the two halves of one agent's connection (stdin and stdout on the stdio front).
+#[derive(Debug)]
+pub struct Linger {
+    budget: Duration,
+    started: Instant,
+    /// When the agent was last answered, in nanoseconds after `started`; 0: never.
+    answered_ns: AtomicU64,
+}
+
+impl Linger {
+    /// Lingers for up to `budget` where the runtime running the caller has one worker thread.
+    pub fn new(budget: Duration) -> Linger {
+        Linger {
+            budget: AnswerPolling::new(budget).budget,
+            started: Instant::now(),
+            answered_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes that the agent was just sent something.
+    fn answered(&self) {
+        if !self.budget.is_zero() {
+            let now_ns = self.started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+            self.answered_ns.store(now_ns.max(1), Ordering::Relaxed);
+        }
+    }
+
+    fn lingering(&self) -> bool {
+        let answered_ns = self.answered_ns.load(Ordering::Relaxed);
+        answered_ns != 0
+            && self.started.elapsed()
+                < Duration::from_nanos(answered_ns).saturating_add(self.budget)
+    }
+
+    /// After a read of the agent found nothing: while lingering, asks the runtime to poll the
+    /// reading task again once it has polled its I/O driver without blocking, so the request
+    /// is read as it comes.
+    fn poll_again_soon(&self, cx: &mut std::task::Context<'_>) {
+        if self.lingering() {
+            // As in `AnswerPolling::wait`: a poller must not keep a thread that is ready to
+            // run on this CPU (the agent, the server) from it.
+            std::thread::yield_now();
+            // A fresh `yield_now`, polled once, defers this task until after the runtime's
+            // next non-blocking poll of its I/O driver.
+            let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
+        }
+    }
+}
+
+/// One agent's connection, or one half of it, lingering after each write as [`Linger`] says.
+#[derive(Debug)]
+pub struct Lingering<T> {
+    io: T,
+    linger: Arc<Linger>,
+}
+
+impl<T> Lingering<T> {
+    pub fn new(io: T, linger: Arc<Linger>) -> Lingering<T> {
+        Lingering { io, linger }
+    }
+
+    fn note_written(&self, polled: &Poll<std::io::Result<usize>>) {
+        if matches!(polled, Poll::Ready(Ok(written)) if *written > 0) {
+            self.linger.answered();
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Lingering<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if polled.is_pending() {
+            this.linger.poll_again_soon(cx);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Lingering<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.note_written(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.note_written(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -227,5 +363,76 @@ mod tests {
     #[test]
     fn off_never_polls() {
         assert!(!AnswerPolling::off().worth_polling());
+    }
+
+    /// How many times the thread slept reading a request that a peer sends 5 ms after the
+    /// connection last wrote: `write_first` false leaves that write out.
+    fn sleeps_reading_the_next_request(budget: Duration, write_first: bool) -> i64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        current_thread().block_on(async {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let ours = tokio::net::UnixStream::from_std(ours).unwrap();
+            let mut ours = Lingering::new(ours, Arc::new(Linger::new(budget)));
+            if write_first {
+                ours.write_all(b"answer").await.unwrap();
+            }
+            let peer = std::thread::spawn(move || {
+                use std::io::Write;
+                std::thread::sleep(Duration::from_millis(5));
+                (&theirs).write_all(b"next").unwrap();
+                theirs
+            });
+            let before = sleeps_so_far();
+            let mut request = [0u8; 4];
+            ours.read_exact(&mut request).await.unwrap();
+            let slept = sleeps_so_far() - before;
+            assert_eq!(&request, b"next");
+            drop(peer.join().unwrap());
+            slept
+        })
+    }
+
+    /// The fewest sleeps of a few reads, for the reason `fewest_sleeps_waiting_for_a_socket`
+    /// gives.
+    fn fewest_sleeps_reading_the_next_request(budget: Duration, write_first: bool) -> i64 {
+        (0..5)
+            .map(|_| sleeps_reading_the_next_request(budget, write_first))
+            .min()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_connection_that_just_answered_reads_the_next_request_without_sleeping() {
+        let long = Duration::from_secs(30);
+        assert_eq!(fewest_sleeps_reading_the_next_request(long, true), 0);
+        // Nothing written yet: nobody was answered, so nothing is due.
+        assert!(fewest_sleeps_reading_the_next_request(long, false) > 0);
+        assert!(fewest_sleeps_reading_the_next_request(Duration::ZERO, true) > 0);
+    }
+
+    #[test]
+    fn lingering_ends_with_its_budget_and_starts_again_with_the_next_answer() {
+        current_thread().block_on(async {
+            let linger = Linger::new(Duration::from_millis(20));
+            assert!(!linger.lingering());
+            linger.answered();
+            assert!(linger.lingering());
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            assert!(!linger.lingering());
+            linger.answered();
+            assert!(linger.lingering());
+        });
+    }
+
+    #[test]
+    fn lingering_is_off_on_a_runtime_with_several_workers() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let linger = runtime.block_on(async { Linger::new(Duration::from_secs(1)) });
+        linger.answered();
+        assert!(!linger.lingering());
     }
 }

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, oneshot};
 
-use crate::answer_polling::AnswerPolling;
+use crate::answer_polling::{AnswerPolling, Linger, Lingering};
 use crate::audit::{AuditLog, AuditRecord};
 use crate::egress::{Egress, SessionCgroup};
 use crate::metrics::Metrics;
@@ -177,8 +177,12 @@ fn peer_is_permitted(stream: &UnixStream) -> bool {
 /// flushes) and answered in the order they came.
 async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(), ControlError> {
     let permitted = peer_is_permitted(&stream);
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
+    let (read, write) = stream.into_split();
+    // A stdio front's next call's decision record often follows the answer to its last one
+    // within microseconds: polled for, like the outcome record below.
+    let linger = Arc::new(Linger::new(context.proxy.model().daemon.answer_poll()));
+    let mut lines = BufReader::new(Lingering::new(read, linger.clone())).lines();
+    let mut write = Lingering::new(write, linger);
     let opened: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
     let calls = Arc::new(CallsInFlight::default());
     // While one of the client's calls is in flight, its outcome record is due as soon as the

@@ -198,19 +198,27 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
             let _ = stopped.wait_for(|stop| *stop).await;
         };
         let header_timeout = settings.header_read_timeout();
+        let linger = settings.answer_poll();
         front_task = Some(match &front_certificate {
             Some(certificate) => {
                 let config = tls::server_config(certificate.clone())?;
                 let failures = metrics.tls_handshake_failures.clone();
                 let listener = tls::TlsListener::new(listener, config, failures)
                     .map_err(|source| DaemonError::Listen { addr, source })?;
-                tokio::spawn(serve::serve_until(listener, app, shutdown, header_timeout))
+                tokio::spawn(serve::serve_until(
+                    listener,
+                    app,
+                    shutdown,
+                    header_timeout,
+                    linger,
+                ))
             }
             None => tokio::spawn(serve::serve_until(
                 serve::without_nagle(listener),
                 app,
                 shutdown,
                 header_timeout,
+                linger,
             )),
         });
     }

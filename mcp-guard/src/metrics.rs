@@ -261,7 +261,14 @@ pub async fn serve(
         }),
     );
     let forever = std::future::pending();
-    crate::transport::serve::serve_until(listener, app, forever, header_read_timeout).await;
+    crate::transport::serve::serve_until(
+        listener,
+        app,
+        forever,
+        header_read_timeout,
+        std::time::Duration::ZERO,
+    )
+    .await;
 }
 
 /// Binds the metrics address (a clear error names it when taken).

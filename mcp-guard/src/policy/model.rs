@@ -478,12 +478,13 @@ pub struct DaemonSettings {
     pub worker_threads: Option<usize>,
 
     /// How long, in microseconds, a call may poll for its server's answer (and the stdio
-    /// front for the daemon's acknowledgement of a record) before its thread sleeps. On a
+    /// front for the daemon's acknowledgement of a record) before its thread sleeps, and how
+    /// long after answering an agent its connection polls for the agent's next request. On a
     /// virtual machine whose idle CPUs halt at once, each sleep costs a wake-up through the
-    /// hypervisor; polling spares it for answers that come within this time, and costs that
-    /// much CPU at most per call. Servers whose answers usually take longer are not polled
-    /// for. Takes effect with one worker thread: in the stdio front, and in the daemon with
-    /// `worker_threads` 1. 0 (the default) never polls; at most 10000.
+    /// hypervisor; polling spares it for what comes within this time, and costs that much CPU
+    /// at most per call and per answer. Servers whose answers usually take longer are not
+    /// polled for. Takes effect with one worker thread: in the stdio front, and in the daemon
+    /// with `worker_threads` 1. 0 (the default) never polls; at most 10000.
     #[serde(skip_serializing_if = "is_zero")]
     #[schemars(range(max = 10000))]
     pub answer_poll_us: u32,

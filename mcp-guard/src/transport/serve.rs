@@ -3,9 +3,13 @@
 //! so a client that sends nothing or dribbles a head would hold its connection for ever), and
 //! a graceful shutdown.
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::answer_polling::{Linger, Lingering};
 
 /// `listener`, with [`disable_nagle`] on every connection it accepts.
 pub fn without_nagle(listener: TcpListener) -> impl axum::serve::Listener<Io = TcpStream> {
@@ -33,8 +37,10 @@ pub async fn serve_until<L>(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     header_read_timeout: std::time::Duration,
+    linger: std::time::Duration,
 ) where
     L: axum::serve::Listener,
+    L::Io: Unpin,
 {
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -47,7 +53,7 @@ pub async fn serve_until<L>(
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(header_read_timeout)
             .serve_connection(
-                hyper_util::rt::TokioIo::new(io),
+                hyper_util::rt::TokioIo::new(Lingering::new(io, Arc::new(Linger::new(linger)))),
                 hyper_util::service::TowerToHyperService::new(router.clone()),
             );
         let connection = connections.watch(connection);

@@ -21,6 +21,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::Mutex;
 
+use crate::answer_polling::{Linger, Lingering};
 use crate::identity::TransportHints;
 use crate::mcp::jsonrpc;
 use crate::policy::{CompiledPolicy, Policy, WatchedFiles};
@@ -42,7 +43,8 @@ const SERVER_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// messages to the agent end; the session ends with it): then, as the server itself would
 /// have, the front answers what is in flight and stops, saying how the server exited.
 pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<Ending> {
-    let stdout = Arc::new(Mutex::new(Output::stdout()));
+    let linger = Arc::new(Linger::new(proxy.model().daemon.answer_poll()));
+    let stdout = Arc::new(Mutex::new(Output::stdout(linger.clone())));
     let mut forwarder = session.take_outbox().await.map(|mut outbox| {
         let stdout = stdout.clone();
         tokio::spawn(async move {
@@ -55,7 +57,7 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<
         })
     });
     let mut handlers = tokio::task::JoinSet::new();
-    let mut stdin = BufReader::with_capacity(64 * 1024, Input::stdin());
+    let mut stdin = BufReader::with_capacity(64 * 1024, Lingering::new(Input::stdin(), linger));
     let mut server_exited = false;
     loop {
         // Raw bytes, not text: a line that is not UTF-8 gets a JSON-RPC error, not an exit.
@@ -237,10 +239,11 @@ struct Output {
 }
 
 impl Output {
-    fn stdout() -> Output {
+    /// stdout, noting each answer in `linger`, which the reader of stdin shares.
+    fn stdout(linger: Arc<Linger>) -> Output {
         let sink: Box<dyn AsyncWrite + Send + Unpin> = match Pollable::dup(&io::stdout()) {
-            Some(pipe) => Box::new(pipe),
-            None => Box::new(tokio::io::stdout()),
+            Some(pipe) => Box::new(Lingering::new(pipe, linger)),
+            None => Box::new(Lingering::new(tokio::io::stdout(), linger)),
         };
         Output {
             sink,
