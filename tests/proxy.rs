@@ -2577,8 +2577,9 @@ fn a_session_whose_server_exits_ends_and_the_next_one_gets_a_new_server() {
 }
 
 /// A reviewer runs `policy check` without the daemon's privileges: a secret file only root may
-/// read is a warning naming its field (the daemon, as root, reads it), not an error; run as
-/// root, the same check reads it and says nothing of it.
+/// read (a server's credential, the front's TLS key, a JWKS) is a warning naming its field
+/// (the daemon, as root, reads it), not an error; run as root, the same check reads them all
+/// and says nothing of them.
 #[test]
 fn policy_check_by_a_user_who_may_not_read_a_secret_warns() {
     use std::os::unix::fs::PermissionsExt;
@@ -2591,14 +2592,40 @@ fn policy_check_by_a_user_who_may_not_read_a_secret_warns() {
     let binary = dir.path().join("mcp-guard");
     std::fs::copy(daemon_binary(), &binary).unwrap();
     open_to_all(&binary);
+    let root_only = |name: &str, from: &Path| {
+        let path = dir.path().join(name);
+        std::fs::copy(from, &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    };
     let secret = dir.path().join("crm-token");
     std::fs::write(&secret, "s3cret").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let tls_testdata =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../mcp-guard/src/transport/testdata");
+    let certificate = dir.path().join("front.pem");
+    std::fs::copy(tls_testdata.join("front.pem"), &certificate).unwrap();
+    open_to_all(&certificate);
+    let tls_key = root_only("front-key.pem", &tls_testdata.join("front-key.pem"));
+    let jwks = root_only("jwks.json", &identity_testdata("jwks.json"));
     let policy = dir.path().join("policy.json");
-    let document = json!({"version": 1, "servers": {"crm": {
-        "url": "https://crm.example.com/mcp",
-        "headers": {"Authorization": {"file": secret, "prefix": "Bearer "}},
-    }}});
+    let document = json!({
+        "version": 1,
+        "daemon": {
+            "listen": "127.0.0.1:8443",
+            "tls": {"cert_file": certificate, "key_file": tls_key},
+        },
+        "identity": {"jwt": {"issuers": [{
+            "issuer": "https://issuer.example.com",
+            "audiences": ["mcp-guard"],
+            "keys": {"jwks_file": jwks},
+            "algorithms": ["ES256"],
+        }]}},
+        "servers": {"crm": {
+            "url": "https://crm.example.com/mcp",
+            "headers": {"Authorization": {"file": secret, "prefix": "Bearer "}},
+        }},
+    });
     std::fs::write(&policy, document.to_string()).unwrap();
     open_to_all(&policy);
 
@@ -2619,11 +2646,18 @@ fn policy_check_by_a_user_who_may_not_read_a_secret_warns() {
             .arg(&binary),
     );
     assert!(passed, "{said}");
-    assert!(
-        said.contains("servers.crm.headers.Authorization.file")
-            && said.contains("this user may not read it"),
-        "{said}"
-    );
+    for field in [
+        "servers.crm.headers.Authorization.file",
+        "daemon.tls.key_file",
+        "identity.jwt.issuers[0].keys.jwks_file",
+    ] {
+        let warned = said
+            .lines()
+            .any(|line| line.contains(field) && line.contains("this user may not read it"));
+        assert!(warned, "no warning for {field}: {said}");
+    }
+    // What the reviewer may read is still checked.
+    assert!(!said.contains("daemon.tls.cert_file"), "{said}");
 
     let (passed, said) = check(&mut Command::new(&binary));
     assert!(passed, "{said}");

@@ -2020,15 +2020,28 @@ fn a_front_reachable_from_other_hosts_without_tls_is_a_warning() {
 
 #[test]
 fn front_tls_files_are_read_by_the_check_and_problems_name_the_field() {
+    use std::os::unix::fs::PermissionsExt;
     let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/transport/testdata");
+    // A copy only its owner may read, as a private key should be (git keeps no such mode).
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("front-key.pem");
+    std::fs::copy(testdata.join("front-key.pem"), &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut policy = valid();
     policy["daemon"]["listen"] = json!("127.0.0.1:8080");
-    policy["daemon"]["tls"] = json!({"cert_file": testdata.join("front.pem"),
-        "key_file": testdata.join("front-key.pem")});
+    policy["daemon"]["tls"] = json!({"cert_file": testdata.join("front.pem"), "key_file": key});
     let loaded = load_value(policy.clone()).unwrap();
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     let key_files: Vec<&Path> = loaded.policy.key_files().collect();
     assert_eq!(key_files.len(), 2, "the certificate and key are watched");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let warning = only_warning(policy.clone());
+    assert_eq!(warning.path, "daemon.tls.key_file");
+    assert!(
+        warning.message.contains("readable by other users"),
+        "{warning}"
+    );
 
     policy["daemon"]["tls"]["key_file"] = json!(testdata.join("front.pem"));
     let problems = problems_of(policy.clone());

@@ -324,9 +324,51 @@ fn check_issuer(path: &str, issuer: &JwtIssuer, problems: &mut Vec<Problem>) {
             ));
         }
     }
-    if check_key_source(&format!("{path}.keys"), &issuer.keys, problems) {
+    if check_key_source(&format!("{path}.keys"), &issuer.keys, problems)
+        && !any_only_the_daemon_may_read(
+            &key_files(&format!("{path}.keys"), &issuer.keys),
+            problems,
+        )
+    {
         check_keys_load(path, issuer, problems);
     }
+}
+
+/// The files an issuer's keys come from, with their policy paths.
+fn key_files<'a>(path: &str, keys: &'a JwtKeys) -> Vec<(String, &'a Path)> {
+    [("pem_file", &keys.pem_file), ("jwks_file", &keys.jwks_file)]
+        .into_iter()
+        .filter_map(|(field, file)| Some((format!("{path}.{field}"), file.as_deref()?)))
+        .collect()
+}
+
+/// Whether any of `files` is one this user may not read, though the daemon may: each such
+/// file is a warning, and what reading it would check is left to the daemon. The daemon runs
+/// as root, and as root (even without `CAP_DAC_OVERRIDE`, as its unit runs it) a file it may
+/// not read stays an error: this is for a reviewer running `policy check` without the
+/// daemon's privileges, as with a secret of `headers` or `env`.
+fn any_only_the_daemon_may_read(files: &[(String, &Path)], problems: &mut Vec<Problem>) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    let mut any = false;
+    for (at, file) in files {
+        if let Err(e) = std::fs::File::open(file)
+            && e.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            problems.push(Problem::warning(
+                at,
+                format!(
+                    "{}: this user may not read it, so it is not checked here; the daemon \
+                     reads it with its own privileges, and refuses a policy whose file it \
+                     cannot use",
+                    file.display()
+                ),
+            ));
+            any = true;
+        }
+    }
+    any
 }
 
 /// The shape of `keys`; true when it names exactly one usable source.
@@ -525,8 +567,16 @@ fn check_front_tls(daemon: &DaemonSettings, tls: &FrontTls, problems: &mut Vec<P
     }
     check_absolute("daemon.tls.cert_file", &tls.cert_file, problems);
     check_absolute("daemon.tls.key_file", &tls.key_file, problems);
-    if let Err(error) = crate::transport::tls::load_certified_key(tls) {
-        problems.push(Problem::error(error.field_path(), error.reason()));
+    let files = [
+        ("daemon.tls.cert_file".to_owned(), tls.cert_file.as_path()),
+        ("daemon.tls.key_file".to_owned(), tls.key_file.as_path()),
+    ];
+    if any_only_the_daemon_may_read(&files, problems) {
+        return;
+    }
+    match crate::transport::tls::load_certified_key(tls) {
+        Ok(_) => warn_if_others_may_read("daemon.tls.key_file", &tls.key_file, problems),
+        Err(error) => problems.push(Problem::error(error.field_path(), error.reason())),
     }
 }
 
