@@ -23,7 +23,6 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-
 use tokio::sync::oneshot;
 
 /// How one peer's answers are waited for.
