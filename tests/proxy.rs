@@ -2188,6 +2188,11 @@ fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
             "rules": rules,
         },
         "without-key": {"url": url, "rules": rules},
+        "redirected": {
+            "url": redirect_everything_to(&url),
+            "headers": {"Authorization": {"file": secret, "prefix": "Bearer "}},
+            "rules": rules,
+        },
     });
     let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
     let front = Front::start_with(env, peers, servers, |document| {
@@ -2270,6 +2275,22 @@ fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
     let answer = front.in_session("with-key", &open_before, &time_call);
     assert_eq!(time_of(&answer)["timezone"], "UTC", "{answer}");
 
+    // A server that redirects elsewhere is refused: the redirect is not followed, so neither
+    // the calls nor the server's credentials reach a host the policy does not name.
+    let requests_seen = std::fs::read_to_string(&auth_log).unwrap().lines().count();
+    let redirected = call("redirected");
+    let error = &redirected["initialize"]["response"]["error"];
+    assert_eq!(error["code"], -32011, "{redirected}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| m.contains("307")),
+        "{redirected}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&auth_log).unwrap().lines().count(),
+        requests_seen,
+        "the redirect was followed"
+    );
+
     let seen = std::fs::read_to_string(&auth_log).unwrap();
     let values: BTreeSet<&str> = seen
         .lines()
@@ -2298,6 +2319,35 @@ fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
     }
     let _ = upstream.kill();
     let _ = upstream.wait();
+}
+
+/// The URL of a server, on a thread of its own, that answers every request with a `307` to
+/// `location`.
+fn redirect_everything_to(location: &str) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answer = format!(
+        "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(&stream);
+            let mut body_length = 0;
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|read| read > 0) && line != "\r\n" {
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    body_length = value.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let _ = reader.read_exact(&mut vec![0; body_length]);
+            let _ = (&stream).write_all(answer.as_bytes());
+        }
+    });
+    format!("http://127.0.0.1:{port}/mcp")
 }
 
 /// A server that closes a call's event stream before the answer, to be polled (2025-11-25; the

@@ -36,7 +36,10 @@ fn client_trusting(tls_ca_file: Option<&Path>) -> Result<reqwest::Client, Upstre
         // Err only when another provider is already installed, which serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
-    let mut builder = reqwest::Client::builder();
+    // A redirect is not followed: the policy names the server, and a redirect elsewhere would
+    // carry the server's `headers` (its credentials) and the agent's calls to a host nobody
+    // declared. The 3xx is the server's answer, and refuses the call like any other failure.
+    let mut builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
     if let Some(path) = tls_ca_file {
         let pem = std::fs::read(path).map_err(|source| UpstreamError::CaFile {
             path: path.to_owned(),
