@@ -1779,20 +1779,26 @@ fn announced_port(peer: &mut std::process::Child) -> String {
         .expect("the peer announces its port")
 }
 
-/// A server reached by `url` (Streamable HTTP upstream): mcp-guard keeps the server's session,
-/// filters its list and enforces calls as for a stdio server.
-#[test]
-fn http_upstream_is_proxied_with_the_same_enforcement() {
-    let env = TestEnv::new("proxy-http-upstream", PROBE);
-    let peers = Peers::require();
-    let mut upstream = Command::new(FAST_SERVER)
+/// The fast server over Streamable HTTP on a free port, and that port.
+fn start_fast_http_server() -> (std::process::Child, String) {
+    let mut server = Command::new(FAST_SERVER)
         .args(["--http", "0"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start mcp-fast-server --http 0");
-    let port = announced_port(&mut upstream);
+    let port = announced_port(&mut server);
+    (server, port)
+}
+
+/// A server reached by `url` (Streamable HTTP upstream): mcp-guard keeps the server's session,
+/// filters its list and enforces calls as for a stdio server.
+#[test]
+fn http_upstream_is_proxied_with_the_same_enforcement() {
+    let env = TestEnv::new("proxy-http-upstream", PROBE);
+    let peers = Peers::require();
+    let (mut upstream, port) = start_fast_http_server();
     let servers = json!({
         "remote": url_server(&port, vec![
             list_tools_rule(),
@@ -2319,6 +2325,75 @@ fn url_server_credentials_come_from_the_policy_never_from_the_agent() {
     }
     let _ = upstream.kill();
     let _ = upstream.wait();
+}
+
+/// A server's answer over `daemon.max_server_message_bytes` (64 KiB here) is dropped unread:
+/// the call fails at once with -32011 naming the bound, and the session goes on, its next call
+/// answered. Over stdio, server-filesystem reads a 200 KB file; over HTTP, the fast server as
+/// a `url` server echoes 100 KB.
+#[test]
+fn a_server_answer_over_the_size_bound_fails_its_call_and_the_session_goes_on() {
+    const BOUND: usize = 64 * 1024;
+    let env = TestEnv::new("proxy-server-message-bound", PROBE);
+    let peers = Peers::require();
+    let root = env.files_dir(Some("small\n"));
+    std::fs::write(root.join("big.txt"), "x".repeat(200_000)).unwrap();
+    let (mut fast, port) = start_fast_http_server();
+    let servers = json!({
+        "files": stdio_server(peers.filesystem(&root), vec![
+            list_tools_rule(),
+            allow("read", json!({"roles": [DEVELOPER], "tools": ["read_text_file"]})),
+        ]),
+        "remote": url_server(&port, vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
+    });
+    let front = Front::start_with(env, peers, servers, |document| {
+        document["daemon"]["max_server_message_bytes"] = json!(BOUND);
+    });
+    let assert_over_the_bound = |error: &Value| {
+        assert_eq!(error["code"], -32011, "{error}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("over daemon.max_server_message_bytes (65536)"),
+            "{error}"
+        );
+    };
+
+    let path = |name: &str| root.join(name).display().to_string();
+    let files = front.client(
+        "files",
+        HANDSHAKE,
+        &json!([
+            {"op": "call_tool", "name": "read_text_file", "arguments": {"path": path("big.txt")}},
+            {"op": "call_tool", "name": "read_text_file", "arguments": {"path": path("readme.txt")}},
+        ]),
+    );
+    assert_over_the_bound(files.error(0));
+    assert_eq!(text(files.ok(1)), "small\n");
+
+    let big_echo = "y".repeat(100_000);
+    let remote = front.client(
+        "remote",
+        HANDSHAKE,
+        &json!([
+            {"op": "call_tool", "name": "echo", "arguments": {"text": big_echo}},
+            {"op": "call_tool", "name": "echo", "arguments": {"text": "small"}},
+        ]),
+    );
+    assert_over_the_bound(remote.error(0));
+    assert_eq!(text(remote.ok(1)), "small");
+
+    // Both failures are on record as the server's, each with its call.
+    let records = audit_records(&front.env.audit_path());
+    let failed = records
+        .iter()
+        .filter(|r| r["outcome"]["kind"] == "transport_error" && r["outcome"]["code"] == -32011)
+        .count();
+    assert_eq!(failed, 2, "{records:#?}");
+    let _ = fast.kill();
+    let _ = fast.wait();
 }
 
 /// The URL of a server, on a thread of its own, that answers every request with a `307` to

@@ -396,6 +396,12 @@ pub struct DaemonSettings {
     #[schemars(range(min = 1))]
     pub max_message_bytes: usize,
 
+    /// Largest message, in bytes, mcp-guard reads from a server (a stdio line, an HTTP body, an
+    /// SSE event); a larger one is dropped unread, and the call it answers fails. Default
+    /// 16 MiB.
+    #[schemars(range(min = 1))]
+    pub max_server_message_bytes: usize,
+
     /// Most requests a JSON-RPC batch may hold; a larger batch is refused whole. Default 64.
     #[schemars(range(min = 1))]
     pub max_batch_size: usize,
@@ -526,6 +532,7 @@ impl Default for DaemonSettings {
             listen: None,
             principal: None,
             max_message_bytes: 4 * 1024 * 1024,
+            max_server_message_bytes: 16 * 1024 * 1024,
             max_batch_size: 64,
             max_json_depth: 64,
             tls: None,

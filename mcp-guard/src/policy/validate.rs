@@ -459,6 +459,10 @@ fn check_keys_load(path: &str, issuer: &JwtIssuer, problems: &mut Vec<Problem>) 
 fn check_limits(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
     let limits = [
         ("daemon.max_message_bytes", daemon.max_message_bytes),
+        (
+            "daemon.max_server_message_bytes",
+            daemon.max_server_message_bytes,
+        ),
         ("daemon.max_batch_size", daemon.max_batch_size),
         ("daemon.max_json_depth", daemon.max_json_depth),
         ("daemon.max_sessions", daemon.max_sessions),

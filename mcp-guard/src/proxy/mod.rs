@@ -284,6 +284,7 @@ impl Proxy {
                 account: server_policy
                     .account()
                     .map_err(|(field, reason)| ProxyError::Account(format!("{field}: {reason}")))?,
+                max_message_bytes: model.daemon.max_server_message_bytes,
             }),
             (None, Some(url)) => session::Target::Url {
                 url,
@@ -291,6 +292,7 @@ impl Proxy {
                     tls_ca_file: server_policy.tls_ca_file.as_deref(),
                     resume_get_stream: server_policy.resume_get_stream,
                     headers: &server_policy.headers,
+                    max_message_bytes: model.daemon.max_server_message_bytes,
                 },
             },
             (None, None) => return Err(ProxyError::NotSpawnable(server.to_owned())),

@@ -341,6 +341,8 @@ pub struct Program<'a> {
     pub env: &'a BTreeMap<String, crate::policy::EnvValue>,
     /// Who the process runs as (`user`/`group`); `None`: the daemon's account.
     pub account: Option<Account>,
+    /// Longest line of its output read (`daemon.max_server_message_bytes`).
+    pub max_message_bytes: usize,
 }
 
 pub enum Target<'a> {
@@ -753,6 +755,7 @@ pub(super) async fn spawn_placed(
         cgroup: cgroup_path.as_deref(),
         identity_env,
         label,
+        max_message_bytes: program.max_message_bytes,
     };
     match upstream::stdio::spawn(launch) {
         Ok((upstream, server_messages)) => Ok((upstream, server_messages, placed)),

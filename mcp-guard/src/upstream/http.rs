@@ -25,7 +25,7 @@ use crate::policy::ValueSource;
 
 use super::{
     Outbound, Pending, Router, ServerMessages, Upstream, UpstreamError, answer_or_pass_on,
-    route_server_output, upstream_error,
+    route_server_output, too_large, upstream_error,
 };
 
 /// A client for one session's server: TLS with the `ring` provider, installed once for the
@@ -91,6 +91,8 @@ struct Connection {
     listening: AtomicBool,
     /// Resume a dropped GET stream with `Last-Event-ID` (the server's `resume_get_stream`).
     resume_get_stream: bool,
+    /// Largest body or event read; a larger one is dropped, and its call fails.
+    max_message_bytes: usize,
     stop_listening: watch::Sender<bool>,
     /// Set when the server answers 404 to a request carrying its session id: it ended the
     /// session (it expired, or the server restarted), and so does the agent's.
@@ -107,6 +109,8 @@ pub struct HttpOptions<'a> {
     pub resume_get_stream: bool,
     /// Headers sent with every request (the server's credentials).
     pub headers: &'a BTreeMap<String, ValueSource>,
+    /// Largest body or event read (`daemon.max_server_message_bytes`).
+    pub max_message_bytes: usize,
 }
 
 /// Connects (lazily: the first POST is the agent's first message) to the server at `url`;
@@ -141,6 +145,7 @@ pub fn connect(
         handshake: Arc::new(RwLock::new(())),
         listening: AtomicBool::new(false),
         resume_get_stream: options.resume_get_stream,
+        max_message_bytes: options.max_message_bytes,
         stop_listening: watch::Sender::new(false),
         server_session_ended: watch::Sender::new(false),
     });
@@ -222,7 +227,7 @@ async fn start_listening(connection: &Arc<Connection>) {
 /// it is resumed after the last event it carried; a resumption that brings no event (the
 /// server did not know the id, or refused) is followed by a fresh stream.
 async fn listen(connection: Arc<Connection>, mut stop: watch::Receiver<bool>) {
-    let mut decoder = SseDecoder::default();
+    let mut decoder = SseDecoder::new(connection.max_message_bytes);
     loop {
         let resume_after = decoder
             .last_event_id
@@ -362,15 +367,21 @@ async fn post(connection: &Connection, message: Value) {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.starts_with("text/event-stream"));
     if is_sse {
-        let mut decoder = SseDecoder::default();
+        let mut decoder = SseDecoder::new(connection.max_message_bytes);
         let awaited = request_id.as_ref().map(|id| Awaited { id, is_initialize });
         let answered = read_event_stream(connection, response, &mut decoder, awaited).await;
         if let (false, Some(awaited)) = (answered, awaited) {
             resume_until_answered(connection, decoder, awaited).await;
         }
     } else {
-        match response.bytes().await {
-            Ok(body) => match serde_json::from_slice::<Value>(&body) {
+        match body_within(response, connection.max_message_bytes).await {
+            Ok(Err(length)) => {
+                tracing::warn!(server = %connection.label, length,
+                    "server answered with a body over daemon.max_server_message_bytes; dropped");
+                let problem = too_large(length, connection.max_message_bytes);
+                fail(connection, request_id, &problem).await
+            }
+            Ok(Ok(body)) => match serde_json::from_slice::<Value>(&body) {
                 Ok(value) => {
                     deliver(connection, value, is_initialize, None, &mut Direct::new()).await;
                 }
@@ -393,6 +404,27 @@ async fn post(connection: &Connection, message: Value) {
             }
         }
     }
+}
+
+/// The body of `response`, or `Err` with how long it is (or was found to be, so far) when
+/// that is over `max` bytes: no more than `max` is held.
+async fn body_within(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Result<Vec<u8>, usize>, reqwest::Error> {
+    if let Some(length) = response.content_length()
+        && length > max as u64
+    {
+        return Ok(Err(usize::try_from(length).unwrap_or(usize::MAX)));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > max {
+            return Ok(Err(body.len() + chunk.len()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Ok(body))
 }
 
 /// The answer a POST's event stream is to bring.
@@ -418,7 +450,22 @@ async fn read_event_stream(
     let mut body = response.bytes_stream();
     while let Some(chunk) = body.next().await {
         let Ok(chunk) = chunk else { break };
-        for data in decoder.feed(&chunk) {
+        for event in decoder.feed(&chunk) {
+            let data = match event {
+                SseEvent::Data(data) => data,
+                SseEvent::TooLarge(length) => {
+                    tracing::warn!(server = %connection.label, length,
+                        "server sent an SSE event over daemon.max_server_message_bytes; dropped");
+                    // A POST's stream carries its answer: the call fails now, rather than
+                    // wait for one that was dropped.
+                    if let Some(id) = awaited_id {
+                        let problem = too_large(length, connection.max_message_bytes);
+                        fail(connection, Some(id.clone()), &problem).await;
+                        answered = true;
+                    }
+                    continue;
+                }
+            };
             match serde_json::from_str::<Value>(&data) {
                 Ok(value) => {
                     answered |=
@@ -552,19 +599,46 @@ impl Connection {
 /// event, and several `data` lines are joined with LF. Works on bytes, so neither a line
 /// ending nor a UTF-8 character split across chunks is misread. Keeps the last event id and
 /// the server's reconnection time, which resuming the stream needs. An event without data
-/// (a priming event that only sets an id) is not passed on.
-#[derive(Default)]
+/// (a priming event that only sets an id) is not passed on. An event over `max_event_bytes`
+/// is not held: the rest of it is only counted.
 struct SseDecoder {
     line: Vec<u8>,
     data: Vec<String>,
     after_cr: bool,
     last_event_id: Option<String>,
     retry: Option<Duration>,
+    max_event_bytes: usize,
+    /// Bytes of the event so far, and of its line so far.
+    event_bytes: usize,
+    line_bytes: usize,
+    too_large: bool,
+}
+
+/// What an SSE event brought.
+#[derive(Debug, PartialEq, Eq)]
+enum SseEvent {
+    Data(String),
+    /// An event over the bound, dropped: how long it was.
+    TooLarge(usize),
 }
 
 impl SseDecoder {
-    /// The data of every event `bytes` completes.
-    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+    fn new(max_event_bytes: usize) -> SseDecoder {
+        SseDecoder {
+            line: Vec::new(),
+            data: Vec::new(),
+            after_cr: false,
+            last_event_id: None,
+            retry: None,
+            max_event_bytes,
+            event_bytes: 0,
+            line_bytes: 0,
+            too_large: false,
+        }
+    }
+
+    /// Every event `bytes` completes.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
         let mut events = Vec::new();
         for &byte in bytes {
             let after_cr = std::mem::take(&mut self.after_cr);
@@ -574,19 +648,44 @@ impl SseDecoder {
                     self.after_cr = byte == b'\r';
                     self.end_line(&mut events);
                 }
-                _ => self.line.push(byte),
+                _ => self.take(byte),
             }
         }
         events
     }
 
-    fn end_line(&mut self, events: &mut Vec<String>) {
+    fn take(&mut self, byte: u8) {
+        self.event_bytes += 1;
+        self.line_bytes += 1;
+        if self.too_large {
+            return;
+        }
+        if self.event_bytes > self.max_event_bytes {
+            self.too_large = true;
+            self.line = Vec::new();
+            self.data = Vec::new();
+            return;
+        }
+        self.line.push(byte);
+    }
+
+    fn end_line(&mut self, events: &mut Vec<SseEvent>) {
+        let blank = std::mem::take(&mut self.line_bytes) == 0;
+        if self.too_large {
+            if blank {
+                events.push(SseEvent::TooLarge(self.event_bytes));
+                self.too_large = false;
+                self.event_bytes = 0;
+            }
+            return;
+        }
         let line = std::mem::take(&mut self.line);
-        if line.is_empty() {
+        if blank {
+            self.event_bytes = 0;
             let data = self.data.join("\n");
             self.data.clear();
             if !data.is_empty() {
-                events.push(data);
+                events.push(SseEvent::Data(data));
             }
             return;
         }
@@ -614,6 +713,9 @@ impl SseDecoder {
         self.line.clear();
         self.data.clear();
         self.after_cr = false;
+        self.event_bytes = 0;
+        self.line_bytes = 0;
+        self.too_large = false;
     }
 
     /// How long to wait before opening the stream again: the server's `retry`, else 1 s.
@@ -689,7 +791,7 @@ mod tests {
 
     use serde_json::json;
 
-    use super::{Connection, Direct, SseDecoder, answers};
+    use super::{Connection, Direct, SseDecoder, SseEvent, answers};
 
     /// A connection to nowhere, with the router's queue and one caller waiting for id 7.
     fn waiting_connection() -> (
@@ -713,6 +815,7 @@ mod tests {
             handshake: Default::default(),
             listening: Default::default(),
             resume_get_stream: false,
+            max_message_bytes: usize::MAX,
             stop_listening: tokio::sync::watch::Sender::new(false),
             server_session_ended: tokio::sync::watch::Sender::new(false),
         };
@@ -748,17 +851,44 @@ mod tests {
         );
     }
 
+    /// The data of `events`, which must all have been read whole.
+    fn data(events: Vec<SseEvent>) -> Vec<String> {
+        events
+            .into_iter()
+            .map(|event| match event {
+                SseEvent::Data(data) => data,
+                SseEvent::TooLarge(length) => panic!("an event of {length} bytes was dropped"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_event_over_the_bound_is_counted_not_held_and_the_next_is_read() {
+        let mut decoder = SseDecoder::new(32);
+        let big = format!("id: 1\ndata: {}\n\n", "x".repeat(100));
+        let mut events = Vec::new();
+        for piece in big.as_bytes().chunks(7) {
+            events.extend(decoder.feed(piece));
+            assert!(decoder.line.len() <= 32 && decoder.data.concat().len() <= 32);
+        }
+        assert_eq!(events, [SseEvent::TooLarge(big.trim_end().len() - 1)]);
+        assert_eq!(
+            decoder.feed(b"data: {\"small\":1}\n\n"),
+            [SseEvent::Data("{\"small\":1}".into())]
+        );
+    }
+
     #[test]
     fn events_end_at_blank_lines_whatever_the_line_endings() {
-        let mut decoder = SseDecoder::default();
+        let mut decoder = SseDecoder::new(usize::MAX);
         let stream =
             b"event: message\r\ndata: {\"a\":1}\r\n\r\n: keep-alive\n\ndata: x\rdata: y\r\r";
-        assert_eq!(decoder.feed(stream), ["{\"a\":1}", "x\ny"]);
+        assert_eq!(data(decoder.feed(stream)), ["{\"a\":1}", "x\ny"]);
     }
 
     #[test]
     fn ids_and_retry_are_kept_and_events_without_data_are_not_passed_on() {
-        let mut decoder = SseDecoder::default();
+        let mut decoder = SseDecoder::new(usize::MAX);
         assert_eq!(decoder.reconnect_after(), Duration::from_secs(1));
         // A priming event (2025-11-25): an id and a retry time, no message.
         let priming = b"id: s1-0\r\nretry: 250\r\ndata: \r\n\r\n";
@@ -766,7 +896,7 @@ mod tests {
         assert_eq!(decoder.last_event_id.as_deref(), Some("s1-0"));
         assert_eq!(decoder.reconnect_after(), Duration::from_millis(250));
         let events = decoder.feed(b"id: s1-1\ndata: {}\n\nretry: soon\nid: a\0b\n\n");
-        assert_eq!(events, ["{}"]);
+        assert_eq!(data(events), ["{}"]);
         // A retry that is not a number and an id with NUL are ignored.
         assert_eq!(decoder.last_event_id.as_deref(), Some("s1-1"));
         assert_eq!(decoder.reconnect_after(), Duration::from_millis(250));
@@ -776,14 +906,14 @@ mod tests {
 
     #[test]
     fn a_new_stream_forgets_what_the_last_one_cut_off_but_not_its_id() {
-        let mut decoder = SseDecoder::default();
+        let mut decoder = SseDecoder::new(usize::MAX);
         assert!(
             decoder
                 .feed(b"id: 4\nretry: 50\n\ndata: {\"cut\"")
                 .is_empty()
         );
         decoder.start_stream();
-        assert_eq!(decoder.feed(b"data: {}\n\n"), ["{}"]);
+        assert_eq!(data(decoder.feed(b"data: {}\n\n")), ["{}"]);
         assert_eq!(decoder.last_event_id.as_deref(), Some("4"));
         assert_eq!(decoder.reconnect_after(), Duration::from_millis(50));
     }
@@ -812,12 +942,12 @@ mod tests {
 
     #[test]
     fn chunks_may_split_line_endings_and_characters() {
-        let mut decoder = SseDecoder::default();
+        let mut decoder = SseDecoder::new(usize::MAX);
         let stream = "data: {\"t\":\"caf\u{e9}\"}\r\n\r\n".as_bytes();
         let mut events = Vec::new();
         for byte in stream {
             events.extend(decoder.feed(std::slice::from_ref(byte)));
         }
-        assert_eq!(events, ["{\"t\":\"caf\u{e9}\"}"]);
+        assert_eq!(data(events), ["{\"t\":\"caf\u{e9}\"}"]);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod headers;
 pub mod http;
+mod lines;
 pub mod progress;
 pub mod stdio;
 
@@ -262,6 +263,14 @@ impl Upstream {
 }
 
 /// The error object a caller gets when the server could not answer: `problem` says why.
+/// What a caller whose answer was too large to read is told.
+fn too_large(length: usize, max: usize) -> String {
+    format!(
+        "the server's answer is {length} bytes, over daemon.max_server_message_bytes ({max}); \
+         it was dropped"
+    )
+}
+
 fn upstream_error(problem: &str) -> Value {
     json!({"code": crate::mcp::jsonrpc::codes::UPSTREAM_ERROR,
         "message": format!("upstream server: {problem}")})
@@ -368,6 +377,22 @@ impl Router {
         let error = upstream_error(why);
         for (_, waiter) in self.pending.lock().await.drain() {
             let _ = waiter.send(Err(error.clone()));
+        }
+    }
+
+    /// A message of the server's over `max` bytes was dropped unread: its caller, where it
+    /// can be told (`id`, found at either end of the message, or the only caller waiting),
+    /// gets an error now instead of waiting for `request_timeout_seconds`.
+    async fn drop_too_large(&self, length: usize, max: usize, id: Option<i64>) {
+        tracing::warn!(server = %self.label, length, max, "server sent a message over daemon.max_server_message_bytes; dropped");
+        let mut pending = self.pending.lock().await;
+        let caller = match id {
+            Some(id) => pending.remove(&id),
+            None if pending.len() == 1 => pending.drain().next().map(|(_, waiter)| waiter),
+            None => None,
+        };
+        if let Some(waiter) = caller {
+            let _ = waiter.send(Err(upstream_error(&too_large(length, max))));
         }
     }
 

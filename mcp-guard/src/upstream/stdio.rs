@@ -12,10 +12,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{Mutex, mpsc};
 
+use super::lines::{self, BoundedLines, Line};
 use super::{Outbound, Router, ServerMessages, Upstream, UpstreamError};
 use crate::egress::spawn::place_in_cgroup;
 use crate::policy::EnvValue;
@@ -32,6 +33,8 @@ pub struct Launch<'a> {
     pub identity_env: Vec<(&'static str, String)>,
     /// `server/session`, for logs.
     pub label: Arc<str>,
+    /// Longest line of the server's output read (`daemon.max_server_message_bytes`).
+    pub max_message_bytes: usize,
 }
 
 /// The spawned process; killed when the session ends.
@@ -127,7 +130,12 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
     });
     let process = Some(ServerProcess { child });
     let upstream = Upstream::with_outbound(Outbound::Pipe(writer), &router, process);
-    tokio::spawn(read_and_route(stdout, router, label));
+    tokio::spawn(read_and_route(
+        stdout,
+        router,
+        label,
+        launch.max_message_bytes,
+    ));
     Ok((upstream, server_messages))
 }
 
@@ -166,12 +174,18 @@ impl LineWriter {
 
 /// Reads the server's stdout, one JSON-RPC message per line, and routes each message as it
 /// comes; when the output ends, every waiting caller learns the server is gone.
-async fn read_and_route(stdout: tokio::process::ChildStdout, router: Router, label: Arc<str>) {
-    let mut lines = BufReader::new(stdout).lines();
+/// A line over `max_line_bytes` is dropped, and answered to its caller as a failure.
+async fn read_and_route(
+    stdout: tokio::process::ChildStdout,
+    router: Router,
+    label: Arc<str>,
+    max_line_bytes: usize,
+) {
+    let mut lines = BoundedLines::new(BufReader::new(stdout), max_line_bytes);
     loop {
-        match lines.next_line().await {
-            Ok(Some(line)) if line.trim().is_empty() => continue,
-            Ok(Some(line)) => match serde_json::from_str::<Value>(&line) {
+        match lines.next().await {
+            Ok(Some(Line::Whole(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
+            Ok(Some(Line::Whole(line))) => match serde_json::from_slice::<Value>(&line) {
                 Ok(value) => {
                     if !router.route(value).await {
                         break;
@@ -181,6 +195,10 @@ async fn read_and_route(stdout: tokio::process::ChildStdout, router: Router, lab
                     tracing::warn!(server = %label, error = %e, "server wrote a line that is not JSON on stdout; dropped")
                 }
             },
+            Ok(Some(Line::TooLong { length, head, tail })) => {
+                let id = lines::response_id(&head, &tail);
+                router.drop_too_large(length, max_line_bytes, id).await;
+            }
             Ok(None) => break,
             Err(e) => {
                 tracing::warn!(server = %label, error = %e, "reading the server's stdout");
@@ -191,9 +209,21 @@ async fn read_and_route(stdout: tokio::process::ChildStdout, router: Router, lab
     router.end().await;
 }
 
+/// Longest stderr line logged whole; a longer one is logged by its length and first bytes.
+const MAX_STDERR_LINE_BYTES: usize = 16 * 1024;
+
 async fn log_stderr(stderr: tokio::process::ChildStderr, label: Arc<str>) {
-    let mut lines = BufReader::new(stderr).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        tracing::debug!(server = %label, "server stderr: {line}");
+    let mut lines = BoundedLines::new(BufReader::new(stderr), MAX_STDERR_LINE_BYTES);
+    while let Ok(Some(line)) = lines.next().await {
+        match line {
+            Line::Whole(line) => {
+                let line = String::from_utf8_lossy(&line);
+                tracing::debug!(server = %label, "server stderr: {line}");
+            }
+            Line::TooLong { length, head, .. } => {
+                let head = String::from_utf8_lossy(&head);
+                tracing::debug!(server = %label, length, "server stderr (a line of {length} bytes, cut): {head}");
+            }
+        }
     }
 }
