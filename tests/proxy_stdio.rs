@@ -72,12 +72,11 @@ fn stdio_front_enforces_the_policy() {
         }),
     );
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
-    let mut document: Value =
-        serde_json::from_str(&std::fs::read_to_string(&env.policy_path).unwrap()).unwrap();
-    document["daemon"]["metrics_listen"] = json!(metrics.to_string());
-    document["audit"]["store_arguments"] = json!(true);
-    document["audit"]["redact"] = json!(["content"]);
-    env.write_policy_document(&document);
+    edit_policy(&env, |document| {
+        document["daemon"]["metrics_listen"] = json!(metrics.to_string());
+        document["audit"]["store_arguments"] = json!(true);
+        document["audit"]["redact"] = json!(["content"]);
+    });
     let _daemon = env.start_daemon();
     let command = env.stdio_front("files", AGENT, &env.control_socket);
     let path = |name: &str| root.join(name).display().to_string();
@@ -931,11 +930,10 @@ fn stdio_front_answers_bad_lines_and_keeps_serving() {
             json!({"roles": [DEVELOPER], "tools": ["echo"]}),
         )],
     );
-    let mut document: Value =
-        serde_json::from_str(&std::fs::read_to_string(&env.policy_path).unwrap()).unwrap();
-    document["daemon"]["max_json_depth"] = json!(8);
-    document["daemon"]["max_message_bytes"] = json!(2048);
-    env.write_policy_document(&document);
+    edit_policy(&env, |document| {
+        document["daemon"]["max_json_depth"] = json!(8);
+        document["daemon"]["max_message_bytes"] = json!(2048);
+    });
     let _daemon = env.start_daemon();
     let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
 
@@ -1003,4 +1001,53 @@ fn stdio_front_answers_bad_lines_and_keeps_serving() {
     let answer = front.responses(1, "the echo after the bad lines").remove(0);
     assert_eq!(answer["id"], 9, "{answer}");
     assert_eq!(text(&answer["result"]), "Echo: still serving", "{answer}");
+}
+
+/// A request line on the control socket over its limit (an agent's message, a server's, and
+/// 64 KiB for the record around them) is refused in its turn without being held, and the
+/// connection goes on: the request after it is answered.
+#[test]
+fn the_control_socket_refuses_a_line_over_its_limit_and_keeps_serving() {
+    use std::io::{BufRead, BufReader};
+    let env = TestEnv::new("control-socket-line-limit", PROBE);
+    let peers = Peers::require();
+    write_everything_policy(&env, &peers, vec![]);
+    edit_policy(&env, |document| {
+        document["daemon"]["max_message_bytes"] = json!(1024);
+        document["daemon"]["max_server_message_bytes"] = json!(1024);
+    });
+    let _daemon = env.start_daemon();
+
+    let mut socket = std::os::unix::net::UnixStream::connect(&env.control_socket).unwrap();
+    let mut lines = "x".repeat(200_000);
+    lines.push('\n');
+    lines.push_str("{\"op\": \"no_such_op\"}\n");
+    socket.write_all(lines.as_bytes()).unwrap();
+    let mut answers = BufReader::new(&socket).lines();
+    let mut answer =
+        || -> Value { serde_json::from_str(&answers.next().expect("an answer").unwrap()).unwrap() };
+    let over = answer();
+    assert_eq!(over["ok"], false, "{over}");
+    let limit = 1024 + 1024 + 64 * 1024;
+    assert_eq!(
+        over["error"],
+        format!("a request of 200000 bytes, over the control socket's limit of {limit}"),
+        "{over}"
+    );
+    let next = answer();
+    assert_eq!(next["ok"], false, "{next}");
+    assert!(
+        next["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no_such_op")),
+        "the request after the long line was not read as its own: {next}"
+    );
+}
+
+/// Rewrites the test's policy file with `edit` applied to it.
+fn edit_policy(env: &TestEnv, edit: impl FnOnce(&mut Value)) {
+    let mut document: Value =
+        serde_json::from_str(&std::fs::read_to_string(&env.policy_path).unwrap()).unwrap();
+    edit(&mut document);
+    env.write_policy_document(&document);
 }

@@ -20,6 +20,7 @@ use tokio::sync::{Mutex, oneshot};
 use crate::answer_polling::{AnswerPolling, Linger, Lingering};
 use crate::audit::{AuditLog, AuditRecord};
 use crate::egress::{Egress, SessionCgroup};
+use crate::mcp::lines::{BoundedLines, Line};
 use crate::metrics::Metrics;
 use crate::policy::{AuditSettings, DurableBefore};
 use crate::proxy::{CallSpan, Proxy};
@@ -173,6 +174,16 @@ fn peer_is_permitted(stream: &UnixStream) -> bool {
         .is_ok_and(|cred| cred.uid() == 0 || cred.uid() == own_uid)
 }
 
+/// The longest request line a control client may send: an audit record carries at most an
+/// agent's message (its arguments, where they are stored) and a server's (a tool list
+/// observed in learn mode), with room for the record around them.
+fn max_request_bytes(daemon: &crate::policy::DaemonSettings) -> usize {
+    daemon
+        .max_message_bytes
+        .saturating_add(daemon.max_server_message_bytes)
+        .saturating_add(64 * 1024)
+}
+
 /// Serves one client. Requests are handled concurrently (so a front's audit records share
 /// flushes) and answered in the order they came.
 async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(), ControlError> {
@@ -181,7 +192,9 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
     // A stdio front's next call's decision record often follows the answer to its last one
     // within microseconds: polled for, like the outcome record below.
     let linger = Arc::new(Linger::new(context.proxy.model().daemon.answer_poll()));
-    let mut lines = BufReader::new(Lingering::new(read, linger.clone())).lines();
+    let reader = BufReader::new(Lingering::new(read, linger.clone()));
+    let max_request_bytes = max_request_bytes(&context.proxy.model().daemon);
+    let mut lines = BoundedLines::new(reader, max_request_bytes);
     let mut write = Lingering::new(write, linger);
     let opened: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
     let calls = Arc::new(CallsInFlight::default());
@@ -193,7 +206,7 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
     while reading || !answers.is_empty() {
         let next = async {
             tokio::select! {
-                line = lines.next_line(), if reading => ClientEvent::Line(line),
+                line = lines.next(), if reading => ClientEvent::Line(line),
                 Some(response) = futures_util::StreamExt::next(&mut answers) => {
                     ClientEvent::Answered(response)
                 }
@@ -206,8 +219,16 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
         };
         match event {
             ClientEvent::Line(line) => match line? {
-                Some(line) => {
-                    let request = serde_json::from_str::<Request>(&line);
+                Some(Line::TooLong { length, .. }) => {
+                    let refusal = Response::refused(format!(
+                        "a request of {length} bytes, over the control socket's limit of \
+                         {max_request_bytes}"
+                    ));
+                    let refused: Answering = Box::pin(std::future::ready(refusal));
+                    answers.push_back(refused);
+                }
+                Some(Line::Whole(line)) => {
+                    let request = serde_json::from_slice::<Request>(&line);
                     // A flush holds its thread until the disk is done, and the client's other
                     // requests must go on being written meanwhile: a request that may flush is
                     // answered in a task of its own, any other here, with no hand-off.
@@ -259,7 +280,7 @@ type Answering = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + 
 
 /// What a client's connection brings next: a request, or the answer to an earlier one.
 enum ClientEvent {
-    Line(std::io::Result<Option<String>>),
+    Line(std::io::Result<Option<Line>>),
     Answered(Response),
 }
 

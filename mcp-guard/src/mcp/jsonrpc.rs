@@ -151,18 +151,22 @@ impl RpcError {
     }
 }
 
+/// The refusal of an agent's message of `length` bytes, over the limit, unparsed.
+pub fn too_large(length: usize, limits: &Limits) -> RpcError {
+    RpcError::new(
+        None,
+        codes::INVALID_REQUEST,
+        format!(
+            "message of {length} bytes exceeds the limit of {} bytes",
+            limits.max_bytes
+        ),
+    )
+}
+
 /// Parses one body or line from an agent.
 pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Incoming, RpcError> {
     if bytes.len() > limits.max_bytes {
-        return Err(RpcError::new(
-            None,
-            codes::INVALID_REQUEST,
-            format!(
-                "message of {} bytes exceeds the limit of {} bytes",
-                bytes.len(),
-                limits.max_bytes
-            ),
-        ));
+        return Err(too_large(bytes.len(), limits));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| {
         RpcError::new(

@@ -18,12 +18,13 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::Mutex;
 
 use crate::answer_polling::{Linger, Lingering};
 use crate::identity::TransportHints;
 use crate::mcp::jsonrpc;
+use crate::mcp::lines::{BoundedLines, Line};
 use crate::policy::{CompiledPolicy, Policy, WatchedFiles};
 use crate::proxy::{AgentSession, ProgressRoute, Proxy};
 
@@ -57,21 +58,29 @@ pub async fn serve(proxy: Arc<Proxy>, session: Arc<AgentSession>) -> io::Result<
         })
     });
     let mut handlers = tokio::task::JoinSet::new();
-    let mut stdin = BufReader::with_capacity(64 * 1024, Lingering::new(Input::stdin(), linger));
+    let stdin = BufReader::with_capacity(64 * 1024, Lingering::new(Input::stdin(), linger));
+    // A line over the limit is refused, as it would be whole, without being held.
+    let mut stdin = BoundedLines::new(stdin, proxy.limits.max_bytes);
     let mut server_exited = false;
     loop {
         // Raw bytes, not text: a line that is not UTF-8 gets a JSON-RPC error, not an exit.
-        let mut line = Vec::new();
         let read = tokio::select! {
-            read = stdin.read_until(b'\n', &mut line) => read?,
+            read = stdin.next() => read?,
             end = until_finished(&mut forwarder) => {
                 server_exited = end == ForwarderEnd::ServerEnded;
                 break;
             }
         };
-        if read == 0 {
-            break;
-        }
+        let line = match read {
+            None => break,
+            Some(Line::Whole(line)) => line,
+            Some(Line::TooLong { length, .. }) => {
+                let refusal = jsonrpc::too_large(length, &proxy.limits).to_value();
+                // A closed stdout: the agent is gone, and stdin ends next.
+                let _ = stdout.lock().await.send(&refusal).await;
+                continue;
+            }
+        };
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }

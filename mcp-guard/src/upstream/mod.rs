@@ -5,7 +5,6 @@
 
 pub mod headers;
 pub mod http;
-mod lines;
 pub mod progress;
 pub mod stdio;
 

@@ -16,9 +16,9 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{Mutex, mpsc};
 
-use super::lines::{self, BoundedLines, Line};
 use super::{Outbound, Router, ServerMessages, Upstream, UpstreamError};
 use crate::egress::spawn::place_in_cgroup;
+use crate::mcp::lines::{self, BoundedLines, Line};
 use crate::policy::EnvValue;
 
 /// What to run, and who it runs for.

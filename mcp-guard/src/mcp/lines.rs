@@ -1,6 +1,7 @@
-//! A server's output, line by line, holding no more of a line than a bound
-//! (`daemon.max_server_message_bytes`): a server that writes an endless line, or a
-//! message larger than anyone should buffer, must not make the daemon hold it all.
+//! Newline-delimited messages (a stdio server's output, a stdio front's input, the control
+//! socket), line by line, holding no more of a line than a bound: a peer that writes an
+//! endless line, or a message larger than anyone should buffer, must not make mcp-guard hold
+//! it all.
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
@@ -10,7 +11,7 @@ const EDGE_BYTES: usize = 256;
 
 /// One line of a server's output, without its newline.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Line {
+pub enum Line {
     Whole(Vec<u8>),
     /// A line over the bound, read to its end and dropped: how long it was, and its first and
     /// last bytes.
@@ -22,19 +23,19 @@ pub(super) enum Line {
 }
 
 /// Reads lines of at most `max` bytes from `reader`.
-pub(super) struct BoundedLines<R> {
+pub struct BoundedLines<R> {
     reader: R,
     max: usize,
 }
 
 impl<R: AsyncBufRead + Unpin> BoundedLines<R> {
-    pub(super) fn new(reader: R, max: usize) -> BoundedLines<R> {
+    pub fn new(reader: R, max: usize) -> BoundedLines<R> {
         BoundedLines { reader, max }
     }
 
     /// The next line; `None` at the end of the output. A last line without its newline
     /// counts.
-    pub(super) async fn next(&mut self) -> std::io::Result<Option<Line>> {
+    pub async fn next(&mut self) -> std::io::Result<Option<Line>> {
         let mut line = Vec::new();
         let mut length = 0;
         let mut tail: Option<Vec<u8>> = None;
@@ -88,7 +89,7 @@ fn finish(line: Vec<u8>, length: usize, tail: Option<Vec<u8>>) -> Line {
 /// `id` is a number next to its `"jsonrpc":"2.0"` member (as SDKs write them: TypeScript's
 /// `..."jsonrpc":"2.0","id":7}`, Python's `{"jsonrpc":"2.0","id":7,...`). mcp-guard numbers
 /// the requests it sends, so a number is all an answer to one of them can carry.
-pub(super) fn response_id(head: &[u8], tail: &[u8]) -> Option<i64> {
+pub fn response_id(head: &[u8], tail: &[u8]) -> Option<i64> {
     [head, tail].into_iter().find_map(|edge| {
         let compact: Vec<u8> = edge
             .iter()
