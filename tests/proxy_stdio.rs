@@ -1003,12 +1003,13 @@ fn stdio_front_answers_bad_lines_and_keeps_serving() {
     assert_eq!(text(&answer["result"]), "Echo: still serving", "{answer}");
 }
 
-/// A request line on the control socket over its limit (an agent's message, a server's, and
-/// 64 KiB for the record around them) is refused in its turn without being held, and the
-/// connection goes on: the request after it is answered.
+/// The control socket is its owner's only (0600). A request line on it over its limit (an
+/// agent's message, a server's, and 64 KiB for the record around them) is refused in its turn
+/// without being held, and the connection goes on: the request after it is answered.
 #[test]
 fn the_control_socket_refuses_a_line_over_its_limit_and_keeps_serving() {
     use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
     let env = TestEnv::new("control-socket-line-limit", PROBE);
     let peers = Peers::require();
     write_everything_policy(&env, &peers, vec![]);
@@ -1017,6 +1018,12 @@ fn the_control_socket_refuses_a_line_over_its_limit_and_keeps_serving() {
         document["daemon"]["max_server_message_bytes"] = json!(1024);
     });
     let _daemon = env.start_daemon();
+    // Only the daemon's user (and root) may reach it.
+    let mode = std::fs::metadata(&env.control_socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
 
     let mut socket = std::os::unix::net::UnixStream::connect(&env.control_socket).unwrap();
     let mut lines = "x".repeat(200_000);

@@ -134,7 +134,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(bind_error(e)),
     }
-    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    // Created 0600 rather than chmod-ed after: in between, any local user could connect.
+    // (The umask is the process's; nothing else here creates files while the daemon starts.)
+    let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(umask);
+    let listener = bound.map_err(bind_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
     Ok(listener)
 }
