@@ -38,10 +38,7 @@ impl AnswerPolling {
     /// Polls for up to `budget` where the runtime running the caller has one worker thread;
     /// otherwise never.
     pub fn new(budget: Duration) -> AnswerPolling {
-        let one_worker = tokio::runtime::Handle::try_current()
-            .map(|runtime| runtime.metrics().num_workers() == 1)
-            .unwrap_or(false);
-        AnswerPolling::with_budget(if one_worker { budget } else { Duration::ZERO })
+        AnswerPolling::with_budget(on_one_worker(budget))
     }
 
     /// Never polls: every wait sleeps until woken.
@@ -109,6 +106,16 @@ impl AnswerPolling {
     }
 }
 
+/// `budget` where the runtime running the caller has one worker thread, else zero: with
+/// more, the I/O driver may be held by another worker asleep in `epoll_wait`, and polling
+/// spares no wake-up.
+fn on_one_worker(budget: Duration) -> Duration {
+    let one_worker = tokio::runtime::Handle::try_current()
+        .map(|runtime| runtime.metrics().num_workers() == 1)
+        .unwrap_or(false);
+    if one_worker { budget } else { Duration::ZERO }
+}
+
 /// How long after an agent was last answered its next request is polled for, instead of its
 /// reader sleeping until the request comes (`daemon.answer_poll_us`, again).
 ///
@@ -128,7 +135,7 @@ impl Linger {
     /// Lingers for up to `budget` where the runtime running the caller has one worker thread.
     pub fn new(budget: Duration) -> Linger {
         Linger {
-            budget: AnswerPolling::new(budget).budget,
+            budget: on_one_worker(budget),
             started: Instant::now(),
             answered_ns: AtomicU64::new(0),
         }
@@ -288,11 +295,12 @@ mod tests {
     /// (a page fault waiting on the memory map's lock while other tests allocate), so one
     /// wait may show a sleep that polling did not cause; a wait that sleeps for its answer
     /// sleeps every time.
+    fn fewest_sleeps(mut sleeps: impl FnMut() -> i64) -> i64 {
+        (0..5).map(|_| sleeps()).min().unwrap()
+    }
+
     fn fewest_sleeps_waiting_for_a_socket(budget: Duration) -> i64 {
-        (0..5)
-            .map(|_| sleeps_waiting_for_a_socket(budget))
-            .min()
-            .unwrap()
+        fewest_sleeps(|| sleeps_waiting_for_a_socket(budget))
     }
 
     #[test]
@@ -392,13 +400,9 @@ mod tests {
         })
     }
 
-    /// The fewest sleeps of a few reads, for the reason `fewest_sleeps_waiting_for_a_socket`
-    /// gives.
+    /// The fewest sleeps of a few reads, for the reason `fewest_sleeps` gives.
     fn fewest_sleeps_reading_the_next_request(budget: Duration, write_first: bool) -> i64 {
-        (0..5)
-            .map(|_| sleeps_reading_the_next_request(budget, write_first))
-            .min()
-            .unwrap()
+        fewest_sleeps(|| sleeps_reading_the_next_request(budget, write_first))
     }
 
     #[test]

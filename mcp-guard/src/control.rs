@@ -196,16 +196,18 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
     let (read, write) = stream.into_split();
     // A stdio front's next call's decision record often follows the answer to its last one
     // within microseconds: polled for, like the outcome record below.
-    let linger = Arc::new(Linger::new(context.proxy.model().daemon.answer_poll()));
+    let model = context.proxy.model();
+    let daemon = &model.daemon;
+    let linger = Arc::new(Linger::new(daemon.answer_poll()));
     let reader = BufReader::new(Lingering::new(read, linger.clone()));
-    let max_request_bytes = max_request_bytes(&context.proxy.model().daemon);
-    let mut lines = BoundedLines::new(reader, max_request_bytes);
+    let request_limit = max_request_bytes(daemon);
+    let mut lines = BoundedLines::new(reader, request_limit);
     let mut write = Lingering::new(write, linger);
     let opened: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
     let calls = Arc::new(CallsInFlight::default());
     // While one of the client's calls is in flight, its outcome record is due as soon as the
     // server answers: the next line is polled for rather than slept for.
-    let polling = AnswerPolling::new(context.proxy.model().daemon.answer_poll());
+    let polling = AnswerPolling::new(daemon.answer_poll());
     let mut answers = futures_util::stream::FuturesOrdered::new();
     let mut reading = true;
     while reading || !answers.is_empty() {
@@ -227,7 +229,7 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
                 Some(Line::TooLong { length, .. }) => {
                     let refusal = Response::refused(format!(
                         "a request of {length} bytes, over the control socket's limit of \
-                         {max_request_bytes}"
+                         {request_limit}"
                     ));
                     let refused: Answering = Box::pin(std::future::ready(refusal));
                     answers.push_back(refused);

@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 /// response, which SDKs write at the start (Python) or at the end (TypeScript).
 const EDGE_BYTES: usize = 256;
 
-/// One line of a server's output, without its newline.
+/// One line, without its newline.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {
     Whole(Vec<u8>),

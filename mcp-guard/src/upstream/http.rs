@@ -608,10 +608,10 @@ struct SseDecoder {
     last_event_id: Option<String>,
     retry: Option<Duration>,
     max_event_bytes: usize,
-    /// Bytes of the event so far, and of its line so far.
+    /// Bytes of the event so far (past `max_event_bytes`: it is too large), and of its line
+    /// so far.
     event_bytes: usize,
     line_bytes: usize,
-    too_large: bool,
 }
 
 /// What an SSE event brought.
@@ -633,7 +633,6 @@ impl SseDecoder {
             max_event_bytes,
             event_bytes: 0,
             line_bytes: 0,
-            too_large: false,
         }
     }
 
@@ -654,27 +653,27 @@ impl SseDecoder {
         events
     }
 
+    fn too_large(&self) -> bool {
+        self.event_bytes > self.max_event_bytes
+    }
+
     fn take(&mut self, byte: u8) {
         self.event_bytes += 1;
         self.line_bytes += 1;
-        if self.too_large {
-            return;
-        }
-        if self.event_bytes > self.max_event_bytes {
-            self.too_large = true;
+        if self.too_large() {
+            // What the event held so far goes (nothing, once it has).
             self.line = Vec::new();
             self.data = Vec::new();
-            return;
+        } else {
+            self.line.push(byte);
         }
-        self.line.push(byte);
     }
 
     fn end_line(&mut self, events: &mut Vec<SseEvent>) {
         let blank = std::mem::take(&mut self.line_bytes) == 0;
-        if self.too_large {
+        if self.too_large() {
             if blank {
                 events.push(SseEvent::TooLarge(self.event_bytes));
-                self.too_large = false;
                 self.event_bytes = 0;
             }
             return;
@@ -715,7 +714,6 @@ impl SseDecoder {
         self.after_cr = false;
         self.event_bytes = 0;
         self.line_bytes = 0;
-        self.too_large = false;
     }
 
     /// How long to wait before opening the stream again: the server's `retry`, else 1 s.
