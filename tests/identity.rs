@@ -202,8 +202,16 @@ fn assert_unauthorised(answer: &JsonAnswer, description: &str) {
     let challenge = answer
         .header("www-authenticate")
         .unwrap_or_else(|| panic!("401 without WWW-Authenticate: {answer:?}"));
+    // A request without a bearer token gets no error code (RFC 6750 section 3.1).
+    let code = if description.starts_with("no bearer token") {
+        ""
+    } else {
+        "error=\"invalid_token\", "
+    };
     assert!(
-        challenge.starts_with("Bearer realm=\"mcp-guard\", error=\"invalid_token\""),
+        challenge.starts_with(&format!(
+            "Bearer realm=\"mcp-guard\", {code}error_description="
+        )),
         "{challenge}"
     );
     assert!(
@@ -255,10 +263,21 @@ impl Front {
 
     /// [`Front::start`] with the `daemon` settings in `daemon` besides the usual ones.
     fn start_with(tag: &str, identity: Value, daemon: Value) -> Front {
-        let env = TestEnv::new(tag, PROBE);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+        Front::start_at(tag, addr, identity, daemon, fast_server())
+    }
+
+    /// A front listening on `addr` in front of `servers`.
+    fn start_at(
+        tag: &str,
+        addr: SocketAddr,
+        identity: Value,
+        daemon: Value,
+        servers: Value,
+    ) -> Front {
+        let env = TestEnv::new(tag, PROBE);
         let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
-        let mut document = env.proxy_policy(addr, fast_server());
+        let mut document = env.proxy_policy(addr, servers);
         document["daemon"]["metrics_listen"] = json!(metrics.to_string());
         document["principals"][CAROL] = json!({"roles": ["developer"]});
         document["principals"]["viewer-user"] = json!({"roles": ["viewer"]});
@@ -857,4 +876,265 @@ fn trust_header_takes_the_principal_from_the_header_and_warns() {
         .filter_map(|r| r["principal"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(principals, names(&[CAROL, "viewer-user", AGENT]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// identity.jwt.protected_resource: an OAuth client finds its own way in
+// ---------------------------------------------------------------------------------------------
+
+/// The authorisation server of `oauth_server.py`, stopped when dropped.
+struct AuthorizationServer {
+    child: std::process::Child,
+    issuer: String,
+    /// Its stdout after the first line: one `{"issued": {claims}}` per token.
+    issued: std::sync::mpsc::Receiver<String>,
+}
+
+impl AuthorizationServer {
+    /// Grants every request to `subject` with `roles`, signing with the RS256 test key
+    /// (`rsa-1` of the test JWKS).
+    fn start(peers: &Peers, subject: &str, roles: &[&str]) -> AuthorizationServer {
+        let port = free_loopback_port().to_string();
+        let key = identity_testdata("rsa_private.pem").display().to_string();
+        let mut args = vec![
+            "--port",
+            &port,
+            "--key",
+            &key,
+            "--kid",
+            "rsa-1",
+            "--subject",
+            subject,
+        ];
+        for role in roles {
+            args.extend(["--role", role]);
+        }
+        let command = peers.oauth_server(&args);
+        let mut child = std::process::Command::new(&command[0])
+            .args(&command[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start oauth_server.py");
+        let (lines, stderr) = collect_output(&mut child);
+        let first = lines.recv_timeout(TIMEOUT).unwrap_or_else(|_| {
+            panic!(
+                "oauth_server.py did not announce itself: {}",
+                stderr.lock().unwrap()
+            )
+        });
+        let issuer = serde_json::from_str::<Value>(&first).unwrap()["issuer"]
+            .as_str()
+            .expect("an issuer line")
+            .to_owned();
+        AuthorizationServer {
+            child,
+            issuer,
+            issued: lines,
+        }
+    }
+
+    /// The claims of the tokens issued so far.
+    fn issued_claims(&self) -> Vec<Value> {
+        self.issued
+            .try_iter()
+            .map(|line| serde_json::from_str::<Value>(&line).unwrap()["issued"].clone())
+            .collect()
+    }
+}
+
+impl Drop for AuthorizationServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// With `protected_resource`, mcp-guard is an OAuth protected resource as the MCP
+/// authorization specification describes one (RFC 9728 metadata, RFC 8707 audiences):
+/// - each server's metadata is served without authentication (CORS-readable), and a 401 names
+///   it;
+/// - the official Python SDK client, given nothing but the server's URL, follows the 401 to the
+///   metadata, to the authorisation server (built on the SDK's own authorisation-server
+///   routes), registers, gets a token for that server, and calls tools through mcp-guard under
+///   the principal and roles of the token;
+/// - a token meant for one server behind the front is refused at another.
+#[test]
+fn an_oauth_client_finds_the_authorisation_server_and_gets_in_with_a_token_for_its_server() {
+    let peers = Peers::require();
+    let authorization = AuthorizationServer::start(&peers, ALICE, &["developer"]);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+    let public_url = format!("http://{addr}");
+    let resource = |server: &str| format!("{public_url}/servers/{server}/mcp");
+    let metadata_path =
+        |server: &str| format!("/.well-known/oauth-protected-resource/servers/{server}/mcp");
+    let mut servers = fast_server();
+    servers["other"] = stdio_server(
+        vec![FAST_SERVER.to_string()],
+        vec![allow("all", json!({"roles": ["developer"]}))],
+    );
+    let identity = json!({
+        "jwt": {
+            "issuers": [{
+                "issuer": authorization.issuer,
+                "audiences": [resource(SERVER), resource("other")],
+                "keys": {"pem_file": identity_testdata("rsa_public.pem")},
+                "algorithms": ["RS256"],
+            }],
+            "protected_resource": {"public_url": public_url, "scopes_supported": ["mcp"]},
+        }
+    });
+    let front = Front::start_at("identity-oauth", addr, identity, json!({}), servers);
+
+    // The metadata, as any client (or web page) reads it before it has a token.
+    let answer: JsonAnswer = http_exchange(addr, "GET", &metadata_path(SERVER), &[], "")
+        .unwrap()
+        .into();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(
+        answer.body,
+        json!({
+            "resource": resource(SERVER),
+            "authorization_servers": [authorization.issuer],
+            "bearer_methods_supported": ["header"],
+            "scopes_supported": ["mcp"],
+        })
+    );
+    assert_eq!(answer.header("access-control-allow-origin"), Some("*"));
+    let preflight: JsonAnswer = http_exchange(
+        addr,
+        "OPTIONS",
+        &metadata_path(SERVER),
+        &[
+            ("Origin", "http://inspector.test"),
+            ("Access-Control-Request-Method", "GET"),
+        ],
+        "",
+    )
+    .unwrap()
+    .into();
+    assert_eq!(preflight.status, 204, "{preflight:?}");
+    assert!(
+        preflight
+            .header("access-control-allow-headers")
+            .is_some_and(|h| h.contains("mcp-protocol-version")),
+        "{preflight:?}"
+    );
+    // A name the policy lacks gets a document like any other (an unauthenticated caller learns
+    // no server names); a name no policy could hold gets none.
+    let unknown: JsonAnswer = http_exchange(addr, "GET", &metadata_path("no-such-server"), &[], "")
+        .unwrap()
+        .into();
+    assert_eq!(
+        unknown.body["resource"],
+        resource("no-such-server"),
+        "{unknown:?}"
+    );
+    let malformed: JsonAnswer = http_exchange(addr, "GET", &metadata_path("a%20b"), &[], "")
+        .unwrap()
+        .into();
+    assert_eq!(malformed.status, 404, "{malformed:?}");
+
+    // A 401 names the metadata of the server asked for.
+    let refused = post(addr, &[], &initialize_message());
+    assert_eq!(refused.status, 401, "{refused:?}");
+    let challenge = refused.header("www-authenticate").unwrap();
+    assert!(
+        challenge.ends_with(&format!(
+            "resource_metadata=\"{public_url}{}\"",
+            metadata_path(SERVER)
+        )),
+        "{challenge}"
+    );
+
+    // The SDK's OAuth client, from the URL alone.
+    let script = json!([
+        {"op": "list_tools"},
+        {"op": "call_tool", "name": "echo", "arguments": {"text": "through OAuth"}},
+    ]);
+    let run = mcp_client(
+        &peers,
+        Transport::OAuth(&resource(SERVER)),
+        HANDSHAKE,
+        &script,
+    );
+    let oauth = &run.initialize["oauth"];
+    assert_eq!(
+        oauth["protected_resource_metadata"]["resource"],
+        resource(SERVER),
+        "{}",
+        run.run.report()
+    );
+    assert_eq!(oauth["authorization_server"], authorization.issuer.as_str());
+    let listed: BTreeSet<String> = run.results[0]["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", run.run.report()))
+        .iter()
+        .map(|tool| tool["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, names(&["echo", "add"]));
+    assert_eq!(run.results[1]["ok"], true, "{}", run.run.report());
+    assert_eq!(
+        run.results[1]["result"]["content"][0]["text"],
+        "through OAuth",
+        "{}",
+        run.run.report()
+    );
+    // The token was meant for that server alone, and mcp-guard acted as its subject.
+    let issued = authorization.issued_claims();
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    assert_eq!(issued[0]["aud"], resource(SERVER));
+    assert_eq!(issued[0]["sub"], ALICE);
+    let echo_decision = front
+        .audit_lines()
+        .into_iter()
+        .find(|record| record["tool"] == "echo" && record.get("decision").is_some())
+        .expect("a decision record for echo");
+    assert_eq!(echo_decision["principal"], ALICE, "{echo_decision}");
+    assert_eq!(echo_decision["decision"], "allow", "{echo_decision}");
+
+    // A token for one server does not open the other, and the other's own token does.
+    let token_for = |server: &str| {
+        token(
+            Algorithm::RS256,
+            &json!({
+                "iss": authorization.issuer, "aud": resource(server), "sub": ALICE,
+                "roles": ["developer"], "iat": now(), "exp": now() + 600,
+            }),
+        )
+    };
+    let to_other = |token: &str| {
+        request_to(
+            addr,
+            "other",
+            "POST",
+            &[
+                ("Content-Type", "application/json"),
+                ("Accept", "application/json, text/event-stream"),
+                ("Authorization", &bearer(token)),
+            ],
+            Some(&initialize_message()),
+        )
+    };
+    let refused = to_other(&token_for(SERVER));
+    assert_eq!(refused.status, 401, "{refused:?}");
+    let challenge = refused.header("www-authenticate").unwrap();
+    assert!(
+        challenge.contains(
+            "error_description=\"the token is meant for another server behind this front\""
+        ) && challenge.ends_with(&format!(
+            "resource_metadata=\"{public_url}{}\"",
+            metadata_path("other")
+        )),
+        "{challenge}"
+    );
+    let admitted = to_other(&token_for("other"));
+    assert_eq!(admitted.status, 200, "{admitted:?}");
+    let answer = post(
+        addr,
+        &[("Authorization", &bearer(&token_for(SERVER)))],
+        &initialize_message(),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
 }

@@ -1742,6 +1742,7 @@ impl Peers {
             peers.filesystem_entry(),
             client_script("mcp_client.py"),
             client_script("raw_http.py"),
+            client_script("oauth_server.py"),
         ];
         let missing: Vec<String> = needed
             .iter()
@@ -1816,6 +1817,14 @@ impl Peers {
         self.python_script("polling_http_server.py", extra)
     }
 
+    /// An OAuth authorization server built on the Python SDK's own routes
+    /// (`oauth_server.py`, see PEERS.md): it approves every request for one subject and signs
+    /// RS256 tokens meant for the resource the client names; it prints `{"issuer": ...}` on
+    /// stdout once it listens.
+    pub fn oauth_server(&self, extra: &[&str]) -> Vec<String> {
+        self.python_script("oauth_server.py", extra)
+    }
+
     /// One of `tests/clients/`'s Python scripts, run by the peers' venv, with `extra` arguments.
     fn python_script(&self, script: &str, extra: &[&str]) -> Vec<String> {
         let mut command = vec![
@@ -1881,6 +1890,9 @@ pub enum Transport<'a> {
     Http(&'a str),
     /// Streamable HTTP over TLS at this `https://` URL, trusting the CA certificate in the file.
     Https { url: &'a str, ca_file: &'a Path },
+    /// Streamable HTTP at this URL, authenticated by the SDK's OAuth client (`--oauth`): it
+    /// finds the authorisation server from the server's 401 and gets a token on its own.
+    OAuth(&'a str),
     /// A stdio server started by the client: program and arguments.
     Stdio(&'a [String]),
 }
@@ -1943,6 +1955,10 @@ pub fn mcp_client(
         Transport::Http(url) => {
             cmd.args(["--transport", "http", "--url", url]);
             format!("mcp_client.py over HTTP to {url} at {protocol_version}")
+        }
+        Transport::OAuth(url) => {
+            cmd.args(["--transport", "http", "--url", url, "--oauth"]);
+            format!("mcp_client.py with OAuth over HTTP to {url} at {protocol_version}")
         }
         Transport::Https { url, ca_file } => {
             cmd.args(["--transport", "http", "--url", url, "--ca-file"])

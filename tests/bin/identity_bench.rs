@@ -113,6 +113,7 @@ impl Configuration {
             principal_claim: "sub".into(),
             clock_skew_seconds: 60,
             resource_metadata_url: None,
+            protected_resource: None,
         };
         Ok(Configuration {
             label,

@@ -9,6 +9,7 @@ Run it with the peers venv's python (see PEERS.md):
         [--protocol-version auto|2025-06-18|2025-11-25|2026-07-28] \
         [--header 'Name: value']... [--timeout SECONDS] [--no-output-validation] \
         [--ca-file CA.pem]               (https:// URLs: trust this CA, not the system's) \
+        [--oauth]                        (authenticate with the SDK's OAuth client, below) \
         --script FILE|-
 
     <peers>/venv/bin/python tests/clients/mcp_client.py \
@@ -94,7 +95,11 @@ from mcp import Client
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.client.auth import OAuthClientProvider
 from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+from pydantic import AnyUrl
+from urllib.parse import parse_qs, urlparse
 from mcp.shared.exceptions import MCPError
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
@@ -134,6 +139,81 @@ def error_record(op: str, error: BaseException) -> dict[str, Any]:
         "op": op,
         "ok": False,
         "error": {"code": None, "message": str(error) or repr(error), "type": type(error).__name__},
+    }
+
+
+class MemoryTokenStorage:
+    """The SDK's `TokenStorage`, kept for the life of the process."""
+
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client_info: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client_info
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client_info = client_info
+
+
+class HeadlessBrowser:
+    """Stands in for the user's browser in the authorization-code flow: opens the authorization
+    URL without following its redirect, and hands the code in the redirect to the SDK."""
+
+    def __init__(self) -> None:
+        self.result: AuthorizationCodeResult | None = None
+
+    async def open(self, authorization_url: str) -> None:
+        async with httpx2.AsyncClient() as browser:
+            answer = await browser.get(authorization_url)
+        location = answer.headers.get("location")
+        if answer.status_code not in (302, 303, 307) or not location:
+            raise RuntimeError(f"authorization endpoint answered {answer.status_code}: {answer.text[:200]}")
+        query = parse_qs(urlparse(location).query)
+        self.result = AuthorizationCodeResult(
+            code=query.get("code", [""])[0],
+            state=query.get("state", [None])[0],
+            iss=query.get("iss", [None])[0],
+        )
+
+    async def callback(self) -> AuthorizationCodeResult:
+        assert self.result is not None, "the authorization URL was never opened"
+        return self.result
+
+
+def oauth_provider(url: str) -> OAuthClientProvider:
+    """The SDK's OAuth client for `url`: discovers the authorization server from the 401 the
+    server answers (RFC 9728), registers itself (RFC 7591) and gets a token with PKCE."""
+    return OAuthClientProvider(
+        server_url=url,
+        client_metadata=OAuthClientMetadata(
+            client_name="mcp-guard-tests",
+            redirect_uris=[AnyUrl("http://127.0.0.1:9/callback")],
+            grant_types=["authorization_code", "refresh_token"],
+            response_types=["code"],
+        ),
+        storage=MemoryTokenStorage(),
+        redirect_handler=HeadlessBrowser.shared.open,
+        callback_handler=HeadlessBrowser.shared.callback,
+    )
+
+
+HeadlessBrowser.shared = HeadlessBrowser()  # type: ignore[attr-defined]
+
+
+def oauth_record(provider: OAuthClientProvider) -> dict[str, Any]:
+    """What the OAuth client found: the resource's metadata and the authorization server."""
+    context = provider.context
+    return {
+        "protected_resource_metadata": dump(context.protected_resource_metadata),
+        "authorization_server": context.auth_server_url,
+        "token_scope": context.current_tokens.scope if context.current_tokens else None,
     }
 
 
@@ -341,8 +421,10 @@ def initialize_record(client: Client, requested: str) -> dict[str, Any]:
 async def drive(args: argparse.Namespace, script: list[dict[str, Any]]) -> int:
     mode = connect_mode(args.protocol_version)
     http_client = None
+    oauth = None
     if args.transport == "http":
-        http_client = create_mcp_http_client(headers=dict(args.header))
+        oauth = oauth_provider(args.url) if args.oauth else None
+        http_client = create_mcp_http_client(headers=dict(args.header), auth=oauth)
         if args.ca_file:
             # The SDK's client, trusting the given CA instead of the system's.
             http_client = httpx2.AsyncClient(
@@ -375,7 +457,10 @@ async def drive(args: argparse.Namespace, script: list[dict[str, Any]]) -> int:
                 except Exception as error:  # noqa: BLE001 - reported, then the client exits
                     emit(error_record("initialize", error))
                     return 1
-                emit(initialize_record(client, args.protocol_version))
+                record = initialize_record(client, args.protocol_version)
+                if oauth is not None:
+                    record["oauth"] = oauth_record(oauth)
+                emit(record)
                 for op in script:
                     extra: dict[str, Any] = {}
                     try:
@@ -428,6 +513,7 @@ def main() -> int:
     parser.add_argument("--protocol-version", default="auto")
     parser.add_argument("--script", default="-", help="JSON file of operations, or - for stdin")
     parser.add_argument("--header", type=parse_header, action="append", default=[], help="'Name: value' for every HTTP request")
+    parser.add_argument("--oauth", action="store_true", help="authenticate with the SDK's OAuth client (http)")
     parser.add_argument("--ca-file", help="PEM CA certificate to trust for an https:// URL (instead of the system's)")
     parser.add_argument("--env", type=parse_env, action="append", default=[], help="KEY=VALUE for the stdio server")
     parser.add_argument("--cwd", help="working directory of the stdio server")

@@ -41,7 +41,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::policy::{JwtAlgorithm, JwtKeys, JwtSettings, Policy, is_valid_principal_name};
+use crate::policy::{
+    JwtAlgorithm, JwtKeys, JwtSettings, Policy, ProtectedResource, is_valid_principal_name,
+};
 
 /// The realm of every `WWW-Authenticate` challenge.
 const REALM: &str = "mcp-guard";
@@ -52,6 +54,7 @@ pub struct Verifier {
     principal_claim: String,
     roles_claim: String,
     resource_metadata_url: Option<String>,
+    protected_resource: Option<ProtectedResource>,
     clock_skew_seconds: u64,
     accepted: VerifiedTokens,
 }
@@ -98,6 +101,8 @@ pub struct VerifiedIdentity {
     pub roles: Vec<String>,
     /// The `iss` of the token.
     pub issuer: String,
+    /// The token's `aud`: one string or several.
+    pub audiences: Vec<String>,
 }
 
 /// Why a request was not authenticated. Its text is the `error_description` of the 401 answer:
@@ -128,6 +133,8 @@ pub enum AuthError {
     NotYetValid,
     #[error("the token is not meant for this audience")]
     WrongAudience,
+    #[error("the token is meant for another server behind this front")]
+    AnotherServer,
     #[error("the token's {0} claim is not a valid principal name")]
     BadPrincipal(String),
 }
@@ -146,7 +153,7 @@ impl AuthError {
             }
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
-            Self::WrongAudience => "wrong_audience",
+            Self::WrongAudience | Self::AnotherServer => "wrong_audience",
         }
     }
 }
@@ -215,14 +222,26 @@ impl Verifier {
             principal_claim: settings.principal_claim.clone(),
             roles_claim: settings.roles_claim.clone(),
             resource_metadata_url: settings.resource_metadata_url.clone(),
+            protected_resource: settings.protected_resource.clone(),
             clock_skew_seconds: settings.clock_skew_seconds,
             accepted: VerifiedTokens::default(),
         })
     }
 
-    /// Authenticates a request from its `Authorization` header value.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<VerifiedIdentity, AuthError> {
-        self.verify(bearer_token(authorization)?)
+    /// Authenticates a request to `server` from its `Authorization` header value. With
+    /// `protected_resource`, a token meant for another server of this front is refused.
+    pub fn authenticate(
+        &self,
+        server: &str,
+        authorization: Option<&str>,
+    ) -> Result<VerifiedIdentity, AuthError> {
+        let identity = self.verify(bearer_token(authorization)?)?;
+        match &self.protected_resource {
+            Some(front) if !front.admits(server, &identity.audiences) => {
+                Err(AuthError::AnotherServer)
+            }
+            _ => Ok(identity),
+        }
     }
 
     /// Verifies one compact JWS token and reads the caller from it: from the tokens already
@@ -306,14 +325,19 @@ impl Verifier {
             principal,
             roles: roles_in(claim_at(&claims, &self.roles_claim)),
             issuer: issuer.issuer.clone(),
+            audiences: audiences_in(claims.get("aud")),
         };
         Ok((identity, Validity::of(&claims)))
     }
 
-    /// The `WWW-Authenticate` value of a 401 answer for `error` (RFC 6750 section 3, with the
-    /// RFC 9728 `resource_metadata` parameter when the policy gives the URL).
-    pub fn challenge(&self, error: &AuthError) -> String {
-        challenge(error, self.resource_metadata_url.as_deref())
+    /// The `WWW-Authenticate` value of a 401 answer for `error` at `server` (RFC 6750
+    /// section 3, with the RFC 9728 `resource_metadata` parameter: `server`'s metadata URL
+    /// with `protected_resource`, else `resource_metadata_url` if given).
+    pub fn challenge(&self, error: &AuthError, server: &str) -> String {
+        match &self.protected_resource {
+            Some(front) => challenge(error, Some(&front.metadata_url_of(server))),
+            None => challenge(error, self.resource_metadata_url.as_deref()),
+        }
     }
 }
 
@@ -408,11 +432,16 @@ fn token_digest(token: &str) -> [u8; 32] {
 }
 
 /// A `WWW-Authenticate` value: `Bearer realm="mcp-guard", error="invalid_token",
-/// error_description="…"`, then `resource_metadata="<url>"` if given. Quoted values keep to
-/// the characters RFC 6750 allows in them.
+/// error_description="…"`, then `resource_metadata="<url>"` if given. A request without a
+/// bearer token gets no error code (RFC 6750 section 3.1), only the description. Quoted values
+/// keep to the characters RFC 6750 allows in them.
 pub fn challenge(error: &AuthError, resource_metadata_url: Option<&str>) -> String {
+    let code = match error {
+        AuthError::Missing | AuthError::NotBearer => "",
+        _ => "error=\"invalid_token\", ",
+    };
     let mut value = format!(
-        "Bearer realm=\"{REALM}\", error=\"invalid_token\", error_description=\"{}\"",
+        "Bearer realm=\"{REALM}\", {code}error_description=\"{}\"",
         quotable(&error.to_string())
     );
     if let Some(url) = resource_metadata_url {
@@ -478,6 +507,19 @@ pub fn claim_at<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Va
         value = value.as_object()?.get(segment)?;
     }
     Some(value)
+}
+
+/// The audiences of an `aud` claim: one string or an array of strings.
+fn audiences_in(claim: Option<&Value>) -> Vec<String> {
+    match claim {
+        Some(Value::String(audience)) => vec![audience.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Roles from a roles claim: a string of space-separated roles or an array of strings; values
@@ -695,6 +737,7 @@ mod tests {
             principal_claim: "sub".into(),
             clock_skew_seconds: 60,
             resource_metadata_url: None,
+            protected_resource: None,
         }
     }
 
@@ -779,6 +822,7 @@ mod tests {
                 principal: "alice@example.com".into(),
                 roles: vec!["developer".into()],
                 issuer: ISSUER.into(),
+                audiences: vec![AUDIENCE.into()],
             }
         );
     }
@@ -1098,8 +1142,11 @@ mod tests {
         assert_eq!(bearer_token(Some("bearer  abc.def ")), Ok("abc.def"));
         let verifier = hs256_verifier();
         let header = format!("Bearer {}", hs256(&claims()));
-        assert!(verifier.authenticate(Some(&header)).is_ok());
-        assert_eq!(verifier.authenticate(None), Err(AuthError::Missing));
+        assert!(verifier.authenticate("files", Some(&header)).is_ok());
+        assert_eq!(
+            verifier.authenticate("files", None),
+            Err(AuthError::Missing)
+        );
     }
 
     #[test]
@@ -1113,12 +1160,49 @@ mod tests {
         settings.resource_metadata_url =
             Some("https://mcp.example/.well-known/oauth-protected-resource".into());
         let verifier = Verifier::from_settings(&settings).unwrap();
-        assert!(verifier.challenge(&AuthError::Missing).ends_with(
+        assert!(verifier.challenge(&AuthError::Missing, "files").ends_with(
             ", resource_metadata=\"https://mcp.example/.well-known/oauth-protected-resource\""
         ));
+        // No credentials, no error code (RFC 6750 section 3.1).
+        assert_eq!(
+            challenge(&AuthError::Missing, None),
+            "Bearer realm=\"mcp-guard\", \
+             error_description=\"no bearer token: send Authorization: Bearer <token>\""
+        );
         // Quoted strings never carry a quote or a backslash.
         let odd = challenge(&AuthError::MissingClaim("a\"b\\c\u{e9}".into()), None);
         assert!(odd.contains("no a?b?c? claim"), "{odd}");
+    }
+
+    /// With `protected_resource`, each server's challenge names its own metadata, and a token
+    /// whose `aud` names one server of the front is refused at another, kept or not.
+    #[test]
+    fn identity_a_protected_resource_binds_tokens_to_their_server() {
+        let mut settings = settings(secret_keys(), &[JwtAlgorithm::HS256]);
+        let files = "https://mcp.example/servers/files/mcp";
+        settings.issuers[0].audiences.push(files.into());
+        settings.protected_resource = Some(ProtectedResource {
+            public_url: "https://mcp.example".into(),
+            authorization_servers: Vec::new(),
+            scopes_supported: Vec::new(),
+        });
+        let verifier = Verifier::from_settings(&settings).unwrap();
+        assert!(
+            verifier
+                .challenge(&AuthError::Expired, "time")
+                .ends_with(", resource_metadata=\"https://mcp.example/.well-known/oauth-protected-resource/servers/time/mcp\""),
+        );
+        let for_files = format!("Bearer {}", hs256(&with(claims(), json!({"aud": files}))));
+        let identity = verifier.authenticate("files", Some(&for_files)).unwrap();
+        assert_eq!(identity.audiences, [files]);
+        for _ in 0..2 {
+            assert_eq!(
+                verifier.authenticate("time", Some(&for_files)),
+                Err(AuthError::AnotherServer)
+            );
+        }
+        let for_any = format!("Bearer {}", hs256(&claims()));
+        assert!(verifier.authenticate("time", Some(&for_any)).is_ok());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //!   by `params._meta["io.mcp-guard/context"]`.
 
 pub mod jwt;
+pub mod protected_resource;
 
 use serde_json::{Map, Value};
 

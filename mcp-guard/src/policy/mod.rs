@@ -47,11 +47,11 @@ pub use methods::{PLUMBING_METHODS, is_plumbing};
 pub use model::{
     Account, AuditSettings, DaemonSettings, Destination, DurableBefore, Effect, EgressRule,
     EnvValue, FrontTls, IdentitySettings, Isolation, JwtAlgorithm, JwtIssuer, JwtKeys, JwtSettings,
-    Mode, POLICY_VERSION, Policy, Principal, Protocol, RESERVED_UPSTREAM_HEADERS, Rule,
-    ServerPolicy, ValueSource, ValueSourceError,
+    Mode, POLICY_VERSION, Policy, Principal, ProtectedResource, Protocol,
+    RESERVED_UPSTREAM_HEADERS, Rule, ServerPolicy, ValueSource, ValueSourceError,
 };
 pub use ports::{PortRange, PortRangeError};
-pub(crate) use validate::{cleartext_front_warning, is_valid_principal_name};
+pub(crate) use validate::{cleartext_front_warning, is_valid_name, is_valid_principal_name};
 
 /// A policy that passed validation, with the warnings it raised (for the CLI to print).
 #[derive(Debug, Clone)]

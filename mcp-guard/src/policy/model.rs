@@ -184,6 +184,39 @@ pub struct JwtSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(url)]
     pub resource_metadata_url: Option<String>,
+
+    /// The HTTP front as an OAuth 2.0 protected resource (RFC 9728): mcp-guard serves each
+    /// server's protected-resource metadata itself, names it in every 401 challenge, and
+    /// refuses a token meant for another server behind this front. Not together with
+    /// `resource_metadata_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected_resource: Option<ProtectedResource>,
+}
+
+/// What mcp-guard publishes about itself as an OAuth 2.0 protected resource (RFC 9728), so
+/// that an MCP client that gets a 401 can find the authorisation server, and ask it for a
+/// token meant for the server it calls (RFC 8707 `resource`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectedResource {
+    /// Where agents reach the HTTP front, as they write it: `https://mcp.example.com` or
+    /// `http://127.0.0.1:8080` (scheme, host and port only; no path). Server S's resource
+    /// identifier is `<public_url>/servers/S/mcp`, and its metadata is served at
+    /// `/.well-known/oauth-protected-resource/servers/S/mcp`.
+    #[schemars(url)]
+    pub public_url: String,
+
+    /// The authorisation servers (their issuer identifiers, `http(s)` URLs) clients are sent
+    /// to. Default: every `issuers[].issuer`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("items" = { "type": "string", "format": "uri" }, "uniqueItems" = true))]
+    pub authorization_servers: Vec<String>,
+
+    /// OAuth scopes clients may ask for (`scopes_supported` in the metadata). mcp-guard
+    /// decides by principal and roles, not scopes; this only tells clients what to request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("items" = { "type": "string", "minLength": 1 }, "uniqueItems" = true))]
+    pub scopes_supported: Vec<String>,
 }
 
 fn default_roles_claim() -> String {

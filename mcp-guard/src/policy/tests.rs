@@ -1887,6 +1887,97 @@ fn identity_claims_skew_and_metadata_url_are_checked() {
     }
 }
 
+/// A JWT policy whose front is a protected resource at `https://mcp.example`, with an
+/// audience for it.
+fn valid_protected_resource() -> Value {
+    let mut policy = valid_with_rsa_pem();
+    policy["identity"]["jwt"]["protected_resource"] =
+        json!({ "public_url": "https://mcp.example" });
+    jwt_issuer(&mut policy)["audiences"] = json!(["https://mcp.example/servers/fetch/mcp"]);
+    policy
+}
+
+#[test]
+fn identity_a_protected_resource_is_checked() {
+    assert!(
+        load_value(valid_protected_resource())
+            .unwrap()
+            .warnings
+            .is_empty()
+    );
+
+    let mut policy = valid_protected_resource();
+    policy["identity"]["jwt"]["resource_metadata_url"] =
+        json!("https://mcp.example/.well-known/oauth-protected-resource");
+    assert_error_at(
+        policy,
+        "identity.jwt.protected_resource",
+        "not together with identity.jwt.resource_metadata_url",
+    );
+
+    for (bad, message) in [
+        (
+            "https://mcp.example/mcp-guard",
+            "give scheme, host and port only, such as \"https://mcp.example\"",
+        ),
+        ("https://mcp.example/?a=b", "has a path, query or fragment"),
+        ("https://user:pw@mcp.example", "carries credentials"),
+        ("mcp.example", "is not a URL"),
+    ] {
+        let mut policy = valid_protected_resource();
+        policy["identity"]["jwt"]["protected_resource"]["public_url"] = json!(bad);
+        assert_error_at(
+            policy,
+            "identity.jwt.protected_resource.public_url",
+            message,
+        );
+    }
+
+    let mut policy = valid_protected_resource();
+    policy["identity"]["jwt"]["protected_resource"]["authorization_servers"] =
+        json!(["https://idp.example", "https://idp.example"]);
+    assert_error_at(
+        policy,
+        "identity.jwt.protected_resource.authorization_servers[1]",
+        "duplicate",
+    );
+
+    // Without a list, the issuers are the authorisation servers: they must be URLs.
+    let mut policy = valid_protected_resource();
+    jwt_issuer(&mut policy)["issuer"] = json!("idp-without-url");
+    assert_error_at(
+        policy.clone(),
+        "identity.jwt.protected_resource.authorization_servers",
+        "issuers[0].issuer \"idp-without-url\" is not an http(s) URL",
+    );
+    policy["identity"]["jwt"]["protected_resource"]["authorization_servers"] =
+        json!(["https://login.example"]);
+    assert!(load_value(policy).is_ok());
+
+    let mut policy = valid_protected_resource();
+    policy["identity"]["jwt"]["protected_resource"]["scopes_supported"] = json!(["mcp tools"]);
+    assert_error_at(
+        policy,
+        "identity.jwt.protected_resource.scopes_supported[0]",
+        "not an OAuth scope",
+    );
+
+    // No issuer would accept a token bound to a server of this front.
+    let mut policy = valid_protected_resource();
+    jwt_issuer(&mut policy)["audiences"] = json!(["mcp-guard"]);
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "identity.jwt.protected_resource");
+    assert!(
+        warning
+            .message
+            .contains("https://mcp.example/servers/NAME/mcp"),
+        "{warning}"
+    );
+    let mut policy = valid_protected_resource();
+    jwt_issuer(&mut policy)["audiences"] = json!(["https://mcp.example/"]);
+    assert!(load_value(policy).unwrap().warnings.is_empty());
+}
+
 #[test]
 fn identity_trust_header_is_a_warning_and_excludes_jwt() {
     let mut policy = valid();

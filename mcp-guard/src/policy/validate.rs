@@ -10,8 +10,9 @@ use super::cidr::is_ipv4_mapped;
 use super::error::Problem;
 use super::model::{
     AuditSettings, DaemonSettings, DurableBefore, EgressRule, EnvValue, FrontTls, IdentitySettings,
-    Isolation, JwtIssuer, JwtKeys, JwtSettings, POLICY_VERSION, Policy, Principal, Protocol,
-    RESERVED_UPSTREAM_HEADERS, ServerPolicy, ValueSource, ValueSourceError,
+    Isolation, JwtIssuer, JwtKeys, JwtSettings, POLICY_VERSION, Policy, Principal,
+    ProtectedResource, Protocol, RESERVED_UPSTREAM_HEADERS, ServerPolicy, ValueSource,
+    ValueSourceError,
 };
 use super::validate_rules::check_rules;
 
@@ -284,6 +285,100 @@ fn check_jwt(jwt: &JwtSettings, problems: &mut Vec<Problem>) {
             problems.push(Problem::error("identity.jwt.resource_metadata_url", reason));
         }
     }
+    if let Some(front) = &jwt.protected_resource {
+        check_protected_resource(jwt, front, problems);
+    }
+}
+
+fn check_protected_resource(
+    jwt: &JwtSettings,
+    front: &ProtectedResource,
+    problems: &mut Vec<Problem>,
+) {
+    const PATH: &str = "identity.jwt.protected_resource";
+    if jwt.resource_metadata_url.is_some() {
+        problems.push(Problem::error(
+            PATH,
+            "not together with identity.jwt.resource_metadata_url: with protected_resource, \
+             mcp-guard serves the metadata and names it in its challenges itself",
+        ));
+    }
+    let public_url_is_valid = match check_origin_url(&front.public_url) {
+        Ok(()) => true,
+        Err(reason) => {
+            problems.push(Problem::error(format!("{PATH}.public_url"), reason));
+            false
+        }
+    };
+    for (index, server) in front.authorization_servers.iter().enumerate() {
+        let path = format!("{PATH}.authorization_servers[{index}]");
+        if let Err(reason) = check_url(server) {
+            problems.push(Problem::error(path, reason));
+        } else if front.authorization_servers[..index].contains(server) {
+            problems.push(Problem::error(path, format!("duplicate \"{server}\"")));
+        }
+    }
+    if front.authorization_servers.is_empty() {
+        for (index, issuer) in jwt.issuers.iter().enumerate() {
+            if check_url(&issuer.issuer).is_err() {
+                problems.push(Problem::error(
+                    format!("{PATH}.authorization_servers"),
+                    format!(
+                        "is empty, so clients would be sent to every issuer, but \
+                         issuers[{index}].issuer \"{}\" is not an http(s) URL: list the \
+                         authorisation servers' URLs",
+                        issuer.issuer
+                    ),
+                ));
+            }
+        }
+    }
+    for (index, scope) in front.scopes_supported.iter().enumerate() {
+        let path = format!("{PATH}.scopes_supported[{index}]");
+        if scope.is_empty() || scope.contains(|c: char| c.is_whitespace() || c == '"') {
+            problems.push(Problem::error(
+                path,
+                format!("\"{scope}\" is not an OAuth scope (no spaces or quotes)"),
+            ));
+        } else if front.scopes_supported[..index].contains(scope) {
+            problems.push(Problem::error(path, format!("duplicate scope \"{scope}\"")));
+        }
+    }
+    if public_url_is_valid
+        && !jwt
+            .issuers
+            .iter()
+            .any(|issuer| issuer.audiences.iter().any(|a| front.names_this_front(a)))
+    {
+        problems.push(Problem::warning(
+            PATH,
+            format!(
+                "clients that follow this metadata ask for tokens meant for one server, such as \
+                 {} (RFC 8707 `resource`), but no issuer lists such an audience (or {}): their \
+                 tokens are refused unless the authorisation server ignores `resource` and \
+                 issues one of the listed audiences",
+                front.resource_of("NAME"),
+                front.origin()
+            ),
+        ));
+    }
+}
+
+/// A URL made of scheme, host and port only (a trailing `/` allowed).
+fn check_origin_url(text: &str) -> Result<(), String> {
+    check_url(text)?;
+    let url = url::Url::parse(text).map_err(|error| error.to_string())?;
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "\"{text}\" has a path, query or fragment: give scheme, host and port only, such \
+             as \"{}\" (servers are at /servers/NAME/mcp under it)",
+            url.origin().ascii_serialization()
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("\"{text}\" carries credentials"));
+    }
+    Ok(())
 }
 
 fn check_issuer(path: &str, issuer: &JwtIssuer, problems: &mut Vec<Problem>) {
@@ -998,7 +1093,7 @@ pub(crate) fn is_valid_principal_name(name: &str) -> bool {
 
 /// Server names and rule ids end up in URLs, metric labels and kernel-side rule tables, so
 /// they are kept short and plain.
-pub(super) fn is_valid_name(name: &str) -> bool {
+pub(crate) fn is_valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()

@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::identity::TransportHints;
 use crate::identity::jwt::{AuthError, VerifiedIdentity, Verifier};
+use crate::identity::protected_resource::METADATA_PREFIX;
 use crate::mcp::jsonrpc::{self, Incoming, Message, RpcError, codes};
 use crate::mcp::revision::{self, Revision};
 use crate::proxy::{AgentSession, Caller, ProgressRoute, Proxy, ProxyError, SessionLimit};
@@ -52,7 +53,56 @@ pub struct Front {
 pub fn router(front: Front) -> Router {
     Router::new()
         .route("/servers/{name}/mcp", axum::routing::any(dispatch))
+        .route(
+            &format!("{METADATA_PREFIX}/servers/{{name}}/mcp"),
+            axum::routing::get(protected_resource_metadata).options(metadata_preflight),
+        )
         .with_state(front)
+}
+
+/// `server`'s OAuth protected-resource metadata (RFC 9728), with `identity.jwt.protected_resource`
+/// (404 otherwise). Served without authentication, as clients read it to learn how to
+/// authenticate, and for any well-formed server name: a document for a name the policy lacks
+/// tells an unauthenticated caller as little as the 401 at that name's endpoint does.
+async fn protected_resource_metadata(
+    State(front): State<Front>,
+    Path(name): Path<String>,
+) -> Response {
+    let model = front.proxy.model();
+    let document = model.identity.jwt.as_ref().and_then(|jwt| {
+        let resource = jwt.protected_resource.as_ref()?;
+        crate::policy::is_valid_name(&name).then(|| resource.metadata(jwt, &name))
+    });
+    let mut response = match document {
+        Some(document) => axum::Json(document).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    };
+    allow_any_origin(&mut response);
+    response
+}
+
+/// The CORS preflight of a browser-based client (such as the MCP Inspector) reading metadata.
+async fn metadata_preflight() -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    allow_any_origin(&mut response);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("mcp-protocol-version"),
+    );
+    response
+}
+
+/// Metadata is public: any web page may read it.
+fn allow_any_origin(response: &mut Response) {
+    response.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
 }
 
 async fn dispatch(
@@ -64,7 +114,7 @@ async fn dispatch(
 ) -> Response {
     if !front.proxy.model().servers.contains_key(&name) {
         // Unauthenticated callers learn nothing, not even which server names exist.
-        if let Err(unauthenticated) = caller_for(&front, &headers) {
+        if let Err(unauthenticated) = caller_for(&front, &name, &headers) {
             return *unauthenticated;
         }
         return rpc_error_response(
@@ -109,7 +159,7 @@ fn accepts(headers: &HeaderMap, media: &str) -> bool {
 
 async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> Response {
     let proxy = &front.proxy;
-    let caller = match caller_for(front, headers) {
+    let caller = match caller_for(front, server, headers) {
         Ok(caller) => caller,
         Err(refusal) => return *refusal,
     };
@@ -405,24 +455,26 @@ fn sanitise(key: &str) -> String {
 fn authenticate(
     front: &Front,
     verifier: &Verifier,
+    server: &str,
     headers: &HeaderMap,
 ) -> Result<VerifiedIdentity, AuthError> {
     let _timer = front.proxy.metrics.authentication_duration.start_timer();
-    verifier.authenticate(header_str(headers, "authorization"))
+    verifier.authenticate(server, header_str(headers, "authorization"))
 }
 
 /// The caller of this request, or the answer refusing it:
 /// - with `identity.jwt`, the principal and roles of the bearer token (401 without a valid
-///   one; 503 when the policy's keys could not be loaded);
+///   one, or with one meant for another server than `server`; 503 when the policy's keys
+///   could not be loaded);
 /// - with `identity.trust_header`, the principal the `MCP-Guard-Principal` header names;
 /// - otherwise (and without that header) the policy's `daemon.principal`.
 ///
 /// Roles the policy's `principals` gives the principal are added to the token's. Context
 /// values come from `MCP-Guard-Context: key=value; key=value`.
-fn caller_for(front: &Front, headers: &HeaderMap) -> Result<Caller, Box<Response>> {
+fn caller_for(front: &Front, server: &str, headers: &HeaderMap) -> Result<Caller, Box<Response>> {
     let model = front.proxy.model();
     let (principal, mut roles) = match Verifier::for_policy(&model) {
-        Some(Ok(verifier)) => match authenticate(front, &verifier, headers) {
+        Some(Ok(verifier)) => match authenticate(front, &verifier, server, headers) {
             Ok(identity) => (identity.principal, identity.roles),
             Err(error) => {
                 // Counted, not audited: unauthenticated senders must not be able to grow the
@@ -434,7 +486,7 @@ fn caller_for(front: &Front, headers: &HeaderMap) -> Result<Caller, Box<Response
                     .with_label_values(&[error.kind()])
                     .inc();
                 tracing::debug!(reason = %error, "request refused: no valid bearer token");
-                return Err(Box::new(unauthorised(&verifier, &error)));
+                return Err(Box::new(unauthorised(&verifier, &error, server)));
             }
         },
         Some(Err(_)) => {
@@ -491,7 +543,7 @@ fn caller_for(front: &Front, headers: &HeaderMap) -> Result<Caller, Box<Response
 }
 
 /// 401 with the Bearer challenge (and the protected-resource metadata URL, if configured).
-fn unauthorised(verifier: &Verifier, error: &AuthError) -> Response {
+fn unauthorised(verifier: &Verifier, error: &AuthError, server: &str) -> Response {
     let mut response = rpc_error_response(
         StatusCode::UNAUTHORIZED,
         RpcError::new(
@@ -500,7 +552,7 @@ fn unauthorised(verifier: &Verifier, error: &AuthError) -> Response {
             format!("authentication failed: {error}"),
         ),
     );
-    if let Ok(challenge) = HeaderValue::from_str(&verifier.challenge(error)) {
+    if let Ok(challenge) = HeaderValue::from_str(&verifier.challenge(error, server)) {
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, challenge);
@@ -557,7 +609,7 @@ fn sse_of_values(answer: Value) -> Response {
 }
 
 async fn get(front: &Front, server: &str, headers: &HeaderMap) -> Response {
-    let caller = match caller_for(front, headers) {
+    let caller = match caller_for(front, server, headers) {
         Ok(caller) => caller,
         Err(refusal) => return *refusal,
     };
@@ -661,7 +713,7 @@ impl Drop for OutboxStream {
 }
 
 async fn delete(front: &Front, server: &str, headers: &HeaderMap) -> Response {
-    let caller = match caller_for(front, headers) {
+    let caller = match caller_for(front, server, headers) {
         Ok(caller) => caller,
         Err(refusal) => return *refusal,
     };
