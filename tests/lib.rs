@@ -1743,6 +1743,7 @@ impl Peers {
             client_script("mcp_client.py"),
             client_script("raw_http.py"),
             client_script("oauth_server.py"),
+            client_script("ts_client.mjs"),
         ];
         let missing: Vec<String> = needed
             .iter()
@@ -1941,10 +1942,7 @@ pub fn mcp_client(
     protocol_version: &str,
     script: &Value,
 ) -> ClientRun {
-    let ops = script.as_array().map_or(0, Vec::len);
-    let mut file = tempfile::NamedTempFile::new().expect("script file");
-    file.write_all(script.to_string().as_bytes())
-        .expect("write script");
+    let (file, ops) = script_file(script);
     let mut cmd = Command::new(&peers.python);
     cmd.arg(client_script("mcp_client.py"))
         .args(["--protocol-version", protocol_version])
@@ -1974,7 +1972,50 @@ pub fn mcp_client(
             )
         }
     };
-    let run = run_command_within(cmd, &what, CLIENT_TIMEOUT);
+    client_run(cmd, &what, ops)
+}
+
+/// Runs the official TypeScript SDK client (`tests/clients/ts_client.mjs`, the SDK from the
+/// peers' node_modules) through `script`, over Streamable HTTP or stdio (it negotiates the
+/// SDK's own latest revision). Fails the test unless it connected and answered every
+/// operation.
+pub fn ts_client(peers: &Peers, transport: Transport<'_>, script: &Value) -> ClientRun {
+    let (file, ops) = script_file(script);
+    let mut cmd = Command::new(&peers.node);
+    cmd.arg(client_script("ts_client.mjs"))
+        .arg("--peers")
+        .arg(&peers.dir)
+        .args(["--timeout", "30", "--script"])
+        .arg(file.path());
+    let what = match transport {
+        Transport::Http(url) => {
+            cmd.args(["--transport", "http", "--url", url]);
+            format!("ts_client.mjs over HTTP to {url}")
+        }
+        Transport::Stdio(command) => {
+            cmd.args(["--transport", "stdio", "--command"])
+                .args(command);
+            format!("ts_client.mjs over stdio to `{}`", command.join(" "))
+        }
+        Transport::Https { .. } | Transport::OAuth(_) => {
+            panic!("ts_client.mjs speaks plain HTTP and stdio only")
+        }
+    };
+    client_run(cmd, &what, ops)
+}
+
+/// A client driver's script in a file of its own, and its number of operations.
+fn script_file(script: &Value) -> (tempfile::NamedTempFile, usize) {
+    let mut file = tempfile::NamedTempFile::new().expect("script file");
+    file.write_all(script.to_string().as_bytes())
+        .expect("write script");
+    (file, script.as_array().map_or(0, Vec::len))
+}
+
+/// Runs a client driver (`mcp_client.py`, `ts_client.mjs`) to its end: its connect line and
+/// one line for each of the `ops` operations.
+fn client_run(cmd: Command, what: &str, ops: usize) -> ClientRun {
+    let run = run_command_within(cmd, what, CLIENT_TIMEOUT);
     let initialize = run
         .lines
         .first()

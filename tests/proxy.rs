@@ -320,27 +320,7 @@ fn allowed_calls_return_what_the_server_returns_directly() {
     );
     assert_eq!(text(direct.ok(1)), "Echo: same through mcp-guard");
     for (front_name, run) in [("HTTP", &via_http), ("stdio", &via_stdio)] {
-        for key in ["protocol_version", "server_info", "capabilities"] {
-            assert_eq!(
-                run.initialize[key], direct.initialize[key],
-                "initialize {key} through the {front_name} front differs from direct"
-            );
-        }
-        assert_eq!(
-            tool_names(run.ok(0)),
-            set(&["echo"]),
-            "tools/list through the {front_name} front"
-        );
-        assert_eq!(
-            tool(run.ok(0), "echo"),
-            tool(direct.ok(0), "echo"),
-            "the echo tool's definition through the {front_name} front differs from direct"
-        );
-        assert_eq!(
-            run.ok(1),
-            direct.ok(1),
-            "echo through the {front_name} front differs from direct"
-        );
+        assert_same_as_direct(front_name, run, &direct, &[(1, "echo")]);
     }
 
     // mcp-server-time: get_current_time in a zone without daylight saving time.
@@ -369,6 +349,108 @@ fn allowed_calls_return_what_the_server_returns_directly() {
             expected,
             "get_current_time through the {front_name} front differs from direct"
         );
+    }
+}
+
+/// A run through `front_name` against the same script run directly: the same initialize, a
+/// `tools/list` (operation 0) of exactly the tools of `calls`, each defined as directly, and
+/// each call (operation, tool) answered as directly.
+fn assert_same_as_direct(
+    front_name: &str,
+    run: &ClientRun,
+    direct: &ClientRun,
+    calls: &[(usize, &str)],
+) {
+    for key in ["protocol_version", "server_info", "capabilities"] {
+        assert_eq!(
+            run.initialize[key], direct.initialize[key],
+            "initialize {key} through the {front_name} front differs from direct"
+        );
+    }
+    let listed: Vec<&str> = calls.iter().map(|(_, name)| *name).collect();
+    assert_eq!(
+        tool_names(run.ok(0)),
+        set(&listed),
+        "tools/list through the {front_name} front"
+    );
+    for (op, tool_name) in calls {
+        assert_eq!(
+            tool(run.ok(0), tool_name),
+            tool(direct.ok(0), tool_name),
+            "the {tool_name} definition through the {front_name} front differs from direct"
+        );
+        assert_eq!(
+            run.ok(*op),
+            direct.ok(*op),
+            "{tool_name} through the {front_name} front differs from direct"
+        );
+    }
+}
+
+/// The official TypeScript SDK client, which most agents are built on, through both fronts to
+/// server-everything: it connects (the HTTP front answers its GET stream and its JSON
+/// answers), sees the filtered list, gets what it gets directly for allowed calls, and gets
+/// refusals for the rest: an `arguments` constraint (-32010 naming the rule), and a hidden tool
+/// and a missing one answered alike (-32602).
+#[test]
+fn the_typescript_sdk_client_gets_the_same_through_both_fronts() {
+    let env = TestEnv::new("proxy-typescript", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "everything": stdio_server(peers.everything(), vec![
+            list_tools_rule(),
+            allow("short-echo", json!({
+                "roles": [DEVELOPER], "tools": ["echo"],
+                "arguments": {"properties": {"message": {"maxLength": 20}}},
+            })),
+            allow("sum", json!({"roles": [DEVELOPER], "tools": ["get-sum"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let script = json!([
+        {"op": "list_tools"},
+        {"op": "call_tool", "name": "echo", "arguments": {"message": "from TypeScript"}},
+        {"op": "call_tool", "name": "get-sum", "arguments": {"a": 2, "b": 40}},
+        {"op": "call_tool", "name": "echo", "arguments": {"message": "a message longer than twenty"}},
+        {"op": "call_tool", "name": "get-env", "arguments": {}},
+        {"op": "call_tool", "name": "no-such-tool", "arguments": {}},
+    ]);
+    let everything = front.peers.everything();
+    let direct = ts_client(&front.peers, Transport::Stdio(&everything), &script);
+    let via_http = ts_client(
+        &front.peers,
+        Transport::Http(&front.url("everything")),
+        &script,
+    );
+    let stdio_command = front
+        .env
+        .stdio_front("everything", AGENT, &front.env.control_socket);
+    let via_stdio = ts_client(&front.peers, Transport::Stdio(&stdio_command), &script);
+
+    assert_eq!(text(direct.ok(1)), "Echo: from TypeScript");
+    assert!(tool_names(direct.ok(0)).contains("get-env"));
+    for (front_name, run) in [("HTTP", &via_http), ("stdio", &via_stdio)] {
+        assert_same_as_direct(front_name, run, &direct, &[(1, "echo"), (2, "get-sum")]);
+        assert_policy_denied(run.error(3), "short-echo");
+        assert_unknown_tool(run.error(4), "get-env");
+        assert_unknown_tool(run.error(5), "no-such-tool");
+    }
+    // Both clients' refusals are on record, as the TypeScript client's calls.
+    let refused: Vec<(Value, Value)> = audit_records(&front.env.audit_path())
+        .into_iter()
+        .filter(|r| r["decision"] == "deny")
+        .map(|r| (r["tool"].clone(), r["rule"].clone()))
+        .collect();
+    for (tool_name, rule) in [
+        ("echo", "short-echo"),
+        ("get-env", "unknown-tool"),
+        ("no-such-tool", "unknown-tool"),
+    ] {
+        let count = refused
+            .iter()
+            .filter(|(t, r)| *t == tool_name && *r == rule)
+            .count();
+        assert_eq!(count, 2, "{tool_name} refusals by {rule}: {refused:?}");
     }
 }
 

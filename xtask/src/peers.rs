@@ -24,8 +24,13 @@ pub struct Pin {
 }
 
 /// Direct npm dependencies; `tests/clients/package.json` pins the same versions and its lockfile
-/// pins the rest (the TypeScript SDK, express, zod, ...).
-pub const NPM_PEERS: [Pin; 2] = [
+/// pins the rest (express, zod, ...). The TypeScript SDK is the servers' own dependency and the
+/// tests' TypeScript client (`tests/clients/ts_client.mjs`); pinned here so that it stays.
+pub const NPM_PEERS: [Pin; 3] = [
+    Pin {
+        name: "@modelcontextprotocol/sdk",
+        version: "1.32.2",
+    },
     Pin {
         name: "@modelcontextprotocol/server-everything",
         version: "2026.8.31",
