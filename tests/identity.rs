@@ -958,7 +958,7 @@ impl Drop for AuthorizationServer {
 /// - the official Python SDK client, given nothing but the server's URL, follows the 401 to the
 ///   metadata, to the authorisation server (built on the SDK's own authorisation-server
 ///   routes), registers, gets a token for that server, and calls tools through mcp-guard under
-///   the principal and roles of the token;
+///   the principal and roles of the token; so does the TypeScript SDK's OAuth client;
 /// - a token meant for one server behind the front is refused at another.
 #[test]
 fn an_oauth_client_finds_the_authorisation_server_and_gets_in_with_a_token_for_its_server() {
@@ -1093,6 +1093,27 @@ fn an_oauth_client_finds_the_authorisation_server_and_gets_in_with_a_token_for_i
         .expect("a decision record for echo");
     assert_eq!(echo_decision["principal"], ALICE, "{echo_decision}");
     assert_eq!(echo_decision["decision"], "allow", "{echo_decision}");
+
+    // The TypeScript SDK's OAuth client does the same for the other server, and its token is
+    // meant for that one.
+    let script =
+        json!([{"op": "call_tool", "name": "echo", "arguments": {"text": "from TypeScript"}}]);
+    let run = ts_client(&peers, Transport::OAuth(&resource("other")), &script);
+    assert_eq!(
+        run.initialize["oauth"]["resource"],
+        resource("other"),
+        "{}",
+        run.run.report()
+    );
+    assert_eq!(
+        run.results[0]["result"]["content"][0]["text"],
+        "from TypeScript",
+        "{}",
+        run.run.report()
+    );
+    let issued = authorization.issued_claims();
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    assert_eq!(issued[0]["aud"], resource("other"));
 
     // A token for one server does not open the other, and the other's own token does.
     let token_for = |server: &str| {

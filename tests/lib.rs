@@ -1992,14 +1992,16 @@ pub fn ts_client(peers: &Peers, transport: Transport<'_>, script: &Value) -> Cli
             cmd.args(["--transport", "http", "--url", url]);
             format!("ts_client.mjs over HTTP to {url}")
         }
+        Transport::OAuth(url) => {
+            cmd.args(["--transport", "http", "--url", url, "--oauth"]);
+            format!("ts_client.mjs with OAuth over HTTP to {url}")
+        }
         Transport::Stdio(command) => {
             cmd.args(["--transport", "stdio", "--command"])
                 .args(command);
             format!("ts_client.mjs over stdio to `{}`", command.join(" "))
         }
-        Transport::Https { .. } | Transport::OAuth(_) => {
-            panic!("ts_client.mjs speaks plain HTTP and stdio only")
-        }
+        Transport::Https { .. } => panic!("ts_client.mjs speaks plain HTTP and stdio only"),
     };
     client_run(cmd, &what, ops)
 }

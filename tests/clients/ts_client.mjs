@@ -4,7 +4,7 @@
 // with the same script and output format for the operations it knows:
 //
 //   node tests/clients/ts_client.mjs --peers <peers dir> --transport http --url URL \
-//       [--header 'Name: value']... [--timeout SECONDS] --script FILE|-
+//       [--header 'Name: value']... [--oauth] [--timeout SECONDS] --script FILE|-
 //   node tests/clients/ts_client.mjs --peers <peers dir> --transport stdio --script FILE|- \
 //       --command CMD ARGS...          (last: everything after it is the server command)
 //
@@ -19,6 +19,12 @@
 // {"op": ..., "ok": false, "error": {"code": ..., "message": ..., "data": ...}}.
 // A failed operation does not end the script. Exit 0 once connected, 1 if connecting failed.
 //
+// --oauth: the SDK's OAuth client (`authProvider`), as an agent that gets a 401 runs it: it
+// discovers the authorization server from the server's protected-resource metadata, registers,
+// and completes the authorization-code flow with PKCE; a headless stand-in for the browser reads
+// the code from the authorization redirect, and the client connects again with the token. The
+// initialize line then has "oauth": {"resource": the RFC 8707 resource it asked for, "scope"}.
+//
 // The SDK is loaded from the peers directory that `cargo xtask setup` fills (tests/clients
 // itself has no node_modules), through the package's own exports.
 import { readFileSync } from "node:fs";
@@ -32,6 +38,10 @@ function parseArguments(argv) {
     if (flag === "--command") {
       options.command = argv.slice(i + 1);
       break;
+    }
+    if (flag === "--oauth") {
+      options.oauth = true;
+      continue;
     }
     const value = argv[++i];
     if (value === undefined) usage(`${flag} needs a value`);
@@ -81,6 +91,38 @@ function headersOf(lines) {
   return headers;
 }
 
+/// The SDK's `OAuthClientProvider`, kept in memory, with a headless browser: opening the
+/// authorization URL yields the code its redirect carries.
+class HeadlessOAuthProvider {
+  redirectUrl = "http://127.0.0.1:9/callback";
+  clientMetadata = {
+    client_name: "mcp-guard-tests-ts",
+    redirect_uris: ["http://127.0.0.1:9/callback"],
+    grant_types: ["authorization_code", "refresh_token"],
+    response_types: ["code"],
+  };
+  client = undefined;
+  saved = undefined;
+  verifier = undefined;
+  code = undefined;
+  resource = undefined;
+
+  clientInformation() { return this.client; }
+  saveClientInformation(information) { this.client = information; }
+  tokens() { return this.saved; }
+  saveTokens(tokens) { this.saved = tokens; }
+  saveCodeVerifier(verifier) { this.verifier = verifier; }
+  codeVerifier() { return this.verifier; }
+
+  async redirectToAuthorization(url) {
+    this.resource = url.searchParams.get("resource");
+    const answer = await fetch(url, { redirect: "manual" });
+    const location = answer.headers.get("location");
+    if (!location) throw new Error(`authorization endpoint answered ${answer.status}: ${await answer.text()}`);
+    this.code = new URL(location).searchParams.get("code");
+  }
+}
+
 async function runOp(client, op, timeout) {
   const options = { timeout: timeout * 1000 };
   switch (op.op) {
@@ -104,11 +146,17 @@ async function main() {
   const script = Array.isArray(parsed) ? parsed : parsed.ops;
 
   let transport;
+  let connectAgain = null;
+  const oauth = options.oauth ? new HeadlessOAuthProvider() : undefined;
   if (options.transport === "http") {
     const { StreamableHTTPClientTransport } = require("@modelcontextprotocol/sdk/client/streamableHttp.js");
-    transport = new StreamableHTTPClientTransport(new URL(options.url), {
-      requestInit: { headers: headersOf(options.header) },
-    });
+    const httpTransport = () =>
+      new StreamableHTTPClientTransport(new URL(options.url), {
+        requestInit: { headers: headersOf(options.header) },
+        authProvider: oauth,
+      });
+    transport = httpTransport();
+    connectAgain = httpTransport;
   } else {
     const { StdioClientTransport } = require("@modelcontextprotocol/sdk/client/stdio.js");
     transport = new StdioClientTransport({
@@ -121,14 +169,27 @@ async function main() {
   // The SDK tells the transport the negotiated revision (the HTTP one sends it as a header);
   // recorded here for the stdio one too.
   let negotiated = null;
-  const setProtocolVersion = transport.setProtocolVersion?.bind(transport);
-  transport.setProtocolVersion = (version) => {
-    negotiated = version;
-    setProtocolVersion?.(version);
+  const watched = (transport) => {
+    const setProtocolVersion = transport.setProtocolVersion?.bind(transport);
+    transport.setProtocolVersion = (version) => {
+      negotiated = version;
+      setProtocolVersion?.(version);
+    };
+    return transport;
   };
+  transport = watched(transport);
   const client = new Client({ name: "mcp-guard-tests-ts", version: "0" }, { capabilities: {} });
   try {
-    await client.connect(transport, { timeout: options.timeout * 1000 });
+    try {
+      await client.connect(transport, { timeout: options.timeout * 1000 });
+    } catch (error) {
+      const { UnauthorizedError } = require("@modelcontextprotocol/sdk/client/auth.js");
+      if (!(oauth && error instanceof UnauthorizedError && oauth.code)) throw error;
+      // The agent's way back from the browser: the code to the transport, then a new connection.
+      await transport.finishAuth(oauth.code);
+      transport = watched(connectAgain());
+      await client.connect(transport, { timeout: options.timeout * 1000 });
+    }
   } catch (error) {
     emit(errorRecord("initialize", error));
     return 1;
@@ -139,6 +200,7 @@ async function main() {
     protocol_version: negotiated,
     server_info: client.getServerVersion() ?? null,
     capabilities: client.getServerCapabilities() ?? null,
+    ...(oauth ? { oauth: { resource: oauth.resource, scope: oauth.saved?.scope ?? null } } : {}),
   });
   for (const op of script) {
     try {
