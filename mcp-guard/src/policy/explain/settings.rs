@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::super::methods::PLUMBING_METHODS;
-use super::super::model::{AuditSettings, DurableBefore, JwtIssuer, JwtSettings, Mode, Policy};
+use super::super::model::{
+    AuditSettings, DurableBefore, JwtIssuer, JwtSettings, Mode, Policy, ProtectedResource,
+};
 use super::doc::{Cite, Sentence, Statement};
 use super::server::mode_consequence;
 
@@ -157,6 +159,9 @@ pub fn identity(policy: &Policy) -> Vec<Statement> {
                 .map(|(index, issuer)| issuer_statement(index, issuer)),
         );
         statements.push(claims_statement(jwt));
+        if let Some(front) = &jwt.protected_resource {
+            statements.push(protected_resource_statement(jwt, front));
+        }
     } else {
         if identity.trust_header {
             statements.push(Statement::new(
@@ -244,6 +249,18 @@ fn claims_statement(jwt: &JwtSettings) -> Statement {
         .cites
         .push(Cite::setting("identity.jwt.roles_claim"));
     statement
+}
+
+fn protected_resource_statement(jwt: &JwtSettings, front: &ProtectedResource) -> Statement {
+    let sentence = Sentence::new()
+        .text("OAuth clients are told to get their tokens from ")
+        .then(Sentence::codes(front.authorization_servers(jwt), "or"))
+        .text(", each token for one server (")
+        .code(front.resource_of("NAME"))
+        .text("); a token meant for one server behind ")
+        .code(front.origin())
+        .text(" is refused at the others");
+    Statement::new(sentence, Cite::setting("identity.jwt.protected_resource"))
 }
 
 fn default_principal(policy: &Policy) -> Statement {

@@ -306,3 +306,31 @@ fn server_credentials_are_named_never_shown() {
     );
     assert!(!text.contains("do-not-print"), "{text}");
 }
+
+#[test]
+fn a_protected_resource_says_where_tokens_come_from_and_that_they_are_bound_to_a_server() {
+    let mut document = json!({
+        "version": 1,
+        "identity": { "jwt": {
+            "issuers": [{
+                "issuer": "https://idp.example", "audiences": ["https://mcp.example/"],
+                "keys": { "hs256_secret": "a shared secret of at least thirty-two bytes" },
+                "algorithms": ["HS256"],
+            }],
+            "protected_resource": { "public_url": "https://mcp.example" },
+        } },
+        "servers": { "fs": { "command": ["mcp-fs"], "rules": [] } }
+    });
+    assert_says(
+        &markdown(&load(document.clone())),
+        "OAuth clients are told to get their tokens from `https://idp.example`, each token for \
+         one server (`https://mcp.example/servers/NAME/mcp`); a token meant for one server \
+         behind `https://mcp.example` is refused at the others \
+         [`identity.jwt.protected_resource`].",
+    );
+    document["identity"]["jwt"]
+        .as_object_mut()
+        .unwrap()
+        .remove("protected_resource");
+    assert!(!markdown(&load(document)).contains("OAuth clients"));
+}
