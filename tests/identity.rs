@@ -505,13 +505,7 @@ fn requests_without_a_valid_token_are_answered_401() {
 
     // Each refusal is counted under a fixed reason, never under what the caller sent.
     let scrape = scrape(front.metrics);
-    let failures = |reason: &str| {
-        metric(
-            &scrape,
-            "mcp_guard_auth_failures_total",
-            &[("reason", reason)],
-        )
-    };
+    let failures = by_reason(&scrape, "mcp_guard_auth_failures_total");
     let expected = [
         ("missing", 4.0),
         ("expired", 1.0),
@@ -803,13 +797,7 @@ fn open_sessions_are_bounded_per_principal_and_in_all() {
     assert_eq!(agent.tool_names(), names(&["add", "echo"]));
 
     let scrape = scrape(front.metrics);
-    let refusals = |reason: &str| {
-        metric(
-            &scrape,
-            "mcp_guard_sessions_refused_total",
-            &[("reason", reason)],
-        )
-    };
+    let refusals = by_reason(&scrape, "mcp_guard_sessions_refused_total");
     assert_eq!(refusals("principal_limit"), 1.0);
     assert_eq!(refusals("daemon_limit"), 1.0);
     // And on record: who was refused, on which server, by which limit.
@@ -1158,4 +1146,96 @@ fn an_oauth_client_finds_the_authorisation_server_and_gets_in_with_a_token_for_i
         &initialize_message(),
     );
     assert_eq!(answer.status, 200, "{answer:?}");
+}
+
+/// Reads one metric by its `reason` label.
+fn by_reason<'a>(scrape: &'a prometheus_parse::Scrape, name: &'a str) -> impl Fn(&str) -> f64 + 'a {
+    move |reason| metric(scrape, name, &[("reason", reason)])
+}
+
+/// A token for [`ISSUER`] with the `kid` of its RS256 key, signed by another key: what a
+/// sender who knows the issuer's format but not its key sends.
+fn forged_token(n: i64) -> String {
+    let key = std::fs::read(identity_testdata("other_rsa_private.pem")).unwrap();
+    let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+    header.kid = Some("rsa-1".into());
+    let mut claims = claims(ALICE, json!(["developer"]));
+    claims["jti"] = json!(n);
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&key).unwrap(),
+    )
+    .unwrap()
+}
+
+/// An address whose tokens were refused `refused_tokens_per_minute` times after a signature
+/// check gets 429 with `Retry-After` for new tokens, valid or not, without a check, while a
+/// token it had used before still works and another address is served as usual. Throttled
+/// requests are counted under `throttled`, and the daemon says once which address it holds
+/// back.
+#[test]
+fn an_address_sending_forged_tokens_is_held_back_and_others_are_not() {
+    let mut identity = jwt_identity();
+    identity["jwt"]["refused_tokens_per_minute"] = json!(3);
+    let front = Front::start("identity-refusals", identity);
+    let addr = front.addr;
+    let initialize_from = |from: &str, token: &str| -> JsonAnswer {
+        let authorization = bearer(token);
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("Authorization", authorization.as_str()),
+        ];
+        let path = format!("/servers/{SERVER}/mcp");
+        let body = initialize_message().to_string();
+        http_exchange_from(from.parse().unwrap(), addr, "POST", &path, &headers, &body)
+            .unwrap()
+            .into()
+    };
+    let alice = token(Algorithm::RS256, &claims(ALICE, json!(["developer"])));
+    let bob = token(Algorithm::RS256, &claims(BOB, json!(["developer"])));
+    assert_eq!(initialize_from("127.0.0.1", &alice).status, 200);
+
+    for n in 0..3 {
+        assert_unauthorised(
+            &initialize_from("127.0.0.1", &forged_token(n)),
+            "the token's signature does not verify",
+        );
+    }
+    for token in [forged_token(3), bob.clone()] {
+        let held_back = initialize_from("127.0.0.1", &token);
+        assert_eq!(held_back.status, 429, "{held_back:?}");
+        let retry_after: u64 = held_back
+            .header("retry-after")
+            .and_then(|seconds| seconds.parse().ok())
+            .unwrap_or_else(|| panic!("no Retry-After: {held_back:?}"));
+        assert!((1..=60).contains(&retry_after), "{held_back:?}");
+        assert!(
+            held_back.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("too many refused tokens from this address")),
+            "{held_back:?}"
+        );
+    }
+    // What the address had used before still works; another address is checked as usual.
+    assert_eq!(initialize_from("127.0.0.1", &alice).status, 200);
+    assert_eq!(initialize_from("127.0.0.2", &bob).status, 200);
+    assert_unauthorised(
+        &initialize_from("127.0.0.2", &forged_token(4)),
+        "the token's signature does not verify",
+    );
+
+    let scrape = scrape(front.metrics);
+    let failures = by_reason(&scrape, "mcp_guard_auth_failures_total");
+    assert_eq!(failures("bad_signature"), 4.0);
+    assert_eq!(failures("throttled"), 2.0);
+    let warned = front.daemon.log.lines()[..]
+        .iter()
+        .filter(|line| {
+            message(line).is_some_and(|m| m.contains("refused too often"))
+                && field(line, "peer") == "127.0.0.1"
+        })
+        .count();
+    assert_eq!(warned, 1, "{}", front.daemon.log.summary(0, 20));
 }

@@ -1222,7 +1222,43 @@ pub fn http_exchange(
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<HttpAnswer> {
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    exchange_on(stream, addr, method, path, headers, body)
+}
+
+/// [`http_exchange`] from the local address `from` (another loopback address, such as
+/// 127.0.0.2, is another client to the server).
+pub fn http_exchange_from(
+    from: IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpAnswer> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let stream = runtime.block_on(async {
+        let socket = match from {
+            IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(from, 0))?;
+        socket.connect(addr).await?.into_std()
+    })?;
+    stream.set_nonblocking(false)?;
+    exchange_on(stream, addr, method, path, headers, body)
+}
+
+fn exchange_on(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpAnswer> {
     stream.set_read_timeout(Some(TIMEOUT))?;
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",

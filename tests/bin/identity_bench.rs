@@ -114,6 +114,7 @@ impl Configuration {
             clock_skew_seconds: 60,
             resource_metadata_url: None,
             protected_resource: None,
+            refused_tokens_per_minute: 0,
         };
         Ok(Configuration {
             label,

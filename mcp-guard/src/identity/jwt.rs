@@ -32,8 +32,10 @@
 use std::collections::HashMap;
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Instant;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
@@ -41,6 +43,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::refusals::RefusedTokens;
 use crate::policy::{
     JwtAlgorithm, JwtKeys, JwtSettings, Policy, ProtectedResource, is_valid_principal_name,
 };
@@ -57,6 +60,8 @@ pub struct Verifier {
     protected_resource: Option<ProtectedResource>,
     clock_skew_seconds: u64,
     accepted: VerifiedTokens,
+    refused: RefusedTokens,
+    refused_limit: u32,
 }
 
 struct TrustedIssuer {
@@ -135,6 +140,10 @@ pub enum AuthError {
     WrongAudience,
     #[error("the token is meant for another server behind this front")]
     AnotherServer,
+    /// Too many tokens from this address were refused within a minute; seconds until more
+    /// are checked.
+    #[error("too many refused tokens from this address: try again in {0} s")]
+    TooManyRefused(u64),
     #[error("the token's {0} claim is not a valid principal name")]
     BadPrincipal(String),
 }
@@ -154,6 +163,7 @@ impl AuthError {
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
             Self::WrongAudience | Self::AnotherServer => "wrong_audience",
+            Self::TooManyRefused(_) => "throttled",
         }
     }
 }
@@ -225,17 +235,23 @@ impl Verifier {
             protected_resource: settings.protected_resource.clone(),
             clock_skew_seconds: settings.clock_skew_seconds,
             accepted: VerifiedTokens::default(),
+            refused: RefusedTokens::new(settings.refused_tokens_per_minute),
+            refused_limit: settings.refused_tokens_per_minute,
         })
     }
 
-    /// Authenticates a request to `server` from its `Authorization` header value. With
-    /// `protected_resource`, a token meant for another server of this front is refused.
+    /// Authenticates a request from `peer` to `server` from its `Authorization` header value.
+    /// With `protected_resource`, a token meant for another server of this front is refused;
+    /// a token not accepted before, from a peer that has had `refused_tokens_per_minute`
+    /// refused, is not checked (see [`RefusedTokens`]).
     pub fn authenticate(
         &self,
         server: &str,
         authorization: Option<&str>,
+        peer: Option<IpAddr>,
     ) -> Result<VerifiedIdentity, AuthError> {
-        let identity = self.verify(bearer_token(authorization)?)?;
+        let token = bearer_token(authorization)?;
+        let identity = self.verify_at(token, peer, jsonwebtoken::get_current_timestamp())?;
         match &self.protected_resource {
             Some(front) if !front.admits(server, &identity.audiences) => {
                 Err(AuthError::AnotherServer)
@@ -247,31 +263,54 @@ impl Verifier {
     /// Verifies one compact JWS token and reads the caller from it: from the tokens already
     /// accepted when it is one of them, else by checking its signature and claims.
     pub fn verify(&self, token: &str) -> Result<VerifiedIdentity, AuthError> {
-        self.verify_at(token, jsonwebtoken::get_current_timestamp())
+        self.verify_at(token, None, jsonwebtoken::get_current_timestamp())
     }
 
     /// [`Verifier::verify`] with the clock read by the caller (`now`, seconds since the
-    /// epoch), which is what an accepted token's `exp` and `nbf` are checked against.
-    fn verify_at(&self, token: &str, now: u64) -> Result<VerifiedIdentity, AuthError> {
+    /// epoch), which is what an accepted token's `exp` and `nbf` are checked against. A token
+    /// not accepted before, from a `peer` that has had too many refused, is not checked.
+    fn verify_at(
+        &self,
+        token: &str,
+        peer: Option<IpAddr>,
+        now: u64,
+    ) -> Result<VerifiedIdentity, AuthError> {
         let digest = token_digest(token);
         if let Some(accepted) = self.accepted.get(&digest) {
             accepted.validity.check(now, self.clock_skew_seconds)?;
             return Ok(accepted.identity);
         }
-        let (identity, validity) = self.verify_signature_and_claims(token)?;
-        if let Some(validity) = validity {
-            self.accepted
-                .insert(digest, identity.clone(), validity, now);
+        let keys = self.keys_for(token)?;
+        let clock = Instant::now();
+        if let Some(left) = peer.and_then(|peer| self.refused.blocked(peer, clock)) {
+            return Err(AuthError::TooManyRefused(left.as_secs().max(1)));
         }
-        Ok(identity)
+        match self.verify_signature_and_claims(token, keys) {
+            Ok((identity, validity)) => {
+                if let Some(validity) = validity {
+                    self.accepted
+                        .insert(digest, identity.clone(), validity, now);
+                }
+                Ok(identity)
+            }
+            Err(error) => {
+                if let Some(peer) = peer
+                    && self.refused.record(peer, clock)
+                {
+                    tracing::warn!(
+                        %peer,
+                        limit = self.refused_limit,
+                        "bearer tokens from this address were refused too often: its new tokens are answered 429 unchecked for the rest of the minute"
+                    );
+                }
+                Err(error)
+            }
+        }
     }
 
-    /// The full check of a token not seen before; also returns its validity window, when
-    /// `exp` (and `nbf`, if any) are whole seconds that can be checked again later.
-    fn verify_signature_and_claims(
-        &self,
-        token: &str,
-    ) -> Result<(VerifiedIdentity, Option<Validity>), AuthError> {
+    /// The issuer's keys that could have signed `token`, from its header and `iss` alone (no
+    /// signature is checked: refusing here costs next to nothing).
+    fn keys_for<'a>(&'a self, token: &str) -> Result<CandidateKeys<'a>, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         // Only to choose the issuer's keys: nothing of the token is trusted before its
         // signature verifies with them.
@@ -287,28 +326,50 @@ impl Verifier {
             .iter()
             .find(|issuer| &issuer.issuer == iss)
             .ok_or(AuthError::UnknownIssuer)?;
-        let (alg, validation) = issuer
+        let (algorithm, validation) = issuer
             .validations
             .iter()
-            .find(|(accepted, _)| algorithm(*accepted) == header.alg)
+            .find(|(accepted, _)| self::algorithm(*accepted) == header.alg)
             .ok_or_else(|| AuthError::AlgorithmNotAccepted(format!("{:?}", header.alg)))?;
-        let mut candidates = issuer.keys.iter().filter(|key| {
-            key.algorithm == *alg
-                && match (&header.kid, &key.kid) {
-                    (Some(wanted), Some(kid)) => wanted == kid,
-                    _ => true,
-                }
-        });
-        let mut tried = false;
+        let keys: Vec<&VerificationKey> = issuer
+            .keys
+            .iter()
+            .filter(|key| {
+                key.algorithm == *algorithm
+                    && match (&header.kid, &key.kid) {
+                        (Some(wanted), Some(kid)) => wanted == kid,
+                        _ => true,
+                    }
+            })
+            .collect();
+        if keys.is_empty() {
+            return Err(AuthError::UnknownKey);
+        }
+        Ok(CandidateKeys {
+            issuer,
+            validation,
+            keys,
+        })
+    }
+
+    /// The full check of a token not seen before, with the keys that could have signed it;
+    /// also returns its validity window, when `exp` (and `nbf`, if any) are whole seconds
+    /// that can be checked again later.
+    fn verify_signature_and_claims(
+        &self,
+        token: &str,
+        candidates: CandidateKeys<'_>,
+    ) -> Result<(VerifiedIdentity, Option<Validity>), AuthError> {
+        let CandidateKeys {
+            issuer,
+            validation,
+            keys,
+        } = candidates;
+        let mut keys = keys.into_iter();
         let claims = loop {
-            let Some(key) = candidates.next() else {
-                return Err(if tried {
-                    AuthError::BadSignature
-                } else {
-                    AuthError::UnknownKey
-                });
+            let Some(key) = keys.next() else {
+                return Err(AuthError::BadSignature);
             };
-            tried = true;
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation) {
                 Ok(data) => break data.claims,
                 // Another key of the issuer may still verify it (no `kid`, or a rotated set).
@@ -339,6 +400,13 @@ impl Verifier {
             None => challenge(error, self.resource_metadata_url.as_deref()),
         }
     }
+}
+
+/// The keys of one issuer that may verify a token, and what to check of its claims.
+struct CandidateKeys<'a> {
+    issuer: &'a TrustedIssuer,
+    validation: &'a Validation,
+    keys: Vec<&'a VerificationKey>,
 }
 
 /// The most tokens one verifier keeps. Each is about 200 bytes; agents hold one token at a
@@ -738,6 +806,7 @@ mod tests {
             clock_skew_seconds: 60,
             resource_metadata_url: None,
             protected_resource: None,
+            refused_tokens_per_minute: 60,
         }
     }
 
@@ -1142,9 +1211,9 @@ mod tests {
         assert_eq!(bearer_token(Some("bearer  abc.def ")), Ok("abc.def"));
         let verifier = hs256_verifier();
         let header = format!("Bearer {}", hs256(&claims()));
-        assert!(verifier.authenticate("files", Some(&header)).is_ok());
+        assert!(verifier.authenticate("files", Some(&header), None).is_ok());
         assert_eq!(
-            verifier.authenticate("files", None),
+            verifier.authenticate("files", None, None),
             Err(AuthError::Missing)
         );
     }
@@ -1193,16 +1262,18 @@ mod tests {
                 .ends_with(", resource_metadata=\"https://mcp.example/.well-known/oauth-protected-resource/servers/time/mcp\""),
         );
         let for_files = format!("Bearer {}", hs256(&with(claims(), json!({"aud": files}))));
-        let identity = verifier.authenticate("files", Some(&for_files)).unwrap();
+        let identity = verifier
+            .authenticate("files", Some(&for_files), None)
+            .unwrap();
         assert_eq!(identity.audiences, [files]);
         for _ in 0..2 {
             assert_eq!(
-                verifier.authenticate("time", Some(&for_files)),
+                verifier.authenticate("time", Some(&for_files), None),
                 Err(AuthError::AnotherServer)
             );
         }
         let for_any = format!("Bearer {}", hs256(&claims()));
-        assert!(verifier.authenticate("time", Some(&for_any)).is_ok());
+        assert!(verifier.authenticate("time", Some(&for_any), None).is_ok());
     }
 
     #[test]
@@ -1229,21 +1300,96 @@ mod tests {
         assert_eq!(verifier.accepted.len(), 1);
     }
 
+    /// Once an address has had its budget of tokens refused after a signature check, its
+    /// tokens not seen before are refused unchecked; a token it had accepted still passes,
+    /// other addresses are checked as usual, and refusals that need no signature check (a
+    /// malformed token, an unknown issuer) neither count nor are held back.
+    #[test]
+    fn identity_an_address_with_too_many_refused_tokens_gets_no_more_checks() {
+        let mut settings = settings(secret_keys(), &[JwtAlgorithm::HS256]);
+        settings.refused_tokens_per_minute = 3;
+        let verifier = Verifier::from_settings(&settings).unwrap();
+        let attacker: IpAddr = "192.0.2.7".parse().unwrap();
+        let bearer = |token: &str| format!("Bearer {token}");
+        let good = bearer(&hs256(&claims()));
+        assert!(
+            verifier
+                .authenticate("fs", Some(&good), Some(attacker))
+                .is_ok()
+        );
+        let forged = |n: i64| {
+            bearer(&sign_with(
+                Algorithm::HS256,
+                None,
+                &with(claims(), json!({"jti": n})),
+                &EncodingKey::from_secret(b"another secret of at least thirty-two bytes"),
+            ))
+        };
+        let unknown_issuer = bearer(&hs256(&with(claims(), json!({"iss": "https://else"}))));
+        for _ in 0..5 {
+            assert_eq!(
+                verifier.authenticate("fs", Some(&unknown_issuer), Some(attacker)),
+                Err(AuthError::UnknownIssuer)
+            );
+        }
+        for n in 0..3 {
+            assert_eq!(
+                verifier.authenticate("fs", Some(&forged(n)), Some(attacker)),
+                Err(AuthError::BadSignature)
+            );
+        }
+        assert!(matches!(
+            verifier.authenticate("fs", Some(&forged(3)), Some(attacker)),
+            Err(AuthError::TooManyRefused(seconds)) if (1..=60).contains(&seconds)
+        ));
+        let fresh = bearer(&hs256(&with(claims(), json!({"jti": "fresh"}))));
+        assert!(matches!(
+            verifier.authenticate("fs", Some(&fresh), Some(attacker)),
+            Err(AuthError::TooManyRefused(_))
+        ));
+        assert!(
+            verifier
+                .authenticate("fs", Some(&good), Some(attacker))
+                .is_ok()
+        );
+        assert_eq!(
+            verifier.authenticate("fs", Some("Bearer x.y.z"), Some(attacker)),
+            Err(AuthError::Malformed)
+        );
+        let neighbour: IpAddr = "192.0.2.8".parse().unwrap();
+        assert_eq!(
+            verifier.authenticate("fs", Some(&forged(4)), Some(neighbour)),
+            Err(AuthError::BadSignature)
+        );
+        assert!(
+            verifier
+                .authenticate("fs", Some(&fresh), Some(neighbour))
+                .is_ok()
+        );
+        // Without an address (the stdio front, tests), nothing is counted.
+        for n in 5..10 {
+            assert_eq!(
+                verifier.authenticate("fs", Some(&forged(n)), None),
+                Err(AuthError::BadSignature)
+            );
+        }
+    }
+
     #[test]
     fn identity_a_kept_token_still_expires_and_waits_for_nbf() {
         let verifier = hs256_verifier();
         let issued = now();
         let token = hs256(&with(claims(), json!({"exp": issued + 600, "nbf": issued})));
-        assert!(verifier.verify_at(&token, issued).is_ok());
+        assert!(verifier.verify_at(&token, None, issued).is_ok());
         assert_eq!(verifier.accepted.len(), 1);
         // clock_skew_seconds is 60 in these settings.
-        assert!(verifier.verify_at(&token, issued + 660).is_ok());
+        assert!(verifier.verify_at(&token, None, issued + 660).is_ok());
         assert_eq!(
-            verifier.verify_at(&token, issued + 661),
+            verifier.verify_at(&token, None, issued + 661),
             Err(AuthError::Expired)
         );
         assert_eq!(
-            verifier.verify_at(&token, issued - 61),
+            verifier.verify_at(&token, None, issued - 61),
             Err(AuthError::NotYetValid)
         );
     }

@@ -12,6 +12,7 @@
 
 pub mod jwt;
 pub mod protected_resource;
+pub mod refusals;
 
 use serde_json::{Map, Value};
 

@@ -191,6 +191,18 @@ pub struct JwtSettings {
     /// `resource_metadata_url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protected_resource: Option<ProtectedResource>,
+
+    /// How many bearer tokens from one client address (an IPv4 address, an IPv6 /64) may be
+    /// refused after a signature check within a minute. Beyond, that address's tokens not
+    /// accepted before are answered 429 without a check until the minute is over (tokens
+    /// accepted before still pass), so that forged tokens cannot keep the daemon's CPUs busy
+    /// with signature checks. 0: no limit. Default 60.
+    #[serde(default = "default_refused_tokens_per_minute")]
+    pub refused_tokens_per_minute: u32,
+}
+
+fn default_refused_tokens_per_minute() -> u32 {
+    60
 }
 
 /// What mcp-guard publishes about itself as an OAuth 2.0 protected resource (RFC 9728), so

@@ -13,13 +13,15 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -108,13 +110,15 @@ fn allow_any_origin(response: &mut Response) {
 async fn dispatch(
     State(front): State<Front>,
     Path(name): Path<String>,
+    connection: Option<Extension<ConnectInfo<SocketAddr>>>,
     method: Method,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let peer = connection.map(|Extension(ConnectInfo(peer))| peer.ip());
     if !front.proxy.model().servers.contains_key(&name) {
         // Unauthenticated callers learn nothing, not even which server names exist.
-        if let Err(unauthenticated) = caller_for(&front, &name, &headers) {
+        if let Err(unauthenticated) = caller_for(&front, &name, &headers, peer) {
             return *unauthenticated;
         }
         return rpc_error_response(
@@ -127,9 +131,9 @@ async fn dispatch(
         );
     }
     match method {
-        Method::POST => post(&front, &name, &headers, body).await,
-        Method::GET => get(&front, &name, &headers).await,
-        Method::DELETE => delete(&front, &name, &headers).await,
+        Method::POST => post(&front, &name, &headers, peer, body).await,
+        Method::GET => get(&front, &name, &headers, peer).await,
+        Method::DELETE => delete(&front, &name, &headers, peer).await,
         _ => {
             let mut response = StatusCode::METHOD_NOT_ALLOWED.into_response();
             response
@@ -157,9 +161,15 @@ fn accepts(headers: &HeaderMap, media: &str) -> bool {
     })
 }
 
-async fn post(front: &Front, server: &str, headers: &HeaderMap, body: Body) -> Response {
+async fn post(
+    front: &Front,
+    server: &str,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+    body: Body,
+) -> Response {
     let proxy = &front.proxy;
-    let caller = match caller_for(front, server, headers) {
+    let caller = match caller_for(front, server, headers, peer) {
         Ok(caller) => caller,
         Err(refusal) => return *refusal,
     };
@@ -457,9 +467,10 @@ fn authenticate(
     verifier: &Verifier,
     server: &str,
     headers: &HeaderMap,
+    peer: Option<IpAddr>,
 ) -> Result<VerifiedIdentity, AuthError> {
     let _timer = front.proxy.metrics.authentication_duration.start_timer();
-    verifier.authenticate(server, header_str(headers, "authorization"))
+    verifier.authenticate(server, header_str(headers, "authorization"), peer)
 }
 
 /// The caller of this request, or the answer refusing it:
@@ -471,10 +482,15 @@ fn authenticate(
 ///
 /// Roles the policy's `principals` gives the principal are added to the token's. Context
 /// values come from `MCP-Guard-Context: key=value; key=value`.
-fn caller_for(front: &Front, server: &str, headers: &HeaderMap) -> Result<Caller, Box<Response>> {
+fn caller_for(
+    front: &Front,
+    server: &str,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Result<Caller, Box<Response>> {
     let model = front.proxy.model();
     let (principal, mut roles) = match Verifier::for_policy(&model) {
-        Some(Ok(verifier)) => match authenticate(front, &verifier, server, headers) {
+        Some(Ok(verifier)) => match authenticate(front, &verifier, server, headers, peer) {
             Ok(identity) => (identity.principal, identity.roles),
             Err(error) => {
                 // Counted, not audited: unauthenticated senders must not be able to grow the
@@ -542,8 +558,19 @@ fn caller_for(front: &Front, server: &str, headers: &HeaderMap) -> Result<Caller
     })
 }
 
-/// 401 with the Bearer challenge (and the protected-resource metadata URL, if configured).
+/// 401 with the Bearer challenge (and the protected-resource metadata URL, if configured); 429
+/// with `Retry-After` for an address that has had too many tokens refused.
 fn unauthorised(verifier: &Verifier, error: &AuthError, server: &str) -> Response {
+    if let AuthError::TooManyRefused(seconds) = error {
+        let mut response = rpc_error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            RpcError::new(None, codes::INVALID_REQUEST, error.to_string()),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
+        return response;
+    }
     let mut response = rpc_error_response(
         StatusCode::UNAUTHORIZED,
         RpcError::new(
@@ -608,8 +635,8 @@ fn sse_of_values(answer: Value) -> Response {
     Sse::new(futures_util::stream::iter([event])).into_response()
 }
 
-async fn get(front: &Front, server: &str, headers: &HeaderMap) -> Response {
-    let caller = match caller_for(front, server, headers) {
+async fn get(front: &Front, server: &str, headers: &HeaderMap, peer: Option<IpAddr>) -> Response {
+    let caller = match caller_for(front, server, headers, peer) {
         Ok(caller) => caller,
         Err(refusal) => return *refusal,
     };
@@ -712,8 +739,13 @@ impl Drop for OutboxStream {
     }
 }
 
-async fn delete(front: &Front, server: &str, headers: &HeaderMap) -> Response {
-    let caller = match caller_for(front, server, headers) {
+async fn delete(
+    front: &Front,
+    server: &str,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Response {
+    let caller = match caller_for(front, server, headers, peer) {
         Ok(caller) => caller,
         Err(refusal) => return *refusal,
     };

@@ -8,11 +8,14 @@ use std::sync::Arc;
 use axum::Router;
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt as _;
 
 use crate::answer_polling::{Linger, Lingering};
 
 /// `listener`, with [`disable_nagle`] on every connection it accepts.
-pub fn without_nagle(listener: TcpListener) -> impl axum::serve::Listener<Io = TcpStream> {
+pub fn without_nagle(
+    listener: TcpListener,
+) -> impl axum::serve::Listener<Io = TcpStream, Addr = std::net::SocketAddr> {
     listener.tap_io(disable_nagle)
 }
 
@@ -39,22 +42,31 @@ pub async fn serve_until<L>(
     header_read_timeout: std::time::Duration,
     linger: std::time::Duration,
 ) where
-    L: axum::serve::Listener,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
     L::Io: Unpin,
 {
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let io = tokio::select! {
-            (io, _) = listener.accept() => io,
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
+        // Handlers read the client's address as axum's `ConnectInfo`, as with `axum::serve`.
+        let service = router.clone().map_request(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                request
+            },
+        );
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(header_read_timeout)
             .serve_connection(
                 hyper_util::rt::TokioIo::new(Lingering::new(io, Arc::new(Linger::new(linger)))),
-                hyper_util::service::TowerToHyperService::new(router.clone()),
+                hyper_util::service::TowerToHyperService::new(service),
             );
         let connection = connections.watch(connection);
         tokio::spawn(async move {
