@@ -1238,4 +1238,20 @@ fn an_address_sending_forged_tokens_is_held_back_and_others_are_not() {
         })
         .count();
     assert_eq!(warned, 1, "{}", front.daemon.log.summary(0, 20));
+
+    // Every call record says where its request came from.
+    let calls: Vec<Value> = front
+        .audit_lines()
+        .into_iter()
+        .filter(|record| record["kind"] == "call")
+        .collect();
+    assert!(
+        calls.iter().all(|record| record["client_addr"].is_string()),
+        "{calls:#?}"
+    );
+    let clients: BTreeSet<String> = calls
+        .iter()
+        .filter_map(|record| record["client_addr"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(clients, names(&["127.0.0.1", "127.0.0.2"]));
 }

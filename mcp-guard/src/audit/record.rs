@@ -184,6 +184,9 @@ pub struct AuditRecord {
     pub kind: RecordKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal: Option<String>,
+    /// The address the agent's request came from (HTTP front).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_addr: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,6 +280,7 @@ impl AuditRecord {
         Self {
             kind,
             principal: None,
+            client_addr: None,
             session: None,
             instruction: None,
             trace_id: None,

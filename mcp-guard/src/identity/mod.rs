@@ -41,6 +41,8 @@ pub struct TransportHints {
     /// The caller's roles as this request's credentials and the policy in force give them
     /// (set by the HTTP front; `None`: the session's).
     pub roles: Option<Vec<String>>,
+    /// The address the request came from (set by the HTTP front).
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl TransportHints {
@@ -55,6 +57,7 @@ impl TransportHints {
                 .map(parse_context_header)
                 .unwrap_or_default(),
             roles: None,
+            client: None,
         }
     }
 }
@@ -144,6 +147,8 @@ pub struct CallIdentity {
     pub call_id: String,
     pub instruction: Option<String>,
     pub trace: TraceContext,
+    /// The address the request came from, where the transport has one.
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl CallIdentity {
@@ -170,6 +175,7 @@ impl CallIdentity {
             call_id: uuid::Uuid::new_v4().simple().to_string(),
             instruction,
             trace,
+            client: hints.client,
         }
     }
 
@@ -190,6 +196,7 @@ impl CallIdentity {
             call_id: uuid::Uuid::new_v4().simple().to_string(),
             instruction,
             trace,
+            client: None,
         }
     }
 

@@ -281,6 +281,7 @@ fn call_record(
     let mut record = AuditRecord::new(RecordKind::Call);
     record.mode = mode.lets_everything_through().then_some(mode);
     record.principal = Some(session.caller().principal.clone());
+    record.client_addr = identity.client.map(|address| address.to_string());
     record.session = Some(session.id.clone());
     record.instruction = identity.instruction.clone();
     record.trace_id = Some(identity.trace.trace_id.clone());

@@ -239,6 +239,7 @@ async fn post(
         };
     let opened_now = is_initialize(&incoming);
     let mut hints = TransportHints::from_headers(|name| header_str(headers, name));
+    hints.client = peer;
     // Roles as of this request (its token, the policy in force), for the session's principal;
     // a session attributed to a configured principal that a reload renamed keeps its own.
     if principal == session.caller().principal {
