@@ -1169,6 +1169,32 @@ fn forged_token(n: i64) -> String {
     .unwrap()
 }
 
+/// An `initialize` with `token` (and `extra` headers) sent from the local address `from`.
+fn initialize_as(addr: SocketAddr, from: &str, token: &str, extra: &[(&str, &str)]) -> JsonAnswer {
+    let authorization = bearer(token);
+    let mut headers = vec![
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json, text/event-stream"),
+        ("Authorization", authorization.as_str()),
+    ];
+    headers.extend_from_slice(extra);
+    let path = format!("/servers/{SERVER}/mcp");
+    let body = initialize_message().to_string();
+    http_exchange_from(from.parse().unwrap(), addr, "POST", &path, &headers, &body)
+        .unwrap()
+        .into()
+}
+
+/// The `client_addr`s of the call records.
+fn client_addrs(front: &Front) -> BTreeSet<String> {
+    front
+        .audit_lines()
+        .iter()
+        .filter(|record| record["kind"] == "call")
+        .filter_map(|record| record["client_addr"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// An address whose tokens were refused `refused_tokens_per_minute` times after a signature
 /// check gets 429 with `Retry-After` for new tokens, valid or not, without a check, while a
 /// token it had used before still works and another address is served as usual. Throttled
@@ -1179,20 +1205,7 @@ fn an_address_sending_forged_tokens_is_held_back_and_others_are_not() {
     let mut identity = jwt_identity();
     identity["jwt"]["refused_tokens_per_minute"] = json!(3);
     let front = Front::start("identity-refusals", identity);
-    let addr = front.addr;
-    let initialize_from = |from: &str, token: &str| -> JsonAnswer {
-        let authorization = bearer(token);
-        let headers = [
-            ("Content-Type", "application/json"),
-            ("Accept", "application/json, text/event-stream"),
-            ("Authorization", authorization.as_str()),
-        ];
-        let path = format!("/servers/{SERVER}/mcp");
-        let body = initialize_message().to_string();
-        http_exchange_from(from.parse().unwrap(), addr, "POST", &path, &headers, &body)
-            .unwrap()
-            .into()
-    };
+    let initialize_from = |from: &str, token: &str| initialize_as(front.addr, from, token, &[]);
     let alice = token(Algorithm::RS256, &claims(ALICE, json!(["developer"])));
     let bob = token(Algorithm::RS256, &claims(BOB, json!(["developer"])));
     assert_eq!(initialize_from("127.0.0.1", &alice).status, 200);
@@ -1249,9 +1262,48 @@ fn an_address_sending_forged_tokens_is_held_back_and_others_are_not() {
         calls.iter().all(|record| record["client_addr"].is_string()),
         "{calls:#?}"
     );
-    let clients: BTreeSet<String> = calls
-        .iter()
-        .filter_map(|record| record["client_addr"].as_str().map(str::to_owned))
-        .collect();
-    assert_eq!(clients, names(&["127.0.0.1", "127.0.0.2"]));
+    assert_eq!(client_addrs(&front), names(&["127.0.0.1", "127.0.0.2"]));
+}
+
+/// Behind a proxy the policy trusts, the client is the address its `X-Forwarded-For` names:
+/// that is what the call records say and what the budget of refused tokens counts, so one
+/// client forging tokens through the proxy does not hold back another. A connection from an
+/// address that is not a trusted proxy is its own client, whatever header it sends.
+#[test]
+fn behind_a_trusted_proxy_the_forwarded_address_is_the_client() {
+    let mut identity = jwt_identity();
+    identity["jwt"]["refused_tokens_per_minute"] = json!(2);
+    let front = Front::start_with(
+        "identity-forwarded",
+        identity,
+        json!({"trusted_proxies": ["127.0.0.1"]}),
+    );
+    let via_proxy = |client: &str, token: &str| {
+        let forwarded = format!("203.0.113.200, {client}");
+        initialize_as(
+            front.addr,
+            "127.0.0.1",
+            token,
+            &[("X-Forwarded-For", forwarded.as_str())],
+        )
+    };
+    for n in 0..2 {
+        assert_unauthorised(
+            &via_proxy("198.51.100.9", &forged_token(n)),
+            "the token's signature does not verify",
+        );
+    }
+    assert_eq!(via_proxy("198.51.100.9", &forged_token(2)).status, 429);
+    let bob = token(Algorithm::RS256, &claims(BOB, json!(["developer"])));
+    assert_eq!(via_proxy("198.51.100.10", &bob).status, 200);
+    // Not a trusted proxy: its header is not believed.
+    let alice = token(Algorithm::RS256, &claims(ALICE, json!(["developer"])));
+    let direct = initialize_as(
+        front.addr,
+        "127.0.0.2",
+        &alice,
+        &[("X-Forwarded-For", "198.51.100.9")],
+    );
+    assert_eq!(direct.status, 200, "{direct:?}");
+    assert_eq!(client_addrs(&front), names(&["198.51.100.10", "127.0.0.2"]));
 }

@@ -59,6 +59,16 @@ pub fn deserialize_optional<'de, D: Deserializer<'de>>(
         .map_err(serde::de::Error::custom)
 }
 
+/// `deserialize_with` helper for `Vec<IpNet>` fields written with [`parse_cidr`]'s syntax.
+pub fn deserialize_list<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(deserializer)?
+        .iter()
+        .map(|text| parse_cidr(text).map_err(serde::de::Error::custom))
+        .collect()
+}
+
 /// True when every address in `net` is an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
 ///
 /// The kernel programs judge such destinations as the IPv4 address they carry, so a rule

@@ -539,6 +539,20 @@ pub struct DaemonSettings {
     #[serde(skip_serializing_if = "is_zero")]
     #[schemars(range(max = 10000))]
     pub answer_poll_us: u32,
+
+    /// Proxies in front of the HTTP front (load balancers, TLS terminators), as address
+    /// prefixes such as `10.0.0.0/8` or bare addresses. A request from one of them is taken to
+    /// come from the address its `X-Forwarded-For` names: the right-most entry that is not
+    /// itself a trusted proxy. That address is the call records' `client_addr` and what the
+    /// budget of refused tokens counts. Empty (the default): the connection's own address,
+    /// whatever headers say.
+    #[serde(
+        default,
+        deserialize_with = "cidr::deserialize_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(with = "Vec<String>")]
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 fn is_zero(value: &u32) -> bool {
@@ -594,6 +608,7 @@ impl Default for DaemonSettings {
             max_sessions_per_principal: 128,
             worker_threads: None,
             answer_poll_us: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -1979,6 +1979,34 @@ fn identity_a_protected_resource_is_checked() {
 }
 
 #[test]
+fn trusted_proxies_are_prefixes_and_broad_ones_are_warned_about() {
+    let mut policy = valid();
+    policy["daemon"] = json!({ "listen": "127.0.0.1:8080", "trusted_proxies": ["10.0.0.0/8", "192.0.2.7", "2001:db8::/48"] });
+    let loaded = load_value(policy).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert_eq!(loaded.policy.daemon.trusted_proxies.len(), 3);
+
+    let mut policy = valid();
+    policy["daemon"] = json!({ "listen": "127.0.0.1:8080", "trusted_proxies": ["10.0.0.1/8"] });
+    let (path, message) = parse_failure(policy);
+    assert!(
+        path.starts_with("daemon.trusted_proxies"),
+        "{path}: {message}"
+    );
+    assert!(message.contains("10.0.0.1/8"), "{message}");
+
+    let mut policy = valid();
+    policy["daemon"] = json!({ "listen": "127.0.0.1:8080", "trusted_proxies": ["0.0.0.0/0"] });
+    let warning = only_warning(policy);
+    assert_eq!(warning.path, "daemon.trusted_proxies[0]");
+    assert!(warning.message.contains("list your proxies"), "{warning}");
+
+    let mut policy = valid();
+    policy["daemon"] = json!({ "trusted_proxies": ["10.0.0.0/8"] });
+    assert_eq!(only_warning(policy).path, "daemon.trusted_proxies");
+}
+
+#[test]
 fn identity_trust_header_is_a_warning_and_excludes_jwt() {
     let mut policy = valid();
     policy["identity"] = json!({ "trust_header": true });

@@ -67,6 +67,7 @@ fn check_daemon(daemon: &DaemonSettings, principals: &Principals, problems: &mut
     }
     check_dns_ttls(daemon, problems);
     check_answer_polling(daemon, problems);
+    check_trusted_proxies(daemon, problems);
     if let Some(tls) = &daemon.tls {
         check_front_tls(daemon, tls, problems);
     }
@@ -81,6 +82,35 @@ fn check_daemon(daemon: &DaemonSettings, principals: &Principals, problems: &mut
             "daemon.metrics_listen",
             "is the same address as daemon.listen: the metrics endpoint needs its own",
         ));
+    }
+}
+
+/// Prefixes shorter than this span whole provider networks: trusting them lets far too many
+/// hosts say where requests come from.
+const NARROWEST_SENSIBLE_PROXY_PREFIX: (u8, u8) = (8, 32);
+
+fn check_trusted_proxies(daemon: &DaemonSettings, problems: &mut Vec<Problem>) {
+    if !daemon.trusted_proxies.is_empty() && daemon.listen.is_none() {
+        problems.push(Problem::warning(
+            "daemon.trusted_proxies",
+            "has no effect without daemon.listen: only the HTTP front reads X-Forwarded-For",
+        ));
+    }
+    for (index, net) in daemon.trusted_proxies.iter().enumerate() {
+        let shortest = match net {
+            ipnet::IpNet::V4(_) => NARROWEST_SENSIBLE_PROXY_PREFIX.0,
+            ipnet::IpNet::V6(_) => NARROWEST_SENSIBLE_PROXY_PREFIX.1,
+        };
+        if net.prefix_len() < shortest {
+            problems.push(Problem::warning(
+                format!("daemon.trusted_proxies[{index}]"),
+                format!(
+                    "{net} trusts every host in it to say where a request comes from: any of \
+                     them can put another address in the audit log and spend another's budget \
+                     of refused tokens; list your proxies' addresses"
+                ),
+            ));
+        }
     }
 }
 

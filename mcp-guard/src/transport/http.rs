@@ -115,7 +115,13 @@ async fn dispatch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let peer = connection.map(|Extension(ConnectInfo(peer))| peer.ip());
+    let peer = connection.map(|Extension(ConnectInfo(peer))| {
+        super::forwarded::client_address(
+            peer.ip(),
+            &front.proxy.model().daemon.trusted_proxies,
+            &headers,
+        )
+    });
     if !front.proxy.model().servers.contains_key(&name) {
         // Unauthenticated callers learn nothing, not even which server names exist.
         if let Err(unauthenticated) = caller_for(&front, &name, &headers, peer) {
