@@ -2146,9 +2146,14 @@ fn the_http_front_serves_tls_and_takes_a_renewed_certificate() {
         ),
     });
     let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
-    let front = Front::start_with(env, peers, servers, |document| {
-        document["daemon"]["tls"] = json!({"cert_file": cert, "key_file": key});
+    let with_tls = |document: &mut Value, tls: bool| {
+        if tls {
+            document["daemon"]["tls"] = json!({"cert_file": cert, "key_file": key});
+        }
         document["daemon"]["metrics_listen"] = json!(metrics.to_string());
+    };
+    let front = Front::start_with(env, peers, servers.clone(), |document| {
+        with_tls(document, true)
     });
     let url = format!("https://{}{}", front.addr, Front::path("fast"));
     let echo = |ca_file: &Path, text_sent: &str| {
@@ -2189,6 +2194,42 @@ fn the_http_front_serves_tls_and_takes_a_renewed_certificate() {
         |line| message(line) == Some("policy reloaded"),
     );
     echo(&second_ca, "renewed");
+
+    // Taking daemon.tls out of the policy turns TLS off for new connections, and putting it
+    // back turns it on again: no restart.
+    let reload_with_tls = |tls: bool, what: &str| {
+        let mut document = front.env.proxy_policy(front.addr, servers.clone());
+        with_tls(&mut document, tls);
+        let mark = front.daemon.log.mark();
+        front.env.write_policy_document(&document);
+        front.daemon.wait_for_since(mark, TIMEOUT, what, |line| {
+            message(line) == Some("policy reloaded")
+        });
+        mark
+    };
+    let mark = reload_with_tls(false, "the reload without daemon.tls");
+    front
+        .daemon
+        .wait_for_since(mark, TIMEOUT, "the warning that TLS is off", |line| {
+            message(line).is_some_and(|m| m.starts_with("daemon.tls was removed"))
+        });
+    let plain_url = format!("http://{}{}", front.addr, Front::path("fast"));
+    let script =
+        json!([{"op": "call_tool", "name": "echo", "arguments": {"text": "in the clear"}}]);
+    let run = mcp_client(
+        &front.peers,
+        Transport::Http(&plain_url),
+        HANDSHAKE,
+        &script,
+    );
+    assert_eq!(text(run.ok(0)), "in the clear");
+    reload_with_tls(true, "the reload with daemon.tls again");
+    let plain = http_exchange(front.addr, "POST", &Front::path("fast"), &[], &body);
+    assert!(
+        plain.is_err(),
+        "TLS is back, yet plain HTTP was answered: {plain:?}"
+    );
+    echo(&second_ca, "tls again");
 }
 
 /// The real `mcp-server-time` served over https (the Python SDK's Streamable HTTP under

@@ -181,10 +181,13 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
     }
     let (stop_front, front_stopped) = tokio::sync::watch::channel(false);
     let mut front_task = None;
-    let front_certificate = match &settings.tls {
-        Some(tls) => Some(FrontCertificate::new(tls::load_certified_key(tls)?)),
-        None => None,
-    };
+    let front_certificate = FrontCertificate::new(
+        settings
+            .tls
+            .as_ref()
+            .map(tls::load_certified_key)
+            .transpose()?,
+    );
     if let Some(addr) = settings.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -199,28 +202,15 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
         };
         let header_timeout = settings.header_read_timeout();
         let linger = settings.answer_poll();
-        front_task = Some(match &front_certificate {
-            Some(certificate) => {
-                let config = tls::server_config(certificate.clone())?;
-                let failures = metrics.tls_handshake_failures.clone();
-                let listener = tls::TlsListener::new(listener, config, failures)
-                    .map_err(|source| DaemonError::Listen { addr, source })?;
-                tokio::spawn(serve::serve_until(
-                    listener,
-                    app,
-                    shutdown,
-                    header_timeout,
-                    linger,
-                ))
-            }
-            None => tokio::spawn(serve::serve_until(
-                serve::without_nagle(listener),
-                app,
-                shutdown,
-                header_timeout,
-                linger,
-            )),
-        });
+        let failures = metrics.tls_handshake_failures.clone();
+        let listener = tls::FrontListener::new(listener, front_certificate.clone(), failures)?;
+        front_task = Some(tokio::spawn(serve::serve_until(
+            listener,
+            app,
+            shutdown,
+            header_timeout,
+            linger,
+        )));
     }
     if let Some(enforcement) = &enforcement {
         let listener = control::bind(&settings.control_socket)?;
@@ -312,7 +302,7 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
                 &proxy,
                 &audit,
                 &metrics,
-                front_certificate.as_deref(),
+                &front_certificate,
             )
             .await;
             notify(service.ready(&service_status(
@@ -472,7 +462,7 @@ async fn reload(
     proxy: &Proxy,
     audit: &AuditLog,
     metrics: &Metrics,
-    front_certificate: Option<&FrontCertificate>,
+    front_certificate: &FrontCertificate,
 ) {
     match try_reload(path, enforcement, proxy, metrics, front_certificate).await {
         Ok(()) => {
@@ -493,39 +483,39 @@ async fn try_reload(
     enforcement: Option<&mut Enforcement>,
     proxy: &Proxy,
     metrics: &Metrics,
-    front_certificate: Option<&FrontCertificate>,
+    front_certificate: &FrontCertificate,
 ) -> Result<(), DaemonError> {
     let loaded = load_policy(path)?;
     let compiled = CompiledPolicy::compile(&loaded.policy)?;
-    let renewed = renewed_front_certificate(&loaded.policy, front_certificate)?;
+    let renewed = front_certificate_of(&loaded.policy)?;
     if let Some(enforcement) = enforcement {
         let wanted = resolve_and_compile(&loaded.policy, &mut enforcement.resolver, metrics).await;
         enforcement.egress.lock().await.apply(&wanted)?;
         enforcement.policy = loaded.policy.clone();
     }
     proxy.replace_policy(loaded.policy, compiled).await;
-    if let (Some(running), Some(renewed)) = (front_certificate, renewed) {
-        running.replace(renewed);
+    match (front_certificate.is_on(), renewed.is_some()) {
+        (false, true) => {
+            tracing::info!("daemon.tls was added: new connections to the HTTP front use TLS")
+        }
+        (true, false) => tracing::warn!(
+            "daemon.tls was removed: new connections to the HTTP front are served in the clear"
+        ),
+        _ => {}
     }
+    front_certificate.replace(renewed);
     Ok(())
 }
 
-/// The HTTP front's certificate and key as the new policy names them, read now. The front
-/// keeps TLS on or off as it started: adding or removing `daemon.tls` takes a restart.
-fn renewed_front_certificate(
-    policy: &Policy,
-    running: Option<&FrontCertificate>,
-) -> Result<Option<rustls::sign::CertifiedKey>, TlsError> {
-    match (&policy.daemon.tls, running) {
-        (Some(tls), Some(_)) => Ok(Some(tls::load_certified_key(tls)?)),
-        (Some(_), None) | (None, Some(_)) => {
-            tracing::warn!(
-                "daemon.tls was added or removed: the HTTP front keeps TLS as it started until the daemon restarts"
-            );
-            Ok(None)
-        }
-        (None, None) => Ok(None),
-    }
+/// The HTTP front's certificate and key as `policy` names them, read now; `None` without
+/// `daemon.tls`.
+fn front_certificate_of(policy: &Policy) -> Result<Option<rustls::sign::CertifiedKey>, TlsError> {
+    policy
+        .daemon
+        .tls
+        .as_ref()
+        .map(tls::load_certified_key)
+        .transpose()
 }
 
 fn dns_refresh_due(enforcement: Option<&Enforcement>) -> std::time::Instant {

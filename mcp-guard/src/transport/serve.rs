@@ -6,18 +6,10 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::serve::ListenerExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tower::ServiceExt as _;
 
 use crate::answer_polling::{Linger, Lingering};
-
-/// `listener`, with [`disable_nagle`] on every connection it accepts.
-pub fn without_nagle(
-    listener: TcpListener,
-) -> impl axum::serve::Listener<Io = TcpStream, Addr = std::net::SocketAddr> {
-    listener.tap_io(disable_nagle)
-}
 
 /// Turns Nagle's algorithm off on an accepted connection. An answer is often written in more
 /// than one piece (an SSE response's head, then each event as it comes, such as a progress
@@ -77,21 +69,4 @@ pub async fn serve_until<L>(
     }
     drop(listener);
     connections.shutdown().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_have_nagle_off() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut listener = without_nagle(listener);
-        let client = TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = axum::serve::Listener::accept(&mut listener).await;
-        assert!(accepted.nodelay().unwrap());
-        // Only the server's end is changed.
-        assert!(!client.nodelay().unwrap());
-    }
 }

@@ -1,8 +1,9 @@
 //! TLS on the HTTP front (`daemon.tls`): agents present bearer tokens, which must not cross a
 //! network in the clear. The certificate and key are read when the policy is loaded; a reload
 //! (a changed file is one) replaces them for new connections, so a certificate is renewed
-//! without a restart. Handshakes run in tasks of their own, so a slow or silent client holds
-//! up no other.
+//! without a restart, and adding or removing `daemon.tls` turns TLS on or off for new
+//! connections. Handshakes run in tasks of their own, so a slow or silent client holds up no
+//! other.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 
 use crate::policy::FrontTls;
 
@@ -93,31 +95,40 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
     Ok(chain)
 }
 
-/// The certificate the front presents. A reload replaces it; connections already open keep
-/// the one they were made with.
+/// The certificate the front presents, or none: plain HTTP. A reload replaces it; connections
+/// already open keep what they were made with.
 #[derive(Debug)]
-pub struct FrontCertificate(RwLock<Arc<CertifiedKey>>);
+pub struct FrontCertificate(RwLock<Option<Arc<CertifiedKey>>>);
 
 impl FrontCertificate {
-    pub fn new(key: CertifiedKey) -> Arc<FrontCertificate> {
-        Arc::new(FrontCertificate(RwLock::new(Arc::new(key))))
+    pub fn new(key: Option<CertifiedKey>) -> Arc<FrontCertificate> {
+        Arc::new(FrontCertificate(RwLock::new(key.map(Arc::new))))
     }
 
-    pub fn replace(&self, key: CertifiedKey) {
+    /// Puts `key` in place for new connections; `None` turns TLS off.
+    pub fn replace(&self, key: Option<CertifiedKey>) {
         *self
             .0
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(key);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = key.map(Arc::new);
+    }
+
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.current().is_some()
     }
 }
 
 impl ResolvesServerCert for FrontCertificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let current = self
-            .0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Some(Arc::clone(&current))
+        // None (TLS turned off during this handshake) fails the handshake.
+        self.current()
     }
 }
 
@@ -133,46 +144,58 @@ pub fn server_config(certificate: Arc<FrontCertificate>) -> Result<Arc<ServerCon
     Ok(Arc::new(config))
 }
 
-/// A listener that hands the HTTP front its connections once their TLS handshake is done.
-/// Accepting and handshaking run in a task that stops when this is dropped.
-pub struct TlsListener {
-    handshaken: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+/// A connection of the front: plain, or TLS once its handshake is done.
+pub type FrontStream = Either<TcpStream, TlsStream<TcpStream>>;
+
+/// A listener that hands the HTTP front its connections: as they come while the front's
+/// certificate is off, once their TLS handshake is done while it is on. Accepting and
+/// handshaking run in a task that stops when this is dropped.
+pub struct FrontListener {
+    ready: mpsc::Receiver<(FrontStream, SocketAddr)>,
     local_addr: SocketAddr,
     accepting: tokio::task::JoinHandle<()>,
 }
 
-impl TlsListener {
-    /// Accepts on `tcp` with `config`, counting failed handshakes in `failures` (by reason:
-    /// `error`, `timeout`).
+impl FrontListener {
+    /// Accepts on `tcp`, with TLS whenever `certificate` is on, counting failed handshakes in
+    /// `failures` (by reason: `error`, `timeout`).
     pub fn new(
         tcp: TcpListener,
-        config: Arc<ServerConfig>,
+        certificate: Arc<FrontCertificate>,
         failures: IntCounterVec,
-    ) -> std::io::Result<TlsListener> {
-        let local_addr = tcp.local_addr()?;
-        let (sender, handshaken) = mpsc::channel(HANDSHAKEN_BACKLOG);
-        let acceptor = TlsAcceptor::from(config);
-        let accepting = tokio::spawn(accept_and_handshake(tcp, acceptor, sender, failures));
-        Ok(TlsListener {
-            handshaken,
+    ) -> Result<FrontListener, TlsError> {
+        let local_addr = tcp
+            .local_addr()
+            .map_err(|e| TlsError::Config(format!("the front's listener: {e}")))?;
+        let (sender, ready) = mpsc::channel(HANDSHAKEN_BACKLOG);
+        let acceptor = TlsAcceptor::from(server_config(certificate.clone())?);
+        let accepting = tokio::spawn(accept_and_handshake(
+            tcp,
+            certificate,
+            acceptor,
+            sender,
+            failures,
+        ));
+        Ok(FrontListener {
+            ready,
             local_addr,
             accepting,
         })
     }
 }
 
-impl Drop for TlsListener {
+impl Drop for FrontListener {
     fn drop(&mut self) {
         self.accepting.abort();
     }
 }
 
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+impl axum::serve::Listener for FrontListener {
+    type Io = FrontStream;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.handshaken.recv().await {
+        match self.ready.recv().await {
             Some(connection) => connection,
             // The accepting task ended (it only does when aborted): nothing comes any more.
             None => std::future::pending().await,
@@ -186,8 +209,9 @@ impl axum::serve::Listener for TlsListener {
 
 async fn accept_and_handshake(
     tcp: TcpListener,
+    certificate: Arc<FrontCertificate>,
     acceptor: TlsAcceptor,
-    handshaken: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Sender<(FrontStream, SocketAddr)>,
     failures: IntCounterVec,
 ) {
     loop {
@@ -201,14 +225,20 @@ async fn accept_and_handshake(
             }
         };
         super::serve::disable_nagle(&mut stream);
+        if !certificate.is_on() {
+            if ready.send((Either::Left(stream), peer)).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let acceptor = acceptor.clone();
-        let handshaken = handshaken.clone();
+        let ready = ready.clone();
         let failures = failures.clone();
         tokio::spawn(async move {
             let failed =
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        let _ = handshaken.send((tls, peer)).await;
+                        let _ = ready.send((Either::Right(tls), peer)).await;
                         return;
                     }
                     Ok(Err(e)) => {
@@ -246,7 +276,7 @@ mod tests {
     fn a_certificate_and_its_key_load() {
         let key = load_certified_key(&front_tls("front.pem", testdata("front-key.pem"))).unwrap();
         assert_eq!(key.cert.len(), 1);
-        let config = server_config(FrontCertificate::new(key)).unwrap();
+        let config = server_config(FrontCertificate::new(Some(key))).unwrap();
         assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
     }
 
@@ -262,14 +292,15 @@ mod tests {
     }
 
     /// A client that trusts the self-signed test certificate completes a handshake through
-    /// [`TlsListener`], and the connection handed on has Nagle's algorithm off.
+    /// [`FrontListener`], and the connection handed on has Nagle's algorithm off. With the
+    /// certificate taken away, the next connection is handed on as it is, plain.
     #[tokio::test]
     async fn handshaken_connections_are_handed_on_without_nagle() {
         let key = load_certified_key(&front_tls("front.pem", testdata("front-key.pem"))).unwrap();
-        let config = server_config(FrontCertificate::new(key)).unwrap();
+        let certificate = FrontCertificate::new(Some(key));
         let failures = IntCounterVec::new(prometheus::Opts::new("f", "f"), &["reason"]).unwrap();
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut listener = TlsListener::new(tcp, config, failures.clone()).unwrap();
+        let mut listener = FrontListener::new(tcp, certificate.clone(), failures.clone()).unwrap();
         let addr = axum::serve::Listener::local_addr(&listener).unwrap();
 
         let mut roots = rustls::RootCertStore::empty();
@@ -295,8 +326,22 @@ mod tests {
             .await
             .expect("the handshaken connection is handed on");
         drop(handshake);
-        assert!(accepted.get_ref().0.nodelay().unwrap());
+        let Either::Right(tls) = accepted else {
+            panic!("a TLS connection was handed on as plain");
+        };
+        assert!(tls.get_ref().0.nodelay().unwrap());
         assert_eq!(failures.with_label_values(&["error"]).get(), 0);
+
+        certificate.replace(None);
+        let _plain = TcpStream::connect(addr).await.unwrap();
+        let accepting = axum::serve::Listener::accept(&mut listener);
+        let (accepted, _) = tokio::time::timeout(Duration::from_secs(10), accepting)
+            .await
+            .expect("the plain connection is handed on");
+        let Either::Left(tcp) = accepted else {
+            panic!("TLS is off, yet a connection was handshaken");
+        };
+        assert!(tcp.nodelay().unwrap());
     }
 
     #[test]
