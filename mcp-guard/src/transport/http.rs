@@ -115,7 +115,7 @@ async fn dispatch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let peer = connection.map(|Extension(ConnectInfo(peer))| {
+    let client = connection.map(|Extension(ConnectInfo(peer))| {
         super::forwarded::client_address(
             peer.ip(),
             &front.proxy.model().daemon.trusted_proxies,
@@ -124,7 +124,7 @@ async fn dispatch(
     });
     if !front.proxy.model().servers.contains_key(&name) {
         // Unauthenticated callers learn nothing, not even which server names exist.
-        if let Err(unauthenticated) = caller_for(&front, &name, &headers, peer) {
+        if let Err(unauthenticated) = caller_for(&front, &name, &headers, client) {
             return *unauthenticated;
         }
         return rpc_error_response(
@@ -137,9 +137,9 @@ async fn dispatch(
         );
     }
     match method {
-        Method::POST => post(&front, &name, &headers, peer, body).await,
-        Method::GET => get(&front, &name, &headers, peer).await,
-        Method::DELETE => delete(&front, &name, &headers, peer).await,
+        Method::POST => post(&front, &name, &headers, client, body).await,
+        Method::GET => get(&front, &name, &headers, client).await,
+        Method::DELETE => delete(&front, &name, &headers, client).await,
         _ => {
             let mut response = StatusCode::METHOD_NOT_ALLOWED.into_response();
             response
@@ -171,11 +171,11 @@ async fn post(
     front: &Front,
     server: &str,
     headers: &HeaderMap,
-    peer: Option<IpAddr>,
+    client: Option<IpAddr>,
     body: Body,
 ) -> Response {
     let proxy = &front.proxy;
-    let caller = match caller_for(front, server, headers, peer) {
+    let caller = match caller_for(front, server, headers, client) {
         Ok(caller) => caller,
         Err(refusal) => return *refusal,
     };
@@ -245,7 +245,7 @@ async fn post(
         };
     let opened_now = is_initialize(&incoming);
     let mut hints = TransportHints::from_headers(|name| header_str(headers, name));
-    hints.client = peer;
+    hints.client = client;
     // Roles as of this request (its token, the policy in force), for the session's principal;
     // a session attributed to a configured principal that a reload renamed keeps its own.
     if principal == session.caller().principal {
@@ -474,16 +474,17 @@ fn authenticate(
     verifier: &Verifier,
     server: &str,
     headers: &HeaderMap,
-    peer: Option<IpAddr>,
+    client: Option<IpAddr>,
 ) -> Result<VerifiedIdentity, AuthError> {
     let _timer = front.proxy.metrics.authentication_duration.start_timer();
-    verifier.authenticate(server, header_str(headers, "authorization"), peer)
+    verifier.authenticate(server, header_str(headers, "authorization"), client)
 }
 
 /// The caller of this request, or the answer refusing it:
 /// - with `identity.jwt`, the principal and roles of the bearer token (401 without a valid
-///   one, or with one meant for another server than `server`; 503 when the policy's keys
-///   could not be loaded);
+///   one, or with one meant for another server than `server`; 429 when `client`, the address
+///   the request came from, has had too many tokens refused; 503 when the policy's keys could
+///   not be loaded);
 /// - with `identity.trust_header`, the principal the `MCP-Guard-Principal` header names;
 /// - otherwise (and without that header) the policy's `daemon.principal`.
 ///
@@ -493,11 +494,11 @@ fn caller_for(
     front: &Front,
     server: &str,
     headers: &HeaderMap,
-    peer: Option<IpAddr>,
+    client: Option<IpAddr>,
 ) -> Result<Caller, Box<Response>> {
     let model = front.proxy.model();
     let (principal, mut roles) = match Verifier::for_policy(&model) {
-        Some(Ok(verifier)) => match authenticate(front, &verifier, server, headers, peer) {
+        Some(Ok(verifier)) => match authenticate(front, &verifier, server, headers, client) {
             Ok(identity) => (identity.principal, identity.roles),
             Err(error) => {
                 // Counted, not audited: unauthenticated senders must not be able to grow the
@@ -642,8 +643,8 @@ fn sse_of_values(answer: Value) -> Response {
     Sse::new(futures_util::stream::iter([event])).into_response()
 }
 
-async fn get(front: &Front, server: &str, headers: &HeaderMap, peer: Option<IpAddr>) -> Response {
-    let caller = match caller_for(front, server, headers, peer) {
+async fn get(front: &Front, server: &str, headers: &HeaderMap, client: Option<IpAddr>) -> Response {
+    let caller = match caller_for(front, server, headers, client) {
         Ok(caller) => caller,
         Err(refusal) => return *refusal,
     };
@@ -750,9 +751,9 @@ async fn delete(
     front: &Front,
     server: &str,
     headers: &HeaderMap,
-    peer: Option<IpAddr>,
+    client: Option<IpAddr>,
 ) -> Response {
-    let caller = match caller_for(front, server, headers, peer) {
+    let caller = match caller_for(front, server, headers, client) {
         Ok(caller) => caller,
         Err(refusal) => return *refusal,
     };
