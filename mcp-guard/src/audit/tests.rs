@@ -860,6 +860,7 @@ async fn incident_log(dir: &Path) -> PathBuf {
             server: Some("crm".into()),
             method: Some("tools/call".into()),
             tool: Some(tool.into()),
+            client_addr: Some("192.0.2.10".into()),
             decision: Some(decision),
             rule: Some("writes".into()),
             latency: Some(Latency {
@@ -987,8 +988,14 @@ async fn trace_of_an_instruction_finds_its_calls_and_every_connection_they_made(
     // The idle connection stamped with inst-A sits under its session.
     assert_eq!(s1.egress.len(), 1);
     assert_eq!(s1.egress[0].port, Some(25));
+    // Where the call came from, in JSON and in the text tree.
+    assert_eq!(c1.client_addr.as_deref(), Some("192.0.2.10"));
     // Nothing of inst-B's calls.
     let text = report.to_text();
+    assert!(
+        text.contains("update_contact  from 192.0.2.10  allow"),
+        "{text}"
+    );
     assert!(!text.contains("c2") && !text.contains("call c3"), "{text}");
     assert_eq!(report.records, 10, "{report:#?}");
 }

@@ -133,6 +133,9 @@ pub struct CallNode {
     pub ts: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub principal: Option<String>,
+    /// Where the agent's request came from (HTTP front).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -550,6 +553,7 @@ impl CallNode {
             seq,
             ts,
             principal: None,
+            client_addr: None,
             trace_id: None,
             server: None,
             method: None,
@@ -572,6 +576,7 @@ impl CallNode {
     fn absorb(&mut self, record: AuditRecord) {
         fill(&mut self.call_id, &record.call_id);
         fill(&mut self.principal, &record.principal);
+        fill(&mut self.client_addr, &record.client_addr);
         fill(&mut self.trace_id, &record.trace_id);
         fill(&mut self.server, &record.server);
         fill(&mut self.method, &record.method);
@@ -689,6 +694,9 @@ fn call_summary(call: &CallNode) -> String {
     }
     if let Some(tool) = &call.tool {
         parts.push(tool.clone());
+    }
+    if let Some(client) = &call.client_addr {
+        parts.push(format!("from {client}"));
     }
     if let Some(decision) = call.decision {
         let mut text = decision.as_str().to_owned();
