@@ -159,6 +159,7 @@ pub fn identity(policy: &Policy) -> Vec<Statement> {
                 .map(|(index, issuer)| issuer_statement(index, issuer)),
         );
         statements.push(claims_statement(jwt));
+        statements.push(refused_tokens_statement(jwt));
         if let Some(front) = &jwt.protected_resource {
             statements.push(protected_resource_statement(jwt, front));
         }
@@ -197,7 +198,40 @@ fn http_front(policy: &Policy) -> Statement {
         None => Sentence::new()
             .text("There is no HTTP front: agents reach servers only through their stdio fronts"),
     };
-    Statement::new(sentence, Cite::setting("daemon.listen"))
+    let mut statement = Statement::new(sentence, Cite::setting("daemon.listen"));
+    if !policy.daemon.trusted_proxies.is_empty() {
+        let proxies: Vec<String> = policy
+            .daemon
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        statement.details.push(Statement::new(
+            Sentence::new()
+                .text("A request through ")
+                .then(Sentence::codes(proxies, "or"))
+                .text(" is taken to come from the address its ")
+                .code("X-Forwarded-For")
+                .text(" names, in the audit log and for the budget of refused tokens"),
+            Cite::setting("daemon.trusted_proxies"),
+        ));
+    }
+    statement
+}
+
+fn refused_tokens_statement(jwt: &JwtSettings) -> Statement {
+    let sentence = match jwt.refused_tokens_per_minute {
+        0 => Sentence::new()
+            .text("Every token is checked, however many from the same address were refused"),
+        limit => Sentence::new()
+            .text("An address whose tokens were refused ")
+            .text(limit.to_string())
+            .text(" times within a minute gets HTTP 429 for tokens not accepted before, unchecked, until the minute is over"),
+    };
+    Statement::new(
+        sentence,
+        Cite::setting("identity.jwt.refused_tokens_per_minute"),
+    )
 }
 
 fn issuer_statement(index: usize, issuer: &JwtIssuer) -> Statement {

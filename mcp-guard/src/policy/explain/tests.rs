@@ -334,3 +334,18 @@ fn a_protected_resource_says_where_tokens_come_from_and_that_they_are_bound_to_a
         .remove("protected_resource");
     assert!(!markdown(&load(document)).contains("OAuth clients"));
 }
+
+#[test]
+fn trusted_proxies_say_whose_address_a_request_is_taken_to_have() {
+    let policy = load(json!({
+        "version": 1,
+        "daemon": { "listen": "127.0.0.1:8080", "trusted_proxies": ["10.0.0.0/8", "192.0.2.7"] },
+        "servers": { "fs": { "command": ["mcp-fs"], "rules": [] } }
+    }));
+    assert_says(
+        &markdown(&policy),
+        "A request through `10.0.0.0/8` or `192.0.2.7/32` is taken to come from the address its \
+         `X-Forwarded-For` names, in the audit log and for the budget of refused tokens \
+         [`daemon.trusted_proxies`].",
+    );
+}
