@@ -1305,5 +1305,17 @@ fn behind_a_trusted_proxy_the_forwarded_address_is_the_client() {
         &[("X-Forwarded-For", "198.51.100.9")],
     );
     assert_eq!(direct.status, 200, "{direct:?}");
-    assert_eq!(client_addrs(&front), names(&["198.51.100.10", "127.0.0.2"]));
+    // RFC 7239 Forwarded is read as well (and first).
+    let carol = token(Algorithm::RS256, &claims(CAROL, json!([])));
+    let forwarded = initialize_as(
+        front.addr,
+        "127.0.0.1",
+        &carol,
+        &[("Forwarded", "for=\"[2001:db8::11]:4711\";proto=https")],
+    );
+    assert_eq!(forwarded.status, 200, "{forwarded:?}");
+    assert_eq!(
+        client_addrs(&front),
+        names(&["198.51.100.10", "127.0.0.2", "2001:db8::11"])
+    );
 }

@@ -542,8 +542,8 @@ pub struct DaemonSettings {
 
     /// Proxies in front of the HTTP front (load balancers, TLS terminators), as address
     /// prefixes such as `10.0.0.0/8` or bare addresses. A request from one of them is taken to
-    /// come from the address its `X-Forwarded-For` names: the right-most entry that is not
-    /// itself a trusted proxy. That address is the call records' `client_addr` and what the
+    /// come from the address its RFC 7239 `Forwarded` (`for=`) or, without it,
+    /// `X-Forwarded-For` names: the right-most entry that is not itself a trusted proxy. That address is the call records' `client_addr` and what the
     /// budget of refused tokens counts. Empty (the default): the connection's own address,
     /// whatever headers say.
     #[serde(

@@ -211,6 +211,8 @@ fn http_front(policy: &Policy) -> Statement {
                 .text("A request through ")
                 .then(Sentence::codes(proxies, "or"))
                 .text(" is taken to come from the address its ")
+                .code("Forwarded")
+                .text(" or ")
                 .code("X-Forwarded-For")
                 .text(" names, in the audit log and for the budget of refused tokens"),
             Cite::setting("daemon.trusted_proxies"),

@@ -345,7 +345,7 @@ fn trusted_proxies_say_whose_address_a_request_is_taken_to_have() {
     assert_says(
         &markdown(&policy),
         "A request through `10.0.0.0/8` or `192.0.2.7/32` is taken to come from the address its \
-         `X-Forwarded-For` names, in the audit log and for the budget of refused tokens \
+         `Forwarded` or `X-Forwarded-For` names, in the audit log and for the budget of refused tokens \
          [`daemon.trusted_proxies`].",
     );
 }
