@@ -161,13 +161,7 @@ impl<'a> Session<'a> {
     }
 
     fn tool_names(&self) -> BTreeSet<String> {
-        let list = self.call(&rpc(1, "tools/list", json!({})));
-        list["result"]["tools"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no tools in {list}"))
-            .iter()
-            .map(|tool| tool["name"].as_str().unwrap().to_owned())
-            .collect()
+        tool_names(&self.call(&rpc(1, "tools/list", json!({})))["result"])
     }
 
     fn echo(&self, text: &str) -> Value {
@@ -1055,20 +1049,8 @@ fn an_oauth_client_finds_the_authorisation_server_and_gets_in_with_a_token_for_i
         run.run.report()
     );
     assert_eq!(oauth["authorization_server"], authorization.issuer.as_str());
-    let listed: BTreeSet<String> = run.results[0]["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{}", run.run.report()))
-        .iter()
-        .map(|tool| tool["name"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(listed, names(&["echo", "add"]));
-    assert_eq!(run.results[1]["ok"], true, "{}", run.run.report());
-    assert_eq!(
-        run.results[1]["result"]["content"][0]["text"],
-        "through OAuth",
-        "{}",
-        run.run.report()
-    );
+    assert_eq!(tool_names(run.ok(0)), names(&["echo", "add"]));
+    assert_eq!(run.ok(1)["content"][0]["text"], "through OAuth");
     // The token was meant for that server alone, and mcp-guard acted as its subject.
     let issued = authorization.issued_claims();
     assert_eq!(issued.len(), 1, "{issued:?}");
@@ -1093,12 +1075,7 @@ fn an_oauth_client_finds_the_authorisation_server_and_gets_in_with_a_token_for_i
         "{}",
         run.run.report()
     );
-    assert_eq!(
-        run.results[0]["result"]["content"][0]["text"],
-        "from TypeScript",
-        "{}",
-        run.run.report()
-    );
+    assert_eq!(run.ok(0)["content"][0]["text"], "from TypeScript");
     let issued = authorization.issued_claims();
     assert_eq!(issued.len(), 1, "{issued:?}");
     assert_eq!(issued[0]["aud"], resource("other"));

@@ -8,6 +8,7 @@
 //! down even when the test failed. The tests need root and a kernel that loads the programs:
 //! they fail (never skip) otherwise.
 
+use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -1941,6 +1942,16 @@ pub struct ClientRun {
     pub run: ProbeRun,
 }
 
+/// The names of the tools in a `tools/list` result; fails the test when it has no tool list.
+pub fn tool_names(list_result: &Value) -> BTreeSet<String> {
+    list_result["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tools in {list_result}"))
+        .iter()
+        .map(|tool| tool["name"].as_str().expect("tool name").to_string())
+        .collect()
+}
+
 impl ClientRun {
     /// The `result` of operation `i`; fails the test if that operation failed.
     pub fn ok(&self, i: usize) -> &Value {
@@ -1985,30 +1996,36 @@ pub fn mcp_client(
         .args(["--wire-fields", "--no-output-validation", "--timeout", "30"])
         .arg("--script")
         .arg(file.path());
-    let what = match transport {
+    let what = format!(
+        "mcp_client.py {} at {protocol_version}",
+        transport_arguments(&mut cmd, transport)
+    );
+    client_run(cmd, &what, ops)
+}
+
+/// Adds the client drivers' (`mcp_client.py`, `ts_client.mjs`) options for `transport`, last
+/// (`--command` takes the rest of the line), and says how the driver reaches the server.
+fn transport_arguments(cmd: &mut Command, transport: Transport<'_>) -> String {
+    match transport {
         Transport::Http(url) => {
             cmd.args(["--transport", "http", "--url", url]);
-            format!("mcp_client.py over HTTP to {url} at {protocol_version}")
+            format!("over HTTP to {url}")
         }
         Transport::OAuth(url) => {
             cmd.args(["--transport", "http", "--url", url, "--oauth"]);
-            format!("mcp_client.py with OAuth over HTTP to {url} at {protocol_version}")
+            format!("with OAuth over HTTP to {url}")
         }
         Transport::Https { url, ca_file } => {
             cmd.args(["--transport", "http", "--url", url, "--ca-file"])
                 .arg(ca_file);
-            format!("mcp_client.py over HTTPS to {url} at {protocol_version}")
+            format!("over HTTPS to {url}")
         }
         Transport::Stdio(command) => {
             cmd.args(["--transport", "stdio", "--command"])
                 .args(command);
-            format!(
-                "mcp_client.py over stdio to `{}` at {protocol_version}",
-                command.join(" ")
-            )
+            format!("over stdio to `{}`", command.join(" "))
         }
-    };
-    client_run(cmd, &what, ops)
+    }
 }
 
 /// Runs the official TypeScript SDK client (`tests/clients/ts_client.mjs`, the SDK from the
@@ -2023,22 +2040,10 @@ pub fn ts_client(peers: &Peers, transport: Transport<'_>, script: &Value) -> Cli
         .arg(&peers.dir)
         .args(["--timeout", "30", "--script"])
         .arg(file.path());
-    let what = match transport {
-        Transport::Http(url) => {
-            cmd.args(["--transport", "http", "--url", url]);
-            format!("ts_client.mjs over HTTP to {url}")
-        }
-        Transport::OAuth(url) => {
-            cmd.args(["--transport", "http", "--url", url, "--oauth"]);
-            format!("ts_client.mjs with OAuth over HTTP to {url}")
-        }
-        Transport::Stdio(command) => {
-            cmd.args(["--transport", "stdio", "--command"])
-                .args(command);
-            format!("ts_client.mjs over stdio to `{}`", command.join(" "))
-        }
-        Transport::Https { .. } => panic!("ts_client.mjs speaks plain HTTP and stdio only"),
-    };
+    if let Transport::Https { .. } = transport {
+        panic!("ts_client.mjs speaks plain HTTP and stdio only");
+    }
+    let what = format!("ts_client.mjs {}", transport_arguments(&mut cmd, transport));
     client_run(cmd, &what, ops)
 }
 

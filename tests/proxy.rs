@@ -181,15 +181,6 @@ impl Front {
 // Reading answers
 // ---------------------------------------------------------------------------------------------
 
-fn tool_names(list_result: &Value) -> BTreeSet<String> {
-    list_result["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no tools in {list_result}"))
-        .iter()
-        .map(|tool| tool["name"].as_str().expect("tool name").to_string())
-        .collect()
-}
-
 fn tool<'a>(list_result: &'a Value, name: &str) -> &'a Value {
     list_result["tools"]
         .as_array()

@@ -61,7 +61,6 @@ pub struct Verifier {
     clock_skew_seconds: u64,
     accepted: VerifiedTokens,
     refused: RefusedTokens,
-    refused_limit: u32,
 }
 
 struct TrustedIssuer {
@@ -236,7 +235,6 @@ impl Verifier {
             clock_skew_seconds: settings.clock_skew_seconds,
             accepted: VerifiedTokens::default(),
             refused: RefusedTokens::new(settings.refused_tokens_per_minute),
-            refused_limit: settings.refused_tokens_per_minute,
         })
     }
 
@@ -299,7 +297,7 @@ impl Verifier {
                 {
                     tracing::warn!(
                         %peer,
-                        limit = self.refused_limit,
+                        limit = self.refused.limit(),
                         "bearer tokens from this address were refused too often: its new tokens are answered 429 unchecked for the rest of the minute"
                     );
                 }

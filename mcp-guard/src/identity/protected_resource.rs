@@ -68,24 +68,32 @@ impl ProtectedResource {
     /// Whether a token with `audiences` may be used at `server`: yes, unless it names resources
     /// of this front and none of them is `server`'s or the front's own.
     pub fn admits(&self, server: &str, audiences: &[String]) -> bool {
+        // Runs on every authenticated request: the public URL is parsed once here.
         let origin = self.origin();
-        let own = self.resource_of(server);
+        let own = format!("{origin}/servers/{server}/mcp");
         let for_here = |audience: &String| {
             let audience = audience.trim_end_matches('/');
             audience == origin || audience == own
         };
-        audiences.iter().any(for_here) || !audiences.iter().any(|a| self.names_this_front(a))
+        audiences.iter().any(for_here)
+            || !audiences
+                .iter()
+                .any(|audience| names_front_at(&origin, audience))
     }
 
     /// Whether `audience` is this front (`public_url`) or one of its servers' resources.
     pub fn names_this_front(&self, audience: &str) -> bool {
-        let origin = self.origin();
-        let audience = audience.trim_end_matches('/');
-        audience == origin
-            || audience
-                .strip_prefix(origin.as_str())
-                .is_some_and(|path| path.starts_with("/servers/"))
+        names_front_at(&self.origin(), audience)
     }
+}
+
+/// Whether `audience` is the front at `origin` or one of its servers' resources.
+fn names_front_at(origin: &str, audience: &str) -> bool {
+    let audience = audience.trim_end_matches('/');
+    audience == origin
+        || audience
+            .strip_prefix(origin)
+            .is_some_and(|path| path.starts_with("/servers/"))
 }
 
 #[cfg(test)]

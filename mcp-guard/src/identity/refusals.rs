@@ -43,6 +43,11 @@ impl RefusedTokens {
         }
     }
 
+    /// Refusals an address may have within [`WINDOW`]; 0: no limit.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
     /// `Some(time left)` when `address` has used its budget in the current window.
     pub fn blocked(&self, address: IpAddr, now: Instant) -> Option<Duration> {
         if self.limit == 0 {

@@ -115,14 +115,16 @@ async fn dispatch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let client = connection.map(|Extension(ConnectInfo(peer))| {
-        super::forwarded::client_address(
-            peer.ip(),
-            &front.proxy.model().daemon.trusted_proxies,
-            &headers,
-        )
-    });
-    if !front.proxy.model().servers.contains_key(&name) {
+    // The policy in force is read once here and not held through the request (a GET stream
+    // would keep its generation alive).
+    let (client, known) = {
+        let model = front.proxy.model();
+        let client = connection.map(|Extension(ConnectInfo(peer))| {
+            super::forwarded::client_address(peer.ip(), &model.daemon.trusted_proxies, &headers)
+        });
+        (client, model.servers.contains_key(&name))
+    };
+    if !known {
         // Unauthenticated callers learn nothing, not even which server names exist.
         if let Err(unauthenticated) = caller_for(&front, &name, &headers, client) {
             return *unauthenticated;

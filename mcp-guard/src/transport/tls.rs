@@ -121,7 +121,10 @@ impl FrontCertificate {
     }
 
     pub fn is_on(&self) -> bool {
-        self.current().is_some()
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
     }
 }
 
