@@ -1635,6 +1635,112 @@ fn audit_records_carry_identity() {
 /// audit log, and the calls the test made; audit counters agree with the file; the latency
 /// histogram has its three stages; active sessions follow opens and DELETEs; egress attempts
 /// are counted by verdict; no label value holds an argument, an id or an address.
+/// A server spawned for a session reads, in its environment, the instruction and the trace
+/// context the agent gave when it opened the session (HTTP headers with `initialize`; a
+/// stateless 2026-07-28 session's first request's `_meta`), as OpenTelemetry's carriers
+/// `TRACEPARENT`, `TRACESTATE` and `BAGGAGE` and as `MCP_GUARD_INSTRUCTION`. A session opened
+/// without them sets none.
+#[test]
+fn a_spawned_server_reads_the_opening_instruction_and_trace_in_its_environment() {
+    let env = TestEnv::new("incident-spawn-env", PROBE);
+    let peers = Peers::require();
+    let environ = env.dir().join("environ");
+    let command = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        r#"env | grep -E '^(MCP_GUARD_(SERVER|SESSION|PRINCIPAL|INSTRUCTION)|TRACEPARENT|TRACESTATE|BAGGAGE)=' > "$1.$MCP_GUARD_SESSION"; exec "$2""#.into(),
+        "fast-env".into(),
+        environ.display().to_string(),
+        FAST_SERVER.into(),
+    ];
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+    let servers = json!({"fast": stdio_server(command, vec![list_tools_rule()])});
+    env.write_policy_document(&env.proxy_policy(addr, servers));
+    let _daemon = env.start_daemon();
+    let url = format!("http://{addr}/servers/fast/mcp");
+    let environment_of = |session: &str| -> BTreeSet<String> {
+        let path = format!("{}.{session}", environ.display());
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("the server of session {session} wrote no {path}: {err}"));
+        text.lines().map(str::to_owned).collect()
+    };
+    let guard_set = |lines: &BTreeSet<String>| -> BTreeSet<String> {
+        lines
+            .iter()
+            .filter(|l| !l.starts_with("MCP_GUARD_SERVER=") && !l.starts_with("MCP_GUARD_SESSION="))
+            .filter(|l| !l.starts_with("MCP_GUARD_PRINCIPAL="))
+            .cloned()
+            .collect()
+    };
+
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let ping = r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#;
+    let opened = raw_http(
+        &peers,
+        &url,
+        &[
+            "--initialize",
+            HANDSHAKE,
+            "--header",
+            "MCP-Guard-Instruction: instr-spawn-42",
+            "--header",
+            &format!("traceparent: {parent}"),
+            "--header",
+            "tracestate: vendor=abc",
+            "--body",
+            ping,
+        ],
+    );
+    let session = opened["initialize"]["session_id"]
+        .as_str()
+        .expect("a session id");
+    assert_eq!(
+        guard_set(&environment_of(session)),
+        BTreeSet::from([
+            "MCP_GUARD_INSTRUCTION=instr-spawn-42".to_owned(),
+            "BAGGAGE=mcp.instruction=instr-spawn-42".to_owned(),
+            format!("TRACEPARENT={parent}"),
+            "TRACESTATE=vendor=abc".to_owned(),
+        ])
+    );
+
+    let stateless_parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": {
+        "io.mcp-guard/instruction": "instr-spawn-meta", "traceparent": stateless_parent}}});
+    let stateless = raw_http(
+        &peers,
+        &url,
+        &[
+            "--envelope",
+            "2026-07-28",
+            "--header",
+            "MCP-Guard-Session: spawn-env",
+            "--body",
+            &call.to_string(),
+        ],
+    );
+    assert_eq!(stateless["status"], 200, "{stateless}");
+    assert_eq!(
+        guard_set(&environment_of("stateless-fast-spawn-env")),
+        BTreeSet::from([
+            "MCP_GUARD_INSTRUCTION=instr-spawn-meta".to_owned(),
+            "BAGGAGE=mcp.instruction=instr-spawn-meta".to_owned(),
+            format!("TRACEPARENT={stateless_parent}"),
+        ])
+    );
+
+    let plain = raw_http(&peers, &url, &["--initialize", HANDSHAKE, "--body", ping]);
+    let session = plain["initialize"]["session_id"]
+        .as_str()
+        .expect("a session id");
+    let plain_env = environment_of(session);
+    assert!(
+        plain_env.contains(&format!("MCP_GUARD_SESSION={session}")),
+        "{plain_env:?}"
+    );
+    assert_eq!(guard_set(&plain_env), BTreeSet::new());
+}
+
 #[test]
 fn metrics_count_decisions_and_audit_records() {
     let metrics_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));

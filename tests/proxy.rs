@@ -550,12 +550,76 @@ fn explicitly_denied_tool_is_hidden_and_never_reaches_the_server() {
         set(&["list_directory", "read_text_file"])
     );
     assert_unknown_tool(run.error(1), "write_file");
+    assert_eq!(text(run.ok(2)), "read me\n");
+
+    // The same write without an `id` is no notification (MCP names those notifications/...):
+    // it is refused too, not passed on unjudged.
+    let session = front.open_session("files", HANDSHAKE);
+    let idless = json!({"jsonrpc": "2.0", "method": "tools/call",
+        "params": {"name": "write_file",
+                   "arguments": {"path": target.display().to_string(), "content": "must never be written"}}});
+    let output = front.in_session("files", &session, &idless);
+    assert_eq!(output["status"], 400, "an id-less tools/call: {output}");
+    assert_eq!(output["body"]["error"]["code"], -32600, "{output}");
     assert!(
         !target.exists(),
         "the refused write reached the server: {} exists",
         target.display()
     );
-    assert_eq!(text(run.ok(2)), "read me\n");
+}
+
+/// An agent's notification that is not protocol plumbing is judged like a request of its
+/// method: one no rule allows is refused (`-32010`, `"id": null`, the rule named) and never
+/// reaches the server; one a rule allows goes on (`202`). Both decisions are on record;
+/// plumbing such as `notifications/initialized` needs no rule.
+#[test]
+fn an_agents_notification_is_judged_by_the_rules() {
+    let env = TestEnv::new("proxy-notifications-judged", PROBE);
+    let peers = Peers::require();
+    let servers = json!({
+        "everything": stdio_server(peers.everything(), vec![
+            list_tools_rule(),
+            allow("roots-news", json!({"roles": [DEVELOPER], "methods": ["notifications/roots/*"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("everything", HANDSHAKE);
+    let notify = |method: &str| {
+        front.in_session(
+            "everything",
+            &session,
+            &json!({"jsonrpc": "2.0", "method": method, "params": {}}),
+        )
+    };
+    let refused = notify("notifications/custom/ping-the-server");
+    assert_eq!(refused["status"], 200, "{refused}");
+    let error = &refused["body"]["error"];
+    assert_eq!(error["code"], -32010, "{refused}");
+    assert_eq!(error["data"]["rule"], "default-deny", "{refused}");
+    assert_eq!(refused["body"]["id"], Value::Null, "{refused}");
+    let allowed = notify("notifications/roots/changed-elsewhere");
+    assert_eq!(allowed["status"], 202, "{allowed}");
+
+    let records = audit_records(&front.env.audit_path());
+    let decision = |method: &str| -> Vec<(String, String)> {
+        records
+            .iter()
+            .filter(|r| r["method"] == method && r.get("decision").is_some())
+            .map(|r| (r["decision"].to_string(), r["rule"].to_string()))
+            .collect()
+    };
+    assert_eq!(
+        decision("notifications/custom/ping-the-server"),
+        [("\"deny\"".to_owned(), "\"default-deny\"".to_owned())]
+    );
+    assert_eq!(
+        decision("notifications/roots/changed-elsewhere"),
+        [("\"allow\"".to_owned(), "\"roots-news\"".to_owned())]
+    );
+    assert!(
+        decision("notifications/initialized").is_empty(),
+        "plumbing is not judged: {records:#?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1034,6 +1098,12 @@ fn bad_input_is_refused_and_the_daemon_keeps_serving() {
             code: Some(-32600),
         },
         Case {
+            what: "a request without an id",
+            args: with_session(&["--raw-body", r#"{"jsonrpc":"2.0","method":"tools/list"}"#]),
+            status: 400,
+            code: Some(-32600),
+        },
+        Case {
             what: "an empty batch",
             args: with_session(&["--raw-body", "[]"]),
             status: 400,
@@ -1132,6 +1202,32 @@ fn bad_input_is_refused_and_the_daemon_keeps_serving() {
             ]),
             status: 400,
             code: None,
+        },
+        Case {
+            what: "a 2026-07-28 batch",
+            args: strings(&[
+                "--header",
+                "MCP-Protocol-Version: 2026-07-28",
+                "--header",
+                "Mcp-Method: tools/list",
+                "--body",
+                &format!("[{},{}]", list(1), list(2)),
+            ]),
+            status: 400,
+            code: Some(-32600),
+        },
+        Case {
+            what: "2026-07-28 with a protocol version in _meta other than the header's",
+            args: strings(&[
+                "--header",
+                "MCP-Protocol-Version: 2026-07-28",
+                "--header",
+                "Mcp-Method: tools/list",
+                "--body",
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2099-01-01"}}}"#,
+            ]),
+            status: 400,
+            code: Some(-32600),
         },
         Case {
             what: "2026-07-28 without Mcp-Method",
@@ -2957,6 +3053,85 @@ fn stdio_server_secrets_come_from_files_named_in_env() {
             session.display()
         );
     }
+}
+
+/// What a `url` server receives in HTTP headers about each call: `MCP-Guard-Call-Id`,
+/// `-Session`, `-Principal` and `-Instruction` as the audit log has them, `traceparent` in the
+/// call's trace, and `baggage` with the agent's own entries kept and `mcp.instruction` added.
+/// The real mcp-server-time logs the headers of every request it gets.
+#[test]
+fn a_url_server_reads_the_calls_identity_in_its_headers() {
+    let env = TestEnv::new("proxy-upstream-identity-headers", PROBE);
+    let peers = Peers::require();
+    let header_log = env.dir().join("headers.jsonl");
+    let (mut upstream, port) =
+        start_announcing(&peers.time_http(&["--header-log", header_log.to_str().unwrap()]));
+    let servers = json!({"time": url_server(&port, current_time_rules())});
+    let front = Front::start(env, peers, servers);
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traceparent = format!("traceparent: {parent}");
+    let answer = front.raw(
+        "time",
+        &[
+            "--initialize",
+            HANDSHAKE,
+            "--header",
+            "MCP-Guard-Instruction: instr-headers-1",
+            "--header",
+            &traceparent,
+            "--header",
+            "baggage: tenant=acme",
+            "--body",
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"get_current_time","arguments":{"timezone":"UTC"}}}"#,
+        ],
+    );
+    assert!(response_message(&answer)["result"].is_object(), "{answer}");
+    let session = answer["initialize"]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    upstream.kill().ok();
+    upstream.wait().ok();
+
+    let records = audit_records(&front.env.audit_path());
+    let decision = records
+        .iter()
+        .find(|r| r["tool"] == "get_current_time" && r["decision"] == "allow")
+        .unwrap_or_else(|| panic!("no decision record of the call: {records:#?}"));
+    let call_id = decision["call_id"].as_str().unwrap();
+    let seen: Vec<Value> = std::fs::read_to_string(&header_log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let headers = &seen
+        .iter()
+        .find(|r| r["headers"]["mcp-guard-call-id"] == call_id)
+        .unwrap_or_else(|| panic!("no request carried call id {call_id}: {seen:#?}"))["headers"];
+    assert_eq!(headers["mcp-guard-session"], session.as_str(), "{headers}");
+    assert_eq!(headers["mcp-guard-principal"], AGENT, "{headers}");
+    assert_eq!(
+        headers["mcp-guard-instruction"], "instr-headers-1",
+        "{headers}"
+    );
+    assert_eq!(decision["instruction"], "instr-headers-1", "{decision}");
+    let forwarded_parent = headers["traceparent"].as_str().unwrap();
+    let parts: Vec<&str> = forwarded_parent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{headers}");
+    assert_eq!(
+        parts[1],
+        decision["trace_id"].as_str().unwrap(),
+        "{headers}"
+    );
+    assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "{headers}");
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "mcp-guard's span is the parent: {headers}"
+    );
+    assert_eq!(
+        headers["baggage"], "tenant=acme,mcp.instruction=instr-headers-1",
+        "{headers}"
+    );
 }
 
 /// mcp-server-time's tools may be listed, and `get_current_time` called, by developers.

@@ -933,6 +933,7 @@ fn stdio_front_answers_bad_lines_and_keeps_serving() {
     edit_policy(&env, |document| {
         document["daemon"]["max_json_depth"] = json!(8);
         document["daemon"]["max_message_bytes"] = json!(2048);
+        document["daemon"]["max_batch_size"] = json!(2);
     });
     let _daemon = env.start_daemon();
     let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
@@ -941,7 +942,8 @@ fn stdio_front_answers_bad_lines_and_keeps_serving() {
     assert_eq!(answer["result"]["protocolVersion"], HANDSHAKE, "{answer}");
 
     // One at a time, so each answer is known to belong to its line.
-    let cases: [(&str, Vec<u8>, Value, i64); 5] = [
+    let ping = |id: i64| json!({"jsonrpc": "2.0", "id": id, "method": "ping"}).to_string();
+    let cases: [(&str, Vec<u8>, Value, i64); 8] = [
         (
             "invalid JSON",
             br#"{"jsonrpc":"2.0","id":2,"method":"#.to_vec(),
@@ -987,6 +989,19 @@ fn stdio_front_answers_bad_lines_and_keeps_serving() {
             Value::Null,
             -32700,
         ),
+        (
+            "a request without an id",
+            br#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"echo","arguments":{"message":"x"}}}"#.to_vec(),
+            Value::Null,
+            -32600,
+        ),
+        ("an empty batch", b"[]".to_vec(), Value::Null, -32600),
+        (
+            "a batch over max_batch_size",
+            format!("[{},{},{}]", ping(7), ping(8), ping(9)).into_bytes(),
+            Value::Null,
+            -32600,
+        ),
     ];
     for (what, line, id, code) in cases {
         front.send(&line);
@@ -994,6 +1009,19 @@ fn stdio_front_answers_bad_lines_and_keeps_serving() {
         assert_eq!(answer["error"]["code"], code, "{what}: {answer}");
         assert_eq!(answer["id"], id, "{what}: {answer}");
     }
+
+    // A batch is answered element by element: the first ping, and the duplicate's refusal.
+    front.send(format!("[{},{}]", ping(10), ping(10)).as_bytes());
+    let answer = front
+        .messages_until("a batch with a duplicate id", Value::is_array)
+        .pop()
+        .unwrap();
+    let answers = answer
+        .as_array()
+        .unwrap_or_else(|| panic!("not a batch: {answer}"));
+    let codes: Vec<&Value> = answers.iter().map(|a| &a["error"]["code"]).collect();
+    assert_eq!(codes, [&Value::Null, &json!(-32600)], "{answer}");
+    assert!(answers.iter().all(|a| a["id"] == 10), "{answer}");
 
     let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
         "params": {"name": "echo", "arguments": {"message": "still serving"}}});

@@ -217,7 +217,12 @@ async fn stdio_front(args: StdioArgs) -> Result<ExitCode> {
         roles,
         context: Default::default(),
     };
-    let session = proxy.open_session(&args.server, caller, None).await?;
+    // The session opens before the agent's first message; the server inherits this front's
+    // environment, where the agent that launched it may have set the instruction and trace.
+    let opening = mcp_guard::identity::OpeningContext::default();
+    let session = proxy
+        .open_session(&args.server, caller, None, &opening)
+        .await?;
     tokio::spawn(mcp_guard::transport::stdio::follow_policy(
         proxy.clone(),
         args.policy.clone(),

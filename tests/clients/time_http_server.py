@@ -10,12 +10,14 @@ Streamable HTTP transport, which answers both protocol eras: the initialize hand
     <peers>/venv/bin/python tests/clients/time_http_server.py [--port 0] [--path /mcp]
         [--json-response] [--stateless] [--local-timezone UTC]
         [--tls-cert CERT.pem --tls-key KEY.pem]     (serve https:// instead of http://)
-        [--require-bearer-file FILE] [--auth-log FILE]
+        [--require-bearer-file FILE] [--auth-log FILE] [--header-log FILE]
 
 With `--require-bearer-file`, every HTTP request must carry `Authorization: Bearer <token>`,
 the token being what FILE holds (read per request, so a test can rotate it); others get 401,
 as a hosted MCP server that wants an API key answers. `--auth-log` appends one line per HTTP
-request: its method and the Authorization value it carried (`-` for none).
+request: its method and the Authorization value it carried (`-` for none). `--header-log`
+appends one JSON line per HTTP request: `{"method": ..., "headers": {name: value}}`, names
+lower-case (what a server author reads to enrich their own audit log).
 
 It binds before serving and prints one line `MCP_PEER_LISTENING <port>` on stderr, so
 `--port 0` (the default) gives a free port without a race. SIGTERM/SIGINT stop it.
@@ -64,6 +66,21 @@ class BearerRequired:
         await self.app(scope, receive, send)
 
 
+class HeaderLog:
+    """ASGI middleware: append each request's method and headers to a JSON-lines file."""
+
+    def __init__(self, app, path):
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            with open(self.path, "a") as log:
+                log.write(json.dumps({"method": scope["method"], "headers": headers}) + "\n")
+        await self.app(scope, receive, send)
+
+
 async def serve(args):
     server = create_server(str(get_local_tz(args.local_timezone)))
     app = server.streamable_http_app(
@@ -74,6 +91,8 @@ async def serve(args):
     )
     if args.require_bearer_file or args.auth_log:
         app = BearerRequired(app, args.require_bearer_file, args.auth_log)
+    if args.header_log:
+        app = HeaderLog(app, args.header_log)
     await serve_announced(app, args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
 
 
@@ -88,6 +107,7 @@ def main():
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--require-bearer-file", help="answer 401 unless Authorization is Bearer <what FILE holds>")
     parser.add_argument("--auth-log", help="append each request's method and Authorization value here")
+    parser.add_argument("--header-log", help="append each request's method and headers here (JSON lines)")
     anyio.run(serve, parser.parse_args())
 
 

@@ -27,6 +27,8 @@ pub mod meta_keys {
     pub const SERVER: &str = "io.mcp-guard/server";
     pub const TRACEPARENT: &str = "traceparent";
     pub const TRACESTATE: &str = "tracestate";
+    /// W3C baggage, as in the header: the agent's entries, and `mcp.instruction`.
+    pub const BAGGAGE: &str = "baggage";
 }
 
 /// What the transport saw around the message (HTTP headers; nothing for stdio).
@@ -141,12 +143,70 @@ fn random_hex(bytes: usize) -> String {
     hex
 }
 
+/// What the agent said about the work when it opened a session (the instruction, its trace
+/// context), for a server spawned for that session to read in its environment at start:
+/// `MCP_GUARD_INSTRUCTION`, and OpenTelemetry's environment carriers `TRACEPARENT`,
+/// `TRACESTATE` and `BAGGAGE` (`mcp.instruction=ID`). Only what the agent gave: a trace
+/// mcp-guard would start for the opening request is not the agent's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpeningContext {
+    pub instruction: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    /// The agent's baggage with `mcp.instruction` (see [`CallIdentity::baggage`]).
+    pub baggage: Option<String>,
+}
+
+impl OpeningContext {
+    /// From the first message of a session (its `_meta`) and the transport's hints, with the
+    /// precedence of [`CallIdentity::for_request`]. An invalid `traceparent` is left out.
+    pub fn of_request(params: Option<&Value>, hints: &TransportHints) -> OpeningContext {
+        let meta = params
+            .and_then(|p| p.get("_meta"))
+            .and_then(Value::as_object);
+        let meta_str = |key: &str| meta.and_then(|m| m.get(key)).and_then(Value::as_str);
+        let (traceparent, tracestate) = match meta_str(meta_keys::TRACEPARENT) {
+            Some(parent) => (Some(parent), meta_str(meta_keys::TRACESTATE)),
+            None => (hints.traceparent.as_deref(), hints.tracestate.as_deref()),
+        };
+        let traceparent = traceparent.filter(|parent| parse_traceparent(parent).is_some());
+        let identity = CallIdentity::for_request(params, hints);
+        OpeningContext {
+            instruction: identity.instruction,
+            traceparent: traceparent.map(str::to_owned),
+            tracestate: traceparent.and(tracestate).map(str::to_owned),
+            baggage: identity.baggage,
+        }
+    }
+
+    /// The environment variables it sets (none for what the agent did not give).
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = Vec::new();
+        if let Some(instruction) = &self.instruction {
+            env.push(("MCP_GUARD_INSTRUCTION", instruction.clone()));
+        }
+        if let Some(baggage) = &self.baggage {
+            env.push(("BAGGAGE", baggage.clone()));
+        }
+        if let Some(parent) = &self.traceparent {
+            env.push(("TRACEPARENT", parent.clone()));
+        }
+        if let Some(state) = &self.tracestate {
+            env.push(("TRACESTATE", state.clone()));
+        }
+        env
+    }
+}
+
 /// The identity of one forwarded request.
 #[derive(Clone, Debug)]
 pub struct CallIdentity {
     pub call_id: String,
     pub instruction: Option<String>,
     pub trace: TraceContext,
+    /// W3C baggage for the next hop: the agent's (its `_meta` `baggage`, else the header),
+    /// with `mcp.instruction` added where the agent's lacks it and there is an instruction.
+    pub baggage: Option<String>,
     /// The address the request came from, where the transport has one.
     pub client: Option<std::net::IpAddr>,
 }
@@ -171,8 +231,10 @@ impl CallIdentity {
                 hints.tracestate.as_deref(),
             ),
         };
+        let agent_baggage = meta_str(meta_keys::BAGGAGE).or(hints.baggage.as_deref());
         CallIdentity {
             call_id: uuid::Uuid::new_v4().simple().to_string(),
+            baggage: with_instruction(agent_baggage, instruction.as_deref()),
             instruction,
             trace,
             client: hints.client,
@@ -194,6 +256,7 @@ impl CallIdentity {
         };
         CallIdentity {
             call_id: uuid::Uuid::new_v4().simple().to_string(),
+            baggage: with_instruction(None, instruction.as_deref()),
             instruction,
             trace,
             client: None,
@@ -235,16 +298,76 @@ impl CallIdentity {
         if let Some(state) = &self.trace.tracestate {
             put(meta_keys::TRACESTATE, state.clone());
         }
+        if let Some(baggage) = &self.baggage {
+            // The agent's own baggage with the instruction added: a superset of what it sent.
+            meta.insert(
+                meta_keys::BAGGAGE.to_owned(),
+                Value::String(baggage.clone()),
+            );
+        }
     }
 }
 
-/// One entry of a W3C `baggage` header (`k=v,k2=v2;prop`), percent-decoding not needed for
-/// the ids mcp-guard reads.
+/// One entry of a W3C `baggage` header (`k=v,k2=v2;prop`), percent-decoded.
 fn baggage_value(baggage: Option<&str>, key: &str) -> Option<String> {
     baggage?.split(',').find_map(|member| {
         let (k, v) = member.split(';').next()?.split_once('=')?;
-        (k.trim() == key).then(|| v.trim().to_owned())
+        (k.trim() == key).then(|| percent_decode(v.trim()))
     })
+}
+
+/// `baggage` with an `mcp.instruction` entry for `instruction`, unless it has one already.
+fn with_instruction(baggage: Option<&str>, instruction: Option<&str>) -> Option<String> {
+    let baggage = baggage.map(str::trim).filter(|b| !b.is_empty());
+    let Some(instruction) = instruction else {
+        return baggage.map(str::to_owned);
+    };
+    if baggage_value(baggage, "mcp.instruction").is_some() {
+        return baggage.map(str::to_owned);
+    }
+    let entry = format!("mcp.instruction={}", baggage_encode(instruction));
+    Some(match baggage {
+        Some(agent) => format!("{agent},{entry}"),
+        None => entry,
+    })
+}
+
+/// Percent-encodes what a W3C baggage value may not hold as it is (controls, space, `"`,
+/// `,`, `;`, `\`, `%` and non-ASCII).
+fn baggage_encode(value: &str) -> String {
+    let mut encoded = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        let plain = matches!(byte, 0x21 | 0x23..=0x24 | 0x26..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E);
+        if plain {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| value.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 /// HTTP headers for a forwarded request, read back from the `_meta` that `stamp` filled (so the
@@ -266,14 +389,12 @@ pub fn downstream_headers(message: &Value) -> Vec<(&'static str, String)> {
         ("mcp-guard-session", meta_keys::SESSION),
         ("mcp-guard-principal", meta_keys::PRINCIPAL),
         ("mcp-guard-instruction", meta_keys::INSTRUCTION),
+        ("baggage", meta_keys::BAGGAGE),
     ];
     for (header, key) in pairs {
         if let Some(value) = text(key) {
             headers.push((header, value));
         }
-    }
-    if let Some(instruction) = text(meta_keys::INSTRUCTION) {
-        headers.push(("baggage", format!("mcp.instruction={instruction}")));
     }
     headers
 }
@@ -282,6 +403,40 @@ pub fn downstream_headers(message: &Value) -> Vec<(&'static str, String)> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_opening_context_is_what_the_agent_gave_meta_first() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let hints = TransportHints {
+            instruction: Some("from-header".into()),
+            traceparent: Some("00-garbage".into()),
+            tracestate: Some("dropped=with-its-parent".into()),
+            ..TransportHints::default()
+        };
+        let header_only = OpeningContext::of_request(None, &hints);
+        assert_eq!(
+            header_only,
+            OpeningContext {
+                instruction: Some("from-header".into()),
+                traceparent: None,
+                tracestate: None,
+                baggage: Some("mcp.instruction=from-header".into()),
+            }
+        );
+        let params = json!({"_meta": {"traceparent": parent, "tracestate": "k=v",
+                                      "io.mcp-guard/instruction": "from-meta"}});
+        let opening = OpeningContext::of_request(Some(&params), &hints);
+        assert_eq!(
+            opening.env(),
+            vec![
+                ("MCP_GUARD_INSTRUCTION", "from-meta".to_owned()),
+                ("BAGGAGE", "mcp.instruction=from-meta".to_owned()),
+                ("TRACEPARENT", parent.to_owned()),
+                ("TRACESTATE", "k=v".to_owned()),
+            ]
+        );
+        assert!(OpeningContext::default().env().is_empty());
+    }
 
     #[test]
     fn continues_a_valid_trace_and_starts_one_otherwise() {
@@ -355,5 +510,44 @@ mod tests {
         let headers = downstream_headers(&message);
         assert!(headers.contains(&("mcp-guard-principal", "alice".to_owned())));
         assert!(!headers.contains(&("mcp-guard-principal", "someone-else".to_owned())));
+    }
+
+    #[test]
+    fn the_agents_baggage_travels_on_with_the_instruction_added() {
+        let hints = TransportHints {
+            instruction: Some("job 7, step 2".into()),
+            baggage: Some("tenant=acme, user.id=42;prop=1".into()),
+            ..TransportHints::default()
+        };
+        let identity = CallIdentity::for_request(None, &hints);
+        let expected = "tenant=acme, user.id=42;prop=1,mcp.instruction=job%207%2C%20step%202";
+        assert_eq!(identity.baggage.as_deref(), Some(expected));
+        // Read back, the encoded instruction is the instruction.
+        assert_eq!(
+            baggage_value(Some(expected), "mcp.instruction").as_deref(),
+            Some("job 7, step 2")
+        );
+        let mut params = None;
+        identity.stamp(&mut params, "web", "s1", "alice");
+        let headers = downstream_headers(&json!({"params": params}));
+        assert!(
+            headers.contains(&("baggage", expected.to_owned())),
+            "{headers:?}"
+        );
+        assert!(headers.contains(&("mcp-guard-instruction", "job 7, step 2".to_owned())));
+
+        // An agent's baggage that names the instruction already is kept as it is.
+        let named = TransportHints {
+            baggage: Some("mcp.instruction=abc,tenant=acme".into()),
+            ..TransportHints::default()
+        };
+        let identity = CallIdentity::for_request(None, &named);
+        assert_eq!(identity.instruction.as_deref(), Some("abc"));
+        assert_eq!(
+            identity.baggage.as_deref(),
+            Some("mcp.instruction=abc,tenant=acme")
+        );
+        let none = CallIdentity::for_request(None, &TransportHints::default());
+        assert_eq!(none.baggage, None);
     }
 }

@@ -180,8 +180,29 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Incoming, RpcError> {
         .map_err(|e| RpcError::new(None, codes::PARSE_ERROR, format!("invalid JSON: {e}")))?;
     match value {
         Value::Array(items) => parse_batch(items, limits),
-        single => Ok(Incoming::Single(message_from_value(single)?)),
+        single => Ok(Incoming::Single(message_from_agent(single)?)),
     }
+}
+
+/// Classifies one message of an agent. A message without an `id` is a notification, which
+/// has no answer and so no place for a refusal; MCP names every notification
+/// `notifications/...`, so anything else without an `id` (say a `tools/call`) is refused
+/// rather than passed on unjudged.
+fn message_from_agent(value: Value) -> Result<Message, RpcError> {
+    let message = message_from_value(value)?;
+    if let Message::Notification(notification) = &message
+        && !notification.method.starts_with("notifications/")
+    {
+        return Err(RpcError::new(
+            None,
+            codes::INVALID_REQUEST,
+            format!(
+                "{} has no \"id\": a request needs one (only notifications/... are sent without)",
+                notification.method
+            ),
+        ));
+    }
+    Ok(message)
 }
 
 fn parse_batch(items: Vec<Value>, limits: &Limits) -> Result<Incoming, RpcError> {
@@ -203,7 +224,7 @@ fn parse_batch(items: Vec<Value>, limits: &Limits) -> Result<Incoming, RpcError>
     let messages = items
         .into_iter()
         .map(|item| {
-            let message = message_from_value(item)?;
+            let message = message_from_agent(item)?;
             if let Message::Request(request) = &message
                 && !seen.insert(request.id.clone())
             {
@@ -412,6 +433,32 @@ mod tests {
     }
 
     #[test]
+    fn a_request_without_an_id_is_refused_not_taken_for_a_notification() {
+        let error = parse_one(r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"x"}}"#)
+            .unwrap_err();
+        assert_eq!(error.code, codes::INVALID_REQUEST);
+        assert_eq!(error.id, None);
+        assert!(
+            error.message.contains("tools/call has no \"id\""),
+            "{}",
+            error.message
+        );
+        let batch = parse(
+            br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"resources/read"}]"#,
+            &Limits::default(),
+        )
+        .unwrap();
+        let Incoming::Batch(items) = batch else {
+            panic!("not a batch")
+        };
+        assert!(items[0].is_ok());
+        assert_eq!(items[1].as_ref().unwrap_err().code, codes::INVALID_REQUEST);
+        let cancelled =
+            parse_one(r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{}}"#);
+        assert!(matches!(cancelled, Ok(Message::Notification(_))));
+    }
+
+    #[test]
     fn bad_input_becomes_json_rpc_errors() {
         let cases = [
             ("not json", codes::PARSE_ERROR),
@@ -470,7 +517,7 @@ mod tests {
                 .contains("nesting")
         );
         // Brackets inside strings do not count.
-        let quoted = r#"{"jsonrpc":"2.0","method":"[[[[[["}"#;
+        let quoted = r#"{"jsonrpc":"2.0","method":"notifications/[[[[[["}"#;
         assert!(parse(quoted.as_bytes(), &limits).is_ok());
     }
 

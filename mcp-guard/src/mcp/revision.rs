@@ -88,6 +88,15 @@ pub fn check_routing_headers(
     mcp_method: Option<&str>,
     mcp_name: Option<&str>,
 ) -> Result<(), String> {
+    if let Incoming::Batch(_) = incoming {
+        // The stateless revision has no batches, and one pair of routing headers cannot
+        // describe several messages.
+        return Err(
+            "a stateless (2026-07-28) request cannot be a JSON-RPC batch: send each message \
+             in a POST of its own, with its own Mcp-Method and Mcp-Name"
+                .to_owned(),
+        );
+    }
     let Some((method, params)) = single_request(incoming) else {
         return Ok(());
     };
@@ -164,6 +173,16 @@ mod tests {
         assert!(
             check_routing_headers(&list, Some("2025-11-25"), Some("tools/list"), None).is_err()
         );
+    }
+
+    #[test]
+    fn a_stateless_batch_is_refused_whatever_its_headers() {
+        let batch = incoming(
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":2,"method":"tools/list"}]"#,
+        );
+        let refused = check_routing_headers(&batch, Some("2026-07-28"), Some("tools/list"), None)
+            .unwrap_err();
+        assert!(refused.contains("cannot be a JSON-RPC batch"), "{refused}");
     }
 
     #[test]

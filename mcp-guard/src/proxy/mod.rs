@@ -29,7 +29,7 @@ use tokio::sync::Mutex;
 
 use crate::audit::{AuditDecision, Latency};
 use crate::egress::Egress;
-use crate::identity::{CallIdentity, TransportHints};
+use crate::identity::{CallIdentity, OpeningContext, TransportHints};
 use record::{DecisionFacts, Recorder};
 
 /// Where server processes start: in a guarded cgroup of this daemon's egress enforcement, in
@@ -229,6 +229,7 @@ impl Proxy {
         server: &str,
         caller: Caller,
         id: Option<String>,
+        opening: &OpeningContext,
     ) -> Result<Arc<AgentSession>, ProxyError> {
         let principal = caller.principal.clone();
         if let Err(limit) = self.take_slot(&principal) {
@@ -237,7 +238,7 @@ impl Proxy {
                 .await;
             return Err(limit.into());
         }
-        let opened = self.start_session(server, caller, id).await;
+        let opened = self.start_session(server, caller, id, opening).await;
         if opened.is_err() {
             self.slots().give_back(&principal);
         }
@@ -271,6 +272,7 @@ impl Proxy {
         server: &str,
         caller: Caller,
         id: Option<String>,
+        opening: &OpeningContext,
     ) -> Result<Arc<AgentSession>, ProxyError> {
         let model = self.model();
         let server_policy = model
@@ -313,8 +315,16 @@ impl Proxy {
             self.recorder.session_event(&session, "start").await;
             return Ok(session);
         }
-        let session =
-            session::start(self, server, id.clone(), caller, launch, &self.placement).await?;
+        let session = session::start(
+            self,
+            server,
+            id.clone(),
+            caller,
+            opening,
+            launch,
+            &self.placement,
+        )
+        .await?;
         self.sessions.lock().await.insert(id, session.clone());
         self.metrics.active_sessions.inc();
         self.recorder.session_event(&session, "start").await;
@@ -455,6 +465,12 @@ impl Proxy {
         match message {
             Message::Request(request) => Some(self.handle_request(session, request, hints).await),
             Message::Notification(notification) => {
+                if let Err(refusal) = self
+                    .authorise_notification(session, &notification, hints)
+                    .await
+                {
+                    return Some(refusal);
+                }
                 self.handle_notification(session, notification).await;
                 None
             }
@@ -886,6 +902,114 @@ impl Proxy {
         Ok(())
     }
 
+    /// The verdict on `method`, which names no tool, resource or prompt (an agent's
+    /// notification, a server's request to the agent), as it goes on record in `mode`; with the
+    /// rule and the reason.
+    fn judge_unnamed(
+        &self,
+        server: &str,
+        caller: &Caller,
+        method: &str,
+        mode: Mode,
+    ) -> (AuditDecision, String, String) {
+        let policy = self.policy();
+        let decision = policy.decide(&DecisionRequest {
+            server,
+            principal: &caller.principal,
+            roles: &caller.roles,
+            method,
+            name: None,
+            arguments: None,
+            context: &caller.context,
+        });
+        let verdict = match (decision.effect, mode.lets_everything_through()) {
+            (Effect::Allow, _) => AuditDecision::Allow,
+            (Effect::Deny, true) => AuditDecision::WouldDeny,
+            (Effect::Deny, false) => AuditDecision::Deny,
+        };
+        (
+            verdict,
+            rule_label(decision.rule, decision.effect),
+            decision.reason.to_string(),
+        )
+    }
+
+    /// Judges an agent's notification other than protocol plumbing like a request of its
+    /// method (a rule allows it by naming the method), and records the decision. A refused
+    /// one is dropped, and the agent gets the refusal with `"id": null`: a notification has
+    /// no id to answer. So is one whose allowing record cannot be written.
+    async fn authorise_notification(
+        &self,
+        session: &Arc<AgentSession>,
+        notification: &Notification,
+        hints: &TransportHints,
+    ) -> Result<(), Value> {
+        if crate::policy::is_plumbing(&notification.method) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        // The records of a call describe a request; a notification's has no id to keep.
+        let judged = Request {
+            id: Id::Number(0),
+            method: notification.method.clone(),
+            params: notification.params.clone(),
+        };
+        let identity = CallIdentity::for_request(judged.params.as_ref(), hints);
+        let context = crate::identity::request_context(judged.params.as_ref(), hints);
+        let caller = session
+            .caller()
+            .for_request(hints.roles.as_deref(), context);
+        let mode = self.mode_of(&session.server);
+        let (audit_decision, rule, reason) =
+            self.judge_unnamed(&session.server, &caller, &judged.method, mode);
+        let policy_us = started.elapsed().as_micros() as u64;
+        let tool_listed = self
+            .log_decision(
+                session,
+                &judged,
+                &identity,
+                audit_decision,
+                &rule,
+                policy_us,
+            )
+            .await;
+        let model = self.model();
+        let facts = DecisionFacts {
+            decision: audit_decision,
+            rule: &rule,
+            reason: &reason,
+            policy_us,
+            mode,
+            redact: &model.audit.redact,
+            roles: &caller.roles,
+            tool_listed,
+        };
+        let recorded = self
+            .recorder
+            .notification_decision(session, &judged, &identity, facts)
+            .await;
+        if audit_decision == AuditDecision::Deny {
+            return Err(RpcError::new(
+                None,
+                codes::POLICY_DENIED,
+                format!("mcp-guard refused {}: {reason}", judged.method),
+            )
+            .with_data(json!({"rule": rule, "reason": reason}))
+            .to_value());
+        }
+        recorded.map_err(|e| {
+            RpcError::new(
+                None,
+                codes::AUDIT_UNAVAILABLE,
+                format!(
+                    "mcp-guard refused {}: the audit log cannot be written ({e})",
+                    judged.method
+                ),
+            )
+            .to_value()
+        })
+    }
+
     async fn handle_notification(
         &self,
         session: &Arc<AgentSession>,
@@ -923,25 +1047,9 @@ impl Proxy {
         request: &Request,
     ) -> Result<(), RpcError> {
         let started = Instant::now();
-        let policy = self.policy();
-        let caller = session.caller();
-        let decision = policy.decide(&DecisionRequest {
-            server: &session.server,
-            principal: &caller.principal,
-            roles: &caller.roles,
-            method: &request.method,
-            name: None,
-            arguments: None,
-            context: &caller.context,
-        });
-        let rule = rule_label(decision.rule, decision.effect);
-        let reason = decision.reason.to_string();
         let mode = self.mode_of(&session.server);
-        let verdict = match (decision.effect, mode.lets_everything_through()) {
-            (Effect::Allow, _) => AuditDecision::Allow,
-            (Effect::Deny, true) => AuditDecision::WouldDeny,
-            (Effect::Deny, false) => AuditDecision::Deny,
-        };
+        let (verdict, rule, reason) =
+            self.judge_unnamed(&session.server, session.caller(), &request.method, mode);
         self.metrics
             .decisions
             .with_label_values(&[

@@ -157,6 +157,20 @@ impl Recorder {
         self.append_with_span(record, span, facts.tool_listed).await
     }
 
+    /// The decision on an agent's notification that is not protocol plumbing (`notification`
+    /// holds its method and params). A notification has no answer and so no outcome: it
+    /// opens no call span, and its record is durable before it is forwarded.
+    pub async fn notification_decision(
+        &self,
+        session: &AgentSession,
+        notification: &Request,
+        identity: &CallIdentity,
+        facts: DecisionFacts<'_>,
+    ) -> Result<(), RecordError> {
+        let record = decision_record(session, notification, identity, &facts);
+        self.append(record).await
+    }
+
     /// The decision on a request the server sent the agent (sampling, elicitation, roots).
     /// `call_ids` names the agent's calls that were running when it came: what caused it.
     pub async fn server_request_decision(

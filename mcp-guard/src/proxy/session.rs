@@ -288,6 +288,7 @@ pub(super) async fn start(
     server: &str,
     id: String,
     caller: Caller,
+    opening: &crate::identity::OpeningContext,
     launch: Launch<'_>,
     placement: &Placement,
 ) -> Result<Arc<AgentSession>, ProxyError> {
@@ -304,11 +305,12 @@ pub(super) async fn start(
             (upstream, server_messages, None)
         }
         Target::Command(program) => {
-            let identity_env = vec![
+            let mut identity_env = vec![
                 ("MCP_GUARD_SERVER", server.to_owned()),
                 ("MCP_GUARD_SESSION", id.clone()),
                 ("MCP_GUARD_PRINCIPAL", caller.principal.clone()),
             ];
+            identity_env.extend(opening.env());
             spawn_placed(placement, server, &id, program, identity_env, label).await?
         }
     };

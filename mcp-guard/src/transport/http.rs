@@ -30,9 +30,9 @@ use futures_util::stream::Stream;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::identity::TransportHints;
 use crate::identity::jwt::{AuthError, VerifiedIdentity, Verifier};
 use crate::identity::protected_resource::METADATA_PREFIX;
+use crate::identity::{OpeningContext, TransportHints};
 use crate::mcp::jsonrpc::{self, Incoming, Message, RpcError, codes};
 use crate::mcp::revision::{self, Revision};
 use crate::proxy::{AgentSession, Caller, ProgressRoute, Proxy, ProxyError, SessionLimit};
@@ -352,8 +352,18 @@ async fn find_or_open_session(
     caller: Caller,
 ) -> Result<Arc<AgentSession>, Response> {
     let proxy = &front.proxy;
+    let opening = || {
+        let first = match incoming {
+            Incoming::Single(Message::Request(request)) => request.params.as_ref(),
+            _ => None,
+        };
+        OpeningContext::of_request(
+            first,
+            &TransportHints::from_headers(|n| header_str(headers, n)),
+        )
+    };
     if is_initialize(incoming) {
-        return open(front, server, caller, None).await;
+        return open(front, server, caller, None, &opening()).await;
     }
     if let Some(id) = header_str(headers, SESSION_HEADER) {
         return match proxy.session(id).await {
@@ -414,7 +424,7 @@ async fn find_or_open_session(
         }
         return Ok(session);
     }
-    open(front, server, caller, Some(id)).await
+    open(front, server, caller, Some(id), &opening()).await
 }
 
 async fn open(
@@ -422,10 +432,11 @@ async fn open(
     server: &str,
     caller: Caller,
     id: Option<String>,
+    opening: &OpeningContext,
 ) -> Result<Arc<AgentSession>, Response> {
     front
         .proxy
-        .open_session(server, caller, id)
+        .open_session(server, caller, id, opening)
         .await
         .map_err(|e| match e {
             ProxyError::TooManySessions(limit) => {
