@@ -2797,9 +2797,12 @@ fn calls_are_refused_while_the_audit_log_cannot_be_written() {
         ),
     });
     let audit_path = audit_dir.join("audit.jsonl");
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
     let front = Front::start_with(env, peers, servers, |document| {
         document["audit"]["path"] = json!(audit_path);
+        document["daemon"]["metrics_listen"] = json!(metrics.to_string());
     });
+    let failures = || metric(&scrape(metrics), "mcp_guard_audit_failures_total", &[]);
     let session = front.open_session("fast", HANDSHAKE);
     let note = |id: i64, text: &str| {
         json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
@@ -2815,12 +2818,21 @@ fn calls_are_refused_while_the_audit_log_cannot_be_written() {
         .arg(format!("of={}", filler.display()))
         .args(["bs=4k", "status=none"])
         .status();
+    assert_eq!(failures(), 0.0);
     let refused = response_message(&front.in_session("fast", &session, &note(2, "unrecorded")));
     assert_eq!(refused["error"]["code"], -32012, "{refused}");
     let written = std::fs::read_to_string(&notes).unwrap_or_default();
     assert!(
         !written.contains("unrecorded"),
         "a call that could not be recorded reached the server: {written:?}"
+    );
+    assert!(failures() >= 1.0, "the failed append was not counted");
+    // Nor does a session start unrecorded: its server is stopped and the agent told why.
+    let opening = front.initialize_then_ping("fast");
+    assert_eq!(opening["initialize"]["status"], 503, "{opening}");
+    assert_eq!(
+        opening["initialize"]["response"]["error"]["code"], -32012,
+        "{opening}"
     );
 
     std::fs::remove_file(&filler).unwrap();

@@ -1031,6 +1031,47 @@ fn stdio_front_answers_bad_lines_and_keeps_serving() {
     assert_eq!(text(&answer["result"]), "Echo: still serving", "{answer}");
 }
 
+/// An id is the agent's handle on a request until it is answered (progress, cancellation and
+/// the answer are routed by it): a second request reusing it meanwhile is refused with
+/// -32600 and never reaches the server, and once the first is answered the id may be used again.
+#[test]
+fn a_request_id_in_use_is_refused_until_its_request_is_answered() {
+    let env = TestEnv::new("stdio-front-id-in-use", PROBE);
+    let peers = Peers::require();
+    write_everything_policy(
+        &env,
+        &peers,
+        vec![allow(
+            "long",
+            json!({"roles": [DEVELOPER], "tools": ["trigger-long-running-operation", "echo"]}),
+        )],
+    );
+    let _daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&env.stdio_front("everything", AGENT, &env.control_socket));
+    front.handshake("stdio-raw");
+    let long = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "trigger-long-running-operation", "arguments": {"duration": 2, "steps": 1}}});
+    let echo = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": "same id"}}});
+    front.send(long.to_string().as_bytes());
+    front.send(echo.to_string().as_bytes());
+    let answers = front.responses(2, "the refusal, then the long call's answer");
+    assert_eq!(answers[0]["error"]["code"], -32600, "{answers:?}");
+    assert!(
+        answers[0]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already in use")),
+        "{answers:?}"
+    );
+    assert!(
+        text(&answers[1]["result"]).contains("Long running operation completed"),
+        "{answers:?}"
+    );
+    front.send(echo.to_string().as_bytes());
+    let again = front.responses(1, "the echo once the id is free").remove(0);
+    assert_eq!(text(&again["result"]), "Echo: same id", "{again}");
+}
+
 /// The control socket is its owner's only (0600). A request line on it over its limit (an
 /// agent's message, a server's, and 64 KiB for the record around them) is refused in its turn
 /// without being held, and the connection goes on: the request after it is answered.

@@ -71,6 +71,8 @@ pub enum ProxyError {
     Account(String),
     #[error("too many sessions: {0}")]
     TooManySessions(#[from] SessionLimit),
+    #[error("the audit log cannot be written ({0})")]
+    AuditUnavailable(#[from] record::RecordError),
 }
 
 /// Methods that list things the policy filters, and the method that uses each listed item.
@@ -310,10 +312,7 @@ impl Proxy {
         {
             let shared = self.shared_server(server, launch).await?;
             let session = shared.join(server, id.clone(), caller);
-            self.sessions.lock().await.insert(id, session.clone());
-            self.metrics.active_sessions.inc();
-            self.recorder.session_event(&session, "start").await;
-            return Ok(session);
+            return self.admit_started(id, session).await;
         }
         let session = session::start(
             self,
@@ -325,9 +324,23 @@ impl Proxy {
             &self.placement,
         )
         .await?;
+        self.admit_started(id, session).await
+    }
+
+    /// Puts a started session on record and in service. One whose start cannot be recorded
+    /// is ended (its server process stopped) and refused: nothing runs unrecorded.
+    async fn admit_started(
+        &self,
+        id: String,
+        session: Arc<AgentSession>,
+    ) -> Result<Arc<AgentSession>, ProxyError> {
+        if let Err(e) = self.recorder.session_started(&session).await {
+            tracing::error!(session = %session.id, error = %e, "audit: session start not written; session refused");
+            session.end().await;
+            return Err(e.into());
+        }
         self.sessions.lock().await.insert(id, session.clone());
         self.metrics.active_sessions.inc();
-        self.recorder.session_event(&session, "start").await;
         Ok(session)
     }
 
@@ -493,6 +506,26 @@ impl Proxy {
         mut request: Request,
         hints: &TransportHints,
     ) -> Value {
+        // A stateless (2026-07-28) request stands alone: its answer goes back on its own HTTP
+        // response, so two of them may share an id.
+        let _claimed = if revision::is_stateless_request(request.params.as_ref()) {
+            None
+        } else {
+            match session.claim_request_id(&request.id) {
+                Some(claimed) => Some(claimed),
+                None => {
+                    return RpcError::new(
+                        Some(request.id.clone()),
+                        codes::INVALID_REQUEST,
+                        format!(
+                            "request id {} is already in use by a request of this session that is not answered yet",
+                            request.id
+                        ),
+                    )
+                    .to_value();
+                }
+            }
+        };
         let initializing = (request.method == "initialize").then(|| session.initializing());
         if initializing.is_none() && request.method != "ping" {
             session.after_initialize().await;

@@ -229,8 +229,9 @@ impl Recorder {
     /// [`Self::outcome`] sends right after this.
     pub fn call_ended(&self, _session: &AgentSession, _identity: &CallIdentity) {}
 
-    pub async fn session_event(&self, session: &AgentSession, event: &str) {
-        self.session_event_because(session, event, None).await;
+    /// The `start` record of a session, which must be written before the session serves.
+    pub async fn session_started(&self, session: &AgentSession) -> Result<(), RecordError> {
+        self.append(session_record(session, "start", None)).await
     }
 
     /// A session record whose `detail` also says why (`"reason": "idle"`).
@@ -240,13 +241,7 @@ impl Recorder {
         event: &str,
         reason: Option<&str>,
     ) {
-        let mut record = AuditRecord::event(RecordKind::Session, event);
-        if let (Some(reason), Some(detail)) = (reason, record.detail.as_mut()) {
-            detail.insert("reason".into(), reason.into());
-        }
-        record.principal = Some(session.caller().principal.clone());
-        record.session = Some(session.id.clone());
-        record.server = Some(session.server.clone());
+        let record = session_record(session, event, reason);
         if let Err(e) = self.append(record).await {
             tracing::error!(session = %session.id, error = %e, "audit: session record not written");
         }
@@ -305,6 +300,18 @@ fn call_record(
     record.tool = super::target_name(&request.method, request.params.as_ref()).map(str::to_owned);
     record.task_id = super::visibility::task_named_in(request).map(str::to_owned);
     record.reference = super::visibility::completion_reference(request);
+    record
+}
+
+/// A session record: `event` (start, end), and why where `reason` says.
+fn session_record(session: &AgentSession, event: &str, reason: Option<&str>) -> AuditRecord {
+    let mut record = AuditRecord::event(RecordKind::Session, event);
+    if let (Some(reason), Some(detail)) = (reason, record.detail.as_mut()) {
+        detail.insert("reason".into(), reason.into());
+    }
+    record.principal = Some(session.caller().principal.clone());
+    record.session = Some(session.id.clone());
+    record.server = Some(session.server.clone());
     record
 }
 

@@ -74,6 +74,9 @@ pub struct AgentSession {
     ended: tokio::sync::watch::Sender<bool>,
     /// The agent's id of each request in flight → the id it has upstream.
     upstream_ids: std::sync::Mutex<HashMap<Id, i64>>,
+    /// The ids of the agent's requests being handled (decision to answer): answers, progress
+    /// and cancellations are routed by id, so one may not be reused while its first use runs.
+    ids_in_use: std::sync::Mutex<std::collections::HashSet<Id>>,
     /// Which revision era the server speaks, learned at the first stateless request.
     era: tokio::sync::OnceCell<UpstreamEra>,
     /// What the idle timeout looks at: when the agent last did something, and how many of
@@ -283,6 +286,22 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// A request id of the agent's in use (see [`AgentSession::claim_request_id`]).
+pub struct ClaimedId<'a> {
+    session: &'a AgentSession,
+    id: Id,
+}
+
+impl Drop for ClaimedId<'_> {
+    fn drop(&mut self) {
+        self.session
+            .ids_in_use
+            .lock()
+            .expect("ids lock")
+            .remove(&self.id);
+    }
+}
+
 pub(super) async fn start(
     proxy: &Arc<Proxy>,
     server: &str,
@@ -411,6 +430,7 @@ impl AgentSession {
             calls: std::sync::Mutex::new(CallSpans::default()),
             ended: tokio::sync::watch::Sender::new(false),
             upstream_ids: std::sync::Mutex::new(HashMap::new()),
+            ids_in_use: std::sync::Mutex::new(std::collections::HashSet::new()),
             era: tokio::sync::OnceCell::new(),
             activity: SessionActivity::fresh(),
             handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
@@ -536,6 +556,16 @@ impl AgentSession {
     /// The session's call spans, taken when it ends (kept elsewhere for late kernel events).
     pub fn take_spans(&self) -> CallSpans {
         std::mem::take(&mut *self.calls.lock().expect("calls lock"))
+    }
+
+    /// Claims `id` for one of the agent's requests until the claim is dropped; `None` while
+    /// another request of this session holds it.
+    pub fn claim_request_id(&self, id: &Id) -> Option<ClaimedId<'_>> {
+        let fresh = self.ids_in_use.lock().expect("ids lock").insert(id.clone());
+        fresh.then(|| ClaimedId {
+            session: self,
+            id: id.clone(),
+        })
     }
 
     /// Sends the agent's request upstream, remembering its upstream id while it runs.

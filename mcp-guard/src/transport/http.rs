@@ -453,6 +453,14 @@ async fn open(
                     RpcError::new(None, codes::TOO_MANY_SESSIONS, message),
                 )
             }
+            ProxyError::AuditUnavailable(e) => rpc_error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                RpcError::new(
+                    None,
+                    codes::AUDIT_UNAVAILABLE,
+                    format!("mcp-guard refused the session: the audit log cannot be written ({e})"),
+                ),
+            ),
             e => {
                 tracing::error!(server, error = %e, "opening a session");
                 rpc_error_response(
