@@ -1952,6 +1952,29 @@ pub fn tool_names(list_result: &Value) -> BTreeSet<String> {
         .collect()
 }
 
+/// Every page of the list `method` (`resources/list`, `prompts/list`, ...), first to last: the
+/// `result` of each, following each page's `nextCursor`. `ask` sends one request (method,
+/// params) and returns its JSON-RPC answer. Fails the test on an error answer, or past 100
+/// pages.
+pub fn list_pages(method: &str, mut ask: impl FnMut(&str, Value) -> Value) -> Vec<Value> {
+    let mut pages = Vec::new();
+    let mut params = json!({});
+    loop {
+        let answer = ask(method, params.clone());
+        let page = answer
+            .get("result")
+            .cloned()
+            .unwrap_or_else(|| panic!("{method} page {}: {answer}", pages.len() + 1));
+        let next = page.get("nextCursor").cloned();
+        pages.push(page);
+        match next {
+            Some(cursor) => params = json!({"cursor": cursor}),
+            None => return pages,
+        }
+        assert!(pages.len() < 100, "{method}: over 100 pages: {pages:?}");
+    }
+}
+
 impl ClientRun {
     /// The `result` of operation `i`; fails the test if that operation failed.
     pub fn ok(&self, i: usize) -> &Value {
