@@ -2513,6 +2513,16 @@ pub fn stdio_server(command: Vec<String>, rules: Vec<Value>) -> Value {
     json!({"command": command, "egress": [], "rules": rules})
 }
 
+/// mcp-fast-server (`binary`: the test's `CARGO_BIN_EXE_mcp-fast-server`) spawned per session,
+/// reaching nothing: [`DEVELOPER`]s may list its tools and call `tools` (rule `tools`).
+pub fn fast_server_calling(binary: &str, tools: &[&str]) -> Value {
+    let rules = vec![
+        list_tools_rule(),
+        allow("tools", json!({"roles": [DEVELOPER], "tools": tools})),
+    ];
+    stdio_server(vec![binary.to_owned()], rules)
+}
+
 /// A Streamable HTTP MCP server at `http://127.0.0.1:{port}/mcp`.
 pub fn url_server(port: impl std::fmt::Display, rules: Vec<Value>) -> Value {
     json!({"url": format!("http://127.0.0.1:{port}/mcp"), "rules": rules})

@@ -797,6 +797,46 @@ fn resource_template_and_prompt_lists_show_only_what_the_caller_may_use() {
     }
 }
 
+/// Requests of one session on concurrent POSTs are answered as each finishes. A `rendezvous`
+/// call to mcp-fast-server that can only end once a second one arrives is POSTed first; an
+/// echo POSTed while it waits is answered, and the first POST is still unanswered then. The
+/// second `rendezvous` ends both.
+#[test]
+fn concurrent_posts_of_one_session_are_answered_as_each_finishes() {
+    let env = TestEnv::new("proxy-out-of-order", PROBE);
+    let peers = Peers::require();
+    let servers = json!({"fast": fast_server_calling(FAST_SERVER, &["echo", "rendezvous"])});
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("fast", HANDSHAKE);
+    let call = |id: u64, name: &str, arguments: Value| {
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                             "params": {"name": name, "arguments": arguments}});
+        response_message(&front.in_session("fast", &session, &request))
+    };
+    let meet = json!({"key": "http", "parties": 2});
+    std::thread::scope(|scope| {
+        let slow = scope.spawn(|| call(2, "rendezvous", meet.clone()));
+        // The echo goes once the daemon has forwarded the first call.
+        assert!(
+            poll_until(TIMEOUT, || audit_records(&front.env.audit_path())
+                .iter()
+                .any(|r| r["tool"] == "rendezvous" && r["decision"] == "allow")),
+            "the first call was never forwarded"
+        );
+        let echo = call(3, "echo", json!({"text": "overtakes"}));
+        assert_eq!(text(&echo["result"]), "overtakes", "{echo}");
+        assert!(
+            !slow.is_finished(),
+            "the first call was answered before the call that ends it"
+        );
+        let second = call(4, "rendezvous", meet.clone());
+        let first = slow.join().expect("the first POST");
+        let mut met = [text(&first["result"]), text(&second["result"])];
+        met.sort();
+        assert_eq!(met, ["met http as 1 of 2", "met http as 2 of 2"]);
+    });
+}
+
 /// A rule's `when` reads the context of each request, not only the session's: get-sum is
 /// allowed only while the workflow step is `review`. In one session, a request without the
 /// step neither lists nor may call get-sum; with `MCP-Guard-Context: step=review` (header) or

@@ -1169,3 +1169,47 @@ fn every_page_of_a_resource_list_shows_only_what_the_caller_may_read() {
         "{records:#?}"
     );
 }
+
+/// Pipelined requests are answered as each finishes, not in the order they came. A
+/// `rendezvous` call that can only end once a second one arrives is sent first, an echo right
+/// behind it: the echo is answered while the first call is still waiting in the server (a
+/// front that answered in order would never answer it). The second `rendezvous` then ends
+/// both.
+#[test]
+fn pipelined_requests_are_answered_as_each_finishes() {
+    let env = TestEnv::new("stdio-front-out-of-order", PROBE);
+    write_policy(
+        &env,
+        json!({"fast": fast_server_calling(FAST_SERVER, &["echo", "rendezvous"])}),
+    );
+    let _daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &env.control_socket));
+    front.handshake("out-of-order");
+    let call = |id: u64, name: &str, arguments: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": name, "arguments": arguments}})
+        .to_string()
+    };
+    let meet = json!({"key": "stdio", "parties": 2});
+    let lines = [
+        call(2, "rendezvous", meet.clone()),
+        call(3, "echo", json!({"text": "overtakes"})),
+    ];
+    front.send(lines.join("\n").as_bytes());
+    let first = front.responses(1, "the echo's answer").remove(0);
+    assert_eq!(first["id"], 3, "{first}");
+    assert_eq!(text(&first["result"]), "overtakes", "{first}");
+
+    front.send(call(4, "rendezvous", meet).as_bytes());
+    let rest = front.responses(2, "both rendezvous answers");
+    let mut ids: Vec<&Value> = rest.iter().map(|answer| &answer["id"]).collect();
+    ids.sort_by_key(|id| id.as_i64());
+    assert_eq!(ids, [&json!(2), &json!(4)], "{rest:?}");
+    let mut met: Vec<&str> = rest.iter().map(|answer| text(&answer["result"])).collect();
+    met.sort();
+    assert_eq!(
+        met,
+        ["met stdio as 1 of 2", "met stdio as 2 of 2"],
+        "{rest:?}"
+    );
+}
