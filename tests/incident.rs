@@ -2048,3 +2048,161 @@ fn metrics_count_decisions_and_audit_records() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. Connections made while several calls, or none, were running
+// ---------------------------------------------------------------------------------------------
+
+/// An egress record names the calls of its session running when the kernel saw the
+/// connection. One HTTP-front session of mcp-fast-server, which may reach a loopback listener,
+/// connects there three ways: in a call running alone (`exact`: that call, its trace and
+/// instruction); in two calls of two instructions that are both in the server when each
+/// connects (`rendezvous`: neither connects before both arrived, nor is answered before both
+/// connected), so both connections are `ambiguous`, list both calls and name no single call,
+/// trace or instruction; and after its call was answered, when the agent's next notification
+/// reaches the server (`connect_later`): `idle`, naming no call. `audit trace --session`
+/// shows each connection under each call it names, and the idle one under the session.
+#[test]
+fn egress_records_name_every_call_running_and_none_when_idle() {
+    let env = TestEnv::new("incident-attribution", PROBE);
+    let peers = Peers::require();
+    let listener = Listener::tcp(LOCALHOST_V4);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+    let mut fast = fast_server_calling(FAST_SERVER, &["rendezvous", "connect_later"]);
+    fast["egress"] = json!([rule(
+        "listener",
+        "127.0.0.1/32",
+        &[listener.port()],
+        &["tcp"]
+    )]);
+    env.write_policy_document(&env.proxy_policy(addr, json!({ "fast": fast })));
+    let daemon = env.start_daemon();
+    let url = format!("http://{addr}/servers/fast/mcp");
+    let session = open_raw_session(&peers, &url, HANDSHAKE);
+    let post = |message: &Value| post_in_session(&peers, &url, &session, HANDSHAKE, message);
+    let call = |id: u64, instruction: &str, name: &str, arguments: Value| -> String {
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": name, "arguments": arguments,
+            "_meta": {"io.mcp-guard/instruction": instruction}}});
+        let answer = response_message(&post(&request));
+        let text = answer["result"]["content"][0]["text"].as_str();
+        text.unwrap_or_else(|| panic!("{name}: {answer}"))
+            .to_owned()
+    };
+    let to = listener.addr.to_string();
+
+    let alone = json!({"key": "alone", "parties": 1, "connect": to});
+    assert_eq!(
+        call(2, "instr-alone", "rendezvous", alone),
+        "met alone as 1 of 1"
+    );
+    let together = json!({"key": "together", "parties": 2, "connect": to});
+    let mut met = std::thread::scope(|scope| {
+        let first = scope.spawn(|| call(3, "instr-a", "rendezvous", together.clone()));
+        let second = call(4, "instr-b", "rendezvous", together.clone());
+        [first.join().expect("the first call"), second]
+    });
+    met.sort();
+    assert_eq!(met, ["met together as 1 of 2", "met together as 2 of 2"]);
+    let later = json!({"connect": to, "text": "later"});
+    assert_eq!(
+        call(5, "instr-later", "connect_later", later),
+        format!("will connect to {to}")
+    );
+    let notification = json!({"jsonrpc": "2.0", "method": "notifications/roots/list_changed"});
+    let posted = post(&notification);
+    assert_eq!(posted["status"], 202, "{posted}");
+    for sent in ["alone 1", "together 1", "together 2", "later"] {
+        assert!(
+            listener.wait_for(sent),
+            "the server's `{sent}` never arrived: {:?}",
+            listener.received()
+        );
+    }
+
+    let port = u64::from(listener.port());
+    let mut records = Vec::new();
+    let mut egress: Vec<Value> = Vec::new();
+    assert!(
+        poll_until(TIMEOUT, || {
+            records = audit_records(&env.audit_path());
+            egress = records
+                .iter()
+                .filter(|r| r["kind"] == "egress" && r["port"].as_u64() == Some(port))
+                .cloned()
+                .collect();
+            egress.len() == 4
+        }),
+        "{} connection records, not 4: {records:#?}\nDaemon log:\n{}",
+        egress.len(),
+        daemon.log.summary(10, 30)
+    );
+    let call_of = |instruction: &str| -> Value {
+        let decided = records
+            .iter()
+            .find(|r| r["decision"] == "allow" && r["instruction"] == instruction);
+        decided.unwrap_or_else(|| panic!("no call of {instruction}: {records:#?}"))["call_id"]
+            .clone()
+    };
+    let (first, second) = (call_of("instr-a"), call_of("instr-b"));
+    for record in &egress {
+        assert_eq!(record["session"], session.as_str(), "{record}");
+        assert_eq!(record["verdict"], "allow", "{record}");
+    }
+
+    let exact = &egress[0];
+    assert_eq!(exact["attribution"], "exact", "{exact}");
+    assert_eq!(
+        exact["call_ids"],
+        json!([call_of("instr-alone")]),
+        "{exact}"
+    );
+    assert_eq!(exact["call_id"], call_of("instr-alone"), "{exact}");
+    assert_eq!(exact["instruction"], "instr-alone", "{exact}");
+    for ambiguous in &egress[1..3] {
+        assert_eq!(ambiguous["attribution"], "ambiguous", "{ambiguous}");
+        let mut named: Vec<Value> = ambiguous["call_ids"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        named.sort_by_key(Value::to_string);
+        let mut both = vec![first.clone(), second.clone()];
+        both.sort_by_key(Value::to_string);
+        assert_eq!(named, both, "{ambiguous}");
+        for single in ["call_id", "trace_id", "instruction"] {
+            assert!(ambiguous.get(single).is_none(), "{single}: {ambiguous}");
+        }
+    }
+    let idle = &egress[3];
+    assert_eq!(idle["attribution"], "idle", "{idle}");
+    assert_eq!(idle["call_ids"], json!([]), "{idle}");
+    for single in ["call_id", "trace_id", "instruction"] {
+        assert!(idle.get(single).is_none(), "{single}: {idle}");
+    }
+
+    let trace = mcp_guard(&[
+        "audit",
+        "trace",
+        "--session",
+        &session,
+        path_str(&env.audit_path()),
+    ]);
+    assert!(trace.status.success(), "{}", trace.report());
+    let connections: Vec<&str> = trace
+        .stdout
+        .lines()
+        .filter(|line| line.contains(&format!("connect {to}")))
+        .collect();
+    let with = |label: &str| connections.iter().filter(|l| l.contains(label)).count();
+    assert_eq!(
+        (with("  exact  "), with("  idle  "), connections.len()),
+        (1, 1, 6),
+        "{connections:#?}"
+    );
+    for line in connections.iter().filter(|l| l.contains("ambiguous (")) {
+        for id in [&first, &second] {
+            assert!(line.contains(id.as_str().unwrap_or("?")), "{line}");
+        }
+    }
+    assert_eq!(with("ambiguous ("), 4, "{connections:#?}");
+}

@@ -1952,6 +1952,29 @@ pub fn tool_names(list_result: &Value) -> BTreeSet<String> {
         .collect()
 }
 
+/// Every page of the list `method` (`resources/list`, `prompts/list`, ...), first to last: the
+/// `result` of each, following each page's `nextCursor`. `ask` sends one request (method,
+/// params) and returns its JSON-RPC answer. Fails the test on an error answer, or past 100
+/// pages.
+pub fn list_pages(method: &str, mut ask: impl FnMut(&str, Value) -> Value) -> Vec<Value> {
+    let mut pages = Vec::new();
+    let mut params = json!({});
+    loop {
+        let answer = ask(method, params.clone());
+        let page = answer
+            .get("result")
+            .cloned()
+            .unwrap_or_else(|| panic!("{method} page {}: {answer}", pages.len() + 1));
+        let next = page.get("nextCursor").cloned();
+        pages.push(page);
+        match next {
+            Some(cursor) => params = json!({"cursor": cursor}),
+            None => return pages,
+        }
+        assert!(pages.len() < 100, "{method}: over 100 pages: {pages:?}");
+    }
+}
+
 impl ClientRun {
     /// The `result` of operation `i`; fails the test if that operation failed.
     pub fn ok(&self, i: usize) -> &Value {
@@ -2488,6 +2511,16 @@ pub fn list_tools_rule() -> Value {
 /// A stdio MCP server spawned per session, reaching nothing on the network.
 pub fn stdio_server(command: Vec<String>, rules: Vec<Value>) -> Value {
     json!({"command": command, "egress": [], "rules": rules})
+}
+
+/// mcp-fast-server (`binary`: the test's `CARGO_BIN_EXE_mcp-fast-server`) spawned per session,
+/// reaching nothing: [`DEVELOPER`]s may list its tools and call `tools` (rule `tools`).
+pub fn fast_server_calling(binary: &str, tools: &[&str]) -> Value {
+    let rules = vec![
+        list_tools_rule(),
+        allow("tools", json!({"roles": [DEVELOPER], "tools": tools})),
+    ];
+    stdio_server(vec![binary.to_owned()], rules)
 }
 
 /// A Streamable HTTP MCP server at `http://127.0.0.1:{port}/mcp`.

@@ -701,6 +701,206 @@ fn tools_list_is_filtered_to_what_the_caller_may_call() {
     );
 }
 
+/// server-everything's resources, resource templates and prompts through the HTTP front: every
+/// page of each list holds exactly what the server's page holds that the caller may use (by
+/// URI, URI template and name: an allow glob minus a deny rule), which is exactly the one
+/// static resource, template and two prompts expected. A read of a hidden resource and a get of
+/// a hidden prompt are refused with -32010 naming the deny rule or `default-deny`, and are on
+/// record as `deny`; the visible resource, a resource of the visible template and a visible
+/// prompt are served.
+#[test]
+fn resource_template_and_prompt_lists_show_only_what_the_caller_may_use() {
+    let env = TestEnv::new("proxy-resource-prompt-lists", PROBE);
+    let peers = Peers::require();
+    let lists = ["resources/list", "resources/templates/list", "prompts/list"];
+    let servers = json!({
+        "everything": stdio_server(peers.everything(), vec![
+            allow("lists", json!({"roles": [DEVELOPER], "methods": lists})),
+            allow("documents", json!({"roles": [DEVELOPER], "resources": [
+                "demo://resource/static/document/s*", "demo://resource/dynamic/text/*"]})),
+            deny("no-structure", json!({"resources": ["demo://resource/static/document/structure.md"]})),
+            allow("prompts", json!({"roles": [DEVELOPER], "prompts": [
+                "simple-prompt", "args-prompt", "completable-*"]})),
+            deny("no-args-prompt", json!({"prompts": ["args-prompt"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let everything = front.peers.everything();
+    let direct = |method: &str, params: Value| {
+        let op = match method {
+            "resources/list" => "list_resources",
+            "resources/templates/list" => "list_resource_templates",
+            _ => "list_prompts",
+        };
+        let mut step = json!({"op": op});
+        if let Some(cursor) = params.get("cursor") {
+            step["cursor"] = cursor.clone();
+        }
+        let run = mcp_client(
+            &front.peers,
+            Transport::Stdio(&everything),
+            HANDSHAKE,
+            &json!([step]),
+        );
+        json!({"result": run.ok(0)})
+    };
+    let session = front.open_session("everything", HANDSHAKE);
+    let mut id = 100;
+    let mut ask = |method: &str, params: Value| {
+        id += 1;
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        response_message(&front.in_session("everything", &session, &request))
+    };
+
+    // (list, its array, the key of an item, what the caller may use of it)
+    let resource = "demo://resource/static/document/";
+    let cases: [(&str, &str, &str, &[&str]); 3] = [
+        (
+            "resources/list",
+            "resources",
+            "uri",
+            &["demo://resource/static/document/startup.md"],
+        ),
+        (
+            "resources/templates/list",
+            "resourceTemplates",
+            "uriTemplate",
+            &["demo://resource/dynamic/text/{resourceId}"],
+        ),
+        (
+            "prompts/list",
+            "prompts",
+            "name",
+            &["simple-prompt", "completable-prompt"],
+        ),
+    ];
+    for (method, array, key, visible) in cases {
+        let keys = |page: &Value| -> Vec<String> {
+            let items = page[array].as_array();
+            let items = items.unwrap_or_else(|| panic!("{method}: no {array} in {page}"));
+            let names = items
+                .iter()
+                .map(|item| item[key].as_str().map(str::to_owned));
+            names
+                .collect::<Option<_>>()
+                .unwrap_or_else(|| panic!("{method}: an item without {key}: {page}"))
+        };
+        let offered = list_pages(method, direct);
+        let all: Vec<String> = offered.iter().flat_map(keys).collect();
+        assert!(
+            all.len() > visible.len() && visible.iter().all(|v| all.iter().any(|a| a == v)),
+            "server-everything no longer offers what this test filters: {method} {all:?}"
+        );
+        let expected: Vec<Vec<String>> = offered
+            .iter()
+            .map(|page| {
+                let usable = |k: &String| visible.contains(&k.as_str());
+                keys(page).into_iter().filter(usable).collect()
+            })
+            .collect();
+        let shown: Vec<Vec<String>> = list_pages(method, &mut ask).iter().map(keys).collect();
+        assert_eq!(shown, expected, "{method}, page by page");
+        assert_eq!(shown.concat(), visible, "{method}");
+    }
+
+    let startup = format!("{resource}startup.md");
+    let read = |uri: &str| json!({"uri": uri});
+    let served = ask("resources/read", read(&startup));
+    assert_eq!(served["result"]["contents"][0]["uri"], startup, "{served}");
+    let templated = "demo://resource/dynamic/text/1";
+    let served = ask("resources/read", read(templated));
+    assert_eq!(
+        served["result"]["contents"][0]["uri"], templated,
+        "{served}"
+    );
+    let served = ask("prompts/get", json!({"name": "simple-prompt"}));
+    assert!(served["result"]["messages"].is_array(), "{served}");
+
+    let structure = format!("{resource}structure.md");
+    let architecture = format!("{resource}architecture.md");
+    let city = json!({"city": "Paris"});
+    let refusals = [
+        (
+            "resources/read",
+            structure.as_str(),
+            read(&structure),
+            "no-structure",
+        ),
+        (
+            "resources/read",
+            architecture.as_str(),
+            read(&architecture),
+            "default-deny",
+        ),
+        (
+            "prompts/get",
+            "args-prompt",
+            json!({"name": "args-prompt", "arguments": city}),
+            "no-args-prompt",
+        ),
+        (
+            "prompts/get",
+            "resource-prompt",
+            json!({"name": "resource-prompt"}),
+            "default-deny",
+        ),
+    ];
+    for (method, _, params, rule) in &refusals {
+        let refused = ask(method, params.clone());
+        assert_policy_denied(&refused["error"], rule);
+    }
+    let records = audit_records(&front.env.audit_path());
+    for (method, target, _, rule) in &refusals {
+        let decided: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["method"] == *method && r["tool"] == *target)
+            .collect();
+        assert_eq!(decided.len(), 1, "{method} {target}: {records:#?}");
+        assert_eq!(decided[0]["decision"], "deny", "{}", decided[0]);
+        assert_eq!(decided[0]["rule"], *rule, "{}", decided[0]);
+    }
+}
+
+/// Requests of one session on concurrent POSTs are answered as each finishes. A `rendezvous`
+/// call to mcp-fast-server that can only end once a second one arrives is POSTed first; an
+/// echo POSTed while it waits is answered, and the first POST is still unanswered then. The
+/// second `rendezvous` ends both.
+#[test]
+fn concurrent_posts_of_one_session_are_answered_as_each_finishes() {
+    let env = TestEnv::new("proxy-out-of-order", PROBE);
+    let peers = Peers::require();
+    let servers = json!({"fast": fast_server_calling(FAST_SERVER, &["echo", "rendezvous"])});
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("fast", HANDSHAKE);
+    let call = |id: u64, name: &str, arguments: Value| {
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                             "params": {"name": name, "arguments": arguments}});
+        response_message(&front.in_session("fast", &session, &request))
+    };
+    let meet = json!({"key": "http", "parties": 2});
+    std::thread::scope(|scope| {
+        let slow = scope.spawn(|| call(2, "rendezvous", meet.clone()));
+        // The echo goes once the daemon has forwarded the first call.
+        assert!(
+            poll_until(TIMEOUT, || audit_records(&front.env.audit_path())
+                .iter()
+                .any(|r| r["tool"] == "rendezvous" && r["decision"] == "allow")),
+            "the first call was never forwarded"
+        );
+        let echo = call(3, "echo", json!({"text": "overtakes"}));
+        assert_eq!(text(&echo["result"]), "overtakes", "{echo}");
+        assert!(
+            !slow.is_finished(),
+            "the first call was answered before the call that ends it"
+        );
+        let second = call(4, "rendezvous", meet.clone());
+        let first = slow.join().expect("the first POST");
+        let mut met = [text(&first["result"]), text(&second["result"])];
+        met.sort();
+        assert_eq!(met, ["met http as 1 of 2", "met http as 2 of 2"]);
+    });
+}
+
 /// A rule's `when` reads the context of each request, not only the session's: get-sum is
 /// allowed only while the workflow step is `review`. In one session, a request without the
 /// step neither lists nor may call get-sum; with `MCP-Guard-Context: step=review` (header) or

@@ -584,14 +584,29 @@ impl RawStdio {
         out
     }
 
+    /// The answer to request `id`, `method` with `params`, sent alone.
+    fn request(&mut self, id: u64, method: &str, params: Value) -> Value {
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        self.send(request.to_string().as_bytes());
+        let answer = self.responses(1, method).remove(0);
+        assert_eq!(answer["id"], id, "the answer to another request: {answer}");
+        answer
+    }
+
     /// The answer to a `completion/complete` of argument `name` (typed so far: `value`) of
     /// `reference`.
     fn complete(&mut self, id: u64, reference: Value, name: &str, value: &str) -> Value {
         let params = json!({"ref": reference, "argument": {"name": name, "value": value}});
-        let request = json!({"jsonrpc": "2.0", "id": id, "method": "completion/complete",
-            "params": params});
-        self.send(request.to_string().as_bytes());
-        self.responses(1, "the completion answer").remove(0)
+        self.request(id, "completion/complete", params)
+    }
+
+    /// Every page of the list `method` (request ids from 1000 on).
+    fn list_pages(&mut self, method: &str) -> Vec<Value> {
+        let mut id = 1000;
+        list_pages(method, |method, params| {
+            id += 1;
+            self.request(id, method, params)
+        })
     }
 
     /// Every message written up to and including the first that `last` picks.
@@ -1126,4 +1141,144 @@ fn edit_policy(env: &TestEnv, edit: impl FnOnce(&mut Value)) {
         serde_json::from_str(&std::fs::read_to_string(&env.policy_path).unwrap()).unwrap();
     edit(&mut document);
     env.write_policy_document(&document);
+}
+
+/// `resources/list` is filtered page by page. mcp-fast-server offers 21 resources in pages of
+/// 5; through the stdio front each page holds exactly the resources of the server's page that
+/// the caller may read (an allow glob, minus a deny rule), with the server's cursor, so a page
+/// with nothing left to show still leads to the next, and all pages together are exactly the
+/// readable ones. A read of the denied resource and of one no rule covers is refused with
+/// -32010 naming the deny rule and `default-deny`, and is on record as `deny`; an allowed
+/// read returns the resource.
+#[test]
+fn every_page_of_a_resource_list_shows_only_what_the_caller_may_read() {
+    let env = TestEnv::new("stdio-front-resource-pages", PROBE);
+    let server = vec![FAST_SERVER.to_string(), "--resources".into(), "20".into()];
+    write_policy(
+        &env,
+        json!({"fast": stdio_server(server.clone(), vec![
+            allow("list", json!({"roles": [DEVELOPER], "methods": ["resources/list"]})),
+            allow("items", json!({"roles": [DEVELOPER], "resources": ["note://items/?"]})),
+            deny("no-item-3", json!({"resources": ["note://items/3"]})),
+        ])}),
+    );
+    let _daemon = env.start_daemon();
+    let mut direct = RawStdio::spawn(&server);
+    direct.handshake("resource-pages-direct");
+    let offered = direct.list_pages("resources/list");
+    let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &env.control_socket));
+    front.handshake("resource-pages");
+    let shown = front.list_pages("resources/list");
+
+    let resources = |page: &Value| -> Vec<Value> {
+        let listed = page["resources"].as_array();
+        listed
+            .unwrap_or_else(|| panic!("no resources in {page}"))
+            .clone()
+    };
+    let readable = |resource: &Value| {
+        let uri = resource["uri"].as_str().unwrap_or_default();
+        uri.len() == "note://items/0".len()
+            && uri.starts_with("note://items/")
+            && uri != "note://items/3"
+    };
+    let expected: Vec<Vec<Value>> = offered
+        .iter()
+        .map(|page| resources(page).into_iter().filter(readable).collect())
+        .collect();
+    assert_eq!(offered.len(), 5, "the server's pages: {offered:?}");
+    assert!(
+        expected.iter().any(Vec::is_empty),
+        "no page without a readable resource: {offered:?}"
+    );
+    let pages: Vec<Vec<Value>> = shown.iter().map(resources).collect();
+    assert_eq!(pages, expected, "through the front: {shown:?}");
+    let cursors = |pages: &[Value]| -> Vec<Value> {
+        pages
+            .iter()
+            .map(|page| page["nextCursor"].clone())
+            .collect()
+    };
+    assert_eq!(cursors(&shown), cursors(&offered));
+    let uris: Vec<Value> = pages.iter().flatten().map(|r| r["uri"].clone()).collect();
+    let readable_uris: Vec<Value> = [0, 1, 2, 4, 5, 6, 7, 8, 9]
+        .iter()
+        .map(|i| json!(format!("note://items/{i}")))
+        .collect();
+    assert_eq!(uris, readable_uris);
+
+    let mut read = |id, uri: &str| front.request(id, "resources/read", json!({"uri": uri}));
+    let allowed = read(2, "note://items/4");
+    assert_eq!(
+        allowed["result"]["contents"][0]["text"], "item 4",
+        "{allowed}"
+    );
+    for (id, uri, rule) in [
+        (3, "note://items/3", "no-item-3"),
+        (4, "note://items/15", "default-deny"),
+    ] {
+        let refused = read(id, uri);
+        assert_eq!(refused["error"]["code"], -32010, "{uri}: {refused}");
+        assert_eq!(refused["error"]["data"]["rule"], rule, "{uri}: {refused}");
+    }
+    let records = audit_records(&env.audit_path());
+    let reads: Vec<(&Value, &Value, &Value)> = records
+        .iter()
+        .filter(|r| r["method"] == "resources/read" && r.get("decision").is_some())
+        .map(|r| (&r["tool"], &r["decision"], &r["rule"]))
+        .collect();
+    let (allow, deny) = (json!("allow"), json!("deny"));
+    assert_eq!(
+        reads,
+        [
+            (&json!("note://items/4"), &allow, &json!("items")),
+            (&json!("note://items/3"), &deny, &json!("no-item-3")),
+            (&json!("note://items/15"), &deny, &json!("default-deny")),
+        ],
+        "{records:#?}"
+    );
+}
+
+/// Pipelined requests are answered as each finishes, not in the order they came. A
+/// `rendezvous` call that can only end once a second one arrives is sent first, an echo right
+/// behind it: the echo is answered while the first call is still waiting in the server (a
+/// front that answered in order would never answer it). The second `rendezvous` then ends
+/// both.
+#[test]
+fn pipelined_requests_are_answered_as_each_finishes() {
+    let env = TestEnv::new("stdio-front-out-of-order", PROBE);
+    write_policy(
+        &env,
+        json!({"fast": fast_server_calling(FAST_SERVER, &["echo", "rendezvous"])}),
+    );
+    let _daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &env.control_socket));
+    front.handshake("out-of-order");
+    let call = |id: u64, name: &str, arguments: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": name, "arguments": arguments}})
+        .to_string()
+    };
+    let meet = json!({"key": "stdio", "parties": 2});
+    let lines = [
+        call(2, "rendezvous", meet.clone()),
+        call(3, "echo", json!({"text": "overtakes"})),
+    ];
+    front.send(lines.join("\n").as_bytes());
+    let first = front.responses(1, "the echo's answer").remove(0);
+    assert_eq!(first["id"], 3, "{first}");
+    assert_eq!(text(&first["result"]), "overtakes", "{first}");
+
+    front.send(call(4, "rendezvous", meet).as_bytes());
+    let rest = front.responses(2, "both rendezvous answers");
+    let mut ids: Vec<&Value> = rest.iter().map(|answer| &answer["id"]).collect();
+    ids.sort_by_key(|id| id.as_i64());
+    assert_eq!(ids, [&json!(2), &json!(4)], "{rest:?}");
+    let mut met: Vec<&str> = rest.iter().map(|answer| text(&answer["result"])).collect();
+    met.sort();
+    assert_eq!(
+        met,
+        ["met stdio as 1 of 2", "met stdio as 2 of 2"],
+        "{rest:?}"
+    );
 }

@@ -2,7 +2,7 @@
 //! proxy benchmark (it answers in microseconds, so what is measured through mcp-guard is
 //! mcp-guard's own cost) and a peer whose every answer the tests can predict.
 //!
-//! Usage: `mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS]`
+//! Usage: `mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS] [--resources N]`
 //!
 //! - stdio, always: newline-delimited JSON-RPC on stdin/stdout, one message (or batch) a line.
 //! - `--http PORT`: also Streamable HTTP at `http://127.0.0.1:PORT/mcp` (POST answered with
@@ -13,6 +13,9 @@
 //!   so a test can prove whether a call reached the server.
 //! - `--call-delay-ms MS`: every `tools/call` is answered MS milliseconds after it arrives, so
 //!   a test can have a call in flight while it does something to mcp-guard.
+//! - `--resources N`: N more resources, `note://items/0` to `note://items/<N-1>` (text
+//!   `item <i>`), and `resources/list` answers in pages of [`PAGE_SIZE`], each but the last
+//!   with a `nextCursor`.
 //!
 //! Protocol revisions: `initialize` accepts 2025-06-18 and 2025-11-25 (echoed back; anything
 //! else is answered with 2025-11-25); a request whose `params._meta` carries
@@ -24,14 +27,25 @@
 //! {}; resource `note://hello`; prompt `greet` {name}. `unlock` adds the tools `unlocked_tool`
 //! and `forbidden_tool` and, on stdio, sends `notifications/tools/list_changed` before its
 //! answer. Notifications are accepted silently; unknown methods get -32601.
+//!
+//! Tools for tests of concurrency and of egress attribution (both listed):
+//! - `rendezvous` {key, parties, connect?}: waits until `parties` calls with the same `key`
+//!   are in the server (each key is for one meeting). With `connect` (`IP:PORT`), each then
+//!   opens a TCP connection there and sends `<key> <n>` (its arrival order, from 1) and a
+//!   newline, and waits until every party has connected. Answers `met <key> as <n> of <p>`.
+//!   On stdio it runs on a thread of its own, so the answers to later lines overtake it.
+//!   After 60 s without the other parties it answers an `isError` result.
+//! - `connect_later` {connect, text}: answers at once; the next notification the server gets
+//!   (any) makes it open a TCP connection to `connect` and send `text` and a newline, so the
+//!   connection is made while no call of the client is in the server.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -62,6 +76,7 @@ fn main() {
     let mut http_port = None;
     let mut notes = None;
     let mut call_delay = std::time::Duration::ZERO;
+    let mut items = 0;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match (arg.as_str(), rest.next()) {
@@ -73,16 +88,11 @@ fn main() {
                 call_delay =
                     std::time::Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()))
             }
+            ("--resources", Some(count)) => items = count.parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
-    let server = Arc::new(Server {
-        notes,
-        call_delay,
-        sessions: Mutex::new(HashSet::new()),
-        unlocked: AtomicBool::new(false),
-        list_changed: AtomicBool::new(false),
-    });
+    let server = Arc::new(Server::new(notes, call_delay, items));
     let http = http_port.map(|port| {
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|error| {
             eprintln!("mcp-fast-server: cannot listen on 127.0.0.1:{port}: {error}");
@@ -103,19 +113,58 @@ fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS]");
+    eprintln!(
+        "usage: mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS] [--resources N]"
+    );
     std::process::exit(2);
 }
 
 struct Server {
     notes: Option<PathBuf>,
     call_delay: std::time::Duration,
+    /// `--resources N`: how many `note://items/<i>` resources there are.
+    items: usize,
     sessions: Mutex<HashSet<String>>,
     /// `unlock` was called: two more tools are listed.
     unlocked: AtomicBool,
     /// The tool list changed since the last `notifications/tools/list_changed` went out.
     list_changed: AtomicBool,
+    /// `rendezvous` meetings by key.
+    meetings: Mutex<HashMap<String, Meeting>>,
+    /// Signalled whenever a meeting changes.
+    met: Condvar,
+    /// Connections `connect_later` armed: (address, text), made at the next notification.
+    armed: Mutex<Vec<(String, String)>>,
 }
+
+impl Server {
+    fn new(notes: Option<PathBuf>, call_delay: std::time::Duration, items: usize) -> Self {
+        Server {
+            notes,
+            call_delay,
+            items,
+            sessions: Mutex::new(HashSet::new()),
+            unlocked: AtomicBool::new(false),
+            list_changed: AtomicBool::new(false),
+            meetings: Mutex::new(HashMap::new()),
+            met: Condvar::new(),
+            armed: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// How far a `rendezvous` meeting got: parties arrived, and parties that have connected.
+#[derive(Default)]
+struct Meeting {
+    arrived: usize,
+    connected: usize,
+}
+
+/// `resources/list` pages with `--resources`.
+const PAGE_SIZE: usize = 5;
+
+/// How long a `rendezvous` party waits for the others.
+const MEETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A JSON-RPC error, as it goes on the wire.
 #[derive(Debug)]
@@ -258,7 +307,10 @@ impl Server {
             Ok(None) => return None,
             Err((id, error)) => return Some(response(&id, Err(error))),
         };
-        let id = request.id?;
+        let Some(id) = request.id else {
+            self.connect_armed();
+            return None;
+        };
         Some(response(id, self.handle_request(&request)))
     }
 
@@ -305,12 +357,14 @@ impl Server {
                 let arguments = param("arguments").unwrap_or(&empty);
                 self.call_tool(name, arguments)
             }
-            "resources/list" => Ok(json!({"resources": [
-                {"uri": NOTE_URI, "name": "hello", "mimeType": "text/plain"}
-            ]})),
+            "resources/list" => self.resources_page(param("cursor")),
             "resources/read" => match param("uri").and_then(Value::as_str) {
                 Some(NOTE_URI) => Ok(json!({"contents": [
                     {"uri": NOTE_URI, "mimeType": "text/plain", "text": NOTE_TEXT}
+                ]})),
+                Some(uri) if self.item_of(uri).is_some() => Ok(json!({"contents": [
+                    {"uri": uri, "mimeType": "text/plain",
+                     "text": format!("item {}", self.item_of(uri).unwrap_or_default())}
                 ]})),
                 uri => Err(RpcError::new(
                     INVALID_PARAMS,
@@ -355,6 +409,18 @@ impl Server {
                 (Some(Value::Number(a)), Some(Value::Number(b))) => Ok(sum(a, b)),
                 _ => Err("add needs numbers `a` and `b`"),
             },
+            "rendezvous" => self.rendezvous(arguments),
+            "connect_later" => match (
+                arguments.get("connect").and_then(Value::as_str),
+                text_argument(),
+            ) {
+                (Some(address), Some(text)) => {
+                    let armed = (address.to_owned(), text.to_owned());
+                    self.armed.lock().expect("armed lock").push(armed);
+                    Ok(format!("will connect to {address}"))
+                }
+                _ => Err("connect_later needs strings `connect` and `text`"),
+            },
             "unlock" => {
                 if !self.unlocked.swap(true, Ordering::SeqCst) {
                     self.list_changed.store(true, Ordering::SeqCst);
@@ -382,6 +448,96 @@ impl Server {
             Ok(text) => json!({"content": [{"type": "text", "text": text}]}),
             Err(why) => json!({"content": [{"type": "text", "text": why}], "isError": true}),
         })
+    }
+
+    /// `rendezvous`: see the module documentation.
+    fn rendezvous(&self, arguments: &Value) -> Result<String, &'static str> {
+        let key = arguments.get("key").and_then(Value::as_str);
+        let parties = arguments.get("parties").and_then(Value::as_u64);
+        let (Some(key), Some(parties)) = (key, parties) else {
+            return Err("rendezvous needs a string `key` and an integer `parties`");
+        };
+        let parties = parties as usize;
+        let connect = arguments.get("connect").and_then(Value::as_str);
+        let mut meetings = self.meetings.lock().expect("meetings lock");
+        let meeting = meetings.entry(key.to_owned()).or_default();
+        meeting.arrived += 1;
+        let me = meeting.arrived;
+        self.met.notify_all();
+        meetings = self.wait_for(meetings, key, |m| m.arrived >= parties)?;
+        if let Some(address) = connect {
+            drop(meetings);
+            connect_and_send(address, &format!("{key} {me}"));
+            meetings = self.meetings.lock().expect("meetings lock");
+        }
+        if let Some(meeting) = meetings.get_mut(key) {
+            meeting.connected += 1;
+        }
+        self.met.notify_all();
+        drop(self.wait_for(meetings, key, |m| m.connected >= parties)?);
+        Ok(format!("met {key} as {me} of {parties}"))
+    }
+
+    /// Waits (at most [`MEETING_TIMEOUT`]) until the meeting `key` is as `done` says.
+    fn wait_for<'a>(
+        &self,
+        meetings: std::sync::MutexGuard<'a, HashMap<String, Meeting>>,
+        key: &str,
+        done: impl Fn(&Meeting) -> bool,
+    ) -> Result<std::sync::MutexGuard<'a, HashMap<String, Meeting>>, &'static str> {
+        let (meetings, waited) = self
+            .met
+            .wait_timeout_while(meetings, MEETING_TIMEOUT, |meetings| {
+                !meetings.get(key).is_some_and(&done)
+            })
+            .expect("meetings lock");
+        if waited.timed_out() {
+            return Err("rendezvous: the other parties did not come");
+        }
+        Ok(meetings)
+    }
+
+    /// Makes the connections `connect_later` armed.
+    fn connect_armed(&self) {
+        let armed = std::mem::take(&mut *self.armed.lock().expect("armed lock"));
+        for (address, text) in armed {
+            connect_and_send(&address, &text);
+        }
+    }
+
+    /// The index of `note://items/<i>` when `--resources` offers it.
+    fn item_of(&self, uri: &str) -> Option<usize> {
+        let index: usize = uri.strip_prefix("note://items/")?.parse().ok()?;
+        (index < self.items).then_some(index)
+    }
+
+    /// A page of `resources/list`: all of it without `--resources`; else [`PAGE_SIZE`]
+    /// resources from the one the cursor names (a decimal index), and the next cursor.
+    fn resources_page(&self, cursor: Option<&Value>) -> Result<Value, RpcError> {
+        let hello = json!({"uri": NOTE_URI, "name": "hello", "mimeType": "text/plain"});
+        let all: Vec<Value> = std::iter::once(hello)
+            .chain((0..self.items).map(|i| {
+                json!({"uri": format!("note://items/{i}"), "name": format!("item {i}"),
+                       "mimeType": "text/plain"})
+            }))
+            .collect();
+        if self.items == 0 {
+            return Ok(json!({"resources": all}));
+        }
+        let start = match cursor {
+            None => 0,
+            Some(cursor) => cursor
+                .as_str()
+                .and_then(|c| c.parse::<usize>().ok())
+                .filter(|&start| start < all.len())
+                .ok_or_else(|| RpcError::new(INVALID_PARAMS, "Invalid cursor"))?,
+        };
+        let end = (start + PAGE_SIZE).min(all.len());
+        let mut page = json!({"resources": all[start..end]});
+        if end < all.len() {
+            page["nextCursor"] = json!(end.to_string());
+        }
+        Ok(page)
     }
 
     fn write_note(&self, text: &str) -> io::Result<()> {
@@ -423,6 +579,19 @@ fn sum(a: &serde_json::Number, b: &serde_json::Number) -> String {
     match (a.as_i64(), b.as_i64()) {
         (Some(a), Some(b)) if a.checked_add(b).is_some() => (a + b).to_string(),
         _ => (a.as_f64().unwrap_or(f64::NAN) + b.as_f64().unwrap_or(f64::NAN)).to_string(),
+    }
+}
+
+/// Opens a TCP connection to `address` and sends `text` and a newline; failures (such as the
+/// kernel refusing the connect) are only reported on stderr.
+fn connect_and_send(address: &str, text: &str) {
+    let sent = address
+        .parse::<std::net::SocketAddr>()
+        .map_err(io::Error::other)
+        .and_then(|address| TcpStream::connect_timeout(&address, std::time::Duration::from_secs(5)))
+        .and_then(|mut stream| stream.write_all(format!("{text}\n").as_bytes()));
+    if let Err(error) = sent {
+        eprintln!("mcp-fast-server: connecting to {address}: {error}");
     }
 }
 
@@ -482,6 +651,28 @@ fn base_tools() -> Value {
             "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
             "annotations": {"readOnlyHint": false, "destructiveHint": true, "idempotentHint": false, "openWorldHint": false},
         },
+        {
+            "name": "rendezvous",
+            "description": "Waits for `parties` calls with the same key; with `connect`, each then connects there",
+            "inputSchema": {
+                "type": "object",
+                "properties": {
+                    "key": {"type": "string"},
+                    "parties": {"type": "integer", "minimum": 1},
+                    "connect": {"type": "string"},
+                },
+                "required": ["key", "parties"],
+            },
+        },
+        {
+            "name": "connect_later",
+            "description": "At the next notification, connects to `connect` and sends `text`",
+            "inputSchema": {
+                "type": "object",
+                "properties": {"connect": {"type": "string"}, "text": {"type": "string"}},
+                "required": ["connect", "text"],
+            },
+        },
     ])
 }
 
@@ -489,9 +680,9 @@ fn base_tools() -> Value {
 // stdio
 // ---------------------------------------------------------------------------------------------
 
-fn serve_stdio(server: &Server) {
+fn serve_stdio(server: &Arc<Server>) {
     let mut stdin = io::stdin().lock();
-    let mut stdout = BufWriter::new(io::stdout().lock());
+    let stdout = Arc::new(Mutex::new(BufWriter::new(io::stdout())));
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -502,6 +693,17 @@ fn serve_stdio(server: &Server) {
         // A line that is not UTF-8 is a parse error to answer, not a reason to stop serving.
         let answer = match std::str::from_utf8(&line) {
             Ok(text) if text.trim().is_empty() => continue,
+            Ok(text) if waits_for_others(text) => {
+                // Answered on its own thread: the lines after it are answered meanwhile.
+                let (server, stdout, text) =
+                    (Arc::clone(server), Arc::clone(&stdout), text.to_owned());
+                thread::spawn(move || {
+                    if let Some(answer) = server.handle_text(&text) {
+                        let _ = write_line(&stdout, &answer);
+                    }
+                });
+                continue;
+            }
             Ok(text) => server.handle_text(text),
             Err(_) => Some(response(
                 &Value::Null,
@@ -513,22 +715,31 @@ fn serve_stdio(server: &Server) {
         };
         if server.list_changed.swap(false, Ordering::SeqCst) {
             let changed = json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"});
-            let written = serde_json::to_writer(&mut stdout, &changed)
-                .map_err(io::Error::from)
-                .and_then(|()| stdout.write_all(b"\n"));
-            if written.is_err() {
+            if write_line(&stdout, &changed).is_err() {
                 return;
             }
         }
         let Some(answer) = answer else { continue };
-        let written = serde_json::to_writer(&mut stdout, &answer)
-            .map_err(io::Error::from)
-            .and_then(|()| stdout.write_all(b"\n"))
-            .and_then(|()| stdout.flush());
-        if written.is_err() {
+        if write_line(&stdout, &answer).is_err() {
             return;
         }
     }
+}
+
+/// Whether a line is a `rendezvous` call, which waits for other calls.
+fn waits_for_others(text: &str) -> bool {
+    text.contains("\"rendezvous\"")
+        && serde_json::from_str::<Value>(text).is_ok_and(|message| {
+            message["method"] == "tools/call" && message["params"]["name"] == "rendezvous"
+        })
+}
+
+/// Writes one message and a newline to stdout, and flushes.
+fn write_line(stdout: &Mutex<BufWriter<io::Stdout>>, message: &Value) -> io::Result<()> {
+    let mut stdout = stdout.lock().expect("stdout lock");
+    serde_json::to_writer(&mut *stdout, message)?;
+    stdout.write_all(b"\n")?;
+    stdout.flush()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -954,13 +1165,40 @@ mod tests {
     use super::*;
 
     fn server() -> Server {
-        Server {
-            notes: None,
-            call_delay: std::time::Duration::ZERO,
-            sessions: Mutex::new(HashSet::new()),
-            unlocked: AtomicBool::new(false),
-            list_changed: AtomicBool::new(false),
-        }
+        Server::new(None, std::time::Duration::ZERO, 0)
+    }
+
+    #[test]
+    fn resources_come_in_pages_with_resources() {
+        let paged = Server::new(None, std::time::Duration::ZERO, 7);
+        let page = |cursor: Option<Value>| paged.resources_page(cursor.as_ref()).unwrap();
+        let first = page(None);
+        assert_eq!(first["resources"].as_array().unwrap().len(), PAGE_SIZE);
+        assert_eq!(first["resources"][0]["uri"], NOTE_URI);
+        assert_eq!(first["nextCursor"], "5");
+        let last = page(Some(first["nextCursor"].clone()));
+        assert_eq!(last["resources"][0]["uri"], "note://items/4");
+        assert_eq!(last["resources"][2]["uri"], "note://items/6");
+        assert!(last.get("nextCursor").is_none(), "{last}");
+        let unpaged = server().resources_page(None).unwrap();
+        assert_eq!(unpaged["resources"].as_array().unwrap().len(), 1);
+        assert!(unpaged.get("nextCursor").is_none());
+    }
+
+    #[test]
+    fn rendezvous_answers_every_party_once_all_arrived() {
+        let server = Arc::new(server());
+        let meet = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rendezvous","arguments":{"key":"k","parties":2}}}"#;
+        assert!(waits_for_others(meet));
+        let waiting = {
+            let server = Arc::clone(&server);
+            thread::spawn(move || server.handle_text(meet).expect("an answer"))
+        };
+        let second = server.handle_text(meet).expect("an answer");
+        let first = waiting.join().unwrap();
+        let mut met = [first, second].map(|a| a["result"]["content"][0]["text"].clone());
+        met.sort_by_key(Value::to_string);
+        assert_eq!(met, [json!("met k as 1 of 2"), json!("met k as 2 of 2")]);
     }
 
     fn answer(line: &str) -> Value {
