@@ -108,16 +108,32 @@ impl TraceContext {
     }
 
     /// Continues the agent's trace (if its traceparent is valid) with a new span, or starts one.
+    /// A new trace drops the agent's `tracestate`, which belonged to the invalid parent (W3C
+    /// trace context, section 4.3).
     pub fn continue_or_start(traceparent: Option<&str>, tracestate: Option<&str>) -> TraceContext {
-        let parsed = traceparent.and_then(parse_traceparent);
-        let (trace_id, flags) = parsed.unwrap_or_else(|| (random_hex(16), "01".to_owned()));
-        TraceContext {
-            trace_id,
-            span_id: random_hex(8),
-            flags,
-            tracestate: tracestate.map(str::to_owned),
+        match traceparent.and_then(parse_traceparent) {
+            Some((trace_id, flags)) => TraceContext {
+                trace_id,
+                span_id: random_hex(8),
+                flags,
+                tracestate: tracestate.map(str::to_owned),
+            },
+            None => TraceContext {
+                trace_id: random_hex(16),
+                span_id: random_hex(8),
+                flags: "01".to_owned(),
+                tracestate: None,
+            },
         }
     }
+}
+
+/// The agent's `_meta` traceparent, if it is valid (else the transport's is used).
+fn valid_meta_traceparent(meta: Option<&Map<String, Value>>) -> Option<&str> {
+    meta?
+        .get(meta_keys::TRACEPARENT)?
+        .as_str()
+        .filter(|parent| parse_traceparent(parent).is_some())
 }
 
 /// `(trace id, flags)` of a valid version-00 traceparent.
@@ -165,7 +181,7 @@ impl OpeningContext {
             .and_then(|p| p.get("_meta"))
             .and_then(Value::as_object);
         let meta_str = |key: &str| meta.and_then(|m| m.get(key)).and_then(Value::as_str);
-        let (traceparent, tracestate) = match meta_str(meta_keys::TRACEPARENT) {
+        let (traceparent, tracestate) = match valid_meta_traceparent(meta) {
             Some(parent) => (Some(parent), meta_str(meta_keys::TRACESTATE)),
             None => (hints.traceparent.as_deref(), hints.tracestate.as_deref()),
         };
@@ -222,7 +238,7 @@ impl CallIdentity {
             .map(str::to_owned)
             .or_else(|| hints.instruction.clone())
             .or_else(|| baggage_value(hints.baggage.as_deref(), "mcp.instruction"));
-        let trace = match meta_str(meta_keys::TRACEPARENT) {
+        let trace = match valid_meta_traceparent(meta) {
             Some(parent) => {
                 TraceContext::continue_or_start(Some(parent), meta_str(meta_keys::TRACESTATE))
             }
@@ -286,6 +302,16 @@ impl CallIdentity {
             (meta_keys::PRINCIPAL, principal),
         ] {
             meta.insert(key.to_owned(), Value::String(value.to_owned()));
+        }
+        // An invalid traceparent of the agent's is replaced by the trace this call is recorded
+        // under (with its tracestate), so that the server and the audit log agree.
+        let agent_parent_valid = meta
+            .get(meta_keys::TRACEPARENT)
+            .and_then(Value::as_str)
+            .is_some_and(|parent| parse_traceparent(parent).is_some());
+        if !agent_parent_valid {
+            meta.remove(meta_keys::TRACEPARENT);
+            meta.remove(meta_keys::TRACESTATE);
         }
         // What the agent set of the rest (its own trace, the instruction) it keeps.
         let mut put = |key: &str, value: String| {
@@ -498,11 +524,12 @@ mod tests {
     #[test]
     fn stamping_keeps_the_agents_keys_and_feeds_headers() {
         let identity = CallIdentity::for_request(None, &TransportHints::default());
+        let agents = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let mut params =
-            Some(json!({"name": "echo", "_meta": {"traceparent": "agent's", "progressToken": 7}}));
+            Some(json!({"name": "echo", "_meta": {"traceparent": agents, "progressToken": 7}}));
         identity.stamp(&mut params, "web", "s1", "alice");
         let meta = &params.as_ref().unwrap()["_meta"];
-        assert_eq!(meta["traceparent"], "agent's");
+        assert_eq!(meta["traceparent"], agents);
         assert_eq!(meta["progressToken"], 7);
         assert_eq!(meta["io.mcp-guard/session"], "s1");
         assert_eq!(meta["io.mcp-guard/call-id"], identity.call_id.as_str());
@@ -510,6 +537,18 @@ mod tests {
         let headers = downstream_headers(&message);
         assert!(headers.contains(&("mcp-guard-principal", "alice".to_owned())));
         assert!(!headers.contains(&("mcp-guard-principal", "someone-else".to_owned())));
+    }
+
+    #[test]
+    fn an_invalid_traceparent_in_meta_gives_way_to_the_recorded_trace() {
+        let params = json!({"_meta": {"traceparent": "00-not-a-trace", "tracestate": "k=v"}});
+        let identity = CallIdentity::for_request(Some(&params), &TransportHints::default());
+        assert_eq!(identity.trace.tracestate, None);
+        let mut forwarded = Some(params);
+        identity.stamp(&mut forwarded, "web", "s1", "alice");
+        let meta = &forwarded.as_ref().unwrap()["_meta"];
+        assert_eq!(meta["traceparent"], identity.trace.traceparent().as_str());
+        assert!(meta.get("tracestate").is_none(), "{meta}");
     }
 
     #[test]
