@@ -860,6 +860,76 @@ fn trust_header_takes_the_principal_from_the_header_and_warns() {
     assert_eq!(principals, names(&[CAROL, "viewer-user", AGENT]));
 }
 
+/// With `identity.trust_header` off (the default), `MCP-Guard-Principal` names nobody: a
+/// session opened with `viewer-user` in it (a principal with no rules) is `daemon.principal`'s
+/// (`agent`, a developer), lists and calls what developers may; a name that is not a valid
+/// principal is not refused, only ignored. Every record is `agent`'s, and the server is told
+/// `agent` in `_meta`, also when the agent's own `_meta` named someone else.
+#[test]
+fn without_trust_header_the_principal_header_is_ignored() {
+    let wire_dir = tempfile::tempdir().expect("tempdir");
+    let wire = wire_dir.path().join("wire.jsonl");
+    let mut servers = fast_server();
+    servers[SERVER]["command"] = json!([
+        "/bin/sh",
+        "-c",
+        r#"tee -a "$1" | "$2""#,
+        "fast-with-tee",
+        wire.display().to_string(),
+        FAST_SERVER,
+    ]);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+    let front = Front::start_at("identity-no-header", addr, json!({}), json!({}), servers);
+
+    let claimed = Session::open(
+        addr,
+        vec![("MCP-Guard-Principal", "viewer-user".to_owned())],
+    );
+    assert_eq!(claimed.tool_names(), names(&["add", "echo"]));
+    let spoofed = claimed.call(&rpc(
+        3,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"text": "whose?"},
+               "_meta": {"io.mcp-guard/principal": "viewer-user"}}),
+    ));
+    assert_eq!(
+        spoofed["result"]["content"][0]["text"], "whose?",
+        "{spoofed}"
+    );
+    let malformed = Session::open(addr, vec![("MCP-Guard-Principal", "not a name".to_owned())]);
+    assert_eq!(
+        malformed.echo("malformed")["result"]["content"][0]["text"],
+        "malformed"
+    );
+
+    let records = front.audit_lines();
+    let principals: BTreeSet<String> = records
+        .iter()
+        .filter(|r| r["kind"] == "call" || r["kind"] == "session")
+        .map(|r| r["principal"].as_str().unwrap_or("(none)").to_owned())
+        .collect();
+    assert_eq!(principals, names(&[AGENT]), "{records:#?}");
+    let echoes = records
+        .iter()
+        .filter(|r| r["tool"] == "echo" && r["decision"] == "allow")
+        .count();
+    assert_eq!(echoes, 2, "{records:#?}");
+
+    let forwarded: Vec<Value> = std::fs::read_to_string(&wire)
+        .unwrap_or_else(|err| panic!("read {}: {err}", wire.display()))
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|message| message["method"] == "tools/call")
+        .collect();
+    assert_eq!(forwarded.len(), 2, "{forwarded:#?}");
+    for message in &forwarded {
+        assert_eq!(
+            message["params"]["_meta"]["io.mcp-guard/principal"], AGENT,
+            "{message}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // identity.jwt.protected_resource: an OAuth client finds its own way in
 // ---------------------------------------------------------------------------------------------

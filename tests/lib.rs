@@ -2366,6 +2366,67 @@ pub fn process_gone(pid: i32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether `pid` no longer runs: gone, or a zombie (it has ended; its parent, or init once the
+/// parent exited, has yet to reap it).
+pub fn process_ended(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // `pid (comm) S ...`: the state follows the last `)`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+/// A minimal MCP server (python3, handshake revisions) that outlives its input: it answers
+/// `initialize`, `tools/list` (no tools) and anything else with `{}`, writes its pid to
+/// `pid_file` first, ignores SIGTERM, and keeps running after stdin closes. Only SIGKILL
+/// stops it, so a test that sees it gone knows it was killed.
+pub fn lingering_server(pid_file: &Path) -> Vec<String> {
+    const SCRIPT: &str = r#"
+import json, os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+with open(sys.argv[1], "w") as f:
+    f.write(str(os.getpid()))
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message:
+        continue
+    if message.get("method") == "initialize":
+        result = {"protocolVersion": message["params"]["protocolVersion"],
+                  "capabilities": {"tools": {}}, "serverInfo": {"name": "lingering", "version": "0"}}
+    elif message.get("method") == "tools/list":
+        result = {"tools": []}
+    else:
+        result = {}
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+while True:
+    time.sleep(3600)
+"#;
+    vec![
+        "python3".into(),
+        "-c".into(),
+        SCRIPT.into(),
+        pid_file.display().to_string(),
+    ]
+}
+
+/// The pid a process wrote to `pid_file` (waits for the file, then fails the test).
+pub fn pid_from_file(pid_file: &Path) -> i32 {
+    let mut pid = None;
+    assert!(
+        poll_until(TIMEOUT, || {
+            pid = std::fs::read_to_string(pid_file)
+                .ok()
+                .and_then(|text| text.trim().parse().ok());
+            pid.is_some()
+        }),
+        "no pid in {}",
+        pid_file.display()
+    );
+    pid.unwrap()
+}
+
 /// `/proc/<pid>/cgroup`'s cgroup v2 path (`0::/a/b` → `/a/b`).
 pub fn process_cgroup(pid: i32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup"))

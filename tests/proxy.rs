@@ -1148,7 +1148,11 @@ fn batch_with_mixed_verdicts_is_answered_element_by_element() {
 
 /// A session sees `echo` only. The policy is rewritten to allow `get-sum` and the daemon gets
 /// SIGHUP: the same session now lists and calls it, and so does a new one. A second reload
-/// takes `echo` away again from the existing session.
+/// takes `echo` away again from the existing session. A file that is no policy is refused
+/// on SIGHUP: the session keeps the policy in force, and the refusal is on record (`policy`
+/// record, event `reject`, with its reason) and counted in
+/// `mcp_guard_policy_reloads_total{result="refused"}`. Then the file is changed with no
+/// signal: the daemon's watch reloads it, and `echo` is listed and callable again.
 #[test]
 fn policy_reload_changes_what_sessions_see_and_may_call() {
     let env = TestEnv::new("proxy-reload", PROBE);
@@ -1158,7 +1162,25 @@ fn policy_reload_changes_what_sessions_see_and_may_call() {
         |rules: Vec<Value>| json!({"everything": stdio_server(everything.clone(), rules)});
     let echo = || allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]}));
     let sum = || allow("sum", json!({"roles": [DEVELOPER], "tools": ["get-sum"]}));
-    let front = Front::start(env, peers, servers_with(vec![list_tools_rule(), echo()]));
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+    let policy_with = |front: &Front, rules: Vec<Value>| {
+        let mut document = front.env.proxy_policy(front.addr, servers_with(rules));
+        document["daemon"]["metrics_listen"] = json!(metrics.to_string());
+        document
+    };
+    let front = Front::start_with(
+        env,
+        peers,
+        servers_with(vec![list_tools_rule(), echo()]),
+        |document| document["daemon"]["metrics_listen"] = json!(metrics.to_string()),
+    );
+    let reloads = |result: &str| {
+        metric(
+            &scrape(metrics),
+            "mcp_guard_policy_reloads_total",
+            &[("result", result)],
+        )
+    };
 
     let session = front.open_session("everything", HANDSHAKE);
     let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
@@ -1173,8 +1195,7 @@ fn policy_reload_changes_what_sessions_see_and_may_call() {
 
     let reload = |rules: Vec<Value>| {
         let mark = front.daemon.log.mark();
-        let document = front.env.proxy_policy(front.addr, servers_with(rules));
-        front.env.write_policy_document(&document);
+        front.env.write_policy_document(&policy_with(&front, rules));
         front.daemon.sighup();
         front
             .daemon
@@ -1210,6 +1231,101 @@ fn policy_reload_changes_what_sessions_see_and_may_call() {
     reload(vec![list_tools_rule(), sum()]);
     assert_eq!(tool_names(&answer(&list)["result"]), set(&["get-sum"]));
     assert_unknown_tool(&answer(&call_echo)["error"], "echo");
+
+    // A policy that does not load is refused: the one in force stays, and the refusal is
+    // logged, recorded (`policy` record, event `reject`) and counted.
+    let applied = reloads("applied");
+    assert!(applied >= 2.0, "two reloads were applied: {applied}");
+    let mark = front.daemon.log.mark();
+    replace_file(&front.env.policy_path, b"{ not a policy");
+    front.daemon.sighup();
+    front
+        .daemon
+        .wait_for_since(mark, TIMEOUT, "\"policy reload refused\"", |line| {
+            message(line).is_some_and(|m| m.starts_with("policy reload refused"))
+        });
+    assert_eq!(tool_names(&answer(&list)["result"]), set(&["get-sum"]));
+    assert_eq!(
+        text(&answer(&call_sum)["result"]),
+        "The sum of 20 and 22 is 42.",
+        "get-sum after the refused reload"
+    );
+    assert_unknown_tool(&answer(&call_echo)["error"], "echo");
+    let rejections = || -> Vec<Value> {
+        audit_records(&front.env.audit_path())
+            .into_iter()
+            .filter(|r| r["kind"] == "policy" && r["detail"]["event"] == "reject")
+            .collect()
+    };
+    // The SIGHUP and the daemon's own watch of the file may each have reloaded it once.
+    assert!(
+        poll_until(TIMEOUT, || {
+            let recorded = rejections().len();
+            recorded >= 1 && reloads("refused") == recorded as f64
+        }),
+        "refused reloads: {} counted, on record: {:#?}",
+        reloads("refused"),
+        rejections()
+    );
+    for rejection in rejections() {
+        assert_eq!(
+            rejection["detail"]["path"],
+            json!(front.env.policy_path),
+            "{rejection}"
+        );
+        assert!(
+            rejection["reason"]
+                .as_str()
+                .is_some_and(|reason| !reason.is_empty()),
+            "a rejection without its reason: {rejection}"
+        );
+    }
+    assert_eq!(
+        reloads("applied"),
+        applied,
+        "a refused reload counted as applied"
+    );
+    assert!(
+        front.daemon.log.lines()[mark..]
+            .iter()
+            .all(|line| message(line) != Some("policy reloaded")),
+        "the broken policy was applied"
+    );
+
+    // A changed file is reloaded without a signal: echo, allowed again, is listed and
+    // callable in the live session.
+    let mark = front.daemon.log.mark();
+    front
+        .env
+        .write_policy_document(&policy_with(&front, vec![list_tools_rule(), echo(), sum()]));
+    let reloaded = |line: &Value| message(line) == Some("policy reloaded");
+    front
+        .daemon
+        .wait_for_since(mark, TIMEOUT, "\"policy reloaded\"", reloaded);
+    let lines = front.daemon.log.lines();
+    let changed = lines[mark..]
+        .iter()
+        .position(|line| message(line) == Some("policy file changed"));
+    let applied_at = lines[mark..].iter().position(reloaded);
+    assert!(
+        matches!((changed, applied_at), (Some(c), Some(a)) if c < a),
+        "the reload was not the file watch's: {:#?}",
+        &lines[mark..]
+    );
+    assert_eq!(
+        tool_names(&answer(&list)["result"]),
+        set(&["echo", "get-sum"])
+    );
+    assert_eq!(text(&answer(&call_echo)["result"]), "Echo: still here");
+    assert_eq!(reloads("applied"), applied + 1.0);
+    let last_policy_record = audit_records(&front.env.audit_path())
+        .into_iter()
+        .rfind(|r| r["kind"] == "policy")
+        .unwrap();
+    assert_eq!(
+        last_policy_record["detail"]["event"], "load",
+        "{last_policy_record}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1367,6 +1483,25 @@ fn bad_input_is_refused_and_the_daemon_keeps_serving() {
             code: None,
         },
         Case {
+            what: "GET without text/event-stream in Accept",
+            args: with_session(&["--method", "GET", "--header", "Accept: application/json"]),
+            status: 406,
+            code: Some(-32600),
+        },
+        Case {
+            what: "an unsupported MCP-Protocol-Version",
+            args: strings(&[
+                "--session",
+                &session,
+                "--header",
+                "MCP-Protocol-Version: 1999-01-01",
+                "--raw-body",
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            ]),
+            status: 400,
+            code: Some(-32600),
+        },
+        Case {
             what: "Content-Type: text/plain",
             args: with_session(&[
                 "--header",
@@ -1461,6 +1596,23 @@ fn bad_input_is_refused_and_the_daemon_keeps_serving() {
         "bad input answered wrongly:\n{}",
         wrong.join("\n")
     );
+
+    // Methods other than GET, POST and DELETE: 405, saying which are allowed.
+    for method in ["PUT", "PATCH"] {
+        let mut args = in_session.to_vec();
+        args.extend([
+            "--method",
+            method,
+            "--raw-body",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+        ]);
+        let output = front.raw("everything", &args);
+        assert_eq!(output["status"], 405, "{method}: {output}");
+        assert_eq!(
+            output["headers"]["allow"], "GET, POST, DELETE",
+            "{method}: {output}"
+        );
+    }
 
     // Duplicate ids in a batch: the duplicate gets its own error, the rest is answered.
     let duplicate = format!("[{},{}]", list(5), list(5));
@@ -1832,7 +1984,8 @@ fn everything_front(tag: &str, extra_rules: Vec<Value>) -> Front {
     Front::start(env, peers, servers)
 }
 
-/// GET without a session is refused (405); GET with one opens the SSE stream. DELETE ends
+/// GET without a session is refused (405, README's status table); GET with one opens the SSE
+/// stream. DELETE ends
 /// the session: its server process goes away, its cgroup is removed, and the session id is
 /// unknown (404) afterwards.
 #[test]
@@ -1850,10 +2003,10 @@ fn delete_ends_the_session_and_its_server_process() {
     let no_session =
         http_request_head(front.addr, "GET", &path, &[("Accept", "text/event-stream")])
             .expect("GET without a session");
-    assert!(
-        [404, 405].contains(&no_session.status),
-        "GET without a session: {}",
-        no_session.status
+    assert_eq!(
+        no_session.status, 405,
+        "GET without a session: {:?}",
+        no_session.headers
     );
     drop(no_session);
     let stream = http_request_head(
@@ -3053,7 +3206,9 @@ fn calls_are_refused_while_the_audit_log_cannot_be_written() {
 }
 
 /// A server that breaks the protocol (a tools/list result without a `tools` array) gets its
-/// answer refused, never passed on unfiltered.
+/// answer refused, never passed on unfiltered. When it then exits while a request waits for
+/// its answer, that request is refused with `-32011` and the session ends. Both refusals are
+/// counted in `mcp_guard_upstream_errors_total{server="broken"}`.
 #[test]
 fn a_list_the_policy_cannot_filter_is_refused() {
     let env = TestEnv::new("proxy-bad-list", PROBE);
@@ -3069,6 +3224,8 @@ for line in sys.stdin:
                   "serverInfo": {"name": "broken", "version": "0"}}
     elif message["method"] == "tools/list":
         result = {"tools": "not a list", "secret_tool": {"name": "hidden"}}
+    elif message["method"] == "logging/setLevel":
+        sys.exit(3)
     else:
         result = {}
     print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
@@ -3076,11 +3233,25 @@ for line in sys.stdin:
     let servers = json!({
         "broken": stdio_server(
             vec!["python3".into(), "-c".into(), BROKEN_SERVER.into()],
-            vec![list_tools_rule()],
+            vec![
+                list_tools_rule(),
+                allow("log-level", json!({"roles": [DEVELOPER], "methods": ["logging/setLevel"]})),
+            ],
         ),
     });
-    let front = Front::start(env, peers, servers);
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
+    let front = Front::start_with(env, peers, servers, |document| {
+        document["daemon"]["metrics_listen"] = json!(metrics.to_string());
+    });
+    let upstream_errors = || {
+        metric(
+            &scrape(metrics),
+            "mcp_guard_upstream_errors_total",
+            &[("server", "broken")],
+        )
+    };
     let session = front.open_session("broken", HANDSHAKE);
+    assert_eq!(upstream_errors(), 0.0);
     let list = response_message(&front.in_session(
         "broken",
         &session,
@@ -3088,6 +3259,18 @@ for line in sys.stdin:
     ));
     assert_eq!(list["error"]["code"], -32011, "{list}");
     assert!(list.get("result").is_none(), "{list}");
+    assert_eq!(upstream_errors(), 1.0);
+
+    // The server exits while a request of the session waits for its answer.
+    let set_level = json!({"jsonrpc": "2.0", "id": 3, "method": "logging/setLevel",
+        "params": {"level": "debug"}});
+    let exited = response_message(&front.in_session("broken", &session, &set_level));
+    assert_eq!(exited["error"]["code"], -32011, "{exited}");
+    assert_eq!(upstream_errors(), 2.0);
+    assert_eq!(
+        front.until_session_ended(&session)["detail"]["reason"],
+        "server_exited"
+    );
 }
 
 /// A session's server process that exits (killed here) ends the session: its `end` record says

@@ -25,6 +25,20 @@ fn write_policy(env: &TestEnv, servers: Value) {
     env.write_policy_document(&env.proxy_policy(unused, servers));
 }
 
+/// The policy with mcp-server-time as `time`: its tools listed, `get_current_time` allowed to
+/// developers (rule `time`), and `rules` besides.
+fn write_time_policy(env: &TestEnv, peers: &Peers, rules: Vec<Value>) {
+    let mut all = vec![
+        list_tools_rule(),
+        allow(
+            "time",
+            json!({"roles": [DEVELOPER], "tools": ["get_current_time"]}),
+        ),
+    ];
+    all.extend(rules);
+    write_policy(env, json!({"time": stdio_server(peers.time(), all)}));
+}
+
 /// The policy with server-everything as `everything`, its tools listed and `rules` besides.
 fn write_everything_policy(env: &TestEnv, peers: &Peers, rules: Vec<Value>) {
     write_everything_policy_in_mode(env, peers, rules, "enforce");
@@ -267,6 +281,84 @@ fn stdio_front_without_a_daemon_still_enforces_the_policy() {
     assert_eq!(run.error(1)["message"], "Unknown tool: get-env");
 }
 
+/// The stdio front at the revisions besides the default one, with the SDK client: at
+/// 2025-06-18 (initialize handshake) and at 2026-07-28 (stateless, `server/discover`),
+/// mcp-server-time through `mcp-guard stdio` agrees on the revision, lists only the allowed
+/// tool, answers the allowed call, and the client gets the same refusals as over HTTP: `-32010`
+/// naming the deny rule for a call its arguments refuse (which never reaches the server: no
+/// outcome on record), `Unknown tool` for a hidden one. The decisions are on record.
+#[test]
+fn stdio_front_serves_each_revision_the_sdk_speaks() {
+    let env = TestEnv::new("stdio-front-revisions", PROBE);
+    let peers = Peers::require();
+    write_time_policy(
+        &env,
+        &peers,
+        vec![deny(
+            "not-in-europe",
+            json!({
+                "tools": ["get_current_time"],
+                "arguments": {"type": "object",
+                              "properties": {"timezone": {"type": "string", "pattern": "^Europe/"}},
+                              "required": ["timezone"]},
+            }),
+        )],
+    );
+    let _daemon = env.start_daemon();
+    let command = env.stdio_front("time", AGENT, &env.control_socket);
+    let script = json!([
+        {"op": "list_tools"},
+        {"op": "call_tool", "name": "get_current_time", "arguments": {"timezone": "Asia/Tokyo"}},
+        {"op": "call_tool", "name": "get_current_time", "arguments": {"timezone": "Europe/Paris"}},
+        {"op": "call_tool", "name": "convert_time", "arguments": {
+            "source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}},
+    ]);
+    for (version, era) in [("2025-06-18", "handshake"), ("2026-07-28", "modern")] {
+        let run = mcp_client(&peers, Transport::Stdio(&command), version, &script);
+        let what = format!("at {version}: {}", run.run.report());
+        assert_eq!(run.initialize["protocol_version"], version, "{what}");
+        assert_eq!(run.initialize["era"], era, "{what}");
+        let names: Vec<&str> = run.ok(0)["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        assert_eq!(names, ["get_current_time"], "{what}");
+        assert_eq!(
+            run.ok(1)["structuredContent"]["timezone"],
+            "Asia/Tokyo",
+            "{what}"
+        );
+        let refused = run.error(2);
+        assert_eq!(refused["code"], -32010, "{what}");
+        assert_eq!(refused["data"]["rule"], "not-in-europe", "{what}");
+        let hidden = run.error(3);
+        assert_eq!(hidden["code"], -32602, "{what}");
+        assert_eq!(hidden["message"], "Unknown tool: convert_time", "{what}");
+    }
+
+    let records = audit_records(&env.audit_path());
+    let decisions = |decision: &str, rule: &str| {
+        records
+            .iter()
+            .filter(|r| {
+                r["tool"] == "get_current_time" && r["decision"] == decision && r["rule"] == rule
+            })
+            .count()
+    };
+    assert_eq!(decisions("allow", "time"), 2, "{records:#?}");
+    assert_eq!(decisions("deny", "not-in-europe"), 2, "{records:#?}");
+    let outcomes = records
+        .iter()
+        .filter(|r| r["tool"] == "get_current_time" && r["outcome"]["kind"] == "result")
+        .count();
+    assert_eq!(
+        outcomes, 2,
+        "only the allowed calls reach the server: {records:#?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Raw lines on the stdio front
 // ---------------------------------------------------------------------------------------------
@@ -281,13 +373,7 @@ fn stdio_front_without_a_daemon_still_enforces_the_policy() {
 fn requests_sent_after_initialize_wait_for_its_answer() {
     let env = TestEnv::new("stdio-front-handshake", PROBE);
     let peers = Peers::require();
-    write_policy(
-        &env,
-        json!({"time": stdio_server(peers.time(), vec![
-            list_tools_rule(),
-            allow("time", json!({"roles": [DEVELOPER], "tools": ["get_current_time"]})),
-        ])}),
-    );
+    write_time_policy(&env, &peers, vec![]);
     let _daemon = env.start_daemon();
     let mut front = RawStdio::spawn(&env.stdio_front("time", AGENT, &env.control_socket));
     let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -568,6 +654,25 @@ impl RawStdio {
         answer
     }
 
+    /// How the front exited, waiting for it up to `timeout` (a safety net); fails the test,
+    /// saying what the front was waited for `after`, if it still runs then.
+    fn exit_status(
+        &mut self,
+        timeout: std::time::Duration,
+        after: &str,
+    ) -> std::process::ExitStatus {
+        let mut status = None;
+        assert!(
+            poll_until(timeout, || {
+                status = self.child.try_wait().ok().flatten();
+                status.is_some()
+            }),
+            "the front still runs after {after}: {}",
+            self.stderr_text()
+        );
+        status.unwrap()
+    }
+
     fn stderr_text(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
@@ -686,27 +791,44 @@ fn stdio_front_exits_when_its_server_exits() {
     // SAFETY: kill(2) on a pid, no memory involved.
     assert_eq!(unsafe { libc::kill(server[0], libc::SIGKILL) }, 0);
 
-    let mut status = None;
-    assert!(
-        poll_until(TIMEOUT, || {
-            status = front.child.try_wait().ok().flatten();
-            status.is_some()
-        }),
-        "the front still runs after its server exited: {}",
-        front.stderr_text()
-    );
+    let status = front.exit_status(TIMEOUT, "its server exited");
     // What a shell reports for a process SIGKILL ended: the agent sees the server's death.
-    assert_eq!(
-        status.unwrap().code(),
-        Some(128 + libc::SIGKILL),
-        "{status:?}"
-    );
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "{status:?}");
     assert!(
         front
             .stderr_text()
             .contains("mcp-guard: the server process exited (signal: 9"),
         "{}",
         front.stderr_text()
+    );
+}
+
+/// When the agent closes the front's stdin, the front stops its server and exits, even a
+/// server that ignores SIGTERM and keeps running after its own stdin closes.
+#[test]
+fn closing_stdin_stops_the_fronts_server_process() {
+    let env = TestEnv::new("stdio-front-stdin-closed", PROBE);
+    let pid_file = env.dir().join("lingering.pid");
+    write_policy(
+        &env,
+        json!({"lingering": stdio_server(lingering_server(&pid_file), vec![list_tools_rule()])}),
+    );
+    let missing = env.dir().join("no-daemon.sock");
+    let mut front = RawStdio::spawn(&env.stdio_front("lingering", AGENT, &missing));
+    front.handshake("stdio-stdin-closed");
+    let listed = front.request(2, "tools/list", json!({}));
+    assert_eq!(listed["result"]["tools"], json!([]), "{listed}");
+    let server = pid_from_file(&pid_file);
+    assert_eq!(children_of(front.child.id()), [server]);
+
+    front.stdin.take();
+    let deadline = std::time::Duration::from_secs(20);
+    let status = front.exit_status(deadline, "its stdin closed");
+    assert!(status.success(), "{status:?}: {}", front.stderr_text());
+    assert!(
+        poll_until(deadline, || process_ended(server)),
+        "the server (pid {server}) still runs after the front's stdin closed: {}",
+        process_cmdline(server)
     );
 }
 

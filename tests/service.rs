@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mcp_guard_tests::*;
 use serde_json::{Value, json};
@@ -75,11 +75,17 @@ fn rpc(id: u64, method: &str, params: Value) -> Value {
 /// An MCP session on the daemon's front (initialize, then initialized).
 struct McpSession {
     addr: SocketAddr,
+    server: String,
     id: String,
 }
 
 impl McpSession {
     fn open(addr: SocketAddr) -> std::io::Result<McpSession> {
+        McpSession::open_on(addr, SERVER)
+    }
+
+    /// A session of `server`.
+    fn open_on(addr: SocketAddr, server: &str) -> std::io::Result<McpSession> {
         let initialize = rpc(
             0,
             "initialize",
@@ -89,7 +95,7 @@ impl McpSession {
                 "clientInfo": {"name": "service-test", "version": "0"},
             }),
         );
-        let answer = post(addr, SERVER, None, &initialize)?;
+        let answer = post(addr, server, None, &initialize)?;
         let id = answer
             .header("mcp-session-id")
             .ok_or_else(|| {
@@ -97,8 +103,9 @@ impl McpSession {
             })?
             .to_owned();
         let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-        post(addr, SERVER, Some(&id), &initialized)?;
-        Ok(McpSession { addr, id })
+        post(addr, server, Some(&id), &initialized)?;
+        let server = server.to_owned();
+        Ok(McpSession { addr, server, id })
     }
 
     /// `tools/call echo {text}`; the echoed text when the call was answered with a result.
@@ -108,7 +115,7 @@ impl McpSession {
             "tools/call",
             json!({"name": "echo", "arguments": {"text": text}}),
         );
-        let answer = post(self.addr, SERVER, Some(&self.id), &call)?;
+        let answer = post(self.addr, &self.server, Some(&self.id), &call)?;
         Ok(answer.body["result"]["content"][0]["text"]
             .as_str()
             .map(str::to_owned))
@@ -508,6 +515,62 @@ fn sigterm_closes_open_get_streams_at_once() {
         "the stop waited out its grace period: {}",
         daemon.log.summary(10, 30)
     );
+}
+
+/// SIGTERM stops every server process the daemon spawned for its sessions: mcp-fast-server
+/// and a server that ignores SIGTERM and outlives its closed stdin (so only the daemon's kill
+/// ends it). Each session's end is on record with reason `shutdown`, and no process is left
+/// in the session cgroups.
+#[test]
+fn sigterm_stops_the_server_process_of_every_session() {
+    let env = TestEnv::new("svc-children", PROBE);
+    let listen = loopback(free_loopback_port());
+    let pid_file = env.dir().join("lingering.pid");
+    let mut policy = fast_policy(&env, listen, &[]);
+    policy["servers"]["lingering"] =
+        stdio_server(lingering_server(&pid_file), vec![list_tools_rule()]);
+    env.write_policy_document(&policy);
+    let mut daemon = env.start_daemon();
+    let fast = McpSession::open(listen).expect("open a session of fast");
+    assert_eq!(fast.echo(1, "before").unwrap().as_deref(), Some("before"));
+    let lingering = McpSession::open_on(listen, "lingering").expect("open a session of lingering");
+    let cgroups = [
+        env.session_cgroup(SERVER, &fast.id),
+        env.session_cgroup("lingering", &lingering.id),
+    ];
+    let fast_pids = cgroup_pids(&cgroups[0]);
+    assert_eq!(fast_pids.len(), 1, "{fast_pids:?}");
+    assert!(
+        process_cmdline(fast_pids[0]).contains("mcp-fast-server"),
+        "{}",
+        process_cmdline(fast_pids[0])
+    );
+    let lingering_pid = pid_from_file(&pid_file);
+    assert_eq!(cgroup_pids(&cgroups[1]), [lingering_pid]);
+
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    for pid in [fast_pids[0], lingering_pid] {
+        assert!(
+            poll_until(Duration::from_secs(20), || process_ended(pid)),
+            "{} (pid {pid}) still runs after the daemon stopped",
+            process_cmdline(pid)
+        );
+    }
+    for cgroup in &cgroups {
+        assert_eq!(cgroup_pids(cgroup), [0; 0], "{}", cgroup.display());
+    }
+    let records = audit_records(&env.audit_path());
+    for session in [&fast.id, &lingering.id] {
+        assert!(
+            records.iter().any(|r| r["kind"] == "session"
+                && r["session"] == session.as_str()
+                && r["detail"]["event"] == "end"
+                && r["detail"]["reason"] == "shutdown"),
+            "no end record for {session}: {records:#?}"
+        );
+    }
 }
 
 /// `run --delegated-cgroup`, started inside a cgroup as systemd starts a `Delegate=yes` unit:
