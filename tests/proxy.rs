@@ -104,6 +104,19 @@ impl Front {
         open_raw_session(&self.peers, &self.url(server), version)
     }
 
+    /// Ends `session` of `server` with DELETE, which must succeed.
+    fn delete_session(&self, server: &str, session: &str) {
+        let path = Front::path(server);
+        let deleted = http_request_head(self.addr, "DELETE", &path, &[("Mcp-Session-Id", session)])
+            .expect("DELETE");
+        assert!(
+            (200..300).contains(&deleted.status),
+            "DELETE: {} {:?}",
+            deleted.status,
+            deleted.headers
+        );
+    }
+
     /// POSTs `body` inside an existing session.
     fn in_session(&self, server: &str, session: &str, body: &Value) -> Value {
         post_in_session(&self.peers, &self.url(server), session, HANDSHAKE, body)
@@ -2008,6 +2021,12 @@ fn delete_ends_the_session_and_its_server_process() {
         "GET without a session: {:?}",
         no_session.headers
     );
+    assert_eq!(
+        no_session.header("allow"),
+        Some("POST"),
+        "{:?}",
+        no_session.headers
+    );
     drop(no_session);
     let stream = http_request_head(
         front.addr,
@@ -2033,15 +2052,7 @@ fn delete_ends_the_session_and_its_server_process() {
     );
     drop(stream);
 
-    let deleted = http_request_head(front.addr, "DELETE", &path, &[("Mcp-Session-Id", &session)])
-        .expect("DELETE");
-    assert!(
-        (200..300).contains(&deleted.status),
-        "DELETE: {} {:?}",
-        deleted.status,
-        deleted.headers
-    );
-    drop(deleted);
+    front.delete_session("everything", &session);
     assert!(
         poll_until(TIMEOUT, || process_gone(pid)),
         "server-everything (pid {pid}) still exists after DELETE ended its session"
@@ -2059,6 +2070,43 @@ fn delete_ends_the_session_and_its_server_process() {
         .expect("second DELETE");
     assert_eq!(again.status, 404, "DELETE of an ended session");
     let cgroup = front.env.session_cgroup("everything", &session);
+    assert!(
+        poll_until(TIMEOUT, || !cgroup.exists()),
+        "the ended session's cgroup {} was never removed",
+        cgroup.display()
+    );
+}
+
+/// What a session's server started and left running (here a background `sleep` of the
+/// server's wrapper script) ends with the session: everything in the session's cgroup is
+/// killed, and the cgroup is removed.
+#[test]
+fn what_a_sessions_server_left_running_ends_with_the_session() {
+    let env = TestEnv::new("proxy-leftover-process", PROBE);
+    let peers = Peers::require();
+    let pid_file = env.dir().join("leftover.pid");
+    let command = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        r#"sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$1"; exec "$2""#.into(),
+        "leaves-a-sleep".into(),
+        pid_file.display().to_string(),
+        FAST_SERVER.into(),
+    ];
+    let servers = json!({"fast": stdio_server(command, vec![list_tools_rule()])});
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("fast", HANDSHAKE);
+    let leftover = pid_from_file(&pid_file);
+    assert!(
+        !process_ended(leftover),
+        "the sleep (pid {leftover}) never ran"
+    );
+    front.delete_session("fast", &session);
+    assert!(
+        poll_until(TIMEOUT, || process_ended(leftover)),
+        "the server's leftover process (pid {leftover}) outlived its session"
+    );
+    let cgroup = front.env.session_cgroup("fast", &session);
     assert!(
         poll_until(TIMEOUT, || !cgroup.exists()),
         "the ended session's cgroup {} was never removed",
@@ -2087,13 +2135,7 @@ fn delete_with_an_open_get_stream_ends_the_stream_and_the_server() {
     .expect("GET with a session");
     assert_eq!(stream.status, 200);
 
-    let deleted = http_request_head(front.addr, "DELETE", &path, &[("Mcp-Session-Id", &session)])
-        .expect("DELETE");
-    assert!(
-        (200..300).contains(&deleted.status),
-        "DELETE: {}",
-        deleted.status
-    );
+    front.delete_session("everything", &session);
     let gone = poll_until(TIMEOUT, || process_gone(pid));
     // The stream must end (EOF) rather than run into the safety net.
     let rest = stream.read_until_closed(TIMEOUT);

@@ -164,9 +164,15 @@ pub fn remove_tree(path: &Path) -> Result<(), CgroupError> {
     remove_empty_tree(path)
 }
 
-fn kill_all(path: &Path) -> Result<(), CgroupError> {
+/// Sends SIGKILL to every process in the cgroup subtree at `path` (`cgroup.kill`), without
+/// waiting for them to be gone.
+pub fn kill_processes(path: &Path) -> Result<(), CgroupError> {
     let kill_file = path.join("cgroup.kill");
-    fs::write(&kill_file, "1").map_err(io_error(&kill_file))?;
+    fs::write(&kill_file, "1").map_err(io_error(&kill_file))
+}
+
+fn kill_all(path: &Path) -> Result<(), CgroupError> {
+    kill_processes(path)?;
     // cgroup.kill is asynchronous: wait (bounded) for the processes to be gone.
     for _ in 0..200 {
         if !is_populated(path)? {

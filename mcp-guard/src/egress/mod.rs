@@ -415,6 +415,16 @@ impl Egress {
         format!("s{}-{}", std::process::id(), self.next_session)
     }
 
+    /// Kills whatever still runs in a session's cgroup (what its server started and left
+    /// behind): for an MCP session that has ended, nothing in it may outlive it. The cgroup
+    /// stays guarded until a sweep finds it empty.
+    pub fn kill_session_processes(&self, cgroup_id: u64) -> Result<(), EgressError> {
+        match self.owner(cgroup_id) {
+            Some(owner) if owner.session.is_some() => Ok(cgroup::kill_processes(&owner.path)?),
+            _ => Ok(()),
+        }
+    }
+
     /// The opener of a session is gone: the session ends now if its processes have, else at a
     /// later sweep once they have.
     pub fn release_session(&mut self, cgroup_id: u64) -> Result<bool, EgressError> {

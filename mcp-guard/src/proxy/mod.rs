@@ -716,7 +716,7 @@ impl Proxy {
             let arguments = arguments.unwrap_or(&empty);
             let envelope = match self.stateless_envelope(session, request).await {
                 Ok(envelope) => envelope,
-                Err(e) => return Err(Refusal::upstream(&request.id, &e.to_string())),
+                Err(e) => return Err(self.upstream_failed(session, &request.id, &e.to_string())),
             };
             match session
                 .check_tool_arguments(self, tool, arguments, envelope.as_ref())
@@ -737,7 +737,7 @@ impl Proxy {
                     });
                 }
                 Err(ToolCheck::Upstream(error)) => {
-                    return Err(Refusal::upstream(&request.id, &error));
+                    return Err(self.upstream_failed(session, &request.id, &error));
                 }
             }
         }
@@ -763,7 +763,8 @@ impl Proxy {
                 }
                 Ok(session::UpstreamEra::Stateless) => {}
                 Err(e) => {
-                    return Refusal::upstream(&request.id, &e.to_string())
+                    return self
+                        .upstream_failed(session, &request.id, &e.to_string())
                         .error
                         .to_value();
                 }
@@ -878,25 +879,17 @@ impl Proxy {
                 {
                     Ok(()) => jsonrpc::result_response(&request.id, result),
                     // A list the policy cannot filter is not passed on unfiltered.
-                    Err(violation) => {
-                        self.metrics
-                            .upstream_errors
-                            .with_label_values(&[&session.server])
-                            .inc();
-                        Refusal::upstream(&request.id, &violation).error.to_value()
-                    }
+                    Err(violation) => self
+                        .upstream_failed(session, &request.id, &violation)
+                        .error
+                        .to_value(),
                 }
             }
             Ok(Err(error)) => json!({"jsonrpc": "2.0", "id": request.id, "error": error}),
-            Err(e) => {
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&[&session.server])
-                    .inc();
-                Refusal::upstream(&request.id, &e.to_string())
-                    .error
-                    .to_value()
-            }
+            Err(e) => self
+                .upstream_failed(session, &request.id, &e.to_string())
+                .error
+                .to_value(),
         }
     }
 
@@ -933,6 +926,16 @@ impl Proxy {
                 .is_some_and(|name| could_use(&policy, session, caller, use_method, name))
         });
         Ok(())
+    }
+
+    /// The refusal of a request because its server failed (`-32011`), counted in
+    /// `mcp_guard_upstream_errors_total`.
+    fn upstream_failed(&self, session: &AgentSession, id: &Id, error: &str) -> Refusal {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[&session.server])
+            .inc();
+        Refusal::upstream(id, error)
     }
 
     /// The verdict on `method`, which names no tool, resource or prompt (an agent's

@@ -830,9 +830,14 @@ async fn place(
 }
 
 async fn release(placed: Option<&PlacedCgroup>) {
-    if let Some(PlacedCgroup::Local { egress, cgroup_id }) = placed
-        && let Err(e) = egress.lock().await.release_session(*cgroup_id)
-    {
+    let Some(PlacedCgroup::Local { egress, cgroup_id }) = placed else {
+        return;
+    };
+    let mut egress = egress.lock().await;
+    if let Err(e) = egress.kill_session_processes(*cgroup_id) {
+        tracing::warn!(cgroup_id, error = %e, "stopping what is left in the session cgroup");
+    }
+    if let Err(e) = egress.release_session(*cgroup_id) {
         tracing::warn!(cgroup_id, error = %e, "releasing the session cgroup");
     }
 }

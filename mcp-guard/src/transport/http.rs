@@ -142,14 +142,22 @@ async fn dispatch(
         Method::POST => post(&front, &name, &headers, client, body).await,
         Method::GET => get(&front, &name, &headers, client).await,
         Method::DELETE => delete(&front, &name, &headers, client).await,
-        _ => {
-            let mut response = StatusCode::METHOD_NOT_ALLOWED.into_response();
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
-            response
-        }
+        _ => with_allow(
+            StatusCode::METHOD_NOT_ALLOWED.into_response(),
+            ALLOWED_METHODS,
+        ),
     }
+}
+
+/// The methods of an MCP endpoint, for the `Allow` header every 405 must carry (RFC 9110
+/// section 15.5.6).
+const ALLOWED_METHODS: &str = "GET, POST, DELETE";
+
+fn with_allow(mut response: Response, methods: &'static str) -> Response {
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(methods));
+    response
 }
 
 fn rpc_error_response(status: StatusCode, error: RpcError) -> Response {
@@ -680,13 +688,17 @@ async fn get(front: &Front, server: &str, headers: &HeaderMap, client: Option<Ip
         );
     }
     let Some(id) = header_str(headers, SESSION_HEADER) else {
-        return rpc_error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            RpcError::new(
-                None,
-                codes::INVALID_REQUEST,
-                "GET needs an Mcp-Session-Id (stateless revisions have no GET stream)",
+        // Without a session, only POST is served here.
+        return with_allow(
+            rpc_error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                RpcError::new(
+                    None,
+                    codes::INVALID_REQUEST,
+                    "GET needs an Mcp-Session-Id (stateless revisions have no GET stream)",
+                ),
             ),
+            "POST",
         );
     };
     let Some(session) = front
