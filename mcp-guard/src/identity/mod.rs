@@ -128,14 +128,6 @@ impl TraceContext {
     }
 }
 
-/// The agent's `_meta` traceparent, if it is valid (else the transport's is used).
-fn valid_meta_traceparent(meta: Option<&Map<String, Value>>) -> Option<&str> {
-    meta?
-        .get(meta_keys::TRACEPARENT)?
-        .as_str()
-        .filter(|parent| parse_traceparent(parent).is_some())
-}
-
 /// `(trace id, flags)` of a valid version-00 traceparent.
 fn parse_traceparent(text: &str) -> Option<(String, String)> {
     let mut parts = text.trim().split('-');
@@ -177,21 +169,12 @@ impl OpeningContext {
     /// From the first message of a session (its `_meta`) and the transport's hints, with the
     /// precedence of [`CallIdentity::for_request`]. An invalid `traceparent` is left out.
     pub fn of_request(params: Option<&Value>, hints: &TransportHints) -> OpeningContext {
-        let meta = params
-            .and_then(|p| p.get("_meta"))
-            .and_then(Value::as_object);
-        let meta_str = |key: &str| meta.and_then(|m| m.get(key)).and_then(Value::as_str);
-        let (traceparent, tracestate) = match valid_meta_traceparent(meta) {
-            Some(parent) => (Some(parent), meta_str(meta_keys::TRACESTATE)),
-            None => (hints.traceparent.as_deref(), hints.tracestate.as_deref()),
-        };
-        let traceparent = traceparent.filter(|parent| parse_traceparent(parent).is_some());
-        let identity = CallIdentity::for_request(params, hints);
+        let claims = AgentClaims::read(params, hints);
         OpeningContext {
-            instruction: identity.instruction,
-            traceparent: traceparent.map(str::to_owned),
-            tracestate: traceparent.and(tracestate).map(str::to_owned),
-            baggage: identity.baggage,
+            instruction: claims.instruction,
+            traceparent: claims.traceparent.map(str::to_owned),
+            tracestate: claims.tracestate.map(str::to_owned),
+            baggage: claims.baggage,
         }
     }
 
@@ -214,6 +197,45 @@ impl OpeningContext {
     }
 }
 
+/// What the agent says about the work in one request: its `_meta` first, then the
+/// transport's hints. A traceparent only when it is valid, a tracestate only with it.
+struct AgentClaims<'a> {
+    instruction: Option<String>,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+    /// The agent's baggage with `mcp.instruction` (see [`CallIdentity::baggage`]).
+    baggage: Option<String>,
+}
+
+impl<'a> AgentClaims<'a> {
+    fn read(params: Option<&'a Value>, hints: &'a TransportHints) -> AgentClaims<'a> {
+        let meta = params
+            .and_then(|p| p.get("_meta"))
+            .and_then(Value::as_object);
+        let meta_str = |key: &str| meta.and_then(|m| m.get(key)).and_then(Value::as_str);
+        let instruction = meta_str(meta_keys::INSTRUCTION)
+            .map(str::to_owned)
+            .or_else(|| hints.instruction.clone())
+            .or_else(|| baggage_value(hints.baggage.as_deref(), "mcp.instruction"));
+        let is_valid = |parent: &&str| parse_traceparent(parent).is_some();
+        let meta_parent = meta_str(meta_keys::TRACEPARENT).filter(is_valid);
+        let (traceparent, tracestate) = match meta_parent {
+            Some(parent) => (Some(parent), meta_str(meta_keys::TRACESTATE)),
+            None => (
+                hints.traceparent.as_deref().filter(is_valid),
+                hints.tracestate.as_deref(),
+            ),
+        };
+        let agent_baggage = meta_str(meta_keys::BAGGAGE).or(hints.baggage.as_deref());
+        AgentClaims {
+            baggage: with_instruction(agent_baggage, instruction.as_deref()),
+            instruction,
+            traceparent,
+            tracestate: traceparent.and(tracestate),
+        }
+    }
+}
+
 /// The identity of one forwarded request.
 #[derive(Clone, Debug)]
 pub struct CallIdentity {
@@ -230,29 +252,12 @@ pub struct CallIdentity {
 impl CallIdentity {
     /// Reads instruction and trace from the request's `_meta`, then the transport's hints.
     pub fn for_request(params: Option<&Value>, hints: &TransportHints) -> CallIdentity {
-        let meta = params
-            .and_then(|p| p.get("_meta"))
-            .and_then(Value::as_object);
-        let meta_str = |key: &str| meta.and_then(|m| m.get(key)).and_then(Value::as_str);
-        let instruction = meta_str(meta_keys::INSTRUCTION)
-            .map(str::to_owned)
-            .or_else(|| hints.instruction.clone())
-            .or_else(|| baggage_value(hints.baggage.as_deref(), "mcp.instruction"));
-        let trace = match valid_meta_traceparent(meta) {
-            Some(parent) => {
-                TraceContext::continue_or_start(Some(parent), meta_str(meta_keys::TRACESTATE))
-            }
-            None => TraceContext::continue_or_start(
-                hints.traceparent.as_deref(),
-                hints.tracestate.as_deref(),
-            ),
-        };
-        let agent_baggage = meta_str(meta_keys::BAGGAGE).or(hints.baggage.as_deref());
+        let claims = AgentClaims::read(params, hints);
         CallIdentity {
             call_id: uuid::Uuid::new_v4().simple().to_string(),
-            baggage: with_instruction(agent_baggage, instruction.as_deref()),
-            instruction,
-            trace,
+            trace: TraceContext::continue_or_start(claims.traceparent, claims.tracestate),
+            instruction: claims.instruction,
+            baggage: claims.baggage,
             client: hints.client,
         }
     }

@@ -247,15 +247,23 @@ async fn post(
         );
     }
     let (principal, roles) = (caller.principal.clone(), caller.roles.clone());
-    let session =
-        match find_or_open_session(front, server, headers, &incoming, header_version, caller).await
-        {
-            Ok(session) => session,
-            Err(response) => return response,
-        };
-    let opened_now = is_initialize(&incoming);
     let mut hints = TransportHints::from_headers(|name| header_str(headers, name));
     hints.client = client;
+    let session = match find_or_open_session(
+        front,
+        server,
+        headers,
+        &hints,
+        &incoming,
+        header_version,
+        caller,
+    )
+    .await
+    {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    let opened_now = is_initialize(&incoming);
     // Roles as of this request (its token, the policy in force), for the session's principal;
     // a session attributed to a configured principal that a reload renamed keeps its own.
     if principal == session.caller().principal {
@@ -355,6 +363,7 @@ async fn find_or_open_session(
     front: &Front,
     server: &str,
     headers: &HeaderMap,
+    hints: &TransportHints,
     incoming: &Incoming,
     header_version: Option<&str>,
     caller: Caller,
@@ -365,10 +374,7 @@ async fn find_or_open_session(
             Incoming::Single(Message::Request(request)) => request.params.as_ref(),
             _ => None,
         };
-        OpeningContext::of_request(
-            first,
-            &TransportHints::from_headers(|n| header_str(headers, n)),
-        )
+        OpeningContext::of_request(first, hints)
     };
     if is_initialize(incoming) {
         return open(front, server, caller, None, &opening()).await;
