@@ -850,6 +850,19 @@ impl Daemon {
         child.as_ref().expect("daemon already reaped").id() as i32
     }
 
+    /// Fails the test if the daemon's log mentions a panic.
+    pub fn assert_no_panic(&self) {
+        let panicked = self
+            .log
+            .lines()
+            .into_iter()
+            .find(|line| line.to_string().contains("panic"));
+        assert!(
+            panicked.is_none(),
+            "the daemon logged a panic: {panicked:?}"
+        );
+    }
+
     /// Waits for a line with `fields.message == msg`; fails the test with the log otherwise.
     pub fn wait_for_message(&self, msg: &str, timeout: Duration) -> Value {
         self.wait_for_since(0, timeout, &format!("message {msg:?}"), |l| {
@@ -1223,6 +1236,17 @@ pub fn http_exchange(
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<HttpAnswer> {
+    http_exchange_bytes(addr, method, path, headers, body.as_bytes())
+}
+
+/// [`http_exchange`] with a body of any bytes (invalid UTF-8 included).
+pub fn http_exchange_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpAnswer> {
     let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
     exchange_on(stream, addr, method, path, headers, body)
 }
@@ -1249,7 +1273,7 @@ pub fn http_exchange_from(
         socket.connect(addr).await?.into_std()
     })?;
     stream.set_nonblocking(false)?;
-    exchange_on(stream, addr, method, path, headers, body)
+    exchange_on(stream, addr, method, path, headers, body.as_bytes())
 }
 
 fn exchange_on(
@@ -1258,7 +1282,7 @@ fn exchange_on(
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
-    body: &str,
+    body: &[u8],
 ) -> std::io::Result<HttpAnswer> {
     stream.set_read_timeout(Some(TIMEOUT))?;
     let mut request = format!(
@@ -1269,8 +1293,9 @@ fn exchange_on(
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes())?;
+    let mut request = request.into_bytes();
+    request.extend_from_slice(body);
+    stream.write_all(&request)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -2411,6 +2436,19 @@ while True:
     ]
 }
 
+/// `server` run by a wrapper script that first starts a background `sleep` (detached from the
+/// server's stdio) and writes its pid to `pid_file`: a process the server leaves running.
+pub fn leaving_a_sleep(pid_file: &Path, server: &str) -> Vec<String> {
+    vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        r#"sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$1"; exec "$2""#.into(),
+        "leaves-a-sleep".into(),
+        pid_file.display().to_string(),
+        server.into(),
+    ]
+}
+
 /// The pid a process wrote to `pid_file` (waits for the file, then fails the test).
 pub fn pid_from_file(pid_file: &Path) -> i32 {
     let mut pid = None;
@@ -2628,4 +2666,346 @@ pub fn mcp_guard(args: &[&str]) -> ProbeRun {
 
 pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("a UTF-8 path")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mutated messages: bad input an agent could send, derived from good input
+// ---------------------------------------------------------------------------------------------
+
+/// Derives malformed and odd messages from valid ones, deterministically from a seed (so a
+/// failure can be replayed): values replaced with other types, extremes and deep nesting at
+/// any place in the message, keys removed or added, methods and ids swapped, messages batched,
+/// and the serialised bytes flipped, cut, spliced or made invalid UTF-8.
+pub struct Mutator {
+    state: u64,
+}
+
+/// Methods a mutated message may be given instead of its own (`initialize` left out: a new
+/// session per message would only measure process start-up).
+const MUTATED_METHODS: &[&str] = &[
+    "tools/call",
+    "tools/list",
+    "resources/read",
+    "resources/list",
+    "resources/templates/list",
+    "resources/subscribe",
+    "prompts/get",
+    "prompts/list",
+    "completion/complete",
+    "logging/setLevel",
+    "ping",
+    "server/discover",
+    "notifications/cancelled",
+    "notifications/progress",
+    "notifications/initialized",
+    "notifications/roots/list_changed",
+    "sampling/createMessage",
+    "",
+    "rpc.discover",
+    "tools/call/../list",
+];
+
+impl Mutator {
+    /// The seed is `MCP_GUARD_MUTATION_SEED` when set (to replay a failure), else `default`.
+    pub fn from_env_or(default: u64) -> (Mutator, u64) {
+        let seed = std::env::var("MCP_GUARD_MUTATION_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default);
+        // splitmix64 of the seed: neighbouring seeds give unrelated sequences, and the state
+        // is never 0 (where xorshift stays).
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (
+            Mutator {
+                state: (z ^ (z >> 31)) | 1,
+            },
+            seed,
+        )
+    }
+
+    /// xorshift64*: small, fast, and the same sequence on every machine.
+    fn next(&mut self) -> u64 {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    /// One to three mutations of `message`, then its bytes (mutated themselves one time in
+    /// five), and one time in eight several such messages as a batch.
+    pub fn mutate(&mut self, corpus: &[Value]) -> Vec<u8> {
+        if self.chance(12) {
+            let count = 1 + self.below(6);
+            let batch: Vec<Value> = (0..count).map(|_| self.mutated_value(corpus)).collect();
+            return self.maybe_mangled(Value::Array(batch).to_string().into_bytes());
+        }
+        let message = self.mutated_value(corpus);
+        self.maybe_mangled(message.to_string().into_bytes())
+    }
+
+    fn mutated_value(&mut self, corpus: &[Value]) -> Value {
+        let mut message = self.pick(corpus).clone();
+        for _ in 0..1 + self.below(3) {
+            self.mutate_value(&mut message);
+        }
+        message
+    }
+
+    fn maybe_mangled(&mut self, bytes: Vec<u8>) -> Vec<u8> {
+        if self.chance(20) {
+            self.mangle(bytes)
+        } else {
+            bytes
+        }
+    }
+
+    fn mutate_value(&mut self, message: &mut Value) {
+        match self.below(6) {
+            0 => message["method"] = json!(*self.pick(MUTATED_METHODS)),
+            1 => {
+                let id = self.odd_value(1);
+                match message.as_object_mut() {
+                    Some(object) if self.chance(20) => {
+                        object.remove("id");
+                    }
+                    Some(object) => {
+                        object.insert("id".into(), id);
+                    }
+                    None => {}
+                }
+            }
+            2 if self.chance(50) => message["jsonrpc"] = self.odd_value(1),
+            _ => {
+                let depth = self.below(5);
+                let value = self.odd_value(0);
+                // Mostly inside `params`, where the pipeline reads most; the envelope has
+                // its own cases above.
+                let in_params = self.chance(75);
+                match message.get_mut("params") {
+                    Some(params) if in_params => self.replace_somewhere(params, depth, value),
+                    _ => self.replace_somewhere(message, depth, value),
+                }
+            }
+        }
+    }
+
+    /// Replaces, removes or adds a member somewhere at most `depth` levels down.
+    fn replace_somewhere(&mut self, node: &mut Value, depth: usize, value: Value) {
+        match node {
+            Value::Object(object) if !object.is_empty() => {
+                let keys: Vec<String> = object.keys().cloned().collect();
+                let key = self.pick(&keys).clone();
+                if depth > 0 && (object[&key].is_object() || object[&key].is_array()) {
+                    return self.replace_somewhere(&mut object[&key], depth - 1, value);
+                }
+                match self.below(4) {
+                    0 => {
+                        object.remove(&key);
+                    }
+                    1 => {
+                        let extra = *self.pick(&[
+                            "_meta",
+                            "cursor",
+                            "progressToken",
+                            "id",
+                            "name",
+                            "uri",
+                            "arguments",
+                        ]);
+                        object.insert(extra.into(), value);
+                    }
+                    _ => {
+                        object.insert(key, value);
+                    }
+                }
+            }
+            Value::Array(items) if !items.is_empty() => {
+                let at = self.below(items.len());
+                if depth > 0 {
+                    self.replace_somewhere(&mut items[at], depth - 1, value);
+                } else {
+                    items[at] = value;
+                }
+            }
+            other => *other = value,
+        }
+    }
+
+    /// A value of an unexpected type or size; `for_id` leans towards what ids could be.
+    fn odd_value(&mut self, for_id: usize) -> Value {
+        let nested = |depth: usize| -> Value {
+            let mut value = json!(1);
+            for _ in 0..depth {
+                value = json!([value]);
+            }
+            value
+        };
+        match self.below(16 - for_id * 4) {
+            0 => Value::Null,
+            1 => json!(true),
+            2 => json!(-1),
+            3 => json!(1.5),
+            4 => json!(u64::MAX),
+            5 => serde_json::from_str("1e308").unwrap(),
+            6 => json!(""),
+            7 => json!("\u{0}\u{202e}é😀"),
+            8 => json!([]),
+            9 => json!({}),
+            10 => json!("x".repeat(1 + self.below(20_000))),
+            11 => nested(2 + self.below(200)),
+            12 => json!({"__proto__": {"admin": true}, "constructor": null}),
+            13 => json!("../../../../etc/passwd"),
+            14 => json!({"name": "write_file", "arguments": {"path": "/tmp/x", "content": "x"}}),
+            _ => json!(7),
+        }
+    }
+
+    /// Byte-level damage: a flipped byte, a cut, a splice, invalid UTF-8 or a NUL.
+    fn mangle(&mut self, mut bytes: Vec<u8>) -> Vec<u8> {
+        if bytes.is_empty() {
+            return bytes;
+        }
+        let at = self.below(bytes.len());
+        match self.below(5) {
+            0 => bytes[at] ^= 1 << self.below(8),
+            1 => bytes.truncate(at),
+            2 => {
+                let end = (at + 1 + self.below(40)).min(bytes.len());
+                let chunk = bytes[at..end].to_vec();
+                let to = self.below(bytes.len());
+                bytes.splice(to..to, chunk);
+            }
+            3 => bytes.insert(at, *self.pick(&[0xff, 0xc0, 0xed, 0x80])),
+            _ => bytes.insert(at, 0),
+        }
+        bytes
+    }
+}
+
+/// The valid messages the mutation tests start from: calls of tools the policy allows, hides
+/// and denies (server-filesystem over `root`), lists, reads, completions, cancellations and
+/// progress, and an answer to a request the server never sent.
+pub fn filesystem_corpus(root: &Path) -> Vec<Value> {
+    let path = |name: &str| root.join(name).display().to_string();
+    let call = |id: i64, name: &str, arguments: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": name, "arguments": arguments}})
+    };
+    let request = |id: i64, method: &str, params: Value| json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+    vec![
+        call(1, "read_text_file", json!({"path": path("readme.txt")})),
+        call(2, "list_directory", json!({"path": path("")})),
+        call(
+            3,
+            "write_file",
+            json!({"path": path("written.txt"), "content": "must not be"}),
+        ),
+        call(
+            4,
+            "edit_file",
+            json!({"path": path("readme.txt"), "edits": [{"oldText": "hello", "newText": "owned"}]}),
+        ),
+        request(5, "tools/list", json!({})),
+        request(6, "resources/list", json!({"cursor": "abc"})),
+        request(7, "prompts/get", json!({"name": "p", "arguments": {}})),
+        request(
+            8,
+            "resources/read",
+            json!({"uri": format!("file://{}", path("readme.txt"))}),
+        ),
+        request(
+            9,
+            "completion/complete",
+            json!({"ref": {"type": "ref/prompt", "name": "p"},
+                                                 "argument": {"name": "a", "value": "b"}}),
+        ),
+        request(10, "ping", json!({"_meta": {"progressToken": 10}})),
+        json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+               "params": {"requestId": 1, "reason": "mutated"}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/progress",
+               "params": {"progressToken": 1, "progress": 1}}),
+        json!({"jsonrpc": "2.0", "id": 11, "result": {"roots": []}}),
+    ]
+}
+
+/// server-filesystem over `root` as `files`, for the mutation tests: reads allowed, every
+/// tool that writes denied.
+pub fn read_only_files_server(peers: &Peers, root: &Path) -> Value {
+    stdio_server(
+        peers.filesystem(root),
+        vec![
+            list_tools_rule(),
+            allow(
+                "read-files",
+                json!({"roles": [DEVELOPER], "tools": ["read_text_file", "list_directory"]}),
+            ),
+            deny(
+                "no-writes",
+                json!({"tools": ["write_file", "edit_file", "create_directory", "move_file"]}),
+            ),
+        ],
+    )
+}
+
+/// What `root` holds (names and contents, recursively): a write that reached the filesystem
+/// server changes it.
+pub fn tree_of(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)
+            .expect("read a directory of the tree")
+            .flatten()
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path.clone());
+                found.push((path, Vec::new()));
+            } else {
+                let content = std::fs::read(&path).unwrap_or_default();
+                found.push((path, content));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Whether `message` is a well-formed JSON-RPC 2.0 message from mcp-guard to an agent: a
+/// response (an id, and a result or an error with an integer code and a message), a request
+/// or a notification. `Err` says what is wrong.
+pub fn check_jsonrpc_message(message: &Value) -> Result<(), String> {
+    if message["jsonrpc"] != "2.0" {
+        return Err(format!("no \"jsonrpc\": \"2.0\": {message}"));
+    }
+    if message.get("method").is_some() {
+        return match message["method"].is_string() {
+            true => Ok(()),
+            false => Err(format!("a method that is not a string: {message}")),
+        };
+    }
+    if message.get("id").is_none() {
+        return Err(format!("a response without an id: {message}"));
+    }
+    match (message.get("result"), message.get("error")) {
+        (Some(_), None) => Ok(()),
+        (None, Some(error)) if error["code"].is_i64() && error["message"].is_string() => Ok(()),
+        _ => Err(format!(
+            "neither one result nor one well-formed error: {message}"
+        )),
+    }
 }

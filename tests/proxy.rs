@@ -1717,6 +1717,161 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// The JSON-RPC messages of an HTTP answer's body: JSON (one message or a batch) or SSE
+/// (`data:` lines). `Err` when the body is neither.
+fn answer_messages(answer: &HttpAnswer) -> Result<Vec<Value>, String> {
+    let json_body = |text: &str| -> Result<Vec<Value>, String> {
+        match serde_json::from_str(text) {
+            Ok(Value::Array(items)) => Ok(items),
+            Ok(message) => Ok(vec![message]),
+            Err(e) => Err(format!("not JSON ({e}): {text:?}")),
+        }
+    };
+    match answer.header("content-type") {
+        Some(kind) if kind.starts_with("text/event-stream") => {
+            let mut messages = Vec::new();
+            for line in answer.body.lines().filter_map(|l| l.strip_prefix("data:")) {
+                if !line.trim().is_empty() {
+                    messages.extend(json_body(line.trim())?);
+                }
+            }
+            Ok(messages)
+        }
+        _ if answer.body.is_empty() => Ok(Vec::new()),
+        _ => json_body(&answer.body),
+    }
+}
+
+/// Seeded mutations of valid messages (see `Mutator`: other types, extremes, deep nesting,
+/// missing and extra members, other methods and ids, batches, flipped and cut bytes, invalid
+/// UTF-8), 1,200 of them, half in a session at 2025-11-25 and half as stateless 2026-07-28
+/// requests whose `Mcp-Method`/`Mcp-Name` headers describe the message before it was mutated.
+/// Each gets an HTTP status an agent can act on (never a 5xx, never a dropped connection) and,
+/// where it has a body, only well-formed JSON-RPC messages. Afterwards the daemon still runs,
+/// logged no panic, still serves a read the same as before, the files are exactly as they were
+/// (no write or edit, all of which the policy denies or hides, reached the server), and the
+/// audit log verifies. `MCP_GUARD_MUTATION_SEED` replays another sequence.
+#[test]
+fn mutated_messages_get_clear_answers_and_never_reach_a_denied_tool() {
+    const MESSAGES: usize = 1200;
+    let env = TestEnv::new("proxy-mutations", PROBE);
+    let peers = Peers::require();
+    let root = env.files_dir(Some("hello from the test\n"));
+    let servers = json!({"files": read_only_files_server(&peers, &root)});
+    let front = Front::start_with(env, peers, servers, |policy| {
+        policy["daemon"]["max_message_bytes"] = json!(16384);
+        policy["daemon"]["max_json_depth"] = json!(32);
+        policy["daemon"]["max_batch_size"] = json!(4);
+    });
+    let files_before = tree_of(&root);
+    let corpus = filesystem_corpus(&root);
+    let (mut mutator, seed) = Mutator::from_env_or(0x6d63_702d_6775_6172);
+    let path = Front::path("files");
+    let mut session = front.open_session("files", HANDSHAKE);
+    // Per mode: in a session, stateless.
+    let mut statuses = [(); 2].map(|_| std::collections::BTreeMap::<u16, usize>::new());
+    let mut sessions_reopened = 0;
+    for n in 0..MESSAGES {
+        let original = mutator.pick(&corpus).clone();
+        let body = mutator.mutate(std::slice::from_ref(&original));
+        let stateless = n % 2 == 1;
+        let method = original["method"].as_str().unwrap_or("").to_owned();
+        let name = original["params"]["name"].as_str().unwrap_or("").to_owned();
+        let mut headers = vec![
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+        ];
+        if stateless {
+            headers.push(("MCP-Protocol-Version", STATELESS));
+            headers.push(("Mcp-Method", &method));
+            if !name.is_empty() {
+                headers.push(("Mcp-Name", &name));
+            }
+        } else {
+            headers.push(("MCP-Protocol-Version", HANDSHAKE));
+            headers.push(("Mcp-Session-Id", &session));
+        }
+        let what = || {
+            format!(
+                "message {n} of seed {seed} ({}): {:?}",
+                if stateless {
+                    "stateless"
+                } else {
+                    "in a session"
+                },
+                String::from_utf8_lossy(&body)
+            )
+        };
+        let answer = http_exchange_bytes(front.addr, "POST", &path, &headers, &body)
+            .unwrap_or_else(|e| panic!("no whole answer to {}: {e}", what()));
+
+        *statuses[usize::from(stateless)]
+            .entry(answer.status)
+            .or_default() += 1;
+        assert!(
+            [200, 202, 400, 404, 413].contains(&answer.status),
+            "status {} for {}: {answer:?}",
+            answer.status,
+            what()
+        );
+        let messages = answer_messages(&answer).unwrap_or_else(|e| panic!("{e}, for {}", what()));
+        for message in &messages {
+            if let Err(e) = check_jsonrpc_message(message) {
+                panic!("{e}, for {}", what());
+            }
+        }
+        match answer.status {
+            202 => assert!(messages.is_empty(), "a 202 with a body for {}", what()),
+            400 | 413 => assert!(
+                messages.iter().all(|m| m["error"]["code"].is_i64()),
+                "a {} that is no JSON-RPC error for {}: {answer:?}",
+                answer.status,
+                what()
+            ),
+            404 if !stateless => {
+                // The session's server may have ended on what it was sent; the next messages
+                // go to a new session.
+                sessions_reopened += 1;
+                session = front.open_session("files", HANDSHAKE);
+            }
+            _ => {}
+        }
+    }
+    eprintln!(
+        "seed {seed}: {MESSAGES} mutated messages, statuses in a session {:?}, stateless {:?}, \
+         sessions reopened {sessions_reopened}",
+        statuses[0], statuses[1]
+    );
+    for (mode, statuses) in ["in a session", "stateless"].iter().zip(&statuses) {
+        for status in [200, 202, 400] {
+            assert!(
+                statuses.get(&status).is_some_and(|&count| count > 0),
+                "no {status} among the answers {mode} (seed {seed}): {statuses:?}; the \
+                 mutations did not reach every path"
+            );
+        }
+    }
+
+    assert!(!process_gone(front.daemon.pid()), "the daemon exited");
+    front.daemon.assert_no_panic();
+    assert_eq!(
+        tree_of(&root),
+        files_before,
+        "a mutated message changed the files (seed {seed})"
+    );
+    let read = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "read_text_file", "arguments": {"path": root.join("readme.txt")}}});
+    let fresh = front.open_session("files", HANDSHAKE);
+    let output = front.in_session("files", &fresh, &read);
+    assert_eq!(
+        text(&response_message(&output)["result"]),
+        "hello from the test\n",
+        "{output}"
+    );
+    let verify = mcp_guard(&["audit", "verify", path_str(&front.env.audit_path())]);
+    assert!(verify.status.success(), "{}", verify.report());
+}
+
 /// A client that opens a connection and never finishes a request's head (slowloris) is
 /// disconnected after `daemon.header_read_timeout_seconds`, as is one that sends nothing, and
 /// the front serves other agents meanwhile; so is a silent connection to the metrics endpoint.
@@ -2085,14 +2240,7 @@ fn what_a_sessions_server_left_running_ends_with_the_session() {
     let env = TestEnv::new("proxy-leftover-process", PROBE);
     let peers = Peers::require();
     let pid_file = env.dir().join("leftover.pid");
-    let command = vec![
-        "/bin/sh".to_string(),
-        "-c".into(),
-        r#"sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > "$1"; exec "$2""#.into(),
-        "leaves-a-sleep".into(),
-        pid_file.display().to_string(),
-        FAST_SERVER.into(),
-    ];
+    let command = leaving_a_sleep(&pid_file, FAST_SERVER);
     let servers = json!({"fast": stdio_server(command, vec![list_tools_rule()])});
     let front = Front::start(env, peers, servers);
     let session = front.open_session("fast", HANDSHAKE);

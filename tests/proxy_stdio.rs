@@ -6,6 +6,7 @@
 //! Root only (the daemon loads its eBPF programs). The real peers come from
 //! `cargo xtask setup`; without them these tests fail (never skip) and say so.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -830,6 +831,250 @@ fn closing_stdin_stops_the_fronts_server_process() {
         "the server (pid {server}) still runs after the front's stdin closed: {}",
         process_cmdline(server)
     );
+}
+
+/// A stdio front placed through the daemon ends what its server left running (a wrapper's
+/// background `sleep`) when it exits, as the daemon's own sessions do, and the session
+/// cgroup is removed.
+#[test]
+fn a_placed_stdio_fronts_exit_ends_what_its_server_left_running() {
+    let (env, _daemon, mut front, placed) = placed_front_leaving_a_sleep("stdio-front-leftover");
+    front.stdin.take();
+    let status = front.exit_status(TIMEOUT, "its stdin closed");
+    assert!(status.success(), "{status:?}: {}", front.stderr_text());
+    placed.assert_ended(&env);
+}
+
+/// A stdio front that is killed (SIGKILL: it stops nothing itself) still takes its session
+/// with it: the daemon sees the front's placement connection close and kills what runs in
+/// the session cgroup, the server included.
+#[test]
+fn a_killed_stdio_fronts_server_and_leftovers_are_ended_by_the_daemon() {
+    let (env, _daemon, mut front, placed) = placed_front_leaving_a_sleep("stdio-front-killed");
+    front.child.kill().expect("SIGKILL the front");
+    front.child.wait().expect("reap the front");
+    placed.assert_ended(&env);
+}
+
+/// The processes of a placed stdio front's session and the cgroup they run in.
+struct PlacedSession {
+    server: i32,
+    leftover: i32,
+    cgroup: std::path::PathBuf,
+}
+
+impl PlacedSession {
+    fn assert_ended(&self, env: &TestEnv) {
+        for (what, pid) in [("server", self.server), ("leftover sleep", self.leftover)] {
+            assert!(
+                poll_until(TIMEOUT, || process_ended(pid)),
+                "the session's {what} (pid {pid}) outlived its front: {}",
+                process_cmdline(pid)
+            );
+        }
+        assert!(
+            poll_until(TIMEOUT, || !self.cgroup.exists()),
+            "the session cgroup {} was never removed",
+            self.cgroup.display()
+        );
+        let verify = mcp_guard(&["audit", "verify", path_str(&env.audit_path())]);
+        assert!(verify.status.success(), "{}", verify.report());
+    }
+}
+
+/// A daemon, and a stdio front placed through it whose server (mcp-fast-server) left a
+/// background `sleep` running: both in the session's guarded cgroup.
+fn placed_front_leaving_a_sleep(tag: &str) -> (TestEnv, Daemon, RawStdio, PlacedSession) {
+    let env = TestEnv::new(tag, PROBE);
+    let pid_file = env.dir().join("leftover.pid");
+    write_policy(
+        &env,
+        json!({"fast": stdio_server(leaving_a_sleep(&pid_file, FAST_SERVER), vec![list_tools_rule()])}),
+    );
+    let daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &env.control_socket));
+    front.handshake(tag);
+    let leftover = pid_from_file(&pid_file);
+    let server = children_of(front.child.id());
+    assert_eq!(server.len(), 1, "the front runs one server: {server:?}");
+    let server = server[0];
+    assert!(
+        process_cmdline(server).contains("mcp-fast-server"),
+        "{}",
+        process_cmdline(server)
+    );
+    let cgroup = process_cgroup(server).expect("the server's cgroup");
+    assert_eq!(
+        process_cgroup(leftover).as_deref(),
+        Some(cgroup.as_str()),
+        "the leftover runs in the server's session cgroup"
+    );
+    assert!(
+        cgroup.starts_with(&format!(
+            "/{}",
+            env.cgroup_root
+                .strip_prefix(cgroup2_mount())
+                .unwrap()
+                .display()
+        )),
+        "the server was placed under the daemon's cgroup root: {cgroup}"
+    );
+    let cgroup = cgroup2_mount().join(cgroup.trim_start_matches('/'));
+    (
+        env,
+        daemon,
+        front,
+        PlacedSession {
+            server,
+            leftover,
+            cgroup,
+        },
+    )
+}
+
+/// The stdio front's side of the HTTP front's mutation test: 600 seeded mutations of valid
+/// messages (see `Mutator`), one line each, to a front placed through the daemon in front of
+/// server-filesystem, each followed by a `ping` whose answer is awaited. Each line's requests
+/// carry an id of its own (unless a mutation changed it), and every line that is still a
+/// readable request with that id is answered under it, sooner or later: nothing is dropped
+/// or left waiting (a request whose `params` was an array once was: server-filesystem drops
+/// such a message unanswered). Every line the front writes is a well-formed JSON-RPC message,
+/// the front answers every ping (it never stops reading or exits), logs no panic, the files are exactly as they were (no write or edit,
+/// which the policy denies, reached the server), a read still returns the file, and the
+/// audit log verifies. `MCP_GUARD_MUTATION_SEED` replays another sequence.
+#[test]
+fn mutated_lines_get_clear_answers_and_never_reach_a_denied_tool() {
+    const LINES: usize = 600;
+    let env = TestEnv::new("stdio-front-mutations", PROBE);
+    let peers = Peers::require();
+    let root = env.files_dir(Some("hello from the test\n"));
+    write_policy(
+        &env,
+        json!({"files": read_only_files_server(&peers, &root)}),
+    );
+    let daemon = env.start_daemon();
+    let files_before = tree_of(&root);
+    let corpus = filesystem_corpus(&root);
+    let (mut mutator, seed) = Mutator::from_env_or(0x7374_6469_6f2d_6d75);
+    let mut front = RawStdio::spawn(&env.stdio_front("files", AGENT, &env.control_socket));
+    front.handshake("stdio-mutations");
+    let mut answered = 0;
+    let mut awaited = BTreeSet::new();
+    let mut answered_ids = BTreeSet::new();
+    for n in 0..LINES {
+        let own_id = format!("line-{n}");
+        let line = mutator.mutate(&with_id(&corpus, &own_id));
+        if must_be_answered(&line, &own_id) {
+            awaited.insert(own_id);
+        }
+        front.send(&line);
+        let probe = format!("probe-{n}");
+        let ping = json!({"jsonrpc": "2.0", "id": probe, "method": "ping"});
+        front.send(ping.to_string().as_bytes());
+        let what = format!(
+            "the ping after line {n} of seed {seed}: {:?}",
+            String::from_utf8_lossy(&line)
+        );
+        let messages = front.messages_until(&what, |m| m["id"] == probe.as_str());
+        // A batch is answered with an array of answers on one line.
+        let flattened = messages.iter().flat_map(|m| match m {
+            Value::Array(answers) => answers.iter().collect(),
+            one => vec![one],
+        });
+        for message in flattened {
+            if let Err(e) = check_jsonrpc_message(message) {
+                panic!(
+                    "{e}, after line {n} of seed {seed}: {:?}",
+                    String::from_utf8_lossy(&line)
+                );
+            }
+            if let Some(id) = message["id"].as_str() {
+                answered_ids.insert(id.to_owned());
+            }
+        }
+        answered += messages.len() - 1;
+    }
+    eprintln!(
+        "seed {seed}: {LINES} mutated lines, {answered} other messages written meanwhile, {} \
+         lines that must be answered under their id",
+        awaited.len()
+    );
+    assert!(
+        answered > 0,
+        "no mutated line was answered at all (seed {seed})"
+    );
+    assert!(
+        !awaited.is_empty(),
+        "no mutated line kept its id (seed {seed})"
+    );
+    // Answers come in any order: those still missing may yet come.
+    while let Some(missing) = awaited.difference(&answered_ids).next().cloned() {
+        let message = front.next_message(&format!("the answer to {missing} (seed {seed})"), &[]);
+        let answers = match message {
+            Value::Array(answers) => answers,
+            one => vec![one],
+        };
+        for answer in answers {
+            if let Some(id) = answer["id"].as_str() {
+                answered_ids.insert(id.to_owned());
+            }
+        }
+    }
+    // Answers to mutated requests may still come (answers come in any order): the read's is
+    // the one with its id.
+    let read = json!({"jsonrpc": "2.0", "id": "read", "method": "tools/call",
+        "params": {"name": "read_text_file", "arguments": {"path": root.join("readme.txt")}}});
+    front.send(read.to_string().as_bytes());
+    let read = front
+        .messages_until("the read", |m| m["id"] == "read")
+        .pop()
+        .unwrap();
+    assert_eq!(text(&read["result"]), "hello from the test\n", "{read}");
+    assert!(
+        !front.stderr_text().contains("panicked"),
+        "the front panicked: {}",
+        front.stderr_text()
+    );
+    assert_eq!(
+        tree_of(&root),
+        files_before,
+        "a mutated line changed the files (seed {seed})"
+    );
+    drop(front);
+    daemon.assert_no_panic();
+    let verify = mcp_guard(&["audit", "verify", path_str(&env.audit_path())]);
+    assert!(verify.status.success(), "{}", verify.report());
+}
+
+/// `corpus` with every request's id set to `id`.
+fn with_id(corpus: &[Value], id: &str) -> Vec<Value> {
+    let mut corpus = corpus.to_vec();
+    for message in corpus.iter_mut().filter(|m| m.get("id").is_some()) {
+        message["id"] = json!(id);
+    }
+    corpus
+}
+
+/// Whether the front must answer `line` under `id`: the line is JSON the front reads (nesting
+/// and batch size within the default limits of 64), and it, or an element of it as a batch,
+/// is a request with that id. Any such request is answered, with a result or an error.
+fn must_be_answered(line: &[u8], id: &str) -> bool {
+    fn depth(value: &Value) -> usize {
+        match value {
+            Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+            Value::Object(members) => 1 + members.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    let Ok(value) = serde_json::from_slice::<Value>(line) else {
+        return false;
+    };
+    let is_request = |message: &Value| message["id"] == id && message["method"].is_string();
+    depth(&value) <= 64
+        && match &value {
+            Value::Array(items) => items.len() <= 64 && items.iter().any(is_request),
+            one => is_request(one),
+        }
 }
 
 /// A resource the agent may not read does not show through its updates: the policy lets the

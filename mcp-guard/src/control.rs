@@ -53,6 +53,12 @@ pub enum Request {
         server: String,
         #[serde(default)]
         session: Option<String>,
+        /// The session ends with this connection: when it closes, whatever still runs in the
+        /// session's cgroup is killed (a stdio front's placement: the front stops its server
+        /// when it exits, and a front that is killed cannot). Without it (`egress exec`),
+        /// what still runs stays confined until it exits.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ends_with_connection: bool,
     },
     /// An audit record from a front that runs outside the daemon (the stdio front): the log
     /// has one writer, the daemon. Answered once the record is durable.
@@ -203,7 +209,7 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
     let request_limit = max_request_bytes(daemon);
     let mut lines = BoundedLines::new(reader, request_limit);
     let mut write = Lingering::new(write, linger);
-    let opened: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let opened: Arc<std::sync::Mutex<Vec<OpenedCgroup>>> = Arc::default();
     let calls = Arc::new(CallsInFlight::default());
     // While one of the client's calls is in flight, its outcome record is due as soon as the
     // server answers: the next line is polled for rather than slept for.
@@ -272,15 +278,29 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
             }
         }
     }
-    // The client is gone: its sessions end once their processes have.
+    // The client is gone: its sessions end once their processes have, at once for sessions
+    // that end with their connection.
     let opened = std::mem::take(&mut *opened.lock().expect("opened lock"));
     let mut egress = context.egress.lock().await;
-    for cgroup_id in opened {
+    for OpenedCgroup {
+        cgroup_id,
+        ends_with_connection,
+    } in opened
+    {
+        if ends_with_connection && let Err(e) = egress.kill_session_processes(cgroup_id) {
+            tracing::warn!(cgroup_id, error = %e, "stopping what is left in the session cgroup");
+        }
         if let Err(e) = egress.release_session(cgroup_id) {
             tracing::warn!(cgroup_id, error = %e, "closing session cgroup");
         }
     }
     Ok(())
+}
+
+/// A session cgroup a client opened, and what its connection's end means for it.
+struct OpenedCgroup {
+    cgroup_id: u64,
+    ends_with_connection: bool,
 }
 
 type Answering = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
@@ -350,15 +370,22 @@ fn may_flush(request: &Request, settings: &AuditSettings) -> bool {
 async fn answer(
     request: Result<Request, serde_json::Error>,
     context: &ControlContext,
-    opened: &std::sync::Mutex<Vec<u64>>,
+    opened: &std::sync::Mutex<Vec<OpenedCgroup>>,
     calls: &CallsInFlight,
 ) -> Response {
     match request {
-        Ok(Request::OpenSession { server, session }) => {
+        Ok(Request::OpenSession {
+            server,
+            session,
+            ends_with_connection,
+        }) => {
             let mut egress = context.egress.lock().await;
             match egress.open_session(&server, session.as_deref()) {
                 Ok(session) => {
-                    opened.lock().expect("opened lock").push(session.cgroup_id);
+                    opened.lock().expect("opened lock").push(OpenedCgroup {
+                        cgroup_id: session.cgroup_id,
+                        ends_with_connection,
+                    });
                     context.metrics.egress_sessions_opened.inc();
                     tracing::info!(server = %session.server, session = %session.session,
                         cgroup_id = session.cgroup_id, "session cgroup opened");
@@ -421,11 +448,13 @@ async fn answer(
 }
 
 /// Client side: asks the daemon at `socket` for a session cgroup. The returned stream must be
-/// kept open for as long as the session runs.
+/// kept open for as long as the session runs; with `ends_with_connection`, what still runs in
+/// the cgroup is killed once it closes.
 pub async fn open_session(
     socket: &Path,
     server: &str,
     session: Option<&str>,
+    ends_with_connection: bool,
 ) -> Result<(Response, UnixStream), ControlError> {
     let mut stream = UnixStream::connect(socket)
         .await
@@ -436,6 +465,7 @@ pub async fn open_session(
     let request = Request::OpenSession {
         server: server.to_owned(),
         session: session.map(str::to_owned),
+        ends_with_connection,
     };
     let mut text = serde_json::to_string(&request)?;
     text.push('\n');
@@ -587,6 +617,34 @@ mod tests {
         assert!(!calls.any());
     }
 
+    /// `egress exec`'s request, written before `ends_with_connection` existed, still reads
+    /// as a session that outlives its connection; a stdio front's says it ends with it.
+    #[test]
+    fn a_session_ends_with_its_connection_only_when_asked() {
+        let read = |line: &str| match serde_json::from_str::<Request>(line).unwrap() {
+            Request::OpenSession {
+                ends_with_connection,
+                ..
+            } => ends_with_connection,
+            other => panic!("not an open_session: {other:?}"),
+        };
+        assert!(!read(
+            r#"{"op":"open_session","server":"web","session":"demo"}"#
+        ));
+        assert!(read(
+            r#"{"op":"open_session","server":"web","ends_with_connection":true}"#
+        ));
+        let sent = Request::OpenSession {
+            server: "web".into(),
+            session: None,
+            ends_with_connection: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&sent).unwrap(),
+            r#"{"op":"open_session","server":"web","session":null}"#
+        );
+    }
+
     /// Only a request that may flush gets a task of its own (a flush holds its thread).
     #[test]
     fn only_appends_that_flush_are_answered_in_a_task() {
@@ -606,6 +664,7 @@ mod tests {
         let open = Request::OpenSession {
             server: "s".into(),
             session: None,
+            ends_with_connection: true,
         };
         let settings = |fsync, durable_before| AuditSettings {
             fsync,

@@ -237,8 +237,15 @@ async fn stdio_front(args: StdioArgs) -> Result<ExitCode> {
 
 /// Runs a command as a confined session of a server, with the daemon's help.
 async fn exec(args: ExecArgs) -> Result<ExitCode> {
-    let (session, _keep_session_open) =
-        control::open_session(&args.control_socket, &args.server, args.session.as_deref()).await?;
+    // What the command leaves running stays confined until it exits, as the command may mean
+    // it to outlive itself.
+    let (session, _keep_session_open) = control::open_session(
+        &args.control_socket,
+        &args.server,
+        args.session.as_deref(),
+        false,
+    )
+    .await?;
     let cgroup = session
         .cgroup
         .context("the daemon answered without a cgroup path")?;

@@ -296,15 +296,8 @@ pub fn message_from_value(value: Value) -> Result<Message, RpcError> {
         ));
     }
     let params = object.remove("params");
-    if let Some(params) = &params
-        && !params.is_object()
-        && !params.is_array()
-    {
-        return Err(RpcError::new(
-            id,
-            codes::INVALID_REQUEST,
-            "\"params\" must be an object or an array",
-        ));
+    if let Err(message) = check_mcp_params(params.as_ref()) {
+        return Err(RpcError::new(id, codes::INVALID_REQUEST, message));
     }
     match (object.remove("method"), id) {
         (Some(Value::String(method)), Some(id)) => {
@@ -324,6 +317,21 @@ pub fn message_from_value(value: Value) -> Result<Message, RpcError> {
             codes::INVALID_REQUEST,
             "message has neither \"method\" nor \"id\"",
         )),
+    }
+}
+
+/// MCP narrows JSON-RPC: `params`, where present, is an object (never an array), and so is
+/// its `_meta`. A server built on an MCP SDK drops a message that breaks this without
+/// answering, and mcp-guard could not put its identity keys into it; so it is refused here
+/// rather than left to wait for the server's request timeout.
+fn check_mcp_params(params: Option<&Value>) -> Result<(), &'static str> {
+    match params {
+        None => Ok(()),
+        Some(Value::Object(params)) => match params.get("_meta") {
+            None | Some(Value::Object(_)) => Ok(()),
+            Some(_) => Err("\"params._meta\" must be an object"),
+        },
+        Some(_) => Err("\"params\" must be an object (MCP has no positional parameters)"),
     }
 }
 
@@ -482,6 +490,23 @@ mod tests {
             (r#"[]"#, codes::INVALID_REQUEST),
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"x","params":3}"#,
+                codes::INVALID_REQUEST,
+            ),
+            // MCP's params are named: an SDK server drops these unanswered.
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":[[1]]}"#,
+                codes::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"notifications/progress","params":[]}"#,
+                codes::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":5}}"#,
+                codes::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":null}}"#,
                 codes::INVALID_REQUEST,
             ),
         ];

@@ -815,7 +815,10 @@ async fn place(
             Ok((Some(cgroup.path), Some(placed)))
         }
         Placement::Remote(socket) => {
-            let (answer, connection) = control::open_session(socket, server, Some(id)).await?;
+            // The front's end (however it ends) ends the session: nothing its server left
+            // running outlives it.
+            let (answer, connection) =
+                control::open_session(socket, server, Some(id), true).await?;
             let path = answer.cgroup.ok_or(ProxyError::Placement(
                 "the daemon answered without a cgroup".into(),
             ))?;
