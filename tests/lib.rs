@@ -2712,17 +2712,18 @@ impl Mutator {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(default);
+        (Mutator::from_seed(seed), seed)
+    }
+
+    pub fn from_seed(seed: u64) -> Mutator {
         // splitmix64 of the seed: neighbouring seeds give unrelated sequences, and the state
         // is never 0 (where xorshift stays).
         let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (
-            Mutator {
-                state: (z ^ (z >> 31)) | 1,
-            },
-            seed,
-        )
+        Mutator {
+            state: (z ^ (z >> 31)) | 1,
+        }
     }
 
     /// xorshift64*: small, fast, and the same sequence on every machine.
@@ -2737,7 +2738,7 @@ impl Mutator {
         (self.next() % n as u64) as usize
     }
 
-    fn chance(&mut self, percent: usize) -> bool {
+    pub fn chance(&mut self, percent: usize) -> bool {
         self.below(100) < percent
     }
 

@@ -1872,6 +1872,132 @@ fn mutated_messages_get_clear_answers_and_never_reach_a_denied_tool() {
     assert!(verify.status.success(), "{}", verify.report());
 }
 
+/// The other direction: a server that answers half of all requests with a mutation of its
+/// answer (mcp-fast-server `--mutate-answers SEED`: other types and sizes anywhere, other ids,
+/// answers turned into requests and notifications, batches, cut and flipped bytes). An agent
+/// allowed to see only `echo`, `note://items/1` and no prompt sends 90 valid requests
+/// (lists, an echo, a read, a ping). Every answer is a clear status with only well-formed
+/// JSON-RPC in its body, and nothing hidden gets through a list however the server shaped
+/// it: every tool listed is `echo`, every resource `note://items/1`, and no prompt is listed.
+/// An answer that is invalid JSON-RPC, or no JSON, but names its request fails that request
+/// at once (`-32011`) instead of at the request timeout. The daemon logs no panic and the
+/// audit log verifies.
+#[test]
+fn a_server_sending_mutated_answers_gets_nothing_hidden_past_the_filter() {
+    const REQUESTS: usize = 90;
+    let env = TestEnv::new("proxy-mutated-server", PROBE);
+    let peers = Peers::require();
+    let seed = std::env::var("MCP_GUARD_MUTATION_SEED").unwrap_or_else(|_| "4242".into());
+    let command = vec![
+        FAST_SERVER.to_string(),
+        "--resources".into(),
+        "6".into(),
+        "--mutate-answers".into(),
+        seed.clone(),
+    ];
+    let mut server = stdio_server(
+        command,
+        vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+            allow(
+                "other-lists",
+                json!({"roles": [DEVELOPER], "methods": ["resources/list", "prompts/list", "ping"]}),
+            ),
+            allow(
+                "item-1",
+                json!({"roles": [DEVELOPER], "resources": ["note://items/1"]}),
+            ),
+        ],
+    );
+    // A mutated answer may carry another id, so its request is never answered.
+    server["request_timeout_seconds"] = json!(1);
+    let front = Front::start(env, peers, json!({ "fast": server }));
+    let path = Front::path("fast");
+    let mut session = front.open_session("fast", HANDSHAKE);
+    let requests = [
+        ("tools/list", json!({})),
+        (
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": "hi"}}),
+        ),
+        ("resources/list", json!({})),
+        ("prompts/list", json!({})),
+        ("resources/read", json!({"uri": "note://items/1"})),
+        ("ping", json!({})),
+    ];
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let mut lists_seen = 0;
+    let mut failed_at_once = 0;
+    for n in 0..REQUESTS {
+        let (method, params) = &requests[n % requests.len()];
+        let body = json!({"jsonrpc": "2.0", "id": n, "method": method, "params": params});
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("MCP-Protocol-Version", HANDSHAKE),
+            ("Mcp-Session-Id", session.as_str()),
+        ];
+        let what = format!("request {n} ({method}), server seed {seed}");
+        let answer = http_exchange(front.addr, "POST", &path, &headers, &body.to_string())
+            .unwrap_or_else(|e| panic!("no whole answer to {what}: {e}"));
+        *statuses.entry(answer.status).or_default() += 1;
+        assert!(
+            [200, 404].contains(&answer.status),
+            "status {} for {what}: {answer:?}",
+            answer.status
+        );
+        let messages = answer_messages(&answer).unwrap_or_else(|e| panic!("{e}, for {what}"));
+        for message in &messages {
+            if let Err(e) = check_jsonrpc_message(message) {
+                panic!("{e}, for {what}");
+            }
+            let result = &message["result"];
+            let names = |field: &str, key: &str| -> Option<Vec<Value>> {
+                let items = result.get(field)?.as_array()?;
+                Some(items.iter().map(|item| item[key].clone()).collect())
+            };
+            if message["id"] != json!(n) {
+                continue;
+            }
+            let error = message["error"]["message"].as_str().unwrap_or_default();
+            if error.contains("sent an invalid answer") || error.contains("answer that is not JSON")
+            {
+                failed_at_once += 1;
+            }
+            let shown = match *method {
+                "tools/list" => names("tools", "name").map(|n| (n, json!("echo"))),
+                "resources/list" => names("resources", "uri").map(|n| (n, json!("note://items/1"))),
+                "prompts/list" => names("prompts", "name").map(|n| (n, json!(null))),
+                _ => None,
+            };
+            if let Some((shown, only)) = shown {
+                lists_seen += 1;
+                assert!(
+                    shown.iter().all(|name| *name == only),
+                    "{what} showed {shown:?}; only {only} may be shown: {message}"
+                );
+            }
+        }
+        if answer.status == 404 {
+            // The session ended (a server line mcp-guard cannot take ends it); a new one.
+            session = front.open_session("fast", HANDSHAKE);
+        }
+    }
+    eprintln!(
+        "server seed {seed}: {REQUESTS} requests, statuses {statuses:?}, {lists_seen} lists \
+         answered, {failed_at_once} failed at once on an unusable answer"
+    );
+    assert!(lists_seen > 0, "no list was answered at all (seed {seed})");
+    assert!(
+        failed_at_once > 0,
+        "no unusable answer failed its request at once (seed {seed})"
+    );
+    front.daemon.assert_no_panic();
+    let verify = mcp_guard(&["audit", "verify", path_str(&front.env.audit_path())]);
+    assert!(verify.status.success(), "{}", verify.report());
+}
+
 /// A client that opens a connection and never finishes a request's head (slowloris) is
 /// disconnected after `daemon.header_read_timeout_seconds`, as is one that sends nothing, and
 /// the front serves other agents meanwhile; so is a silent connection to the metrics endpoint.

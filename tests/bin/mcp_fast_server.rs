@@ -2,7 +2,8 @@
 //! proxy benchmark (it answers in microseconds, so what is measured through mcp-guard is
 //! mcp-guard's own cost) and a peer whose every answer the tests can predict.
 //!
-//! Usage: `mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS] [--resources N]`
+//! Usage: `mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS] [--resources N]
+//! [--mutate-answers SEED]`
 //!
 //! - stdio, always: newline-delimited JSON-RPC on stdin/stdout, one message (or batch) a line.
 //! - `--http PORT`: also Streamable HTTP at `http://127.0.0.1:PORT/mcp` (POST answered with
@@ -16,6 +17,10 @@
 //! - `--resources N`: N more resources, `note://items/0` to `note://items/<N-1>` (text
 //!   `item <i>`), and `resources/list` answers in pages of [`PAGE_SIZE`], each but the last
 //!   with a `nextCursor`.
+//! - `--mutate-answers SEED`: a broken or hostile server. On stdio, every answer but
+//!   `initialize`'s is, one time in two, replaced by a mutation of itself (see the tests'
+//!   `Mutator`, seeded with SEED): other types and sizes anywhere, other ids and methods (so
+//!   some answers become requests or notifications), batches, cut and flipped bytes.
 //!
 //! Protocol revisions: `initialize` accepts 2025-06-18 and 2025-11-25 (echoed back; anything
 //! else is answered with 2025-11-25); a request whose `params._meta` carries
@@ -49,6 +54,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use mcp_guard_tests::Mutator;
 use serde_json::{Map, Value, json};
 
 const HANDSHAKE_VERSIONS: [&str; 2] = ["2025-06-18", "2025-11-25"];
@@ -77,6 +83,7 @@ fn main() {
     let mut notes = None;
     let mut call_delay = std::time::Duration::ZERO;
     let mut items = 0;
+    let mut mutator = None;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match (arg.as_str(), rest.next()) {
@@ -89,6 +96,10 @@ fn main() {
                     std::time::Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()))
             }
             ("--resources", Some(count)) => items = count.parse().unwrap_or_else(|_| usage()),
+            ("--mutate-answers", Some(seed)) => {
+                let seed = seed.parse().unwrap_or_else(|_| usage());
+                mutator = Some(Mutex::new(Mutator::from_seed(seed)));
+            }
             _ => usage(),
         }
     }
@@ -106,7 +117,7 @@ fn main() {
         let server = Arc::clone(&server);
         thread::spawn(move || serve_http(&server, listener))
     });
-    serve_stdio(&server);
+    serve_stdio(&server, mutator.as_ref());
     if let Some(http) = http {
         let _ = http.join();
     }
@@ -114,7 +125,8 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS] [--resources N]"
+        "usage: mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS] [--resources N] \
+         [--mutate-answers SEED]"
     );
     std::process::exit(2);
 }
@@ -680,7 +692,7 @@ fn base_tools() -> Value {
 // stdio
 // ---------------------------------------------------------------------------------------------
 
-fn serve_stdio(server: &Arc<Server>) {
+fn serve_stdio(server: &Arc<Server>, mutator: Option<&Mutex<Mutator>>) {
     let mut stdin = io::stdin().lock();
     let stdout = Arc::new(Mutex::new(BufWriter::new(io::stdout())));
     let mut line = Vec::new();
@@ -720,10 +732,33 @@ fn serve_stdio(server: &Arc<Server>) {
             }
         }
         let Some(answer) = answer else { continue };
-        if write_line(&stdout, &answer).is_err() {
+        let written = match mutator {
+            Some(mutator) if !answer["result"]["protocolVersion"].is_string() => {
+                write_maybe_mutated(&stdout, &answer, mutator)
+            }
+            _ => write_line(&stdout, &answer),
+        };
+        if written.is_err() {
             return;
         }
     }
+}
+
+/// Writes `answer`, or one time in two a mutation of it, and a newline.
+fn write_maybe_mutated(
+    stdout: &Mutex<BufWriter<io::Stdout>>,
+    answer: &Value,
+    mutator: &Mutex<Mutator>,
+) -> io::Result<()> {
+    let mut mutator = mutator.lock().expect("mutator lock");
+    if !mutator.chance(50) {
+        return write_line(stdout, answer);
+    }
+    let bytes = mutator.mutate(std::slice::from_ref(answer));
+    let mut stdout = stdout.lock().expect("stdout lock");
+    stdout.write_all(&bytes)?;
+    stdout.write_all(b"\n")?;
+    stdout.flush()
 }
 
 /// Whether a line is a `rendezvous` call, which waits for other calls.

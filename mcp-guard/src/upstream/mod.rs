@@ -278,6 +278,7 @@ fn upstream_error(problem: &str) -> Value {
 /// Reads one message of the server: a response is handed to its waiting caller here, and an
 /// invalid message dropped; anything else is returned, for the session.
 async fn answer_or_pass_on(pending: &Pending, value: Value, label: &str) -> Option<Message> {
+    let meant_as_answer = value.get("method").is_none();
     match crate::mcp::jsonrpc::message_from_value(value) {
         Ok(Message::Response(response)) => {
             answer_caller(pending, response, label).await;
@@ -286,8 +287,21 @@ async fn answer_or_pass_on(pending: &Pending, value: Value, label: &str) -> Opti
         Ok(other) => Some(other),
         Err(e) => {
             tracing::warn!(server = %label, error = %e, "server sent an invalid JSON-RPC message; dropped");
+            // An invalid answer to a request mcp-guard sent fails that request now, rather
+            // than at request_timeout_seconds.
+            if let (true, Some(Id::Number(id))) = (meant_as_answer, &e.id) {
+                let problem = format!("the server sent an invalid answer: {}", e.message);
+                fail_caller(pending, *id, &problem).await;
+            }
             None
         }
+    }
+}
+
+/// Answers the caller waiting for `id`, if any, with an upstream error saying `problem`.
+async fn fail_caller(pending: &Pending, id: i64, problem: &str) {
+    if let Some(waiter) = pending.lock().await.remove(&id) {
+        let _ = waiter.send(Err(upstream_error(problem)));
     }
 }
 
@@ -356,8 +370,21 @@ impl Router {
         }
     }
 
-    /// Delivers one message; false once the session is gone.
+    /// Delivers what the server sent: one message, or each message of a JSON-RPC batch
+    /// (which servers of revision 2025-03-26 may send); false once the session is gone.
     async fn route(&self, value: Value) -> bool {
+        let Value::Array(batch) = value else {
+            return self.route_one(value).await;
+        };
+        for message in batch {
+            if !self.route_one(message).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn route_one(&self, value: Value) -> bool {
         let message = match answer_or_pass_on(&self.pending, value, &self.label).await {
             Some(Message::Notification(notification)) => {
                 match self.progress.deliver(notification) {
@@ -384,6 +411,23 @@ impl Router {
     /// gets an error now instead of waiting for `request_timeout_seconds`.
     async fn drop_too_large(&self, length: usize, max: usize, id: Option<i64>) {
         tracing::warn!(server = %self.label, length, max, "server sent a message over daemon.max_server_message_bytes; dropped");
+        self.fail_caller_of(id, &too_large(length, max)).await;
+    }
+
+    /// A line of the server's that is not JSON was dropped: if it reads as the answer to a
+    /// request mcp-guard sent (its `id` next to `"jsonrpc":"2.0"` at either end), that
+    /// request fails now. A line without one (a server's stray log output) fails nothing.
+    async fn drop_unreadable(&self, line: &[u8], error: &serde_json::Error) {
+        tracing::warn!(server = %self.label, error = %error, "server wrote a line that is not JSON; dropped");
+        if let Some(id) = crate::mcp::lines::response_id(line, line) {
+            let problem = format!("the server sent an answer that is not JSON ({error})");
+            fail_caller(&self.pending, id, &problem).await;
+        }
+    }
+
+    /// Fails the caller of a dropped message: the one it names (`id`) or, without one, the
+    /// only caller waiting.
+    async fn fail_caller_of(&self, id: Option<i64>, problem: &str) {
         let mut pending = self.pending.lock().await;
         let caller = match id {
             Some(id) => pending.remove(&id),
@@ -391,7 +435,7 @@ impl Router {
             None => None,
         };
         if let Some(waiter) = caller {
-            let _ = waiter.send(Err(upstream_error(&too_large(length, max))));
+            let _ = waiter.send(Err(upstream_error(problem)));
         }
     }
 
@@ -439,5 +483,70 @@ mod tests {
             matches!(passed_on.try_recv(), Ok(Message::Notification(n)) if n.method == "notifications/message"),
             "other notifications go to the session"
         );
+    }
+
+    /// A router with callers waiting for answers 7 and 8.
+    async fn waiting_for_7_and_8() -> (
+        Router,
+        oneshot::Receiver<Result<Value, Value>>,
+        oneshot::Receiver<Result<Value, Value>>,
+    ) {
+        let (to_session, _) = mpsc::channel(8);
+        let router = Router::new(to_session, "test".into());
+        let (seven, seven_answered) = oneshot::channel();
+        let (eight, eight_answered) = oneshot::channel();
+        router.pending.lock().await.insert(7, seven);
+        router.pending.lock().await.insert(8, eight);
+        (router, seven_answered, eight_answered)
+    }
+
+    fn failed_with(answered: &mut oneshot::Receiver<Result<Value, Value>>, words: &str) {
+        let error = answered.try_recv().expect("answered now").unwrap_err();
+        assert_eq!(error["code"], crate::mcp::jsonrpc::codes::UPSTREAM_ERROR);
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(words), "{message}");
+    }
+
+    #[tokio::test]
+    async fn each_answer_of_a_batch_reaches_its_caller() {
+        let (router, mut seven, mut eight) = waiting_for_7_and_8().await;
+        let batch = json!([{"jsonrpc": "2.0", "id": 8, "result": {"n": 8}},
+                           {"jsonrpc": "2.0", "id": 7, "error": {"code": 1, "message": "no"}}]);
+        assert!(router.route(batch).await);
+        assert_eq!(eight.try_recv().unwrap(), Ok(json!({"n": 8})));
+        assert_eq!(
+            seven.try_recv().unwrap(),
+            Err(json!({"code": 1, "message": "no"}))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invalid_answer_fails_its_caller_at_once_and_no_other() {
+        let (router, mut seven, mut eight) = waiting_for_7_and_8().await;
+        let invalid = json!({"jsonrpc": "1.0", "id": 7, "result": {}});
+        assert!(router.route(invalid).await);
+        failed_with(&mut seven, "the server sent an invalid answer");
+        assert!(eight.try_recv().is_err(), "8 still waits");
+        // An invalid request of the server's that happens to use 8 as its id fails nothing.
+        let request = json!({"jsonrpc": "2.0", "id": 8, "method": "x", "params": [1]});
+        assert!(router.route(request).await);
+        assert!(eight.try_recv().is_err(), "8 still waits");
+    }
+
+    #[tokio::test]
+    async fn a_line_that_is_no_json_fails_the_caller_it_names_and_stray_output_none() {
+        let (router, mut seven, mut eight) = waiting_for_7_and_8().await;
+        let stray = b"Loading the model...";
+        let error = serde_json::from_slice::<Value>(stray).unwrap_err();
+        router.drop_unreadable(stray, &error).await;
+        assert!(
+            seven.try_recv().is_err() && eight.try_recv().is_err(),
+            "both still wait"
+        );
+        let cut = br#"{"jsonrpc":"2.0","id":8,"result":{"content":[{"type":"te"#;
+        let error = serde_json::from_slice::<Value>(cut).unwrap_err();
+        router.drop_unreadable(cut, &error).await;
+        failed_with(&mut eight, "not JSON");
+        assert!(seven.try_recv().is_err(), "7 still waits");
     }
 }

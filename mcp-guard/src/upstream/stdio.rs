@@ -191,9 +191,7 @@ async fn read_and_route(
                         break;
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(server = %label, error = %e, "server wrote a line that is not JSON on stdout; dropped")
-                }
+                Err(e) => router.drop_unreadable(&line, &e).await,
             },
             Ok(Some(Line::TooLong { length, head, tail })) => {
                 let id = lines::response_id(&head, &tail);
