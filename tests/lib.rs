@@ -2986,6 +2986,97 @@ pub fn tree_of(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     found
 }
 
+/// mcp-fast-server (`binary`) answering half of all requests with a mutation of its answer
+/// (`--mutate-answers seed`), with six `note://items/<i>` resources, behind rules that let the
+/// agent see only `echo`, `note://items/1` and no prompt. A mutated answer may carry another
+/// id, so its request is never answered: each waits 1 s at most.
+pub fn mutating_fast_server(binary: &str, seed: &str) -> Value {
+    let command = vec![
+        binary.to_string(),
+        "--resources".into(),
+        "6".into(),
+        "--mutate-answers".into(),
+        seed.into(),
+    ];
+    let mut server = stdio_server(
+        command,
+        vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+            allow(
+                "other-lists",
+                json!({"roles": [DEVELOPER], "methods": ["resources/list", "prompts/list", "ping"]}),
+            ),
+            allow(
+                "item-1",
+                json!({"roles": [DEVELOPER], "resources": ["note://items/1"]}),
+            ),
+        ],
+    );
+    server["request_timeout_seconds"] = json!(1);
+    server
+}
+
+/// The requests the mutated-server tests send, in turn: method and params.
+pub fn mutated_server_requests() -> Vec<(&'static str, Value)> {
+    vec![
+        ("tools/list", json!({})),
+        (
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": "hi"}}),
+        ),
+        ("resources/list", json!({})),
+        ("prompts/list", json!({})),
+        ("resources/read", json!({"uri": "note://items/1"})),
+        ("ping", json!({})),
+    ]
+}
+
+/// What the agent got from a [`mutating_fast_server`]: lists answered (each checked to show
+/// only what the agent may see) and calls failed at once on an unusable answer.
+#[derive(Debug, Default)]
+pub struct MutatedServerTally {
+    pub lists: usize,
+    pub failed_at_once: usize,
+}
+
+impl MutatedServerTally {
+    /// Takes the answer to a request of `method`; fails the test (saying `what`) if a list
+    /// shows a tool, resource or prompt the agent may not see.
+    pub fn check(&mut self, method: &str, answer: &Value, what: &str) {
+        let error = answer["error"]["message"].as_str().unwrap_or_default();
+        if error.contains("sent an invalid answer") || error.contains("answer that is not JSON") {
+            self.failed_at_once += 1;
+        }
+        let shown = |field: &str, key: &str| -> Option<Vec<Value>> {
+            let items = answer["result"].get(field)?.as_array()?;
+            Some(items.iter().map(|item| item[key].clone()).collect())
+        };
+        let (shown, only) = match method {
+            "tools/list" => (shown("tools", "name"), json!("echo")),
+            "resources/list" => (shown("resources", "uri"), json!("note://items/1")),
+            "prompts/list" => (shown("prompts", "name"), Value::Null),
+            _ => return,
+        };
+        if let Some(shown) = shown {
+            self.lists += 1;
+            assert!(
+                shown.iter().all(|name| *name == only),
+                "{what} showed {shown:?}; only {only} may be shown: {answer}"
+            );
+        }
+    }
+
+    /// Fails the test unless some list was answered and some call failed at once.
+    pub fn assert_both_seen(&self, seed: &str) {
+        assert!(self.lists > 0, "no list was answered at all (seed {seed})");
+        assert!(
+            self.failed_at_once > 0,
+            "no unusable answer failed its request at once (seed {seed})"
+        );
+    }
+}
+
 /// Whether `message` is a well-formed JSON-RPC 2.0 message from mcp-guard to an agent: a
 /// response (an id, and a result or an error with an integer code and a message), a request
 /// or a notification. `Err` says what is wrong.

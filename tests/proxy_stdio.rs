@@ -1046,6 +1046,52 @@ fn mutated_lines_get_clear_answers_and_never_reach_a_denied_tool() {
     assert!(verify.status.success(), "{}", verify.report());
 }
 
+/// The HTTP front's mutated-server test through a stdio front placed by the daemon (see
+/// `mutating_fast_server`): 60 valid requests, each answered under its id with well-formed
+/// JSON-RPC (a server's mutated request or notification that reaches the agent is well-formed
+/// too), no list shows anything the agent may not see, an unusable answer that names its
+/// request fails it at once, the front keeps serving, nothing panics, and the log verifies.
+#[test]
+fn a_server_sending_mutated_answers_gets_nothing_hidden_past_the_stdio_front() {
+    const REQUESTS: usize = 60;
+    let env = TestEnv::new("stdio-front-mutated-server", PROBE);
+    let seed = std::env::var("MCP_GUARD_MUTATION_SEED").unwrap_or_else(|_| "4343".into());
+    write_policy(
+        &env,
+        json!({"fast": mutating_fast_server(FAST_SERVER, &seed)}),
+    );
+    let daemon = env.start_daemon();
+    let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &env.control_socket));
+    front.handshake("stdio-mutated-server");
+    let requests = mutated_server_requests();
+    let mut tally = MutatedServerTally::default();
+    for n in 0..REQUESTS {
+        let (method, params) = &requests[n % requests.len()];
+        let id = format!("request-{n}");
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        front.send(request.to_string().as_bytes());
+        let what = format!("request {n} ({method}), server seed {seed}");
+        let messages = front.messages_until(&what, |m| m["id"] == id.as_str());
+        for message in &messages {
+            if let Err(e) = check_jsonrpc_message(message) {
+                panic!("{e}, for {what}");
+            }
+        }
+        tally.check(method, messages.last().unwrap(), &what);
+    }
+    eprintln!("server seed {seed}: {REQUESTS} requests, {tally:?}");
+    tally.assert_both_seen(&seed);
+    assert!(
+        !front.stderr_text().contains("panicked"),
+        "the front panicked: {}",
+        front.stderr_text()
+    );
+    drop(front);
+    daemon.assert_no_panic();
+    let verify = mcp_guard(&["audit", "verify", path_str(&env.audit_path())]);
+    assert!(verify.status.success(), "{}", verify.report());
+}
+
 /// `corpus` with every request's id set to `id`.
 fn with_id(corpus: &[Value], id: &str) -> Vec<Value> {
     let mut corpus = corpus.to_vec();
