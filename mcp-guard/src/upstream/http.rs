@@ -471,8 +471,21 @@ async fn read_event_stream(
                     answered |=
                         deliver(connection, value, is_initialize, awaited_id, &mut direct).await;
                 }
-                Err(e) => tracing::warn!(server = %connection.label, error = %e,
-                    "server sent an SSE event that is not JSON; dropped"),
+                Err(e) => {
+                    tracing::warn!(server = %connection.label, error = %e,
+                        "server sent an SSE event that is not JSON; dropped");
+                    // An event that reads as the awaited answer fails its call now; any
+                    // other (a broken notification) leaves the answer to come.
+                    let names_awaited = awaited_id.is_some_and(|id| {
+                        crate::mcp::lines::response_id(data.as_bytes(), data.as_bytes())
+                            .is_some_and(|n| id.as_i64() == Some(n))
+                    });
+                    if let (true, Some(id)) = (names_awaited, awaited_id) {
+                        let problem = format!("the server sent an answer that is not JSON ({e})");
+                        fail(connection, Some(id.clone()), &problem).await;
+                        answered = true;
+                    }
+                }
             }
         }
     }
@@ -818,6 +831,53 @@ mod tests {
             server_session_ended: tokio::sync::watch::Sender::new(false),
         };
         (connection, queued, answered)
+    }
+
+    /// A POST's event stream whose body is `sse`.
+    fn event_stream(sse: &'static str) -> reqwest::Response {
+        reqwest::Response::from(
+            hyper::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(sse)
+                .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_event_that_reads_as_the_awaited_answer_but_is_no_json_fails_the_call_now() {
+        let (connection, mut queued, _answered) = waiting_connection();
+        let awaited = super::Awaited {
+            id: &json!(7),
+            is_initialize: false,
+        };
+        let broken = "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"content\":[{\"te\n\n";
+        let mut decoder = SseDecoder::new(usize::MAX);
+        let answered = super::read_event_stream(
+            &connection,
+            event_stream(broken),
+            &mut decoder,
+            Some(awaited),
+        )
+        .await;
+        assert!(answered, "the call was failed: it waits no more");
+        let failure = queued.try_recv().expect("the call's failure");
+        assert_eq!(failure["id"], 7);
+        let message = failure["error"]["message"].as_str().unwrap();
+        assert!(message.contains("not JSON"), "{message}");
+
+        // A broken event that names no answer (a notification) leaves the answer to come.
+        let (connection, mut queued, _answered) = waiting_connection();
+        let stray = "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/mess\n\n";
+        let mut decoder = SseDecoder::new(usize::MAX);
+        let answered = super::read_event_stream(
+            &connection,
+            event_stream(stray),
+            &mut decoder,
+            Some(awaited),
+        )
+        .await;
+        assert!(!answered, "the answer may still come");
+        assert!(queued.try_recv().is_err(), "nothing failed");
     }
 
     #[tokio::test]
