@@ -838,7 +838,9 @@ fn closing_stdin_stops_the_fronts_server_process() {
 /// cgroup is removed.
 #[test]
 fn a_placed_stdio_fronts_exit_ends_what_its_server_left_running() {
-    let (env, _daemon, mut front, placed) = placed_front_leaving_a_sleep("stdio-front-leftover");
+    let (env, _daemon, mut front, placed) = placed_front("stdio-front-leftover", |pid_file| {
+        leaving_a_sleep(pid_file, FAST_SERVER)
+    });
     front.stdin.take();
     let status = front.exit_status(TIMEOUT, "its stdin closed");
     assert!(status.success(), "{status:?}: {}", front.stderr_text());
@@ -847,10 +849,11 @@ fn a_placed_stdio_fronts_exit_ends_what_its_server_left_running() {
 
 /// A stdio front that is killed (SIGKILL: it stops nothing itself) still takes its session
 /// with it: the daemon sees the front's placement connection close and kills what runs in
-/// the session cgroup, the server included.
+/// the session cgroup. Here that is a server that ignores SIGTERM and runs on after its stdin
+/// closes, so nothing but that kill ends it.
 #[test]
-fn a_killed_stdio_fronts_server_and_leftovers_are_ended_by_the_daemon() {
-    let (env, _daemon, mut front, placed) = placed_front_leaving_a_sleep("stdio-front-killed");
+fn a_killed_stdio_fronts_server_is_ended_by_the_daemon() {
+    let (env, _daemon, mut front, placed) = placed_front("stdio-front-killed", lingering_server);
     front.child.kill().expect("SIGKILL the front");
     front.child.wait().expect("reap the front");
     placed.assert_ended(&env);
@@ -858,17 +861,16 @@ fn a_killed_stdio_fronts_server_and_leftovers_are_ended_by_the_daemon() {
 
 /// The processes of a placed stdio front's session and the cgroup they run in.
 struct PlacedSession {
-    server: i32,
-    leftover: i32,
+    pids: Vec<i32>,
     cgroup: std::path::PathBuf,
 }
 
 impl PlacedSession {
     fn assert_ended(&self, env: &TestEnv) {
-        for (what, pid) in [("server", self.server), ("leftover sleep", self.leftover)] {
+        for &pid in &self.pids {
             assert!(
                 poll_until(TIMEOUT, || process_ended(pid)),
-                "the session's {what} (pid {pid}) outlived its front: {}",
+                "a process of the session (pid {pid}) outlived its front: {}",
                 process_cmdline(pid)
             );
         }
@@ -882,54 +884,40 @@ impl PlacedSession {
     }
 }
 
-/// A daemon, and a stdio front placed through it whose server (mcp-fast-server) left a
-/// background `sleep` running: both in the session's guarded cgroup.
-fn placed_front_leaving_a_sleep(tag: &str) -> (TestEnv, Daemon, RawStdio, PlacedSession) {
+/// A daemon, and a stdio front placed through it whose server is `command(pid_file)`, a
+/// command that writes a pid to `pid_file` (a process it leaves running, or its own). That
+/// process and the front's server run in the session's guarded cgroup.
+fn placed_front(
+    tag: &str,
+    command: impl FnOnce(&std::path::Path) -> Vec<String>,
+) -> (TestEnv, Daemon, RawStdio, PlacedSession) {
     let env = TestEnv::new(tag, PROBE);
-    let pid_file = env.dir().join("leftover.pid");
+    let pid_file = env.dir().join("session.pid");
     write_policy(
         &env,
-        json!({"fast": stdio_server(leaving_a_sleep(&pid_file, FAST_SERVER), vec![list_tools_rule()])}),
+        json!({"fast": stdio_server(command(&pid_file), vec![list_tools_rule()])}),
     );
     let daemon = env.start_daemon();
     let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &env.control_socket));
     front.handshake(tag);
-    let leftover = pid_from_file(&pid_file);
+    let written = pid_from_file(&pid_file);
     let server = children_of(front.child.id());
     assert_eq!(server.len(), 1, "the front runs one server: {server:?}");
-    let server = server[0];
-    assert!(
-        process_cmdline(server).contains("mcp-fast-server"),
-        "{}",
-        process_cmdline(server)
-    );
-    let cgroup = process_cgroup(server).expect("the server's cgroup");
+    let cgroup = process_cgroup(server[0]).expect("the server's cgroup");
     assert_eq!(
-        process_cgroup(leftover).as_deref(),
+        process_cgroup(written).as_deref(),
         Some(cgroup.as_str()),
-        "the leftover runs in the server's session cgroup"
+        "pid {written} runs in the server's session cgroup"
     );
+    let root = env.cgroup_root.strip_prefix(cgroup2_mount()).unwrap();
     assert!(
-        cgroup.starts_with(&format!(
-            "/{}",
-            env.cgroup_root
-                .strip_prefix(cgroup2_mount())
-                .unwrap()
-                .display()
-        )),
+        cgroup.starts_with(&format!("/{}", root.display())),
         "the server was placed under the daemon's cgroup root: {cgroup}"
     );
     let cgroup = cgroup2_mount().join(cgroup.trim_start_matches('/'));
-    (
-        env,
-        daemon,
-        front,
-        PlacedSession {
-            server,
-            leftover,
-            cgroup,
-        },
-    )
+    let mut pids = vec![server[0], written];
+    pids.dedup();
+    (env, daemon, front, PlacedSession { pids, cgroup })
 }
 
 /// The stdio front's side of the HTTP front's mutation test: 600 seeded mutations of valid
