@@ -476,13 +476,10 @@ async fn read_event_stream(
                         "server sent an SSE event that is not JSON; dropped");
                     // An event that reads as the awaited answer fails its call now; any
                     // other (a broken notification) leaves the answer to come.
-                    let names_awaited = awaited_id.is_some_and(|id| {
-                        crate::mcp::lines::response_id(data.as_bytes(), data.as_bytes())
-                            .is_some_and(|n| id.as_i64() == Some(n))
-                    });
-                    if let (true, Some(id)) = (names_awaited, awaited_id) {
-                        let problem = format!("the server sent an answer that is not JSON ({e})");
-                        fail(connection, Some(id.clone()), &problem).await;
+                    if let Some((id, problem)) = super::unreadable_answer(data.as_bytes(), &e)
+                        && awaited_id.and_then(Value::as_i64) == Some(id)
+                    {
+                        fail(connection, awaited_id.cloned(), &problem).await;
                         answered = true;
                     }
                 }
@@ -833,14 +830,21 @@ mod tests {
         (connection, queued, answered)
     }
 
-    /// A POST's event stream whose body is `sse`.
-    fn event_stream(sse: &'static str) -> reqwest::Response {
-        reqwest::Response::from(
+    /// Reads a POST's event stream whose body is `sse`, awaiting `awaited`; whether it
+    /// settled the call.
+    async fn read_whole(
+        connection: &Connection,
+        sse: &'static str,
+        awaited: super::Awaited<'_>,
+    ) -> bool {
+        let response = reqwest::Response::from(
             hyper::Response::builder()
                 .header("content-type", "text/event-stream")
                 .body(sse)
                 .unwrap(),
-        )
+        );
+        let mut decoder = SseDecoder::new(usize::MAX);
+        super::read_event_stream(connection, response, &mut decoder, Some(awaited)).await
     }
 
     #[tokio::test]
@@ -851,14 +855,7 @@ mod tests {
             is_initialize: false,
         };
         let broken = "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"content\":[{\"te\n\n";
-        let mut decoder = SseDecoder::new(usize::MAX);
-        let answered = super::read_event_stream(
-            &connection,
-            event_stream(broken),
-            &mut decoder,
-            Some(awaited),
-        )
-        .await;
+        let answered = read_whole(&connection, broken, awaited).await;
         assert!(answered, "the call was failed: it waits no more");
         let failure = queued.try_recv().expect("the call's failure");
         assert_eq!(failure["id"], 7);
@@ -868,14 +865,7 @@ mod tests {
         // A broken event that names no answer (a notification) leaves the answer to come.
         let (connection, mut queued, _answered) = waiting_connection();
         let stray = "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/mess\n\n";
-        let mut decoder = SseDecoder::new(usize::MAX);
-        let answered = super::read_event_stream(
-            &connection,
-            event_stream(stray),
-            &mut decoder,
-            Some(awaited),
-        )
-        .await;
+        let answered = read_whole(&connection, stray, awaited).await;
         assert!(!answered, "the answer may still come");
         assert!(queued.try_recv().is_err(), "nothing failed");
     }

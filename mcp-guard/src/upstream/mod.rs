@@ -261,7 +261,6 @@ impl Upstream {
     }
 }
 
-/// The error object a caller gets when the server could not answer: `problem` says why.
 /// What a caller whose answer was too large to read is told.
 fn too_large(length: usize, max: usize) -> String {
     format!(
@@ -270,6 +269,18 @@ fn too_large(length: usize, max: usize) -> String {
     )
 }
 
+/// A message of the server's that is not JSON but reads as an answer (its `id` next to
+/// `"jsonrpc":"2.0"` at either end): that id, and what its caller is told. `None` for one
+/// that names no request (a server's stray log output, a broken notification).
+fn unreadable_answer(message: &[u8], error: &serde_json::Error) -> Option<(i64, String)> {
+    let id = crate::mcp::lines::response_id(message, message)?;
+    Some((
+        id,
+        format!("the server sent an answer that is not JSON ({error})"),
+    ))
+}
+
+/// The error object a caller gets when the server could not answer: `problem` says why.
 fn upstream_error(problem: &str) -> Value {
     json!({"code": crate::mcp::jsonrpc::codes::UPSTREAM_ERROR,
         "message": format!("upstream server: {problem}")})
@@ -419,8 +430,7 @@ impl Router {
     /// request fails now. A line without one (a server's stray log output) fails nothing.
     async fn drop_unreadable(&self, line: &[u8], error: &serde_json::Error) {
         tracing::warn!(server = %self.label, error = %error, "server wrote a line that is not JSON; dropped");
-        if let Some(id) = crate::mcp::lines::response_id(line, line) {
-            let problem = format!("the server sent an answer that is not JSON ({error})");
+        if let Some((id, problem)) = unreadable_answer(line, error) {
             fail_caller(&self.pending, id, &problem).await;
         }
     }
