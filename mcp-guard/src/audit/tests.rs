@@ -560,12 +560,21 @@ fn flushed_every(dir: &Path, interval_ms: u64) -> AuditSettings {
 
 /// Waits (a while, then fails) until the background flusher has flushed `count` times.
 async fn until_flushed(log: &AuditLog, count: u64) {
+    until_counted("flushes", || log.flushes(), count).await;
+}
+
+/// Waits (a while, then fails) until the background flusher has failed `count` flushes.
+async fn until_flush_failures(log: &AuditLog, count: u64) {
+    until_counted("failed flushes", || log.flush_failures(), count).await;
+}
+
+async fn until_counted(what: &str, counted: impl Fn() -> u64, count: u64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while log.flushes() < count {
+    while counted() < count {
         assert!(
             std::time::Instant::now() < deadline,
-            "{} flushes, waiting for {count}",
-            log.flushes()
+            "{} {what}, waiting for {count}",
+            counted()
         );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
@@ -647,8 +656,13 @@ async fn durable_before_interval_refuses_appends_after_a_failed_flush_until_one_
         written,
         "a refused record was written"
     );
-    // Nothing was ever flushed, and the kernel may have dropped all of it.
+    // Nothing was ever flushed, and the kernel may have dropped all of it. A kernel drops
+    // pages at a failed flush, never between the flusher's rewrite and its flush: so the
+    // disk recovers only after a retry begun after the loss has failed too (the retry under
+    // way during the loss is the first failure counted, that one the second).
+    let failed = log.flush_failures();
     lose_bytes_after(&settings.path, 0);
+    until_flush_failures(&log, failed + 2).await;
     // The disk recovers: the next retry writes it all again and flushes, and appends go on.
     log.fail_next_flushes(0);
     until_flushed(&log, 1).await;
