@@ -2519,6 +2519,8 @@ pub fn replace_file(path: &Path, contents: &[u8]) {
 }
 
 /// What the bench binaries (`tests/bin/*_bench.rs`) share.
+pub mod policy_mix;
+
 pub mod bench {
     /// A flag's number, or the line saying it is not one.
     pub fn parse_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {

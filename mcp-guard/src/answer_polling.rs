@@ -417,11 +417,12 @@ mod tests {
     #[test]
     fn lingering_ends_with_its_budget_and_starts_again_with_the_next_answer() {
         current_thread().block_on(async {
-            let linger = Linger::new(Duration::from_millis(20));
+            // Long enough that no descheduling between two statements outlasts it.
+            let linger = Linger::new(Duration::from_millis(300));
             assert!(!linger.lingering());
             linger.answered();
             assert!(linger.lingering());
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            tokio::time::sleep(Duration::from_millis(350)).await;
             assert!(!linger.lingering());
             linger.answered();
             assert!(linger.lingering());

@@ -20,12 +20,12 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use mcp_guard::policy::{CompiledPolicy, DecisionRequest, Effect, Policy};
+use mcp_guard::policy::CompiledPolicy;
 use mcp_guard_tests::bench::{parse_number, percentile};
+use mcp_guard_tests::policy_mix::{DecisionPath, compiled, decision_paths};
 use serde_json::{Value, json};
 
 /// Counts allocations so the bench can show the decision path makes none.
@@ -57,9 +57,6 @@ unsafe impl GlobalAlloc for CountingAllocator {
 static GLOBAL: CountingAllocator = CountingAllocator;
 
 const RULE_COUNTS: [usize; 3] = [10, 1_000, 10_000];
-const SERVER: &str = "crm";
-const TEAMS: usize = 10;
-const PRINCIPALS: usize = 50;
 /// The issue's target for one decision at 10,000 rules.
 const TARGET_NS: u64 = 5_000;
 
@@ -119,181 +116,11 @@ fn run() -> Result<(), String> {
     Ok(())
 }
 
-/// The principal `agent-{k}` holds role `team-{k % TEAMS}`.
-fn principal_for_team(team: usize) -> String {
-    format!("agent-{team}")
-}
-
-/// Rule `i` of the generated policy, by its position in a cycle of twenty.
-fn rule(i: usize) -> Value {
-    let team = format!("team-{}", i % TEAMS);
-    let service = i % 37;
-    let (id, description) = (format!("r{i}"), format!("generated rule {i}"));
-    let mut rule = match i % 20 {
-        0 => {
-            json!({ "effect": "deny", "roles": [team], "tools": [format!("svc{service}_danger_{i}")] })
-        }
-        1 => json!({ "effect": "deny", "tools": [format!("*_admin_{i}")] }),
-        2 | 3 => json!({ "effect": "allow", "roles": [team], "tools": [format!("svc{i}_read_*")] }),
-        4 => json!({
-            "effect": "allow",
-            "roles": [team],
-            "tools": [format!("svc{service}_write_{i}")],
-            "arguments": {
-                "type": "object",
-                "properties": {
-                    "path": { "type": "string", "pattern": "^/srv/", "maxLength": 256 },
-                    "mode": { "enum": ["append", "replace"] }
-                },
-                "required": ["path"]
-            }
-        }),
-        5 => {
-            json!({ "effect": "allow", "roles": [team], "methods": ["tools/list", "resources/*"] })
-        }
-        6 => {
-            json!({ "effect": "allow", "roles": [team], "resources": [format!("file:///srv/{i}/*")] })
-        }
-        7 => json!({
-            "effect": "allow",
-            "roles": [team],
-            "tools": [format!("svc{service}_deploy_{i}")],
-            "when": { "step": ["release", "hotfix"] }
-        }),
-        8 => json!({
-            "effect": "allow",
-            "principals": [format!("agent-{}", i % PRINCIPALS)],
-            "tools": [format!("svc{service}_op_{i}")]
-        }),
-        _ => {
-            json!({ "effect": "allow", "roles": [team], "tools": [format!("svc{service}_op_{i}")] })
-        }
-    };
-    let object = rule.as_object_mut().expect("a rule is an object");
-    object.insert("id".into(), id.into());
-    object.insert("description".into(), description.into());
-    rule
-}
-
-fn policy_json(rule_count: usize) -> Value {
-    let principals: serde_json::Map<String, Value> = (0..PRINCIPALS)
-        .map(|k| {
-            let roles = json!({ "roles": [format!("team-{}", k % TEAMS)] });
-            (format!("agent-{k}"), roles)
-        })
-        .collect();
-    json!({
-        "version": 1,
-        "principals": principals,
-        "servers": {
-            SERVER: {
-                "url": "http://127.0.0.1:9/mcp",
-                "rules": (0..rule_count).map(rule).collect::<Vec<_>>()
-            }
-        }
-    })
-}
-
-/// One operation to decide, owning what a [`DecisionRequest`] borrows.
-struct Operation {
-    principal: String,
-    roles: Vec<String>,
-    name: String,
-    arguments: Option<Value>,
-}
-
-impl Operation {
-    fn for_team(team: usize, name: String, arguments: Option<Value>) -> Self {
-        let principal = principal_for_team(team);
-        Operation {
-            roles: vec![format!("team-{team}")],
-            principal,
-            name,
-            arguments,
-        }
-    }
-
-    fn request(&self) -> DecisionRequest<'_> {
-        let request = DecisionRequest::new(SERVER, &self.principal, &self.roles, "tools/call")
-            .with_name(&self.name);
-        match &self.arguments {
-            Some(arguments) => request.with_arguments(arguments),
-            None => request,
-        }
-    }
-}
-
-/// A way a decision can go, with the operations that go that way.
-struct DecisionPath {
-    label: &'static str,
-    expected: Effect,
-    operations: Vec<Operation>,
+/// A decision path with what was measured of it.
+struct TimedPath {
+    path: DecisionPath,
     samples: Vec<u64>,
     allocations_per_decision: f64,
-}
-
-/// Up to this many operations per path, rotated through while timing.
-const OPERATIONS_PER_PATH: usize = 64;
-
-fn decision_paths(rule_count: usize) -> Vec<DecisionPath> {
-    let rules_where = |kind: &[usize]| {
-        (0..rule_count)
-            .filter(|i| kind.contains(&(i % 20)))
-            .take(OPERATIONS_PER_PATH)
-            .collect::<Vec<_>>()
-    };
-    let path = |label, expected, operations| DecisionPath {
-        label,
-        expected,
-        operations,
-        samples: Vec::new(),
-        allocations_per_decision: 0.0,
-    };
-    let arguments = json!({ "path": "/srv/reports/q3.csv", "mode": "append" });
-    vec![
-        path(
-            "allow: exact tool",
-            Effect::Allow,
-            rules_where(&[9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19])
-                .into_iter()
-                .map(|i| Operation::for_team(i % TEAMS, format!("svc{}_op_{i}", i % 37), None))
-                .collect(),
-        ),
-        path(
-            "allow: tool pattern",
-            Effect::Allow,
-            rules_where(&[2, 3])
-                .into_iter()
-                .map(|i| Operation::for_team(i % TEAMS, format!("svc{i}_read_accounts"), None))
-                .collect(),
-        ),
-        path(
-            "allow: arguments schema",
-            Effect::Allow,
-            rules_where(&[4])
-                .into_iter()
-                .map(|i| {
-                    let name = format!("svc{}_write_{i}", i % 37);
-                    Operation::for_team(i % TEAMS, name, Some(arguments.clone()))
-                })
-                .collect(),
-        ),
-        path(
-            "deny: deny rule",
-            Effect::Deny,
-            rules_where(&[0])
-                .into_iter()
-                .map(|i| Operation::for_team(i % TEAMS, format!("svc{}_danger_{i}", i % 37), None))
-                .collect(),
-        ),
-        path(
-            "deny: no rule (default)",
-            Effect::Deny,
-            (0..OPERATIONS_PER_PATH)
-                .map(|k| Operation::for_team(k % TEAMS, format!("svc{}_unknown_{k}", k % 37), None))
-                .collect(),
-        ),
-    ]
 }
 
 /// One policy size, compiled, with its decision paths and their samples.
@@ -301,36 +128,33 @@ struct Configuration {
     rules: usize,
     compile_ms: f64,
     policy: CompiledPolicy,
-    paths: Vec<DecisionPath>,
+    paths: Vec<TimedPath>,
 }
 
 impl Configuration {
     fn build(rules: usize) -> Result<Self, String> {
-        let text = policy_json(rules).to_string();
         let started = Instant::now();
-        let loaded =
-            Policy::from_json_str(&text, Path::new("<bench>")).map_err(|e| e.to_string())?;
-        let policy = CompiledPolicy::compile(&loaded.policy).map_err(|e| e.to_string())?;
+        let policy = compiled(rules)?;
+        let paths = decision_paths(rules).into_iter().map(|path| TimedPath {
+            path,
+            samples: Vec::new(),
+            allocations_per_decision: 0.0,
+        });
         Ok(Configuration {
             rules,
             compile_ms: started.elapsed().as_secs_f64() * 1e3,
             policy,
-            paths: decision_paths(rules),
+            paths: paths.collect(),
         })
     }
 
     /// Refuses to time a path whose decisions do not come out as the path claims.
     fn check_paths(&self) -> Result<(), String> {
-        for path in &self.paths {
-            for operation in &path.operations {
-                let decision = self.policy.decide(&operation.request());
-                if decision.effect != path.expected {
-                    return Err(format!(
-                        "{} rules, {}: {} was decided {:?}: {}",
-                        self.rules, path.label, operation.name, decision.effect, decision.reason
-                    ));
-                }
-            }
+        for timed in &self.paths {
+            timed
+                .path
+                .check(&self.policy)
+                .map_err(|error| format!("{} rules, {error}", self.rules))?;
         }
         Ok(())
     }
@@ -338,7 +162,7 @@ impl Configuration {
     fn count_allocations(&mut self) {
         const DECISIONS: usize = 10_000;
         for path in &mut self.paths {
-            let requests: Vec<_> = path.operations.iter().map(Operation::request).collect();
+            let requests = path.path.requests();
             let before = ALLOCATIONS.load(Ordering::Relaxed);
             for request in requests.iter().cycle().take(DECISIONS) {
                 black_box(self.policy.decide(black_box(request)));
@@ -350,7 +174,7 @@ impl Configuration {
 
     fn time_round(&mut self, decisions: usize) {
         for path in &mut self.paths {
-            let requests: Vec<_> = path.operations.iter().map(Operation::request).collect();
+            let requests = path.path.requests();
             path.samples.reserve(decisions);
             for request in requests.iter().cycle().take(decisions) {
                 let started = Instant::now();
@@ -393,7 +217,7 @@ fn rows(configurations: &mut [Configuration]) -> Vec<Row<'_>> {
             let total: u64 = path.samples.iter().sum();
             rows.push(Row {
                 rules: configuration.rules,
-                path: path.label,
+                path: path.path.label,
                 samples: path.samples.len(),
                 p50: percentile(&path.samples, 50),
                 p99: percentile(&path.samples, 99),

@@ -1,6 +1,6 @@
-//! The policy compiled for deciding: per server, its rules indexed by method and by tool,
-//! prompt or resource name, so that a decision visits only the rules that can apply and
-//! allocates nothing.
+//! The policy compiled for deciding: per server, its rules indexed by the principals and roles
+//! they name, by method and by tool, prompt or resource name, so that a decision visits only
+//! the rules that can apply and allocates nothing.
 //!
 //! # How a decision is made
 //!
@@ -141,10 +141,7 @@ impl CompiledPolicy {
         let Some(rules) = self.servers.get(server) else {
             return false;
         };
-        let Some(slot) = methods::named_slot("tools/call") else {
-            return false;
-        };
-        rules.deny.by_name[slot].has_exact(tool) || rules.allow.by_name[slot].has_exact(tool)
+        rules.tools_named.contains(tool)
     }
 
     /// Whether `server` has a rule with this id.
@@ -300,18 +297,69 @@ struct ServerRules {
     rules: Vec<CompiledRule>,
     deny: RuleIndex,
     allow: RuleIndex,
+    /// The tool names its rules give exactly (not through a pattern).
+    tools_named: HashSet<Box<str>>,
 }
 
-/// Rules by where they can apply; values are positions in [`ServerRules::rules`].
+/// Rules by whom and where they can apply; values are positions in [`ServerRules::rules`].
+///
+/// A rule is filed under each principal and role it names (or under anyone), so a request
+/// meets only the rules its caller can match: with thousands of rules, most name a caller,
+/// and those of other callers would otherwise all be judged for every request that reaches
+/// their method (`"methods": ["resources/*"]` for every team, say).
 #[derive(Debug, Default)]
 struct RuleIndex {
+    /// Rules naming neither principals nor roles.
+    anyone: TargetIndex,
+    by_principal: HashMap<Box<str>, TargetIndex>,
+    by_role: HashMap<Box<str>, TargetIndex>,
+}
+
+impl RuleIndex {
+    fn insert(&mut self, rule: &Rule, position: u32) {
+        if rule.principals.is_none() && rule.roles.is_none() {
+            self.anyone.insert(rule, position);
+            return;
+        }
+        let callers = [
+            (&mut self.by_principal, &rule.principals),
+            (&mut self.by_role, &rule.roles),
+        ];
+        for (index, names) in callers {
+            for name in names.iter().flatten() {
+                index
+                    .entry(name.as_str().into())
+                    .or_default()
+                    .insert(rule, position);
+            }
+        }
+    }
+
+    /// Visits every rule that can apply to the request, possibly more than once.
+    fn for_each_candidate(&self, request: &DecisionRequest<'_>, mut visit: impl FnMut(u32)) {
+        let (method, name) = (request.method, request.name);
+        self.anyone.for_each_candidate(method, name, &mut visit);
+        if let Some(index) = self.by_principal.get(request.principal) {
+            index.for_each_candidate(method, name, &mut visit);
+        }
+        for role in request.roles {
+            if let Some(index) = self.by_role.get(role.as_str()) {
+                index.for_each_candidate(method, name, &mut visit);
+            }
+        }
+    }
+}
+
+/// Rules by where they can apply (method, and tool, resource or prompt name).
+#[derive(Debug, Default)]
+struct TargetIndex {
     /// Rules without a name list, by method (exact or pattern).
     by_method: PatternIndex<u32>,
     /// Rules with a name list, per slot of [`NAMED_METHODS`], by name (exact or pattern).
     by_name: [PatternIndex<u32>; NAMED_METHODS.len()],
 }
 
-impl RuleIndex {
+impl TargetIndex {
     fn insert(&mut self, rule: &Rule, position: u32) {
         match reach(rule) {
             Reach::Methods(patterns) => {
@@ -343,6 +391,19 @@ impl RuleIndex {
     }
 }
 
+/// The tool names `server`'s rules give exactly: such names are a bounded set the policy's
+/// author wrote down.
+fn tools_named(server: &ServerPolicy) -> HashSet<Box<str>> {
+    server
+        .rules
+        .iter()
+        .filter_map(|rule| rule.tools.as_deref())
+        .flatten()
+        .filter(|name| !glob::is_pattern(name))
+        .map(|name| name.as_str().into())
+        .collect()
+}
+
 /// The outcome of searching one effect's rules.
 enum Found<'r> {
     /// The first rule (in file order) that applies, and how the caller matched it.
@@ -358,6 +419,7 @@ impl ServerRules {
             rules: Vec::with_capacity(server.rules.len()),
             deny: RuleIndex::default(),
             allow: RuleIndex::default(),
+            tools_named: tools_named(server),
         };
         let mut problems = Vec::new();
         for (position, rule) in server.rules.iter().enumerate() {
@@ -391,7 +453,7 @@ impl ServerRules {
     ) -> Found<'r> {
         let mut applies: Option<(u32, Caller<'r>)> = None;
         let mut arguments_failed: Option<u32> = None;
-        index.for_each_candidate(request.method, request.name, |position| {
+        index.for_each_candidate(request, |position| {
             // Only an earlier rule can change the answer; this also skips repeats.
             if applies.is_some_and(|(first, _)| first <= position) {
                 return;

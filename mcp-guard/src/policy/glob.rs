@@ -105,11 +105,6 @@ impl<T> Default for PatternIndex<T> {
 }
 
 impl<T: Copy> PatternIndex<T> {
-    /// Whether `name` was inserted as an exact name (not merely matched by a pattern).
-    pub fn has_exact(&self, name: &str) -> bool {
-        self.exact.contains_key(name)
-    }
-
     /// Adds an exact name or a pattern (see [`is_pattern`]) with its value.
     pub fn insert(&mut self, pattern: &str, value: T) {
         if !is_pattern(pattern) {

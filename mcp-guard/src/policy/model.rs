@@ -711,7 +711,9 @@ pub struct ServerPolicy {
     /// Longest time, in seconds, mcp-guard waits for the server's answer to one request.
     /// When it passes, the agent gets a JSON-RPC error (-32011), the server gets
     /// `notifications/cancelled` for the request, and the outcome is recorded as a transport
-    /// error; the session goes on. At least 1. Default 300.
+    /// error; the session goes on. At least 1. Default 300. Until a server process mcp-guard
+    /// started has answered once, its requests are given at least 30 s: that wait includes
+    /// the process's start-up.
     #[serde(
         default = "default_request_timeout_seconds",
         skip_serializing_if = "is_default_request_timeout"

@@ -10,7 +10,7 @@ pub mod stdio;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -56,6 +56,11 @@ pub enum UpstreamError {
 /// How long a request may wait for its answer unless the session says otherwise.
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The least a request to a server process mcp-guard started is given until the process has
+/// answered once: that wait includes the process's start-up (an `npx` or `uvx` cold start
+/// takes seconds), which a `request_timeout_seconds` chosen for tool calls should not cover.
+const START_UP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The error code of a request its sender cancelled (LSP's `RequestCancelled`; MCP defines
 /// none, and the canceller ignores the answer anyway).
 const REQUEST_CANCELLED: i64 = -32800;
@@ -74,6 +79,9 @@ pub struct Upstream {
     process: std::sync::Mutex<Option<stdio::ServerProcess>>,
     /// A hung server must not hold an agent's call (and its audit span) open forever.
     request_timeout: Duration,
+    /// True from spawning the server process until it first answers (see
+    /// [`START_UP_TIMEOUT`]).
+    starting: AtomicBool,
     /// How callers wait for this server's answers.
     answer_polling: AnswerPolling,
     /// The requests in flight that asked for progress.
@@ -119,6 +127,7 @@ impl Upstream {
             to_server,
             pending: Arc::clone(&router.pending),
             next_id: AtomicI64::new(1),
+            starting: AtomicBool::new(process.is_some()),
             process: std::sync::Mutex::new(process),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             answer_polling: AnswerPolling::off(),
@@ -190,15 +199,29 @@ impl Upstream {
             return Err(error);
         }
         let answer = self.answer_polling.receive(receiver);
-        match tokio::time::timeout(self.request_timeout, answer).await {
-            Ok(answer) => answer.ok_or(UpstreamError::Closed),
+        let timeout = self.timeout();
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Some(answer)) => {
+                self.starting.store(false, Ordering::Relaxed);
+                Ok(answer)
+            }
+            Ok(None) => Err(UpstreamError::Closed),
             Err(_) => {
                 self.give_up(id).await;
                 Err(UpstreamError::TimedOut {
                     method: method.to_owned(),
-                    seconds: self.request_timeout.as_secs(),
+                    seconds: timeout.as_secs(),
                 })
             }
+        }
+    }
+
+    /// How long the request sent now may wait for its answer.
+    fn timeout(&self) -> Duration {
+        if self.starting.load(Ordering::Relaxed) {
+            self.request_timeout.max(START_UP_TIMEOUT)
+        } else {
+            self.request_timeout
         }
     }
 
@@ -458,6 +481,33 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server process that takes longer to start than `request_timeout` answers its first
+    /// request (the start-up allowance); its second, which it never answers, times out at
+    /// `request_timeout` as every later request would.
+    #[tokio::test]
+    async fn a_slow_starting_server_is_waited_for_and_then_held_to_its_timeout() {
+        let script = r#"sleep 1.5; read line; echo '{"jsonrpc":"2.0","id":1,"result":{}}'; read line; sleep 60"#;
+        let command = ["sh", "-c", script].map(String::from);
+        let launch = stdio::Launch {
+            command: &command,
+            env: &Default::default(),
+            account: None,
+            cgroup: None,
+            identity_env: Vec::new(),
+            label: "slow/1".into(),
+            max_message_bytes: 1 << 20,
+        };
+        let (upstream, _server_messages) = stdio::spawn(launch).unwrap();
+        let upstream = upstream.with_request_timeout(Duration::from_secs(1));
+        let first = upstream.call("initialize", Some(json!({}))).await;
+        assert_eq!(first.unwrap(), Ok(json!({})));
+        let second = upstream.call("tools/call", Some(json!({}))).await;
+        assert!(
+            matches!(&second, Err(UpstreamError::TimedOut { seconds: 1, .. })),
+            "{second:?}"
+        );
+    }
 
     #[tokio::test]
     async fn progress_reaches_its_request_before_the_answer_that_follows_it_reaches_the_caller() {
