@@ -1341,6 +1341,145 @@ fn policy_reload_changes_what_sessions_see_and_may_call() {
     );
 }
 
+/// Reloads while agents call. Three sessions call mcp-fast-server's `echo`, `add` and `unlock`
+/// in turn, each on connections of its own, while the policy is rewritten and reloaded
+/// (SIGHUP) eight times, alternating between one that allows only `echo` (rule `echo-only`)
+/// and one that allows only `add` (rule `add-only`). Every call is answered 200 with a result
+/// or a JSON-RPC error; `unlock`, which neither policy allows, is never answered with a
+/// result and all its decisions are denials; every allow names the rule of its own tool;
+/// each tool was both allowed and refused during the run (the reloads took effect under
+/// load); every allowed call has its outcome record; the daemon logs no panic, and
+/// `audit verify` passes.
+#[test]
+fn reloads_under_load_decide_every_call_by_one_policy_or_the_other() {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const RELOADS: usize = 8;
+    let servers = |tool: &str| {
+        let only = allow(
+            &format!("{tool}-only"),
+            json!({"roles": [DEVELOPER], "tools": [tool]}),
+        );
+        let command = vec![FAST_SERVER.to_string()];
+        json!({"fast": stdio_server(command, vec![list_tools_rule(), only])})
+    };
+    let env = TestEnv::new("proxy-reload-load", PROBE);
+    let front = Front::start(env, Peers::require(), servers("echo"));
+    let calls = [
+        ("echo", json!({"text": "hi"})),
+        ("add", json!({"a": 1, "b": 2})),
+        ("unlock", json!({})),
+    ];
+    let stop = AtomicBool::new(false);
+    // Per tool: answers with a result, answers with an error.
+    let agent = || {
+        let session = front.open_session("fast", HANDSHAKE);
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("MCP-Protocol-Version", HANDSHAKE),
+            ("Mcp-Session-Id", session.as_str()),
+        ];
+        let mut tally = BTreeMap::<(&str, bool), usize>::new();
+        let mut id = 1;
+        while !stop.load(Ordering::SeqCst) {
+            for (tool, arguments) in &calls {
+                id += 1;
+                let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                                  "params": {"name": tool, "arguments": arguments}});
+                let answer = http_exchange(
+                    front.addr,
+                    "POST",
+                    &Front::path("fast"),
+                    &headers,
+                    &body.to_string(),
+                )
+                .unwrap_or_else(|e| panic!("{tool}: no answer: {e}"));
+                assert_eq!(answer.status, 200, "{tool}: {answer:?}");
+                let messages = answer_messages(&answer).unwrap_or_else(|e| panic!("{tool}: {e}"));
+                let [message] = messages.as_slice() else {
+                    panic!("{tool}: not one message: {answer:?}");
+                };
+                assert_eq!(message["id"], id, "{message}");
+                let succeeded = message["result"].is_object();
+                assert!(
+                    succeeded || message["error"]["code"].is_i64(),
+                    "{tool}: {message}"
+                );
+                *tally.entry((tool, succeeded)).or_default() += 1;
+            }
+        }
+        tally
+    };
+    let tallies = std::thread::scope(|scope| {
+        let agents: Vec<_> = (0..3).map(|_| scope.spawn(agent)).collect();
+        for reload in 0..RELOADS {
+            std::thread::sleep(Duration::from_millis(150));
+            let tool = if reload % 2 == 0 { "add" } else { "echo" };
+            let mark = front.daemon.log.mark();
+            let document = front.env.proxy_policy(front.addr, servers(tool));
+            front.env.write_policy_document(&document);
+            front.daemon.sighup();
+            front
+                .daemon
+                .wait_for_since(mark, TIMEOUT, "\"policy reloaded\"", |line| {
+                    message(line) == Some("policy reloaded")
+                });
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        stop.store(true, Ordering::SeqCst);
+        agents
+            .into_iter()
+            .map(|agent| agent.join().expect("an agent"))
+            .collect::<Vec<_>>()
+    });
+    let mut total = BTreeMap::<(&str, bool), usize>::new();
+    for tally in &tallies {
+        for (key, count) in tally {
+            *total.entry(*key).or_default() += count;
+        }
+    }
+    eprintln!("answers per (tool, succeeded): {total:?}");
+    assert_eq!(total.get(&("unlock", true)), None, "unlock ran: {total:?}");
+    for tool in ["echo", "add"] {
+        for succeeded in [true, false] {
+            assert!(
+                total.get(&(tool, succeeded)).is_some_and(|&n| n > 0),
+                "{tool} was never {}: {total:?}",
+                if succeeded { "allowed" } else { "refused" }
+            );
+        }
+    }
+
+    let records = audit_records(&front.env.audit_path());
+    let decided = |tool: &str, decision: &str| {
+        records
+            .iter()
+            .filter(|r| r["kind"] == "call" && r["tool"] == tool && r["decision"] == decision)
+            .collect::<Vec<_>>()
+    };
+    assert!(decided("unlock", "allow").is_empty(), "unlock was allowed");
+    for tool in ["echo", "add"] {
+        let allowed = decided(tool, "allow");
+        let rule = format!("{tool}-only");
+        assert!(
+            allowed.iter().all(|r| r["rule"] == rule.as_str()),
+            "{tool} allowed by another rule than {rule}"
+        );
+        assert_eq!(allowed.len(), total[&(tool, true)], "{tool}: allow records");
+        let outcomes = records
+            .iter()
+            .filter(|r| {
+                r["kind"] == "call" && r["tool"] == tool && r["outcome"]["kind"] == "result"
+            })
+            .count();
+        assert_eq!(outcomes, allowed.len(), "{tool}: outcome records");
+    }
+    front.daemon.assert_no_panic();
+    let verify = mcp_guard(&["audit", "verify", path_str(&front.env.audit_path())]);
+    assert!(verify.status.success(), "{}", verify.report());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Bad input
 // ---------------------------------------------------------------------------------------------

@@ -673,6 +673,21 @@ fn reference_decision(rules: &[Rule], request: &DecisionRequest<'_>) -> (Effect,
     (Effect::Deny, first(Effect::Allow, false))
 }
 
+/// Visibility written plainly: some allow rule matches in all but its `arguments`, and no deny
+/// rule without `arguments` applies.
+fn reference_visible(rules: &[Rule], request: &DecisionRequest<'_>) -> bool {
+    let matches = |rule: &&Rule| reference_applies(rule, request).is_some();
+    let hidden = rules
+        .iter()
+        .filter(|rule| rule.effect == Effect::Deny && rule.arguments.is_none())
+        .any(|rule| matches(&rule));
+    let usable = rules
+        .iter()
+        .filter(|rule| rule.effect == Effect::Allow)
+        .any(|rule| matches(&rule));
+    usable && !hidden
+}
+
 /// `None`: the rule does not apply whatever the arguments; `Some(ok)`: it applies if `ok`.
 /// A deny rule with failing arguments counts as not applying.
 fn reference_applies(rule: &Rule, request: &DecisionRequest<'_>) -> Option<bool> {
@@ -913,8 +928,13 @@ fn the_indexed_evaluator_agrees_with_the_reference_on_generated_policies() {
             *seen.entry(kind).or_default() += 1;
             let got = (decision.effect, decision.rule.map(str::to_owned));
             assert_eq!(got, reference_decision(rules, &request), "{request:?}");
+            let visible = compiled.visible(&request);
+            assert_eq!(visible, reference_visible(rules, &request), "{request:?}");
+            *seen
+                .entry(if visible { "visible" } else { "hidden" })
+                .or_default() += 1;
         }
     }
-    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(seen.len(), 6, "{seen:?}");
     assert!(seen.values().all(|&count| count >= 30), "{seen:?}");
 }
