@@ -859,6 +859,60 @@ fn a_killed_stdio_fronts_server_is_ended_by_the_daemon() {
     placed.assert_ended(&env);
 }
 
+/// The records a placed stdio front relays to the daemon name the front's process and user as
+/// the kernel gave them to the daemon (the control socket's peer credentials), and
+/// `audit trace` shows them; records the daemon writes itself carry none.
+#[test]
+fn records_relayed_by_a_stdio_front_name_the_front_process() {
+    let (env, _daemon, mut front, _placed) = placed_front("stdio-front-peer", |pid_file| {
+        leaving_a_sleep(pid_file, FAST_SERVER)
+    });
+    let listed = front.request(2, "tools/list", json!({}));
+    assert!(listed["result"]["tools"].is_array(), "{listed}");
+    let front_pid = front.child.id();
+    front.stdin.take();
+    front.exit_status(TIMEOUT, "its stdin closed");
+    let records = audit_records(&env.audit_path());
+    let relayed: Vec<&Value> = records
+        .iter()
+        .filter(|r| !r["front_pid"].is_null())
+        .collect();
+    assert!(
+        relayed
+            .iter()
+            .any(|r| r["kind"] == "call" && r["method"] == "tools/list"),
+        "the front's call is not among the records naming it: {records:#?}"
+    );
+    for record in &relayed {
+        assert_eq!(record["front_pid"], front_pid, "{record}");
+        assert_eq!(record["front_uid"], 0, "{record}");
+    }
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "policy" && r["front_pid"].is_null()),
+        "the daemon's own policy record: {records:#?}"
+    );
+    let session = relayed[0]["session"]
+        .as_str()
+        .expect("a session")
+        .to_owned();
+    let trace = mcp_guard(&[
+        "audit",
+        "trace",
+        "--session",
+        &session,
+        path_str(&env.audit_path()),
+    ]);
+    assert!(
+        trace
+            .stdout
+            .contains(&format!("via stdio front pid {front_pid} uid 0")),
+        "{}",
+        trace.report()
+    );
+}
+
 /// The processes of a placed stdio front's session and the cgroup they run in.
 struct PlacedSession {
     pids: Vec<i32>,

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::UCred;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, oneshot};
 
@@ -178,11 +179,10 @@ pub async fn serve(listener: UnixListener, context: ControlContext) {
     }
 }
 
-fn peer_is_permitted(stream: &UnixStream) -> bool {
+/// Whether a client may use the socket: root and the daemon's own user only.
+fn peer_is_permitted(peer: Option<&UCred>) -> bool {
     let own_uid = nix::unistd::geteuid().as_raw();
-    stream
-        .peer_cred()
-        .is_ok_and(|cred| cred.uid() == 0 || cred.uid() == own_uid)
+    peer.is_some_and(|cred| cred.uid() == 0 || cred.uid() == own_uid)
 }
 
 /// The longest request line a control client may send: an audit record carries at most an
@@ -198,7 +198,8 @@ fn max_request_bytes(daemon: &crate::policy::DaemonSettings) -> usize {
 /// Serves one client. Requests are handled concurrently (so a front's audit records share
 /// flushes) and answered in the order they came.
 async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(), ControlError> {
-    let permitted = peer_is_permitted(&stream);
+    let peer = stream.peer_cred().ok();
+    let permitted = peer_is_permitted(peer.as_ref());
     let (read, write) = stream.into_split();
     // A stdio front's next call's decision record often follows the answer to its last one
     // within microseconds: polled for, like the outcome record below.
@@ -254,7 +255,7 @@ async fn serve_client(stream: UnixStream, context: ControlContext) -> Result<(),
                     let calls = calls.clone();
                     let answering = async move {
                         if permitted {
-                            answer(request, &context, &opened, &calls).await
+                            answer(request, &context, peer, &opened, &calls).await
                         } else {
                             Response::refused(
                                 "permission denied: only root or the daemon's user may connect"
@@ -370,6 +371,7 @@ fn may_flush(request: &Request, settings: &AuditSettings) -> bool {
 async fn answer(
     request: Result<Request, serde_json::Error>,
     context: &ControlContext,
+    peer: Option<UCred>,
     opened: &std::sync::Mutex<Vec<OpenedCgroup>>,
     calls: &CallsInFlight,
 ) -> Response {
@@ -403,6 +405,9 @@ async fn answer(
             if let Some(arguments) = record.arguments.take() {
                 record.set_arguments(context.audit.settings(), &arguments);
             }
+            // Who relayed it is the kernel's word, whatever the front put there.
+            record.front_pid = peer.and_then(|cred| cred.pid());
+            record.front_uid = peer.map(|cred| cred.uid());
             let session = record.session.clone();
             let noted = |span: CallSpan| match &session {
                 Some(session) => context.proxy.note_external_span(session, span),

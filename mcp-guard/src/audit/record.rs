@@ -187,6 +187,14 @@ pub struct AuditRecord {
     /// The address the agent's request came from (HTTP front).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_addr: Option<String>,
+    /// The process id of the stdio front that relayed the record to the daemon, from the
+    /// control socket's peer credentials: the kernel's word, which the front cannot set. The
+    /// agent is the process that started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub front_pid: Option<i32>,
+    /// The user id that stdio front ran as (same source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub front_uid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -281,6 +289,8 @@ impl AuditRecord {
             kind,
             principal: None,
             client_addr: None,
+            front_pid: None,
+            front_uid: None,
             session: None,
             instruction: None,
             trace_id: None,

@@ -136,6 +136,11 @@ pub struct CallNode {
     /// Where the agent's request came from (HTTP front).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_addr: Option<String>,
+    /// The stdio front that relayed the call's records: its pid and uid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub front_pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub front_uid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -554,6 +559,8 @@ impl CallNode {
             ts,
             principal: None,
             client_addr: None,
+            front_pid: None,
+            front_uid: None,
             trace_id: None,
             server: None,
             method: None,
@@ -577,6 +584,8 @@ impl CallNode {
         fill(&mut self.call_id, &record.call_id);
         fill(&mut self.principal, &record.principal);
         fill(&mut self.client_addr, &record.client_addr);
+        fill(&mut self.front_pid, &record.front_pid);
+        fill(&mut self.front_uid, &record.front_uid);
         fill(&mut self.trace_id, &record.trace_id);
         fill(&mut self.server, &record.server);
         fill(&mut self.method, &record.method);
@@ -697,6 +706,9 @@ fn call_summary(call: &CallNode) -> String {
     }
     if let Some(client) = &call.client_addr {
         parts.push(format!("from {client}"));
+    }
+    if let (Some(pid), Some(uid)) = (call.front_pid, call.front_uid) {
+        parts.push(format!("via stdio front pid {pid} uid {uid}"));
     }
     if let Some(decision) = call.decision {
         let mut text = decision.as_str().to_owned();
