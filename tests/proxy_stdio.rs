@@ -847,6 +847,39 @@ fn a_placed_stdio_fronts_exit_ends_what_its_server_left_running() {
     placed.assert_ended(&env);
 }
 
+/// A stdio front running standalone (no daemon, so no cgroup) ends what its server left
+/// running in the background when it exits: the server leads a process group of its own,
+/// which the front kills.
+#[test]
+fn a_standalone_stdio_fronts_exit_ends_what_its_server_left_running() {
+    let env = TestEnv::new("stdio-front-alone-leftover", PROBE);
+    let pid_file = env.dir().join("leftover.pid");
+    write_policy(
+        &env,
+        json!({"fast": stdio_server(leaving_a_sleep(&pid_file, FAST_SERVER), vec![list_tools_rule()])}),
+    );
+    let missing_socket = env.dir().join("no-daemon.sock");
+    let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &missing_socket));
+    front.handshake("standalone-leftover");
+    let leftover = pid_from_file(&pid_file);
+    assert!(!process_ended(leftover), "the background sleep runs");
+    front.stdin.take();
+    let status = front.exit_status(TIMEOUT, "its stdin closed");
+    assert!(status.success(), "{status:?}: {}", front.stderr_text());
+    assert!(
+        front
+            .stderr_text()
+            .contains("kernel egress enforcement is OFF"),
+        "the front ran with a daemon: {}",
+        front.stderr_text()
+    );
+    assert!(
+        poll_until(TIMEOUT, || process_ended(leftover)),
+        "the server's background sleep (pid {leftover}) outlived the front: {}",
+        process_cmdline(leftover)
+    );
+}
+
 /// A stdio front that is killed (SIGKILL: it stops nothing itself) still takes its session
 /// with it: the daemon sees the front's placement connection close and kills what runs in
 /// the session cgroup. Here that is a server that ignores SIGTERM and runs on after its stdin

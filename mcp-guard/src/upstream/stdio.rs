@@ -37,9 +37,13 @@ pub struct Launch<'a> {
     pub max_message_bytes: usize,
 }
 
-/// The spawned process; killed when the session ends.
+/// The spawned process, leader of a process group of its own; the group is killed when the
+/// session ends.
 pub struct ServerProcess {
     child: Child,
+    /// The group's id (the leader's pid). It stays valid after the leader is reaped while
+    /// any process of the group lives, for no new process or group may take an id in use.
+    group: Option<nix::unistd::Pid>,
 }
 
 impl ServerProcess {
@@ -47,9 +51,14 @@ impl ServerProcess {
         self.child.id()
     }
 
-    /// Kills the process, if it still runs. How a process that had already exited did so
-    /// stays known.
+    /// Kills the process, if it still runs, and what it started in the background that
+    /// stayed in its process group (a wrapper script's `&` jobs): without a guarded cgroup,
+    /// as for a stdio front with no daemon, nothing else would end those. How a process that
+    /// had already exited did so stays known.
     pub fn kill(&mut self) {
+        if let Some(group) = self.group {
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = self.child.start_kill();
     }
 
@@ -103,6 +112,8 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // A group of its own, so that ending the session ends its background jobs too.
+        .process_group(0)
         .kill_on_drop(true);
     if let Some(account) = launch.account {
         // Dropped by the child before exec (supplementary groups too, when the daemon is
@@ -128,7 +139,11 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
         sent: 0,
         broken: false,
     });
-    let process = Some(ServerProcess { child });
+    let group = child
+        .id()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .map(nix::unistd::Pid::from_raw);
+    let process = Some(ServerProcess { child, group });
     let upstream = Upstream::with_outbound(Outbound::Pipe(writer), &router, process);
     tokio::spawn(read_and_route(
         stdout,
