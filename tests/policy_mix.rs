@@ -183,6 +183,16 @@ pub fn decision_paths(rule_count: usize) -> Vec<DecisionPath> {
         operations,
     };
     let arguments = json!({ "path": "/srv/reports/q3.csv", "mode": "append" });
+    // Calls of the tools whose rules hold a `when` condition, during workflow step `step`.
+    let deploys_during = |step: &str| {
+        rules_where(&[7])
+            .into_iter()
+            .map(|i| {
+                let name = format!("svc{}_deploy_{i}", i % 37);
+                Operation::for_team(i % TEAMS, name, None).with_context("step", step)
+            })
+            .collect()
+    };
     vec![
         path(
             "allow: exact tool",
@@ -225,25 +235,9 @@ pub fn decision_paths(rule_count: usize) -> Vec<DecisionPath> {
         path(
             "allow: when condition",
             Effect::Allow,
-            rules_where(&[7])
-                .into_iter()
-                .map(|i| {
-                    let name = format!("svc{}_deploy_{i}", i % 37);
-                    Operation::for_team(i % TEAMS, name, None).with_context("step", "release")
-                })
-                .collect(),
+            deploys_during("release"),
         ),
-        path(
-            "deny: when unmet",
-            Effect::Deny,
-            rules_where(&[7])
-                .into_iter()
-                .map(|i| {
-                    let name = format!("svc{}_deploy_{i}", i % 37);
-                    Operation::for_team(i % TEAMS, name, None).with_context("step", "review")
-                })
-                .collect(),
-        ),
+        path("deny: when unmet", Effect::Deny, deploys_during("review")),
         path(
             "deny: deny rule",
             Effect::Deny,

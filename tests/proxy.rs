@@ -122,6 +122,24 @@ impl Front {
         post_in_session(&self.peers, &self.url(server), session, HANDSHAKE, body)
     }
 
+    /// [`Self::in_session`] as raw HTTP from this process, for tests that send many requests:
+    /// the whole answer, whatever its status.
+    fn post_in_session(
+        &self,
+        server: &str,
+        session: &str,
+        body: &Value,
+    ) -> std::io::Result<HttpAnswer> {
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("MCP-Protocol-Version", HANDSHAKE),
+            ("Mcp-Session-Id", session),
+        ];
+        let path = Front::path(server);
+        http_exchange(self.addr, "POST", &path, &headers, &body.to_string())
+    }
+
     /// The URIs of the resource updates waiting for `session`'s agent (its GET stream, open
     /// for 2 s).
     fn updates_waiting(&self, server: &str, session: &str) -> Vec<Value> {
@@ -1374,12 +1392,6 @@ fn reloads_under_load_decide_every_call_by_one_policy_or_the_other() {
     // Per tool: answers with a result, answers with an error.
     let agent = || {
         let session = front.open_session("fast", HANDSHAKE);
-        let headers = [
-            ("Content-Type", "application/json"),
-            ("Accept", "application/json, text/event-stream"),
-            ("MCP-Protocol-Version", HANDSHAKE),
-            ("Mcp-Session-Id", session.as_str()),
-        ];
         let mut tally = BTreeMap::<(&str, bool), usize>::new();
         let mut id = 1;
         while !stop.load(Ordering::SeqCst) {
@@ -1387,14 +1399,9 @@ fn reloads_under_load_decide_every_call_by_one_policy_or_the_other() {
                 id += 1;
                 let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
                                   "params": {"name": tool, "arguments": arguments}});
-                let answer = http_exchange(
-                    front.addr,
-                    "POST",
-                    &Front::path("fast"),
-                    &headers,
-                    &body.to_string(),
-                )
-                .unwrap_or_else(|e| panic!("{tool}: no answer: {e}"));
+                let answer = front
+                    .post_in_session("fast", &session, &body)
+                    .unwrap_or_else(|e| panic!("{tool}: no answer: {e}"));
                 assert_eq!(answer.status, 200, "{tool}: {answer:?}");
                 let messages = answer_messages(&answer).unwrap_or_else(|e| panic!("{tool}: {e}"));
                 let [message] = messages.as_slice() else {
@@ -2029,7 +2036,6 @@ fn a_server_sending_mutated_answers_gets_nothing_hidden_past_the_filter() {
     let seed = std::env::var("MCP_GUARD_MUTATION_SEED").unwrap_or_else(|_| "4242".into());
     let server = mutating_fast_server(FAST_SERVER, &seed);
     let front = Front::start(env, peers, json!({ "fast": server }));
-    let path = Front::path("fast");
     let mut session = front.open_session("fast", HANDSHAKE);
     let requests = mutated_server_requests();
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
@@ -2037,14 +2043,9 @@ fn a_server_sending_mutated_answers_gets_nothing_hidden_past_the_filter() {
     for n in 0..REQUESTS {
         let (method, params) = &requests[n % requests.len()];
         let body = json!({"jsonrpc": "2.0", "id": n, "method": method, "params": params});
-        let headers = [
-            ("Content-Type", "application/json"),
-            ("Accept", "application/json, text/event-stream"),
-            ("MCP-Protocol-Version", HANDSHAKE),
-            ("Mcp-Session-Id", session.as_str()),
-        ];
         let what = format!("request {n} ({method}), server seed {seed}");
-        let answer = http_exchange(front.addr, "POST", &path, &headers, &body.to_string())
+        let answer = front
+            .post_in_session("fast", &session, &body)
             .unwrap_or_else(|e| panic!("no whole answer to {what}: {e}"));
         *statuses.entry(answer.status).or_default() += 1;
         assert!(

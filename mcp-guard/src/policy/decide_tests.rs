@@ -676,15 +676,13 @@ fn reference_decision(rules: &[Rule], request: &DecisionRequest<'_>) -> (Effect,
 /// Visibility written plainly: some allow rule matches in all but its `arguments`, and no deny
 /// rule without `arguments` applies.
 fn reference_visible(rules: &[Rule], request: &DecisionRequest<'_>) -> bool {
-    let matches = |rule: &&Rule| reference_applies(rule, request).is_some();
+    let matches = |rule: &Rule| reference_applies(rule, request).is_some();
     let hidden = rules
         .iter()
-        .filter(|rule| rule.effect == Effect::Deny && rule.arguments.is_none())
-        .any(|rule| matches(&rule));
+        .any(|rule| rule.effect == Effect::Deny && rule.arguments.is_none() && matches(rule));
     let usable = rules
         .iter()
-        .filter(|rule| rule.effect == Effect::Allow)
-        .any(|rule| matches(&rule));
+        .any(|rule| rule.effect == Effect::Allow && matches(rule));
     usable && !hidden
 }
 

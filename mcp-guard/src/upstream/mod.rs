@@ -199,10 +199,18 @@ impl Upstream {
             return Err(error);
         }
         let answer = self.answer_polling.receive(receiver);
-        let timeout = self.timeout();
+        let starting = self.starting.load(Ordering::Relaxed);
+        let timeout = if starting {
+            self.request_timeout.max(START_UP_TIMEOUT)
+        } else {
+            self.request_timeout
+        };
         match tokio::time::timeout(timeout, answer).await {
             Ok(Some(answer)) => {
-                self.starting.store(false, Ordering::Relaxed);
+                // Written once, not by every answer: callers on other threads read it.
+                if starting {
+                    self.starting.store(false, Ordering::Relaxed);
+                }
                 Ok(answer)
             }
             Ok(None) => Err(UpstreamError::Closed),
@@ -213,15 +221,6 @@ impl Upstream {
                     seconds: timeout.as_secs(),
                 })
             }
-        }
-    }
-
-    /// How long the request sent now may wait for its answer.
-    fn timeout(&self) -> Duration {
-        if self.starting.load(Ordering::Relaxed) {
-            self.request_timeout.max(START_UP_TIMEOUT)
-        } else {
-            self.request_timeout
         }
     }
 
