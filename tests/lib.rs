@@ -2449,6 +2449,30 @@ pub fn leaving_a_sleep(pid_file: &Path, server: &str) -> Vec<String> {
     ]
 }
 
+/// A command that starts `sleep SECONDS` in a session of its own (`setsid`), from a subshell
+/// that exits at once (so the sleep leaves both its parent and the server's process group, as
+/// a daemonising server's helper would), writes the sleep's pid to `pid_file`, then runs
+/// `server`.
+pub fn leaving_an_escaped_sleep(pid_file: &Path, seconds: &str, server: &str) -> Vec<String> {
+    vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        r#"(setsid sleep "$3" </dev/null >/dev/null 2>&1 & echo $! > "$1"); exec "$2""#.into(),
+        "leaves-an-escaped-sleep".into(),
+        pid_file.display().to_string(),
+        server.into(),
+        seconds.into(),
+    ]
+}
+
+/// The session id of a running process (`/proc/PID/stat`), or `None` once it is gone.
+pub fn session_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid pgrp session ...`: fields counted from the last `)`.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_ascii_whitespace().nth(3)?.parse().ok()
+}
+
 /// The pid a process wrote to `pid_file` (waits for the file, then fails the test).
 pub fn pid_from_file(pid_file: &Path) -> i32 {
     let mut pid = None;

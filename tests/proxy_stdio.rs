@@ -657,6 +657,14 @@ impl RawStdio {
 
     /// How the front exited, waiting for it up to `timeout` (a safety net); fails the test,
     /// saying what the front was waited for `after`, if it still runs then.
+    /// Closes the front's stdin, as an agent that is done does, and expects it to exit 0
+    /// within `timeout`.
+    fn close_input_and_exit_cleanly(&mut self, timeout: std::time::Duration) {
+        self.stdin.take();
+        let status = self.exit_status(timeout, "its stdin closed");
+        assert!(status.success(), "{status:?}: {}", self.stderr_text());
+    }
+
     fn exit_status(
         &mut self,
         timeout: std::time::Duration,
@@ -822,10 +830,8 @@ fn closing_stdin_stops_the_fronts_server_process() {
     let server = pid_from_file(&pid_file);
     assert_eq!(children_of(front.child.id()), [server]);
 
-    front.stdin.take();
     let deadline = std::time::Duration::from_secs(20);
-    let status = front.exit_status(deadline, "its stdin closed");
-    assert!(status.success(), "{status:?}: {}", front.stderr_text());
+    front.close_input_and_exit_cleanly(deadline);
     assert!(
         poll_until(deadline, || process_ended(server)),
         "the server (pid {server}) still runs after the front's stdin closed: {}",
@@ -841,9 +847,7 @@ fn a_placed_stdio_fronts_exit_ends_what_its_server_left_running() {
     let (env, _daemon, mut front, placed) = placed_front("stdio-front-leftover", |pid_file| {
         leaving_a_sleep(pid_file, FAST_SERVER)
     });
-    front.stdin.take();
-    let status = front.exit_status(TIMEOUT, "its stdin closed");
-    assert!(status.success(), "{status:?}: {}", front.stderr_text());
+    front.close_input_and_exit_cleanly(TIMEOUT);
     placed.assert_ended(&env);
 }
 
@@ -852,20 +856,11 @@ fn a_placed_stdio_fronts_exit_ends_what_its_server_left_running() {
 /// which the front kills.
 #[test]
 fn a_standalone_stdio_fronts_exit_ends_what_its_server_left_running() {
-    let env = TestEnv::new("stdio-front-alone-leftover", PROBE);
-    let pid_file = env.dir().join("leftover.pid");
-    write_policy(
-        &env,
-        json!({"fast": stdio_server(leaving_a_sleep(&pid_file, FAST_SERVER), vec![list_tools_rule()])}),
-    );
-    let missing_socket = env.dir().join("no-daemon.sock");
-    let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &missing_socket));
-    front.handshake("standalone-leftover");
-    let leftover = pid_from_file(&pid_file);
+    let (_env, mut front, leftover) = standalone_front("stdio-front-alone-leftover", |pid_file| {
+        leaving_a_sleep(pid_file, FAST_SERVER)
+    });
     assert!(!process_ended(leftover), "the background sleep runs");
-    front.stdin.take();
-    let status = front.exit_status(TIMEOUT, "its stdin closed");
-    assert!(status.success(), "{status:?}: {}", front.stderr_text());
+    front.close_input_and_exit_cleanly(TIMEOUT);
     assert!(
         front
             .stderr_text()
@@ -878,6 +873,70 @@ fn a_standalone_stdio_fronts_exit_ends_what_its_server_left_running() {
         "the server's background sleep (pid {leftover}) outlived the front: {}",
         process_cmdline(leftover)
     );
+}
+
+/// Without the daemon's cgroup, a process the server starts in a session of its own escapes
+/// its process group; the standalone front adopts it (child subreaper) as its parent exits,
+/// and kills it when the front ends.
+#[test]
+fn a_standalone_stdio_fronts_exit_ends_what_its_server_started_in_a_session_of_its_own() {
+    let (_env, mut front, escaped) = standalone_front("stdio-front-alone-escaped", |pid_file| {
+        leaving_an_escaped_sleep(pid_file, "1000", FAST_SERVER)
+    });
+    let front_pid = front.child.id();
+    assert!(
+        poll_until(TIMEOUT, || children_of(front_pid).contains(&escaped)),
+        "the escaped sleep (pid {escaped}) was not adopted by the front (pid {front_pid}): {:?}",
+        std::fs::read_to_string(format!("/proc/{escaped}/stat"))
+    );
+    assert_eq!(
+        session_of(escaped),
+        Some(escaped),
+        "the sleep did not start a session of its own, so it did not escape the server's group"
+    );
+    front.close_input_and_exit_cleanly(TIMEOUT);
+    assert!(
+        poll_until(TIMEOUT, || process_ended(escaped)),
+        "the escaped sleep (pid {escaped}) outlived the front: {}",
+        process_cmdline(escaped)
+    );
+}
+
+/// What a standalone front adopts and what then exits is reaped while the front runs, not
+/// left as a zombie for the session's life.
+#[test]
+fn a_standalone_stdio_front_reaps_what_its_server_left_as_it_exits() {
+    let (_env, mut front, short) = standalone_front("stdio-front-alone-reaps", |pid_file| {
+        leaving_an_escaped_sleep(pid_file, "0.5", FAST_SERVER)
+    });
+    let proc_entry = std::path::PathBuf::from(format!("/proc/{short}"));
+    assert!(
+        poll_until(TIMEOUT, || !proc_entry.exists()),
+        "the exited sleep (pid {short}) was not reaped while the front ran: {:?}",
+        std::fs::read_to_string(proc_entry.join("stat"))
+    );
+    let listed = front.request(2, "tools/list", json!({}));
+    assert!(listed["result"]["tools"].is_array(), "{listed}");
+    front.close_input_and_exit_cleanly(TIMEOUT);
+}
+
+/// A stdio front with no daemon to reach, in front of the fast server started by `command`
+/// (given a pid file to write), after its handshake; with the pid the command wrote.
+fn standalone_front(
+    tag: &str,
+    command: impl FnOnce(&std::path::Path) -> Vec<String>,
+) -> (TestEnv, RawStdio, i32) {
+    let env = TestEnv::new(tag, PROBE);
+    let pid_file = env.dir().join("written.pid");
+    write_policy(
+        &env,
+        json!({"fast": stdio_server(command(&pid_file), vec![list_tools_rule()])}),
+    );
+    let missing_socket = env.dir().join("no-daemon.sock");
+    let mut front = RawStdio::spawn(&env.stdio_front("fast", AGENT, &missing_socket));
+    front.handshake(tag);
+    let written = pid_from_file(&pid_file);
+    (env, front, written)
 }
 
 /// A stdio front that is killed (SIGKILL: it stops nothing itself) still takes its session

@@ -16,6 +16,7 @@ use mcp_guard::policy::{CompiledPolicy, DaemonSettings, Policy, PolicyError};
 use mcp_guard::proxy::record::Recorder;
 use mcp_guard::proxy::{Caller, Placement, Proxy};
 use mcp_guard::transport::stdio::Ending;
+use mcp_guard::upstream::orphans;
 use mcp_guard::{control, logging};
 
 fn main() -> ExitCode {
@@ -168,6 +169,10 @@ fn check_policy(file: &Path) -> ExitCode {
     }
 }
 
+/// How long a standalone stdio front waits, at its end, for what its server left running to
+/// die of SIGKILL (a process in uninterruptible sleep dies only when that sleep ends).
+const LEFTOVERS_KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The stdio front: the agent's stdin/stdout, the policy's server behind it.
 async fn stdio_front(args: StdioArgs) -> Result<ExitCode> {
     let loaded = Policy::load(&args.policy)?;
@@ -193,17 +198,20 @@ async fn stdio_front(args: StdioArgs) -> Result<ExitCode> {
         .control_socket
         .clone()
         .unwrap_or_else(|| policy.daemon.control_socket.clone());
-    let (placement, recorder) = if socket.exists() {
-        let recorder = Recorder::daemon(
-            control::AuditClient::connect(&socket, policy.daemon.answer_poll()).await?,
-        );
-        (Placement::Remote(socket), recorder)
-    } else {
+    let standalone = !socket.exists();
+    let (placement, recorder, adopted) = if standalone {
         eprintln!(
             "mcp-guard: no daemon at {}: kernel egress enforcement is OFF and no audit records are written for this server (the policy is still enforced)",
             socket.display()
         );
-        (Placement::Unconfined, Recorder::default())
+        // No cgroup will hold the server: what it starts must be ended by this process.
+        let adopted = orphans::adopt_orphans()?;
+        (Placement::Unconfined, Recorder::default(), Some(adopted))
+    } else {
+        let recorder = Recorder::daemon(
+            control::AuditClient::connect(&socket, policy.daemon.answer_poll()).await?,
+        );
+        (Placement::Remote(socket), recorder, None)
     };
     let proxy = Proxy::new(
         policy.clone(),
@@ -223,6 +231,9 @@ async fn stdio_front(args: StdioArgs) -> Result<ExitCode> {
     let session = proxy
         .open_session(&args.server, caller, None, &opening)
         .await?;
+    if let Some(adopted) = adopted {
+        tokio::spawn(adopted.reap_as_they_exit(session.upstream().pid()));
+    }
     tokio::spawn(mcp_guard::transport::stdio::follow_policy(
         proxy.clone(),
         args.policy.clone(),
@@ -231,6 +242,15 @@ async fn stdio_front(args: StdioArgs) -> Result<ExitCode> {
     if let Ending::ServerExited(status) = ending {
         let how = status.map_or_else(|| "with an unknown status".to_owned(), |s| s.to_string());
         eprintln!("mcp-guard: the server process exited ({how})");
+    }
+    if standalone {
+        let left = orphans::end_all(LEFTOVERS_KILL_WAIT).await;
+        if !left.is_empty() {
+            eprintln!(
+                "mcp-guard: processes the server left did not end within {} s of SIGKILL: {left:?}",
+                LEFTOVERS_KILL_WAIT.as_secs()
+            );
+        }
     }
     Ok(ExitCode::from(ending.exit_code()))
 }

@@ -5,6 +5,7 @@
 
 pub mod headers;
 pub mod http;
+pub mod orphans;
 pub mod progress;
 pub mod stdio;
 
