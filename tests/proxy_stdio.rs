@@ -920,6 +920,22 @@ fn a_standalone_stdio_front_reaps_what_its_server_left_as_it_exits() {
     front.close_input_and_exit_cleanly(TIMEOUT);
 }
 
+/// A standalone front killed with SIGKILL stops nothing itself, and there is no daemon to kill
+/// a cgroup: its server, one that ignores SIGTERM and outlives its stdin, dies with it (the
+/// parent-death signal the front set on it).
+#[test]
+fn a_killed_standalone_fronts_server_dies_with_it() {
+    let (_env, mut front, server) = standalone_front("stdio-front-alone-killed", lingering_server);
+    assert_eq!(children_of(front.child.id()), [server]);
+    front.child.kill().expect("SIGKILL the front");
+    front.child.wait().expect("reap the front");
+    assert!(
+        poll_until(TIMEOUT, || process_ended(server)),
+        "the server (pid {server}) outlived its killed front: {}",
+        process_cmdline(server)
+    );
+}
+
 /// A stdio front with no daemon to reach, in front of the fast server started by `command`
 /// (given a pid file to write), after its handshake; with the pid the command wrote.
 fn standalone_front(

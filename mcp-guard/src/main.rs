@@ -206,7 +206,11 @@ async fn stdio_front(args: StdioArgs) -> Result<ExitCode> {
         );
         // No cgroup will hold the server: what it starts must be ended by this process.
         let adopted = orphans::adopt_orphans()?;
-        (Placement::Unconfined, Recorder::default(), Some(adopted))
+        (
+            Placement::UnconfinedEndingWithThisProcess,
+            Recorder::default(),
+            Some(adopted),
+        )
     } else {
         let recorder = Recorder::daemon(
             control::AuditClient::connect(&socket, policy.daemon.answer_poll()).await?,

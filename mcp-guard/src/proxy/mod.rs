@@ -38,7 +38,12 @@ use record::{DecisionFacts, Recorder};
 pub enum Placement {
     Local(Arc<Mutex<Egress>>),
     Remote(std::path::PathBuf),
+    /// No cgroup (a daemon run with `--no-egress`).
     Unconfined,
+    /// No cgroup, and the server is killed if this process dies (a stdio front with no
+    /// daemon). Only for a single-threaded runtime: the kernel sends that signal when the
+    /// *thread* that started the server ends.
+    UnconfinedEndingWithThisProcess,
 }
 use crate::mcp::jsonrpc::{
     self, Id, Incoming, Limits, Message, Notification, Request, RpcError, codes,

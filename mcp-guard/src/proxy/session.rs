@@ -788,6 +788,7 @@ pub(super) async fn spawn_placed(
         identity_env,
         label,
         max_message_bytes: program.max_message_bytes,
+        ends_with_this_process: matches!(placement, Placement::UnconfinedEndingWithThisProcess),
     };
     match upstream::stdio::spawn(launch) {
         Ok((upstream, server_messages)) => Ok((upstream, server_messages, placed)),
@@ -805,7 +806,7 @@ async fn place(
     id: &str,
 ) -> Result<(Option<PathBuf>, Option<PlacedCgroup>), ProxyError> {
     match placement {
-        Placement::Unconfined => Ok((None, None)),
+        Placement::Unconfined | Placement::UnconfinedEndingWithThisProcess => Ok((None, None)),
         Placement::Local(egress) => {
             let cgroup = egress.lock().await.open_session(server, Some(id))?;
             let placed = PlacedCgroup::Local {

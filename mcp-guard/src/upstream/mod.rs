@@ -497,6 +497,7 @@ mod tests {
             identity_env: Vec::new(),
             label: "slow/1".into(),
             max_message_bytes: 1 << 20,
+            ends_with_this_process: false,
         };
         let (upstream, _server_messages) = stdio::spawn(launch).unwrap();
         let upstream = upstream.with_request_timeout(Duration::from_secs(1));

@@ -7,6 +7,7 @@
 //! routes each message straight to its waiting caller or the session.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -35,6 +36,10 @@ pub struct Launch<'a> {
     pub label: Arc<str>,
     /// Longest line of the server's output read (`daemon.max_server_message_bytes`).
     pub max_message_bytes: usize,
+    /// Kill the server if the thread starting it ends (a stdio front with no daemon, whose
+    /// single thread ends only with the process): with no cgroup, nothing else would stop a
+    /// server that outlives its stdin once the front is killed.
+    pub ends_with_this_process: bool,
 }
 
 /// The spawned process, leader of a process group of its own; the group is killed when the
@@ -124,6 +129,9 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
     if let Some(cgroup) = launch.cgroup {
         place_in_cgroup(command.as_std_mut(), cgroup).map_err(spawn_error)?;
     }
+    if launch.ends_with_this_process {
+        kill_when_parent_dies(command.as_std_mut());
+    }
     let mut child = command.spawn().map_err(spawn_error)?;
     let stdin = child.stdin.take().expect("stdin is piped");
     let stdout = child.stdout.take().expect("stdout is piped");
@@ -152,6 +160,26 @@ pub fn spawn(launch: Launch<'_>) -> Result<(Upstream, ServerMessages), UpstreamE
         launch.max_message_bytes,
     ));
     Ok((upstream, server_messages))
+}
+
+/// Has the child killed when the thread that starts it ends (`PR_SET_PDEATHSIG`), and killed
+/// at once if that happened before the setting took hold.
+fn kill_when_parent_dies(command: &mut std::process::Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure makes two system calls (prctl, getppid) and, if the parent is
+    // already gone, raises a signal; it allocates nothing and takes no locks, as required
+    // between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent.as_raw() {
+                libc::raise(libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The server's stdin. A sender whose task is cancelled mid-write leaves the rest of its
