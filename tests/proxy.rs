@@ -2336,6 +2336,23 @@ fn stateless_agents_reach_servers_that_predate_them() {
         json!({"name": "get-env", "arguments": {}}),
     ));
     assert_unknown_tool(&hidden["error"], "get-env");
+
+    // The official Python SDK client left to choose its revision (it probes for 2026-07-28
+    // first, as an agent nobody here configured would) gets the same through the bridge.
+    let sdk = front.client(
+        "everything",
+        "auto",
+        &json!([
+            {"op": "list_tools"},
+            {"op": "call_tool", "name": "echo", "arguments": {"message": "from the SDK"}},
+            {"op": "call_tool", "name": "get-env", "arguments": {}},
+        ]),
+    );
+    assert_eq!(sdk.initialize["era"], "modern", "{}", sdk.initialize);
+    assert_eq!(sdk.initialize["protocol_version"], STATELESS);
+    assert_eq!(tool_names(sdk.ok(0)), set(&["echo"]));
+    assert_eq!(sdk.ok(1)["content"][0]["text"], "Echo: from the SDK");
+    assert_unknown_tool(sdk.error(2), "get-env");
 }
 
 // ---------------------------------------------------------------------------------------------
