@@ -1264,18 +1264,9 @@ fn an_address_sending_forged_tokens_is_held_back_and_others_are_not() {
         );
     }
     for token in [forged_token(3), bob.clone()] {
-        let held_back = initialize_from("127.0.0.1", &token);
-        assert_eq!(held_back.status, 429, "{held_back:?}");
-        let retry_after: u64 = held_back
-            .header("retry-after")
-            .and_then(|seconds| seconds.parse().ok())
-            .unwrap_or_else(|| panic!("no Retry-After: {held_back:?}"));
-        assert!((1..=60).contains(&retry_after), "{held_back:?}");
-        assert!(
-            held_back.body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("too many refused tokens from this address")),
-            "{held_back:?}"
+        assert_held_back(
+            &initialize_from("127.0.0.1", &token),
+            "too many refused tokens from this address",
         );
     }
     // What the address had used before still works; another address is checked as usual.
@@ -1310,6 +1301,67 @@ fn an_address_sending_forged_tokens_is_held_back_and_others_are_not() {
         "{calls:#?}"
     );
     assert_eq!(client_addrs(&front), names(&["127.0.0.1", "127.0.0.2"]));
+}
+
+/// Forged tokens from many addresses, none over its own budget, use up the budget of all
+/// addresses together: then a new token gets 429 with `Retry-After` from any address, valid or
+/// not and unchecked, while a token accepted before still passes. Counted under
+/// `throttled_all`; the daemon says once that it holds every new token back.
+#[test]
+fn forged_tokens_from_many_addresses_use_up_the_budget_of_all() {
+    let mut identity = jwt_identity();
+    identity["jwt"]["refused_tokens_per_minute"] = json!(2);
+    identity["jwt"]["refused_tokens_per_minute_all_addresses"] = json!(4);
+    let front = Front::start("identity-refusals-all", identity);
+    let initialize_from = |from: &str, token: &str| initialize_as(front.addr, from, token, &[]);
+    let alice = token(Algorithm::RS256, &claims(ALICE, json!(["developer"])));
+    assert_eq!(initialize_from("127.0.0.9", &alice).status, 200);
+
+    for n in 0..4 {
+        let sender = format!("127.0.0.{}", 10 + n);
+        assert_unauthorised(
+            &initialize_from(&sender, &forged_token(n)),
+            "the token's signature does not verify",
+        );
+    }
+    let bob = token(Algorithm::RS256, &claims(BOB, json!(["developer"])));
+    for (from, token) in [("127.0.0.20", forged_token(4)), ("127.0.0.21", bob)] {
+        assert_held_back(
+            &initialize_from(from, &token),
+            "too many refused tokens from all clients",
+        );
+    }
+    assert_eq!(initialize_from("127.0.0.22", &alice).status, 200);
+
+    let scrape = scrape(front.metrics);
+    let failures = by_reason(&scrape, "mcp_guard_auth_failures_total");
+    assert_eq!(failures("bad_signature"), 4.0);
+    assert_eq!(failures("throttled_all"), 2.0);
+    assert_eq!(failures("throttled"), 0.0);
+    let warned = front.daemon.log.lines()[..]
+        .iter()
+        .filter(|line| {
+            message(line).is_some_and(|m| m.contains("from all addresses were refused too often"))
+        })
+        .count();
+    assert_eq!(warned, 1, "{}", front.daemon.log.summary(0, 20));
+}
+
+/// A token held back by a budget of refused tokens: 429, `Retry-After` within the minute, and
+/// an error that says which budget.
+fn assert_held_back(held_back: &JsonAnswer, budget_message: &str) {
+    assert_eq!(held_back.status, 429, "{held_back:?}");
+    let retry_after: u64 = held_back
+        .header("retry-after")
+        .and_then(|seconds| seconds.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {held_back:?}"));
+    assert!((1..=60).contains(&retry_after), "{held_back:?}");
+    assert!(
+        held_back.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(budget_message)),
+        "{held_back:?}"
+    );
 }
 
 /// Behind a proxy the policy trusts, the client is the address its `X-Forwarded-For` names:

@@ -115,6 +115,7 @@ impl Configuration {
             resource_metadata_url: None,
             protected_resource: None,
             refused_tokens_per_minute: 0,
+            refused_tokens_per_minute_all_addresses: 0,
         };
         Ok(Configuration {
             label,

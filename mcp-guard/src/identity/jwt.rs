@@ -43,7 +43,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::refusals::RefusedTokens;
+use super::refusals::{Budget, RefusedTokens};
 use crate::policy::{
     JwtAlgorithm, JwtKeys, JwtSettings, Policy, ProtectedResource, is_valid_principal_name,
 };
@@ -143,6 +143,10 @@ pub enum AuthError {
     /// are checked.
     #[error("too many refused tokens from this address: try again in {0} s")]
     TooManyRefused(u64),
+    /// Too many tokens from all addresses together were refused within a minute; seconds
+    /// until more are checked.
+    #[error("too many refused tokens from all clients: try again in {0} s")]
+    TooManyRefusedInAll(u64),
     #[error("the token's {0} claim is not a valid principal name")]
     BadPrincipal(String),
 }
@@ -163,6 +167,7 @@ impl AuthError {
             Self::NotYetValid => "not_yet_valid",
             Self::WrongAudience | Self::AnotherServer => "wrong_audience",
             Self::TooManyRefused(_) => "throttled",
+            Self::TooManyRefusedInAll(_) => "throttled_all",
         }
     }
 }
@@ -234,14 +239,18 @@ impl Verifier {
             protected_resource: settings.protected_resource.clone(),
             clock_skew_seconds: settings.clock_skew_seconds,
             accepted: VerifiedTokens::default(),
-            refused: RefusedTokens::new(settings.refused_tokens_per_minute),
+            refused: RefusedTokens::new(
+                settings.refused_tokens_per_minute,
+                settings.refused_tokens_per_minute_all_addresses,
+            ),
         })
     }
 
     /// Authenticates a request from `peer` to `server` from its `Authorization` header value.
     /// With `protected_resource`, a token meant for another server of this front is refused;
     /// a token not accepted before, from a peer that has had `refused_tokens_per_minute`
-    /// refused, is not checked (see [`RefusedTokens`]).
+    /// refused (or while all peers together have had `refused_tokens_per_minute_all_addresses`),
+    /// is not checked (see [`RefusedTokens`]).
     pub fn authenticate(
         &self,
         server: &str,
@@ -280,8 +289,12 @@ impl Verifier {
         }
         let keys = self.keys_for(token)?;
         let clock = Instant::now();
-        if let Some(left) = peer.and_then(|peer| self.refused.blocked(peer, clock)) {
-            return Err(AuthError::TooManyRefused(left.as_secs().max(1)));
+        if let Some((budget, left)) = peer.and_then(|peer| self.refused.blocked(peer, clock)) {
+            let seconds = left.as_secs().max(1);
+            return Err(match budget {
+                Budget::Address => AuthError::TooManyRefused(seconds),
+                Budget::AllAddresses => AuthError::TooManyRefusedInAll(seconds),
+            });
         }
         match self.verify_signature_and_claims(token, keys) {
             Ok((identity, validity)) => {
@@ -292,17 +305,28 @@ impl Verifier {
                 Ok(identity)
             }
             Err(error) => {
-                if let Some(peer) = peer
-                    && self.refused.record(peer, clock)
-                {
-                    tracing::warn!(
-                        %peer,
-                        limit = self.refused.limit(),
-                        "bearer tokens from this address were refused too often: its new tokens are answered 429 unchecked for the rest of the minute"
-                    );
+                if let Some(peer) = peer {
+                    self.count_refusal(peer, clock);
                 }
                 Err(error)
             }
+        }
+    }
+
+    /// Counts a refusal after a signature check, and says so when it used up a budget.
+    fn count_refusal(&self, peer: IpAddr, clock: Instant) {
+        match self.refused.record(peer, clock) {
+            Some(budget @ Budget::Address) => tracing::warn!(
+                %peer,
+                limit = self.refused.limit(budget),
+                "bearer tokens from this address were refused too often: its new tokens are answered 429 unchecked for the rest of the minute"
+            ),
+            Some(budget @ Budget::AllAddresses) => tracing::warn!(
+                %peer,
+                limit = self.refused.limit(budget),
+                "bearer tokens from all addresses were refused too often: every new token is answered 429 unchecked for the rest of the minute"
+            ),
+            None => {}
         }
     }
 
@@ -805,6 +829,7 @@ mod tests {
             resource_metadata_url: None,
             protected_resource: None,
             refused_tokens_per_minute: 60,
+            refused_tokens_per_minute_all_addresses: 6000,
         }
     }
 

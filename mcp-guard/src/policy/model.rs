@@ -199,10 +199,23 @@ pub struct JwtSettings {
     /// with signature checks. 0: no limit. Default 60.
     #[serde(default = "default_refused_tokens_per_minute")]
     pub refused_tokens_per_minute: u32,
+
+    /// How many bearer tokens from all client addresses together may be refused after a
+    /// signature check within a minute. Beyond, no token not accepted before is checked, from
+    /// any address, until the minute is over: they are answered 429 (tokens accepted before
+    /// still pass). It bounds the CPU a sender with many addresses can make the daemon spend
+    /// on signature checks, at the price of new tokens waiting out the minute during such an
+    /// attack. 0: no limit. Default 6000 (100 a second, a few percent of one CPU).
+    #[serde(default = "default_refused_tokens_per_minute_all_addresses")]
+    pub refused_tokens_per_minute_all_addresses: u32,
 }
 
 fn default_refused_tokens_per_minute() -> u32 {
     60
+}
+
+fn default_refused_tokens_per_minute_all_addresses() -> u32 {
+    6000
 }
 
 /// What mcp-guard publishes about itself as an OAuth 2.0 protected resource (RFC 9728), so

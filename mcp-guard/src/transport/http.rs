@@ -602,9 +602,9 @@ fn caller_for(
 }
 
 /// 401 with the Bearer challenge (and the protected-resource metadata URL, if configured); 429
-/// with `Retry-After` for an address that has had too many tokens refused.
+/// with `Retry-After` for an address that has had too many tokens refused (or while all have).
 fn unauthorised(verifier: &Verifier, error: &AuthError, server: &str) -> Response {
-    if let AuthError::TooManyRefused(seconds) = error {
+    if let AuthError::TooManyRefused(seconds) | AuthError::TooManyRefusedInAll(seconds) = error {
         let mut response = rpc_error_response(
             StatusCode::TOO_MANY_REQUESTS,
             RpcError::new(None, codes::INVALID_REQUEST, error.to_string()),

@@ -160,6 +160,7 @@ pub fn identity(policy: &Policy) -> Vec<Statement> {
         );
         statements.push(claims_statement(jwt));
         statements.push(refused_tokens_statement(jwt));
+        statements.push(refused_tokens_in_all_statement(jwt));
         if let Some(front) = &jwt.protected_resource {
             statements.push(protected_resource_statement(jwt, front));
         }
@@ -233,6 +234,21 @@ fn refused_tokens_statement(jwt: &JwtSettings) -> Statement {
     Statement::new(
         sentence,
         Cite::setting("identity.jwt.refused_tokens_per_minute"),
+    )
+}
+
+fn refused_tokens_in_all_statement(jwt: &JwtSettings) -> Statement {
+    let sentence = match jwt.refused_tokens_per_minute_all_addresses {
+        0 => Sentence::new()
+            .text("Tokens are checked however many were refused from all addresses together"),
+        limit => Sentence::new()
+            .text("Once tokens from all addresses together were refused ")
+            .text(limit.to_string())
+            .text(" times within a minute, every token not accepted before gets HTTP 429, unchecked, until the minute is over"),
+    };
+    Statement::new(
+        sentence,
+        Cite::setting("identity.jwt.refused_tokens_per_minute_all_addresses"),
     )
 }
 
