@@ -2403,6 +2403,16 @@ pub fn process_ended(pid: i32) -> bool {
     }
 }
 
+/// Waits up to `timeout` for process `pid` to end (exit or be killed); fails the test naming
+/// `what` it is and, if it still runs, its command line.
+pub fn assert_process_ends(pid: i32, timeout: std::time::Duration, what: &str) {
+    assert!(
+        poll_until(timeout, || process_ended(pid)),
+        "{what} (pid {pid}): it still runs as `{}`",
+        process_cmdline(pid)
+    );
+}
+
 /// A minimal MCP server (python3, handshake revisions) that outlives its input: it answers
 /// `initialize`, `tools/list` (no tools) and anything else with `{}`, writes its pid to
 /// `pid_file` first, ignores SIGTERM, and keeps running after stdin closes. Only SIGKILL

@@ -2469,9 +2469,10 @@ fn what_a_sessions_server_left_running_ends_with_the_session() {
         "the sleep (pid {leftover}) never ran"
     );
     front.delete_session("fast", &session);
-    assert!(
-        poll_until(TIMEOUT, || process_ended(leftover)),
-        "the server's leftover process (pid {leftover}) outlived its session"
+    assert_process_ends(
+        leftover,
+        TIMEOUT,
+        "the server's leftover process outlived its session",
     );
     let cgroup = front.env.session_cgroup("fast", &session);
     assert!(

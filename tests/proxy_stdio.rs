@@ -832,10 +832,10 @@ fn closing_stdin_stops_the_fronts_server_process() {
 
     let deadline = std::time::Duration::from_secs(20);
     front.close_input_and_exit_cleanly(deadline);
-    assert!(
-        poll_until(deadline, || process_ended(server)),
-        "the server (pid {server}) still runs after the front's stdin closed: {}",
-        process_cmdline(server)
+    assert_process_ends(
+        server,
+        deadline,
+        "the server did not end when the front's stdin closed",
     );
 }
 
@@ -868,10 +868,10 @@ fn a_standalone_stdio_fronts_exit_ends_what_its_server_left_running() {
         "the front ran with a daemon: {}",
         front.stderr_text()
     );
-    assert!(
-        poll_until(TIMEOUT, || process_ended(leftover)),
-        "the server's background sleep (pid {leftover}) outlived the front: {}",
-        process_cmdline(leftover)
+    assert_process_ends(
+        leftover,
+        TIMEOUT,
+        "the server's background sleep outlived the front",
     );
 }
 
@@ -895,11 +895,7 @@ fn a_standalone_stdio_fronts_exit_ends_what_its_server_started_in_a_session_of_i
         "the sleep did not start a session of its own, so it did not escape the server's group"
     );
     front.close_input_and_exit_cleanly(TIMEOUT);
-    assert!(
-        poll_until(TIMEOUT, || process_ended(escaped)),
-        "the escaped sleep (pid {escaped}) outlived the front: {}",
-        process_cmdline(escaped)
-    );
+    assert_process_ends(escaped, TIMEOUT, "the escaped sleep outlived the front");
 }
 
 /// What a standalone front adopts and what then exits is reaped while the front runs, not
@@ -929,11 +925,7 @@ fn a_killed_standalone_fronts_server_dies_with_it() {
     assert_eq!(children_of(front.child.id()), [server]);
     front.child.kill().expect("SIGKILL the front");
     front.child.wait().expect("reap the front");
-    assert!(
-        poll_until(TIMEOUT, || process_ended(server)),
-        "the server (pid {server}) outlived its killed front: {}",
-        process_cmdline(server)
-    );
+    assert_process_ends(server, TIMEOUT, "the server outlived its killed front");
 }
 
 /// A stdio front with no daemon to reach, in front of the fast server started by `command`
@@ -1030,11 +1022,7 @@ struct PlacedSession {
 impl PlacedSession {
     fn assert_ended(&self, env: &TestEnv) {
         for &pid in &self.pids {
-            assert!(
-                poll_until(TIMEOUT, || process_ended(pid)),
-                "a process of the session (pid {pid}) outlived its front: {}",
-                process_cmdline(pid)
-            );
+            assert_process_ends(pid, TIMEOUT, "a process of the session outlived its front");
         }
         assert!(
             poll_until(TIMEOUT, || !self.cgroup.exists()),
