@@ -356,6 +356,36 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_of_a_replaced_generation_names_its_events_until_forgotten() {
+        let mut directory = directory();
+        // A reload: the new generation's rules get new ids; rule 5's events may still be read.
+        directory.add_rules(
+            HashMap::from([(9, Arc::from("web/egress/api-v2"))]),
+            HashMap::from([(9, Arc::from("api.example.com"))]),
+        );
+        let addr = "::ffff:10.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        let read_late = attribute(
+            &raw(addr, VERDICT_ALLOW, 5),
+            &directory,
+            &MonotonicClock::now(),
+        );
+        assert_eq!(&*read_late.rule, "web/egress/api");
+        directory.forget_rules(&[5]);
+        let read_after = attribute(
+            &raw(addr, VERDICT_ALLOW, 5),
+            &directory,
+            &MonotonicClock::now(),
+        );
+        assert_eq!(&*read_after.rule, "rule#5");
+        let current = attribute(
+            &raw(addr, VERDICT_ALLOW, 9),
+            &directory,
+            &MonotonicClock::now(),
+        );
+        assert_eq!(&*current.rule, "web/egress/api-v2");
+    }
+
+    #[test]
     fn record_only_refusals_are_would_refuse_by_the_default_deny() {
         let attempt = attribute(
             &raw(Ipv6Addr::LOCALHOST.octets(), VERDICT_WOULD_REFUSE, 0),

@@ -115,6 +115,23 @@ pub struct Directory {
     pub rule_hosts: HashMap<u32, Arc<str>>,
 }
 
+impl Directory {
+    /// Puts a policy generation's rule names (and hosts) in force beside those already known:
+    /// rule ids are never reused, and events a replaced generation decided may still be in the
+    /// ring, to be named by its rules until [`Directory::forget_rules`].
+    fn add_rules(&mut self, names: HashMap<u32, Arc<str>>, hosts: HashMap<u32, Arc<str>>) {
+        self.rules.extend(names);
+        self.rule_hosts.extend(hosts);
+    }
+
+    fn forget_rules(&mut self, ids: &[u32]) {
+        for id in ids {
+            self.rules.remove(id);
+            self.rule_hosts.remove(id);
+        }
+    }
+}
+
 pub type SharedDirectory = Arc<RwLock<Directory>>;
 
 /// A session cgroup handed to whoever spawns the server process.
@@ -153,9 +170,14 @@ pub struct Egress {
     held: HashSet<u64>,
     /// Owners of removed cgroups, kept a while so events still in the ring are attributed.
     retired: Vec<(u64, Instant)>,
+    /// The rule ids of the policy generation in force.
+    rules_in_force: Vec<u32>,
+    /// Rule ids of replaced generations, kept a while so events still in the ring name them.
+    retired_rules: Vec<(Vec<u32>, Instant)>,
 }
 
-/// How long the owner of a removed cgroup stays known to the event reader.
+/// How long the owner of a removed cgroup, or the rules of a replaced policy generation, stay
+/// known to the event reader.
 const RETIRED_OWNER_TTL: Duration = Duration::from_secs(30);
 
 impl Egress {
@@ -177,6 +199,8 @@ impl Egress {
             next_session: 0,
             held: HashSet::new(),
             retired: Vec::new(),
+            rules_in_force: Vec::new(),
+            retired_rules: Vec::new(),
         };
         egress.take_over_session_cgroups()?;
         Ok((egress, attachment))
@@ -248,10 +272,14 @@ impl Egress {
                 .insert(key, value, 0)
                 .map_err(|e| EgressError::MapUpdate(crate::error_chain(&e)))?;
         }
+        let in_force = rule_names.keys().copied().collect();
+        let replaced = std::mem::replace(&mut self.rules_in_force, in_force);
+        if !replaced.is_empty() {
+            self.retired_rules.push((replaced, Instant::now()));
+        }
         {
             let mut directory = self.directory.write().expect("directory lock");
-            directory.rules = rule_names;
-            directory.rule_hosts = rule_hosts;
+            directory.add_rules(rule_names, rule_hosts);
             directory.hosts = hosts;
         }
         self.guards = new_guards;
@@ -451,9 +479,9 @@ impl Egress {
     }
 
     /// Closes every session cgroup that no longer holds a process and whose opener is gone,
-    /// and forgets owners retired long enough ago.
+    /// and forgets owners and rules retired long enough ago.
     pub fn sweep_empty_sessions(&mut self) -> Result<usize, EgressError> {
-        self.forget_retired_owners(Instant::now());
+        self.forget_retired(Instant::now());
         let retired: HashSet<u64> = self.retired.iter().map(|(id, _)| *id).collect();
         let sessions: Vec<u64> = {
             let directory = self.directory.read().expect("directory lock");
@@ -475,14 +503,14 @@ impl Egress {
         Ok(closed)
     }
 
-    fn forget_retired_owners(&mut self, now: Instant) {
-        let (expired, kept): (Vec<_>, Vec<_>) = self
-            .retired
-            .drain(..)
-            .partition(|(_, at)| now.duration_since(*at) >= RETIRED_OWNER_TTL);
-        self.retired = kept;
-        for (cgroup_id, _) in expired {
+    fn forget_retired(&mut self, now: Instant) {
+        for cgroup_id in take_expired(&mut self.retired, now) {
             self.forget_owner(cgroup_id);
+        }
+        let rules = take_expired(&mut self.retired_rules, now);
+        let mut directory = self.directory.write().expect("directory lock");
+        for ids in rules {
+            directory.forget_rules(&ids);
         }
     }
 
@@ -589,4 +617,13 @@ pub fn teardown(layout: &EgressLayout) -> Result<(), EgressError> {
     kernel::remove_pins(&layout.pins)?;
     cgroup::remove_tree(&layout.cgroup_root)?;
     Ok(())
+}
+
+/// Removes from `retired` what was retired at least [`RETIRED_OWNER_TTL`] before `now`.
+fn take_expired<T>(retired: &mut Vec<(T, Instant)>, now: Instant) -> Vec<T> {
+    let (expired, kept): (Vec<_>, Vec<_>) = retired
+        .drain(..)
+        .partition(|(_, at)| now.duration_since(*at) >= RETIRED_OWNER_TTL);
+    *retired = kept;
+    expired.into_iter().map(|(item, _)| item).collect()
 }

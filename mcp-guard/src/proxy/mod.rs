@@ -199,12 +199,20 @@ impl Proxy {
 
     /// Ends a session; `reason` goes into its `end` record.
     async fn end_session_because(&self, id: &str, reason: &str) -> bool {
-        let removed = self.sessions.lock().await.remove(id);
+        let removed = {
+            let mut sessions = self.sessions.lock().await;
+            let removed = sessions.remove(id);
+            // Under the sessions lock: a kernel event attributed meanwhile finds the session's
+            // calls either live or kept, never neither while its processes are being ended.
+            if let Some(session) = &removed {
+                self.keep_spans_of_ended(session);
+            }
+            removed
+        };
         match removed {
             Some(session) => {
                 self.give_back_slot(&session);
                 session.end().await;
-                self.keep_spans_of_ended(&session);
                 self.recorder
                     .session_event_because(&session, "end", Some(reason))
                     .await;
