@@ -532,8 +532,7 @@ fn without_privileges_the_daemon_stops_with_one_clear_line() {
         );
     }
     let bin = public.path().join("mcp-guard");
-    std::fs::copy(&env.daemon_bin, &bin).expect("copy the mcp-guard binary");
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy_executable(&env.daemon_bin, &bin);
     let policy = public.path().join("policy.json");
     std::fs::copy(&env.policy_path, &policy).expect("copy the policy");
     std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644)).unwrap();

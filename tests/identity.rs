@@ -297,11 +297,7 @@ impl Front {
     }
 
     fn audit_lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.env.audit_path())
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
+        audit_records(&self.env.audit_path())
     }
 }
 
@@ -873,8 +869,8 @@ fn without_trust_header_the_principal_header_is_ignored() {
     servers[SERVER]["command"] = json!([
         "/bin/sh",
         "-c",
-        r#"tee -a "$1" | "$2""#,
-        "fast-with-tee",
+        format!(r#"{} | "$2""#, record_then_forward(r#""$1""#)),
+        "fast-recorded",
         wire.display().to_string(),
         FAST_SERVER,
     ]);
@@ -1281,14 +1277,16 @@ fn an_address_sending_forged_tokens_is_held_back_and_others_are_not() {
     let failures = by_reason(&scrape, "mcp_guard_auth_failures_total");
     assert_eq!(failures("bad_signature"), 4.0);
     assert_eq!(failures("throttled"), 2.0);
-    let warned = front.daemon.log.lines()[..]
-        .iter()
-        .filter(|line| {
-            message(line).is_some_and(|m| m.contains("refused too often"))
-                && field(line, "peer") == "127.0.0.1"
-        })
-        .count();
-    assert_eq!(warned, 1, "{}", front.daemon.log.summary(0, 20));
+    let warnings = |lines: &[Value]| {
+        lines
+            .iter()
+            .filter(|line| {
+                message(line).is_some_and(|m| m.contains("refused too often"))
+                    && field(line, "peer") == "127.0.0.1"
+            })
+            .count()
+    };
+    assert_warned_once(&front.daemon.log, warnings);
 
     // Every call record says where its request came from.
     let calls: Vec<Value> = front
@@ -1338,13 +1336,23 @@ fn forged_tokens_from_many_addresses_use_up_the_budget_of_all() {
     assert_eq!(failures("bad_signature"), 4.0);
     assert_eq!(failures("throttled_all"), 2.0);
     assert_eq!(failures("throttled"), 0.0);
-    let warned = front.daemon.log.lines()[..]
-        .iter()
-        .filter(|line| {
-            message(line).is_some_and(|m| m.contains("from all addresses were refused too often"))
-        })
-        .count();
-    assert_eq!(warned, 1, "{}", front.daemon.log.summary(0, 20));
+    let warnings = |lines: &[Value]| {
+        lines
+            .iter()
+            .filter(|line| {
+                message(line)
+                    .is_some_and(|m| m.contains("from all addresses were refused too often"))
+            })
+            .count()
+    };
+    assert_warned_once(&front.daemon.log, warnings);
+}
+
+/// The daemon's log has exactly one of the warnings `warnings` counts (once its log reader has
+/// caught up with the first).
+fn assert_warned_once(log: &Log, warnings: impl Fn(&[Value]) -> usize) {
+    log.wait_until(TIMEOUT, |lines| warnings(lines) >= 1);
+    assert_eq!(warnings(&log.lines()), 1, "{}", log.summary(0, 20));
 }
 
 /// A token held back by a budget of refused tokens: 429, `Retry-After` within the minute, and

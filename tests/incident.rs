@@ -379,8 +379,7 @@ fn check_answers(plan: &SessionPlan, run: &ClientRun) {
 fn read_records(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|err| panic!("read the audit log {}: {err}", path.display()));
-    let records: Vec<Value> = text
-        .lines()
+    let records: Vec<Value> = whole_lines(&text)
         .enumerate()
         .map(|(n, line)| {
             serde_json::from_str(line).unwrap_or_else(|err| {
@@ -524,12 +523,8 @@ fn wait_for_egress_records(incident: &Incident, declared: usize, undeclared: usi
     );
     let mut counts = (0, 0);
     let arrived = poll_until(TIMEOUT, || {
-        let text = std::fs::read_to_string(incident.audit_path()).unwrap_or_default();
         counts = (0, 0);
-        for line in text.lines() {
-            let Ok(record) = serde_json::from_str::<Value>(line) else {
-                continue;
-            };
+        for record in audit_records(&incident.audit_path()) {
             if record["kind"] != "egress" {
                 continue;
             }
@@ -1429,8 +1424,11 @@ fn audit_records_carry_identity() {
     let command = vec![
         "/bin/sh".to_string(),
         "-c".into(),
-        r#"env | grep '^MCP_GUARD_' > "$1"; tee -a "$2" | "$3""#.into(),
-        "fast-with-tee".into(),
+        format!(
+            r#"env | grep '^MCP_GUARD_' > "$1"; {} | "$3""#,
+            record_then_forward(r#""$2""#)
+        ),
+        "fast-recorded".into(),
         environ.display().to_string(),
         wire.display().to_string(),
         FAST_SERVER.into(),
@@ -1818,10 +1816,21 @@ fn metrics_count_decisions_and_audit_records() {
             &[("verdict", "refuse")]
         ),
     );
-    // Wait until the egress records are in the log too, so the log is still from here on.
+    // Wait until the egress records are in the log too, so the log is still from here on, and
+    // until the records in the file are counted (a record is counted once its flush is done,
+    // after it is in the file).
     wait_for_egress_records(&incident, 1, 1);
     let lines_before = read_records(&incident.audit_path()).len();
-    let scraped = scrape(metrics_addr);
+    let mut scraped = scrape(metrics_addr);
+    let counted = poll_until(TIMEOUT, || {
+        scraped = scrape(metrics_addr);
+        metric(&scraped, "mcp_guard_audit_records_written_total", &[]) >= lines_before as f64
+    });
+    assert!(
+        counted,
+        "mcp_guard_audit_records_written_total {} while the file has {lines_before} records",
+        metric(&scraped, "mcp_guard_audit_records_written_total", &[])
+    );
     let records = read_records(&incident.audit_path());
 
     // Decisions: label set by label set, as in the log.

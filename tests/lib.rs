@@ -1136,6 +1136,33 @@ pub fn run_command_within(mut cmd: Command, what: &str, timeout: Duration) -> Pr
     run_to_completion_within(cmd, what, timeout)
 }
 
+/// Copies an executable to `to` (mode 755) for exec'ing there. Another process copies it: a
+/// file this multi-threaded process held open for writing could be inherited by a child that
+/// another test forks meanwhile, and exec'ing the copy would then fail with ETXTBSY.
+pub fn copy_executable(from: &Path, to: &Path) {
+    let mut install = Command::new("install");
+    install.arg("-m").arg("755").arg(from).arg(to);
+    let copied = run_command(install, "install an executable");
+    assert!(
+        copied.status.success(),
+        "install {} {}: {}",
+        from.display(),
+        to.display(),
+        copied.stderr
+    );
+}
+
+/// A `/bin/sh` loop that appends each line it reads to the file named by `file` (a shell
+/// word, such as `"$1"`) and then passes the line on: put before a server (`LOOP | server`) to
+/// keep what the server was sent. The file is written first, so what the server has received
+/// is in it, also when the server's cgroup is killed right after (`tee` passes a line on
+/// before it writes it to its files).
+pub fn record_then_forward(file: &str) -> String {
+    format!(
+        r#"while IFS= read -r line; do printf '%s\n' "$line" >> {file}; printf '%s\n' "$line"; done"#
+    )
+}
+
 /// A loopback TCP port that is free now, for a daemon to bind later. It is taken below the
 /// kernel's ephemeral range, so that no other socket (an outgoing connection, another test's
 /// `bind(0)`) can be given it in between: a port `bind(0)` had just handed out and released
@@ -2224,12 +2251,19 @@ pub fn post_in_session(
 /// Every record of the audit log at `path`, in file order (none while it does not exist).
 pub fn audit_records(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    whole_lines(&text)
         .map(|line| {
             serde_json::from_str(line)
                 .unwrap_or_else(|err| panic!("{}: not JSON ({err}): {line}", path.display()))
         })
         .collect()
+}
+
+/// The lines of a log that its writer has finished: a read that meets an append half done
+/// sees a last line with no newline yet, which is left out.
+pub fn whole_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split_inclusive('\n')
+        .filter_map(|line| line.strip_suffix('\n'))
 }
 
 /// The status line and headers of an HTTP/1.1 response, with the connection still open (to

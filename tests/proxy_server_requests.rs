@@ -742,13 +742,17 @@ fn waiting_messages(guard: &Guard, session: &str) -> Vec<Value> {
     events.iter().map(|event| event["data"].clone()).collect()
 }
 
-/// The URIs of the `notifications/resources/updated` among `messages`.
+/// The URIs of the `notifications/resources/updated` among `messages`, each once:
+/// server-everything sends its updates again every 5 s, which a slow read also catches.
 fn uris_updated(messages: &[Value]) -> Vec<Value> {
-    messages
+    let mut uris: Vec<Value> = messages
         .iter()
         .filter(|message| message["method"] == "notifications/resources/updated")
         .map(|message| message["params"]["uri"].clone())
-        .collect()
+        .collect();
+    uris.sort_by_key(Value::to_string);
+    uris.dedup();
+    uris
 }
 
 /// A shared server holds one subscription per URI for all its sessions. Sessions A and B

@@ -425,8 +425,9 @@ fn under_journald_log_lines_carry_no_timestamp() {
 fn sigterm_lets_a_call_in_flight_finish_then_exits_zero() {
     let env = TestEnv::new("svc-drain", PROBE);
     let listen = loopback(free_loopback_port());
-    // Each call takes 1.5 s at the server: long enough to be in flight when SIGTERM comes.
-    env.write_policy_document(&fast_policy(&env, listen, &["--call-delay-ms", "1500"]));
+    // Each call takes 5 s at the server: long enough to be in flight when SIGTERM comes, even
+    // if this test is slow to see the decision record, and well within the 10 s grace.
+    env.write_policy_document(&fast_policy(&env, listen, &["--call-delay-ms", "5000"]));
     let mut daemon = env.start_daemon();
     let session = McpSession::open(listen).expect("open a session");
     let session_id = session.id.clone();

@@ -35,7 +35,7 @@ Output: one JSON object on stdout:
      "timed_out": false, "initialize": {...} | absent}
 `headers` keys are lower-case; a header sent more than once maps to a list. SSE bodies are read
 until the server ends the stream, --max-events events arrived, or --timeout passed without data
-(then `timed_out` is true). Exit status 0 whenever an HTTP response arrived, 1 otherwise.
+(then `timed_out` is true); the connect and the response's headers may take up to 60 s. Exit status 0 whenever an HTTP response arrived, 1 otherwise.
 """
 
 import argparse
@@ -129,11 +129,19 @@ def read_lines(response):
         yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
+# How long the connect and the response's status line and headers may take.
+RESPONSE_TIMEOUT = 60.0
+
+
 def send(url, method, headers, body_bytes, timeout, max_events):
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http":
         raise ValueError("only http:// URLs are supported")
-    connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    # The response may wait for a server being started on a loaded machine; --timeout is the
+    # silence allowed once it has begun.
+    connection = http.client.HTTPConnection(
+        parts.hostname, parts.port or 80, timeout=max(timeout, RESPONSE_TIMEOUT)
+    )
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -145,7 +153,10 @@ def send(url, method, headers, body_bytes, timeout, max_events):
     if body_bytes is not None:
         connection.putheader("Content-Length", str(len(body_bytes)))
     connection.endheaders(body_bytes)
+    # Taken now: a response that closes the connection takes it from `connection`.
+    sock = connection.sock
     response = connection.getresponse()
+    sock.settimeout(timeout)
 
     header_list = [[name, value] for name, value in response.getheaders()]
     folded = {}

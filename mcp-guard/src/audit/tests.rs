@@ -563,6 +563,26 @@ async fn until_flushed(log: &AuditLog, count: u64) {
     until_counted("flushes", || log.flushes(), count).await;
 }
 
+/// The log file's lines once its length is what the unflushed-bytes gauge counts (a while,
+/// then fails). While flushes fail, each retry truncates the file and writes it again, and a
+/// read in between sees less than there is.
+async fn lines_as_the_gauge_counts(log: &AuditLog, path: &Path) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let content = std::fs::read_to_string(path).unwrap();
+        if content.len() as i64 == log.unflushed_bytes() {
+            return content.lines().map(str::to_owned).collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file holds {} bytes, the gauge counts {}",
+            content.len(),
+            log.unflushed_bytes()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
 /// Waits (a while, then fails) until the background flusher has failed `count` flushes.
 async fn until_flush_failures(log: &AuditLog, count: u64) {
     until_counted("failed flushes", || log.flush_failures(), count).await;
@@ -650,21 +670,20 @@ async fn durable_before_interval_refuses_appends_after_a_failed_flush_until_one_
     assert!(log.failing());
     assert!(log.flush_failures() >= 1);
     // What no flush made durable is what the gauge shows.
-    let on_disk = std::fs::metadata(&settings.path).unwrap().len();
-    assert_eq!(log.unflushed_bytes(), on_disk as i64);
-    let written = lines(&settings.path).len();
+    let written = lines_as_the_gauge_counts(&log, &settings.path).await.len();
     assert!(log.append(call("refused")).await.is_err());
     assert_eq!(
-        lines(&settings.path).len(),
+        lines_as_the_gauge_counts(&log, &settings.path).await.len(),
         written,
         "a refused record was written"
     );
     // Nothing was ever flushed, and the kernel may have dropped all of it. A kernel drops
     // pages at a failed flush, never between the flusher's rewrite and its flush: so the
-    // disk recovers only after a retry begun after the loss has failed too (the retry under
-    // way during the loss is the first failure counted, that one the second).
-    let failed = log.flush_failures();
+    // disk recovers only after a retry begun after the loss has failed too. Counted from the
+    // loss's end, the retry that may have rewritten before it is the first failure, the next
+    // retry (begun after that failure) the second.
     lose_bytes_after(&settings.path, 0);
+    let failed = log.flush_failures();
     until_flush_failures(&log, failed + 2).await;
     // The disk recovers: the next retry writes it all again and flushes, and appends go on.
     log.fail_next_flushes(0);
