@@ -654,6 +654,41 @@ fn invalid_policy_reload_is_refused_and_previous_policy_stays() {
     run.assert_results(&[(&declared, "ok"), (&undeclared, "EPERM")]);
 }
 
+/// A valid policy the kernel side cannot install is refused as a whole: here it widens the
+/// server's allow-list to the undeclared listener and adopts a cgroup that does not exist. The
+/// reload is refused, and a session started after it is still refused the undeclared
+/// destination (the new allow-list never came into force for anyone).
+#[test]
+fn a_reload_whose_cgroup_to_adopt_is_missing_leaves_the_allow_lists_as_they_were() {
+    let world = World::new();
+    let (env, daemon) = start("badadopt", &world);
+    let declared = tcp(world.tcp4.addr);
+    let undeclared = tcp(world.undeclared_tcp4.addr);
+
+    let mut widened = world.rules();
+    let port = world.undeclared_tcp4.addr.port();
+    widened.push(rule("widened", "127.0.0.1/32", &[port], &["tcp"]));
+    let missing = env
+        .cgroup_root
+        .with_file_name(format!("{}-missing", env.name));
+    let mut document = server(SERVER, widened);
+    document["adopted"] = serde_json::json!({ "adopt_cgroup": missing, "egress": [] });
+    let mark = daemon.log.mark();
+    env.write_policy(document);
+    daemon.sighup();
+    let outcome = daemon.wait_for_since(mark, TIMEOUT, "the reload's outcome", |l| {
+        is_reload_outcome(l)
+    });
+    assert!(
+        is_reload_refusal(&outcome),
+        "a policy adopting a missing cgroup was accepted: {outcome}"
+    );
+
+    let run = env.exec_probe(SERVER, Some("sess-badadopt"), &[&declared, &undeclared]);
+    run.assert_success();
+    run.assert_results(&[(&declared, "ok"), (&undeclared, "EPERM")]);
+}
+
 /// (f) Killing the daemon (SIGKILL) leaves the pinned programs enforcing: a probe already in
 /// its guarded cgroup is still refused undeclared destinations and still reaches declared ones;
 /// `egress status` shows the pins; a new daemon on the same directories re-uses the pinned

@@ -2724,6 +2724,56 @@ fn a_shared_server_that_exits_ends_its_sessions_and_the_next_starts_a_new_one() 
     assert_ne!(front.session_pid("time", "shared"), pid);
 }
 
+/// What a shared server's process started in a session of its own (`setsid`) does not
+/// outlive that process: when the process exits, what it left in its cgroup is ended, and the
+/// next session's new shared process runs and answers.
+#[test]
+fn what_a_shared_server_left_behind_ends_with_it() {
+    let env = TestEnv::new("proxy-shared-leftovers", PROBE);
+    let peers = Peers::require();
+    let pid_file = env.dir().join("escaped.pid");
+    let command = leaving_an_escaped_sleep(&pid_file, "1000", FAST_SERVER);
+    let rules = vec![
+        list_tools_rule(),
+        allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+    ];
+    let mut server = stdio_server(command, rules);
+    server["isolation"] = json!("shared");
+    let front = Front::start(env, peers, json!({ "fast": server }));
+    let session = front.open_session("fast", HANDSHAKE);
+    let escaped = pid_from_file(&pid_file);
+    let cgroup = front.env.session_cgroup("fast", "shared");
+    let mut server_pids = Vec::new();
+    assert!(
+        poll_until(TIMEOUT, || {
+            let pids = cgroup_pids(&cgroup);
+            server_pids = pids.iter().copied().filter(|&p| p != escaped).collect();
+            pids.contains(&escaped) && server_pids.len() == 1
+        }),
+        "the shared cgroup holds the server and the escaped sleep {escaped}: {:?}",
+        cgroup_pids(&cgroup)
+    );
+    // SAFETY: kill(2) on a pid, no memory involved.
+    assert_eq!(unsafe { libc::kill(server_pids[0], libc::SIGKILL) }, 0);
+    assert_eq!(
+        front.until_session_ended(&session)["detail"]["reason"],
+        "server_exited"
+    );
+    assert_process_ends(
+        escaped,
+        TIMEOUT,
+        "the shared server's escaped sleep outlived it",
+    );
+
+    std::fs::remove_file(&pid_file).unwrap();
+    front.session_listing("fast", &["echo"]);
+    let next = pid_from_file(&pid_file);
+    assert!(
+        !process_ended(next),
+        "the next shared process's sleep was ended with the old one's"
+    );
+}
+
 /// The port a peer started with its stderr piped announces (`MCP_PEER_LISTENING <port>`); its
 /// stderr is read no further.
 fn announced_port(peer: &mut std::process::Child) -> String {
@@ -3733,6 +3783,65 @@ for line in sys.stdin:
     );
 }
 
+/// A server's `inputSchema` is the server's word, not to be trusted: validating against a
+/// schema whose `$ref`s go round in a circle (a → b → a) never returned with the validator
+/// mcp-guard used before (jsonschema 0.33; its process was killed), which would have taken the
+/// whole daemon with it. Such a schema constrains nothing: calls to those tools (and to one
+/// whose schema is a `$ref` to itself) are checked at once and forwarded, as is a call to a
+/// tool with a sound schema, and the daemon serves on.
+#[test]
+fn a_tool_schema_whose_refs_go_round_in_a_circle_is_checked_and_the_daemon_serves_on() {
+    let env = TestEnv::new("proxy-circular-schema", PROBE);
+    let peers = Peers::require();
+    const CIRCULAR_SERVER: &str = r##"
+import json, sys
+circle = {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}
+tools = [{"name": "circle", "inputSchema": circle},
+         {"name": "itself", "inputSchema": {"$ref": "#"}},
+         {"name": "sound", "inputSchema": {"type": "object"}}]
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message:
+        continue
+    if message["method"] == "initialize":
+        result = {"protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "circular", "version": "0"}}
+    elif message["method"] == "tools/list":
+        result = {"tools": tools}
+    elif message["method"] == "tools/call":
+        result = {"content": [{"type": "text", "text": "called " + message["params"]["name"]}]}
+    else:
+        result = {}
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+"##;
+    let servers = json!({
+        "circular": stdio_server(
+            vec!["python3".into(), "-c".into(), CIRCULAR_SERVER.into()],
+            vec![
+                list_tools_rule(),
+                allow("all", json!({"roles": [DEVELOPER], "tools": ["circle", "itself", "sound"]})),
+            ],
+        ),
+    });
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("circular", HANDSHAKE);
+    let call = |id: i64, tool: &str| {
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": tool, "arguments": {"x": 1}}});
+        response_message(&front.in_session("circular", &session, &body))
+    };
+    for (id, tool) in [(2, "circle"), (3, "itself"), (4, "sound")] {
+        let answer = call(id, tool);
+        let text = format!("called {tool}");
+        assert_eq!(
+            answer["result"]["content"][0]["text"],
+            text.as_str(),
+            "{answer}"
+        );
+    }
+    assert!(!process_ended(front.daemon.pid()), "the daemon is down");
+}
+
 /// A session's server process that exits (killed here) ends the session: its `end` record says
 /// `server_exited`, the agent's next request gets 404 (the Streamable HTTP signal to initialise
 /// again, where every call would otherwise fail), and the new session gets a new process.
@@ -4070,6 +4179,100 @@ fn a_url_server_that_forgets_its_session_ends_the_agents_session() {
     front.session_listing("time", &["get_current_time"]);
     let _ = second.kill();
     let _ = second.wait();
+}
+
+/// Concurrent first requests of one stateless session (an agent that sends its first calls in
+/// parallel) open it once: the server takes half a second to start, and all six requests,
+/// sent meanwhile under one session key, are answered by the one session they name; there is
+/// one `start` record and one session open.
+#[test]
+fn concurrent_first_requests_of_a_stateless_session_open_it_once() {
+    let env = TestEnv::new("proxy-stateless-concurrent-open", PROBE);
+    let peers = Peers::require();
+    let slow_start = format!("sleep 0.5; exec {FAST_SERVER}");
+    let servers = json!({
+        "fast": stdio_server(vec!["/bin/sh".into(), "-c".into(), slow_start], vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let call = |n: usize| {
+        let body = json!({"jsonrpc": "2.0", "id": n, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": format!("call {n}")}}});
+        let output = front.raw(
+            "fast",
+            &[
+                "--envelope",
+                STATELESS,
+                "--header",
+                "MCP-Guard-Session: parallel-key",
+                "--body",
+                &body.to_string(),
+            ],
+        );
+        assert_eq!(output["status"], 200, "call {n}: {output}");
+        response_message(&output)
+    };
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (1..=6).map(|n| scope.spawn(move || call(n))).collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for (n, answer) in (1..=6).zip(&answers) {
+        assert_eq!(
+            answer["result"]["content"][0]["text"],
+            format!("call {n}"),
+            "{answer}"
+        );
+    }
+    let starts: Vec<Value> = audit_records(&front.env.audit_path())
+        .into_iter()
+        .filter(|r| r["kind"] == "session" && r["detail"]["event"] == "start")
+        .collect();
+    assert_eq!(starts.len(), 1, "{starts:#?}");
+}
+
+/// An agent's response reaches the server only as the answer to a request the server sent
+/// it: one with an id the server never used (a guess at a request the server may send another
+/// session, or one the policy refused) is accepted (202) and dropped, and what the server
+/// received holds it nowhere; the session goes on.
+#[test]
+fn a_response_to_no_request_of_the_servers_is_not_forwarded() {
+    let env = TestEnv::new("proxy-forged-response", PROBE);
+    let peers = Peers::require();
+    let wire = env.dir().join("wire.jsonl");
+    let command = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        format!(r#"{} | "$2""#, record_then_forward(r#""$1""#)),
+        "fast-recorded".into(),
+        wire.display().to_string(),
+        FAST_SERVER.into(),
+    ];
+    let servers = json!({
+        "fast": stdio_server(command, vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("fast", HANDSHAKE);
+    let forged = json!({"jsonrpc": "2.0", "id": 77, "result": {"roots": [{"uri": "file:///"}]}});
+    let accepted = front.in_session("fast", &session, &forged);
+    assert_eq!(accepted["status"], 202, "{accepted}");
+    let echo = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "after"}}});
+    let answer = response_message(&front.in_session("fast", &session, &echo));
+    assert_eq!(answer["result"]["content"][0]["text"], "after", "{answer}");
+    let received = std::fs::read_to_string(&wire).unwrap_or_default();
+    assert!(
+        received.contains("\"after\""),
+        "the call after it reached the server: {received}"
+    );
+    assert!(
+        !received.contains("file:///"),
+        "the forged response reached the server: {received}"
+    );
 }
 
 /// A stateless agent's very first request may be a call: mcp-guard learns the tool list from a

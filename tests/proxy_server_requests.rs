@@ -880,6 +880,64 @@ fn a_shared_servers_tasks_are_seen_only_by_the_session_that_created_them() {
     }
 }
 
+/// Shadow and learn modes let through what the policy would refuse, but not another session's
+/// task on a shared server: keeping sessions apart is no judgement of the policy. In shadow
+/// mode, with no rule for research or tasks, A's task is created and fetched (recorded
+/// `would_deny`, forwarded); B naming it is answered as an unknown task and recorded `deny`,
+/// as in enforce mode.
+#[test]
+fn shadow_mode_still_keeps_a_shared_servers_tasks_apart() {
+    let guard = Guard::start(
+        "server-req-shared-tasks-shadow",
+        &[("everything", vec![])],
+        |_, entry| {
+            entry["isolation"] = json!("shared");
+            entry["mode"] = json!("shadow");
+        },
+    );
+    let research = json!({"name": "simulate-research-query", "arguments": {"topic": "tasks"},
+        "task": {"ttl": 60000}});
+    let (a, created) = guard.open_raw_session(&request(2, "tools/call", research));
+    let task_id = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no task created: {created}"))
+        .to_owned();
+    let named = |id, method| request(id, method, json!({"taskId": task_id}));
+    let unknown = format!("Unknown task: {task_id}");
+    let (b, refused) = guard.open_raw_session(&named(2, "tasks/get"));
+    assert_eq!(refused["error"]["code"], -32602, "{refused}");
+    assert_eq!(refused["error"]["message"], unknown.as_str(), "{refused}");
+    let refused = guard.in_raw_session(&b, &named(3, "tasks/result"));
+    assert_eq!(refused["error"]["message"], unknown.as_str(), "{refused}");
+    let status = guard.in_raw_session(&a, &named(3, "tasks/get"));
+    assert_eq!(status["result"]["taskId"], task_id.as_str(), "{status}");
+
+    let records = guard.audit();
+    let decisions = |session: &str| -> Vec<(Value, Value, Value)> {
+        let records = records.iter().filter(|r| r["session"] == session);
+        records
+            .filter(|r| r["kind"] == "call" && r.get("decision").is_some())
+            .filter(|r| r["method"] != "initialize")
+            .map(|r| {
+                (
+                    r["method"].clone(),
+                    r["decision"].clone(),
+                    r["rule"].clone(),
+                )
+            })
+            .collect()
+    };
+    let refused_to_b = [("tasks/get", "deny"), ("tasks/result", "deny")]
+        .map(|(method, decision)| (json!(method), json!(decision), json!("unknown-reference")));
+    assert_eq!(decisions(&b), refused_to_b, "{records:#?}");
+    let of_a = decisions(&a);
+    assert_eq!(of_a.len(), 2, "{records:#?}");
+    assert!(
+        of_a.iter().all(|(_, decision, _)| decision == "would_deny"),
+        "A's calls were let through as shadow mode does: {of_a:?}"
+    );
+}
+
 /// The agent abandons a long-running call (the SDK sends notifications/cancelled naming the
 /// agent's request id). mcp-guard forwards the cancellation under the id it gave the request
 /// upstream, and ends the call then: its outcome is recorded as cancelled, before anything

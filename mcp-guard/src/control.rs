@@ -166,7 +166,7 @@ pub async fn serve(listener: UnixListener, context: ControlContext) {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::error!(error = %e, "control socket accept failed");
+                crate::transport::serve::pause_after_failed_accept(&e, "control socket").await;
                 continue;
             }
         };

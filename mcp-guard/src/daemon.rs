@@ -279,6 +279,7 @@ pub async fn run(options: RunOptions, loaded: LoadedPolicy) -> Result<(), Daemon
                 changed.is_some()
             }
             _ = sweep.tick() => {
+                proxy.forget_old_spans();
                 if let Some(enforcement) = &enforcement
                     && let Err(e) = enforcement.egress.lock().await.sweep_empty_sessions()
                 {

@@ -266,12 +266,16 @@ impl Egress {
                 .collect();
             hosts.insert(Arc::from(server.as_str()), resolved);
         }
+        // A cgroup to adopt that is not there refuses the generation before anything changes.
+        let adopted = adopted_cgroups(servers)?;
+        // Entries under the new policy ids decide nothing until the guards point at them.
         for (key, value) in compiled.iter().flatten() {
             self.kernel
                 .allow
                 .insert(key, value, 0)
                 .map_err(|e| EgressError::MapUpdate(crate::error_chain(&e)))?;
         }
+        self.sync_adopted_cgroups(adopted)?;
         let in_force = rule_names.keys().copied().collect();
         let replaced = std::mem::replace(&mut self.rules_in_force, in_force);
         if !replaced.is_empty() {
@@ -283,7 +287,6 @@ impl Egress {
             directory.hosts = hosts;
         }
         self.guards = new_guards;
-        self.sync_adopted_cgroups(servers)?;
         self.switch_guarded_cgroups()?;
         self.remove_stale_allow_entries()?;
         Ok(())
@@ -373,19 +376,16 @@ impl Egress {
         Ok(())
     }
 
-    /// Attaches to the cgroups the policy adopts and lets go of those it no longer names.
+    /// Attaches to the cgroups the policy adopts (see [`adopted_cgroups`]) and lets go of
+    /// those it no longer names.
     fn sync_adopted_cgroups(
         &mut self,
-        servers: &BTreeMap<String, ServerEgress>,
+        wanted: BTreeMap<String, AdoptedCgroup>,
     ) -> Result<(), EgressError> {
-        let wanted: BTreeMap<&String, &PathBuf> = servers
-            .iter()
-            .filter_map(|(name, s)| Some((name, s.adopt_cgroup.as_ref()?)))
-            .collect();
         let dropped: Vec<(String, u64)> = self
             .adopted
             .iter()
-            .filter(|(server, _)| !wanted.contains_key(server))
+            .filter(|(server, _)| !wanted.contains_key(*server))
             .map(|(s, id)| (s.clone(), *id))
             .collect();
         for (server, cgroup_id) in dropped {
@@ -394,13 +394,12 @@ impl Egress {
             self.forget_owner(cgroup_id);
             self.adopted.remove(&server);
         }
-        for (server, path) in wanted {
-            let cgroup_id = cgroup::cgroup_id(path)?;
+        for (server, AdoptedCgroup { path, cgroup_id }) in wanted {
             if !path.starts_with(&self.layout.cgroup_root) {
-                self.kernel.attach(path)?;
+                self.kernel.attach(&path)?;
             }
-            self.record_owner(cgroup_id, server, None, path.clone());
-            self.adopted.insert(server.clone(), cgroup_id);
+            self.record_owner(cgroup_id, &server, None, path);
+            self.adopted.insert(server, cgroup_id);
         }
         Ok(())
     }
@@ -617,6 +616,27 @@ pub fn teardown(layout: &EgressLayout) -> Result<(), EgressError> {
     kernel::remove_pins(&layout.pins)?;
     cgroup::remove_tree(&layout.cgroup_root)?;
     Ok(())
+}
+
+/// A cgroup a server's policy adopts (`adopt_cgroup`), with its id.
+struct AdoptedCgroup {
+    path: PathBuf,
+    cgroup_id: u64,
+}
+
+/// The cgroups the servers adopt, by server; an error names the first that is not there.
+fn adopted_cgroups(
+    servers: &BTreeMap<String, ServerEgress>,
+) -> Result<BTreeMap<String, AdoptedCgroup>, EgressError> {
+    let mut adopted = BTreeMap::new();
+    for (server, wanted) in servers {
+        if let Some(path) = &wanted.adopt_cgroup {
+            let cgroup_id = cgroup::cgroup_id(path)?;
+            let path = path.clone();
+            adopted.insert(server.clone(), AdoptedCgroup { path, cgroup_id });
+        }
+    }
+    Ok(adopted)
 }
 
 /// Removes from `retired` what was retired at least [`RETIRED_OWNER_TTL`] before `now`.

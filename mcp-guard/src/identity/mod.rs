@@ -300,14 +300,7 @@ impl CallIdentity {
         };
         // mcp-guard's own facts always win: an agent must not name another principal or
         // session to the server.
-        for (key, value) in [
-            (meta_keys::CALL_ID, self.call_id.as_str()),
-            (meta_keys::SERVER, server),
-            (meta_keys::SESSION, session),
-            (meta_keys::PRINCIPAL, principal),
-        ] {
-            meta.insert(key.to_owned(), Value::String(value.to_owned()));
-        }
+        insert_own_facts(meta, Some(&self.call_id), server, session, principal);
         // An invalid traceparent of the agent's is replaced by the trace this call is recorded
         // under (with its tracestate), so that the server and the audit log agree.
         let agent_parent_valid = meta
@@ -337,6 +330,48 @@ impl CallIdentity {
             );
         }
     }
+}
+
+/// Puts mcp-guard's own facts into a forwarded message's `_meta`, over whatever the agent put
+/// under those keys; without a call (a notification) the call id key is removed.
+fn insert_own_facts(
+    meta: &mut Map<String, Value>,
+    call_id: Option<&str>,
+    server: &str,
+    session: &str,
+    principal: &str,
+) {
+    match call_id {
+        Some(call_id) => meta.insert(meta_keys::CALL_ID.to_owned(), call_id.into()),
+        None => meta.remove(meta_keys::CALL_ID),
+    };
+    for (key, value) in [
+        (meta_keys::SERVER, server),
+        (meta_keys::SESSION, session),
+        (meta_keys::PRINCIPAL, principal),
+    ] {
+        meta.insert(key.to_owned(), Value::String(value.to_owned()));
+    }
+}
+
+/// A notification the agent sends on to the server: when it carries a `_meta`, mcp-guard's
+/// server, session and principal replace whatever the agent put there (and a call id it named
+/// is removed), so neither the server nor a `url` server's `MCP-Guard-*` headers can be told
+/// another identity. A notification without `_meta` is passed on as it is.
+pub fn stamp_notification(
+    params: &mut Option<Value>,
+    server: &str,
+    session: &str,
+    principal: &str,
+) {
+    let Some(meta) = params
+        .as_mut()
+        .and_then(|params| params.get_mut("_meta"))
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    insert_own_facts(meta, None, server, session, principal);
 }
 
 /// One entry of a W3C `baggage` header (`k=v,k2=v2;prop`), percent-decoded.
@@ -434,6 +469,30 @@ pub fn downstream_headers(message: &Value) -> Vec<(&'static str, String)> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_notifications_meta_names_the_sessions_own_identity() {
+        let mut spoofed = Some(json!({"progressToken": 1, "_meta": {
+            "io.mcp-guard/principal": "admin", "io.mcp-guard/session": "other",
+            "io.mcp-guard/call-id": "c-1", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}}));
+        stamp_notification(&mut spoofed, "fs", "s-1", "alice");
+        let stamped = spoofed.unwrap();
+        assert_eq!(stamped["_meta"]["io.mcp-guard/principal"], "alice");
+        assert_eq!(stamped["_meta"]["io.mcp-guard/session"], "s-1");
+        assert_eq!(stamped["_meta"]["io.mcp-guard/server"], "fs");
+        assert!(stamped["_meta"].get("io.mcp-guard/call-id").is_none());
+        assert_eq!(stamped["progressToken"], 1);
+        let headers = downstream_headers(&json!({"params": stamped}));
+        assert!(headers.contains(&("mcp-guard-principal", "alice".to_owned())));
+        assert!(!headers.iter().any(|(name, _)| *name == "mcp-guard-call-id"));
+
+        let mut plain = Some(json!({"requestId": 3}));
+        stamp_notification(&mut plain, "fs", "s-1", "alice");
+        assert_eq!(plain, Some(json!({"requestId": 3})));
+        let mut none = None;
+        stamp_notification(&mut none, "fs", "s-1", "alice");
+        assert_eq!(none, None);
+    }
 
     #[test]
     fn the_opening_context_is_what_the_agent_gave_meta_first() {

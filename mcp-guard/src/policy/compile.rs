@@ -270,7 +270,7 @@ pub(super) fn compile_arguments_schema(schema: &Value) -> Result<jsonschema::Val
         .should_validate_formats(true)
         .build(schema)
         .map_err(|error| {
-            let at = error.instance_path.to_string();
+            let at = error.instance_path().to_string();
             if at.is_empty() {
                 format!("is not a valid JSON Schema: {error}")
             } else {
@@ -588,7 +588,7 @@ impl CompiledRule {
             .and_then(|schema| schema.iter_errors(arguments).next());
         match error {
             Some(error) => ArgumentFailure {
-                instance_path: error.instance_path.to_string(),
+                instance_path: error.instance_path().to_string(),
                 message: shortened(error.to_string()),
             },
             // The schema passed on a second look; refuse all the same (fail closed).

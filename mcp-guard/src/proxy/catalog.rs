@@ -53,7 +53,7 @@ impl ToolCatalog {
         Some(match validator.iter_errors(arguments).next() {
             None => Ok(()),
             Some(error) => {
-                let path = error.instance_path.to_string();
+                let path = error.instance_path().to_string();
                 let at = if path.is_empty() {
                     "(root)".to_owned()
                 } else {
@@ -69,6 +69,36 @@ impl ToolCatalog {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A server's schema whose `$ref`s go round in a circle (jsonschema 0.33 never returned
+    /// from validating against the first: its process was killed) constrains nothing and is
+    /// checked at once; a recursive schema that does constrain is checked level by level.
+    #[test]
+    fn schemas_whose_refs_go_round_in_a_circle_are_checked_at_once() {
+        let circle = json!({"$ref": "#/$defs/a",
+            "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}});
+        let nested = json!({"$ref": "#/$defs/node", "$defs": {"node": {"type": "object",
+            "properties": {"x": {"$ref": "#/$defs/node"}}}}});
+        let catalog = ToolCatalog::from_tools(&[
+            json!({"name": "circle", "inputSchema": circle}),
+            json!({"name": "itself", "inputSchema": {"$ref": "#"}}),
+            json!({"name": "empty", "inputSchema": {"$ref": ""}}),
+            json!({"name": "nested", "inputSchema": nested}),
+        ]);
+        for tool in ["circle", "itself", "empty"] {
+            assert_eq!(
+                catalog.check(tool, &json!({"x": 1})),
+                Some(Ok(())),
+                "{tool}"
+            );
+        }
+        assert_eq!(
+            catalog.check("nested", &json!({"x": {"x": {}}})),
+            Some(Ok(()))
+        );
+        let refused = catalog.check("nested", &json!({"x": {"x": 1}})).unwrap();
+        assert!(refused.unwrap_err().starts_with("/x/x: "));
+    }
 
     #[test]
     fn checks_arguments_against_each_tools_schema() {

@@ -12,6 +12,7 @@
 //! audit log) is refused in every mode.
 
 mod catalog;
+pub mod opening;
 pub mod record;
 pub mod session;
 pub mod shared;
@@ -29,7 +30,7 @@ use tokio::sync::Mutex;
 
 use crate::audit::{AuditDecision, Latency};
 use crate::egress::Egress;
-use crate::identity::{CallIdentity, OpeningContext, TransportHints};
+use crate::identity::{CallIdentity, OpeningContext, TransportHints, stamp_notification};
 use record::{DecisionFacts, Recorder};
 
 /// Where server processes start: in a guarded cgroup of this daemon's egress enforcement, in
@@ -78,6 +79,8 @@ pub enum ProxyError {
     TooManySessions(#[from] SessionLimit),
     #[error("the audit log cannot be written ({0})")]
     AuditUnavailable(#[from] record::RecordError),
+    #[error("the daemon is stopping")]
+    Stopping,
 }
 
 /// Methods that list things the policy filters, and the method that uses each listed item.
@@ -109,10 +112,26 @@ pub struct Proxy {
     /// which report their calls over the control socket, and ended sessions, whose late
     /// kernel events still need their calls. With when each was last touched.
     spans_elsewhere: std::sync::Mutex<HashMap<String, (session::CallSpans, Instant)>>,
+    /// Session ids being looked up or opened by a front (see [`Proxy::opening`]).
+    opening: opening::OpeningGates,
 }
 
 /// How long spans of a session that is not here are kept after their last change.
 const SPANS_ELSEWHERE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// The same for a session with a call still running: a long call's connections still need
+/// it, but a front killed mid-call never reports its end.
+const RUNNING_SPANS_ELSEWHERE_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn forget_old_spans(elsewhere: &mut HashMap<String, (session::CallSpans, Instant)>, now: Instant) {
+    elsewhere.retain(|_, (spans, touched)| {
+        let ttl = if spans.any_running() {
+            RUNNING_SPANS_ELSEWHERE_TTL
+        } else {
+            SPANS_ELSEWHERE_TTL
+        };
+        now.saturating_duration_since(*touched) < ttl
+    });
+}
 
 impl Proxy {
     pub fn new(
@@ -138,6 +157,7 @@ impl Proxy {
             session_slots: Default::default(),
             shared: Mutex::new(HashMap::new()),
             spans_elsewhere: std::sync::Mutex::new(HashMap::new()),
+            opening: opening::OpeningGates::default(),
         })
     }
 
@@ -184,7 +204,7 @@ impl Proxy {
             let Some(idle) = session.idle_for(now).await else {
                 continue;
             };
-            if idle > max_idle && self.end_session_because(&session.id, "idle").await {
+            if idle > max_idle && self.end_this_session(&session, "idle").await {
                 tracing::info!(session = %session.id, server = %session.server,
                     idle_seconds = idle.as_secs(), "ended an idle session");
                 ended += 1;
@@ -193,15 +213,39 @@ impl Proxy {
         ended
     }
 
-    pub async fn end_session(&self, id: &str) -> bool {
-        self.end_session_because(id, "delete").await
+    /// Makes requests that may open the session `id` (one named by the agent, not given by
+    /// mcp-guard) wait for each other: while the pass is held, the session is looked up and,
+    /// if absent, opened once.
+    pub async fn opening(&self, id: &str) -> opening::OpeningPass {
+        self.opening.enter(id).await
     }
 
-    /// Ends a session; `reason` goes into its `end` record.
-    async fn end_session_because(&self, id: &str, reason: &str) -> bool {
+    /// Ends the session open under `id` (the agent's DELETE).
+    pub async fn end_session(&self, id: &str) -> bool {
+        self.end_session_where(id, |_| true, "delete").await
+    }
+
+    /// Ends `session` if it is still the one open under its id: an agent-named (stateless)
+    /// id may have been ended and opened again meanwhile, and the new session is not this
+    /// one's to end. `reason` goes into its `end` record.
+    pub(crate) async fn end_this_session(&self, session: &Arc<AgentSession>, reason: &str) -> bool {
+        self.end_session_where(&session.id, |open| Arc::ptr_eq(open, session), reason)
+            .await
+    }
+
+    async fn end_session_where(
+        &self,
+        id: &str,
+        is_it: impl Fn(&Arc<AgentSession>) -> bool,
+        reason: &str,
+    ) -> bool {
         let removed = {
             let mut sessions = self.sessions.lock().await;
-            let removed = sessions.remove(id);
+            let removed = if sessions.get(id).is_some_and(is_it) {
+                sessions.remove(id)
+            } else {
+                None
+            };
             // Under the sessions lock: a kernel event attributed meanwhile finds the session's
             // calls either live or kept, never neither while its processes are being ended.
             if let Some(session) = &removed {
@@ -234,12 +278,40 @@ impl Proxy {
                 .await;
             self.metrics.active_sessions.dec();
         }
-        self.shared.lock().await.clear();
+        let mut shared = self.shared.lock().await;
+        for (_, server) in shared.drain() {
+            server.end().await;
+        }
     }
 
     /// Starts a session of `server` for `caller`: spawns the server process in its own guarded
     /// cgroup. Refused when the daemon's or the caller's limit of open sessions is reached.
+    ///
+    /// The opening runs to its end in a task of its own: the caller (a client's request) may
+    /// be dropped midway, and a session half opened (its slot taken, its start on record)
+    /// would never be given back. One opened for a client that left ends as idle.
     pub async fn open_session(
+        self: &Arc<Self>,
+        server: &str,
+        caller: Caller,
+        id: Option<String>,
+        opening: &OpeningContext,
+    ) -> Result<Arc<AgentSession>, ProxyError> {
+        let proxy = Arc::clone(self);
+        let (server, opening) = (server.to_owned(), opening.clone());
+        let opening = tokio::spawn(async move {
+            proxy
+                .open_session_to_the_end(&server, caller, id, &opening)
+                .await
+        });
+        match opening.await {
+            Ok(opened) => opened,
+            Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+            Err(_) => Err(ProxyError::Stopping),
+        }
+    }
+
+    async fn open_session_to_the_end(
         self: &Arc<Self>,
         server: &str,
         caller: Caller,
@@ -381,19 +453,21 @@ impl Proxy {
         {
             let mut shared = self.shared.lock().await;
             if shared.get(server).is_some_and(|s| Arc::ptr_eq(s, exited)) {
+                // Under the lock, before a new process can start in the same cgroup.
+                exited.end().await;
                 shared.remove(server);
             }
         }
-        let on_it: Vec<String> = self
+        let on_it: Vec<Arc<AgentSession>> = self
             .sessions
             .lock()
             .await
             .values()
             .filter(|s| s.shared().is_some_and(|s| Arc::ptr_eq(s, exited)))
-            .map(|s| s.id.clone())
+            .cloned()
             .collect();
-        for id in &on_it {
-            self.end_session_because(id, "server_exited").await;
+        for session in &on_it {
+            self.end_this_session(session, "server_exited").await;
         }
         tracing::warn!(
             server,
@@ -426,14 +500,26 @@ impl Proxy {
 
     fn keep_spans_of_ended(&self, session: &AgentSession) {
         let mut elsewhere = self.spans_elsewhere.lock().expect("spans lock");
-        elsewhere.retain(|_, (_, touched)| touched.elapsed() < SPANS_ELSEWHERE_TTL);
+        forget_old_spans(&mut elsewhere, Instant::now());
         elsewhere.insert(session.id.clone(), (session.take_spans(), Instant::now()));
+    }
+
+    /// Forgets the spans of sessions elsewhere that nothing has touched for long (called
+    /// periodically: a daemon serving only stdio fronts ends no session of its own).
+    pub fn forget_old_spans(&self) {
+        let mut elsewhere = self.spans_elsewhere.lock().expect("spans lock");
+        forget_old_spans(&mut elsewhere, Instant::now());
     }
 
     /// The calls of `session` that were running at `ts_ns` (CLOCK_MONOTONIC).
     pub async fn calls_at(&self, session: &str, ts_ns: u64) -> Vec<CallSpan> {
-        if let Some(live) = self.session(session).await {
-            return live.calls_at(ts_ns);
+        {
+            // Read under the sessions lock, under which an ending session's spans move to
+            // `spans_elsewhere`: they are found in one place or the other.
+            let sessions = self.sessions.lock().await;
+            if let Some(live) = sessions.get(session) {
+                return live.calls_at(ts_ns);
+            }
         }
         let elsewhere = self.spans_elsewhere.lock().expect("spans lock");
         elsewhere
@@ -501,6 +587,11 @@ impl Proxy {
                 None
             }
             Message::Response(response) => {
+                if !session.answers_a_server_request(&response.id) {
+                    tracing::warn!(session = %session.id, id = %response.id,
+                        "the agent's response answers no request of the server's that it was sent; dropped");
+                    return None;
+                }
                 if let Err(e) = session
                     .upstream()
                     .reply(&response.id, response.outcome)
@@ -1072,6 +1163,12 @@ impl Proxy {
             };
             cancelled = Some(upstream_id);
         }
+        stamp_notification(
+            &mut notification.params,
+            &session.server,
+            &session.id,
+            &session.caller().principal,
+        );
         if let Err(e) = session
             .upstream()
             .notify(&notification.method, notification.params)
@@ -1274,6 +1371,15 @@ impl Refusal {
         Refusal::unknown(id, "unknown-reference", kind, name)
     }
 
+    /// Another session's task on a shared server, answered as unknown. This keeps sessions
+    /// apart, which is no judgement of the policy: every mode refuses it, shadow and learn too.
+    fn task_of_another_session(id: &Id, task_id: &str) -> Refusal {
+        Refusal {
+            by_policy: false,
+            ..Refusal::unknown_reference(id, "task", task_id)
+        }
+    }
+
     /// `-32602 Unknown KIND: NAME`, as a server answers for what it does not have, under the
     /// audit `rule` saying why mcp-guard answered so.
     fn unknown(id: &Id, rule: &str, kind: &str, name: &str) -> Refusal {
@@ -1425,4 +1531,40 @@ fn known_method(method: &str) -> &str {
         .find(|m| **m == method)
         .copied()
         .unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn spans_with(running: bool) -> session::CallSpans {
+        let mut spans = session::CallSpans::default();
+        spans.begin(session::CallSpan {
+            call_id: "c".into(),
+            instruction: None,
+            trace_id: "t".into(),
+            started_ns: 1,
+            ended_ns: None,
+        });
+        if !running {
+            spans.end("c", 2);
+        }
+        spans
+    }
+
+    #[test]
+    fn spans_elsewhere_are_forgotten_after_their_ttl_and_running_ones_later() {
+        let now = Instant::now();
+        let ago = |seconds| now.checked_sub(Duration::from_secs(seconds)).unwrap();
+        let mut elsewhere = HashMap::new();
+        elsewhere.insert("fresh".to_owned(), (spans_with(false), ago(10)));
+        elsewhere.insert("old".to_owned(), (spans_with(false), ago(61)));
+        elsewhere.insert("long-call".to_owned(), (spans_with(true), ago(600)));
+        elsewhere.insert("killed-front".to_owned(), (spans_with(true), ago(3601)));
+        forget_old_spans(&mut elsewhere, now);
+        let mut kept: Vec<&str> = elsewhere.keys().map(String::as_str).collect();
+        kept.sort();
+        assert_eq!(kept, ["fresh", "long-call"]);
+    }
 }

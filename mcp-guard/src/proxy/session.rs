@@ -77,6 +77,9 @@ pub struct AgentSession {
     /// The ids of the agent's requests being handled (decision to answer): answers, progress
     /// and cancellations are routed by id, so one may not be reused while its first use runs.
     ids_in_use: std::sync::Mutex<std::collections::HashSet<Id>>,
+    /// The server's ids of its requests passed on to the agent and not answered yet: the only
+    /// responses of the agent's that are forwarded (see [`AgentSession::await_agents_answer`]).
+    server_requests_out: std::sync::Mutex<std::collections::HashSet<Id>>,
     /// Which revision era the server speaks, learned at the first stateless request.
     era: tokio::sync::OnceCell<UpstreamEra>,
     /// What the idle timeout looks at: when the agent last did something, and how many of
@@ -242,6 +245,10 @@ impl CallSpans {
         }) {
             self.ended.pop_front();
         }
+    }
+
+    pub fn any_running(&self) -> bool {
+        !self.running.is_empty()
     }
 
     pub fn covering(&self, ts_ns: u64) -> Vec<CallSpan> {
@@ -431,6 +438,7 @@ impl AgentSession {
             ended: tokio::sync::watch::Sender::new(false),
             upstream_ids: std::sync::Mutex::new(HashMap::new()),
             ids_in_use: std::sync::Mutex::new(std::collections::HashSet::new()),
+            server_requests_out: std::sync::Mutex::new(std::collections::HashSet::new()),
             era: tokio::sync::OnceCell::new(),
             activity: SessionActivity::fresh(),
             handshake: tokio::sync::watch::Sender::new(Handshake::NotStarted),
@@ -556,6 +564,34 @@ impl AgentSession {
     /// The session's call spans, taken when it ends (kept elsewhere for late kernel events).
     pub fn take_spans(&self) -> CallSpans {
         std::mem::take(&mut *self.calls.lock().expect("calls lock"))
+    }
+
+    /// Notes that the server's request `id` goes to the agent, whose response to it is then
+    /// forwarded; `false` when too many are waiting for the agent's answer already.
+    fn await_agents_answer(&self, id: &Id) -> bool {
+        let mut out = self
+            .server_requests_out
+            .lock()
+            .expect("server requests lock");
+        out.len() < MAX_SERVER_REQUESTS_OUT && out.insert(id.clone())
+    }
+
+    fn forget_agents_answer(&self, id: &Id) {
+        self.server_requests_out
+            .lock()
+            .expect("server requests lock")
+            .remove(id);
+    }
+
+    /// Whether the agent's response answers a request of the server's that was passed on to
+    /// it (once: a second response to it is not). Any other response (a guessed id, one for
+    /// a request the policy refused, anything on a shared server, whose requests reach no
+    /// agent) must not reach the server.
+    pub fn answers_a_server_request(&self, id: &Id) -> bool {
+        self.server_requests_out
+            .lock()
+            .expect("server requests lock")
+            .remove(id)
     }
 
     /// Claims `id` for one of the agent's requests until the claim is dropped; `None` while
@@ -755,12 +791,17 @@ impl AgentSession {
     /// cgroup (the periodic sweep removes it once the process has gone). A shared process
     /// stays for the other sessions.
     pub async fn end(&self) {
+        // Ended first: a subscription a shared server confirms from now on is not kept.
+        self.ended.send_replace(true);
         match &self.shared {
             None => self.upstream.stop(),
             Some(shared) => shared.leave_subscriptions(&self.id),
         }
-        let _ = self.ended.send(true);
         release(self.cgroup.as_ref()).await;
+    }
+
+    pub fn has_ended(&self) -> bool {
+        *self.ended.borrow()
     }
 
     /// Becomes true when the session ends: streams to the agent close.
@@ -833,7 +874,7 @@ async fn place(
     }
 }
 
-async fn release(placed: Option<&PlacedCgroup>) {
+pub(super) async fn release(placed: Option<&PlacedCgroup>) {
     let Some(PlacedCgroup::Local { egress, cgroup_id }) = placed else {
         return;
     };
@@ -861,7 +902,7 @@ async fn relay_server_messages(
     drop(to_agent);
     if let (Some(proxy), Some(session)) = (proxy.upgrade(), session.upgrade()) {
         let reason = session.upstream.end_reason();
-        if proxy.end_session_because(&session.id, reason).await {
+        if proxy.end_this_session(&session, reason).await {
             tracing::warn!(session = %session.id, server = %session.server, reason,
                 "the session's server went away; the session is ended");
         }
@@ -887,10 +928,16 @@ async fn relay_until_the_server_ends(
                         .await;
                     continue;
                 }
-                if to_agent
-                    .try_send(Message::Request(request.clone()).to_value())
-                    .is_err()
+                // Noted before it is sent: the agent may answer at once.
+                let awaited = session.await_agents_answer(&request.id);
+                if !awaited
+                    || to_agent
+                        .try_send(Message::Request(request.clone()).to_value())
+                        .is_err()
                 {
+                    if awaited {
+                        session.forget_agents_answer(&request.id);
+                    }
                     // Nobody collects (no GET stream open) or too much is waiting: the server
                     // must not wait forever for an answer that cannot come.
                     let error = json!({"code": crate::mcp::jsonrpc::codes::INTERNAL_ERROR,
@@ -916,6 +963,9 @@ async fn relay_until_the_server_ends(
         }
     }
 }
+
+/// Requests of the server's that may wait for the agent's answer at once, per session.
+const MAX_SERVER_REQUESTS_OUT: usize = 1024;
 
 #[cfg(test)]
 mod tests {

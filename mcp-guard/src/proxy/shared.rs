@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc};
 
 use super::session::{
-    AgentSession, Caller, Launch, PlacedCgroup, SessionServer, Target, spawn_placed,
+    AgentSession, Caller, Launch, PlacedCgroup, SessionServer, Target, release, spawn_placed,
 };
 use super::{Placement, Proxy, ProxyError};
 use crate::mcp::jsonrpc::{Id, Message};
@@ -22,7 +22,7 @@ use crate::upstream::{self, ServerMessages, Upstream};
 /// elicitation, roots) are refused.
 pub struct SharedServer {
     upstream: Arc<Upstream>,
-    _cgroup: Option<PlacedCgroup>,
+    cgroup: Option<PlacedCgroup>,
     initialize: tokio::sync::OnceCell<upstream::Outcome>,
     subscribers: std::sync::Mutex<Vec<Subscriber>>,
     /// URI → the sessions subscribed to its updates. The process holds one subscription per
@@ -80,6 +80,13 @@ impl EarlyTaskStatuses {
 }
 
 impl SharedServer {
+    /// Stops the process and ends whatever it left in its cgroup, which is given back: what
+    /// a shared process started does not outlive it either.
+    pub(super) async fn end(&self) {
+        self.upstream.stop();
+        release(self.cgroup.as_ref()).await;
+    }
+
     /// Starts the shared process for `server` in the cgroup `<server>/shared`.
     pub(super) async fn start(
         proxy: &Arc<Proxy>,
@@ -102,7 +109,7 @@ impl SharedServer {
             .with_answer_polling(launch.answer_poll);
         let shared = Arc::new(SharedServer {
             upstream: Arc::new(upstream),
-            _cgroup: placed,
+            cgroup: placed,
             initialize: tokio::sync::OnceCell::new(),
             subscribers: std::sync::Mutex::new(Vec::new()),
             resource_subscribers: std::sync::Mutex::new(HashMap::new()),
@@ -131,13 +138,15 @@ impl SharedServer {
             cgroup: None,
         };
         let (session, to_agent) = AgentSession::open(id, server, caller, process);
-        self.subscribers
-            .lock()
-            .expect("subscribers lock")
-            .push(Subscriber {
-                session: Arc::downgrade(&session),
-                to_agent,
-            });
+        let mut subscribers = self.subscribers.lock().expect("subscribers lock");
+        // Also here, not only when a notification is fanned out: a server that never sends
+        // one would otherwise keep an entry for every session that ever joined.
+        subscribers.retain(|s| !s.to_agent.is_closed());
+        subscribers.push(Subscriber {
+            session: Arc::downgrade(&session),
+            to_agent,
+        });
+        drop(subscribers);
         session
     }
 
@@ -168,7 +177,10 @@ impl SharedServer {
             let mut subscribers = self.resource_subscribers();
             let sessions = subscribers.entry(uri.clone()).or_default();
             if method == "resources/subscribe" {
-                sessions.insert(session.id.clone());
+                // A session that ended meanwhile has left its subscriptions already.
+                if !session.has_ended() {
+                    sessions.insert(session.id.clone());
+                }
             } else {
                 sessions.remove(&session.id);
             }

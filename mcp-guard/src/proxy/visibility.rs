@@ -139,7 +139,7 @@ pub(super) fn check_task_reference(
     if session.created_task(task_id) {
         Ok(())
     } else {
-        Err(Refusal::unknown_reference(&request.id, "task", task_id))
+        Err(Refusal::task_of_another_session(&request.id, task_id))
     }
 }
 

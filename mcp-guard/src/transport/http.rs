@@ -425,6 +425,8 @@ async fn find_or_open_session(
         .unwrap_or_else(|| format!("{}-{server}", caller.principal));
     // Scoped by server: the same key on another server's endpoint is another session.
     let id = format!("stateless-{server}-{}", sanitise(&key));
+    // Concurrent first requests under one key wait for the one that opens the session.
+    let _opening = proxy.opening(&id).await;
     if let Some(session) = proxy.session(&id).await {
         if !is_owner(front, &session, &caller) {
             return Err(rpc_error_response(

@@ -70,3 +70,10 @@ pub async fn serve_until<L>(
     drop(listener);
     connections.shutdown().await;
 }
+
+/// After a failed `accept` (out of file descriptors, say): logs it and waits a moment, so the
+/// accept loop of `listener` does not spin while the condition lasts.
+pub async fn pause_after_failed_accept(error: &std::io::Error, listener: &str) {
+    tracing::warn!(error = %error, listener, "accepting a connection failed");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}

@@ -221,9 +221,7 @@ async fn accept_and_handshake(
         let (mut stream, peer) = match tcp.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                // Out of file descriptors, say: wait rather than spin.
-                tracing::warn!(error = %e, "accepting a connection on the HTTP front");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                super::serve::pause_after_failed_accept(&e, "HTTP front").await;
                 continue;
             }
         };

@@ -94,6 +94,8 @@ struct Connection {
     /// Largest body or event read; a larger one is dropped, and its call fails.
     max_message_bytes: usize,
     stop_listening: watch::Sender<bool>,
+    /// Set when the agent's session ends (the `Poster` is dropped): POSTs still running stop.
+    agent_session_ended: watch::Sender<bool>,
     /// Set when the server answers 404 to a request carrying its session id: it ended the
     /// session (it expired, or the server restarted), and so does the agent's.
     server_session_ended: watch::Sender<bool>,
@@ -147,6 +149,7 @@ pub fn connect(
         resume_get_stream: options.resume_get_stream,
         max_message_bytes: options.max_message_bytes,
         stop_listening: watch::Sender::new(false),
+        agent_session_ended: watch::Sender::new(false),
         server_session_ended: watch::Sender::new(false),
     });
     let ended = connection.server_session_ended.subscribe();
@@ -175,7 +178,7 @@ impl Poster {
             let handshake = Arc::clone(&connection.handshake).write_owned().await;
             let opens_stream = method == Some("notifications/initialized");
             tokio::spawn(async move {
-                post(&connection, message).await;
+                until_stopped(&connection, post(&connection, message)).await;
                 drop(handshake);
                 if opens_stream {
                     start_listening(&connection).await;
@@ -184,8 +187,11 @@ impl Poster {
             return;
         }
         tokio::spawn(async move {
-            drop(connection.handshake.read().await);
-            post(&connection, message).await;
+            let posting = async {
+                drop(connection.handshake.read().await);
+                post(&connection, message).await;
+            };
+            until_stopped(&connection, posting).await;
         });
     }
 
@@ -198,11 +204,23 @@ impl Poster {
 impl Drop for Poster {
     fn drop(&mut self) {
         self.connection.stop_listening.send_replace(true);
+        self.connection.agent_session_ended.send_replace(true);
         // Outside a runtime (the daemon is exiting) there is nobody to send it; the server's
         // session then ends when the server does.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(end_server_session(Arc::clone(&self.connection)));
         }
+    }
+}
+
+/// Runs `work` (a POST and the reading of its answer) until the agent's session ends: a POST
+/// the server never answers, or whose event stream it never closes, must not outlive the
+/// session with its task and connection.
+async fn until_stopped(connection: &Connection, work: impl std::future::Future<Output = ()>) {
+    let mut stop = connection.agent_session_ended.subscribe();
+    tokio::select! {
+        () = work => {}
+        _ = stop.wait_for(|stopped| *stopped) => {}
     }
 }
 
@@ -825,6 +843,7 @@ mod tests {
             resume_get_stream: false,
             max_message_bytes: usize::MAX,
             stop_listening: tokio::sync::watch::Sender::new(false),
+            agent_session_ended: tokio::sync::watch::Sender::new(false),
             server_session_ended: tokio::sync::watch::Sender::new(false),
         };
         (connection, queued, answered)
