@@ -866,14 +866,7 @@ fn without_trust_header_the_principal_header_is_ignored() {
     let wire_dir = tempfile::tempdir().expect("tempdir");
     let wire = wire_dir.path().join("wire.jsonl");
     let mut servers = fast_server();
-    servers[SERVER]["command"] = json!([
-        "/bin/sh",
-        "-c",
-        format!(r#"{} | "$2""#, record_then_forward(r#""$1""#)),
-        "fast-recorded",
-        wire.display().to_string(),
-        FAST_SERVER,
-    ]);
+    servers[SERVER]["command"] = json!(server_recording_to(&wire, FAST_SERVER));
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()));
     let front = Front::start_at("identity-no-header", addr, json!({}), json!({}), servers);
 

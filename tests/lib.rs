@@ -1136,6 +1136,19 @@ pub fn run_command_within(mut cmd: Command, what: &str, timeout: Duration) -> Pr
     run_to_completion_within(cmd, what, timeout)
 }
 
+/// The command that starts `server` (a program taking no arguments) so that every line it is
+/// sent is kept in `wire` first (see [`record_then_forward`]).
+pub fn server_recording_to(wire: &Path, server: &str) -> Vec<String> {
+    vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        format!(r#"{} | "$2""#, record_then_forward(r#""$1""#)),
+        "fast-recorded".to_owned(),
+        wire.display().to_string(),
+        server.to_owned(),
+    ]
+}
+
 /// Copies an executable to `to` (mode 755) for exec'ing there. Another process copies it: a
 /// file this multi-threaded process held open for writing could be inherited by a child that
 /// another test forks meanwhile, and exec'ing the copy would then fail with ETXTBSY.

@@ -4241,16 +4241,8 @@ fn a_response_to_no_request_of_the_servers_is_not_forwarded() {
     let env = TestEnv::new("proxy-forged-response", PROBE);
     let peers = Peers::require();
     let wire = env.dir().join("wire.jsonl");
-    let command = vec![
-        "/bin/sh".to_string(),
-        "-c".into(),
-        format!(r#"{} | "$2""#, record_then_forward(r#""$1""#)),
-        "fast-recorded".into(),
-        wire.display().to_string(),
-        FAST_SERVER.into(),
-    ];
     let servers = json!({
-        "fast": stdio_server(command, vec![
+        "fast": stdio_server(server_recording_to(&wire, FAST_SERVER), vec![
             list_tools_rule(),
             allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
         ]),

@@ -576,13 +576,6 @@ impl AgentSession {
         out.len() < MAX_SERVER_REQUESTS_OUT && out.insert(id.clone())
     }
 
-    fn forget_agents_answer(&self, id: &Id) {
-        self.server_requests_out
-            .lock()
-            .expect("server requests lock")
-            .remove(id);
-    }
-
     /// Whether the agent's response answers a request of the server's that was passed on to
     /// it (once: a second response to it is not). Any other response (a guessed id, one for
     /// a request the policy refused, anything on a shared server, whose requests reach no
@@ -936,7 +929,8 @@ async fn relay_until_the_server_ends(
                         .is_err()
                 {
                     if awaited {
-                        session.forget_agents_answer(&request.id);
+                        // Not sent after all: no answer of the agent's is due.
+                        session.answers_a_server_request(&request.id);
                     }
                     // Nobody collects (no GET stream open) or too much is waiting: the server
                     // must not wait forever for an answer that cannot come.
