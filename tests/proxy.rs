@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mcp_guard_tests::*;
@@ -2785,6 +2786,25 @@ fn announced_port(peer: &mut std::process::Child) -> String {
         .expect("the peer announces its port")
 }
 
+/// The port a peer announces (`MCP_PEER_LISTENING <port>`) on the stderr [`collect_output`]
+/// collects.
+fn port_announced_in(stderr: &Mutex<String>) -> String {
+    let mut port = None;
+    assert!(
+        poll_until(TIMEOUT, || {
+            port = stderr
+                .lock()
+                .unwrap()
+                .lines()
+                .find_map(|line| line.strip_prefix("MCP_PEER_LISTENING ").map(str::to_owned));
+            port.is_some()
+        }),
+        "the peer did not announce its port: {}",
+        stderr.lock().unwrap()
+    );
+    port.unwrap()
+}
+
 /// The fast server over Streamable HTTP on a free port, and that port.
 fn start_fast_http_server() -> (std::process::Child, String) {
     let mut server = Command::new(FAST_SERVER)
@@ -2837,6 +2857,64 @@ fn http_upstream_is_proxied_with_the_same_enforcement() {
     let _ = upstream.wait();
 }
 
+/// A `url` server that keeps each POST's SSE stream open after the answer (a server SHOULD
+/// close it; nothing makes it) still serves the agent: mcp-guard reads a stream up to its
+/// answer and closes it. Before, `initialize`'s open stream held back every later POST, and
+/// each call's stream stayed open until the session ended.
+#[test]
+fn a_url_server_that_keeps_answer_streams_open_still_serves_and_holds_none() {
+    let env = TestEnv::new("proxy-http-held-streams", PROBE);
+    let peers = Peers::require();
+    let mut upstream = Command::new(FAST_SERVER)
+        .args(["--http", "0", "--sse-held-open"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mcp-fast-server --http 0 --sse-held-open");
+    let (_stdout, server_stderr) = collect_output(&mut upstream);
+    let port = port_announced_in(&server_stderr);
+    let servers = json!({
+        "remote": url_server(&port, vec![
+            list_tools_rule(),
+            allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+        ]),
+    });
+    let front = Front::start(env, peers, servers);
+    let session = front.open_session("remote", HANDSHAKE);
+    let list = response_message(&front.in_session(
+        "remote",
+        &session,
+        &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    ));
+    assert_eq!(tool_names(&list["result"]), set(&["echo"]), "{list}");
+    let call = response_message(&front.in_session(
+        "remote",
+        &session,
+        &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": "held open"}}}),
+    ));
+    assert_eq!(call["result"]["content"][0]["text"], "held open", "{call}");
+    // The ping open_session sent, and the answers to initialize, tools/list and the call:
+    // four streams, each closed by mcp-guard while the agent's session is still open.
+    let closed = || {
+        server_stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .filter(|line| *line == "MCP_PEER_STREAM_CLOSED")
+            .count()
+    };
+    assert!(
+        poll_until(TIMEOUT, || closed() == 4),
+        "streams closed by mcp-guard: {} of 4",
+        closed()
+    );
+    front.delete_session("remote", &session);
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}
+
 /// Behind a `url`, the real server-everything (Streamable HTTP) sends what it sends on its
 /// own (here: simulated log messages, outside any request) on the GET stream mcp-guard keeps
 /// open to it; they reach the agent's GET stream. The agent's DELETE ends the server's
@@ -2856,20 +2934,7 @@ fn http_upstream_streams_server_messages_and_ends_its_session() {
         .expect("start server-everything streamableHttp");
     // It logs on stdout; the port is announced on stderr.
     let (server_says, announced) = collect_output(&mut upstream);
-    let mut port = None;
-    assert!(
-        poll_until(TIMEOUT, || {
-            port = announced
-                .lock()
-                .unwrap()
-                .lines()
-                .find_map(|line| line.strip_prefix("MCP_PEER_LISTENING ").map(str::to_owned));
-            port.is_some()
-        }),
-        "server-everything did not announce its port: {}",
-        announced.lock().unwrap()
-    );
-    let port = port.unwrap();
+    let port = port_announced_in(&announced);
     let servers = json!({
         "remote": url_server(&port, vec![
             list_tools_rule(),

@@ -2,14 +2,17 @@
 //! proxy benchmark (it answers in microseconds, so what is measured through mcp-guard is
 //! mcp-guard's own cost) and a peer whose every answer the tests can predict.
 //!
-//! Usage: `mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS] [--resources N]
-//! [--mutate-answers SEED]`
+//! Usage: `mcp-fast-server [--http PORT] [--sse-held-open] [--notes FILE] [--call-delay-ms MS]
+//! [--resources N] [--mutate-answers SEED]`
 //!
 //! - stdio, always: newline-delimited JSON-RPC on stdin/stdout, one message (or batch) a line.
 //! - `--http PORT`: also Streamable HTTP at `http://127.0.0.1:PORT/mcp` (POST answered with
 //!   JSON, never SSE; GET is 405). `PORT` 0 picks a free port. Either way the bound port is
 //!   announced on stderr as `MCP_PEER_LISTENING <port>`, and the server keeps serving HTTP after
 //!   stdin closes, until it is killed.
+//! - `--sse-held-open`: over HTTP, a POST that gets an answer gets it as an SSE event, and the
+//!   stream is then kept open (the spec says a server SHOULD close it; this one does not) until
+//!   the client closes it, which the server reports on stderr as `MCP_PEER_STREAM_CLOSED`.
 //! - `--notes FILE`: every successful `write_note` call appends its text and a newline to FILE,
 //!   so a test can prove whether a call reached the server.
 //! - `--call-delay-ms MS`: every `tools/call` is answered MS milliseconds after it arrives, so
@@ -84,8 +87,13 @@ fn main() {
     let mut call_delay = std::time::Duration::ZERO;
     let mut items = 0;
     let mut mutator = None;
+    let mut hold_sse = false;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
+        if arg == "--sse-held-open" {
+            hold_sse = true;
+            continue;
+        }
         match (arg.as_str(), rest.next()) {
             ("--http", Some(port)) => {
                 http_port = Some(port.parse::<u16>().unwrap_or_else(|_| usage()))
@@ -115,7 +123,7 @@ fn main() {
             .unwrap_or(port);
         eprintln!("MCP_PEER_LISTENING {port}");
         let server = Arc::clone(&server);
-        thread::spawn(move || serve_http(&server, listener))
+        thread::spawn(move || serve_http(&server, listener, hold_sse))
     });
     serve_stdio(&server, mutator.as_ref());
     if let Some(http) = http {
@@ -125,8 +133,8 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mcp-fast-server [--http PORT] [--notes FILE] [--call-delay-ms MS] [--resources N] \
-         [--mutate-answers SEED]"
+        "usage: mcp-fast-server [--http PORT] [--sse-held-open] [--notes FILE] [--call-delay-ms MS] \
+         [--resources N] [--mutate-answers SEED]"
     );
     std::process::exit(2);
 }
@@ -781,11 +789,12 @@ fn write_line(stdout: &Mutex<BufWriter<io::Stdout>>, message: &Value) -> io::Res
 // Streamable HTTP (JSON responses only), one thread per connection, keep-alive
 // ---------------------------------------------------------------------------------------------
 
-fn serve_http(server: &Arc<Server>, listener: TcpListener) {
+/// With `hold_sse`, answers go out as SSE events on streams kept open (`--sse-held-open`).
+fn serve_http(server: &Arc<Server>, listener: TcpListener, hold_sse: bool) {
     for stream in listener.incoming().flatten() {
         let server = Arc::clone(server);
         thread::spawn(move || {
-            let _ = serve_connection(&server, stream);
+            let _ = serve_connection(&server, stream, hold_sse);
         });
     }
 }
@@ -845,7 +854,7 @@ impl HttpResponse {
     }
 }
 
-fn serve_connection(server: &Server, stream: TcpStream) -> io::Result<()> {
+fn serve_connection(server: &Server, stream: TcpStream, hold_sse: bool) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = BufWriter::new(stream);
@@ -862,6 +871,9 @@ fn serve_connection(server: &Server, stream: TcpStream) -> io::Result<()> {
             .header("connection")
             .is_some_and(|value| value.eq_ignore_ascii_case("close"));
         let answer = server.handle_http(&request);
+        if hold_sse && request.method == "POST" && answer.status == 200 && answer.body.is_some() {
+            return answer_on_a_held_stream(&mut writer, reader, &answer);
+        }
         write_response(&mut writer, &answer, close)?;
         if close {
             return Ok(());
@@ -919,6 +931,31 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Result<HttpReque
     request.body.resize(length, 0);
     reader.read_exact(&mut request.body)?;
     Ok(Some(Ok(request)))
+}
+
+/// Sends `answer` as the one event of an SSE stream that stays open until the client closes
+/// the connection (the end of the body is the end of the connection: no length, no chunks).
+fn answer_on_a_held_stream(
+    writer: &mut impl Write,
+    mut reader: impl io::Read,
+    answer: &HttpResponse,
+) -> io::Result<()> {
+    writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")?;
+    for (name, value) in &answer.headers {
+        write!(writer, "{name}: {value}\r\n")?;
+    }
+    let event = answer
+        .body
+        .as_ref()
+        .map(Value::to_string)
+        .unwrap_or_default();
+    write!(writer, "Connection: close\r\n\r\ndata: {event}\n\n")?;
+    writer.flush()?;
+    // Whatever comes is ignored; the stream is held until the client hangs up.
+    let mut ignored = [0u8; 512];
+    while matches!(reader.read(&mut ignored), Ok(read) if read > 0) {}
+    eprintln!("MCP_PEER_STREAM_CLOSED");
+    Ok(())
 }
 
 fn write_response(writer: &mut impl Write, answer: &HttpResponse, close: bool) -> io::Result<()> {

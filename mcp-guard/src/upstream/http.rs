@@ -452,8 +452,8 @@ struct Awaited<'a> {
     is_initialize: bool,
 }
 
-/// Feeds each SSE event's data to the router as it arrives, until the stream ends; whether it
-/// brought the answer `awaited` is for.
+/// Feeds each SSE event's data to the router as it arrives, until the stream ends or brings
+/// the answer `awaited` is for; whether it brought it.
 async fn read_event_stream(
     connection: &Connection,
     response: reqwest::Response,
@@ -501,6 +501,12 @@ async fn read_event_stream(
                         answered = true;
                     }
                 }
+            }
+            if answered {
+                // A POST's stream has served its purpose once it brought the answer (a
+                // server SHOULD close it then). One that does not must not hold the POST's
+                // task and connection, nor `initialize`'s hold on every later POST.
+                return true;
             }
         }
     }
