@@ -2775,6 +2775,107 @@ fn what_a_shared_server_left_behind_ends_with_it() {
     );
 }
 
+/// Sessions opening on a shared server while its process is killed again and again: each
+/// ends with the process it joined, or works on the next one. None is left open on a dead
+/// process (one joining while the retirement looked for the sessions to end was missed).
+#[test]
+fn sessions_joining_a_shared_server_as_it_exits_end_with_it_or_use_the_next() {
+    let env = TestEnv::new("proxy-shared-churn", PROBE);
+    let peers = Peers::require();
+    let rules = vec![
+        list_tools_rule(),
+        allow("echo", json!({"roles": [DEVELOPER], "tools": ["echo"]})),
+    ];
+    let mut server = stdio_server(vec![FAST_SERVER.to_owned()], rules);
+    server["isolation"] = json!("shared");
+    let front = Front::start_with(env, peers, json!({ "fast": server }), |document| {
+        document["daemon"]["max_sessions_per_principal"] = json!(1000);
+    });
+    let cgroup = front.env.session_cgroup("fast", "shared");
+    let churn = Duration::from_secs(4);
+    let started = Instant::now();
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": HANDSHAKE, "capabilities": {},
+            "clientInfo": {"name": "churn", "version": "1"}}})
+    .to_string();
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json, text/event-stream"),
+    ];
+    let path = Front::path("fast");
+    let (sessions, kills) = std::thread::scope(|scope| {
+        let openers: Vec<_> = (0..3)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut opened = Vec::new();
+                    while started.elapsed() < churn {
+                        let answer =
+                            http_exchange(front.addr, "POST", &path, &headers, &initialize);
+                        let answer = answer.expect("POST initialize");
+                        if let Some(id) = answer.header("mcp-session-id") {
+                            opened.push(id.to_owned());
+                        }
+                    }
+                    opened
+                })
+            })
+            .collect();
+        let mut kills = 0;
+        while started.elapsed() < churn {
+            for pid in cgroup_pids(&cgroup) {
+                // SAFETY: kill(2) on a pid, no memory involved.
+                if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                    kills += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let sessions: Vec<String> = openers
+            .into_iter()
+            .flat_map(|opener| opener.join().expect("opener"))
+            .collect();
+        (sessions, kills)
+    });
+    assert!(
+        kills >= 10,
+        "the shared process was killed only {kills} times"
+    );
+    assert!(
+        sessions.len() >= 20,
+        "only {} sessions opened",
+        sessions.len()
+    );
+    let ended_sessions = || -> BTreeSet<String> {
+        let records = audit_records(&front.env.audit_path());
+        let ends = records
+            .iter()
+            .filter(|r| r["kind"] == "session" && r["detail"]["event"] == "end");
+        ends.filter_map(|r| r["session"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "still here"}}});
+    let works = |session: &str| {
+        let answer = front.post_in_session("fast", session, &call);
+        let answered = answer.as_ref().ok().map(HttpAnswer::json);
+        answered.is_some_and(|a| a["result"]["content"][0]["text"] == "still here")
+    };
+    let mut ended = ended_sessions();
+    for session in &sessions {
+        assert!(
+            poll_until(TIMEOUT, || {
+                if ended.contains(session) || works(session) {
+                    return true;
+                }
+                ended = ended_sessions();
+                ended.contains(session)
+            }),
+            "session {session} (of {} opened, {kills} kills) is open and cannot call",
+            sessions.len()
+        );
+    }
+}
+
 /// The port a peer started with its stderr piped announces (`MCP_PEER_LISTENING <port>`); its
 /// stderr is read no further.
 fn announced_port(peer: &mut std::process::Child) -> String {

@@ -395,9 +395,7 @@ impl Proxy {
         if let (Isolation::Shared, session::Target::Command(_)) =
             (server_policy.isolation, &launch.target)
         {
-            let shared = self.shared_server(server, launch).await?;
-            let session = shared.join(server, id.clone(), caller);
-            return self.admit_started(id, session).await;
+            return self.open_shared_session(server, id, caller, launch).await;
         }
         let session = session::start(
             self,
@@ -429,6 +427,28 @@ impl Proxy {
         Ok(session)
     }
 
+    /// A session on `server`'s shared process. It joins a process that is not retired, and is
+    /// on record before that process can be: a session that joined a process which exited
+    /// meanwhile would otherwise miss the retirement's ending of its sessions and stay open
+    /// on a dead process.
+    async fn open_shared_session(
+        self: &Arc<Self>,
+        server: &str,
+        id: String,
+        caller: Caller,
+        launch: session::Launch<'_>,
+    ) -> Result<Arc<AgentSession>, ProxyError> {
+        loop {
+            let shared = self.shared_server(server, launch).await?;
+            let Some(_joining) = shared.admission().await else {
+                // Retired since it was looked up: the next lookup starts a new process.
+                continue;
+            };
+            let session = shared.join(server, id.clone(), caller.clone());
+            return self.admit_started(id, session).await;
+        }
+    }
+
     async fn shared_server(
         self: &Arc<Self>,
         server: &str,
@@ -458,6 +478,8 @@ impl Proxy {
                 shared.remove(server);
             }
         }
+        // After this, no session joins it; those that did are in `sessions` by now.
+        exited.close_admission().await;
         let on_it: Vec<Arc<AgentSession>> = self
             .sessions
             .lock()

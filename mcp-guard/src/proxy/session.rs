@@ -356,6 +356,7 @@ pub(super) async fn start(
 
 /// How a session's server is reached, how long each request to it may take, and how long
 /// a call polls for its answer before sleeping (`daemon.answer_poll_us`).
+#[derive(Clone, Copy)]
 pub struct Launch<'a> {
     pub target: Target<'a>,
     pub request_timeout: std::time::Duration,
@@ -373,6 +374,7 @@ pub struct Program<'a> {
     pub max_message_bytes: usize,
 }
 
+#[derive(Clone, Copy)]
 pub enum Target<'a> {
     Command(Program<'a>),
     Url {

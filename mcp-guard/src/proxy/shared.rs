@@ -35,6 +35,10 @@ pub struct SharedServer {
     /// Task statuses no session could be given yet: the server may send a task's first
     /// status before the answer that creates it, and until that answer nobody owns the task.
     early_task_statuses: std::sync::Mutex<EarlyTaskStatuses>,
+    /// Whether the process is retired (it exited). Held while a session joins and is put on
+    /// record, so that the retirement either finds that session among those to end or the
+    /// session finds the process retired and joins the next one.
+    retired: Mutex<bool>,
 }
 
 /// At most this many early task statuses are held; the oldest goes first.
@@ -115,6 +119,7 @@ impl SharedServer {
             resource_subscribers: std::sync::Mutex::new(HashMap::new()),
             subscription_changes: Mutex::new(()),
             early_task_statuses: Default::default(),
+            retired: Mutex::new(false),
         });
         tokio::spawn(fan_out_server_messages(
             Arc::downgrade(proxy),
@@ -123,6 +128,18 @@ impl SharedServer {
             server_messages,
         ));
         Ok(shared)
+    }
+
+    /// Leave to join the process, held until the joining session is on record; `None` once
+    /// the process is retired.
+    pub(super) async fn admission(&self) -> Option<tokio::sync::MutexGuard<'_, bool>> {
+        let retired = self.retired.lock().await;
+        (!*retired).then_some(retired)
+    }
+
+    /// Retires the process for good: no session joins it after this returns.
+    pub(super) async fn close_admission(&self) {
+        *self.retired.lock().await = true;
     }
 
     /// A new session on the shared process.

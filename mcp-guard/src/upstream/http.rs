@@ -622,7 +622,7 @@ impl Connection {
     /// Whether a caller still waits for the answer to request `id`.
     async fn awaits(&self, id: &Value) -> bool {
         match id.as_i64() {
-            Some(id) => self.pending.lock().await.contains_key(&id),
+            Some(id) => self.pending.lock().await.callers.contains_key(&id),
             None => false,
         }
     }
@@ -833,8 +833,11 @@ mod tests {
     ) {
         let (incoming, queued) = tokio::sync::mpsc::channel(8);
         let (answer, answered) = tokio::sync::oneshot::channel();
-        let pending =
-            std::sync::Arc::new(tokio::sync::Mutex::new([(7, answer)].into_iter().collect()));
+        let waiting = super::super::Waiting {
+            callers: [(7, answer)].into_iter().collect(),
+            ended: false,
+        };
+        let pending = std::sync::Arc::new(tokio::sync::Mutex::new(waiting));
         let connection = Connection {
             client: super::client_trusting(None).unwrap(),
             headers: super::ServerHeaders::read(&BTreeMap::new()).unwrap(),

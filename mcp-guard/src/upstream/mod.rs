@@ -69,7 +69,15 @@ const REQUEST_CANCELLED: i64 = -32800;
 /// The result of a request: the server's `result`, or its `error` object.
 pub type Outcome = Result<Value, Value>;
 
-type Pending = Arc<Mutex<HashMap<i64, oneshot::Sender<Outcome>>>>;
+type Pending = Arc<Mutex<Waiting>>;
+
+/// The requests whose callers wait for an answer (by the id mcp-guard gave each upstream).
+#[derive(Default)]
+struct Waiting {
+    callers: HashMap<i64, oneshot::Sender<Outcome>>,
+    /// The server's output has ended: a request sent now waits for nothing that can come.
+    ended: bool,
+}
 
 /// A live connection to one server process.
 pub struct Upstream {
@@ -190,13 +198,21 @@ impl Upstream {
         let _progress_flows =
             progress.and_then(|to| self.progress.register(id, params.as_mut(), to));
         let (sender, receiver) = oneshot::channel();
-        self.pending.lock().await.insert(id, sender);
+        {
+            let mut pending = self.pending.lock().await;
+            if pending.ended {
+                // Whether or not the message could still be written, nothing would route
+                // its answer: the call would wait out its whole timeout.
+                return Err(UpstreamError::Closed);
+            }
+            pending.callers.insert(id, sender);
+        }
         let mut message = json!({"jsonrpc": "2.0", "id": id, "method": method});
         if let Some(params) = params {
             message["params"] = params;
         }
         if let Err(error) = self.to_server.send(message).await {
-            self.pending.lock().await.remove(&id);
+            self.pending.lock().await.callers.remove(&id);
             return Err(error);
         }
         let answer = self.answer_polling.receive(receiver);
@@ -228,7 +244,7 @@ impl Upstream {
     /// Forgets a request that took too long and tells the server to stop working on it; a
     /// late answer is then dropped as one mcp-guard did not send.
     async fn give_up(&self, id: i64) {
-        self.pending.lock().await.remove(&id);
+        self.pending.lock().await.callers.remove(&id);
         let cancelled = json!({
             "requestId": id,
             "reason": "mcp-guard: no answer within the server's request_timeout_seconds",
@@ -243,7 +259,7 @@ impl Upstream {
     /// a cancelled request, so its caller gets a "cancelled" error now instead of waiting for
     /// the timeout; a late answer is dropped as one mcp-guard did not send.
     pub async fn abandon(&self, id: i64) {
-        if let Some(waiter) = self.pending.lock().await.remove(&id) {
+        if let Some(waiter) = self.pending.lock().await.callers.remove(&id) {
             let error = json!({"code": REQUEST_CANCELLED, "message": "cancelled by the agent"});
             let _ = waiter.send(Err(error));
         }
@@ -334,7 +350,7 @@ async fn answer_or_pass_on(pending: &Pending, value: Value, label: &str) -> Opti
 
 /// Answers the caller waiting for `id`, if any, with an upstream error saying `problem`.
 async fn fail_caller(pending: &Pending, id: i64, problem: &str) {
-    if let Some(waiter) = pending.lock().await.remove(&id) {
+    if let Some(waiter) = pending.lock().await.callers.remove(&id) {
         let _ = waiter.send(Err(upstream_error(problem)));
     }
 }
@@ -343,7 +359,7 @@ async fn fail_caller(pending: &Pending, id: i64, problem: &str) {
 /// is dropped.
 async fn answer_caller(pending: &Pending, response: crate::mcp::jsonrpc::Response, label: &str) {
     let waiter = match &response.id {
-        Id::Number(n) => pending.lock().await.remove(n),
+        Id::Number(n) => pending.lock().await.callers.remove(n),
         Id::String(_) => None,
     };
     match waiter {
@@ -397,7 +413,7 @@ impl Router {
     /// A router with no caller waiting yet, passing on to `to_session`.
     fn new(to_session: mpsc::Sender<Message>, label: Arc<str>) -> Router {
         Router {
-            pending: Arc::new(Mutex::new(HashMap::new())),
+            pending: Arc::default(),
             progress: progress::InFlight::default(),
             to_session,
             label,
@@ -435,7 +451,7 @@ impl Router {
     /// Answers every waiting caller with an upstream error saying `why`.
     async fn fail_every_caller(&self, why: &str) {
         let error = upstream_error(why);
-        for (_, waiter) in self.pending.lock().await.drain() {
+        for (_, waiter) in self.pending.lock().await.callers.drain() {
             let _ = waiter.send(Err(error.clone()));
         }
     }
@@ -461,7 +477,7 @@ impl Router {
     /// Fails the caller of a dropped message: the one it names (`id`) or, without one, the
     /// only caller waiting.
     async fn fail_caller_of(&self, id: Option<i64>, problem: &str) {
-        let mut pending = self.pending.lock().await;
+        let pending = &mut self.pending.lock().await.callers;
         let caller = match id {
             Some(id) => pending.remove(&id),
             None if pending.len() == 1 => pending.drain().next().map(|(_, waiter)| waiter),
@@ -472,9 +488,12 @@ impl Router {
         }
     }
 
-    /// The server's output ended: dropping the waiters tells every caller the server is gone.
+    /// The server's output ended: dropping the waiters tells every caller the server is gone,
+    /// and a request sent from now on fails at once.
     async fn end(&self) {
-        self.pending.lock().await.clear();
+        let mut pending = self.pending.lock().await;
+        pending.ended = true;
+        pending.callers.clear();
     }
 }
 
@@ -510,12 +529,40 @@ mod tests {
         );
     }
 
+    /// A server whose output has ended (here it closed its stdout and lives on, so a write
+    /// to its stdin still succeeds) fails a request at once: nothing would route an answer,
+    /// and the call would wait out its whole start-up timeout.
+    #[tokio::test]
+    async fn a_request_after_the_servers_output_ended_fails_at_once() {
+        let command = ["sh", "-c", "exec 1>&-; sleep 60"].map(String::from);
+        let launch = stdio::Launch {
+            command: &command,
+            env: &Default::default(),
+            account: None,
+            cgroup: None,
+            identity_env: Vec::new(),
+            label: "mute/1".into(),
+            max_message_bytes: 1 << 20,
+            ends_with_this_process: false,
+        };
+        let (upstream, _server_messages) = stdio::spawn(launch).unwrap();
+        // Time for the reader to see the end of the output.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let call = upstream.call("initialize", Some(json!({})));
+        let outcome = tokio::time::timeout(Duration::from_secs(10), call).await;
+        assert!(
+            matches!(outcome, Ok(Err(UpstreamError::Closed))),
+            "{outcome:?}"
+        );
+        upstream.stop();
+    }
+
     #[tokio::test]
     async fn progress_reaches_its_request_before_the_answer_that_follows_it_reaches_the_caller() {
         let (to_session, mut passed_on) = mpsc::channel(8);
         let router = Router::new(to_session, "test".into());
         let (answer, mut answered) = oneshot::channel();
-        router.pending.lock().await.insert(7, answer);
+        router.pending.lock().await.callers.insert(7, answer);
         let (route, mut routed) = mpsc::channel(8);
         let (outbox, _) = mpsc::channel(8);
         let mut params = json!({"_meta": {"progressToken": "p"}});
@@ -556,8 +603,8 @@ mod tests {
         let router = Router::new(to_session, "test".into());
         let (seven, seven_answered) = oneshot::channel();
         let (eight, eight_answered) = oneshot::channel();
-        router.pending.lock().await.insert(7, seven);
-        router.pending.lock().await.insert(8, eight);
+        router.pending.lock().await.callers.insert(7, seven);
+        router.pending.lock().await.callers.insert(8, eight);
         (router, seven_answered, eight_answered)
     }
 
