@@ -2876,6 +2876,76 @@ fn sessions_joining_a_shared_server_as_it_exits_end_with_it_or_use_the_next() {
     }
 }
 
+/// A shared server that confirms a subscription after the session that asked for it ended
+/// (the agent's DELETE came while the server took its time) is told to unsubscribe again:
+/// nobody is left to do it, and the process would send that resource's updates for nobody.
+#[test]
+fn a_subscription_confirmed_after_its_session_ended_is_undone_on_the_shared_server() {
+    let env = TestEnv::new("proxy-shared-late-subscription", PROBE);
+    let peers = Peers::require();
+    let wire = env.dir().join("methods.txt");
+    const SLOW_SUBSCRIBER: &str = r#"
+import json, sys, time
+wire = open(sys.argv[1], "a")
+for line in sys.stdin:
+    message = json.loads(line)
+    method = message.get("method")
+    if method:
+        wire.write(method + "\n")
+        wire.flush()
+    if "id" not in message or method is None:
+        continue
+    if method == "initialize":
+        result = {"protocolVersion": message["params"]["protocolVersion"],
+                  "capabilities": {"resources": {"subscribe": True}},
+                  "serverInfo": {"name": "slow-subscriber", "version": "0"}}
+    elif method == "resources/subscribe":
+        time.sleep(2)
+        result = {}
+    else:
+        result = {}
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+"#;
+    let command = vec![
+        "python3".into(),
+        "-c".into(),
+        SLOW_SUBSCRIBER.into(),
+        wire.display().to_string(),
+    ];
+    let rules = vec![
+        allow(
+            "subscribe",
+            json!({"roles": [DEVELOPER], "methods": ["resources/subscribe"]}),
+        ),
+        allow(
+            "read",
+            json!({"roles": [DEVELOPER], "resources": ["demo://slow/*"]}),
+        ),
+    ];
+    let mut server = stdio_server(command, rules);
+    server["isolation"] = json!("shared");
+    let front = Front::start(env, peers, json!({ "slow": server }));
+    let session = front.open_session("slow", HANDSHAKE);
+    let subscribe = json!({"jsonrpc": "2.0", "id": 2, "method": "resources/subscribe",
+        "params": {"uri": "demo://slow/1"}});
+    let methods = || std::fs::read_to_string(&wire).unwrap_or_default();
+    std::thread::scope(|scope| {
+        let subscribing = scope.spawn(|| front.post_in_session("slow", &session, &subscribe));
+        assert!(
+            poll_until(TIMEOUT, || methods().contains("resources/subscribe")),
+            "the subscription did not reach the server: {}",
+            methods()
+        );
+        front.delete_session("slow", &session);
+        let _ = subscribing.join().expect("subscribing");
+    });
+    assert!(
+        poll_until(TIMEOUT, || methods().contains("resources/unsubscribe")),
+        "the server was not told to unsubscribe: {}",
+        methods()
+    );
+}
+
 /// The port a peer started with its stderr piped announces (`MCP_PEER_LISTENING <port>`); its
 /// stderr is read no further.
 fn announced_port(peer: &mut std::process::Child) -> String {

@@ -190,7 +190,10 @@ impl SharedServer {
         } else {
             session.call_upstream(agent_id, method, params).await?
         };
-        if outcome.is_ok() {
+        if outcome.is_err() {
+            return Ok(outcome);
+        }
+        let nobody_left_to_undo_it = {
             let mut subscribers = self.resource_subscribers();
             let sessions = subscribers.entry(uri.clone()).or_default();
             if method == "resources/subscribe" {
@@ -201,9 +204,18 @@ impl SharedServer {
             } else {
                 sessions.remove(&session.id);
             }
-            if sessions.is_empty() {
+            let nobody_subscribed = sessions.is_empty();
+            if nobody_subscribed {
                 subscribers.remove(&uri);
             }
+            method == "resources/subscribe" && !others_subscribed && nobody_subscribed
+        };
+        if nobody_left_to_undo_it {
+            // The process subscribed for a session that ended meanwhile, after that session
+            // left its subscriptions: undone here, or the process would send updates for
+            // nobody until it exits.
+            let params = Some(json!({"uri": uri}));
+            let _ = self.upstream.call("resources/unsubscribe", params).await;
         }
         Ok(outcome)
     }
