@@ -2989,6 +2989,24 @@ fn start_fast_http_server() -> (std::process::Child, String) {
     (server, port)
 }
 
+/// In `session` of `server`, `tools/list` (id 2) lists only `echo`, and calling it (id 3)
+/// echoes `text`.
+fn assert_lists_only_echo_and_echoes(front: &Front, server: &str, session: &str, text: &str) {
+    let list = response_message(&front.in_session(
+        server,
+        session,
+        &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    ));
+    assert_eq!(tool_names(&list["result"]), set(&["echo"]), "{list}");
+    let call = response_message(&front.in_session(
+        server,
+        session,
+        &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": text}}}),
+    ));
+    assert_eq!(call["result"]["content"][0]["text"], text, "{call}");
+}
+
 /// A server reached by `url` (Streamable HTTP upstream): mcp-guard keeps the server's session,
 /// filters its list and enforces calls as for a stdio server.
 #[test]
@@ -3004,19 +3022,7 @@ fn http_upstream_is_proxied_with_the_same_enforcement() {
     });
     let front = Front::start(env, peers, servers);
     let session = front.open_session("remote", HANDSHAKE);
-    let list = response_message(&front.in_session(
-        "remote",
-        &session,
-        &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
-    ));
-    assert_eq!(tool_names(&list["result"]), set(&["echo"]), "{list}");
-    let call = response_message(&front.in_session(
-        "remote",
-        &session,
-        &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-            "params": {"name": "echo", "arguments": {"text": "over http"}}}),
-    ));
-    assert_eq!(call["result"]["content"][0]["text"], "over http", "{call}");
+    assert_lists_only_echo_and_echoes(&front, "remote", &session, "over http");
     let hidden = response_message(&front.in_session(
         "remote",
         &session,
@@ -3053,19 +3059,7 @@ fn a_url_server_that_keeps_answer_streams_open_still_serves_and_holds_none() {
     });
     let front = Front::start(env, peers, servers);
     let session = front.open_session("remote", HANDSHAKE);
-    let list = response_message(&front.in_session(
-        "remote",
-        &session,
-        &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
-    ));
-    assert_eq!(tool_names(&list["result"]), set(&["echo"]), "{list}");
-    let call = response_message(&front.in_session(
-        "remote",
-        &session,
-        &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-            "params": {"name": "echo", "arguments": {"text": "held open"}}}),
-    ));
-    assert_eq!(call["result"]["content"][0]["text"], "held open", "{call}");
+    assert_lists_only_echo_and_echoes(&front, "remote", &session, "held open");
     // The ping open_session sent, and the answers to initialize, tools/list and the call:
     // four streams, each closed by mcp-guard while the agent's session is still open.
     let closed = || {

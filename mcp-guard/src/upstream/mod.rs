@@ -501,12 +501,8 @@ impl Router {
 mod tests {
     use super::*;
 
-    /// A server process that takes longer to start than `request_timeout` answers its first
-    /// request (the start-up allowance); its second, which it never answers, times out at
-    /// `request_timeout` as every later request would.
-    #[tokio::test]
-    async fn a_slow_starting_server_is_waited_for_and_then_held_to_its_timeout() {
-        let script = r#"sleep 1.5; read line; echo '{"jsonrpc":"2.0","id":1,"result":{}}'; read line; sleep 60"#;
+    /// `sh -c script` as a server process, unconfined, labelled `label`.
+    fn spawn_shell_script(script: &str, label: &str) -> (Upstream, ServerMessages) {
         let command = ["sh", "-c", script].map(String::from);
         let launch = stdio::Launch {
             command: &command,
@@ -514,11 +510,20 @@ mod tests {
             account: None,
             cgroup: None,
             identity_env: Vec::new(),
-            label: "slow/1".into(),
+            label: label.into(),
             max_message_bytes: 1 << 20,
             ends_with_this_process: false,
         };
-        let (upstream, _server_messages) = stdio::spawn(launch).unwrap();
+        stdio::spawn(launch).unwrap()
+    }
+
+    /// A server process that takes longer to start than `request_timeout` answers its first
+    /// request (the start-up allowance); its second, which it never answers, times out at
+    /// `request_timeout` as every later request would.
+    #[tokio::test]
+    async fn a_slow_starting_server_is_waited_for_and_then_held_to_its_timeout() {
+        let script = r#"sleep 1.5; read line; echo '{"jsonrpc":"2.0","id":1,"result":{}}'; read line; sleep 60"#;
+        let (upstream, _server_messages) = spawn_shell_script(script, "slow/1");
         let upstream = upstream.with_request_timeout(Duration::from_secs(1));
         let first = upstream.call("initialize", Some(json!({}))).await;
         assert_eq!(first.unwrap(), Ok(json!({})));
@@ -534,18 +539,7 @@ mod tests {
     /// and the call would wait out its whole start-up timeout.
     #[tokio::test]
     async fn a_request_after_the_servers_output_ended_fails_at_once() {
-        let command = ["sh", "-c", "exec 1>&-; sleep 60"].map(String::from);
-        let launch = stdio::Launch {
-            command: &command,
-            env: &Default::default(),
-            account: None,
-            cgroup: None,
-            identity_env: Vec::new(),
-            label: "mute/1".into(),
-            max_message_bytes: 1 << 20,
-            ends_with_this_process: false,
-        };
-        let (upstream, _server_messages) = stdio::spawn(launch).unwrap();
+        let (upstream, _server_messages) = spawn_shell_script("exec 1>&-; sleep 60", "mute/1");
         // Time for the reader to see the end of the output.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let call = upstream.call("initialize", Some(json!({})));
