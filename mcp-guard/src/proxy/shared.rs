@@ -35,10 +35,11 @@ pub struct SharedServer {
     /// Task statuses no session could be given yet: the server may send a task's first
     /// status before the answer that creates it, and until that answer nobody owns the task.
     early_task_statuses: std::sync::Mutex<EarlyTaskStatuses>,
-    /// Whether the process is retired (it exited). Held while a session joins and is put on
-    /// record, so that the retirement either finds that session among those to end or the
-    /// session finds the process retired and joins the next one.
-    retired: Mutex<bool>,
+    /// Whether the process is retired (it exited). Read-held while a session joins and is put
+    /// on record (joins overlap: each writes its start record), so that the retirement either
+    /// finds that session among those to end or the session finds the process retired and
+    /// joins the next one.
+    retired: tokio::sync::RwLock<bool>,
 }
 
 /// At most this many early task statuses are held; the oldest goes first.
@@ -119,7 +120,7 @@ impl SharedServer {
             resource_subscribers: std::sync::Mutex::new(HashMap::new()),
             subscription_changes: Mutex::new(()),
             early_task_statuses: Default::default(),
-            retired: Mutex::new(false),
+            retired: tokio::sync::RwLock::new(false),
         });
         tokio::spawn(fan_out_server_messages(
             Arc::downgrade(proxy),
@@ -132,14 +133,14 @@ impl SharedServer {
 
     /// Leave to join the process, held until the joining session is on record; `None` once
     /// the process is retired.
-    pub(super) async fn admission(&self) -> Option<tokio::sync::MutexGuard<'_, bool>> {
-        let retired = self.retired.lock().await;
+    pub(super) async fn admission(&self) -> Option<tokio::sync::RwLockReadGuard<'_, bool>> {
+        let retired = self.retired.read().await;
         (!*retired).then_some(retired)
     }
 
     /// Retires the process for good: no session joins it after this returns.
     pub(super) async fn close_admission(&self) {
-        *self.retired.lock().await = true;
+        *self.retired.write().await = true;
     }
 
     /// A new session on the shared process.
