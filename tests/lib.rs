@@ -1406,7 +1406,6 @@ pub struct InteractiveProbe {
 /// into a buffer that grows as the child writes.
 pub fn collect_output(child: &mut Child) -> (Receiver<String>, Arc<Mutex<String>>) {
     let stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
     let (tx, lines) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -1416,6 +1415,13 @@ pub fn collect_output(child: &mut Child) -> (Receiver<String>, Arc<Mutex<String>
             }
         }
     });
+    (lines, collect_stderr(child))
+}
+
+/// Reads a piped child's stderr in the background into a buffer that grows as the child
+/// writes (kept draining, so the child never writes to a closed pipe).
+pub fn collect_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
     let stderr = Arc::new(Mutex::new(String::new()));
     let sink = stderr.clone();
     thread::spawn(move || {
@@ -1429,7 +1435,7 @@ pub fn collect_output(child: &mut Child) -> (Receiver<String>, Arc<Mutex<String>
                 .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    (lines, stderr)
+    stderr
 }
 
 impl InteractiveProbe {

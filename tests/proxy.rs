@@ -8,7 +8,7 @@
 //! skip) and say so.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -2946,18 +2946,12 @@ for line in sys.stdin:
     );
 }
 
-/// The port a peer started with its stderr piped announces (`MCP_PEER_LISTENING <port>`); its
-/// stderr is read no further.
+/// The port a peer started with its stderr piped announces (`MCP_PEER_LISTENING <port>`).
 fn announced_port(peer: &mut std::process::Child) -> String {
-    let stderr = BufReader::new(peer.stderr.take().expect("stderr"));
-    stderr
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| line.strip_prefix("MCP_PEER_LISTENING ").map(str::to_owned))
-        .expect("the peer announces its port")
+    port_announced_in(&collect_stderr(peer))
 }
 
-/// The port a peer announces (`MCP_PEER_LISTENING <port>`) on the stderr [`collect_output`]
+/// The port a peer announces (`MCP_PEER_LISTENING <port>`) on the stderr [`collect_stderr`]
 /// collects.
 fn port_announced_in(stderr: &Mutex<String>) -> String {
     let mut port = None;
