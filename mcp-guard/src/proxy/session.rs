@@ -247,6 +247,14 @@ impl CallSpans {
         }
     }
 
+    /// Ends every call still running at `now` (its session ended: its answer goes nowhere).
+    pub fn end_all(&mut self, now: u64) {
+        for mut call in self.running.drain(..) {
+            call.ended_ns = Some(now);
+            self.ended.push_back(call);
+        }
+    }
+
     pub fn any_running(&self) -> bool {
         !self.running.is_empty()
     }
@@ -564,8 +572,12 @@ impl AgentSession {
     }
 
     /// The session's call spans, taken when it ends (kept elsewhere for late kernel events).
+    /// Calls still in flight end with it: their guards end them in the emptied live record,
+    /// so the copy kept would otherwise stay running, and be kept, for an hour.
     pub fn take_spans(&self) -> CallSpans {
-        std::mem::take(&mut *self.calls.lock().expect("calls lock"))
+        let mut spans = std::mem::take(&mut *self.calls.lock().expect("calls lock"));
+        spans.end_all(monotonic_ns());
+        spans
     }
 
     /// Notes that the server's request `id` goes to the agent, whose response to it is then
@@ -977,6 +989,10 @@ mod tests {
         }
     }
 
+    fn ids(spans: Vec<CallSpan>) -> Vec<String> {
+        spans.into_iter().map(|c| c.call_id).collect()
+    }
+
     #[test]
     fn a_sessions_task_record_keeps_the_newest_tasks_up_to_its_bound() {
         let mut tasks = SessionTasks::default();
@@ -998,7 +1014,6 @@ mod tests {
         calls.running.push(span("a", 10));
         calls.running.push(span("b", 20));
         calls.end("a", 30);
-        let ids = |v: Vec<CallSpan>| v.into_iter().map(|c| c.call_id).collect::<Vec<_>>();
         assert_eq!(ids(calls.covering(25)), ["b", "a"]);
         assert_eq!(ids(calls.covering(35)), ["b"]);
         calls.end("b", 30 + CALL_SPAN_RETENTION_NS);
@@ -1008,5 +1023,21 @@ mod tests {
             calls.end("x", 100 + i);
         }
         assert_eq!(calls.ended.len(), MAX_ENDED_SPANS);
+    }
+
+    #[test]
+    fn calls_in_flight_when_their_session_ends_end_with_it() {
+        let mut calls = CallSpans::default();
+        calls.running.push(span("done", 10));
+        calls.end("done", 20);
+        calls.running.push(span("in-flight", 30));
+        calls.end_all(50);
+        assert!(!calls.any_running());
+        assert_eq!(
+            ids(calls.covering(40)),
+            ["in-flight"],
+            "it covers up to the end"
+        );
+        assert!(calls.covering(60).is_empty(), "and nothing after it");
     }
 }
