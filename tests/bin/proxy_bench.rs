@@ -68,7 +68,10 @@
 //! `--halt-poll-ns N`, `--worker-threads N` and `--answer-poll-us N` (the policy's
 //! `daemon.worker_threads` and `daemon.answer_poll_us`, left out unless given), `--jwt
 //! hs256|rs256|es256` (the HTTP front authenticates the bench with a bearer JWT signed by
-//! that algorithm's test key: `identity.jwt` in the policy), `--json`. Binaries: `--guard PATH` and `--fast-server
+//! that algorithm's test key: `identity.jwt` in the policy), `--session-opens N` (after the
+//! calls, open N sessions per target and concurrency with `initialize`, each ended with
+//! `DELETE`: directly at the fast server, through the daemon to a fast server started per
+//! session, and to one shared by every session; text output only), `--json`. Binaries: `--guard PATH` and `--fast-server
 //! PATH` (default: next to this one), `--peers DIR` (default `$MCP_GUARD_PEERS_DIR` or
 //! `target/mcp-peers`).
 
@@ -116,6 +119,8 @@ struct Options {
     answer_poll_us: Option<u32>,
     /// Bearer JWTs on the HTTP front, signed with this algorithm's test key.
     jwt: Option<jsonwebtoken::Algorithm>,
+    /// Sessions opened per target and concurrency in the session-opening measurement; 0: none.
+    session_opens: usize,
     json: bool,
     guard: PathBuf,
     fast_server: PathBuf,
@@ -143,6 +148,7 @@ fn parse_options() -> Result<Options, String> {
         worker_threads: None,
         answer_poll_us: None,
         jwt: None,
+        session_opens: 0,
         json: false,
         guard: here.join("mcp-guard"),
         fast_server: here.join("mcp-fast-server"),
@@ -179,6 +185,7 @@ fn parse_options() -> Result<Options, String> {
             "--worker-threads" => options.worker_threads = Some(parse_number(&value()?)?),
             "--answer-poll-us" => options.answer_poll_us = Some(parse_number(&value()?)?),
             "--jwt" => options.jwt = Some(parse_jwt_algorithm(&value()?)?),
+            "--session-opens" => options.session_opens = parse_number(&value()?)?,
             "--json" => options.json = true,
             "--guard" => options.guard = PathBuf::from(value()?),
             "--fast-server" => options.fast_server = PathBuf::from(value()?),
@@ -191,6 +198,9 @@ fn parse_options() -> Result<Options, String> {
     }
     if options.concurrency.is_empty() || options.concurrency.contains(&0) {
         return Err("--concurrency needs positive numbers".into());
+    }
+    if options.session_opens > 0 && options.json {
+        return Err("--session-opens reports in text only; leave out --json".into());
     }
     Ok(options)
 }
@@ -509,6 +519,13 @@ fn policy(host: &Host) -> Value {
         "fast-stdio": {
             "description": "mcp-fast-server on stdio, one process per session.",
             "command": fast_command,
+            "principal": PRINCIPAL,
+            "rules": rules,
+        },
+        "fast-shared": {
+            "description": "mcp-fast-server on stdio, one process for every session.",
+            "command": fast_command,
+            "isolation": "shared",
             "principal": PRINCIPAL,
             "rules": rules,
         },
@@ -1328,6 +1345,11 @@ async fn run(options: Options) -> Result<(), String> {
         eprintln!("proxy-bench: logs kept in {}", kept.display());
     }
     let (cells, probes) = outcome?;
+    let openings = if options.session_opens > 0 {
+        measure_session_opening(&options, &host).await?
+    } else {
+        Vec::new()
+    };
     let started = Instant::now();
     host.teardown()?;
     eprintln!(
@@ -1335,7 +1357,178 @@ async fn run(options: Options) -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     report(&options, &configs, &cells, &probes);
+    report_session_opening(&openings);
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session opening: `initialize` answered, then `DELETE`
+// ---------------------------------------------------------------------------------------------
+
+/// Where sessions are opened, the first being the direct baseline.
+const OPENING_TARGETS: [(&str, &str); 3] = [
+    ("open-direct", "client -> fast server (HTTP)"),
+    (
+        "open-guard-per-session",
+        "client -> mcp-guard HTTP -> a fast server started per session",
+    ),
+    (
+        "open-guard-shared",
+        "client -> mcp-guard HTTP -> one shared fast server",
+    ),
+];
+
+/// One (target, concurrency) cell: the `initialize` latencies and the wall time of the cell.
+struct Opening {
+    target: &'static str,
+    concurrency: usize,
+    samples: Vec<u64>,
+    wall: Duration,
+}
+
+/// Opens `--session-opens` sessions per target and concurrency: each `initialize` is timed to
+/// its answer, and the session is then ended with `DELETE`, so that only opening is measured
+/// and no session is left open. Targets rotate per concurrency, so drift hits all alike.
+async fn measure_session_opening(options: &Options, host: &Host) -> Result<Vec<Opening>, String> {
+    let direct = http_client(None)?;
+    let guarded = http_client(host.authorization.as_deref())?;
+    let urls = [
+        format!("http://127.0.0.1:{}/mcp", host.fast_port),
+        host.daemon_url("fast-stdio"),
+        host.daemon_url("fast-shared"),
+    ];
+    let mut openings = Vec::new();
+    for (turn, &concurrency) in options.concurrency.iter().enumerate() {
+        for step in 0..OPENING_TARGETS.len() {
+            let index = (turn + step) % OPENING_TARGETS.len();
+            let client = if index == 0 { &direct } else { &guarded };
+            let started = Instant::now();
+            let mut samples =
+                open_sessions(client, &urls[index], concurrency, options.session_opens).await?;
+            samples.sort_unstable();
+            openings.push(Opening {
+                target: OPENING_TARGETS[index].0,
+                concurrency,
+                samples,
+                wall: started.elapsed(),
+            });
+            eprintln!(
+                "proxy-bench: {} at concurrency {concurrency}: {} sessions opened",
+                OPENING_TARGETS[index].0, options.session_opens
+            );
+        }
+    }
+    Ok(openings)
+}
+
+/// `total` sessions opened and ended by `concurrency` tasks; the `initialize` latencies.
+async fn open_sessions(
+    client: &reqwest::Client,
+    url: &str,
+    concurrency: usize,
+    total: usize,
+) -> Result<Vec<u64>, String> {
+    let left = Arc::new(AtomicUsize::new(total));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, left) = (client.clone(), url.to_owned(), left.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    samples.push(open_and_end_session(&client, &url).await?);
+                }
+                Ok::<_, String>(samples)
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(total);
+    for task in tasks {
+        samples.extend(task.await.map_err(|e| format!("an opening task: {e}"))??);
+    }
+    Ok(samples)
+}
+
+/// Opens a session with `initialize` and ends it with `DELETE`; nanoseconds to the answer.
+async fn open_and_end_session(client: &reqwest::Client, url: &str) -> Result<u64, String> {
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": PROTOCOL_VERSION, "capabilities": {},
+        "clientInfo": {"name": "proxy-bench", "version": "1"}}});
+    let started = Instant::now();
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(initialize.to_string())
+        .send()
+        .await
+        .map_err(|e| format!("initialize at {url}: {e}"))?;
+    let status = response.status();
+    let session = response.headers().get("mcp-session-id").cloned();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| format!("initialize at {url}: {e}"))?;
+    let elapsed = started.elapsed().as_nanos() as u64;
+    if !status.is_success() {
+        return Err(format!(
+            "initialize at {url}: HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    if let Some(session) = session {
+        client
+            .delete(url)
+            .header("mcp-session-id", session)
+            .header("mcp-protocol-version", PROTOCOL_VERSION)
+            .send()
+            .await
+            .map_err(|e| format!("DELETE at {url}: {e}"))?;
+    }
+    Ok(elapsed)
+}
+
+fn report_session_opening(openings: &[Opening]) {
+    if openings.is_empty() {
+        return;
+    }
+    println!();
+    println!("session opening: latency to the initialize answer; sessions/s includes each DELETE");
+    println!(
+        "{:<24}{:>6}{:>10}{:>10}{:>12}{:>9}{:>9}",
+        "target", "conc", "p50 us", "p99 us", "sessions/s", "x p50", "x p99"
+    );
+    for opening in openings {
+        let p50 = percentile(&opening.samples, 0.50);
+        let p99 = percentile(&opening.samples, 0.99);
+        let per_second = opening.samples.len() as f64 / opening.wall.as_secs_f64();
+        let direct = openings
+            .iter()
+            .find(|o| o.target == OPENING_TARGETS[0].0 && o.concurrency == opening.concurrency);
+        let ratio = |of: u64, base: f64| format!("{:.2}", of as f64 / base.max(1.0));
+        let (x50, x99) = match direct {
+            Some(d) if d.target != opening.target => (
+                ratio(p50, percentile(&d.samples, 0.50) as f64),
+                ratio(p99, percentile(&d.samples, 0.99) as f64),
+            ),
+            _ => (String::new(), String::new()),
+        };
+        println!(
+            "{:<24}{:>6}{:>10.1}{:>10.1}{:>12.0}{:>9}{:>9}",
+            opening.target,
+            opening.concurrency,
+            p50 as f64 / 1000.0,
+            p99 as f64 / 1000.0,
+            per_second,
+            x50,
+            x99
+        );
+    }
+    for (name, path) in OPENING_TARGETS {
+        println!("  {name:<24}{path}");
+    }
 }
 
 /// Appends of one audit-record-sized line, each followed by `fdatasync`, per round: what the
