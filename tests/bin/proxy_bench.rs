@@ -839,12 +839,7 @@ impl Session {
         match self.transport {
             Transport::Http(http) => {
                 if let Some(id) = &http.session_id {
-                    let _ = http
-                        .client
-                        .delete(&http.url)
-                        .header("mcp-session-id", id)
-                        .send()
-                        .await;
+                    let _ = delete_session(&http.client, &http.url, id).await;
                 }
             }
             Transport::Stdio(StdioSession {
@@ -1105,45 +1100,66 @@ fn http_transport(url: String, authorization: Option<&str>) -> Result<Transport,
     }))
 }
 
-async fn initialize(session: &mut Session) -> Result<(), String> {
-    let params = json!({
+/// The bench's `initialize` request, with id 0.
+fn initialize_request() -> String {
+    json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
         "protocolVersion": PROTOCOL_VERSION,
         "capabilities": {},
         "clientInfo": {"name": "proxy-bench", "version": env!("CARGO_PKG_VERSION")},
-    })
-    .to_string();
+    }})
+    .to_string()
+}
+
+/// POSTs `initialize` to `url`: the session id the server gave in its header, and the
+/// answer's text. Sent by hand, as the session id comes back in a header.
+async fn post_initialize(client: &reqwest::Client, url: &str) -> Result<(String, String), String> {
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(initialize_request())
+        .send()
+        .await
+        .map_err(|e| format!("initialize at {url}: {e}"))?;
+    let session_id = response
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| format!("initialize at {url}: {e}"))?;
+    match session_id {
+        Some(id) if status.is_success() => Ok((id, text)),
+        _ => Err(format!(
+            "initialize at {url}: HTTP {status} without a session: {text}"
+        )),
+    }
+}
+
+/// Ends the HTTP session `id` with `DELETE`.
+async fn delete_session(client: &reqwest::Client, url: &str, id: &str) -> Result<(), String> {
+    client
+        .delete(url)
+        .header("mcp-session-id", id)
+        .header("mcp-protocol-version", PROTOCOL_VERSION)
+        .send()
+        .await
+        .map(drop)
+        .map_err(|e| format!("DELETE at {url}: {e}"))
+}
+
+async fn initialize(session: &mut Session) -> Result<(), String> {
     let answer = match &mut session.transport {
         Transport::Http(http) => {
-            // Sent by hand: the session id comes back in a header.
-            let body =
-                format!(r#"{{"jsonrpc":"2.0","id":0,"method":"initialize","params":{params}}}"#);
-            let response = http
-                .client
-                .post(&http.url)
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| format!("initialize: {e}"))?;
-            http.session_id = response
-                .headers()
-                .get("mcp-session-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let status = response.status();
-            let text = response.text().await.map_err(|e| e.to_string())?;
-            if !status.is_success() || http.session_id.is_none() {
-                return Err(format!(
-                    "initialize: HTTP {status} without a session: {text}"
-                ));
-            }
+            let (id, text) = post_initialize(&http.client, &http.url).await?;
+            http.session_id = Some(id);
             text
         }
         Transport::Stdio(stdio) => {
-            let line =
-                format!(r#"{{"jsonrpc":"2.0","id":0,"method":"initialize","params":{params}}}"#);
-            tokio::time::timeout(TIMEOUT, stdio.request(0, line))
+            tokio::time::timeout(TIMEOUT, stdio.request(0, initialize_request()))
                 .await
                 .map_err(|_| "initialize: no answer".to_owned())??
                 .to_string()
@@ -1453,40 +1469,13 @@ async fn open_sessions(
 
 /// Opens a session with `initialize` and ends it with `DELETE`; nanoseconds to the answer.
 async fn open_and_end_session(client: &reqwest::Client, url: &str) -> Result<u64, String> {
-    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": PROTOCOL_VERSION, "capabilities": {},
-        "clientInfo": {"name": "proxy-bench", "version": "1"}}});
     let started = Instant::now();
-    let response = client
-        .post(url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(initialize.to_string())
-        .send()
-        .await
-        .map_err(|e| format!("initialize at {url}: {e}"))?;
-    let status = response.status();
-    let session = response.headers().get("mcp-session-id").cloned();
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| format!("initialize at {url}: {e}"))?;
+    let (session, answer) = post_initialize(client, url).await?;
     let elapsed = started.elapsed().as_nanos() as u64;
-    if !status.is_success() {
-        return Err(format!(
-            "initialize at {url}: HTTP {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
+    if !answer.contains("\"result\"") {
+        return Err(format!("initialize at {url} failed: {answer}"));
     }
-    if let Some(session) = session {
-        client
-            .delete(url)
-            .header("mcp-session-id", session)
-            .header("mcp-protocol-version", PROTOCOL_VERSION)
-            .send()
-            .await
-            .map_err(|e| format!("DELETE at {url}: {e}"))?;
-    }
+    delete_session(client, url, &session).await?;
     Ok(elapsed)
 }
 
